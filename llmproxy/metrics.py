@@ -1,0 +1,165 @@
+"""Request metrics kept as plain numbers on the hot path (tests: tests/unit/test_metrics.py).
+
+prometheus_client's own metric objects take a lock per update; the request path
+only adds to dicts and lists here, and :class:`MetricsCollector` turns them into
+metric families (prometheus_client writes the exposition format) when
+``/metrics`` is scraped.  ``snapshot()`` gives the same numbers as JSON for
+``/stats``.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import CollectorRegistry
+
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    30.0, 60.0, 120.0, 300.0,
+)  # fmt: skip
+OVERHEAD_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1,
+)  # fmt: skip
+
+
+class Histogram:
+    __slots__ = ("bounds", "counts", "total", "count")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        out, running = [], 0
+        for bound, n in zip(self.bounds, self.counts, strict=False):
+            running += n
+            out.append((repr(bound), float(running)))
+        out.append(("+Inf", float(self.count)))
+        return out
+
+
+class ProxyMetrics:
+    """Counters for the proxy listener; one instance per process."""
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, int, str], int] = {}
+        self.latency: dict[str, Histogram] = {}
+        self.ttfb: dict[str, Histogram] = {}
+        self.overhead = Histogram(OVERHEAD_BUCKETS)
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.open_requests = 0
+        self.open_streams = 0
+        self.connections = 0
+
+    def finished(
+        self,
+        route: str,
+        status: int,
+        outcome: str,
+        duration: float,
+        ttfb: float | None,
+        bytes_in: int,
+        bytes_out: int,
+    ) -> None:
+        key = (route, status, outcome)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        h = self.latency.get(route)
+        if h is None:
+            h = self.latency[route] = Histogram(LATENCY_BUCKETS)
+        h.observe(duration)
+        if ttfb is not None:
+            t = self.ttfb.get(route)
+            if t is None:
+                t = self.ttfb[route] = Histogram(LATENCY_BUCKETS)
+            t.observe(ttfb)
+        self.bytes_in += bytes_in
+        self.bytes_out += bytes_out
+
+    def snapshot(self) -> dict[str, Any]:
+        by_route: dict[str, dict[str, Any]] = {}
+        for (route, status, outcome), n in sorted(self.requests.items()):
+            r = by_route.setdefault(route, {"requests": 0, "by_status": {}, "by_outcome": {}})
+            r["requests"] += n
+            r["by_status"][str(status)] = r["by_status"].get(str(status), 0) + n
+            r["by_outcome"][outcome] = r["by_outcome"].get(outcome, 0) + n
+        for route, h in self.latency.items():
+            by_route.setdefault(route, {})["mean_latency_ms"] = round(
+                1000 * h.total / max(h.count, 1), 3
+            )
+        return {
+            "requests_total": sum(self.requests.values()),
+            "routes": by_route,
+            "open_requests": self.open_requests,
+            "open_streams": self.open_streams,
+            "connections": self.connections,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "overhead_mean_ms": round(1000 * self.overhead.total / max(self.overhead.count, 1), 4),
+        }
+
+    def families(self) -> Iterator[Metric]:
+        req = CounterMetricFamily(
+            "llmproxy_requests", "Proxied requests", labels=["route", "status", "outcome"]
+        )
+        for (route, status, outcome), n in sorted(self.requests.items()):
+            req.add_metric([route, str(status), outcome], n)
+        yield req
+        for name, doc, hists in (
+            ("llmproxy_request_duration_seconds", "Whole exchange duration", self.latency),
+            ("llmproxy_ttfb_seconds", "Time to upstream response headers", self.ttfb),
+        ):
+            fam = HistogramMetricFamily(name, doc, labels=["route"])
+            for route, h in sorted(hists.items()):
+                fam.add_metric([route], h.cumulative(), h.total)
+            yield fam
+        ov = HistogramMetricFamily(
+            "llmproxy_overhead_seconds", "Time the proxy itself added before the first byte"
+        )
+        ov.add_metric([], self.overhead.cumulative(), self.overhead.total)
+        yield ov
+        b = CounterMetricFamily("llmproxy_bytes", "Body bytes", labels=["direction"])
+        b.add_metric(["in"], self.bytes_in)
+        b.add_metric(["out"], self.bytes_out)
+        yield b
+        for name, doc, value in (
+            ("llmproxy_open_requests", "Requests in flight", self.open_requests),
+            ("llmproxy_open_streams", "Responses being streamed", self.open_streams),
+            ("llmproxy_client_connections", "Open client connections", self.connections),
+        ):
+            yield GaugeMetricFamily(name, doc, value=value)
+
+
+class MetricsCollector:
+    """A prometheus_client collector over callables yielding metric families."""
+
+    def __init__(self, *sources: Callable[[], Iterator[Metric]]) -> None:
+        self._sources = list(sources)
+
+    def add(self, source: Callable[[], Iterator[Metric]]) -> None:
+        self._sources.append(source)
+
+    def collect(self) -> Iterator[Metric]:
+        for source in self._sources:
+            yield from source()
+
+
+def make_registry(collector: MetricsCollector) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)  # type: ignore[arg-type]
+    return registry

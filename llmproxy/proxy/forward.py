@@ -1,0 +1,497 @@
+"""The streaming reverse proxy resource (tests: tests/integration/test_proxy.py).
+
+One :class:`Exchange` per request: resolve the route, send the (already
+buffered) body upstream through a pooled ``Agent``, relay the response body with
+the upstream transport registered as a streaming producer on the client (so a
+slow client pauses the upstream), tee a capped copy into the
+:class:`ExchangeRecord`, and hand two events to the bus.  Nothing here encodes
+JSON for events or waits for a sink.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from twisted.internet import defer, error
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol as TwistedProtocol
+from twisted.python.failure import Failure
+from twisted.web import http
+from twisted.web.client import FileBodyProducer, ResponseDone
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
+
+from llmproxy.capture.record import ExchangeRecord
+from llmproxy.metrics import ProxyMetrics
+from llmproxy.proxy.errors import error_body
+from llmproxy.proxy.headers import filter_headers, request_id_from
+from llmproxy.proxy.router import Refusal, Router, Target
+from llmproxy.settings import CaptureSettings, ServerSettings
+
+_SSE = b"text/event-stream"
+
+
+class EventSink(Protocol):
+    """Where finished records go: the bus adapter (see llmproxy.service)."""
+
+    @property
+    def enabled(self) -> bool: ...
+
+    def request_started(self, record: ExchangeRecord) -> None: ...
+
+    def request_finished(self, record: ExchangeRecord) -> None: ...
+
+
+class Auditor(Protocol):
+    def refused_host(self, record: ExchangeRecord, reason: str) -> None: ...
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """The whole body in one write: twisted.web already buffered it in memory."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: Any) -> defer.Deferred[None]:
+        consumer.write(self._body)
+        return defer.succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class ProxyResource(Resource):
+    isLeaf = True
+
+    def __init__(
+        self,
+        *,
+        router: Router,
+        agent: IAgent,
+        clock: IReactorTime,
+        server: ServerSettings,
+        capture: CaptureSettings,
+        events: EventSink,
+        metrics: ProxyMetrics,
+        auditor: Auditor,
+        machine: str,
+        cooperator_body: Callable[[Any], IBodyProducer] | None = None,
+    ) -> None:
+        super().__init__()
+        self.router = router
+        self.agent = agent
+        self.clock = clock
+        self.server = server
+        self.capture = capture
+        self.events = events
+        self.metrics = metrics
+        self.auditor = auditor
+        self.machine = machine
+        self._file_body = cooperator_body or FileBodyProducer
+        self.open: set[Exchange] = set()
+
+    def render(self, request: Request) -> int | bytes:
+        Exchange(self, request).start()
+        return NOT_DONE_YET
+
+    def reject_early(self, request: Request, status: int, message: str) -> None:
+        """Answer before the body was read (413) and close: nothing reached render."""
+        rid = request_id_from(request.getHeader(b"x-request-id"))
+        body = error_body(status, message)
+        reason = http.RESPONSES.get(status, b"Error")
+        request.channel.transport.write(  # type: ignore[union-attr]
+            b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+            b"X-Request-ID: %s\r\nConnection: close\r\n\r\n%s"
+            % (status, reason, len(body), rid.encode(), body)
+        )
+        request.channel.loseConnection()  # type: ignore[union-attr]
+        record = self._bare_record(request, rid)
+        record.status = status
+        record.outcome = "rejected"
+        record.error = message
+        record.ended_at = 0.0
+        self.metrics.finished("-", status, "rejected", 0.0, None, 0, len(body))
+        if self.events.enabled:
+            self.events.request_finished(record)
+
+    def _bare_record(self, request: Request, rid: str) -> ExchangeRecord:
+        uri = request.uri
+        path, _, query = uri.partition(b"?")
+        return ExchangeRecord(
+            request_id=rid,
+            started_at=self.clock.seconds(),
+            method=request.method.decode("latin-1"),
+            path=path.decode("latin-1"),
+            query=query.decode("latin-1"),
+            route="-",
+            provider="",
+            upstream_url="",
+            upstream_host="",
+            client_addr=_client_addr(request),
+            request_headers=list(_raw_pairs(request.requestHeaders)),
+            environment=self.server.environment,
+            machine=self.machine,
+        )
+
+
+def _raw_pairs(headers: Headers) -> Any:
+    for name, values in headers.getAllRawHeaders():
+        for v in values:
+            yield (name, v)
+
+
+def _client_addr(request: Request) -> str:
+    peer = request.getClientAddress()
+    host = getattr(peer, "host", None)
+    return f"{host}:{getattr(peer, 'port', '')}" if host else str(peer)
+
+
+class _Relay(TwistedProtocol):
+    """Receives the upstream body; its transport is the upstream connection."""
+
+    def __init__(self, exchange: Exchange) -> None:
+        self.exchange = exchange
+
+    def connectionMade(self) -> None:
+        self.exchange.relay_started(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.exchange.relay_data(data)
+
+    def connectionLost(self, reason: Failure = ResponseDone()) -> None:  # type: ignore[assignment]
+        self.exchange.relay_ended(reason)
+
+
+class Exchange:
+    __slots__ = (
+        "_cap_left",
+        "_capture",
+        "_done",
+        "_first_byte_timer",
+        "_idle_timer",
+        "_last_data",
+        "_pending",
+        "_relay_transport",
+        "_t0",
+        "_t_dispatch",
+        "_timed_out",
+        "alive",
+        "bytes_in",
+        "bytes_out",
+        "proxy",
+        "record",
+        "request",
+        "stream",
+    )
+
+    def __init__(self, proxy: ProxyResource, request: Request) -> None:
+        self.proxy = proxy
+        self.request = request
+        self.record: ExchangeRecord | None = None
+        self.alive = True
+        self._done = False
+        self._pending: defer.Deferred[IResponse] | None = None
+        self._first_byte_timer: IDelayedCall | None = None
+        self._idle_timer: IDelayedCall | None = None
+        self._relay_transport: Any = None
+        self._timed_out = ""
+        self._last_data = 0.0
+        self._t0 = 0.0
+        self._t_dispatch = 0.0
+        self._cap_left = 0
+        self._capture = proxy.events.enabled
+        self.stream = False
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    # -- request side -------------------------------------------------------
+
+    def start(self) -> None:
+        proxy = self.proxy
+        request = self.request
+        self._t0 = time.perf_counter()
+        uri = request.uri
+        path, _, query = uri.partition(b"?")
+        rid = request_id_from(request.requestHeaders.getRawHeaders(b"x-request-id", (None,))[0])
+        target = proxy.router.resolve(path)
+        content = request.content
+        if isinstance(content, io.BytesIO):
+            body = content.getvalue()
+            producer: IBodyProducer | None = BytesProducer(body) if body else None
+            size = len(body)
+        else:
+            assert content is not None
+            content.seek(0, io.SEEK_END)
+            size = content.tell()
+            content.seek(0)
+            body = content.read(proxy.capture.request_body_bytes) if self._capture else b""
+            content.seek(0)
+            producer = proxy._file_body(content)
+        self.bytes_in = size
+        started = proxy.clock.seconds()
+        raw_headers = list(request.requestHeaders.getAllRawHeaders())
+        if isinstance(target, Target):
+            url = target.url(query)
+            route, provider, host = target.route, target.provider, target.host
+        else:
+            url, route, provider, host = b"", "-", target.provider, target.host.encode()
+        record = self.record = ExchangeRecord(
+            request_id=rid,
+            started_at=started,
+            method=request.method.decode("latin-1"),
+            path=path.decode("latin-1"),
+            query=query.decode("latin-1"),
+            route=route,
+            provider=provider,
+            upstream_url=url.decode("latin-1"),
+            upstream_host=host.decode("latin-1"),
+            client_addr=_client_addr(request) if self._capture else "",
+            request_headers=[(n, v) for n, vs in raw_headers for v in vs] if self._capture else [],
+            request_body=body[: proxy.capture.request_body_bytes] if self._capture else b"",
+            request_body_size=size,
+            environment=proxy.server.environment,
+            machine=proxy.machine,
+        )
+        request.notifyFinish().addBoth(self._client_finished)
+        proxy.open.add(self)
+        proxy.metrics.open_requests += 1
+        if isinstance(target, Refusal):
+            if target.status == 403:
+                proxy.auditor.refused_host(record, target.message)
+            self.fail(target.status, target.message, "rejected")
+            return
+        if self._capture:
+            proxy.events.request_started(record)
+        headers = Headers(dict(filter_headers(raw_headers, upstream=True)))
+        headers.setRawHeaders(b"x-request-id", [rid.encode()])
+        self._cap_left = proxy.capture.response_body_bytes
+        self._t_dispatch = time.perf_counter()
+        d = self._pending = proxy.agent.request(request.method, url, headers, producer)
+        self._first_byte_timer = proxy.clock.callLater(
+            proxy.server.first_byte_timeout, self._first_byte_timeout
+        )
+        d.addCallbacks(self._got_response, self._request_failed)
+
+    def _first_byte_timeout(self) -> None:
+        self._first_byte_timer = None
+        self._timed_out = "no response from upstream within first_byte_timeout"
+        if self._pending is not None:
+            self._pending.cancel()
+
+    def _request_failed(self, failure: Failure) -> None:
+        self._pending = None
+        if self._first_byte_timer is not None and self._first_byte_timer.active():
+            self._first_byte_timer.cancel()
+        self._first_byte_timer = None
+        if not self.alive:
+            self.finish_record("client_disconnected", "client went away before the response")
+            return
+        if self._timed_out:
+            self.fail(504, self._timed_out, "timeout")
+        elif failure.check(error.TimeoutError):
+            self.fail(504, "timed out connecting to the upstream", "timeout")
+        elif failure.check(error.DNSLookupError):
+            self.fail(502, "upstream host name could not be resolved", "upstream_error")
+        elif failure.check(error.ConnectError):
+            self.fail(502, "upstream connection failed: " + _reason(failure), "upstream_error")
+        else:
+            self.fail(502, "upstream failed before responding: " + _reason(failure), "upstream_error")
+
+    # -- response side ------------------------------------------------------
+
+    def _got_response(self, response: IResponse) -> None:
+        self._pending = None
+        t_resp = time.perf_counter()
+        if self._first_byte_timer is not None and self._first_byte_timer.active():
+            self._first_byte_timer.cancel()
+        self._first_byte_timer = None
+        proxy = self.proxy
+        record = self.record
+        assert record is not None
+        now = proxy.clock.seconds()
+        record.first_byte_at = now - record.started_at
+        record.status = response.code
+        raw = list(response.headers.getAllRawHeaders())
+        if self._capture:
+            record.response_headers = [(n, v) for n, vs in raw for v in vs]
+        if not self.alive:
+            response.deliverBody(_Relay(self))
+            return
+        request = self.request
+        request.setResponseCode(response.code, response.phrase)
+        out = request.responseHeaders
+        for name, values in filter_headers(raw, upstream=False):
+            out.setRawHeaders(name, values)
+            if name.lower() == b"content-type" and values and values[0].startswith(_SSE):
+                self.stream = True
+        if response.length is not UNKNOWN_LENGTH:
+            out.setRawHeaders(b"content-length", [b"%d" % response.length])
+        out.setRawHeaders(b"x-request-id", [record.request_id.encode()])
+        # What the proxy added before the client sees a byte: routing, header
+        # rewriting and capture setup before the upstream call, and header
+        # copying after the upstream answered.
+        overhead = (time.perf_counter() - t_resp) + (self._t_dispatch - self._t0)
+        proxy.metrics.overhead.observe(overhead)
+        out.setRawHeaders(b"x-llmproxy-overhead-ms", [b"%.3f" % (overhead * 1000)])
+        if self.stream:
+            proxy.metrics.open_streams += 1
+        response.deliverBody(_Relay(self))
+
+    def relay_started(self, transport: Any) -> None:
+        self._relay_transport = transport
+        if not self.alive:
+            transport.stopProducing()
+            return
+        self.request.registerProducer(transport, True)
+        idle = self.proxy.server.idle_timeout
+        self._last_data = self.proxy.clock.seconds()
+        self._idle_timer = self.proxy.clock.callLater(idle, self._idle_check)
+
+    def relay_data(self, data: bytes) -> None:
+        n = len(data)
+        self.bytes_out += n
+        clock = self.proxy.clock
+        now = self._last_data = clock.seconds()
+        if self._capture:
+            record = self.record
+            assert record is not None
+            record.response_body_size += n
+            left = self._cap_left
+            if left > 0:
+                piece = data if n <= left else data[:left]
+                record.response_chunks.append((now - record.started_at, piece))
+                self._cap_left = left - len(piece)
+                if len(piece) < n:
+                    record.response_truncated = True
+            else:
+                record.response_truncated = True
+        if self.alive:
+            self.request.write(data)
+
+    def _idle_check(self) -> None:
+        idle = self.proxy.server.idle_timeout
+        waited = self.proxy.clock.seconds() - self._last_data
+        if waited < idle:
+            self._idle_timer = self.proxy.clock.callLater(idle - waited, self._idle_check)
+            return
+        self._idle_timer = None
+        self._timed_out = f"upstream sent nothing for {idle:g}s (idle_timeout)"
+        if self._relay_transport is not None:
+            self._relay_transport.stopProducing()
+
+    def relay_ended(self, reason: Failure) -> None:
+        if self._idle_timer is not None and self._idle_timer.active():
+            self._idle_timer.cancel()
+        self._idle_timer = None
+        if self.stream:
+            self.proxy.metrics.open_streams -= 1
+        clean = reason.check(ResponseDone, http.PotentialDataLoss) is not None
+        if self.alive:
+            self.request.unregisterProducer()
+            if clean:
+                self.alive = False
+                self.request.finish()
+            else:
+                # The body is incomplete: closing without the final chunk tells
+                # the client so, where a clean finish() would hide it.
+                self.alive = False
+                self.request.loseConnection()
+        if clean:
+            self.finish_record("ok", None)
+        elif self._timed_out:
+            self.finish_record("timeout", self._timed_out)
+        elif self.record is not None and self.record.outcome == "client_disconnected":
+            self.finish_record("client_disconnected", "client went away mid-response")
+        else:
+            self.finish_record("upstream_error", "upstream body ended early: " + _reason(reason))
+
+    # -- endings ------------------------------------------------------------
+
+    def _client_finished(self, result: object) -> None:
+        if not isinstance(result, Failure):
+            return
+        # Connection lost before finish(): stop everything upstream at once.
+        was_alive = self.alive
+        self.alive = False
+        if not was_alive or self._done:
+            return
+        if self.record is not None:
+            self.record.outcome = "client_disconnected"
+        if self._pending is not None:
+            self._pending.cancel()
+        elif self._relay_transport is not None:
+            self._relay_transport.stopProducing()
+
+    def fail(self, status: int, message: str, outcome: str) -> None:
+        if self.alive:
+            request = self.request
+            body = error_body(status, message)
+            request.setResponseCode(status)
+            h = request.responseHeaders
+            h.setRawHeaders(b"content-type", [b"application/json"])
+            h.setRawHeaders(b"content-length", [b"%d" % len(body)])
+            if self.record is not None:
+                h.setRawHeaders(b"x-request-id", [self.record.request_id.encode()])
+            request.write(body)
+            self.alive = False
+            request.finish()
+            self.bytes_out = len(body)
+        if self.record is not None:
+            self.record.status = status
+        self.finish_record(outcome, message)
+
+    def finish_record(self, outcome: str, error_text: str | None) -> None:
+        if self._done:
+            return
+        self._done = True
+        proxy = self.proxy
+        proxy.open.discard(self)
+        proxy.metrics.open_requests -= 1
+        record = self.record
+        assert record is not None
+        record.ended_at = proxy.clock.seconds() - record.started_at
+        record.outcome = outcome
+        record.error = error_text
+        proxy.metrics.finished(
+            record.route,
+            record.status or 0,
+            outcome,
+            record.ended_at,
+            record.first_byte_at,
+            self.bytes_in,
+            self.bytes_out,
+        )
+        if self._capture:
+            proxy.events.request_finished(record)
+
+    def abort(self) -> None:
+        """Drain deadline reached: drop the client and the upstream now."""
+        if self._pending is not None:
+            self._pending.cancel()
+        if self._relay_transport is not None:
+            self._relay_transport.stopProducing()
+        if self.alive:
+            self.alive = False
+            self.request.channel.transport.abortConnection()  # type: ignore[union-attr]
+
+
+def _reason(failure: Failure) -> str:
+    inner = getattr(failure.value, "reasons", None)
+    if inner:
+        return "; ".join(_reason(f) for f in inner)
+    text = str(failure.value) or type(failure.value).__name__
+    return text[:300]

@@ -1,0 +1,97 @@
+"""The client-facing HTTP site: body limits, connection limits, no access log
+by default (tests: tests/integration/test_proxy.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.logger import Logger
+from twisted.web import server
+from twisted.web.http import HTTPChannel
+
+from llmproxy.proxy.errors import error_body
+from llmproxy.proxy.forward import ProxyResource
+
+log = Logger()
+
+
+class ProxyRequest(server.Request):
+    """Enforces ``max_body_bytes`` while the body arrives, not after."""
+
+    _too_large = False
+    _body_seen = 0
+
+    def gotLength(self, length: int | None) -> None:
+        site: ProxySite = self.channel.site  # type: ignore[union-attr]
+        if length is not None and length > site.max_body_bytes:
+            self._too_large = True
+            site.proxy.reject_early(
+                self, 413, f"request body of {length} bytes is over the limit of "
+                f"{site.max_body_bytes} bytes (server.max_body_bytes)"
+            )
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._too_large:
+            return
+        self._body_seen += len(data)
+        site: ProxySite = self.channel.site  # type: ignore[union-attr]
+        if self._body_seen > site.max_body_bytes:
+            self._too_large = True
+            site.proxy.reject_early(
+                self, 413, f"request body is over the limit of {site.max_body_bytes} bytes "
+                "(server.max_body_bytes)"
+            )
+            return
+        super().handleContentChunk(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self._too_large:
+            return
+        super().requestReceived(command, path, version)
+
+
+class _LimitedChannel(HTTPChannel):
+    def connectionMade(self) -> None:
+        site: ProxySite = self.site  # type: ignore[attr-defined]
+        site.proxy.metrics.connections += 1
+        super().connectionMade()
+        if site.proxy.metrics.connections > site.max_connections:
+            body = error_body(503, "too many connections (server.max_connections)")
+            self.transport.write(  # type: ignore[union-attr]
+                b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+            )
+            self.loseConnection()
+
+    def connectionLost(self, reason: Any) -> None:
+        self.site.proxy.metrics.connections -= 1  # type: ignore[attr-defined]
+        super().connectionLost(reason)
+
+
+class ProxySite(server.Site):
+    requestFactory = ProxyRequest
+    protocol = _LimitedChannel  # type: ignore[assignment]
+    noisy = False
+
+    def __init__(
+        self,
+        proxy: ProxyResource,
+        *,
+        max_body_bytes: int,
+        max_connections: int,
+        idle_timeout: float,
+        access_log: bool = False,
+    ) -> None:
+        super().__init__(proxy, timeout=idle_timeout)
+        self.proxy = proxy
+        self.max_body_bytes = max_body_bytes
+        self.max_connections = max_connections
+        self._access_log = access_log
+
+    def log(self, request: server.Request) -> None:
+        # Site writes a formatted access line per request by default, which costs
+        # more than the proxying itself; the exchange events carry it all anyway.
+        if self._access_log:
+            super().log(request)

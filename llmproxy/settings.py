@@ -1,0 +1,119 @@
+"""Typed settings: what the ini file becomes (tests: tests/unit/test_config.py).
+
+Each attrs class is one ini section; field names are the ini keys.  The loader in
+:mod:`llmproxy.config` fills them from the file and the environment and reports
+every bad value as ``section.key: reason``.  Durations are float seconds, sizes
+are int bytes, relative paths are resolved against ``server.state_dir``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+
+MiB = 1024 * 1024
+
+
+@attrs.frozen
+class ServerSettings:
+    listen: str = "tcp:8080:interface=127.0.0.1"
+    admin_listen: str = "tcp:9090:interface=127.0.0.1"
+    admin_token: str = ""
+    workers: int = 1
+    state_dir: Path = Path("state")
+    environment: str = "development"
+    drain_timeout: float = 30.0
+    max_body_bytes: int = 32 * MiB
+    connect_timeout: float = 10.0
+    first_byte_timeout: float = 300.0
+    idle_timeout: float = 120.0
+    max_connections: int = 10000
+    pool_size: int = 100  # persistent upstream connections kept per host
+    pool_idle_timeout: float = 50.0  # below typical upstream keep-alive (60 s)
+    access_log: bool = False
+
+
+@attrs.frozen
+class RouteSettings:
+    name: str
+    prefix: str
+    upstream: str
+    provider: str = "openai"
+    auth: str = "passthrough"
+    api_key: str = ""
+    cache: str = "default"
+
+
+@attrs.frozen
+class PassthroughSettings:
+    enabled: bool = True
+    allowed_hosts: tuple[str, ...] = ("api.openai.com", "api.anthropic.com")
+    # Hosts reachable over plain http (tests, local model servers).  Empty by default.
+    allowed_http_hosts: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class CaptureSettings:
+    request_body_bytes: int = 64 * 1024
+    response_body_bytes: int = 256 * 1024
+    redact_headers: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class EventsSettings:
+    bus: str = "memory"
+
+
+@attrs.frozen
+class ExporterSettings:
+    name: str
+    type: str
+    enabled: bool = True
+    # common to every sink (the exporter core)
+    buffer: int = 10000  # events queued in memory
+    buffer_bytes: int = 64 * MiB
+    batch_size: int = 500
+    batch_bytes: int = 1 * MiB
+    flush_interval: float = 1.0
+    max_in_flight: int = 1
+    timeout: float = 10.0
+    max_retries: int = 5
+    backoff_min: float = 0.5
+    backoff_max: float = 60.0
+    spool_dir: Path | None = None  # None: <state_dir>/spool/<name>
+    spool_max_bytes: int = 1024 * MiB
+    dead_letter_path: Path | None = None  # None: <state_dir>/deadletter/<name>.jsonl
+    # file
+    path: Path | None = None
+    fsync: str = "batch"  # never | batch | always
+    rotate_bytes: int = 100 * MiB
+    rotate_keep: int = 5
+    # loki
+    url: str = ""
+    tenant: str = ""
+    username: str = ""
+    password: str = ""
+    bearer_token: str = ""
+    labels: tuple[tuple[str, str], ...] = ()
+    max_line_bytes: int = 256 * 1024
+    gzip: bool = True
+    structured_metadata: bool = False
+    # sessions
+    log_dir: Path | None = None
+    # lunary / helicone / otlp
+    endpoint: str = ""
+    api_key: str = ""
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@attrs.frozen
+class Settings:
+    server: ServerSettings = ServerSettings()
+    routes: tuple[RouteSettings, ...] = ()
+    passthrough: PassthroughSettings = PassthroughSettings()
+    capture: CaptureSettings = CaptureSettings()
+    events: EventsSettings = EventsSettings()
+    exporters: tuple[ExporterSettings, ...] = ()
+    audit_path: Path | None = Path("audit.jsonl")  # [audit] path
+    source: str = "<defaults>"  # where the settings came from, for messages
