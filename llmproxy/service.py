@@ -148,7 +148,11 @@ class ProxyService(Service):
         if isinstance(result[0], Failure):
             raise RuntimeError(f"cannot listen on {description}: {result[0].value}")
         port: IListeningPort = result[0]
-        log.info("listening on {desc}", desc=description)
+        log.info(
+            "listening on {desc} (port {port})",
+            desc=description,
+            port=getattr(port.getHost(), "port", "-"),
+        )
         return port
 
     def startService(self) -> None:

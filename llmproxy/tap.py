@@ -1,7 +1,8 @@
 """``twistd llmproxy`` / ``twist llmproxy``: options and the service (tests: tests/integration/test_daemon.py).
 
 The config is loaded and checked in ``postOptions``, so a bad file stops
-twistd with a usage error (exit code 64) before anything listens.
+twistd (and twist) before anything listens: one line per problem on stderr and
+exit code 64 (EX_USAGE), which the systemd unit lists as not to be restarted.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from llmproxy.config import ConfigError, load_settings
+
+EX_USAGE = 64
 
 
 class Options(usage.Options):
@@ -30,10 +33,10 @@ class Options(usage.Options):
         try:
             self["settings"] = load_settings(self["config"])
         except ConfigError as e:
-            # One line per problem, also on stderr: twistd shows only the message.
             for line in e.problems:
                 print(f"llmproxy: {line}", file=sys.stderr)
-            raise usage.UsageError(f"bad configuration ({len(e.problems)} problem(s))") from None
+            print("llmproxy: bad configuration, not starting", file=sys.stderr)
+            raise SystemExit(EX_USAGE) from None
 
 
 def makeService(options: Options) -> IService:

@@ -1,0 +1,81 @@
+"""Start the real daemon (`twistd -n llmproxy`) as a subprocess, the way a user does."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer, protocol, reactor
+from twisted.python.failure import Failure
+
+BIN = Path(sys.executable).parent
+_LISTEN_RE = re.compile(rb"listening on (\S+) \(port (\d+)\)")
+
+
+class DaemonProtocol(protocol.ProcessProtocol):
+    def __init__(self) -> None:
+        self.output = b""
+        self.ports: list[int] = []
+        self.ready: defer.Deferred[list[int]] = defer.Deferred()
+        self.ended: defer.Deferred[int | None] = defer.Deferred()
+        self.waiters: list[tuple[bytes, defer.Deferred[None]]] = []
+        self.exit_code: int | None = None
+        self.ended_at: float | None = None
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+        self.ports = [int(m.group(2)) for m in _LISTEN_RE.finditer(self.output)]
+        if len(self.ports) >= 2 and not self.ready.called:
+            self.ready.callback(self.ports)
+        for needle, d in list(self.waiters):
+            if needle in self.output:
+                self.waiters.remove((needle, d))
+                d.callback(None)
+
+    errReceived = outReceived
+
+    def wait_for(self, needle: bytes) -> defer.Deferred[None]:
+        d: defer.Deferred[None] = defer.Deferred()
+        if needle in self.output:
+            d.callback(None)
+        else:
+            self.waiters.append((needle, d))
+        return d
+
+    def processEnded(self, reason: Failure) -> None:
+        self.ended_at = reactor.seconds()  # type: ignore[attr-defined]
+        self.exit_code = getattr(reason.value, "exitCode", None)
+        if not self.ready.called:
+            self.ready.errback(
+                RuntimeError(f"daemon exited before listening:\n{self.output.decode(errors='replace')}")
+            )
+        self.ended.callback(self.exit_code)
+
+
+def spawn(config: Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> tuple[DaemonProtocol, Any]:
+    proto = DaemonProtocol()
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("LLMPROXY_")}
+    full_env.update(env or {})
+    argv = [str(BIN / "twistd"), "-n", "--pidfile=", "-l", "-", "llmproxy", "--config", str(config)]
+    transport = reactor.spawnProcess(  # type: ignore[attr-defined]
+        proto, argv[0], argv, env=full_env, path=str(cwd or config.parent)
+    )
+    return proto, transport
+
+
+def terminate(transport: Any) -> None:
+    try:
+        transport.signalProcess(signal.SIGTERM)
+    except Exception:  # already gone
+        pass
+
+
+def kill(transport: Any) -> None:
+    try:
+        transport.signalProcess(signal.SIGKILL)
+    except Exception:  # already gone
+        pass
