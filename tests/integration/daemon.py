@@ -24,6 +24,7 @@ class DaemonProtocol(protocol.ProcessProtocol):
         self.ended: defer.Deferred[int | None] = defer.Deferred()
         self.waiters: list[tuple[bytes, defer.Deferred[None]]] = []
         self.exit_code: int | None = None
+        self.signal: int | None = None
         self.ended_at: float | None = None
 
     def outReceived(self, data: bytes) -> None:
@@ -46,9 +47,16 @@ class DaemonProtocol(protocol.ProcessProtocol):
             self.waiters.append((needle, d))
         return d
 
+    @property
+    def clean_stop(self) -> bool:
+        """Exit 0, or death by the SIGTERM it was sent: twistd re-raises the
+        signal that stopped it after a clean shutdown, as Unix daemons do."""
+        return self.exit_code == 0 or self.signal == signal.SIGTERM
+
     def processEnded(self, reason: Failure) -> None:
         self.ended_at = reactor.seconds()  # type: ignore[attr-defined]
         self.exit_code = getattr(reason.value, "exitCode", None)
+        self.signal = getattr(reason.value, "signal", None)
         if not self.ready.called:
             self.ready.errback(
                 RuntimeError(f"daemon exited before listening:\n{self.output.decode(errors='replace')}")

@@ -137,9 +137,9 @@ async def test_twist_runs_the_plugin_and_stops_on_sigterm(tmp_path: Path) -> Non
         await resp.content()
     finally:
         terminate(transport)
-        code = await proc.ended.addTimeout(30, reactor)
+        await proc.ended.addTimeout(30, reactor)
         await upstream.stop()
-    assert code == 0
+    assert proc.clean_stop, proc.output.decode(errors="replace")
 
 
 def _spawn_twist(cfg: Path) -> tuple[Any, Any]:
@@ -148,7 +148,7 @@ def _spawn_twist(cfg: Path) -> tuple[Any, Any]:
     from tests.integration.daemon import DaemonProtocol
 
     proto = DaemonProtocol()
-    argv = [str(BIN / "twist"), "llmproxy", "--config", str(cfg)]
+    argv = [str(BIN / "twist"), "--log-format=text", "llmproxy", "--config", str(cfg)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLMPROXY_")}
     transport = reactor.spawnProcess(proto, argv[0], argv, env=env, path=str(cfg.parent))  # type: ignore[attr-defined]
     return proto, transport
@@ -197,8 +197,8 @@ async def test_sigterm_drains_in_flight_streams_and_exits_by_the_deadline(tmp_pa
         assert short.body.count(b"data:") == 8
         await long.done.addTimeout(10, reactor)
         assert not long.complete
-        code = await proc.ended.addTimeout(drain + 10, reactor)
-        assert code == 0
+        await proc.ended.addTimeout(drain + 10, reactor)
+        assert proc.clean_stop, proc.output.decode(errors="replace")
         assert proc.ended_at is not None
         assert proc.ended_at - t_term < drain + 1.5, proc.ended_at - t_term
         assert b"drained in" in proc.output

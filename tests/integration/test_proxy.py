@@ -324,3 +324,23 @@ async def test_unknown_route_gives_404(no_root: Running) -> None:
     resp = await no_root.client.get(no_root.url("/nothing/here"))
     assert resp.code == 404
     assert (await resp.json())["error"]["type"] == "invalid_request_error"
+
+
+class _ConnectTimesOut:
+    """An Agent whose connection attempt times out (as Agent reports it)."""
+
+    def request(self, *args: Any, **kw: Any) -> defer.Deferred[Any]:
+        from twisted.internet.error import TimeoutError as ConnectTimeout
+
+        return defer.fail(ConnectTimeout("connect timed out"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_connect_timeout_gives_504(env: Running) -> None:
+    env.service.proxy.agent = _ConnectTimesOut()  # type: ignore[assignment]
+    resp = await env.client.post(env.url("/mock/v1/chat/completions"), json={})
+    assert resp.code == 504
+    err = (await resp.json())["error"]
+    assert err["type"] == "timeout_error" and "connecting" in err["message"]
+    stats = env.service.metrics.snapshot()
+    assert stats["routes"]["mock"]["by_outcome"] == {"timeout": 1}
