@@ -1,0 +1,563 @@
+"""The Grafana Loki sink (tests: tests/unit/test_loki_sink.py).
+
+One batch becomes one ``POST /loki/api/v1/push`` with a JSON body (gzipped by
+default)::
+
+    {"streams": [{"stream": {labels}, "values": [["<ts ns>", "<line>", {meta}?], ...]}]}
+
+Labels are low-cardinality only — ``app``, ``provider``, ``environment``,
+``machine``, ``log_type`` and the configured static ones — because every distinct
+label set is a separate stream in Loki's index; request and session ids go into
+the line, and optionally into structured metadata, never into labels.  The log
+line is the canonical event as JSON.  A line over ``max_line_bytes`` (Loki's
+``max_line_size``, 256 KiB by default) would be refused, so it is shortened by
+truncating its bulky fields (bodies, then stream chunks, then headers) and
+re-encoding: the line stays valid JSON, marked as truncated, never cut mid-way.
+
+Loki answers 204.  A 400 means Loki refused some entries for good (it keeps the
+valid rest of the batch), so it is not retried; 429 and 5xx are retried,
+honouring ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import zlib
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+import attrs
+import orjson
+from twisted.internet.interfaces import IReactorTime
+
+from llmproxy.export.sink import (
+    Delivered,
+    EncodedBatch,
+    HTTPClient,
+    HTTPSink,
+    Rejected,
+    Retry,
+    Verdict,
+)
+from llmproxy.settings import ExporterSettings
+
+PUSH_PATH = "/loki/api/v1/push"
+
+# Loki validates label names with Prometheus' rule.
+LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
+# Loki's defaults (limits_config): max_label_names_per_series 15 (Loki 3.x),
+# max_label_value_length 2048.
+MAX_LABEL_NAMES = 15
+MAX_LABEL_VALUE_BYTES = 2048
+# Below this a shortened line could not even hold its identifying fields.
+MIN_LINE_BYTES = 1024
+
+APP = "llmproxy"
+# The per-event labels; a static label may not take these names, or every stream
+# of the batch would collapse into one with a wrong value.
+EVENT_LABELS = ("provider", "environment", "machine", "log_type")
+METADATA_FIELDS = ("request_id", "session_id", "route")
+
+# What is given up first when a line is too long, in order.  Each tier names the
+# keys whose whole subtree may be shortened.
+# (The canonical event's names, see llmproxy/capture/events.py, plus the generic ones.)
+BODY_KEYS = frozenset({"request_body", "response_body", "body"})
+CHUNK_KEYS = frozenset({"response_chunks", "chunks"})
+HEADER_KEYS = frozenset({"request_headers", "response_headers", "headers"})
+TRUNCATION_MARK = "loki_truncated"
+IDENTITY_FIELDS = (
+    "schema",
+    "type",
+    "ts",
+    "ts_ns",
+    "request_id",
+    "session_id",
+    "seq",
+    "route",
+    "provider",
+    "environment",
+    "machine",
+    "status",
+    "outcome",
+    "model",
+)
+
+
+def push_url(url: str) -> str:
+    """The push endpoint for a Loki base URL (``http://loki:3100``), unless the URL
+    already names it."""
+    base = url.rstrip("/")
+    if base.endswith(PUSH_PATH):
+        return base
+    return base + PUSH_PATH
+
+
+def _check_label(name: str, value: str) -> None:
+    if not LABEL_NAME.match(name):
+        raise ValueError(
+            f"loki label name {name!r} is invalid: it must match [a-zA-Z_][a-zA-Z0-9_]*"
+        )
+    if name.startswith("__"):
+        raise ValueError(f"loki label name {name!r} is reserved (names starting with __)")
+    if name in EVENT_LABELS:
+        raise ValueError(f"loki label name {name!r} is set from each event; pick another name")
+    if len(value.encode("utf-8")) > MAX_LABEL_VALUE_BYTES:
+        raise ValueError(f"loki label {name!r}: value longer than {MAX_LABEL_VALUE_BYTES} bytes")
+
+
+def _label_value(value: Any) -> str:
+    """A label value from an event field: a string, at most Loki's 2048 bytes."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) > MAX_LABEL_VALUE_BYTES // 4:  # only long values can be over in bytes
+        raw = text.encode("utf-8")
+        if len(raw) > MAX_LABEL_VALUE_BYTES:
+            text = raw[:MAX_LABEL_VALUE_BYTES].decode("utf-8", errors="ignore")
+    return text
+
+
+@attrs.define(kw_only=True)
+class LokiSink(HTTPSink):
+    """Pushes batches of canonical events to Loki as labelled streams.
+
+    Build it with :meth:`from_settings`.  ``labels`` are the static extra labels;
+    a bad label name is a configuration error (``ValueError`` naming it).
+    """
+
+    _tenant: str = ""
+    _authorization: str = attrs.field(default="", repr=False)
+    _labels: tuple[tuple[str, str], ...] = ()
+    _max_line_bytes: int = 256 * 1024
+    _gzip: bool = True
+    _structured_metadata: bool = False
+    # Secrets that must never appear in a verdict's reason (filled in post-init).
+    _secrets: tuple[str, ...] = attrs.field(default=(), init=False, repr=False)
+    _base_labels: dict[str, str] = attrs.field(factory=dict, init=False, repr=False)
+    _headers: dict[str, str] = attrs.field(factory=dict, init=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.url = push_url(self.url)
+        if self._max_line_bytes < MIN_LINE_BYTES:
+            raise ValueError(f"loki max_line_bytes must be at least {MIN_LINE_BYTES}")
+        base = {"app": APP}
+        for name, value in self._labels:
+            _check_label(name, value)
+            if value:
+                base[name] = value
+        if len(base) + len(EVENT_LABELS) > MAX_LABEL_NAMES:
+            raise ValueError(
+                f"loki labels: {len(base) + len(EVENT_LABELS)} label names per stream, "
+                f"Loki's default limit is {MAX_LABEL_NAMES}"
+            )
+        self._base_labels = base
+        headers = {"Content-Type": "application/json"}
+        if self._gzip:
+            headers["Content-Encoding"] = "gzip"
+        if self._tenant:
+            headers["X-Scope-OrgID"] = self._tenant
+        if self._authorization:
+            headers["Authorization"] = self._authorization
+        self._headers = headers
+        secrets = {self._authorization}
+        scheme, _, credential = self._authorization.partition(" ")
+        if credential:
+            secrets.add(credential)
+            if scheme.lower() == "basic":
+                try:
+                    decoded = base64.b64decode(credential).decode("utf-8", "replace")
+                except ValueError:  # not base64 after all: the credential is the secret
+                    decoded = ""
+                secrets.update({decoded, decoded.partition(":")[2]})
+        self._secrets = tuple(sorted((s for s in secrets if len(s) >= 4), key=len, reverse=True))
+
+    @classmethod
+    def from_settings(
+        cls, settings: ExporterSettings, *, client: HTTPClient, clock: IReactorTime
+    ) -> LokiSink:
+        """A sink for one ``[exporter:NAME]`` section of ``type = loki``.
+
+        Credentials in the URL (``http://user:pass@loki:3100``) are taken out of it
+        and sent as basic auth, so they never travel in a URL that could be logged.
+        """
+        where = f"exporter:{settings.name}"
+        if not settings.url:
+            raise ValueError(f"{where}: url is required for a loki sink")
+        parts = urlsplit(settings.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{where}: url must be an http(s) URL of the Loki server")
+        username, password = settings.username, settings.password
+        if parts.username is not None:
+            if username:
+                raise ValueError(f"{where}: credentials both in url and in username")
+            username, password = unquote(parts.username), unquote(parts.password or "")
+            netloc = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
+            url = urlunsplit(parts._replace(netloc=netloc))
+        else:
+            url = settings.url
+        if password and not username:
+            raise ValueError(f"{where}: password is set but username is not")
+        if username and settings.bearer_token:
+            raise ValueError(f"{where}: set either username/password or bearer_token, not both")
+        authorization = ""
+        if username:
+            pair = f"{username}:{password}".encode()
+            authorization = "Basic " + base64.b64encode(pair).decode("ascii")
+        elif settings.bearer_token:
+            authorization = "Bearer " + settings.bearer_token
+        try:
+            return cls(
+                name=settings.name,
+                url=url,
+                client=client,
+                clock=clock,
+                timeout=settings.timeout,
+                tenant=settings.tenant,
+                authorization=authorization,
+                labels=tuple(settings.labels),
+                max_line_bytes=settings.max_line_bytes,
+                gzip=settings.gzip,
+                structured_metadata=settings.structured_metadata,
+            )
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+
+    # -- encode ------------------------------------------------------------------
+
+    def encode(self, events: Sequence[dict[str, Any]]) -> EncodedBatch:
+        streams: dict[tuple[Any, ...], list[tuple[int, list[Any]]]] = {}
+        labels_of: dict[tuple[Any, ...], dict[str, str]] = {}
+        base = self._base_labels
+        limit = self._max_line_bytes
+        metadata = self._structured_metadata
+        dumps_event = _dumps_event
+        clock = self._clock
+        for event in events:
+            key = (
+                event.get("provider"),
+                event.get("environment"),
+                event.get("machine"),
+                event.get("type"),
+            )
+            values = streams.get(key)
+            if values is None:
+                labels = dict(base)
+                for name, value in zip(EVENT_LABELS, key, strict=True):
+                    if value is not None and value != "":
+                        labels[name] = _label_value(value)
+                labels_of[key] = labels
+                values = streams[key] = []
+            ts = _timestamp_ns(event, clock)
+            line = dumps_event(event)
+            if len(line) > limit:
+                line = shorten_line(event, line, limit)
+            entry: list[Any] = [str(ts), line.decode("utf-8")]
+            if metadata:
+                meta = {
+                    f: v if isinstance(v, str) else str(v)
+                    for f in METADATA_FIELDS
+                    if (v := event.get(f)) is not None and v != ""
+                }
+                if meta:
+                    entry.append(meta)
+            values.append((ts, entry))
+        body_streams = []
+        for key, values in streams.items():
+            values.sort(key=_first)  # stable: equal timestamps keep batch order
+            body_streams.append({"stream": labels_of[key], "values": [e for _, e in values]})
+        body = orjson.dumps({"streams": body_streams})
+        if self._gzip:
+            # Level 1: JSON logs still shrink ~8x, at a fraction of the default's CPU.
+            compressor = zlib.compressobj(1, zlib.DEFLATED, 31)
+            body = compressor.compress(body) + compressor.flush()
+        return EncodedBatch(body=body, headers=dict(self._headers))
+
+    # -- judge -------------------------------------------------------------------
+
+    def judge(self, status: int, headers: dict[str, str], body: bytes) -> Verdict:
+        if 200 <= status < 300:
+            return Delivered()
+        text = self._redact(body.decode("utf-8", errors="replace").strip()[:500])
+        if status == 400:
+            # Loki stored the valid entries and refused the rest for good: retrying
+            # could not help, so the batch goes to the dead-letter file with Loki's text.
+            return Rejected(f"Loki refused entries (HTTP 400): {text}")
+        verdict = super().judge(status, headers, body)
+        if isinstance(verdict, Retry):
+            return Retry(f"HTTP {status}: {text}" if text else verdict.reason, verdict.after)
+        if isinstance(verdict, Rejected):
+            return Rejected(f"HTTP {status}: {text}")
+        return verdict
+
+    def _redact(self, text: str) -> str:
+        """An error body could echo our request (a gateway, a misconfigured proxy):
+        whatever it says, our credentials never reach a reason or a log line."""
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, "***")
+        return text
+
+
+def _first(item: tuple[int, list[Any]]) -> int:
+    return item[0]
+
+
+def _timestamp_ns(event: dict[str, Any], clock: IReactorTime) -> int:
+    """The event time in epoch ns: ``ts_ns``, else parsed from ``ts``, else now.
+
+    A batch must never fail to encode because of one odd event (it would be retried
+    for ever), so an event without a usable time is sent at the time it is encoded.
+    """
+    ts = event.get("ts_ns")
+    if isinstance(ts, int) and not isinstance(ts, bool) and 0 <= ts < 1 << 63:
+        return ts
+    text = event.get("ts")
+    if isinstance(text, str):
+        parsed = _parse_rfc3339_ns(text)
+        if parsed is not None:
+            return parsed
+    return int(clock.seconds() * 1e9)  # type: ignore[misc]  # zope method, no mypy-zope
+
+
+_RFC3339 = re.compile(
+    r"(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}:\d{2})(?:\.(\d{1,9})\d*)?([Zz]|[+-]\d{2}:\d{2})\Z"
+)
+
+
+def _parse_rfc3339_ns(text: str) -> int | None:
+    match = _RFC3339.match(text)
+    if match is None:
+        return None
+    day, clock, fraction, zone = match.groups()
+    try:
+        whole = datetime.fromisoformat(f"{day}T{clock}{'+00:00' if zone in 'Zz' else zone}")
+    except ValueError:
+        return None
+    ns = int((fraction or "").ljust(9, "0"))
+    return int(whole.timestamp()) * 1_000_000_000 + ns
+
+
+def _json_default(value: Any) -> Any:
+    """Last resort for a value that is not JSON-ready (a contract breach upstream):
+    send its text rather than fail the whole batch."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).decode("utf-8", errors="replace")
+    if isinstance(value, set | frozenset | tuple):
+        return list(value)
+    return str(value)
+
+
+def _dumps_event(event: dict[str, Any]) -> bytes:
+    try:
+        return orjson.dumps(event)
+    except TypeError:  # orjson.JSONEncodeError is a TypeError
+        pass
+    try:
+        return orjson.dumps(event, default=_json_default, option=orjson.OPT_NON_STR_KEYS)
+    except TypeError:
+        # Beyond orjson (a lone surrogate, an int over 64 bits): the stdlib encodes
+        # it, and a lone surrogate becomes "?" so the line stays valid UTF-8 JSON.
+        text = json.dumps(event, default=_json_default, separators=(",", ":"), ensure_ascii=False)
+        return text.encode("utf-8", errors="replace")
+
+
+# -- shortening a line -----------------------------------------------------------------
+
+# Tiers, in the order they are given up.
+_BODIES, _CHUNKS, _HEADERS, _OTHER = 0, 1, 2, 3
+# A string this short is never worth cutting.
+_MIN_CUT = 16
+# How many times a tier is re-encoded and cut again before moving on: each pass
+# corrects the estimate of the previous one (JSON escapes, the growing marker).
+_PASSES = 6
+_MARK_SLACK = 64
+
+# (container, key, path): one shortenable string or list inside the working copy.
+_Place = tuple[Any, Any, str]
+
+
+def shorten_line(event: dict[str, Any], line: bytes, limit: int) -> bytes:
+    """Encode ``event`` in at most ``limit`` bytes of valid JSON.
+
+    Bulky fields are given up step by step (:data:`_STEPS`) — large body
+    text/base64, then the tail of the stream chunks, then long header values, then
+    bodies and headers entirely, then any other long string — and the event is
+    re-encoded after each cut, so the JSON is never cut mid-way.  Strings are cut
+    down to one common length (every body keeps its head, a short prompt survives a
+    long response); chunk lists keep their head.  The result carries
+    ``loki_truncated: {original_bytes, fields}`` and a body's own ``truncated`` flag
+    is set.  ``event`` is never modified.  If nothing else works (an event of
+    thousands of tiny fields), the line is a stub of the identifying fields.
+    """
+    original = len(line)
+    work = orjson.loads(line)  # a deep copy, cheaper than copy.deepcopy
+    if not isinstance(work, dict):
+        return _stub(event, original, limit)
+    fields: list[str] = []
+    work[TRUNCATION_MARK] = {"original_bytes": original, "fields": fields}
+    for tier, floor_divisor, drop_tails in _STEPS:
+        strings: list[_Place] = []
+        lists: list[_Place] = []
+        _collect(work, tier, "", None, strings, lists)
+        if drop_tails and lists:
+            line = orjson.dumps(work)
+            if len(line) <= limit:
+                return line
+            # The slack pays for the marker naming the list, so one cut is enough.
+            _drop_tails(lists, len(line) - limit + _MARK_SLACK, fields)
+        floor = limit // floor_divisor if floor_divisor else 0
+        for _ in range(_PASSES):
+            line = orjson.dumps(work)
+            if len(line) <= limit:
+                return line
+            if not _fill_down(strings, len(line) - limit, floor, fields):
+                break
+    line = orjson.dumps(work)
+    if len(line) <= limit:
+        return line
+    return _stub(event, original, limit)
+
+
+# (tier, floor as a fraction 1/n of the limit or 0 for none, drop list tails first)
+_STEPS = (
+    (_BODIES, 16, False),  # large bodies down to 1/16 of the limit (16 KiB of 256)
+    (_CHUNKS, 0, True),  # then the tail of the stream
+    (_HEADERS, 64, False),  # then long header values (a giant cookie)
+    (_BODIES, 0, False),  # then whatever the bodies still hold
+    (_CHUNKS, 0, False),  # a single huge chunk
+    (_HEADERS, 0, False),
+    (_OTHER, 0, False),
+)
+
+
+def _tier_of(key: Any, inherited: int | None) -> int | None:
+    if inherited is not None or not isinstance(key, str):
+        return inherited
+    if key in BODY_KEYS:
+        return _BODIES
+    if key in CHUNK_KEYS:
+        return _CHUNKS
+    if key in HEADER_KEYS:
+        return _HEADERS
+    return None
+
+
+def _collect(
+    node: Any,
+    want: int,
+    path: str,
+    inherited: int | None,
+    strings: list[_Place],
+    lists: list[_Place],
+) -> None:
+    """Gather the strings and lists of tier ``want`` under ``node``.  A subtree's
+    tier is set by the first body/chunk/header key above it; outside any, other."""
+    items: list[tuple[Any, Any]]
+    if isinstance(node, dict):
+        items = [(k, v) for k, v in node.items() if path or k != TRUNCATION_MARK]
+        index = False
+    elif isinstance(node, list):
+        items = list(enumerate(node))
+        index = True
+    else:
+        return
+    for key, value in items:
+        tier = _tier_of(key, inherited)
+        effective = _OTHER if tier is None else tier
+        # List indexes collapse to [] so the marker names a field once, not per chunk.
+        sub_path = f"{path}[]" if index else (f"{path}.{key}" if path else str(key))
+        if isinstance(value, str):
+            if effective == want and len(value) > _MIN_CUT:
+                strings.append((node, key, sub_path))
+        elif isinstance(value, list):
+            if effective == want and len(value) > 1:
+                lists.append((node, key, sub_path))
+            _collect(value, want, sub_path, tier, strings, lists)
+        elif isinstance(value, dict):
+            _collect(value, want, sub_path, tier, strings, lists)
+
+
+def _note(container: Any, path: str, fields: list[str]) -> None:
+    if path not in fields:
+        fields.append(path)
+    if isinstance(container, dict) and isinstance(container.get("truncated"), bool):
+        container["truncated"] = True
+
+
+def _fill_down(strings: list[_Place], excess: int, floor: int, fields: list[str]) -> bool:
+    """Cut the longest strings down to one common encoded length, never below
+    ``floor``, that frees ``excess`` bytes (water-filling).  False when nothing is
+    left to cut."""
+    sized = []
+    for container, key, path in strings:
+        value = container[key]
+        if len(value) > _MIN_CUT:
+            # Encoded size, escapes included (a quote or newline costs two bytes).
+            size = len(orjson.dumps(value)) - 2
+            if size > floor:
+                sized.append((size, container, key, path))
+    if not sized:
+        return False
+    sized.sort(key=_size, reverse=True)
+    # The largest cap C >= floor with sum(max(0, size - C)) >= excess, else floor.
+    cap = floor
+    freed = 0
+    for i, item in enumerate(sized):
+        nxt = sized[i + 1][0] if i + 1 < len(sized) else floor
+        step = (item[0] - nxt) * (i + 1)
+        if freed + step >= excess:
+            cap = max(floor, item[0] - -(-(excess - freed) // (i + 1)))
+            break
+        freed += step
+    for size, container, key, path in sized:
+        if size <= cap:
+            break
+        value = container[key]
+        keep = min(len(value) - 1, len(value) * cap // size)  # chars in proportion
+        if key == "base64":
+            keep -= keep % 4  # stays decodable
+        container[key] = value[: max(0, keep)]
+        _note(container, path, fields)
+    return True
+
+
+def _size(item: tuple[int, Any, Any, str]) -> int:
+    return item[0]
+
+
+def _drop_tails(lists: list[_Place], excess: int, fields: list[str]) -> None:
+    """Keep the head of the longest lists (stream chunks) and drop their tails
+    until about ``excess`` bytes are freed."""
+    sized = sorted(
+        ((len(orjson.dumps(c[k])), c, k, p) for c, k, p in lists), key=_size, reverse=True
+    )
+    for size, container, key, path in sized:
+        if excess <= 0:
+            return
+        items = container[key]
+        budget = size - excess
+        kept = 2  # the brackets
+        keep = 0
+        for item in items:
+            kept += len(orjson.dumps(item)) + 1
+            if kept > budget:
+                break
+            keep += 1
+        container[key] = items[:keep]
+        excess -= size - (kept if keep == len(items) else budget)
+        _note(container, f"{path}[{keep}:]", fields)
+
+
+def _stub(event: dict[str, Any], original: int, limit: int) -> bytes:
+    stub: dict[str, Any] = {k: event[k] for k in IDENTITY_FIELDS if k in event}
+    stub[TRUNCATION_MARK] = {"original_bytes": original, "fields": ["*"]}
+    line = orjson.dumps(stub)
+    if len(line) <= limit:
+        return line
+    # Identity fields themselves are huge (they never are in practice): keep the minimum.
+    minimal: dict[str, Any] = {k: stub[k] for k in ("type", "ts_ns") if k in stub}
+    minimal[TRUNCATION_MARK] = {"original_bytes": original, "fields": ["*"]}
+    line = orjson.dumps(minimal)
+    return line if len(line) <= limit else b'{"loki_truncated":{"fields":["*"]}}'
