@@ -1,0 +1,127 @@
+"""An incremental server-sent events parser (tests: tests/unit/test_sse.py).
+
+Follows the WHATWG "event stream interpretation" rules closely enough for
+capture: lines end in CRLF, LF or CR; ``:`` starts a comment; ``data`` lines of
+one event are joined with ``\\n``; a blank line dispatches the event.  Bytes may be
+split anywhere between ``feed`` calls, even inside a CRLF pair or a multi-byte
+UTF-8 character (lines are only decoded once complete).  Invalid UTF-8 becomes
+U+FFFD; nothing here raises on garbage, because what it parses is whatever an
+upstream sent.
+
+Two deliberate departures, both for capture: an event with an ``event`` field
+but no data is still dispatched (it happened, and is worth recording), and
+``close()`` dispatches a last event not followed by a blank line.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+_BOM = b"\xef\xbb\xbf"
+
+
+@attrs.frozen
+class SSEEvent:
+    event: str = "message"
+    data: str = ""
+    id: str | None = None
+
+
+@attrs.define
+class SSEParser:
+    """Feed it bytes as they arrive; it returns the events each feed completed."""
+
+    # Pieces of the current unterminated line (joined only once it ends, so a long
+    # line arriving in many small chunks is not re-copied on every feed).
+    _partial: list[bytes] = attrs.field(factory=list, init=False)
+    # The last byte fed was a CR: a LF opening the next feed belongs to it.
+    _after_cr: bool = attrs.field(default=False, init=False)
+    _at_start: bool = attrs.field(default=True, init=False)
+    _event: str | None = attrs.field(default=None, init=False)
+    _data: list[str] = attrs.field(factory=list, init=False)
+    _id: str | None = attrs.field(default=None, init=False)
+    _closed: bool = attrs.field(default=False, init=False)
+
+    def feed(self, chunk: bytes) -> list[SSEEvent]:
+        if self._closed or not chunk:
+            return []
+        if self._after_cr:
+            self._after_cr = False
+            if chunk[:1] == b"\n":
+                chunk = chunk[1:]
+                if not chunk:
+                    return []
+        if b"\n" not in chunk and b"\r" not in chunk:
+            self._partial.append(chunk)
+            return []
+        if self._partial:
+            self._partial.append(chunk)
+            chunk = b"".join(self._partial)
+            self._partial = []
+        lines = chunk.splitlines(keepends=True)
+        last = lines[-1]
+        if not last.endswith((b"\n", b"\r")):
+            self._partial.append(lines.pop())
+        elif last.endswith(b"\r"):
+            self._after_cr = True
+        events: list[SSEEvent] = []
+        for line in lines:
+            if line.endswith(b"\r\n"):
+                self._line(line[:-2], events)
+            else:
+                self._line(line[:-1], events)
+        return events
+
+    def close(self) -> list[SSEEvent]:
+        """End of stream: flush an unterminated last line and a pending event."""
+        if self._closed:
+            return []
+        events: list[SSEEvent] = []
+        if self._partial:
+            line = b"".join(self._partial)
+            self._partial = []
+            self._line(line, events)
+        self._dispatch(events)
+        self._closed = True
+        return events
+
+    def _line(self, raw: bytes, events: list[SSEEvent]) -> None:
+        if self._at_start:
+            self._at_start = False
+            if raw.startswith(_BOM):
+                raw = raw[3:]
+        if not raw:
+            self._dispatch(events)
+            return
+        if raw[:1] == b":":
+            return  # a comment (keep-alive)
+        line = raw.decode("utf-8", "replace")
+        field, colon, value = line.partition(":")
+        if colon and value[:1] == " ":
+            value = value[1:]
+        if field == "data":
+            self._data.append(value)
+        elif field == "event":
+            self._event = value
+        elif field == "id" and "\0" not in value:
+            self._id = value
+        # "retry" and unknown fields are ignored, as the spec says.
+
+    def _dispatch(self, events: list[SSEEvent]) -> None:
+        if self._data or self._event is not None:
+            events.append(
+                SSEEvent(
+                    event=self._event or "message",
+                    data="\n".join(self._data),
+                    id=self._id,
+                )
+            )
+        self._event = None
+        self._data = []
+        self._id = None
+
+
+def parse_sse(stream: bytes) -> list[SSEEvent]:
+    """All events of a complete stream."""
+    parser = SSEParser()
+    return parser.feed(stream) + parser.close()

@@ -1,0 +1,665 @@
+"""Token usage and response facts from LLM responses (tests: tests/unit/test_usage.py).
+
+Understands, from JSON bodies and SSE streams alike:
+
+- OpenAI chat completions (``chat.completion`` / ``chat.completion.chunk``,
+  including the usage-only last chunk of ``stream_options.include_usage``),
+- OpenAI legacy completions (``text_completion``),
+- the OpenAI Responses API (``response`` objects; ``response.*`` stream events),
+- Anthropic messages (``message``; ``message_start`` .. ``message_stop`` events),
+- anything else with an OpenAI-style ``usage`` object (embeddings, compatible servers).
+
+The shape is recognised from the content, not from the route, so OpenAI-compatible
+servers behind a passthrough route work too.
+
+Usage is normalised: ``input_tokens`` counts *all* input tokens, cached ones
+included (OpenAI's ``prompt_tokens`` already does; for Anthropic it is
+``input_tokens + cache_read_input_tokens + cache_creation_input_tokens``, as
+the OpenTelemetry GenAI conventions ask), and ``total_tokens`` is input + output
+when the provider gives no total.
+
+Nothing here raises: what it reads is whatever an upstream sent, cut at a cap
+or mid-stream.  Malformed input gives fewer facts, never an exception.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
+
+import attrs
+import orjson
+
+from llmproxy.capture.sse import SSEEvent
+
+
+@attrs.frozen
+class Usage:
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    total_tokens: int | None = None
+    cache_read_tokens: int | None = None
+    cache_creation_tokens: int | None = None
+
+
+@attrs.frozen
+class ResponseFacts:
+    """What an exchange's response says about itself.
+
+    ``assistant_message`` is the reply as a chat message (``{"role": "assistant",
+    "content": text}``, plus OpenAI-shaped ``tool_calls`` when the model called
+    tools).  ``merged_json`` is the response as one object: the body itself for
+    JSON, and for a stream the object the non-streamed call would have returned.
+    """
+
+    model: str | None = None
+    usage: Usage | None = None
+    finish_reasons: tuple[str, ...] = ()
+    assistant_message: dict[str, Any] | None = None
+    merged_json: dict[str, Any] | None = None
+
+
+EMPTY_FACTS = ResponseFacts()
+
+_F = TypeVar("_F", bound=Callable[..., ResponseFacts])
+
+
+def _never_raises(func: _F) -> _F:
+    def guarded(*args: Any, **kwargs: Any) -> ResponseFacts:
+        try:
+            return func(*args, **kwargs)
+        except Exception:
+            # A shape nobody foresaw: no facts, rather than a lost event.
+            return EMPTY_FACTS
+
+    guarded.__doc__ = func.__doc__
+    guarded.__name__ = func.__name__
+    return guarded  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------- small readers
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _int(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value >= 0 else None
+    if isinstance(value, float) and value.is_integer() and value >= 0:
+        return int(value)
+    return None
+
+
+def _index(value: Any, default: int) -> int:
+    i = _int(value)
+    return default if i is None else i
+
+
+def _sum(*values: int | None) -> int | None:
+    present = [v for v in values if v is not None]
+    return sum(present) if present else None
+
+
+def _loads(data: bytes | str) -> Any:
+    try:
+        return orjson.loads(data)
+    except (orjson.JSONDecodeError, TypeError, ValueError, RecursionError):
+        return None
+
+
+def _join_json(parts: list[str]) -> Any:
+    """The value a tool call's streamed argument fragments add up to, if valid."""
+    text = "".join(parts)
+    if not text:
+        return {}
+    value = _loads(text)
+    return value if value is not None else text
+
+
+def _dumps(value: Any) -> str:
+    try:
+        return orjson.dumps(value).decode("utf-8")
+    except (TypeError, orjson.JSONEncodeError):
+        return ""
+
+
+# ---------------------------------------------------------------- usage
+
+
+def openai_usage(raw: Any) -> Usage | None:
+    """OpenAI chat/completions usage (``prompt_tokens``...) or Responses usage
+    (``input_tokens``...); both count cached tokens inside the input."""
+    u = _dict(raw)
+    if not u:
+        return None
+    if "prompt_tokens" in u or "completion_tokens" in u:
+        inp = _int(u.get("prompt_tokens"))
+        out = _int(u.get("completion_tokens"))
+        cached = _int(_dict(u.get("prompt_tokens_details")).get("cached_tokens"))
+    else:
+        inp = _int(u.get("input_tokens"))
+        out = _int(u.get("output_tokens"))
+        cached = _int(_dict(u.get("input_tokens_details")).get("cached_tokens"))
+    total = _int(u.get("total_tokens"))
+    if inp is None and out is None and total is None:
+        return None
+    if total is None:
+        total = _sum(inp, out)
+    return Usage(input_tokens=inp, output_tokens=out, total_tokens=total, cache_read_tokens=cached)
+
+
+def anthropic_usage(raw: Any) -> Usage | None:
+    """Anthropic usage; its ``input_tokens`` excludes cache reads and writes."""
+    u = _dict(raw)
+    uncached = _int(u.get("input_tokens"))
+    read = _int(u.get("cache_read_input_tokens"))
+    created = _int(u.get("cache_creation_input_tokens"))
+    out = _int(u.get("output_tokens"))
+    inp = _sum(uncached, read, created)
+    if inp is None and out is None:
+        return None
+    return Usage(
+        input_tokens=inp,
+        output_tokens=out,
+        total_tokens=_sum(inp, out),
+        cache_read_tokens=read,
+        cache_creation_tokens=created,
+    )
+
+
+# ---------------------------------------------------------------- messages
+
+
+def _tool_call(call_id: Any, name: Any, arguments: Any) -> dict[str, Any]:
+    if not isinstance(arguments, str):
+        arguments = _dumps(arguments)
+    return {
+        "id": _str(call_id) or "",
+        "type": "function",
+        "function": {"name": _str(name) or "", "arguments": arguments},
+    }
+
+
+def _message(content: Any, tool_calls: list[dict[str, Any]], refusal: Any = None) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    if isinstance(refusal, str) and refusal:
+        message["refusal"] = refusal
+    return message
+
+
+def _anthropic_message(content: list[Any]) -> dict[str, Any]:
+    texts = []
+    calls = []
+    for block in content:
+        b = _dict(block)
+        kind = b.get("type")
+        if kind == "text" and isinstance(b.get("text"), str):
+            texts.append(b["text"])
+        elif kind in ("tool_use", "server_tool_use"):
+            calls.append(_tool_call(b.get("id"), b.get("name"), b.get("input", {})))
+    return _message("".join(texts) if texts or not calls else None, calls)
+
+
+def _responses_message(output: list[Any]) -> dict[str, Any] | None:
+    texts = []
+    refusals = []
+    calls = []
+    seen = False
+    for item in output:
+        it = _dict(item)
+        kind = it.get("type")
+        if kind == "message":
+            seen = True
+            for part in _list(it.get("content")):
+                p = _dict(part)
+                if p.get("type") == "output_text" and isinstance(p.get("text"), str):
+                    texts.append(p["text"])
+                elif p.get("type") == "refusal" and isinstance(p.get("refusal"), str):
+                    refusals.append(p["refusal"])
+        elif kind == "function_call":
+            seen = True
+            calls.append(_tool_call(it.get("call_id"), it.get("name"), it.get("arguments", "")))
+    if not seen:
+        return None
+    return _message("".join(texts) if texts or not calls else None, calls, "".join(refusals))
+
+
+def _chat_message(message: Any) -> dict[str, Any]:
+    m = _dict(message)
+    calls = [c for c in _list(m.get("tool_calls")) if isinstance(c, dict)]
+    legacy = _dict(m.get("function_call"))
+    if legacy and not calls:
+        calls = [_tool_call("", legacy.get("name"), legacy.get("arguments", ""))]
+    return _message(m.get("content"), calls, m.get("refusal"))
+
+
+def _sorted_choices(obj: Mapping[str, Any]) -> list[dict[str, Any]]:
+    choices = [c for c in _list(obj.get("choices")) if isinstance(c, dict)]
+    return sorted(choices, key=lambda c: _index(c.get("index"), 0))
+
+
+def _responses_finish(response: Mapping[str, Any]) -> tuple[str, ...]:
+    status = _str(response.get("status"))
+    if status is None or status in ("in_progress", "queued"):
+        return ()
+    reason = _str(_dict(response.get("incomplete_details")).get("reason"))
+    return (reason,) if status == "incomplete" and reason else (status,)
+
+
+# ---------------------------------------------------------------- JSON bodies
+
+_MODEL_RE = re.compile(rb'"model"\s*:\s*"([^"\\]{1,200})"')
+
+
+def model_from_prefix(data: bytes) -> str | None:
+    """The first ``"model": "..."`` in a (maybe truncated, unparsable) JSON body."""
+    match = _MODEL_RE.search(data, 0, 65536)
+    return match.group(1).decode("utf-8", "replace") if match else None
+
+
+def request_model(body: bytes) -> str | None:
+    """The model a request JSON body asks for (also from a body cut at the cap)."""
+    if not body:
+        return None
+    obj = _loads(body)
+    if isinstance(obj, dict):
+        return _str(obj.get("model"))
+    return model_from_prefix(body)
+
+
+@_never_raises
+def facts_from_json(body: bytes | str | Mapping[str, Any]) -> ResponseFacts:
+    """Facts of a non-streamed response body (bytes, text or parsed object)."""
+    obj = body if isinstance(body, Mapping) else _loads(body)
+    if not isinstance(obj, Mapping):
+        if isinstance(body, bytes | str):
+            raw = body.encode("utf-8", "replace") if isinstance(body, str) else body
+            return ResponseFacts(model=model_from_prefix(raw))
+        return EMPTY_FACTS
+    obj = dict(obj)
+    model = _str(obj.get("model"))
+    kind = obj.get("object")
+    if obj.get("type") == "message" or ("stop_reason" in obj and "content" in obj):
+        return ResponseFacts(
+            model=model,
+            usage=anthropic_usage(obj.get("usage")),
+            finish_reasons=tuple(r for r in [_str(obj.get("stop_reason"))] if r),
+            assistant_message=_anthropic_message(_list(obj.get("content"))),
+            merged_json=obj,
+        )
+    if kind == "response" or ("output" in obj and "status" in obj):
+        return ResponseFacts(
+            model=model,
+            usage=openai_usage(obj.get("usage")),
+            finish_reasons=_responses_finish(obj),
+            assistant_message=_responses_message(_list(obj.get("output"))),
+            merged_json=obj,
+        )
+    choices = _sorted_choices(obj)
+    finish = tuple(r for c in choices if (r := _str(c.get("finish_reason"))))
+    assistant = None
+    if choices:
+        first = choices[0]
+        if "message" in first:
+            assistant = _chat_message(first.get("message"))
+        elif isinstance(first.get("text"), str):
+            assistant = _message(first["text"], [])
+    return ResponseFacts(
+        model=model,
+        usage=openai_usage(obj.get("usage")),
+        finish_reasons=finish,
+        assistant_message=assistant,
+        merged_json=obj,
+    )
+
+
+# ---------------------------------------------------------------- streams
+
+
+@attrs.define
+class _ChatChoice:
+    role: str = "assistant"
+    content: list[str] = attrs.Factory(list)
+    refusal: list[str] = attrs.Factory(list)
+    text: list[str] = attrs.Factory(list)  # legacy completions
+    # tool call index -> [id, type, name parts, argument parts]; id and type are
+    # taken once (some servers repeat them in every chunk), name and arguments
+    # are fragments to concatenate, as the OpenAI SDK does.
+    tool_calls: dict[int, tuple[list[str], list[str], list[str], list[str]]] = attrs.Factory(dict)
+    function_name: list[str] = attrs.Factory(list)
+    function_arguments: list[str] = attrs.Factory(list)
+    has_content: bool = False
+    finish_reason: str | None = None
+    logprobs: list[Any] = attrs.Factory(list)
+
+    def calls(self) -> list[dict[str, Any]]:
+        calls = []
+        for index in sorted(self.tool_calls):
+            ids, types, names, args = self.tool_calls[index]
+            call = _tool_call(ids[0] if ids else "", "".join(names), "".join(args))
+            if types:
+                call["type"] = types[0]
+            calls.append(call)
+        return calls
+
+
+@attrs.define
+class _StreamMerger:
+    """Accumulates any of the three stream dialects into one response object."""
+
+    dialect: str | None = None  # "chat" | "completion" | "responses" | "anthropic"
+    # OpenAI chat / completions
+    header: dict[str, Any] = attrs.Factory(dict)
+    choices: dict[int, _ChatChoice] = attrs.Factory(dict)
+    usage_raw: dict[str, Any] | None = None
+    # Responses API
+    response: dict[str, Any] | None = None
+    items: dict[int, dict[str, Any]] = attrs.Factory(dict)
+    item_text: dict[tuple[int, int], list[str]] = attrs.Factory(dict)
+    item_args: dict[int, list[str]] = attrs.Factory(dict)
+    terminal: bool = False
+    # Anthropic
+    message: dict[str, Any] | None = None
+    blocks: dict[int, dict[str, Any]] = attrs.Factory(dict)
+    block_json: dict[int, list[str]] = attrs.Factory(dict)
+    anthropic_usage: dict[str, Any] = attrs.Factory(dict)
+    error: Any = None
+
+    def add(self, obj: dict[str, Any], sse_name: str) -> None:
+        kind = obj.get("type")
+        if not isinstance(kind, str):
+            kind = sse_name
+        if kind.startswith("response."):
+            self._responses(kind, obj)
+        elif kind in _ANTHROPIC_EVENTS:
+            self._anthropic(kind, obj)
+        elif "choices" in obj or "usage" in obj:
+            self._openai(obj)
+        elif kind == "error" or "error" in obj:
+            self.error = obj.get("error", obj)
+
+    # -- OpenAI chat / completions
+
+    def _openai(self, chunk: dict[str, Any]) -> None:
+        if self.dialect is None and (chunk.get("choices") or chunk.get("object")):
+            first = _dict(next(iter(_list(chunk.get("choices"))), None))
+            legacy = chunk.get("object") == "text_completion" or (
+                "text" in first and "delta" not in first
+            )
+            self.dialect = "completion" if legacy else "chat"
+        if len(self.header) < len(_CHUNK_HEADER_KEYS):
+            for key in _CHUNK_HEADER_KEYS:
+                if key not in self.header and chunk.get(key) is not None:
+                    self.header[key] = chunk[key]
+        if chunk.get("usage"):
+            self.usage_raw = _dict(chunk["usage"])
+        for raw in _list(chunk.get("choices")):
+            c = _dict(raw)
+            index = _index(c.get("index"), 0)
+            choice = self.choices.setdefault(index, _ChatChoice())
+            if c.get("finish_reason"):
+                choice.finish_reason = _str(c["finish_reason"])
+            if isinstance(c.get("text"), str):
+                choice.text.append(c["text"])
+            if c.get("logprobs"):
+                lp = _dict(c["logprobs"]).get("content")
+                if isinstance(lp, list):
+                    choice.logprobs.extend(lp)
+            delta = _dict(c.get("delta"))
+            if isinstance(delta.get("role"), str):
+                choice.role = delta["role"]
+            if isinstance(delta.get("content"), str):
+                choice.content.append(delta["content"])
+                choice.has_content = True
+            if isinstance(delta.get("refusal"), str):
+                choice.refusal.append(delta["refusal"])
+            if "tool_calls" not in delta and "function_call" not in delta:
+                continue
+            for raw_call in _list(delta.get("tool_calls")):
+                tc = _dict(raw_call)
+                slot = choice.tool_calls.setdefault(
+                    _index(tc.get("index"), len(choice.tool_calls)), ([], [], [], [])
+                )
+                fn = _dict(tc.get("function"))
+                for part, value in zip(
+                    slot,
+                    (tc.get("id"), tc.get("type"), fn.get("name"), fn.get("arguments")),
+                    strict=True,
+                ):
+                    if isinstance(value, str):
+                        part.append(value)
+            legacy = _dict(delta.get("function_call"))
+            if isinstance(legacy.get("name"), str):
+                choice.function_name.append(legacy["name"])
+            if isinstance(legacy.get("arguments"), str):
+                choice.function_arguments.append(legacy["arguments"])
+
+    def _openai_facts(self) -> ResponseFacts:
+        merged: dict[str, Any] = {"id": self.header.get("id")}
+        completion = self.dialect == "completion"
+        merged["object"] = "text_completion" if completion else "chat.completion"
+        for key in ("created", "model", "system_fingerprint", "service_tier"):
+            if key in self.header:
+                merged[key] = self.header[key]
+        choices = []
+        for index in sorted(self.choices):
+            ch = self.choices[index]
+            if completion:
+                choices.append(
+                    {"index": index, "text": "".join(ch.text), "finish_reason": ch.finish_reason}
+                )
+                continue
+            calls = ch.calls()
+            message: dict[str, Any] = {
+                "role": ch.role,
+                "content": "".join(ch.content) if ch.has_content or not calls else None,
+            }
+            if ch.refusal:
+                message["refusal"] = "".join(ch.refusal)
+            if calls:
+                message["tool_calls"] = calls
+            if ch.function_name or ch.function_arguments:
+                message["function_call"] = {
+                    "name": "".join(ch.function_name),
+                    "arguments": "".join(ch.function_arguments),
+                }
+            choices.append(
+                {
+                    "index": index,
+                    "message": message,
+                    "logprobs": {"content": ch.logprobs} if ch.logprobs else None,
+                    "finish_reason": ch.finish_reason,
+                }
+            )
+        merged["choices"] = choices
+        if self.usage_raw is not None:
+            merged["usage"] = self.usage_raw
+        facts = facts_from_json(merged)
+        return attrs.evolve(facts, merged_json=merged)
+
+    # -- Responses API
+
+    def _responses(self, kind: str, event: dict[str, Any]) -> None:
+        self.dialect = self.dialect or "responses"
+        if isinstance(event.get("response"), dict):
+            if not self.terminal:
+                self.response = event["response"]
+            if kind in _RESPONSES_TERMINAL:
+                self.terminal = True
+            return
+        index = _index(event.get("output_index"), 0)
+        if kind in ("response.output_item.added", "response.output_item.done"):
+            item = event.get("item")
+            if isinstance(item, dict) and (kind.endswith(".done") or index not in self.items):
+                self.items[index] = item
+        elif kind == "response.output_text.delta" and isinstance(event.get("delta"), str):
+            key = (index, _index(event.get("content_index"), 0))
+            self.item_text.setdefault(key, []).append(event["delta"])
+        elif kind == "response.function_call_arguments.delta" and isinstance(
+            event.get("delta"), str
+        ):
+            self.item_args.setdefault(index, []).append(event["delta"])
+        elif kind == "response.error" or kind == "error":
+            self.error = event
+
+    def _responses_output(self) -> list[dict[str, Any]]:
+        """Output items rebuilt from item and delta events (a stream cut short)."""
+        output = []
+        for index in sorted(set(self.items) | {i for i, _ in self.item_text} | set(self.item_args)):
+            item = dict(self.items.get(index) or {})
+            if item.get("status") == "completed":  # an output_item.done: already whole
+                output.append(item)
+                continue
+            if index in self.item_args:
+                item.setdefault("type", "function_call")
+                if not item.get("arguments"):
+                    item["arguments"] = "".join(self.item_args[index])
+            texts = sorted((ci, parts) for (oi, ci), parts in self.item_text.items() if oi == index)
+            if texts and not _list(item.get("content")):
+                item.setdefault("type", "message")
+                item.setdefault("role", "assistant")
+                item["content"] = [
+                    {"type": "output_text", "text": "".join(parts), "annotations": []}
+                    for _, parts in texts
+                ]
+            output.append(item)
+        return output
+
+    def _responses_facts(self) -> ResponseFacts:
+        merged = dict(self.response or {})
+        merged.setdefault("object", "response")
+        if not _list(merged.get("output")):
+            merged["output"] = self._responses_output()
+        if self.error is not None and "error" not in merged:
+            merged["error"] = self.error
+        facts = facts_from_json(merged)
+        return attrs.evolve(facts, merged_json=merged)
+
+    # -- Anthropic
+
+    def _anthropic(self, kind: str, event: dict[str, Any]) -> None:
+        self.dialect = self.dialect or "anthropic"
+        if kind == "message_start":
+            self.message = dict(_dict(event.get("message")))
+            self.anthropic_usage.update(_dict(self.message.get("usage")))
+        elif kind == "content_block_start":
+            index = _index(event.get("index"), len(self.blocks))
+            self.blocks[index] = dict(_dict(event.get("content_block")))
+        elif kind == "content_block_delta":
+            index = _index(event.get("index"), 0)
+            block = self.blocks.setdefault(index, {})
+            delta = _dict(event.get("delta"))
+            dtype = delta.get("type")
+            if dtype == "text_delta" and isinstance(delta.get("text"), str):
+                block.setdefault("type", "text")
+                block["text"] = _str(block.get("text")) or ""
+                block["text"] += delta["text"]
+            elif dtype == "input_json_delta" and isinstance(delta.get("partial_json"), str):
+                self.block_json.setdefault(index, []).append(delta["partial_json"])
+            elif dtype == "thinking_delta" and isinstance(delta.get("thinking"), str):
+                block["thinking"] = (_str(block.get("thinking")) or "") + delta["thinking"]
+            elif dtype == "signature_delta" and isinstance(delta.get("signature"), str):
+                block["signature"] = (_str(block.get("signature")) or "") + delta["signature"]
+            elif dtype == "citations_delta" and "citation" in delta:
+                citations = block.get("citations")
+                if not isinstance(citations, list):
+                    citations = block["citations"] = []
+                citations.append(delta["citation"])
+        elif kind == "message_delta":
+            if self.message is None:
+                self.message = {}
+            for key, value in _dict(event.get("delta")).items():
+                self.message[key] = value
+            self.anthropic_usage.update(
+                {k: v for k, v in _dict(event.get("usage")).items() if v is not None}
+            )
+        elif kind == "error":
+            self.error = event.get("error", event)
+
+    def _anthropic_facts(self) -> ResponseFacts:
+        merged = dict(self.message or {})
+        merged.setdefault("type", "message")
+        merged.setdefault("role", "assistant")
+        content = []
+        for index in sorted(self.blocks):
+            block = dict(self.blocks[index])
+            if index in self.block_json:
+                block["input"] = _join_json(self.block_json[index])
+            content.append(block)
+        merged["content"] = content
+        if self.anthropic_usage:
+            merged["usage"] = dict(self.anthropic_usage)
+        if self.error is not None:
+            merged["error"] = self.error
+        facts = facts_from_json(merged)
+        return attrs.evolve(facts, merged_json=merged)
+
+    def facts(self) -> ResponseFacts:
+        if self.dialect == "anthropic":
+            return self._anthropic_facts()
+        if self.dialect == "responses":
+            return self._responses_facts()
+        if self.dialect in ("chat", "completion") or self.usage_raw is not None:
+            return self._openai_facts()
+        return EMPTY_FACTS
+
+
+_CHUNK_HEADER_KEYS = ("id", "created", "model", "system_fingerprint", "service_tier")
+_ANTHROPIC_EVENTS = frozenset(
+    {
+        "message_start",
+        "content_block_start",
+        "content_block_delta",
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+        "ping",
+    }
+)
+_RESPONSES_TERMINAL = frozenset(
+    {"response.completed", "response.failed", "response.incomplete", "response.cancelled"}
+)
+
+
+@_never_raises
+def facts_from_sse(events: Iterable[SSEEvent]) -> ResponseFacts:
+    """Facts of a streamed response, merged from its SSE events."""
+    merger = _StreamMerger()
+    for event in events:
+        data = event.data
+        if not data or data == "[DONE]" or data[0] not in "{[":
+            continue
+        obj = _loads(data)
+        if isinstance(obj, dict):
+            try:
+                merger.add(obj, event.event)
+            except Exception:
+                continue  # one odd event must not cost the others
+    return merger.facts()
+
+
+def usage_dict(usage: Usage | None) -> dict[str, int | None] | None:
+    if usage is None:
+        return None
+    return {
+        "input_tokens": usage.input_tokens,
+        "output_tokens": usage.output_tokens,
+        "total_tokens": usage.total_tokens,
+        "cache_read_tokens": usage.cache_read_tokens,
+        "cache_creation_tokens": usage.cache_creation_tokens,
+    }
