@@ -329,9 +329,7 @@ def _validate(settings: Settings, problems: list[str]) -> None:
             problems.append(f"{sec}.cache: must be on, off or default")
     for host in settings.passthrough.allowed_hosts + settings.passthrough.allowed_http_hosts:
         if not re.fullmatch(r"[a-z0-9.-]+(:\d{1,5})?|\[[0-9a-f:]+\](:\d{1,5})?", host):
-            problems.append(
-                f"passthrough.allowed_hosts: {host!r} is not a lower-case host[:port]"
-            )
+            problems.append(f"passthrough.allowed_hosts: {host!r} is not a lower-case host[:port]")
     if settings.events.bus not in ("memory", "redis"):
         problems.append("events.bus: must be memory or redis")
     names = set()
@@ -409,7 +407,9 @@ def load_settings(
                 routes.append(_build(RouteSettings, name, values, problems, name=sub))
         elif kind == "exporter" and sub:
             if "type" not in values:
-                problems.append(f"exporter:{sub}.type: missing (one of {', '.join(EXPORTER_TYPES)})")
+                problems.append(
+                    f"exporter:{sub}.type: missing (one of {', '.join(EXPORTER_TYPES)})"
+                )
             else:
                 exporters.append(_build(ExporterSettings, name, values, problems, name=sub))
         elif kind == "audit" and not sub:
@@ -457,4 +457,3 @@ def resolve_paths(settings: Settings) -> Settings:
         exporters=exporters,
         audit_path=under(settings.audit_path),
     )
-

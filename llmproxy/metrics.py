@@ -31,7 +31,7 @@ OVERHEAD_BUCKETS = (
 
 
 class Histogram:
-    __slots__ = ("bounds", "counts", "total", "count")
+    __slots__ = ("bounds", "count", "counts", "total")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds

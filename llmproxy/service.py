@@ -15,7 +15,7 @@ import os
 import random
 import socket
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 from twisted.application.service import Service
 from twisted.internet import defer, endpoints
@@ -89,7 +89,7 @@ class ProxyService(Service):
         server = settings.server
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = server.pool_size
-        self.pool.cachedConnectionTimeout = server.pool_idle_timeout
+        self.pool.cachedConnectionTimeout = server.pool_idle_timeout  # type: ignore[assignment]
         self.pool._factory.noisy = False  # type: ignore[attr-defined]
         self.agent = make_agent(reactor, self.pool, server.connect_timeout)
         self.audit = AuditLog(settings.audit_path)
@@ -175,7 +175,7 @@ class ProxyService(Service):
             exporter = build_exporter(
                 es,
                 clock=self.reactor,
-                http_client=http_client,
+                http_client=cast(Any, http_client),
                 state_dir=self.settings.server.state_dir,
                 random=random.random,
             )
@@ -216,7 +216,9 @@ class ProxyService(Service):
         self.ready = False
         self.draining = True
         sd_notify("STOPPING=1")
-        log.info("draining: {n} exchanges in flight, deadline {t:g}s", n=len(self.proxy.open), t=total)
+        log.info(
+            "draining: {n} exchanges in flight, deadline {t:g}s", n=len(self.proxy.open), t=total
+        )
         if self.port is not None:
             await defer.maybeDeferred(self.port.stopListening)
         await self._wait_for_exchanges(total - reserve)
@@ -248,9 +250,9 @@ class ProxyService(Service):
         done: defer.Deferred[None] = defer.Deferred()
 
         def check() -> None:
-            if not self.proxy.open or clock.seconds() >= deadline:
-                if not done.called:
-                    done.callback(None)
+            finished = not self.proxy.open or clock.seconds() >= deadline
+            if finished and not done.called:
+                done.callback(None)
 
         poll = LoopingCall(check)
         poll.clock = clock

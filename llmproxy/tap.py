@@ -1,4 +1,5 @@
-"""``twistd llmproxy`` / ``twist llmproxy``: options and the service (tests: tests/integration/test_daemon.py).
+"""``twistd llmproxy`` / ``twist llmproxy``: options and the service
+(tests: tests/integration/test_daemon.py).
 
 The config is loaded and checked in ``postOptions``, so a bad file stops
 twistd (and twist) before anything listens: one line per problem on stderr and

@@ -1,4 +1,5 @@
-"""The admin listener: /health, /ready, /stats, /metrics (tests: tests/integration/test_admin.py)."""
+"""The admin listener: /health, /ready, /stats, /metrics
+(tests: tests/integration/test_admin.py)."""
 
 from __future__ import annotations
 

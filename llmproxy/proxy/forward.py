@@ -35,6 +35,7 @@ from llmproxy.proxy.router import Refusal, Router, Target
 from llmproxy.settings import CaptureSettings, ServerSettings
 
 _SSE = b"text/event-stream"
+_DONE = Failure(ResponseDone())
 
 
 class EventSink(Protocol):
@@ -95,7 +96,7 @@ class ProxyResource(Resource):
         self.router = router
         self.agent = agent
         self.clock = clock
-        self.server = server
+        self.limits = server
         self.capture = capture
         self.events = events
         self.metrics = metrics
@@ -143,7 +144,7 @@ class ProxyResource(Resource):
             upstream_host="",
             client_addr=_client_addr(request),
             request_headers=list(_raw_pairs(request.requestHeaders)),
-            environment=self.server.environment,
+            environment=self.limits.environment,
             machine=self.machine,
         )
 
@@ -172,7 +173,7 @@ class _Relay(TwistedProtocol):
     def dataReceived(self, data: bytes) -> None:
         self.exchange.relay_data(data)
 
-    def connectionLost(self, reason: Failure = ResponseDone()) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = _DONE) -> None:
         self.exchange.relay_ended(reason)
 
 
@@ -263,7 +264,7 @@ class Exchange:
             request_headers=[(n, v) for n, vs in raw_headers for v in vs] if self._capture else [],
             request_body=body[: proxy.capture.request_body_bytes] if self._capture else b"",
             request_body_size=size,
-            environment=proxy.server.environment,
+            environment=proxy.limits.environment,
             machine=proxy.machine,
         )
         request.notifyFinish().addBoth(self._client_finished)
@@ -282,7 +283,7 @@ class Exchange:
         self._t_dispatch = time.perf_counter()
         d = self._pending = proxy.agent.request(request.method, url, headers, producer)
         self._first_byte_timer = proxy.clock.callLater(
-            proxy.server.first_byte_timeout, self._first_byte_timeout
+            proxy.limits.first_byte_timeout, self._first_byte_timeout
         )
         d.addCallbacks(self._got_response, self._request_failed)
 
@@ -309,7 +310,9 @@ class Exchange:
         elif failure.check(error.ConnectError):
             self.fail(502, "upstream connection failed: " + _reason(failure), "upstream_error")
         else:
-            self.fail(502, "upstream failed before responding: " + _reason(failure), "upstream_error")
+            self.fail(
+                502, "upstream failed before responding: " + _reason(failure), "upstream_error"
+            )
 
     # -- response side ------------------------------------------------------
 
@@ -357,7 +360,7 @@ class Exchange:
             transport.stopProducing()
             return
         self.request.registerProducer(transport, True)
-        idle = self.proxy.server.idle_timeout
+        idle = self.proxy.limits.idle_timeout
         self._last_data = self.proxy.clock.seconds()
         self._idle_timer = self.proxy.clock.callLater(idle, self._idle_check)
 
@@ -383,7 +386,7 @@ class Exchange:
             self.request.write(data)
 
     def _idle_check(self) -> None:
-        idle = self.proxy.server.idle_timeout
+        idle = self.proxy.limits.idle_timeout
         waited = self.proxy.clock.seconds() - self._last_data
         if waited < idle:
             self._idle_timer = self.proxy.clock.callLater(idle - waited, self._idle_check)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 # Connection-specific fields never forwarded, in either direction.  Names are
 # lower-case bytes, as Twisted's Headers.getAllRawHeaders() yields them... in
@@ -29,7 +29,7 @@ _NOT_FORWARDED_DOWN = HOP_BY_HOP | {b"x-request-id", b"date", b"server"}
 _REQUEST_ID_RE = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
 
 
-def _connection_tokens(headers: Iterable[tuple[bytes, list[bytes]]]) -> frozenset[bytes]:
+def _connection_tokens(headers: Iterable[tuple[bytes, Sequence[bytes]]]) -> frozenset[bytes]:
     tokens: set[bytes] = set()
     for name, values in headers:
         if name.lower() == b"connection":
@@ -39,8 +39,8 @@ def _connection_tokens(headers: Iterable[tuple[bytes, list[bytes]]]) -> frozense
 
 
 def filter_headers(
-    raw: list[tuple[bytes, list[bytes]]], upstream: bool
-) -> list[tuple[bytes, list[bytes]]]:
+    raw: Sequence[tuple[bytes, Sequence[bytes]]], upstream: bool
+) -> list[tuple[bytes, Sequence[bytes]]]:
     """Drop hop-by-hop fields (and any named in ``Connection``)."""
     drop = _NOT_FORWARDED_UP if upstream else _NOT_FORWARDED_DOWN
     extra = _connection_tokens(raw)

@@ -92,7 +92,9 @@ class Router:
             if len(parts) >= 3 and parts[1].decode("latin-1") in PROVIDERS:
                 host = parts[2]
                 if _looks_like_host(host):
-                    return self._passthrough_target(parts[1], host, parts[3] if len(parts) > 3 else b"")
+                    return self._passthrough_target(
+                        parts[1], host, parts[3] if len(parts) > 3 else b""
+                    )
         if _DOT_SEGMENT.search(path):
             return Refusal(400, "dot segments and encoded slashes are not allowed in paths")
         for c in self._routes:

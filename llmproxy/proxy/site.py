@@ -3,11 +3,11 @@ by default (tests: tests/integration/test_proxy.py)."""
 
 from __future__ import annotations
 
-from typing import Any
-
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import server
-from twisted.web.http import HTTPChannel
+from twisted.web.http import HTTPChannel, Request
 
 from llmproxy.proxy.errors import error_body
 from llmproxy.proxy.forward import ProxyResource
@@ -22,12 +22,14 @@ class ProxyRequest(server.Request):
     _body_seen = 0
 
     def gotLength(self, length: int | None) -> None:
-        site: ProxySite = self.channel.site  # type: ignore[union-attr]
+        site: ProxySite = self.channel.site  # type: ignore[union-attr,attr-defined]
         if length is not None and length > site.max_body_bytes:
             self._too_large = True
             site.proxy.reject_early(
-                self, 413, f"request body of {length} bytes is over the limit of "
-                f"{site.max_body_bytes} bytes (server.max_body_bytes)"
+                self,
+                413,
+                f"request body of {length} bytes is over the limit of "
+                f"{site.max_body_bytes} bytes (server.max_body_bytes)",
             )
             return
         super().gotLength(length)
@@ -36,12 +38,14 @@ class ProxyRequest(server.Request):
         if self._too_large:
             return
         self._body_seen += len(data)
-        site: ProxySite = self.channel.site  # type: ignore[union-attr]
+        site: ProxySite = self.channel.site  # type: ignore[union-attr,attr-defined]
         if self._body_seen > site.max_body_bytes:
             self._too_large = True
             site.proxy.reject_early(
-                self, 413, f"request body is over the limit of {site.max_body_bytes} bytes "
-                "(server.max_body_bytes)"
+                self,
+                413,
+                f"request body is over the limit of {site.max_body_bytes} bytes "
+                "(server.max_body_bytes)",
             )
             return
         super().handleContentChunk(data)
@@ -65,7 +69,7 @@ class _LimitedChannel(HTTPChannel):
             )
             self.loseConnection()
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.site.proxy.metrics.connections -= 1  # type: ignore[attr-defined]
         super().connectionLost(reason)
 
@@ -90,7 +94,7 @@ class ProxySite(server.Site):
         self.max_connections = max_connections
         self._access_log = access_log
 
-    def log(self, request: server.Request) -> None:
+    def log(self, request: Request) -> None:
         # Site writes a formatted access line per request by default, which costs
         # more than the proxying itself; the exchange events carry it all anyway.
         if self._access_log:

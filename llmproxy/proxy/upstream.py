@@ -46,6 +46,7 @@ class UpstreamEndpointFactory:
 
 
 def make_agent(reactor: Any, pool: HTTPConnectionPool, connect_timeout: float) -> Agent:
-    return Agent.usingEndpointFactory(
+    agent: Agent = Agent.usingEndpointFactory(
         reactor, UpstreamEndpointFactory(reactor, connect_timeout), pool=pool
     )
+    return agent

@@ -17,13 +17,12 @@ import json
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, IPushProducer
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import Resource
 from zope.interface import implementer
-from twisted.internet.interfaces import IPushProducer
 
 CHAT_COMPLETION = {
     "id": "chatcmpl-abc123",
@@ -231,7 +230,7 @@ class FakeUpstream(Resource):
     def _send_events(self, request: server.Request, n: int, gap: float, i: int) -> None:
         if request.finished or request._disconnected:
             return
-        request.write(b"data: {\"i\": %d}\n\n" % i)
+        request.write(b'data: {"i": %d}\n\n' % i)
         if i + 1 >= n:
             request.finish()
             return

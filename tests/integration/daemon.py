@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -59,12 +60,16 @@ class DaemonProtocol(protocol.ProcessProtocol):
         self.signal = getattr(reason.value, "signal", None)
         if not self.ready.called:
             self.ready.errback(
-                RuntimeError(f"daemon exited before listening:\n{self.output.decode(errors='replace')}")
+                RuntimeError(
+                    f"daemon exited before listening:\n{self.output.decode(errors='replace')}"
+                )
             )
         self.ended.callback(self.exit_code)
 
 
-def spawn(config: Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> tuple[DaemonProtocol, Any]:
+def spawn(
+    config: Path, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> tuple[DaemonProtocol, Any]:
     proto = DaemonProtocol()
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("LLMPROXY_")}
     full_env.update(env or {})
@@ -76,14 +81,10 @@ def spawn(config: Path, env: dict[str, str] | None = None, cwd: Path | None = No
 
 
 def terminate(transport: Any) -> None:
-    try:
+    with contextlib.suppress(Exception):  # already gone
         transport.signalProcess(signal.SIGTERM)
-    except Exception:  # already gone
-        pass
 
 
 def kill(transport: Any) -> None:
-    try:
+    with contextlib.suppress(Exception):  # already gone
         transport.signalProcess(signal.SIGKILL)
-    except Exception:  # already gone
-        pass

@@ -59,7 +59,9 @@ allowed_http_hosts = 127.0.0.1:{upstream_port}
 """
 
 
-def start(tmp_path: Any, extra: str = "", server: str = "", env: dict[str, str] | None = None) -> Running:
+def start(
+    tmp_path: Any, extra: str = "", server: str = "", env: dict[str, str] | None = None
+) -> Running:
     upstream = FakeUpstream(reactor)
     port = upstream.listen()
     settings = load_settings(

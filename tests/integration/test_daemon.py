@@ -32,7 +32,11 @@ _LIST_PLUGINS = (
 def test_plugin_is_discoverable_from_the_installed_package(tmp_path: Path) -> None:
     # Run outside the source tree so only the installed package can provide it.
     out = subprocess.run(
-        [sys.executable, "-c", _LIST_PLUGINS], cwd=tmp_path, capture_output=True, text=True, check=True
+        [sys.executable, "-c", _LIST_PLUGINS],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert "'llmproxy'" in out.stdout
 
@@ -48,13 +52,18 @@ def test_plugin_is_discoverable_from_a_non_editable_install(tmp_path: Path) -> N
     assert (target / "twisted" / "plugins" / "llmproxy_plugin.py").exists()
     assert not (target / "twisted" / "plugins" / "__init__.py").exists()
     env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}
+    script = (
+        f"import sys; sys.path.insert(0, {str(target)!r})\n"
+        f"import llmproxy; assert llmproxy.__file__.startswith({str(target)!r})\n"
+        + _LIST_PLUGINS
+        + "print(sys.modules['twisted.plugins.llmproxy_plugin'].__file__)\n"
+    )
     out = subprocess.run(
-        [sys.executable, "-I", "-c", "import sys; sys.path.insert(0, %r)\n" % str(target)
-         + "import llmproxy; assert llmproxy.__file__.startswith(%r)\n" % str(target)
-         + _LIST_PLUGINS],
+        [sys.executable, "-I", "-c", script],
         cwd=tmp_path, capture_output=True, text=True, env=env, check=True,
     )  # fmt: skip
     assert "'llmproxy'" in out.stdout
+    assert out.stdout.strip().splitlines()[-1].startswith(str(target))
 
 
 @pytest.mark.parametrize("runner", ["twistd", "twist"])
@@ -83,7 +92,9 @@ def test_check_config_accepts_a_good_file_and_names_every_bad_key(tmp_path: Path
         "[server]\nlisten = tcp:8081\n[route:openai]\nprefix = /openai\n"
         "upstream = https://api.openai.com\nprovider = openai\n"
     )
-    ok = subprocess.run([str(BIN / "llmproxy"), "check-config", str(good)], capture_output=True, text=True)
+    ok = subprocess.run(
+        [str(BIN / "llmproxy"), "check-config", str(good)], capture_output=True, text=True
+    )
     assert ok.returncode == 0, ok.stderr
     assert "ok" in ok.stdout
     bad = tmp_path / "bad.ini"
@@ -92,7 +103,9 @@ def test_check_config_accepts_a_good_file_and_names_every_bad_key(tmp_path: Path
         "[route:a]\nprefix = /a\nupstream = https://\nprovider = mistral\n"
         "[exporter:l]\ntype = loki\n"
     )
-    res = subprocess.run([str(BIN / "llmproxy"), "check-config", str(bad)], capture_output=True, text=True)
+    res = subprocess.run(
+        [str(BIN / "llmproxy"), "check-config", str(bad)], capture_output=True, text=True
+    )
     assert res.returncode == 1
     lines = res.stderr.strip().splitlines()
     assert any(x.startswith("server.drain_timeout: not a duration") for x in lines), lines
@@ -130,7 +143,7 @@ async def test_twist_runs_the_plugin_and_stops_on_sigterm(tmp_path: Path) -> Non
     proc, transport = _spawn_twist(cfg)
     pool = HTTPConnectionPool(reactor, persistent=False)
     try:
-        proxy_port, admin_port = await proc.ready.addTimeout(30, reactor)
+        proxy_port, _admin = await proc.ready.addTimeout(30, reactor)
         client = treq.client.HTTPClient(Agent(reactor, pool=pool))  # type: ignore[attr-defined]
         resp = await client.post(f"http://127.0.0.1:{proxy_port}/v1/chat/completions", json={})
         assert resp.code == 200

@@ -119,9 +119,7 @@ def test_bad_environment_value_names_the_variable() -> None:
 
 
 def test_systemd_endpoints_are_accepted_without_listen_fds() -> None:
-    s = load_settings(
-        text="[server]\nlisten = systemd:domain=INET6:name=http\n", env={}
-    )
+    s = load_settings(text="[server]\nlisten = systemd:domain=INET6:name=http\n", env={})
     assert s.server.listen.startswith("systemd:")
     assert problems("[server]\nlisten = systemd:domain=INET\n")[0].startswith("server.listen")
 
@@ -138,7 +136,9 @@ def test_seed_loki_section_and_env_aliases_make_a_loki_exporter() -> None:
 
 
 def test_seed_loki_disabled_gives_no_exporter() -> None:
-    s = load_settings(text="", env={"LLM_PROXY_LOKI_ENABLED": "false", "LLM_PROXY_LOKI_URL": "http://l"})
+    s = load_settings(
+        text="", env={"LLM_PROXY_LOKI_ENABLED": "false", "LLM_PROXY_LOKI_URL": "http://l"}
+    )
     assert s.exporters == ()
 
 
@@ -163,6 +163,8 @@ def test_sizes_take_suffixes(text: str, value: int) -> None:
     assert parse_size(text) == value
 
 
-@pytest.mark.parametrize(("text", "value"), [("5", 5.0), ("0.5", 0.5), ("250ms", 0.25), ("2m", 120.0)])
+@pytest.mark.parametrize(
+    ("text", "value"), [("5", 5.0), ("0.5", 0.5), ("250ms", 0.25), ("2m", 120.0)]
+)
 def test_durations_take_suffixes(text: str, value: float) -> None:
     assert parse_duration(text) == value

@@ -59,7 +59,9 @@ def test_passthrough_form_reaches_allowed_hosts_over_https() -> None:
 
 
 def test_passthrough_plain_http_only_for_hosts_allowed_so() -> None:
-    p = PassthroughSettings(allowed_hosts=("api.openai.com",), allowed_http_hosts=("gw.local:8080",))
+    p = PassthroughSettings(
+        allowed_hosts=("api.openai.com",), allowed_http_hosts=("gw.local:8080",)
+    )
     r = Router((), p)
     t = r.resolve(b"/openai/gw.local:8080/v1/models")
     assert isinstance(t, Target) and t.url(b"") == b"http://gw.local:8080/v1/models"
@@ -110,7 +112,9 @@ def test_named_routes_refuse_dot_segments_with_400() -> None:
 
 
 def test_passthrough_disabled_leaves_the_form_unrouted() -> None:
-    res = Router(ROUTES, PassthroughSettings(enabled=False)).resolve(b"/anthropic/api.anthropic.com/v1")
+    res = Router(ROUTES, PassthroughSettings(enabled=False)).resolve(
+        b"/anthropic/api.anthropic.com/v1"
+    )
     assert isinstance(res, Refusal) and res.status == 404
 
 
@@ -127,5 +131,9 @@ def test_error_body_has_the_openai_shape() -> None:
 
     body = json.loads(error_body(413, "too big"))
     assert body == {
-        "error": {"message": "too big", "type": "invalid_request_error", "code": "request_too_large"}
+        "error": {
+            "message": "too big",
+            "type": "invalid_request_error",
+            "code": "request_too_large",
+        }
     }
