@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import attrs
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol as TwistedProtocol
@@ -51,6 +52,60 @@ class EventSink(Protocol):
 
 class Auditor(Protocol):
     def refused_host(self, record: ExchangeRecord, reason: str) -> None: ...
+
+
+@attrs.frozen
+class Allow:
+    """Forward the request; rewrite these upstream headers (e.g. inject the route's key)."""
+
+    set_headers: tuple[tuple[bytes, bytes], ...] = ()
+    drop_headers: frozenset[bytes] = frozenset()  # lower-case names
+
+
+@attrs.frozen
+class Deny:
+    """Answer the client with an error; the upstream is never contacted."""
+
+    status: int
+    message: str
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+
+ALLOW = Allow()
+
+
+class AccessPolicy(Protocol):
+    """Decides, per request, whether it may go upstream (see llmproxy.access)."""
+
+    def check(self, request: Request, target: Target, record: ExchangeRecord) -> Allow | Deny: ...
+
+    def finished(self, record: ExchangeRecord) -> None: ...
+
+
+class PassthroughAccess:
+    """Every route forwards the client's own credentials; nothing to check."""
+
+    def check(self, request: Request, target: Target, record: ExchangeRecord) -> Allow | Deny:
+        return ALLOW
+
+    def finished(self, record: ExchangeRecord) -> None:
+        pass
+
+
+class SessionAssigner(Protocol):
+    """Assigns session_id/seq to conversation requests (see llmproxy.capture.sessions)."""
+
+    def assign(self, record: ExchangeRecord, body: bytes) -> None: ...
+
+    def finished(self, record: ExchangeRecord) -> None: ...
+
+
+class NoSessions:
+    def assign(self, record: ExchangeRecord, body: bytes) -> None:
+        pass
+
+    def finished(self, record: ExchangeRecord) -> None:
+        pass
 
 
 @implementer(IBodyProducer)
@@ -90,6 +145,8 @@ class ProxyResource(Resource):
         metrics: ProxyMetrics,
         auditor: Auditor,
         machine: str,
+        access: AccessPolicy | None = None,
+        sessions: SessionAssigner | None = None,
         cooperator_body: Callable[[Any], IBodyProducer] | None = None,
     ) -> None:
         super().__init__()
@@ -102,6 +159,8 @@ class ProxyResource(Resource):
         self.metrics = metrics
         self.auditor = auditor
         self.machine = machine
+        self.access: AccessPolicy = access or PassthroughAccess()
+        self.sessions: SessionAssigner = sessions or NoSessions()
         self._file_body = cooperator_body or FileBodyProducer
         self.open: set[Exchange] = set()
 
@@ -275,9 +334,22 @@ class Exchange:
                 proxy.auditor.refused_host(record, target.message)
             self.fail(target.status, target.message, "rejected")
             return
+        decision = proxy.access.check(request, target, record)
+        if decision.__class__ is Deny:
+            assert isinstance(decision, Deny)
+            self.fail(decision.status, decision.message, "rejected", decision.headers)
+            return
+        assert isinstance(decision, Allow)
         if self._capture:
+            proxy.sessions.assign(record, body)
             proxy.events.request_started(record)
-        headers = Headers(dict(filter_headers(raw_headers, upstream=True)))
+        forwarded = filter_headers(raw_headers, upstream=True)
+        if decision.drop_headers:
+            drop = decision.drop_headers
+            forwarded = [(n, v) for n, v in forwarded if n.lower() not in drop]
+        headers = Headers(dict(forwarded))
+        for name, value in decision.set_headers:
+            headers.setRawHeaders(name, [value])
         headers.setRawHeaders(b"x-request-id", [rid.encode()])
         self._cap_left = proxy.capture.response_body_bytes
         self._t_dispatch = time.perf_counter()
@@ -439,12 +511,20 @@ class Exchange:
         elif self._relay_transport is not None:
             self._relay_transport.stopProducing()
 
-    def fail(self, status: int, message: str, outcome: str) -> None:
+    def fail(
+        self,
+        status: int,
+        message: str,
+        outcome: str,
+        extra_headers: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> None:
         if self.alive:
             request = self.request
             body = error_body(status, message)
             request.setResponseCode(status)
             h = request.responseHeaders
+            for name, value in extra_headers:
+                h.setRawHeaders(name, [value])
             h.setRawHeaders(b"content-type", [b"application/json"])
             h.setRawHeaders(b"content-length", [b"%d" % len(body)])
             if self.record is not None:
@@ -478,7 +558,9 @@ class Exchange:
             self.bytes_in,
             self.bytes_out,
         )
+        proxy.access.finished(record)
         if self._capture:
+            proxy.sessions.finished(record)
             proxy.events.request_finished(record)
 
     def abort(self) -> None:
