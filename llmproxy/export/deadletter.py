@@ -1,0 +1,73 @@
+"""The dead-letter file: events a sink refused for good (tests: tests/unit/test_spool.py).
+
+Append-only JSONL, one line per event:
+``{"ts": <RFC 3339 UTC>, "sink": <name>, "reason": <text>, "event": {...}}``.
+Lines of a spool segment that were not event JSON are kept too, as
+``{"ts", "sink", "reason", "raw": <the line as text>}``, so nothing is lost silently.
+One ``write`` and one ``fsync`` per call: the exporter calls it once per batch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import attrs
+import orjson
+
+
+def rfc3339(epoch_seconds: float) -> str:
+    """``2026-11-23T07:40:12.123456Z`` for an epoch time."""
+    when = datetime.fromtimestamp(epoch_seconds, UTC)
+    return when.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@attrs.define
+class DeadLetter:
+    """Appends refused events to one JSONL file (directories created on first use)."""
+
+    _path: Path
+    _sink: str
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    def append(self, entries: Sequence[tuple[dict[str, Any], str]], now: float) -> None:
+        """Write ``(event, reason)`` pairs.  Raises ``OSError`` when the write fails."""
+        ts = rfc3339(now)
+        self._write(
+            [
+                orjson.dumps({"ts": ts, "sink": self._sink, "reason": reason, "event": event})
+                for event, reason in entries
+            ]
+        )
+
+    def append_raw(self, lines: Sequence[bytes], reason: str, now: float) -> None:
+        """Write lines that could not be read back as events, as text."""
+        ts = rfc3339(now)
+        self._write(
+            [
+                orjson.dumps(
+                    {
+                        "ts": ts,
+                        "sink": self._sink,
+                        "reason": reason,
+                        "raw": line.decode("utf-8", errors="replace"),
+                    }
+                )
+                for line in lines
+            ]
+        )
+
+    def _write(self, lines: list[bytes]) -> None:
+        if not lines:
+            return
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self._path, "ab") as f:
+            f.write(b"\n".join(lines) + b"\n")
+            f.flush()
+            os.fsync(f.fileno())

@@ -1,0 +1,117 @@
+"""From an ``[exporter:NAME]`` section to a running exporter (tests: tests/unit/test_registry.py).
+
+``build_sink`` dispatches on ``type``; a new backend registers one factory in
+``SINK_FACTORIES``.  ``build_exporter`` adds the core around the sink, with the
+default places under ``server.state_dir``:
+
+- spool: ``<state_dir>/spool/<name>/`` (``spool_max_bytes <= 0`` disables it);
+- dead-letter file: ``<state_dir>/deadletter/<name>.jsonl``;
+- file sink: ``<state_dir>/events.jsonl``.
+
+Relative paths in the settings are taken relative to ``state_dir``.
+"""
+
+from __future__ import annotations
+
+import random as _random
+from collections.abc import Callable
+from pathlib import Path
+
+import attrs
+from twisted.internet.interfaces import IReactorTime
+
+from llmproxy.export.deadletter import DeadLetter
+from llmproxy.export.exporter import BatchingExporter
+from llmproxy.export.sink import HTTPClient, Sink
+from llmproxy.export.spool import Spool
+from llmproxy.settings import ExporterSettings
+
+
+@attrs.frozen
+class SinkContext:
+    """What a sink factory may use besides its settings."""
+
+    clock: IReactorTime
+    http_client: HTTPClient
+    state_dir: Path
+
+
+SinkFactory = Callable[[ExporterSettings, SinkContext], Sink]
+
+
+def _resolve(state_dir: Path, path: Path | None, default: Path) -> Path:
+    chosen = default if path is None else path
+    return chosen if chosen.is_absolute() else state_dir / chosen
+
+
+def _build_file_sink(settings: ExporterSettings, context: SinkContext) -> Sink:
+    from llmproxy.export.sinks.file import FSYNC_POLICIES, FileSink
+
+    if settings.fsync not in FSYNC_POLICIES:
+        raise ValueError(
+            f"exporter:{settings.name}: fsync must be one of {', '.join(FSYNC_POLICIES)},"
+            f" not {settings.fsync!r}"
+        )
+    return FileSink(
+        name=settings.name,
+        path=_resolve(context.state_dir, settings.path, Path("events.jsonl")),
+        fsync=settings.fsync,
+        rotate_bytes=settings.rotate_bytes,
+        rotate_keep=settings.rotate_keep,
+    )
+
+
+# One entry per ``type =`` value.  Factories import their module lazily, so a
+# backend that is not configured costs nothing at start.
+SINK_FACTORIES: dict[str, SinkFactory] = {
+    "file": _build_file_sink,
+    # "loki": _build_loki_sink,  (added with llmproxy/export/sinks/loki.py)
+}
+
+
+def build_sink(
+    settings: ExporterSettings,
+    *,
+    clock: IReactorTime,
+    http_client: HTTPClient,
+    state_dir: Path,
+) -> Sink:
+    """The sink for one exporter section; ``ValueError`` names an unknown type."""
+    factory = SINK_FACTORIES.get(settings.type)
+    if factory is None:
+        known = ", ".join(sorted(SINK_FACTORIES))
+        raise ValueError(
+            f"exporter:{settings.name}: unknown type {settings.type!r} (known: {known})"
+        )
+    return factory(settings, SinkContext(clock, http_client, state_dir))
+
+
+def build_exporter(
+    settings: ExporterSettings,
+    *,
+    clock: IReactorTime,
+    http_client: HTTPClient,
+    state_dir: Path,
+    random: Callable[[], float] = _random.random,
+) -> BatchingExporter:
+    """The sink plus the core around it: spool, dead-letter file, defaults resolved.
+
+    Recovers the spool from disk (its events count as accepted and recovered); the
+    caller ``start()``s the exporter and ``close()``s it on shutdown.
+    """
+    sink = build_sink(settings, clock=clock, http_client=http_client, state_dir=state_dir)
+    spool = None
+    if settings.spool_max_bytes > 0:
+        directory = _resolve(state_dir, settings.spool_dir, Path("spool") / settings.name)
+        spool = Spool(directory, settings.spool_max_bytes)
+    dead_letter_path = _resolve(
+        state_dir, settings.dead_letter_path, Path("deadletter") / f"{settings.name}.jsonl"
+    )
+    return BatchingExporter(
+        settings,
+        sink,
+        clock,
+        spool,
+        DeadLetter(dead_letter_path, settings.name),
+        random,
+    )

@@ -1,0 +1,220 @@
+"""Where batches go, and how a sink says how it went (tests: tests/unit/test_exporter.py).
+
+A sink is an encoder and a judge, nothing more (ARCHITECTURE.md, "The seam that
+keeps sinks small").  It answers every batch with a *verdict*:
+
+- ``Delivered(rejected={index: reason})`` — the batch arrived; the events listed in
+  ``rejected`` were refused for good (they go to the dead-letter file);
+- ``Retry(reason, after)`` — try the whole batch again later, not before ``after``
+  seconds when the server said so (``Retry-After``);
+- ``Rejected(reason)`` — the whole batch is refused for good (dead-letter file,
+  never retried).
+
+Buffering, batching, backoff, the spool, the dead-letter file and accounting live
+once, in :mod:`llmproxy.export.exporter`.  ``HTTPSink`` is the base for HTTP
+backends: a subclass writes ``encode`` (and ``judge`` when the default rules do not
+fit); the base POSTs, reads the body, and turns transport failures into ``Retry``.
+"""
+
+from __future__ import annotations
+
+import email.utils
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, TypeAlias, runtime_checkable
+
+import attrs
+import treq
+from twisted.internet import error as net_error
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
+from twisted.web import _newclient
+
+
+@attrs.frozen
+class Delivered:
+    """The batch arrived.  ``rejected`` maps batch indexes to permanent per-event errors."""
+
+    rejected: Mapping[int, str] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class Retry:
+    """Send the whole batch again later; ``after`` is the server's Retry-After in seconds."""
+
+    reason: str
+    after: float | None = None
+
+
+@attrs.frozen
+class Rejected:
+    """The whole batch is refused for good: dead-letter it, never retry it."""
+
+    reason: str
+
+
+Verdict: TypeAlias = Delivered | Retry | Rejected
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """A backend the exporter delivers batches of canonical event dicts to."""
+
+    @property
+    def name(self) -> str:
+        """The exporter name (``[exporter:NAME]``), used in stats and logs."""
+
+    def deliver(self, events: Sequence[dict[str, Any]]) -> Deferred[Verdict]:
+        """Send one batch; fire with a verdict.  An errback counts as ``Retry``.
+
+        The event dicts are shared with the other sinks' exporters: never mutate them.
+        The exporter may ``cancel()`` the Deferred at its shutdown deadline.
+        """
+
+    def close(self) -> Deferred[None]:
+        """Release resources; called once, after the exporter's final flush."""
+
+
+@attrs.frozen
+class EncodedBatch:
+    """One HTTP request body for a batch, with its headers (and URL when not the default)."""
+
+    body: bytes
+    headers: dict[str, str]
+    url: str | None = None
+
+
+class HTTPClient(Protocol):
+    """The part of treq's ``HTTPClient`` (and ``StubTreq``) the sinks use."""
+
+    def request(self, method: str, url: str, **kwargs: Any) -> Deferred[Any]: ...
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds to wait from a ``Retry-After`` value (delta seconds or an HTTP-date).
+
+    ``now`` is the injected clock's epoch time; a date in the past gives ``0.0``.
+    Anything unparseable gives ``None`` (the exporter then uses its own backoff).
+    """
+    if value is None:
+        return None
+    text = value.strip()
+    if not text:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        pass
+    else:
+        if seconds != seconds or seconds in (float("inf"), float("-inf")):
+            return None
+        return max(0.0, seconds)
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # RFC 9110 dates are GMT; obsolete forms may omit it
+        return None
+    return max(0.0, when.timestamp() - now)
+
+
+def _transport_reason(failure: Failure) -> str:
+    """Name a transport failure without echoing it: exception texts can carry the URL
+    (and a URL can carry credentials), so only the kind of failure is reported."""
+    exc = failure.value
+    kind = type(exc).__name__
+    if isinstance(exc, CancelledError):
+        return "cancelled"
+    if isinstance(exc, net_error.TimeoutError):
+        return "timed out"
+    if isinstance(exc, net_error.ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, net_error.DNSLookupError):
+        return "DNS lookup failed"
+    if isinstance(exc, net_error.ConnectError):
+        return f"connection failed ({kind})"
+    if isinstance(exc, _newclient.ResponseNeverReceived | _newclient.ResponseFailed):
+        # The Agent wraps a cancellation (our timeout, or the exporter's deadline).
+        if any(isinstance(reason.value, CancelledError) for reason in exc.reasons):
+            return "cancelled"
+        return f"connection lost ({kind})"
+    if isinstance(exc, net_error.ConnectionLost | net_error.ConnectionDone):
+        return "connection lost"
+    return f"transport error ({kind})"
+
+
+@attrs.define(kw_only=True)
+class HTTPSink:
+    """Base for HTTP sinks: POST an encoded batch, read the body, judge the answer.
+
+    A subclass implements ``encode`` and may override ``judge``.  ``timeout`` covers
+    the whole exchange (headers and body), enforced on the injected clock by
+    cancelling the request; treq's own ``timeout=`` is not used, as it covers only
+    the headers and schedules on the global reactor.
+    """
+
+    name: str
+    url: str
+    _client: HTTPClient
+    _clock: IReactorTime
+    _timeout: float = 10.0
+
+    def encode(self, events: Sequence[dict[str, Any]]) -> EncodedBatch:
+        raise NotImplementedError
+
+    def judge(self, status: int, headers: dict[str, str], body: bytes) -> Verdict:
+        """Default rules: 2xx delivered; 408, 429, 5xx retried (honouring Retry-After);
+        any other status rejected for good with the start of the body."""
+        if 200 <= status < 300:
+            return Delivered()
+        if status in (408, 429) or 500 <= status < 600:
+            now = self._clock.seconds()  # type: ignore[misc]  # zope method, no mypy-zope
+            after = parse_retry_after(headers.get("retry-after"), now)
+            return Retry(f"HTTP {status}", after)
+        text = body.decode("utf-8", errors="replace")[:500]
+        return Rejected(f"HTTP {status}: {text}")
+
+    def deliver(self, events: Sequence[dict[str, Any]]) -> Deferred[Verdict]:
+        try:
+            batch = self.encode(events)
+        except Exception:
+            # A bug in an encoder: the exporter treats an errback as Retry and logs it.
+            return fail()
+        d: Deferred[Any] = self._client.request(
+            "POST", batch.url or self.url, data=batch.body, headers=batch.headers
+        )
+        d.addCallback(self._read_and_judge)
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            d.cancel()
+
+        timer = self._clock.callLater(self._timeout, expire)  # type: ignore[misc, arg-type]
+
+        def stop_timer(result: object) -> object:
+            if timer.active():  # type: ignore[misc]
+                timer.cancel()  # type: ignore[misc]
+            return result
+
+        def failed(failure: Failure) -> Verdict:
+            if expired:
+                return Retry(f"timed out after {self._timeout:g}s")
+            return Retry(_transport_reason(failure))
+
+        d.addBoth(stop_timer)
+        d.addErrback(failed)
+        return d
+
+    def close(self) -> Deferred[None]:
+        return succeed(None)
+
+    def _read_and_judge(self, response: Any) -> Deferred[Verdict]:
+        status = int(response.code)
+        headers = {
+            name.decode("latin-1").lower(): ", ".join(v.decode("latin-1") for v in values)
+            for name, values in response.headers.getAllRawHeaders()
+        }
+        body: Deferred[bytes] = treq.content(response)
+        return body.addCallback(lambda data: self.judge(status, headers, data))

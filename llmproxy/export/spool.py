@@ -1,0 +1,247 @@
+"""A bounded disk spool of undelivered batches, one per sink (tests: tests/unit/test_spool.py).
+
+The spool is a directory of *segments*, one batch per file, each line the JSON of
+one event.  A segment's name carries what the exporter needs without reading it:
+``<first>-<last>-<count>.jsonl``, where ``first``/``last`` are the exporter's
+ordinals of its first and last event (publish order, never reused across restarts)
+and ``count`` the number of events.  Segments sort by ``first``, so replaying them
+in name order is replaying them oldest first, whatever order they were written in
+(a batch that exhausted its retries is older than a chunk spilled while it waited).
+
+A segment is written to a hidden temporary name, fsynced, then renamed (and the
+directory fsynced): after a ``kill -9`` a segment is either complete or absent, and
+leftover temporary files are deleted at start.
+
+The spool is bounded by ``max_bytes``: making room discards the oldest segments,
+and the caller counts their events as dropped.  The segment being replayed is
+*checked out*: it stays on disk until its delivery is confirmed (at-least-once
+across crashes) but is neither discarded nor offered again meanwhile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import orjson
+
+_SEGMENT_NAME = re.compile(r"^(\d+)-(\d+)-(\d+)\.jsonl$")
+_TEMP_PREFIX = ".tmp-"
+
+
+@attrs.frozen
+class Segment:
+    """One spooled batch on disk."""
+
+    first: int  # exporter ordinal of its first event: the sort key
+    last: int
+    count: int  # events in it, as written
+    size: int  # bytes on disk
+    path: Path
+
+
+@attrs.frozen
+class SegmentContents:
+    """What reading a segment back gave: events, and lines that were not event JSON."""
+
+    events: list[dict[str, Any]]
+    lines: list[bytes]  # the raw JSON of each event in ``events``, for rewriting
+    corrupt: list[bytes]
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@attrs.define
+class Spool:
+    """The segments of one sink's spool directory, recovered from disk at construction."""
+
+    _directory: Path
+    _max_bytes: int
+    _segments: dict[int, Segment] = attrs.field(init=False, factory=dict)
+    _checked_out: set[int] = attrs.field(init=False, factory=set)
+    _bytes: int = attrs.field(init=False, default=0)
+    _events: int = attrs.field(init=False, default=0)
+    _next_ordinal: int = attrs.field(init=False, default=0)
+
+    def __attrs_post_init__(self) -> None:
+        self._directory.mkdir(parents=True, exist_ok=True)
+        for path in self._directory.iterdir():
+            if path.name.startswith(_TEMP_PREFIX):
+                # A write interrupted before its rename: never a valid segment.
+                path.unlink(missing_ok=True)
+                continue
+            match = _SEGMENT_NAME.match(path.name)
+            if match is None or not path.is_file():
+                continue
+            first, last, count = (int(g) for g in match.groups())
+            self._add(Segment(first, last, count, path.stat().st_size, path))
+
+    @property
+    def directory(self) -> Path:
+        return self._directory
+
+    @property
+    def max_bytes(self) -> int:
+        return self._max_bytes
+
+    @property
+    def size_bytes(self) -> int:
+        """Bytes on disk, checked-out segment included."""
+        return self._bytes
+
+    @property
+    def event_count(self) -> int:
+        """Events on disk that are not checked out (waiting to be replayed)."""
+        return self._events - sum(self._segments[f].count for f in self._checked_out)
+
+    @property
+    def segment_count(self) -> int:
+        return len(self._segments)
+
+    @property
+    def next_ordinal(self) -> int:
+        """The first ordinal the exporter may use: above every spooled one."""
+        return self._next_ordinal
+
+    def segments(self) -> list[Segment]:
+        """Every segment, oldest first."""
+        return [self._segments[f] for f in sorted(self._segments)]
+
+    def oldest(self) -> Segment | None:
+        """The oldest segment that is not checked out, or ``None``."""
+        available = [f for f in self._segments if f not in self._checked_out]
+        return self._segments[min(available)] if available else None
+
+    def append(self, lines: Sequence[bytes], first: int, last: int) -> int:
+        """Write one batch (the JSON of each event) as a segment.
+
+        Returns how many events the size bound discarded: the oldest segments (not
+        checked out) go first, and the new batch itself when it is the oldest or
+        alone bigger than the bound.  Raises ``OSError`` when the write fails
+        (nothing is then added).
+        """
+        if not lines:
+            return 0
+        if first in self._segments:
+            raise ValueError(f"spool already holds a segment starting at ordinal {first}")
+        data = b"\n".join(lines) + b"\n"
+        discarded, fits = self._make_room(len(data), first)
+        if not fits:
+            return discarded + len(lines)
+        path = self._directory / f"{first}-{last}-{len(lines)}.jsonl"
+        self._write_atomically(path, data)
+        self._add(Segment(first, last, len(lines), len(data), path))
+        return discarded
+
+    def read(self, segment: Segment) -> SegmentContents:
+        """Read a segment back; lines that are not a JSON object are returned apart."""
+        events: list[dict[str, Any]] = []
+        lines: list[bytes] = []
+        corrupt: list[bytes] = []
+        for line in segment.path.read_bytes().splitlines():
+            if not line.strip():
+                continue
+            try:
+                event = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                corrupt.append(line)
+                continue
+            if isinstance(event, dict):
+                events.append(event)
+                lines.append(line)
+            else:
+                corrupt.append(line)
+        return SegmentContents(events, lines, corrupt)
+
+    def rewrite(self, segment: Segment, lines: Sequence[bytes]) -> Segment | None:
+        """Replace a segment's content (after its corrupt lines were set apart).
+
+        Returns the new segment, or ``None`` when ``lines`` is empty (the segment is
+        removed).  Raises ``OSError`` on failure, leaving the old file in place.
+        """
+        if not lines:
+            self.remove(segment)
+            return None
+        data = b"\n".join(lines) + b"\n"
+        path = self._directory / f"{segment.first}-{segment.last}-{len(lines)}.jsonl"
+        self._write_atomically(path, data)
+        was_checked_out = segment.first in self._checked_out
+        self._drop(segment.first)
+        if path != segment.path:
+            segment.path.unlink(missing_ok=True)
+        new = Segment(segment.first, segment.last, len(lines), len(data), path)
+        self._add(new)
+        if was_checked_out:
+            self._checked_out.add(new.first)
+        return new
+
+    def checkout(self, segment: Segment) -> None:
+        """Mark a segment as being replayed: not offered by ``oldest`` nor discarded."""
+        self._checked_out.add(segment.first)
+
+    def checkin(self, segment: Segment) -> None:
+        """The replay did not deliver: the segment waits again, at its place."""
+        self._checked_out.discard(segment.first)
+
+    def remove(self, segment: Segment) -> None:
+        """Stop tracking a segment and delete its file (delivered, dead-lettered,
+        discarded or unreadable).  A file that cannot be deleted is replayed again
+        after a restart: a duplicate, never a loss."""
+        self._drop(segment.first)
+        with contextlib.suppress(OSError):
+            segment.path.unlink(missing_ok=True)
+
+    def _make_room(self, size: int, first: int) -> tuple[int, bool]:
+        """Discard the oldest segments until ``size`` more bytes fit.
+
+        Returns the events discarded and whether the new batch fits; it does not when
+        it is alone over the bound or becomes the oldest left to discard.
+        """
+        if size > self._max_bytes:
+            return 0, False
+        discarded = 0
+        for oldest in sorted(f for f in self._segments if f not in self._checked_out):
+            if self._bytes + size <= self._max_bytes:
+                break
+            if first < oldest:
+                return discarded, False
+            discarded += self._segments[oldest].count
+            self.remove(self._segments[oldest])
+        return discarded, self._bytes + size <= self._max_bytes
+
+    def _write_atomically(self, path: Path, data: bytes) -> None:
+        temp = self._directory / f"{_TEMP_PREFIX}{path.name}"
+        try:
+            with open(temp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temp, path)
+        except OSError:
+            temp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(self._directory)
+
+    def _add(self, segment: Segment) -> None:
+        self._segments[segment.first] = segment
+        self._bytes += segment.size
+        self._events += segment.count
+        self._next_ordinal = max(self._next_ordinal, segment.last + 1)
+
+    def _drop(self, first: int) -> None:
+        segment = self._segments.pop(first, None)
+        self._checked_out.discard(first)
+        if segment is not None:
+            self._bytes -= segment.size
+            self._events -= segment.count

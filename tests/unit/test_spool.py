@@ -1,0 +1,235 @@
+"""The disk spool (segments, recovery, bound, check-out) and the dead-letter file."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from llmproxy.export import deadletter as deadletter_module
+from llmproxy.export import spool as spool_module
+from llmproxy.export.deadletter import DeadLetter
+from llmproxy.export.spool import Spool
+
+
+def line(i: int) -> bytes:
+    return orjson.dumps({"type": "request", "i": i})
+
+
+def lines(*numbers: int) -> list[bytes]:
+    return [line(i) for i in numbers]
+
+
+def ids(spool: Spool) -> list[list[int]]:
+    return [[e["i"] for e in spool.read(s).events] for s in spool.segments()]
+
+
+SEGMENT = len(line(1)) + 1  # bytes one event takes in a segment
+
+
+def test_append_writes_one_segment_file_named_by_ordinals_and_count(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, 10**6)
+    spool.append(lines(1, 2, 3), 10, 12)
+    [path] = tmp_path.iterdir()
+    assert path.name == "10-12-3.jsonl"
+    assert path.read_bytes() == b"\n".join(lines(1, 2, 3)) + b"\n"
+    assert (spool.event_count, spool.size_bytes, spool.next_ordinal) == (3, 3 * SEGMENT, 13)
+
+
+def test_segments_come_oldest_first_by_ordinal_not_by_write_order(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, 10**6)
+    spool.append(lines(20), 20, 20)
+    spool.append(lines(3), 3, 3)
+    spool.append(lines(100), 100, 100)
+    assert [s.first for s in spool.segments()] == [3, 20, 100]
+    oldest = spool.oldest()
+    assert oldest is not None and oldest.first == 3
+
+
+def test_segments_are_recovered_from_disk_at_start(tmp_path: Path) -> None:
+    first = Spool(tmp_path, 10**6)
+    first.append(lines(1, 2), 0, 1)
+    first.append(lines(5), 4, 4)
+    again = Spool(tmp_path, 10**6)
+    assert ids(again) == [[1, 2], [5]]
+    assert (again.event_count, again.next_ordinal) == (3, 5)
+
+
+def test_a_write_interrupted_before_its_rename_is_never_read_back(tmp_path: Path) -> None:
+    # What a kill -9 in the middle of a write leaves: a half temporary file.
+    (tmp_path / ".tmp-0-1-2.jsonl").write_bytes(line(1) + b"\n" + line(2)[:5])
+    spool = Spool(tmp_path, 10**6)
+    assert spool.segments() == []
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_files_that_are_not_segments_are_left_alone(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("hello")
+    spool = Spool(tmp_path, 10**6)
+    assert spool.segments() == []
+    assert (tmp_path / "notes.txt").exists()
+
+
+def test_failed_write_adds_nothing_and_leaves_no_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = Spool(tmp_path, 10**6)
+
+    def disk_full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(spool_module.os, "fsync", disk_full)
+    with pytest.raises(OSError):
+        spool.append(lines(1), 0, 0)
+    assert (spool.segments(), list(tmp_path.iterdir())) == ([], [])
+
+
+def test_segment_file_is_fsynced_before_it_is_renamed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[list[str]] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(sorted(p.name for p in tmp_path.iterdir()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(spool_module.os, "fsync", fsync)
+    Spool(tmp_path, 10**6).append(lines(1), 0, 0)
+    assert synced[0] == [".tmp-0-0-1.jsonl"]  # the data, before the rename
+    assert synced[-1] == ["0-0-1.jsonl"]  # the directory, after it
+
+
+def test_read_sets_lines_that_are_not_events_apart(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, 10**6)
+    (tmp_path / "0-2-3.jsonl").write_bytes(line(1) + b"\n{broken\n[1, 2]\n\n" + line(3) + b"\n")
+    spool = Spool(tmp_path, 10**6)
+    [segment] = spool.segments()
+    contents = spool.read(segment)
+    assert [e["i"] for e in contents.events] == [1, 3]
+    assert contents.lines == lines(1, 3)
+    assert contents.corrupt == [b"{broken", b"[1, 2]"]
+
+
+def test_past_the_bound_the_oldest_segments_are_discarded(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, 3 * SEGMENT)
+    assert spool.append(lines(1, 2), 0, 1) == 0
+    assert spool.append(lines(3), 2, 2) == 0
+    assert spool.append(lines(4), 3, 3) == 2
+    assert ids(spool) == [[3], [4]]
+    assert spool.size_bytes == 2 * SEGMENT
+
+
+def test_a_batch_alone_over_the_bound_is_discarded_itself(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, 2 * SEGMENT)
+    spool.append(lines(1), 0, 0)
+    assert spool.append(lines(2, 3, 4), 1, 3) == 3
+    assert ids(spool) == [[1]]
+
+
+def test_a_new_batch_older_than_everything_is_the_one_discarded(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, 2 * SEGMENT)
+    spool.append(lines(5, 6), 5, 6)
+    assert spool.append(lines(1), 1, 1) == 1
+    assert ids(spool) == [[5, 6]]
+
+
+def test_a_checked_out_segment_is_neither_offered_nor_discarded(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, 2 * SEGMENT)
+    spool.append(lines(1), 0, 0)
+    segment = spool.oldest()
+    assert segment is not None
+    spool.checkout(segment)
+    assert spool.oldest() is None
+    assert spool.event_count == 0
+    assert spool.append(lines(2, 3), 1, 2) == 2  # no room: the replayed one holds it
+    assert ids(spool) == [[1]]
+
+
+def test_checkin_offers_the_segment_again_at_its_place(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, 10**6)
+    spool.append(lines(1), 0, 0)
+    segment = spool.oldest()
+    assert segment is not None
+    spool.checkout(segment)
+    spool.append(lines(2), 1, 1)
+    spool.checkin(segment)
+    assert spool.oldest() == segment
+    assert spool.event_count == 2
+
+
+def test_remove_deletes_the_segment_file(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, 10**6)
+    spool.append(lines(1), 0, 0)
+    [segment] = spool.segments()
+    spool.remove(segment)
+    assert (spool.segments(), spool.event_count, spool.size_bytes) == ([], 0, 0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_rewrite_replaces_the_content_and_keeps_the_place(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, 10**6)
+    spool.append(lines(1, 2, 3), 0, 2)
+    [segment] = spool.segments()
+    new = spool.rewrite(segment, lines(1, 3))
+    assert new is not None and (new.first, new.count) == (0, 2)
+    assert [p.name for p in tmp_path.iterdir()] == ["0-2-2.jsonl"]
+    assert ids(spool) == [[1, 3]]
+
+
+def test_rewrite_with_nothing_left_removes_the_segment(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, 10**6)
+    spool.append(lines(1), 0, 0)
+    [segment] = spool.segments()
+    assert spool.rewrite(segment, []) is None
+    assert spool.segments() == []
+
+
+def test_two_segments_cannot_start_at_the_same_ordinal(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, 10**6)
+    spool.append(lines(1), 0, 0)
+    with pytest.raises(ValueError):
+        spool.append(lines(2), 0, 0)
+
+
+# -- dead-letter file -------------------------------------------------------------------
+
+
+def read(path: Path) -> list[dict[str, Any]]:
+    return [orjson.loads(x) for x in path.read_bytes().splitlines()]
+
+
+def test_dead_letter_appends_one_line_per_event_with_time_sink_and_reason(
+    tmp_path: Path,
+) -> None:
+    dead = DeadLetter(tmp_path / "dl" / "loki.jsonl", "loki")
+    dead.append([({"i": 1}, "HTTP 400: bad"), ({"i": 2}, "too old")], now=1.5)
+    dead.append([({"i": 3}, "x")], now=2.0)
+    assert read(dead.path) == [
+        {"ts": "1970-01-01T00:00:01.500000Z", "sink": "loki", "reason": "HTTP 400: bad",
+         "event": {"i": 1}},
+        {"ts": "1970-01-01T00:00:01.500000Z", "sink": "loki", "reason": "too old",
+         "event": {"i": 2}},
+        {"ts": "1970-01-01T00:00:02.000000Z", "sink": "loki", "reason": "x", "event": {"i": 3}},
+    ]  # fmt: skip
+
+
+def test_dead_letter_keeps_unreadable_lines_as_text(tmp_path: Path) -> None:
+    dead = DeadLetter(tmp_path / "dl.jsonl", "f")
+    dead.append_raw([b"{broken \xff"], "spool_corrupt", now=0.0)
+    [entry] = read(dead.path)
+    assert (entry["reason"], entry["raw"]) == ("spool_corrupt", "{broken \ufffd")
+
+
+def test_dead_letter_fsyncs_once_per_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(
+        deadletter_module.os, "fsync", lambda fd: (calls.append(fd), real_fsync(fd))
+    )
+    DeadLetter(tmp_path / "dl.jsonl", "f").append([({"i": n}, "r") for n in range(50)], 0.0)
+    assert len(calls) == 1
