@@ -61,11 +61,17 @@ def _build_file_sink(settings: ExporterSettings, context: SinkContext) -> Sink:
     )
 
 
+def _build_loki_sink(settings: ExporterSettings, context: SinkContext) -> Sink:
+    from llmproxy.export.sinks.loki import LokiSink
+
+    return LokiSink.from_settings(settings, client=context.http_client, clock=context.clock)
+
+
 # One entry per ``type =`` value.  Factories import their module lazily, so a
 # backend that is not configured costs nothing at start.
 SINK_FACTORIES: dict[str, SinkFactory] = {
     "file": _build_file_sink,
-    # "loki": _build_loki_sink,  (added with llmproxy/export/sinks/loki.py)
+    "loki": _build_loki_sink,
 }
 
 
