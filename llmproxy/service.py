@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import socket
 from collections.abc import Iterator
 from typing import Any, cast
 
+import attrs
 from twisted.application.service import Service
 from twisted.internet import defer, endpoints
 from twisted.internet.interfaces import IListeningPort
@@ -36,7 +38,7 @@ from llmproxy.proxy.headers import install_connection_token_filter
 from llmproxy.proxy.router import Router
 from llmproxy.proxy.site import ProxySite
 from llmproxy.proxy.upstream import make_agent
-from llmproxy.settings import CaptureSettings, Settings
+from llmproxy.settings import CaptureSettings, ExporterSettings, Settings
 
 log = Logger()
 
@@ -74,14 +76,25 @@ class BusEvents:
         self._bus.publish(self._envelope("response", record, self._capture))
 
 
+class _Holding:
+    """Stands in for an exporter while it is being replaced on reload."""
+
+    def __init__(self) -> None:
+        self.envelopes: list[Any] = []
+
+    def publish(self, envelope: Any) -> None:
+        self.envelopes.append(envelope)
+
+
 class ProxyService(Service):
     name = "llmproxy"
 
-    def __init__(self, settings: Settings, reactor: Any) -> None:
+    def __init__(self, settings: Settings, reactor: Any, config_path: str | None = None) -> None:
         from llmproxy.bus.memory import MemoryBus
 
         install_connection_token_filter()
         self.settings = settings
+        self.config_path = config_path
         self.reactor = reactor
         self.metrics = ProxyMetrics()
         self.ready = False
@@ -97,6 +110,7 @@ class ProxyService(Service):
         self.exporters: list[Any] = []
         self._export_pool = HTTPConnectionPool(reactor, persistent=True)
         self._export_pool._factory.noisy = False  # type: ignore[attr-defined]
+        self._http_client: Any = None
         self.proxy = ProxyResource(
             router=Router(settings.routes, settings.passthrough),
             agent=self.agent,
@@ -129,6 +143,8 @@ class ProxyService(Service):
         self.port: IListeningPort | None = None
         self.admin_port: IListeningPort | None = None
         self._stopping: defer.Deferred[None] | None = None
+        self._reloading: defer.Deferred[bool] | None = None
+        self._previous_sighup: Any = None
 
     # -- start --------------------------------------------------------------
 
@@ -160,28 +176,148 @@ class ProxyService(Service):
         if self.port is None:
             self.privilegedStartService()
         self._start_exporters()
+        self._install_sighup()
         self.ready = True
         sd_notify("READY=1")
+        log.info(
+            "llmproxy ready: {routes} routes, {n} exporters",
+            routes=len(self.settings.routes),
+            n=len(self.exporters),
+        )
 
     def _start_exporters(self) -> None:
         if not self.settings.exporters:
             return
+
+        for es in self.settings.exporters:
+            exporter = self._build_exporter(es)
+            self.exporters.append(exporter)
+            self.bus.subscribe(exporter)
+            exporter.start()
+
+    def _build_exporter(self, es: ExporterSettings) -> Any:
         from treq.client import HTTPClient
 
         from llmproxy.export.registry import build_exporter
 
-        http_client = HTTPClient(Agent(self.reactor, pool=self._export_pool))
-        for es in self.settings.exporters:
-            exporter = build_exporter(
-                es,
-                clock=self.reactor,
-                http_client=cast(Any, http_client),
-                state_dir=self.settings.server.state_dir,
-                random=random.random,
-            )
+        if self._http_client is None:
+            self._http_client = HTTPClient(Agent(self.reactor, pool=self._export_pool))
+        return build_exporter(
+            es,
+            clock=self.reactor,
+            http_client=cast(Any, self._http_client),
+            state_dir=self.settings.server.state_dir,
+            random=random.random,
+        )
+
+    # -- reload (SIGHUP) ----------------------------------------------------
+
+    def _install_sighup(self) -> None:
+        if not hasattr(signal, "SIGHUP"):
+            return
+
+        def on_hup(signum: int, frame: Any) -> None:
+            self.reactor.callFromThread(self.reload)
+
+        self._previous_sighup = signal.signal(signal.SIGHUP, on_hup)
+
+    def reload(self) -> defer.Deferred[bool]:
+        """Re-read the config file and apply what can change without a restart:
+        routes, the passthrough allowlist, capture caps, timeouts and limits, and
+        exporters (a changed exporter is closed — spooling what it holds — and
+        rebuilt).  A bad file is refused, logged and audited; the old config stays.
+        Fires with whether the new config was applied."""
+        if self.draining:
+            return defer.succeed(False)
+        if self._reloading is not None:
+            return self._reloading
+        d = self._reloading = defer.ensureDeferred(self._reload())
+
+        def done(result: bool) -> bool:
+            self._reloading = None
+            return result
+
+        return d.addBoth(done)
+
+    async def _reload(self) -> bool:
+        from llmproxy.config import ConfigError, load_settings
+
+        source = self.config_path or "<embedded default>"
+        try:
+            new = load_settings(self.config_path)
+        except ConfigError as e:
+            for problem in e.problems:
+                log.warn("reload refused, keeping the running config: {problem}", problem=problem)
+            self.audit.write("config_reload", source=source, outcome="refused", problems=e.problems)
+            return False
+        old = self.settings
+        fixed = [
+            key
+            for key in ("listen", "admin_listen", "workers", "state_dir", "pool_size")
+            if getattr(old.server, key) != getattr(new.server, key)
+        ]
+        for key in fixed:
+            log.warn("server.{key} changed: it takes effect at the next restart", key=key)
+        new_server = attrs.evolve(new.server, **{key: getattr(old.server, key) for key in fixed})
+        new = attrs.evolve(new, server=new_server)
+        self.settings = new
+        proxy = self.proxy
+        proxy.router = Router(new.routes, new.passthrough)
+        proxy.capture = new.capture
+        proxy.limits = new.server
+        self.site.max_body_bytes = new.server.max_body_bytes
+        self.site.max_connections = new.server.max_connections
+        self.site.timeOut = new.server.idle_timeout
+        self.agent = make_agent(self.reactor, self.pool, new.server.connect_timeout)
+        proxy.agent = self.agent
+        events = BusEvents(self.bus, new.capture, enabled=bool(new.exporters))
+        proxy.events = events
+        changed = await self._reload_exporters(old.exporters, new.exporters)
+        self.audit.write(
+            "config_reload",
+            source=source,
+            outcome="applied",
+            routes=[r.name for r in new.routes],
+            exporters_changed=changed,
+            restart_needed=fixed,
+        )
+        log.info("config reloaded from {source}", source=source)
+        return True
+
+    async def _reload_exporters(
+        self, old: tuple[ExporterSettings, ...], new: tuple[ExporterSettings, ...]
+    ) -> list[str]:
+        before = {e.name: e for e in old}
+        after = {e.name: e for e in new}
+        running = {e.name: e for e in self.exporters}
+        changed = sorted(
+            name for name in before.keys() | after.keys() if before.get(name) != after.get(name)
+        )
+        if not changed:
+            return []
+        # Events published while an exporter is swapped wait here, then go to the new one.
+        holding: dict[str, _Holding] = {}
+        closing = []
+        for name in changed:
+            current = running.get(name)
+            if current is not None:
+                self.bus.unsubscribe(current)
+                self.exporters.remove(current)
+                closing.append(current.close(min(10.0, self.settings.server.drain_timeout)))
+            if name in after:
+                holding[name] = _Holding()
+                self.bus.subscribe(holding[name])
+        if closing:
+            await defer.DeferredList(closing, consumeErrors=True)
+        for name, held in holding.items():
+            exporter = self._build_exporter(after[name])
+            exporter.start()
+            self.bus.unsubscribe(held)
+            for envelope in held.envelopes:
+                exporter.publish(envelope)
             self.exporters.append(exporter)
             self.bus.subscribe(exporter)
-            exporter.start()
+        return changed
 
     # -- stats --------------------------------------------------------------
 
@@ -215,6 +351,11 @@ class ProxyService(Service):
         reserve = min(5.0, total * 0.25)
         self.ready = False
         self.draining = True
+        if self._previous_sighup is not None:
+            signal.signal(signal.SIGHUP, self._previous_sighup)
+            self._previous_sighup = None
+        if self._reloading is not None:
+            await self._reloading
         sd_notify("STOPPING=1")
         log.info(
             "draining: {n} exchanges in flight, deadline {t:g}s", n=len(self.proxy.open), t=total

@@ -45,4 +45,4 @@ def makeService(options: Options) -> IService:
 
     from llmproxy.service import ProxyService
 
-    return ProxyService(options["settings"], reactor)
+    return ProxyService(options["settings"], reactor, config_path=options["config"])

@@ -31,7 +31,7 @@ class DaemonProtocol(protocol.ProcessProtocol):
     def outReceived(self, data: bytes) -> None:
         self.output += data
         self.ports = [int(m.group(2)) for m in _LISTEN_RE.finditer(self.output)]
-        if len(self.ports) >= 2 and not self.ready.called:
+        if len(self.ports) >= 2 and b"llmproxy ready" in self.output and not self.ready.called:
             self.ready.callback(self.ports)
         for needle, d in list(self.waiters):
             if needle in self.output:
