@@ -166,6 +166,8 @@ def _read_ini(text: str, where: str, problems: list[str]) -> configparser.Config
         parser.read_string(text, source=where)
     except configparser.Error as e:
         problems.append(f"{where}: {e.message if hasattr(e, 'message') else e}")
+        # A half-read parser holds raw continuation lists: report, don't guess.
+        return configparser.ConfigParser(interpolation=None)
     return parser
 
 
@@ -298,9 +300,11 @@ def _validate(settings: Settings, problems: list[str]) -> None:
     for key in positive:
         if getattr(s, key) <= 0:
             problems.append(f"server.{key}: must be greater than 0")
-    for key in ("max_body_bytes", "max_connections", "pool_size"):
+    for key in ("max_body_bytes", "max_connections", "pool_size", "max_header_count"):
         if getattr(s, key) <= 0:
             problems.append(f"server.{key}: must be greater than 0")
+    if s.max_header_bytes < 1024:
+        problems.append("server.max_header_bytes: must be at least 1KiB")
     if s.workers < 1:
         problems.append("server.workers: must be at least 1")
     prefixes: dict[str, str] = {}
@@ -325,6 +329,11 @@ def _validate(settings: Settings, problems: list[str]) -> None:
             problems.append(f"{sec}.provider: must be one of {', '.join(PROVIDERS)}")
         if r.auth not in ("passthrough", "token"):
             problems.append(f"{sec}.auth: must be passthrough or token")
+        if r.auth == "token" and not r.api_key:
+            problems.append(
+                f"{sec}.api_key: required with auth = token "
+                "(the provider key, env:NAME or file:PATH)"
+            )
         if r.cache not in ("on", "off", "default"):
             problems.append(f"{sec}.cache: must be on, off or default")
     for host in settings.passthrough.allowed_hosts + settings.passthrough.allowed_http_hosts:
@@ -358,6 +367,80 @@ def _validate(settings: Settings, problems: list[str]) -> None:
             problems.append(f"{sec}.backoff_max: must be >= backoff_min > 0")
         if e.max_retries < 0:
             problems.append(f"{sec}.max_retries: must be 0 or more")
+        if e.type in EXPORTER_TYPES and not any(p.startswith(sec) for p in problems):
+            why = _check_sink(e, settings.server.state_dir)
+            if why:
+                problems.append(why)
+
+
+def _check_sink(settings: ExporterSettings, state_dir: Path) -> str | None:
+    """Build the sink once (no I/O happens at construction) to surface the sink's
+    own checks, e.g. Loki label names, at load time rather than after listening."""
+    from twisted.internet.task import Clock
+
+    from llmproxy.export.registry import SINK_FACTORIES, build_sink
+
+    if settings.type not in SINK_FACTORIES:
+        return f"exporter:{settings.name}.type: {settings.type!r} is not available yet"
+    try:
+        build_sink(settings, clock=Clock(), http_client=_NoClient(), state_dir=state_dir)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+class _NoClient:
+    def request(self, method: str, url: str, **kwargs: Any) -> Any:
+        raise RuntimeError("configuration check only")
+
+
+def resolve_secret(value: str, env: Mapping[str, str], base: Path) -> str:
+    """``env:NAME`` -> the variable, ``file:PATH`` -> the file's content (stripped),
+    anything else as written.  Raises ValueError saying what is missing, never
+    quoting the secret."""
+    kind, sep, ref = value.partition(":")
+    if not sep or kind not in ("env", "file"):
+        return value
+    ref = ref.strip()
+    if kind == "env":
+        found = env.get(ref, "").strip()
+        if not found:
+            raise ValueError(f"environment variable {ref} is not set or empty")
+        return found
+    path = Path(ref).expanduser()
+    path = path if path.is_absolute() else base / path
+    try:
+        found = path.read_text("utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        reason = getattr(e, "strerror", None) or type(e).__name__
+        raise ValueError(f"cannot read {path} ({reason})") from None
+    if not found:
+        raise ValueError(f"{path} is empty")
+    return found
+
+
+def _resolve_route_keys(
+    settings: Settings, env: Mapping[str, str], problems: list[str]
+) -> Settings:
+    base = settings.server.state_dir.expanduser().absolute()
+    routes = []
+    for r in settings.routes:
+        if not r.api_key:
+            routes.append(r)
+            continue
+        try:
+            key = resolve_secret(r.api_key, env, base)
+        except ValueError as e:
+            problems.append(f"route:{r.name}.api_key: {e}")
+            routes.append(r)
+            continue
+        # The key goes into an HTTP header: no spaces, control or non-ASCII characters.
+        if not all(33 <= ord(c) < 127 for c in key):
+            problems.append(
+                f"route:{r.name}.api_key: contains spaces, control or non-ASCII characters"
+            )
+        routes.append(attrs.evolve(r, api_key=key))
+    return attrs.evolve(settings, routes=tuple(routes))
 
 
 def load_settings(
@@ -365,9 +448,12 @@ def load_settings(
     env: Mapping[str, str] | None = None,
     *,
     text: str | None = None,
+    resolve_secrets: bool = True,
 ) -> Settings:
     """Read ``path`` (or ``text``, or the embedded default) plus ``env``.
 
+    ``resolve_secrets=False`` leaves ``env:``/``file:`` values as written: for
+    commands (``llmproxy token``) that need the state directory, not the keys.
     Raises :class:`ConfigError` listing every problem.
     """
     env = os.environ if env is None else env
@@ -428,6 +514,8 @@ def load_settings(
     )
     if audit_path is not None:
         settings = attrs.evolve(settings, audit_path=audit_path)
+    if resolve_secrets:
+        settings = _resolve_route_keys(settings, env, problems)
     _validate(settings, problems)
     if problems:
         raise ConfigError(problems)

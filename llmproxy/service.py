@@ -29,6 +29,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
 
 from llmproxy.access.audit import AuditLog
+from llmproxy.access.policy import build_access
 from llmproxy.admin.resource import AdminResource
 from llmproxy.capture.machine import machine_id
 from llmproxy.capture.record import ExchangeRecord
@@ -106,6 +107,7 @@ class ProxyService(Service):
         self.pool._factory.noisy = False  # type: ignore[attr-defined]
         self.agent = make_agent(reactor, self.pool, server.connect_timeout)
         self.audit = AuditLog(settings.audit_path)
+        self.access = build_access(settings, self.audit, reactor)
         self.bus = MemoryBus()
         self.exporters: list[Any] = []
         self._export_pool = HTTPConnectionPool(reactor, persistent=True)
@@ -121,6 +123,7 @@ class ProxyService(Service):
             metrics=self.metrics,
             auditor=self.audit,
             machine=machine_id(),
+            access=self.access,
         )
         self.site = ProxySite(
             self.proxy,
@@ -136,6 +139,7 @@ class ProxyService(Service):
             stats=self.stats,
             registry=self.registry,
             token=server.admin_token,
+            audit=self.audit,
         )
         self.admin_site = Site(admin)
         self.admin_site.noisy = False
@@ -175,6 +179,7 @@ class ProxyService(Service):
         super().startService()
         if self.port is None:
             self.privilegedStartService()
+        self.access.start()
         self._start_exporters()
         self._install_sighup()
         self.ready = True
@@ -217,6 +222,7 @@ class ProxyService(Service):
             return
 
         def on_hup(signum: int, frame: Any) -> None:
+            # A config reload re-reads the token file too (TokenAccess.set_routes).
             self.reactor.callFromThread(self.reload)
 
         self._previous_sighup = signal.signal(signal.SIGHUP, on_hup)
@@ -263,6 +269,7 @@ class ProxyService(Service):
         self.settings = new
         proxy = self.proxy
         proxy.router = Router(new.routes, new.passthrough)
+        self.access.set_routes(new.routes)
         proxy.capture = new.capture
         proxy.limits = new.server
         self.site.max_body_bytes = new.server.max_body_bytes
@@ -327,6 +334,7 @@ class ProxyService(Service):
             "draining": self.draining,
             "proxy": self.metrics.snapshot(),
             "exporters": {e.name: e.stats() for e in self.exporters},
+            "access": self.access.stats(),
             "audit": {"lines": self.audit.lines, "errors": self.audit.errors},
         }
 
@@ -367,6 +375,7 @@ class ProxyService(Service):
             if exchange.record is not None:
                 exchange.record.error = "aborted at the drain deadline"
             exchange.abort()
+        self.access.stop()
         left = max(0.1, total - (clock.seconds() - start))
         closes = [e.close(left) for e in self.exporters]
         if closes:

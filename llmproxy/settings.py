@@ -19,7 +19,7 @@ MiB = 1024 * 1024
 class ServerSettings:
     listen: str = "tcp:8080:interface=127.0.0.1"
     admin_listen: str = "tcp:9090:interface=127.0.0.1"
-    admin_token: str = ""
+    admin_token: str = attrs.field(default="", repr=False)
     workers: int = 1
     state_dir: Path = Path("state")
     environment: str = "development"
@@ -29,6 +29,8 @@ class ServerSettings:
     first_byte_timeout: float = 300.0
     idle_timeout: float = 120.0
     max_connections: int = 10000
+    max_header_count: int = 100  # request headers per request; 431 past it
+    max_header_bytes: int = 32 * 1024  # request line + headers; 431 past it
     pool_size: int = 100  # persistent upstream connections kept per host
     pool_idle_timeout: float = 50.0  # below typical upstream keep-alive (60 s)
     access_log: bool = False
@@ -41,7 +43,8 @@ class RouteSettings:
     upstream: str
     provider: str = "openai"
     auth: str = "passthrough"
-    api_key: str = ""
+    # The upstream key for auth = token, already resolved from env:NAME / file:PATH.
+    api_key: str = attrs.field(default="", repr=False)
     cache: str = "default"
 
 

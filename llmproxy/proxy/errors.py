@@ -16,6 +16,7 @@ _TYPES = {
     405: ("invalid_request_error", "method_not_allowed"),
     413: ("invalid_request_error", "request_too_large"),
     429: ("rate_limit_error", "rate_limited"),
+    431: ("invalid_request_error", "request_header_fields_too_large"),
     502: ("upstream_error", "bad_gateway"),
     503: ("service_unavailable", "unavailable"),
     504: ("timeout_error", "gateway_timeout"),

@@ -1,5 +1,5 @@
-"""The client-facing HTTP site: body limits, connection limits, no access log
-by default (tests: tests/integration/test_proxy.py)."""
+"""The client-facing HTTP site: body, header and connection limits, no access
+log by default (tests: tests/integration/test_proxy.py, tests/integration/test_access.py)."""
 
 from __future__ import annotations
 
@@ -59,6 +59,9 @@ class ProxyRequest(server.Request):
 class _LimitedChannel(HTTPChannel):
     def connectionMade(self) -> None:
         site: ProxySite = self.site  # type: ignore[attr-defined]
+        limits = site.proxy.limits
+        self.maxHeaders = limits.max_header_count
+        self.totalHeadersSize = limits.max_header_bytes
         site.proxy.metrics.connections += 1
         super().connectionMade()
         if site.proxy.metrics.connections > site.max_connections:
@@ -67,11 +70,42 @@ class _LimitedChannel(HTTPChannel):
                 b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
                 b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
             )
+            site.proxy.metrics.finished("-", 503, "rejected", 0.0, None, 0, len(body))
             self.loseConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.site.proxy.metrics.connections -= 1  # type: ignore[attr-defined]
         super().connectionLost(reason)
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        # HTTPChannel answers every bad request head with a bare 400; its
+        # counters say whether a header limit was the reason (each is checked
+        # right after it is incremented), which deserves 431 and a message.
+        if self._receivedHeaderSize > self.totalHeadersSize:
+            status, code = 431, "request_header_fields_too_large"
+            message = (
+                f"request line and headers are over {self.totalHeadersSize} bytes "
+                "(server.max_header_bytes)"
+            )
+        elif self._receivedHeaderCount > self.maxHeaders:
+            status, code = 431, "request_header_fields_too_large"
+            message = f"more than {self.maxHeaders} request headers (server.max_header_count)"
+        else:
+            status, code = 400, "bad_request"
+            message = "malformed HTTP request"
+        body = error_body(status, message, code)
+        reason = _REASONS[status]
+        self.transport.write(  # type: ignore[union-attr]
+            b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n\r\n%s" % (status, reason, len(body), body)
+        )
+        self.site.proxy.metrics.finished(  # type: ignore[attr-defined]
+            "-", status, "rejected", 0.0, None, 0, len(body)
+        )
+        self.loseConnection()
+
+
+_REASONS = {400: b"Bad Request", 431: b"Request Header Fields Too Large"}
 
 
 class ProxySite(server.Site):

@@ -42,6 +42,18 @@ def write_config(
     drain: float = 5.0,
     loki: str = "",
 ) -> Path:
+    keys = {
+        "flush_interval": "0.1",
+        "batch_size": "20",
+        "backoff_min": "0.05",
+        "backoff_max": "0.2",
+        "timeout": "2",
+    }
+    for line in loki.splitlines():
+        if "=" in line:
+            k, v = line.split("=", 1)
+            keys[k.strip()] = v.strip()
+    loki_keys = "\n".join(f"{k} = {v}" for k, v in keys.items())
     cfg = tmp_path / "llmproxy.ini"
     cfg.write_text(
         f"""
@@ -64,12 +76,7 @@ flush_interval = 0.1
 [exporter:loki]
 type = loki
 url = {loki_url}
-flush_interval = 0.1
-batch_size = 20
-backoff_min = 0.05
-backoff_max = 0.2
-timeout = 2
-{loki}
+{loki_keys}
 """
     )
     return cfg

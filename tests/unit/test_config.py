@@ -168,3 +168,9 @@ def test_sizes_take_suffixes(text: str, value: int) -> None:
 )
 def test_durations_take_suffixes(text: str, value: float) -> None:
     assert parse_duration(text) == value
+
+
+def test_a_duplicate_key_is_one_clear_problem() -> None:
+    found = problems("[exporter:a]\ntype = file\ntimeout = 1\ntimeout = 2\n")
+    assert len(found) == 1
+    assert "'timeout'" in found[0] and "already exists" in found[0]

@@ -1,0 +1,350 @@
+"""Per-route access: proxy tokens in, the route's provider key out
+(tests: tests/unit/test_access_policy.py, tests/integration/test_access.py).
+
+A route with ``auth = passthrough`` (and the transparent form) forwards the
+client's own credentials untouched.  A route with ``auth = token`` wants a proxy
+token (``Authorization: Bearer llmp_...`` or ``x-api-key: llmp_...``); the
+client's credential headers are dropped and the route's ``api_key`` is sent in
+the provider's header instead, so provider keys never leave the server.
+
+Answers, each in the OpenAI error shape and each written to the audit log:
+401 for a missing, unknown, revoked or expired token; 403 when the token's
+request quota is spent; 429 with ``Retry-After`` over its rate limit.
+
+Tokens are found by the SHA-256 digest of what the client sent, so the lookup
+never compares secrets byte by byte: timing can at most reveal something about
+a digest, which says nothing about a token.  The digest found is still checked
+with :func:`hmac.compare_digest`.
+
+The token file is re-read when it changes: a ``stat`` at most once per
+``reload_interval`` on the request path, and at once on :meth:`reload` (SIGHUP).
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Protocol
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.server import Request
+
+from llmproxy.access.limits import RateLimiter, retry_after_seconds
+from llmproxy.access.tokens import (
+    MAX_TOKEN_LENGTH,
+    Stamp,
+    Token,
+    TokenFile,
+    TokenFileError,
+    UsageFile,
+    UsageLedger,
+    digest_of,
+    id_for,
+)
+from llmproxy.capture.record import ExchangeRecord
+from llmproxy.proxy.forward import Allow, Deny
+from llmproxy.proxy.router import Target
+from llmproxy.settings import RouteSettings, Settings
+
+log = Logger()
+
+# What a client may authenticate with; none of it goes upstream on a token route.
+CLIENT_CREDENTIAL_HEADERS = frozenset(
+    {b"authorization", b"x-api-key", b"api-key", b"proxy-authorization"}
+)
+_ALLOW_AS_IS = Allow()
+_WWW_AUTHENTICATE = ((b"www-authenticate", b'Bearer realm="llmproxy"'),)
+
+
+class Auditing(Protocol):
+    def write(self, action: str, **fields: Any) -> None: ...
+
+
+def upstream_auth_header(provider: str, api_key: str) -> tuple[bytes, bytes]:
+    """The header that carries the provider key: OpenAI bearer, Anthropic x-api-key."""
+    key = api_key.encode("latin-1")
+    if provider == "anthropic":
+        return (b"x-api-key", key)
+    return (b"authorization", b"Bearer " + key)
+
+
+def presented_token(request: Request) -> bytes | None:
+    """The credential the client sent: ``Authorization: Bearer`` first, then ``x-api-key``."""
+    headers = request.requestHeaders
+    for value in headers.getRawHeaders(b"authorization", ()):
+        scheme, _, rest = value.strip().partition(b" ")
+        if scheme.lower() == b"bearer" and rest.strip():
+            return rest.strip()
+    for value in headers.getRawHeaders(b"x-api-key", ()):
+        if value.strip():
+            return value.strip()
+    return None
+
+
+def client_address(request: Request) -> str:
+    peer = request.getClientAddress()
+    host = getattr(peer, "host", None)
+    return f"{host}:{getattr(peer, 'port', '')}" if host else "-"
+
+
+class TokenAccess:
+    """The access policy of :class:`llmproxy.proxy.forward.ProxyResource`."""
+
+    def __init__(
+        self,
+        *,
+        routes: Iterable[RouteSettings],
+        tokens: TokenFile,
+        usage: UsageLedger,
+        audit: Auditing,
+        clock: IReactorTime,
+        reload_interval: float = 1.0,
+        flush_interval: float = 5.0,
+    ) -> None:
+        self._tokens = tokens
+        self._usage = usage
+        self._audit = audit
+        self._clock = clock
+        self._reload_interval = reload_interval
+        self._flush_interval = flush_interval
+        self._limiter = RateLimiter()
+        self._by_digest: dict[str, Token] = {}
+        self._stamp: Stamp | None = None
+        self._loaded = False
+        self._next_stat = 0.0
+        self._flusher: LoopingCall | None = None
+        self._inject = self._injections(routes)
+        self.denied = 0
+        self.reloads = 0
+
+    @staticmethod
+    def _injections(routes: Iterable[RouteSettings]) -> dict[str, Allow]:
+        # Route name -> the header that carries its provider key upstream.
+        return {
+            r.name: Allow(
+                set_headers=(upstream_auth_header(r.provider, r.api_key),),
+                drop_headers=CLIENT_CREDENTIAL_HEADERS,
+            )
+            for r in routes
+            if r.auth == "token"
+        }
+
+    def set_routes(self, routes: Iterable[RouteSettings]) -> None:
+        """A config reload changed the routes: new keys and token routes apply now."""
+        was_active = bool(self._inject)
+        self._inject = self._injections(routes)
+        if self._inject and not was_active and self._flusher is None:
+            self.start()
+        elif self._inject:
+            self._load("config_reload")
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load tokens and counts; flush counts every ``flush_interval`` while running."""
+        if not self._inject:
+            return
+        self._load("start")
+        flusher = self._flusher = LoopingCall(self._usage.flush)
+        flusher.clock = self._clock
+        flusher.start(self._flush_interval, now=False).addErrback(self._flush_failed)
+
+    def stop(self) -> None:
+        """Stop flushing and write the exact counts (call it after the last exchange)."""
+        if self._flusher is not None:
+            if self._flusher.running:
+                self._flusher.stop()
+            self._flusher = None
+        if self._loaded:
+            self._usage.close()
+
+    def reload(self) -> None:
+        """Re-read the token file now (SIGHUP)."""
+        if self._inject:
+            self._load("sighup")
+
+    def stats(self) -> dict[str, int]:
+        """For ``/stats``: tokens known, denials and reloads since start."""
+        return {
+            "tokens": len(self._by_digest),
+            "denied": self.denied,
+            "reloads": self.reloads,
+            "usage_write_errors": self._usage.write_errors,
+        }
+
+    def _flush_failed(self, failure: Failure) -> None:
+        log.failure("token usage flushing stopped", failure)
+
+    # -- the request path -------------------------------------------------------
+
+    def check(self, request: Request, target: Target, record: ExchangeRecord) -> Allow | Deny:
+        route = target.settings
+        if route is None:
+            return _ALLOW_AS_IS
+        inject = self._inject.get(route.name)
+        if inject is None:
+            return _ALLOW_AS_IS
+        now = self._clock.seconds()
+        if now >= self._next_stat or not self._loaded:
+            self._next_stat = now + self._reload_interval
+            if self._tokens.stamp() != self._stamp or not self._loaded:
+                self._load("file_change")
+        secret = presented_token(request)
+        if secret is None:
+            return self._deny(
+                request,
+                record,
+                401,
+                "a proxy token is required: send Authorization: Bearer <token> "
+                "(or x-api-key: <token>)",
+                action="auth_failed",
+                reason="missing",
+                headers=_WWW_AUTHENTICATE,
+            )
+        digest = digest_of(secret) if len(secret) <= MAX_TOKEN_LENGTH else ""
+        token = self._by_digest.get(digest)
+        if token is None or not hmac.compare_digest(token.sha256, digest):
+            return self._deny(
+                request,
+                record,
+                401,
+                "invalid proxy token",
+                action="auth_failed",
+                reason="unknown",
+                # The digest's public form, as token ids are: lets an operator
+                # match repeated attempts, reveals nothing of what was sent.
+                token_id=id_for(digest) if digest else "-",
+                headers=_WWW_AUTHENTICATE,
+            )
+        state = token.state(now)
+        if state != "active":
+            return self._deny(
+                request,
+                record,
+                401,
+                f"proxy token {state}",
+                action="auth_failed",
+                reason=state,
+                token=token,
+                headers=_WWW_AUTHENTICATE,
+            )
+        if self._usage.exhausted(token):
+            return self._deny(
+                request,
+                record,
+                403,
+                f"the request quota of this proxy token is spent ({token.max_requests} requests)",
+                action="quota_exceeded",
+                reason="quota",
+                token=token,
+            )
+        if token.rpm is not None:
+            wait = self._limiter.take(token.id, token.rpm, now)
+            if wait > 0:
+                after = retry_after_seconds(wait)
+                return self._deny(
+                    request,
+                    record,
+                    429,
+                    f"rate limit of this proxy token exceeded ({token.rpm} requests per "
+                    f"minute); retry after {after}s",
+                    action="rate_limited",
+                    reason="rpm",
+                    token=token,
+                    headers=((b"retry-after", b"%d" % after),),
+                )
+        self._usage.consume(token)
+        return inject
+
+    def finished(self, record: ExchangeRecord) -> None:
+        # Counting happens when a request is let through, whatever the upstream did.
+        pass
+
+    # -- helpers ----------------------------------------------------------------
+
+    def _deny(
+        self,
+        request: Request,
+        record: ExchangeRecord,
+        status: int,
+        message: str,
+        *,
+        action: str,
+        reason: str,
+        token: Token | None = None,
+        token_id: str | None = None,
+        headers: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> Deny:
+        self.denied += 1
+        self._audit.write(
+            action,
+            request_id=record.request_id,
+            client=client_address(request),
+            route=record.route,
+            method=record.method,
+            path=record.path[:500],
+            token_id=token.id if token is not None else token_id,
+            project=token.project if token is not None else None,
+            status=status,
+            outcome="denied",
+            reason=reason,
+        )
+        return Deny(status, message, headers)
+
+    def _load(self, trigger: str) -> None:
+        self._next_stat = self._clock.seconds() + self._reload_interval
+        if not self._loaded:
+            # Counts first, whoever loads first (start() or a request): a quota
+            # must never start again from 0.
+            self._usage.load()
+        stamp = self._tokens.stamp()
+        try:
+            tokens = self._tokens.read()
+        except TokenFileError as e:
+            # Keep what we had: a bad edit must not open or close every door.
+            log.warn("proxy tokens not reloaded, keeping the previous set: {err}", err=str(e))
+            self._stamp = stamp
+            self._loaded = True
+            return
+        first = not self._loaded
+        self._by_digest = {t.sha256: t for t in tokens}
+        self._limiter.forget_all_but({t.id for t in tokens})
+        self._stamp = stamp
+        self._loaded = True
+        self.reloads += 1
+        now = self._clock.seconds()
+        active = sum(1 for t in tokens if t.state(now) == "active")
+        if not first or trigger == "sighup":
+            self._audit.write("tokens_reloaded", trigger=trigger, tokens=len(tokens), active=active)
+        log.info(
+            "proxy tokens loaded ({trigger}): {active} active of {n}",
+            trigger=trigger,
+            active=active,
+            n=len(tokens),
+        )
+
+
+def build_access(
+    settings: Settings,
+    audit: Auditing,
+    clock: IReactorTime,
+    *,
+    reload_interval: float = 1.0,
+    flush_interval: float = 5.0,
+) -> TokenAccess:
+    """The access policy for ``settings``: call ``start()`` when the service
+    starts and ``stop()`` after the last exchange of the drain."""
+    state_dir: Path = settings.server.state_dir
+    return TokenAccess(
+        routes=settings.routes,
+        tokens=TokenFile.in_state_dir(state_dir),
+        usage=UsageLedger(UsageFile.in_state_dir(state_dir)),
+        audit=audit,
+        clock=clock,
+        reload_interval=reload_interval,
+        flush_interval=flush_interval,
+    )
