@@ -67,11 +67,32 @@ def _build_loki_sink(settings: ExporterSettings, context: SinkContext) -> Sink:
     return LokiSink.from_settings(settings, client=context.http_client, clock=context.clock)
 
 
+def _build_lunary_sink(settings: ExporterSettings, context: SinkContext) -> Sink:
+    from llmproxy.export.sinks.lunary import LunarySink
+
+    return LunarySink.from_settings(settings, client=context.http_client, clock=context.clock)
+
+
+def _build_helicone_sink(settings: ExporterSettings, context: SinkContext) -> Sink:
+    from llmproxy.export.sinks.helicone import HeliconeSink
+
+    return HeliconeSink.from_settings(settings, client=context.http_client, clock=context.clock)
+
+
+def _build_otlp_sink(settings: ExporterSettings, context: SinkContext) -> Sink:
+    from llmproxy.export.sinks.otlp import OTLPSink
+
+    return OTLPSink.from_settings(settings, client=context.http_client, clock=context.clock)
+
+
 # One entry per ``type =`` value.  Factories import their module lazily, so a
 # backend that is not configured costs nothing at start.
 SINK_FACTORIES: dict[str, SinkFactory] = {
     "file": _build_file_sink,
     "loki": _build_loki_sink,
+    "lunary": _build_lunary_sink,
+    "helicone": _build_helicone_sink,
+    "otlp": _build_otlp_sink,
 }
 
 

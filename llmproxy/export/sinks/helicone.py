@@ -1,0 +1,603 @@
+"""The Helicone sink (tests: tests/unit/test_helicone_sink.py).
+
+Helicone's manual ("custom") logger takes one exchange per request:
+``POST https://api.worker.helicone.ai/custom/v1/log`` (configurable, e.g. the EU
+worker ``https://eu.api.worker.helicone.ai/custom/v1/log`` or a self-hosted one)
+with ``Authorization: Bearer <Helicone API key>`` and the body::
+
+    {"providerRequest":  {"url": ..., "json": {request}, "meta": {Helicone-* headers}},
+     "providerResponse": {"status": ..., "headers": {...}, "json": {response}},
+     "timing": {"startTime": {"seconds", "milliseconds"},
+                "endTime": {"seconds", "milliseconds"}, "timeToFirstToken": ms}}
+
+Only ``response`` events are sent (they are self-contained); ``request`` and
+session events are delivered trivially.  Each exchange maps as follows:
+
+- ``providerRequest.json`` is the request body as the client sent it;
+  ``url`` the upstream URL (masked); ``meta`` is read by Helicone as the
+  request's headers: ``Helicone-Request-Id`` (a UUID derived from the request id,
+  so a log sent twice is the same Helicone request), ``Helicone-Provider``
+  (``openai``/``anthropic``, detected from the route, the host or the body, so
+  Helicone prices the model instead of filing it under "custom"),
+  ``Helicone-User-Id`` (OpenAI ``user`` / Anthropic ``metadata.user_id``) and
+  ``Helicone-Property-*`` (request id, session, route, environment, machine,
+  outcome, and the request's own string ``metadata``).
+- ``providerResponse.json`` is the response object; a stream is merged into the
+  object the non-streamed call would have returned.  When the upstream reported
+  no usage, an estimate (text length / 4) is injected in the provider's usage
+  shape and marked (``llmproxy_usage_estimated`` in the json and the
+  ``Helicone-Property-Usage`` meta).  A body that is not a JSON object goes as
+  ``textBody`` (binary ones as ``base64``), with ``json`` an empty object and a
+  ``note`` saying why.
+- ``timing`` is the real start and end of the exchange; for streams,
+  ``timeToFirstToken`` is the time to the upstream's first byte, in ms.
+
+Batches and verdicts.  One batch is several POSTs, at most ``concurrency`` at a
+time.  Per event: 200 ``ok`` is delivered; 400 and other 4xx refuse that event
+for good (``Delivered(rejected=...)``); 401/403 refuse the whole batch (a bad
+key fails every event alike, so sending stops at the first); 408, 429, 5xx, a
+200 carrying ``{"error": ...}`` (Helicone could not store the log) and transport
+failures are retryable — sending stops, and the verdict is ``Retry`` for the
+*whole* batch, even if part of it was delivered.  The exporter only knows
+whole-batch retries, and returning ``Delivered`` for a half-sent batch would lose
+the rest; re-sending is at-least-once, as everywhere in llmproxy.  Duplicates are
+kept rare twice over: the sink remembers the outcome of the events it settled
+(a bounded LRU of request ids), so a retried batch sends only what is still
+pending; and after a restart, the deterministic ``Helicone-Request-Id`` makes a
+re-sent log the same Helicone request.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import uuid
+from collections import OrderedDict
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import attrs
+import orjson
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
+
+from llmproxy.capture.events import facts_of, response_text
+from llmproxy.capture.usage import ResponseFacts
+from llmproxy.export.sink import (
+    Delivered,
+    EncodedBatch,
+    HTTPClient,
+    HTTPSink,
+    Rejected,
+    Retry,
+    Verdict,
+)
+from llmproxy.settings import ExporterSettings
+
+DEFAULT_ENDPOINT = "https://api.worker.helicone.ai/custom/v1/log"
+LOG_PATH = "/custom/v1/log"
+# Fixed forever: changing it would make every re-sent log a new Helicone request.
+REQUEST_ID_NAMESPACE = uuid.UUID("0b5c1f4e-3d2a-5e8f-a6b7-c9d0e1f2a3b4")
+PROVIDERS = ("openai", "anthropic")
+# Event fields sent as Helicone-Property-<Name>.
+PROPERTY_FIELDS = (
+    ("request_id", "Request-Id"),
+    ("session_id", "Session-Id"),
+    ("seq", "Seq"),
+    ("route", "Route"),
+    ("environment", "Environment"),
+    ("machine", "Machine"),
+    ("outcome", "Outcome"),
+    ("cache_status", "Cache-Status"),
+    ("upstream_host", "Upstream-Host"),
+)
+MAX_USER_PROPERTIES = 20
+_PROPERTY_NAME = re.compile(r"[^A-Za-z0-9_-]+")
+# Request keys whose strings are the prompt (for the usage estimate).
+PROMPT_KEYS = ("messages", "system", "instructions", "input", "prompt")
+CHARS_PER_TOKEN = 4
+
+
+def log_url(endpoint: str) -> str:
+    """The log URL: an endpoint with a path is used as given (self-hosted
+    deployments mount it elsewhere); a bare host gets ``/custom/v1/log``."""
+    parts = urlsplit(endpoint)
+    if parts.path in ("", "/"):
+        return endpoint.rstrip("/") + LOG_PATH
+    return endpoint
+
+
+def helicone_request_id(request_id: str) -> str:
+    """The ``Helicone-Request-Id`` of an exchange (Helicone request ids are UUIDs)."""
+    return str(uuid.uuid5(REQUEST_ID_NAMESPACE, request_id))
+
+
+@attrs.frozen
+class _Unauthorized(Rejected):
+    """A 401/403: the key is refused, every event of the batch would be too."""
+
+
+@attrs.frozen
+class _Settled:
+    """What became of one event sent earlier: delivered (``reason`` None) or
+    refused for good."""
+
+    reason: str | None
+
+
+@attrs.define
+class _BatchOutcome:
+    """The verdicts of one batch's events, combined (see the module docstring)."""
+
+    rejected: dict[int, str] = attrs.Factory(dict)
+    retry: Retry | None = None
+    unauthorized: Rejected | None = None
+
+    @property
+    def stop(self) -> bool:
+        return self.retry is not None or self.unauthorized is not None
+
+    def add(self, index: int, verdict: Verdict) -> _Settled | None:
+        """Record one event's verdict; return what to remember of it, if settled."""
+        if isinstance(verdict, _Unauthorized):
+            self.unauthorized = self.unauthorized or verdict
+            return None
+        if isinstance(verdict, Rejected):
+            self.rejected[index] = verdict.reason
+            return _Settled(verdict.reason)
+        if isinstance(verdict, Retry):
+            if self.retry is None:
+                self.retry = verdict
+            elif verdict.after is not None:
+                after = max(verdict.after, self.retry.after or 0.0)
+                self.retry = Retry(self.retry.reason, after)
+            return None
+        return _Settled(None)
+
+    def verdict(self) -> Verdict:
+        if self.unauthorized is not None:
+            return Rejected(self.unauthorized.reason)
+        if self.retry is not None:
+            return self.retry
+        return Delivered(rejected=dict(self.rejected))
+
+
+@attrs.define(kw_only=True)
+class HeliconeSink(HTTPSink):
+    """Logs exchanges to Helicone, one POST each.  Build it with :meth:`from_settings`."""
+
+    _api_key: str = attrs.field(repr=False)
+    _extra_headers: tuple[tuple[str, str], ...] = attrs.field(default=(), repr=False)
+    # POSTs of one batch in flight at once.
+    _concurrency: int = 4
+    # How many settled events are remembered, so a retried batch skips them.
+    _remember: int = 65536
+    _headers: dict[str, str] = attrs.field(factory=dict, init=False, repr=False)
+    _secrets: tuple[str, ...] = attrs.field(default=(), init=False, repr=False)
+    _settled: OrderedDict[tuple[Any, ...], _Settled] = attrs.field(
+        factory=OrderedDict, init=False, repr=False
+    )
+
+    def __attrs_post_init__(self) -> None:
+        if self._concurrency < 1:
+            raise ValueError("helicone concurrency must be at least 1")
+        self.url = log_url(self.url)
+        headers = {"Content-Type": "application/json"}
+        headers.update(self._extra_headers)
+        headers["Authorization"] = f"Bearer {self._api_key}"
+        self._headers = headers
+        # Header values may be credentials too (a gateway token); short ones are
+        # not worth masking and would garble reasons.
+        secrets = {self._api_key, *(v for _, v in self._extra_headers if len(v) >= 8)}
+        self._secrets = tuple(sorted((s for s in secrets if len(s) >= 4), key=len, reverse=True))
+
+    @classmethod
+    def from_settings(
+        cls, settings: ExporterSettings, *, client: HTTPClient, clock: IReactorTime
+    ) -> HeliconeSink:
+        """A sink for one ``[exporter:NAME]`` section of ``type = helicone``.
+
+        ``endpoint`` defaults to the US worker's log URL; ``api_key`` (required)
+        is a Helicone API key; ``headers`` are extra HTTP headers on every POST.
+        """
+        where = f"exporter:{settings.name}"
+        endpoint = settings.endpoint or DEFAULT_ENDPOINT
+        parts = urlsplit(endpoint)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{where}: endpoint must be an http(s) URL of Helicone's log API")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError(f"{where}: endpoint must not carry credentials (use api_key)")
+        if not settings.api_key:
+            raise ValueError(f"{where}: api_key (a Helicone API key) is required")
+        return cls(
+            name=settings.name,
+            url=endpoint,
+            client=client,
+            clock=clock,
+            timeout=settings.timeout,
+            api_key=settings.api_key,
+            extra_headers=tuple(settings.headers),
+        )
+
+    # -- deliver -----------------------------------------------------------------
+
+    def deliver(self, events: Sequence[dict[str, Any]]) -> Deferred[Verdict]:
+        outcome = _BatchOutcome()
+        pending: list[tuple[int, tuple[Any, ...], dict[str, Any]]] = []
+        for index, event in enumerate(events):
+            if event.get("type") != "response":
+                continue
+            key = _key_of(event)
+            earlier = self._settled.get(key) if key[0] else None
+            if earlier is not None:
+                self._settled.move_to_end(key)
+                if earlier.reason is not None:
+                    outcome.rejected[index] = earlier.reason
+                continue
+            pending.append((index, key, event))
+        if not pending:
+            return succeed(outcome.verdict())
+        finished: Deferred[Verdict] = Deferred()
+        queue = iter(pending)
+        in_flight = 0
+        pumping = False
+
+        def pump() -> None:
+            # Answers may come synchronously (StubTreq, a failing encode): the loop
+            # then continues here instead of recursing once per event.
+            nonlocal in_flight, pumping
+            if pumping:
+                return
+            pumping = True
+            try:
+                while in_flight < self._concurrency and not outcome.stop:
+                    item = next(queue, None)
+                    if item is None:
+                        break
+                    index, key, event = item
+                    in_flight += 1
+                    d = HTTPSink.deliver(self, [event])
+                    d.addBoth(settle, index, key)
+            finally:
+                pumping = False
+            if in_flight == 0 and not finished.called:
+                finished.callback(outcome.verdict())
+
+        def settle(result: Verdict | Failure, index: int, key: tuple[Any, ...]) -> None:
+            nonlocal in_flight
+            in_flight -= 1
+            if isinstance(result, Failure):
+                # Only encode() errbacks (the base turns transport failures into
+                # Retry): this one event cannot be sent, ever.
+                verdict: Verdict = Rejected(
+                    f"could not encode for Helicone ({type(result.value).__name__})"
+                )
+            else:
+                verdict = result
+            settled = outcome.add(index, verdict)
+            if settled is not None and key[0]:
+                self._remember_settled(key, settled)
+            pump()
+
+        pump()
+        return finished
+
+    def _remember_settled(self, key: tuple[Any, ...], settled: _Settled) -> None:
+        self._settled[key] = settled
+        self._settled.move_to_end(key)
+        while len(self._settled) > self._remember:
+            self._settled.popitem(last=False)
+
+    # -- encode ------------------------------------------------------------------
+
+    def encode(self, events: Sequence[dict[str, Any]]) -> EncodedBatch:
+        """The log of one exchange (Helicone takes one per request)."""
+        if len(events) != 1:
+            raise ValueError("a Helicone log carries exactly one exchange")
+        body = orjson.dumps(log_body(events[0]), default=_json_default)
+        return EncodedBatch(body=body, headers=dict(self._headers))
+
+    # -- judge -------------------------------------------------------------------
+
+    def judge(self, status: int, headers: dict[str, str], body: bytes) -> Verdict:
+        text = self._redact(body.decode("utf-8", errors="replace").strip())
+        message = _message_of(text)[:500]
+        if 200 <= status < 300:
+            if text.startswith("{"):
+                # 200 {"error": ...}: Helicone took the request but could not
+                # store it (its database or queue): worth another try.
+                try:
+                    doc = orjson.loads(text)
+                except orjson.JSONDecodeError:
+                    doc = None
+                if isinstance(doc, dict) and doc.get("error"):
+                    return Retry(f"HTTP {status}: Helicone could not store the log: {message}")
+            return Delivered()
+        if status in (401, 403):
+            return _Unauthorized(f"HTTP {status}: {message} (check api_key)")
+        verdict = super().judge(status, headers, body)
+        if isinstance(verdict, Retry):
+            return Retry(f"HTTP {status}: {message}" if message else verdict.reason, verdict.after)
+        return Rejected(f"HTTP {status}: {message}")
+
+    def _redact(self, text: str) -> str:
+        """An error body could echo our request: our key never reaches a reason."""
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, "***")
+        return text
+
+
+def _key_of(event: dict[str, Any]) -> tuple[Any, ...]:
+    return (event.get("request_id"), event.get("ts_ns"))
+
+
+# -- the log body ----------------------------------------------------------------------
+
+
+def log_body(event: dict[str, Any]) -> dict[str, Any]:
+    """Helicone's ``HeliconeAsyncLogRequest`` for one ``response`` event."""
+    request_id = event.get("request_id")
+    if not isinstance(request_id, str) or not request_id:
+        raise ValueError("no request_id")
+    request = _request_json(event)
+    facts = facts_of(event)
+    provider = _provider_of(event, facts)
+    response, estimated = _response_part(event, request, facts)
+    meta: dict[str, str] = {"Helicone-Request-Id": helicone_request_id(request_id)}
+    if provider:
+        meta["Helicone-Provider"] = provider
+    user = _user_of(request)
+    if user:
+        meta["Helicone-User-Id"] = user
+    for field, name in PROPERTY_FIELDS:
+        value = event.get(field)
+        if value is not None and value != "":
+            meta[f"Helicone-Property-{name}"] = str(value)
+    if estimated is not None:
+        meta["Helicone-Property-Usage"] = "estimated" if estimated else "upstream"
+    body = event.get("response_body")
+    if isinstance(body, dict) and body.get("truncated"):
+        meta["Helicone-Property-Truncated"] = "true"
+    meta.update(_user_properties(request))
+    request_json: dict[str, Any]
+    if request is not None:
+        request_json = request
+    else:
+        request_json = {"llmproxy_note": "request body not captured as a JSON object"}
+        text = _body_text(event.get("request_body"))
+        if text:
+            request_json["text"] = text
+    start_ns, end_ns = _exchange_ns(event)
+    timing: dict[str, Any] = {"startTime": _seconds_ms(start_ns), "endTime": _seconds_ms(end_ns)}
+    ttfb = event.get("ttfb_ms")
+    if event.get("is_stream") and isinstance(ttfb, int | float) and not isinstance(ttfb, bool):
+        timing["timeToFirstToken"] = max(0, round(ttfb))
+    upstream = event.get("upstream_url")
+    return {
+        "providerRequest": {
+            "url": upstream if isinstance(upstream, str) and upstream else str(event.get("path")),
+            "json": request_json,
+            "meta": meta,
+        },
+        "providerResponse": response,
+        "timing": timing,
+    }
+
+
+def _response_part(
+    event: dict[str, Any], request: dict[str, Any] | None, facts: ResponseFacts
+) -> tuple[dict[str, Any], bool | None]:
+    """``providerResponse``, and whether its usage is estimated (None: no usage)."""
+    status = event.get("status")
+    part: dict[str, Any] = {
+        # No status: the upstream never answered (timeout, refused connection).
+        "status": status if isinstance(status, int) and not isinstance(status, bool) else 0,
+        "headers": _flat_headers(event.get("response_headers")),
+    }
+    merged = facts.merged_json
+    if merged is None:
+        part["json"] = {}
+        body = event.get("response_body")
+        b64 = body.get("base64") if isinstance(body, dict) else None
+        text = response_text(event)
+        if isinstance(b64, str) and b64:
+            part["base64"] = b64
+            part["note"] = "the response body is not text; it is in base64"
+        elif text:
+            part["textBody"] = text
+            part["note"] = "the response body is not a JSON object; it is in textBody"
+        else:
+            part["note"] = "no response body was captured"
+        return part, None
+    merged = dict(merged)
+    estimated: bool | None = None
+    ok = event.get("outcome") == "ok" and isinstance(status, int) and status < 400
+    if facts.usage is not None:
+        estimated = False
+    elif ok:
+        merged["usage"] = _estimated_usage(merged, request, facts)
+        merged["llmproxy_usage_estimated"] = True
+        estimated = True
+    part["json"] = merged
+    return part, estimated
+
+
+def _estimated_usage(
+    merged: dict[str, Any], request: dict[str, Any] | None, facts: ResponseFacts
+) -> dict[str, int]:
+    prompt = _tokens(sum(len(s) for key in PROMPT_KEYS for s in _strings((request or {}).get(key))))
+    completion = _tokens(sum(len(s) for s in _strings(facts.assistant_message)))
+    if merged.get("type") == "message":  # Anthropic
+        return {"input_tokens": prompt, "output_tokens": completion}
+    if merged.get("object") == "response":  # OpenAI Responses
+        return {
+            "input_tokens": prompt,
+            "output_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+def _tokens(chars: int) -> int:
+    return math.ceil(chars / CHARS_PER_TOKEN)
+
+
+def _strings(value: Any) -> list[str]:
+    """Every string inside ``value`` except dict keys (message texts, tool args)."""
+    out: list[str] = []
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            out.append(item)
+        elif isinstance(item, dict):
+            stack.extend(v for k, v in item.items() if k not in ("role", "type", "id"))
+        elif isinstance(item, list):
+            stack.extend(item)
+    return out
+
+
+def _provider_of(event: dict[str, Any], facts: ResponseFacts) -> str | None:
+    provider = event.get("provider")
+    if provider in PROVIDERS:
+        return str(provider)
+    host = str(event.get("upstream_host") or "")
+    for name in PROVIDERS:
+        if host == f"api.{name}.com" or host.endswith(f".{name}.com"):
+            return name
+    merged = facts.merged_json or {}
+    if merged.get("type") == "message":
+        return "anthropic"
+    if str(merged.get("object", "")).startswith(("chat.completion", "text_completion", "response")):
+        return "openai"
+    return None
+
+
+def _user_of(request: dict[str, Any] | None) -> str | None:
+    if request is None:
+        return None
+    user = request.get("user")
+    if isinstance(user, str) and user:
+        return user
+    metadata = request.get("metadata")
+    if isinstance(metadata, dict):
+        user = metadata.get("user_id")
+        if isinstance(user, str) and user:
+            return user
+    return None
+
+
+def _user_properties(request: dict[str, Any] | None) -> dict[str, str]:
+    """The request's own ``metadata`` strings (OpenAI's stored-completion tags)
+    as Helicone properties."""
+    metadata = request.get("metadata") if request is not None else None
+    if not isinstance(metadata, dict):
+        return {}
+    out: dict[str, str] = {}
+    for key, value in metadata.items():
+        if key == "user_id" or not isinstance(value, str):
+            continue
+        name = _PROPERTY_NAME.sub("-", str(key)).strip("-")
+        if name:
+            out[f"Helicone-Property-{name}"] = value
+        if len(out) >= MAX_USER_PROPERTIES:
+            break
+    return out
+
+
+def _flat_headers(headers: Any) -> dict[str, str]:
+    if not isinstance(headers, dict):
+        return {}
+    return {
+        str(k): ", ".join(map(str, v)) if isinstance(v, list) else str(v)
+        for k, v in headers.items()
+    }
+
+
+def _request_json(event: dict[str, Any]) -> dict[str, Any] | None:
+    text = _body_text(event.get("request_body"))
+    if not text or not text.lstrip().startswith("{"):
+        return None
+    try:
+        obj = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None  # cut at the capture cap
+    return obj if isinstance(obj, dict) else None
+
+
+def _body_text(body: Any) -> str | None:
+    text = body.get("text") if isinstance(body, dict) else None
+    return text if isinstance(text, str) else None
+
+
+def _message_of(text: str) -> str:
+    try:
+        doc = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return text
+    if isinstance(doc, dict):
+        error = doc.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return str(error["message"])
+        for key in ("error", "message"):
+            if isinstance(doc.get(key), str):
+                return str(doc[key])
+    return text
+
+
+# -- time ------------------------------------------------------------------------------
+
+_RFC3339 = re.compile(
+    r"(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}:\d{2})(?:\.(\d{1,9})\d*)?([Zz]|[+-]\d{2}:\d{2})\Z"
+)
+
+
+def _parse_ns(text: Any) -> int | None:
+    if not isinstance(text, str):
+        return None
+    match = _RFC3339.match(text)
+    if match is None:
+        return None
+    day, clock, fraction, zone = match.groups()
+    try:
+        whole = datetime.fromisoformat(f"{day}T{clock}{'+00:00' if zone in 'Zz' else zone}")
+    except ValueError:
+        return None
+    return int(whole.timestamp()) * 1_000_000_000 + int((fraction or "").ljust(9, "0"))
+
+
+def _exchange_ns(event: dict[str, Any]) -> tuple[int, int]:
+    """The exchange's start and end in epoch ns (end never before start: Helicone
+    refuses a log whose start is after its end)."""
+    ts = event.get("ts_ns")
+    fallback = ts if isinstance(ts, int) and not isinstance(ts, bool) else None
+    start = _parse_ns(event.get("start"))
+    end = _parse_ns(event.get("end"))
+    if end is None:
+        end = fallback if fallback is not None else start
+    if start is None:
+        start = end
+    if start is None or end is None:
+        raise ValueError("no timestamps")
+    return start, max(start, end)
+
+
+def _seconds_ms(ns: int) -> dict[str, int]:
+    ms = ns // 1_000_000
+    return {"seconds": ms // 1000, "milliseconds": ms % 1000}
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).decode("utf-8", errors="replace")
+    if isinstance(value, set | frozenset | tuple):
+        return list(value)
+    return str(value)

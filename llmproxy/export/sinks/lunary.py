@@ -1,0 +1,570 @@
+"""The Lunary sink (tests: tests/unit/test_lunary_sink.py).
+
+One batch becomes one ``POST {endpoint}/v1/runs/ingest`` with
+``Authorization: Bearer <project public key>`` and the body
+``{"events": [...]}`` (a bare array is not read: Lunary takes ``body.events``).
+
+Only ``response`` events produce output: they are self-contained, so each one
+becomes a whole run — a ``start`` event (model, input messages, params, user,
+tags, metadata) and then an ``end`` event (output message, token usage) or, when
+the exchange failed (outcome not ``ok`` or HTTP status 400 and up), an ``error``
+event.  ``request`` events (and session events) are delivered trivially: nothing
+is sent for them, and a batch of nothing else is ``Delivered`` without a request.
+
+The run id is a UUID derived from the request id (``uuid5``), so a batch sent
+again yields the same runs.  Lunary refuses a second ``start`` for a run it
+already has ("Run with this ID already exists"); after a retried batch that is
+the expected answer for runs the first attempt stored, so that one error counts
+as success.
+
+Lunary answers 200 with one ``{id, success, error}`` result per event (``id`` is
+the run id; results follow Lunary's processing order, by timestamp, not ours).
+A failed start/end/error fails its canonical event: ``Delivered(rejected=...)``
+with Lunary's error text.  401 (unknown project) and 402 (a key that is not a
+project id) are permanent, like any 4xx; 429 and 5xx are retried.  The key never
+appears in a verdict.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import datetime
+from typing import Any, overload
+from urllib.parse import urlsplit
+
+import attrs
+import orjson
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
+
+from llmproxy.capture.events import facts_of, response_text
+from llmproxy.export.sink import (
+    Delivered,
+    EncodedBatch,
+    HTTPClient,
+    HTTPSink,
+    Rejected,
+    Retry,
+    Verdict,
+)
+from llmproxy.settings import ExporterSettings
+
+DEFAULT_ENDPOINT = "https://api.lunary.ai"
+INGEST_PATH = "/v1/runs/ingest"
+# Fixed forever: changing it would give every exchange a new run id.
+RUN_ID_NAMESPACE = uuid.UUID("6f1d7f52-8a3b-5c1e-9d47-2b0c3e5a7f10")
+# Lunary's answer to a start for a run it already stored (a batch sent again).
+DUPLICATE_RUN = "Run with this ID already exists"
+
+# Request keys that are model parameters (Lunary's ``params``/``extra``).
+PARAM_KEYS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "max_tokens",
+    "max_completion_tokens",
+    "max_output_tokens",
+    "n",
+    "stop",
+    "stop_sequences",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "response_format",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "reasoning_effort",
+    "reasoning",
+    "thinking",
+    "stream",
+)
+# Event fields copied into Lunary's ``metadata`` (it keeps top-level scalars only).
+METADATA_FIELDS = (
+    "request_id",
+    "session_id",
+    "seq",
+    "route",
+    "provider",
+    "upstream_host",
+    "method",
+    "path",
+    "status",
+    "outcome",
+    "cache_status",
+    "is_stream",
+    "duration_ms",
+    "ttfb_ms",
+    "environment",
+    "machine",
+)
+MAX_ERROR_CHARS = 2000
+
+
+def ingest_url(endpoint: str) -> str:
+    """The ingest URL for a Lunary base URL, unless the endpoint already names it."""
+    base = endpoint.rstrip("/")
+    return base if base.endswith(INGEST_PATH) else base + INGEST_PATH
+
+
+def run_id(request_id: str) -> str:
+    """The Lunary run id of an exchange: stable across retries and restarts."""
+    return str(uuid.uuid5(RUN_ID_NAMESPACE, request_id))
+
+
+@attrs.frozen
+class _Run:
+    """One exchange of the batch, as the Lunary events it becomes."""
+
+    index: int
+    run_id: str
+    events: tuple[dict[str, Any], ...]
+
+
+@attrs.frozen
+class _Plan:
+    """What a batch becomes: the runs to send, and events that could not be encoded."""
+
+    source: Sequence[dict[str, Any]]
+    runs: tuple[_Run, ...]
+    unencodable: Mapping[int, str]
+    batch: EncodedBatch
+
+    def verdict(self, answer: Verdict) -> Verdict:
+        """Lunary's per-run results, mapped back to the batch's indexes."""
+        if not isinstance(answer, Delivered):
+            return answer
+        rejected = dict(self.unencodable)
+        if isinstance(answer, _RunResults):
+            for run in self.runs:
+                error = answer.failures.get(run.run_id)
+                if error is None and run.run_id not in answer.seen:
+                    error = "Lunary returned no result for this run"
+                if error is not None:
+                    rejected[run.index] = error
+        return Delivered(rejected=rejected)
+
+
+class _PlannedBatch(Sequence[dict[str, Any]]):
+    """The batch handed to ``HTTPSink.deliver``, carrying its encoding along, so
+    the bodies are built once (``encode`` finds the plan instead of redoing it)."""
+
+    def __init__(self, plan: _Plan) -> None:
+        self.plan = plan
+
+    @overload
+    def __getitem__(self, index: int) -> dict[str, Any]: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[dict[str, Any]]: ...
+
+    def __getitem__(self, index: int | slice) -> dict[str, Any] | Sequence[dict[str, Any]]:
+        return self.plan.source[index]
+
+    def __len__(self) -> int:
+        return len(self.plan.source)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.plan.source)
+
+
+@attrs.frozen
+class _RunResults(Delivered):
+    """A 200 from Lunary before it is mapped to batch indexes: the error of each
+    failed run id, and every run id a result was given for."""
+
+    failures: Mapping[str, str] = attrs.field(factory=dict)
+    seen: frozenset[str] = frozenset()
+
+
+@attrs.define(kw_only=True)
+class LunarySink(HTTPSink):
+    """Sends exchanges to Lunary as ``llm`` runs.  Build it with :meth:`from_settings`."""
+
+    _api_key: str = attrs.field(repr=False)
+    _extra_headers: tuple[tuple[str, str], ...] = attrs.field(default=(), repr=False)
+    _headers: dict[str, str] = attrs.field(factory=dict, init=False, repr=False)
+    _secrets: tuple[str, ...] = attrs.field(default=(), init=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.url = ingest_url(self.url)
+        headers = {"Content-Type": "application/json"}
+        headers.update(self._extra_headers)
+        headers["Authorization"] = f"Bearer {self._api_key}"
+        self._headers = headers
+        # Header values may be credentials too (a gateway token); short ones are
+        # not worth masking and would garble reasons.
+        secrets = {self._api_key, *(v for _, v in self._extra_headers if len(v) >= 8)}
+        self._secrets = tuple(sorted((s for s in secrets if len(s) >= 4), key=len, reverse=True))
+
+    @classmethod
+    def from_settings(
+        cls, settings: ExporterSettings, *, client: HTTPClient, clock: IReactorTime
+    ) -> LunarySink:
+        """A sink for one ``[exporter:NAME]`` section of ``type = lunary``.
+
+        ``endpoint`` is Lunary's base URL (default ``https://api.lunary.ai``; a
+        self-hosted one, or a URL already ending in ``/v1/runs/ingest``);
+        ``api_key`` is the project's public key, a UUID; ``headers`` are extra
+        HTTP headers (a gateway in front of a self-hosted Lunary).
+        """
+        where = f"exporter:{settings.name}"
+        endpoint = settings.endpoint or DEFAULT_ENDPOINT
+        parts = urlsplit(endpoint)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{where}: endpoint must be an http(s) URL of the Lunary API")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError(f"{where}: endpoint must not carry credentials (use api_key)")
+        if not settings.api_key:
+            raise ValueError(f"{where}: api_key (the Lunary project's public key) is required")
+        try:
+            uuid.UUID(settings.api_key)
+        except ValueError:
+            # Lunary reads the bearer token as the project id and answers 402 to
+            # anything that is not a UUID: say so now rather than on every batch.
+            raise ValueError(
+                f"{where}: api_key must be the Lunary project's public key (a UUID)"
+            ) from None
+        return cls(
+            name=settings.name,
+            url=endpoint,
+            client=client,
+            clock=clock,
+            timeout=settings.timeout,
+            api_key=settings.api_key,
+            extra_headers=tuple(settings.headers),
+        )
+
+    # -- deliver -----------------------------------------------------------------
+
+    def deliver(self, events: Sequence[dict[str, Any]]) -> Deferred[Verdict]:
+        try:
+            plan = self._plan(events)
+        except Exception:
+            return fail()  # a bug here, not in one event: the exporter logs and retries
+        if not plan.runs:
+            return succeed(Delivered(rejected=dict(plan.unencodable)))
+        d = super().deliver(_PlannedBatch(plan))
+        d.addCallback(plan.verdict)
+        return d
+
+    # -- encode ------------------------------------------------------------------
+
+    def encode(self, events: Sequence[dict[str, Any]]) -> EncodedBatch:
+        if isinstance(events, _PlannedBatch):
+            return events.plan.batch
+        return self._plan(events).batch
+
+    def _plan(self, events: Sequence[dict[str, Any]]) -> _Plan:
+        runs: list[_Run] = []
+        unencodable: dict[int, str] = {}
+        body: list[dict[str, Any]] = []
+        for index, event in enumerate(events):
+            if event.get("type") != "response":
+                continue
+            try:
+                run = _run_of(index, event)
+            except Exception as e:
+                # One odd event must not hold the batch back for ever.
+                unencodable[index] = f"could not encode for Lunary ({type(e).__name__})"
+                continue
+            runs.append(run)
+            body.extend(run.events)
+        data = orjson.dumps({"events": body}, default=_json_default) if runs else b""
+        batch = EncodedBatch(body=data, headers=dict(self._headers))
+        return _Plan(events, tuple(runs), unencodable, batch)
+
+    # -- judge -------------------------------------------------------------------
+
+    def judge(self, status: int, headers: dict[str, str], body: bytes) -> Verdict:
+        text = self._redact(body.decode("utf-8", errors="replace").strip())
+        if status == 200:
+            return self._results(text)
+        message = _message_of(text)[:500]
+        if status in (401, 402, 403):
+            # 401: no project with this key; 402: the key is not a project id.
+            return Rejected(f"HTTP {status}: {message} (check api_key: the project's public key)")
+        verdict = super().judge(status, headers, body)
+        if isinstance(verdict, Retry):
+            return Retry(f"HTTP {status}: {message}" if message else verdict.reason, verdict.after)
+        if isinstance(verdict, Rejected):
+            return Rejected(f"HTTP {status}: {message}")
+        return verdict
+
+    def _results(self, text: str) -> Verdict:
+        try:
+            doc = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            doc = None
+        results = doc.get("results") if isinstance(doc, dict) else None
+        if not isinstance(results, list):
+            # Not Lunary (a gateway's page?): nothing says the runs were stored.
+            return Rejected(f"HTTP 200 without per-event results: {text[:300]}")
+        failures: dict[str, str] = {}
+        seen: set[str] = set()
+        for result in results:
+            if not isinstance(result, dict) or not isinstance(result.get("id"), str):
+                continue
+            rid = result["id"]
+            seen.add(rid)
+            if result.get("success") is True:
+                continue
+            error = result.get("error")
+            error = error if isinstance(error, str) and error else "failed (no error text)"
+            if DUPLICATE_RUN in error:
+                continue  # stored by an earlier attempt of this batch
+            previous = failures.get(rid)
+            failures[rid] = error if previous is None else f"{previous}; {error}"
+        return _RunResults(
+            failures={k: v[:MAX_ERROR_CHARS] for k, v in failures.items()}, seen=frozenset(seen)
+        )
+
+    def _redact(self, text: str) -> str:
+        """An error body could echo our request: our key never reaches a reason."""
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, "***")
+        return text
+
+
+# -- building the Lunary events --------------------------------------------------------
+
+
+def _run_of(index: int, event: dict[str, Any]) -> _Run:
+    request_id = str(event.get("request_id") or "")
+    if not request_id:
+        raise ValueError("no request_id")
+    rid = run_id(request_id)
+    request = _request_json(event)
+    model = _str(event.get("model")) or _str(event.get("request_model"))
+    start_ns, end_ns = _exchange_ns(event)
+    start: dict[str, Any] = {
+        "type": "llm",
+        "event": "start",
+        "runId": rid,
+        "timestamp": _iso_ms(start_ns),
+        "input": _input_of(event, request),
+        "tags": _tags_of(event),
+        "metadata": {
+            k: v for k in METADATA_FIELDS if isinstance(v := event.get(k), str | int | float | bool)
+        },
+    }
+    if model:
+        start["name"] = model
+    if request is not None:
+        params = {k: request[k] for k in PARAM_KEYS if k in request}
+        if params:
+            start["params"] = params
+        user = _user_of(request)
+        if user:
+            start["userId"] = user
+    status = event.get("status")
+    failed = event.get("outcome") != "ok" or (isinstance(status, int) and status >= 400)
+    end: dict[str, Any] = {"type": "llm", "runId": rid, "timestamp": _iso_ms(end_ns)}
+    if model:
+        end["name"] = model
+    if failed:
+        end["event"] = "error"
+        end["error"] = {"message": _error_message(event)}
+    else:
+        end["event"] = "end"
+        output = _output_of(event)
+        if output is not None:
+            end["output"] = output
+        usage = _tokens_usage(event.get("usage"))
+        if usage:
+            end["tokensUsage"] = usage
+    return _Run(index, rid, (start, end))
+
+
+def _request_json(event: dict[str, Any]) -> dict[str, Any] | None:
+    body = event.get("request_body")
+    text = body.get("text") if isinstance(body, dict) else None
+    if not isinstance(text, str) or not text.lstrip().startswith("{"):
+        return None
+    try:
+        obj = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None  # cut at the capture cap
+    return obj if isinstance(obj, dict) else None
+
+
+def _text_of(content: Any) -> Any:
+    """Anthropic's ``system`` as blocks becomes its text; anything else stays as sent."""
+    if isinstance(content, list) and all(
+        isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str)
+        for b in content
+    ):
+        return "\n".join(b["text"] for b in content)
+    return content
+
+
+def _input_of(event: dict[str, Any], request: dict[str, Any] | None) -> Any:
+    """The prompt as chat messages: OpenAI ``messages``, Anthropic ``system`` +
+    ``messages``, Responses ``instructions`` + ``input``, legacy ``prompt``."""
+    if request is None:
+        body = event.get("request_body")
+        text = body.get("text") if isinstance(body, dict) else None
+        if isinstance(text, str) and text:
+            return text  # not JSON, or cut at the capture cap
+        return None
+    messages: list[Any] = []
+    system = request.get("system")
+    instructions = request.get("instructions")
+    for preamble in (system, instructions):
+        if preamble:
+            messages.append({"role": "system", "content": _text_of(preamble)})
+    if isinstance(request.get("messages"), list):
+        return messages + request["messages"]
+    source = request.get("input", request.get("prompt"))
+    if isinstance(source, str):
+        return [*messages, {"role": "user", "content": source}]
+    if isinstance(source, list):
+        if all(isinstance(m, dict) and "role" in m for m in source):
+            return messages + source
+        return [*messages, {"role": "user", "content": source}]
+    return request
+
+
+def _output_of(event: dict[str, Any]) -> Any:
+    facts = facts_of(event)
+    if facts.assistant_message is not None:
+        return facts.assistant_message
+    if facts.merged_json is not None:
+        return None  # embeddings and such: no message, and vectors are no output to show
+    body = event.get("response_body")
+    if isinstance(body, dict) and body.get("base64"):
+        return None
+    text = response_text(event)
+    return text or None
+
+
+def _tokens_usage(usage: Any) -> dict[str, int]:
+    if not isinstance(usage, dict):
+        return {}
+    out: dict[str, int] = {}
+    for ours, theirs in (
+        ("input_tokens", "prompt"),
+        ("output_tokens", "completion"),
+        ("cache_read_tokens", "promptCached"),
+    ):
+        value = usage.get(ours)
+        if isinstance(value, int) and not isinstance(value, bool):
+            out[theirs] = value
+    return out
+
+
+def _user_of(request: dict[str, Any]) -> str | None:
+    user = request.get("user")
+    if isinstance(user, str) and user:
+        return user
+    metadata = request.get("metadata")
+    if isinstance(metadata, dict):
+        user = metadata.get("user_id")
+        if isinstance(user, str) and user:
+            return user
+    return None
+
+
+def _tags_of(event: dict[str, Any]) -> list[str]:
+    tags = ["llmproxy"]
+    for field in ("route", "environment"):
+        value = event.get(field)
+        if isinstance(value, str) and value and value not in tags:
+            tags.append(value)
+    return tags
+
+
+def _error_message(event: dict[str, Any]) -> str:
+    """``HTTP 429: Rate limit reached`` / ``timeout: no answer in 300s``: the
+    status or outcome, and the upstream's own error message when it gave one."""
+    outcome = _str(event.get("outcome")) or "error"
+    status = event.get("status")
+    head = f"HTTP {status}" if isinstance(status, int) and status >= 400 else outcome
+    detail = _str(event.get("error")) or _upstream_error(event)
+    message = f"{head}: {detail}" if detail else head
+    return message[:MAX_ERROR_CHARS]
+
+
+def _upstream_error(event: dict[str, Any]) -> str | None:
+    text = response_text(event)
+    if not text:
+        return None
+    message = _message_of(text)
+    return message[:MAX_ERROR_CHARS] or None
+
+
+def _message_of(text: str) -> str:
+    """The human part of an error body: OpenAI's/Anthropic's ``error.message``,
+    Lunary's ``message``, else the text itself."""
+    try:
+        doc = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return text
+    if isinstance(doc, dict):
+        error = doc.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return str(error["message"])
+        for key in ("message", "error"):
+            if isinstance(doc.get(key), str):
+                return str(doc[key])
+    return text
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+# -- time ------------------------------------------------------------------------------
+
+_RFC3339 = re.compile(
+    r"(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}:\d{2})(?:\.(\d{1,9})\d*)?([Zz]|[+-]\d{2}:\d{2})\Z"
+)
+
+
+def _parse_ns(text: Any) -> int | None:
+    if not isinstance(text, str):
+        return None
+    match = _RFC3339.match(text)
+    if match is None:
+        return None
+    day, clock, fraction, zone = match.groups()
+    try:
+        whole = datetime.fromisoformat(f"{day}T{clock}{'+00:00' if zone in 'Zz' else zone}")
+    except ValueError:
+        return None
+    return int(whole.timestamp()) * 1_000_000_000 + int((fraction or "").ljust(9, "0"))
+
+
+def _exchange_ns(event: dict[str, Any]) -> tuple[int, int]:
+    """The exchange's start and end in epoch ns (end never before start)."""
+    ts = event.get("ts_ns")
+    fallback = ts if isinstance(ts, int) and not isinstance(ts, bool) else None
+    start = _parse_ns(event.get("start"))
+    end = _parse_ns(event.get("end"))
+    if end is None:
+        end = fallback if fallback is not None else start
+    if start is None:
+        start = end
+    if start is None or end is None:
+        raise ValueError("no timestamps")
+    return start, max(start, end)
+
+
+def _iso_ms(ns: int) -> str:
+    """ISO 8601 with milliseconds, as JavaScript's ``Date`` writes and reads it
+    (Lunary parses timestamps with ``new Date()``)."""
+    second, rest = divmod(ns, 1_000_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)) + f".{rest // 1_000_000:03d}Z"
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).decode("utf-8", errors="replace")
+    if isinstance(value, set | frozenset | tuple):
+        return list(value)
+    return str(value)

@@ -1,0 +1,581 @@
+"""The OpenTelemetry (OTLP/HTTP JSON) sink (tests: tests/unit/test_otlp_sink.py).
+
+``endpoint`` is the collector's base URL (``http://collector:4318``, the OTLP/HTTP
+default port).  By default each batch is one ``POST {endpoint}/v1/traces`` with
+an ``ExportTraceServiceRequest`` in OTLP's JSON encoding, one span per exchange
+(``response`` events; the others are delivered trivially).  An endpoint whose
+path ends in ``/v1/logs`` sends log records instead, one per event of any kind;
+one ending in ``/v1/traces`` is used as given.
+
+OTLP/JSON rules followed (opentelemetry-proto ``docs/specification.md``): field
+names in lowerCamelCase; trace and span ids as hex strings (32 and 16 chars, not
+base64); enums as integers (``kind`` 3 = CLIENT, status ``code`` 2 = ERROR);
+64-bit integers (times in unix nanoseconds, ``intValue``) as decimal strings;
+``Content-Type: application/json``; no empty envelopes.
+
+Spans follow the OpenTelemetry GenAI semantic conventions: name
+``{gen_ai.operation.name} {gen_ai.request.model}``, kind CLIENT, the exchange's
+real start and end, ``gen_ai.operation.name`` (``chat``, ``text_completion``,
+``embeddings``… from the path), ``gen_ai.provider.name``,
+``gen_ai.request.model``, ``gen_ai.response.model``,
+``gen_ai.usage.input_tokens``/``output_tokens``,
+``gen_ai.response.finish_reasons``, ``gen_ai.conversation.id`` (the session),
+``error.type`` and status ERROR when the exchange failed (outcome not ``ok`` or
+HTTP status 400 and up), plus ``http.request.method``,
+``http.response.status_code``, ``server.address`` and ``llmproxy.*`` (request and
+session id, route, outcome…).  The resource says ``service.name=llmproxy``,
+``host.name`` and ``deployment.environment.name``.
+
+Ids are deterministic, so a span sent twice is the same span: the span id comes
+from the request id; the trace id too, unless the client sent a W3C
+``traceparent`` header — then the span joins the client's trace, as a child of
+the client's span.  Log records carry the same ids, so logs and traces of an
+exchange correlate.
+
+Answers (OTLP/HTTP "Failures"): only 429, 502, 503 and 504 are retried,
+honouring ``Retry-After``; every other non-2xx is permanent (the batch goes to
+the dead-letter file with the collector's ``Status.message``).  A 200 with
+``partialSuccess`` is never retried (the spec forbids it); the rejected count
+and message are logged as a warning, and the batch counts as delivered, since
+the collector does not say which spans it refused.
+
+``headers`` (``name=value`` pairs) are sent on every request (collector or
+vendor auth); ``api_key``, when set, is sent as ``Authorization: Bearer`` unless
+``headers`` sets ``Authorization`` itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import datetime
+from importlib import metadata
+from typing import Any, overload
+from urllib.parse import urlsplit
+
+import attrs
+import orjson
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from llmproxy.export.sink import (
+    Delivered,
+    EncodedBatch,
+    HTTPClient,
+    HTTPSink,
+    Rejected,
+    Retry,
+    Verdict,
+    parse_retry_after,
+)
+from llmproxy.settings import ExporterSettings
+
+log = Logger()
+
+DEFAULT_ENDPOINT = "http://localhost:4318"
+TRACES_PATH = "/v1/traces"
+LOGS_PATH = "/v1/logs"
+# OTLP/HTTP: "All other 4xx or 5xx response status codes MUST NOT be retried."
+RETRYABLE = frozenset({429, 502, 503, 504})
+SPAN_KIND_CLIENT = 3
+STATUS_CODE_ERROR = 2
+# SeverityNumber values of the logs data model.
+SEVERITY_INFO, SEVERITY_WARN, SEVERITY_ERROR = 9, 13, 17
+SCOPE_NAME = "llmproxy"
+SERVICE_NAME = "llmproxy"
+MAX_STATUS_MESSAGE = 1000
+
+try:
+    VERSION = metadata.version("llmproxy")
+except metadata.PackageNotFoundError:  # running from a source tree
+    VERSION = "0"
+
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}")
+
+
+def signal_url(endpoint: str) -> tuple[str, str]:
+    """``(url, signal)`` for an endpoint: a base URL sends traces; a URL ending in
+    ``/v1/logs`` or ``/v1/traces`` names its signal."""
+    base = endpoint.rstrip("/")
+    if base.endswith(LOGS_PATH):
+        return base, "logs"
+    if base.endswith(TRACES_PATH):
+        return base, "traces"
+    return base + TRACES_PATH, "traces"
+
+
+def span_ids(event: Mapping[str, Any]) -> tuple[str, str, str]:
+    """``(trace id, span id, parent span id)`` of an exchange, as lowercase hex.
+
+    The span id (8 bytes) and the default trace id (16 bytes) are derived from
+    the request id; a valid ``traceparent`` request header gives the trace id and
+    the parent.  The parent is ``""`` when there is none.
+    """
+    request_id = str(event.get("request_id") or "")
+    digest = hashlib.sha256(b"llmproxy-otlp\0" + request_id.encode("utf-8", "replace")).digest()
+    span = digest[16:24]
+    if not any(span):  # an all-zero id is invalid
+        span = span[:7] + b"\x01"
+    parent = _traceparent(event.get("request_headers"))
+    if parent is not None:
+        return parent[0], span.hex(), parent[1]
+    trace = digest[:16]
+    if not any(trace):
+        trace = trace[:15] + b"\x01"
+    return trace.hex(), span.hex(), ""
+
+
+def _traceparent(headers: Any) -> tuple[str, str] | None:
+    if not isinstance(headers, dict):
+        return None
+    value = headers.get("traceparent")
+    if isinstance(value, list):
+        value = value[0] if value else None
+    if not isinstance(value, str):
+        return None
+    match = _TRACEPARENT.match(value.strip().lower())
+    if match is None:
+        return None
+    version, trace, parent = match.groups()
+    if version == "ff" or trace == "0" * 32 or parent == "0" * 16:
+        return None
+    return trace, parent
+
+
+def operation_name(path: str) -> str:
+    """``gen_ai.operation.name`` from the request path."""
+    p = path.split("?", 1)[0].rstrip("/")
+    if p.endswith("/chat/completions"):
+        return "chat"
+    if p.endswith("/completions"):
+        return "text_completion"
+    if p.endswith("/embeddings"):
+        return "embeddings"
+    if p.endswith(("/messages", "/responses")):
+        return "chat"
+    last = p.rsplit("/", 1)[-1]
+    return last or "chat"
+
+
+@attrs.frozen
+class _Plan:
+    """What a batch becomes: the encoded request (None when there is nothing to
+    send) and the events that could not be encoded."""
+
+    source: Sequence[dict[str, Any]]
+    batch: EncodedBatch | None
+    unencodable: Mapping[int, str]
+
+    def verdict(self, answer: Verdict) -> Verdict:
+        if isinstance(answer, Delivered) and self.unencodable:
+            return Delivered(rejected={**answer.rejected, **self.unencodable})
+        return answer
+
+
+class _PlannedBatch(Sequence[dict[str, Any]]):
+    """The batch handed to ``HTTPSink.deliver`` with its encoding, so ``encode``
+    does not build it twice."""
+
+    def __init__(self, plan: _Plan) -> None:
+        self.plan = plan
+
+    @overload
+    def __getitem__(self, index: int) -> dict[str, Any]: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[dict[str, Any]]: ...
+
+    def __getitem__(self, index: int | slice) -> dict[str, Any] | Sequence[dict[str, Any]]:
+        return self.plan.source[index]
+
+    def __len__(self) -> int:
+        return len(self.plan.source)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.plan.source)
+
+
+@attrs.define(kw_only=True)
+class OTLPSink(HTTPSink):
+    """Exports exchanges as OTLP spans (or log records).  Build it with
+    :meth:`from_settings`."""
+
+    _authorization: str = attrs.field(default="", repr=False)
+    _extra_headers: tuple[tuple[str, str], ...] = attrs.field(default=(), repr=False)
+    _signal: str = attrs.field(default="traces", init=False)
+    _headers: dict[str, str] = attrs.field(factory=dict, init=False, repr=False)
+    _secrets: tuple[str, ...] = attrs.field(default=(), init=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.url, self._signal = signal_url(self.url)
+        headers = {"Content-Type": "application/json"}
+        if self._authorization and not any(
+            name.lower() == "authorization" for name, _ in self._extra_headers
+        ):
+            headers["Authorization"] = self._authorization
+        headers.update(self._extra_headers)
+        self._headers = headers
+        # Header values may be credentials (vendor keys); short ones are not worth
+        # masking and would garble reasons.
+        secrets = {self._authorization, *(v for _, v in self._extra_headers if len(v) >= 8)}
+        secrets.add(self._authorization.partition(" ")[2])
+        self._secrets = tuple(sorted((s for s in secrets if len(s) >= 4), key=len, reverse=True))
+
+    @property
+    def signal(self) -> str:
+        """``traces`` or ``logs``."""
+        return self._signal
+
+    @classmethod
+    def from_settings(
+        cls, settings: ExporterSettings, *, client: HTTPClient, clock: IReactorTime
+    ) -> OTLPSink:
+        """A sink for one ``[exporter:NAME]`` section of ``type = otlp``."""
+        where = f"exporter:{settings.name}"
+        endpoint = settings.endpoint or DEFAULT_ENDPOINT
+        parts = urlsplit(endpoint)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{where}: endpoint must be an http(s) URL of an OTLP/HTTP receiver")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError(f"{where}: endpoint must not carry credentials (use headers)")
+        for name, _ in settings.headers:
+            if not name or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
+                raise ValueError(f"{where}: headers: {name!r} is not a valid header name")
+        return cls(
+            name=settings.name,
+            url=endpoint,
+            client=client,
+            clock=clock,
+            timeout=settings.timeout,
+            authorization=f"Bearer {settings.api_key}" if settings.api_key else "",
+            extra_headers=tuple(settings.headers),
+        )
+
+    # -- deliver -----------------------------------------------------------------
+
+    def deliver(self, events: Sequence[dict[str, Any]]) -> Deferred[Verdict]:
+        try:
+            plan = self._plan(events)
+        except Exception:
+            return fail()  # a bug here, not in one event: the exporter logs and retries
+        if plan.batch is None:
+            # OTLP: senders SHOULD NOT create empty envelopes.
+            return succeed(Delivered(rejected=dict(plan.unencodable)))
+        d = super().deliver(_PlannedBatch(plan))
+        d.addCallback(plan.verdict)
+        return d
+
+    # -- encode ------------------------------------------------------------------
+
+    def encode(self, events: Sequence[dict[str, Any]]) -> EncodedBatch:
+        plan = events.plan if isinstance(events, _PlannedBatch) else self._plan(events)
+        if plan.batch is None:
+            raise ValueError("nothing to export in this batch")
+        return plan.batch
+
+    def _plan(self, events: Sequence[dict[str, Any]]) -> _Plan:
+        logs = self._signal == "logs"
+        now_ns = int(self._clock.seconds() * 1e9)  # type: ignore[misc]  # zope method
+        groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        unencodable: dict[int, str] = {}
+        count = 0
+        for index, event in enumerate(events):
+            if not logs and event.get("type") != "response":
+                continue
+            try:
+                item = _log_record(event, now_ns) if logs else _span(event)
+            except Exception as e:
+                unencodable[index] = f"could not encode for OTLP ({type(e).__name__})"
+                continue
+            key = (str(event.get("environment") or ""), str(event.get("machine") or ""))
+            groups.setdefault(key, []).append(item)
+            count += 1
+        if not count:
+            return _Plan(events, None, unencodable)
+        scope = {"name": SCOPE_NAME, "version": VERSION}
+        resources = []
+        for (environment, machine), items in groups.items():
+            resource = {"attributes": _resource_attributes(environment, machine)}
+            if logs:
+                resources.append(
+                    {"resource": resource, "scopeLogs": [{"scope": scope, "logRecords": items}]}
+                )
+            else:
+                resources.append(
+                    {"resource": resource, "scopeSpans": [{"scope": scope, "spans": items}]}
+                )
+        doc = {"resourceLogs": resources} if logs else {"resourceSpans": resources}
+        body = orjson.dumps(doc)
+        return _Plan(events, EncodedBatch(body=body, headers=dict(self._headers)), unencodable)
+
+    # -- judge -------------------------------------------------------------------
+
+    def judge(self, status: int, headers: dict[str, str], body: bytes) -> Verdict:
+        if 200 <= status < 300:
+            self._note_partial_success(body)
+            return Delivered()
+        message = self._redact(_status_message(headers, body))
+        reason = f"HTTP {status}: {message}" if message else f"HTTP {status}"
+        if status in RETRYABLE:
+            now = self._clock.seconds()  # type: ignore[misc]  # zope method, no mypy-zope
+            return Retry(reason, parse_retry_after(headers.get("retry-after"), now))
+        return Rejected(reason)
+
+    def _note_partial_success(self, body: bytes) -> None:
+        try:
+            doc = orjson.loads(body) if body else None
+        except orjson.JSONDecodeError:
+            return
+        partial = doc.get("partialSuccess") if isinstance(doc, dict) else None
+        if not isinstance(partial, dict):
+            return
+        field = "rejectedLogRecords" if self._signal == "logs" else "rejectedSpans"
+        rejected = _int64(partial.get(field))
+        message = self._redact(str(partial.get("errorMessage") or ""))[:MAX_STATUS_MESSAGE]
+        if rejected:
+            log.warn(
+                "exporter {name}: the OTLP receiver refused {n} {what} of a batch (partial "
+                "success, not retried): {message}",
+                name=self.name,
+                n=rejected,
+                what="log records" if self._signal == "logs" else "spans",
+                message=message or "(no message)",
+            )
+        elif message:
+            log.info(
+                "exporter {name}: OTLP receiver says: {message}", name=self.name, message=message
+            )
+
+    def _redact(self, text: str) -> str:
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, "***")
+        return text
+
+
+# -- spans and log records -------------------------------------------------------------
+
+
+def _span(event: dict[str, Any]) -> dict[str, Any]:
+    trace_id, span_id, parent = span_ids(event)
+    start_ns, end_ns = _exchange_ns(event)
+    operation = operation_name(str(event.get("path") or ""))
+    model = _str(event.get("request_model")) or _str(event.get("model"))
+    attributes = _exchange_attributes(event, operation)
+    status = event.get("status")
+    error = _error_type(event)
+    span: dict[str, Any] = {
+        "traceId": trace_id,
+        "spanId": span_id,
+        "name": f"{operation} {model}" if model else operation,
+        "kind": SPAN_KIND_CLIENT,
+        "startTimeUnixNano": str(start_ns),
+        "endTimeUnixNano": str(end_ns),
+        "attributes": attributes,
+        "status": {},
+    }
+    if parent:
+        span["parentSpanId"] = parent
+    if error is not None:
+        attributes.append(_kv("error.type", error))
+        detail = _str(event.get("error"))
+        message = f"HTTP {status}" if isinstance(status, int) and status >= 400 else error
+        if detail:
+            message = f"{message}: {detail}"
+        span["status"] = {"code": STATUS_CODE_ERROR, "message": message[:MAX_STATUS_MESSAGE]}
+    return span
+
+
+def _log_record(event: dict[str, Any], now_ns: int) -> dict[str, Any]:
+    trace_id, span_id, _ = span_ids(event)
+    ts = event.get("ts_ns")
+    time_ns = ts if isinstance(ts, int) and not isinstance(ts, bool) and ts >= 0 else now_ns
+    kind = str(event.get("type") or "")
+    severity, text = SEVERITY_INFO, "INFO"
+    if kind == "response":
+        error = _error_type(event)
+        status = event.get("status")
+        if error is not None:
+            server_side = event.get("outcome") in ("upstream_error", "timeout") or (
+                isinstance(status, int) and status >= 500
+            )
+            severity, text = (SEVERITY_ERROR, "ERROR") if server_side else (SEVERITY_WARN, "WARN")
+    attributes = [_kv("llmproxy.type", kind)]
+    if kind == "response":
+        attributes.extend(_exchange_attributes(event, operation_name(str(event.get("path") or ""))))
+    else:
+        for field in ("request_id", "session_id", "route"):
+            value = event.get(field)
+            if value is not None and value != "":
+                attributes.append(_kv(f"llmproxy.{field}", value))
+    return {
+        "timeUnixNano": str(time_ns),
+        "observedTimeUnixNano": str(now_ns),
+        "severityNumber": severity,
+        "severityText": text,
+        "body": {"stringValue": orjson.dumps(event, default=str).decode("utf-8")},
+        "attributes": attributes,
+        "traceId": trace_id,
+        "spanId": span_id,
+        "eventName": f"llmproxy.{kind}" if kind else "llmproxy.event",
+    }
+
+
+def _exchange_attributes(event: dict[str, Any], operation: str) -> list[dict[str, Any]]:
+    attributes = [_kv("gen_ai.operation.name", operation)]
+    provider = _str(event.get("provider"))
+    if provider:
+        attributes.append(_kv("gen_ai.provider.name", provider))
+    for key, field in (
+        ("gen_ai.request.model", "request_model"),
+        ("gen_ai.response.model", "response_model"),
+    ):
+        value = _str(event.get(field))
+        if value:
+            attributes.append(_kv(key, value))
+    usage = event.get("usage")
+    if isinstance(usage, dict):
+        for key, field in (
+            ("gen_ai.usage.input_tokens", "input_tokens"),
+            ("gen_ai.usage.output_tokens", "output_tokens"),
+        ):
+            value = usage.get(field)
+            if isinstance(value, int) and not isinstance(value, bool):
+                attributes.append(_kv(key, value))
+    reasons = event.get("finish_reasons")
+    if isinstance(reasons, list) and reasons:
+        attributes.append(_kv("gen_ai.response.finish_reasons", [str(r) for r in reasons]))
+    session = _str(event.get("session_id"))
+    if session:
+        attributes.append(_kv("gen_ai.conversation.id", session))
+    for key, field in (
+        ("http.request.method", "method"),
+        ("http.response.status_code", "status"),
+        ("server.address", "upstream_host"),
+        ("client.address", "client_addr"),
+        ("llmproxy.request_id", "request_id"),
+        ("llmproxy.session_id", "session_id"),
+        ("llmproxy.seq", "seq"),
+        ("llmproxy.route", "route"),
+        ("llmproxy.outcome", "outcome"),
+        ("llmproxy.cache_status", "cache_status"),
+        ("llmproxy.stream", "is_stream"),
+        ("llmproxy.ttfb_ms", "ttfb_ms"),
+    ):
+        value = event.get(field)
+        if value is not None and value != "":
+            attributes.append(_kv(key, value))
+    return attributes
+
+
+def _error_type(event: dict[str, Any]) -> str | None:
+    """``error.type`` of a failed exchange (the status code, else the outcome);
+    None when it went well."""
+    status = event.get("status")
+    if isinstance(status, int) and not isinstance(status, bool) and status >= 400:
+        return str(status)
+    outcome = event.get("outcome")
+    if outcome is not None and outcome != "ok":
+        return str(outcome)
+    return None
+
+
+def _resource_attributes(environment: str, machine: str) -> list[dict[str, Any]]:
+    attributes = [_kv("service.name", SERVICE_NAME), _kv("service.version", VERSION)]
+    host = machine.rpartition("@")[2]
+    if host:
+        attributes.append(_kv("host.name", host))
+    if environment:
+        attributes.append(_kv("deployment.environment.name", environment))
+    return attributes
+
+
+def _kv(key: str, value: Any) -> dict[str, Any]:
+    return {"key": key, "value": _any_value(value)}
+
+
+def _any_value(value: Any) -> dict[str, Any]:
+    """An OTLP ``AnyValue`` (proto3 JSON: int64 as a decimal string)."""
+    if isinstance(value, bool):
+        return {"boolValue": value}
+    if isinstance(value, int):
+        if -(1 << 63) <= value < 1 << 63:
+            return {"intValue": str(value)}
+        return {"stringValue": str(value)}
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            return {"stringValue": str(value)}
+        return {"doubleValue": value}
+    if isinstance(value, list | tuple):
+        return {"arrayValue": {"values": [_any_value(v) for v in value]}}
+    return {"stringValue": str(value)}
+
+
+def _status_message(headers: dict[str, str], body: bytes) -> str:
+    """The receiver's ``Status.message`` (JSON), else the start of a text body."""
+    if "protobuf" in headers.get("content-type", ""):
+        return "(binary protobuf status)"
+    text = body.decode("utf-8", errors="replace").strip()
+    try:
+        doc = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return text[:500]
+    if isinstance(doc, dict) and isinstance(doc.get("message"), str):
+        return str(doc["message"])[:MAX_STATUS_MESSAGE]
+    return text[:500]
+
+
+def _int64(value: Any) -> int:
+    """A proto3 JSON int64: a number or a decimal string."""
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            return 0
+    return 0
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+# -- time ------------------------------------------------------------------------------
+
+_RFC3339 = re.compile(
+    r"(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}:\d{2})(?:\.(\d{1,9})\d*)?([Zz]|[+-]\d{2}:\d{2})\Z"
+)
+
+
+def _parse_ns(text: Any) -> int | None:
+    if not isinstance(text, str):
+        return None
+    match = _RFC3339.match(text)
+    if match is None:
+        return None
+    day, clock, fraction, zone = match.groups()
+    try:
+        whole = datetime.fromisoformat(f"{day}T{clock}{'+00:00' if zone in 'Zz' else zone}")
+    except ValueError:
+        return None
+    return int(whole.timestamp()) * 1_000_000_000 + int((fraction or "").ljust(9, "0"))
+
+
+def _exchange_ns(event: dict[str, Any]) -> tuple[int, int]:
+    """The exchange's start and end in epoch ns (end never before start)."""
+    ts = event.get("ts_ns")
+    fallback = ts if isinstance(ts, int) and not isinstance(ts, bool) else None
+    start = _parse_ns(event.get("start"))
+    end = _parse_ns(event.get("end"))
+    if end is None:
+        end = fallback if fallback is not None else start
+    if start is None:
+        start = end
+    if start is None or end is None:
+        raise ValueError("no timestamps")
+    return start, max(start, end)

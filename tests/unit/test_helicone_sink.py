@@ -1,0 +1,482 @@
+"""The Helicone sink: the log body of each kind of exchange, and how one batch of
+several POSTs turns into one verdict, against the fake Helicone through StubTreq."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+from treq.testing import StubTreq
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+
+from llmproxy.export.sink import Delivered, Rejected, Retry, Sink
+from llmproxy.export.sinks.helicone import HeliconeSink, helicone_request_id, log_body, log_url
+from llmproxy.settings import ExporterSettings
+from tests.fakes.helicone import DEFAULT_KEY, FakeHelicone, Hang, Respond, StoredLog
+from tests.unit.test_lunary_sink import (
+    OPENAI_REQUEST,
+    OPENAI_RESPONSE,
+    NoClient,
+    RefusingClient,
+    anthropic_json,
+    anthropic_record,
+    anthropic_stream,
+    at_now,
+    binary_audio,
+    openai_json,
+    openai_stream,
+    plain_text,
+    rate_limited,
+    reasons_of,
+    request_only,
+    timed_out,
+    verdict_of,
+)
+from tests.unit.test_lunary_sink import _finish as finish
+
+EU = "https://eu.api.worker.helicone.ai/custom/v1/log"
+OK = Respond(200, b"ok", store=True)  # a scripted answer that stores the log, as Helicone would
+
+
+def settings(**kw: Any) -> ExporterSettings:
+    kw.setdefault("api_key", DEFAULT_KEY)
+    return ExporterSettings(name="helicone", type="helicone", **kw)
+
+
+class LaterClient:
+    """StubTreq's answers, each given ``delay`` seconds later on the clock, so
+    several requests can be in flight at once; counts them."""
+
+    def __init__(self, stub: StubTreq, clock: Clock, delay: float) -> None:
+        self._stub, self._clock, self._delay = stub, clock, delay
+        self.in_flight = 0
+        self.max_in_flight = 0
+
+    def request(self, method: str, url: str, **kwargs: Any) -> Deferred[Any]:
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        d: Deferred[Any] = Deferred()
+
+        def answer() -> None:
+            self.in_flight -= 1
+            self._stub.request(method, url, **kwargs).chainDeferred(d)
+
+        self._clock.callLater(self._delay, answer)
+        return d
+
+
+def against_fake(
+    concurrency: int = 4, remember: int = 65536, later: float | None = None, **kw: Any
+) -> tuple[HeliconeSink, FakeHelicone, Clock]:
+    clock = at_now()
+    fake = FakeHelicone(clock=clock)
+    client: Any = StubTreq(fake)
+    if later is not None:
+        client = LaterClient(client, clock, later)
+    base = HeliconeSink.from_settings(settings(**kw), client=client, clock=clock)
+    sink = HeliconeSink(
+        name=base.name,
+        url=base.url,
+        client=client,
+        clock=clock,
+        timeout=kw.get("timeout", 10.0),
+        api_key=kw.get("api_key", DEFAULT_KEY),
+        extra_headers=tuple(kw.get("headers", ())),
+        concurrency=concurrency,
+        remember=remember,
+    )
+    return sink, fake, clock
+
+
+def stored(fake: FakeHelicone, request_id: str) -> StoredLog:
+    return fake.by_id[helicone_request_id(request_id)]
+
+
+# -- construction ----------------------------------------------------------------------
+
+
+def test_it_is_a_sink_posting_to_the_us_worker_by_default() -> None:
+    sink = HeliconeSink.from_settings(settings(), client=NoClient(), clock=at_now())
+    assert isinstance(sink, Sink)
+    assert sink.url == "https://api.worker.helicone.ai/custom/v1/log"
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "url"),
+    [
+        (EU, EU),
+        ("https://eu.api.worker.helicone.ai", EU),
+        (
+            "http://localhost:8585/v1/trace/custom/v1/log",
+            "http://localhost:8585/v1/trace/custom/v1/log",
+        ),
+    ],
+)
+def test_the_endpoint_is_configurable(endpoint: str, url: str) -> None:
+    assert log_url(endpoint) == url
+    sink = HeliconeSink.from_settings(
+        settings(endpoint=endpoint), client=NoClient(), clock=at_now()
+    )
+    assert sink.url == url
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"endpoint": "api.helicone.ai"}, "endpoint must be an http"),
+        ({"endpoint": "https://k:s@api.worker.helicone.ai"}, "endpoint must not carry"),
+        ({"api_key": ""}, "api_key .* is required"),
+    ],
+)
+def test_bad_settings_are_config_errors(kw: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=f"exporter:helicone: {message}"):
+        HeliconeSink.from_settings(settings(**kw), client=NoClient(), clock=at_now())
+
+
+def test_the_helicone_request_id_is_a_uuid_derived_from_the_request_id() -> None:
+    assert helicone_request_id("req-1") == helicone_request_id("req-1") != helicone_request_id("r")
+    assert uuid.UUID(helicone_request_id("req-1")).version == 5
+
+
+# -- the log body ------------------------------------------------------------------------
+
+
+def test_an_openai_exchange_is_logged_with_its_request_response_and_timing() -> None:
+    sink, fake, _ = against_fake()
+    assert verdict_of(sink.deliver([openai_json()])) == Delivered()
+
+    log = stored(fake, "req-oa-json")
+    assert fake.requests[-1].authorization == f"Bearer {DEFAULT_KEY}"
+    assert log.provider_request["url"] == "https://api.openai.com/v1/chat/completions"
+    assert log.request_json == OPENAI_REQUEST
+    assert log.response_json == OPENAI_RESPONSE
+    assert log.provider_response["status"] == 200
+    assert log.provider_response["headers"] == {
+        "content-type": "application/json",
+        "x-request-id": "up-1",
+    }
+    assert log.timing == {
+        "startTime": {"seconds": 1_795_419_612, "milliseconds": 250},
+        "endTime": {"seconds": 1_795_419_612, "milliseconds": 750},
+    }
+
+
+def test_meta_carries_the_provider_the_ids_and_properties() -> None:
+    sink, fake, _ = against_fake()
+    verdict_of(sink.deliver([openai_json()]))
+
+    log = stored(fake, "req-oa-json")
+    assert log.provider == "openai"
+    assert log.user_id == "alice"
+    assert log.meta["helicone-request-id"] == helicone_request_id("req-oa-json")
+    assert log.properties == {
+        "request-id": "req-oa-json",
+        "session-id": "sess-1",
+        "seq": "2",
+        "route": "openai",
+        "environment": "prod",
+        "machine": "proxy@host1",
+        "outcome": "ok",
+        "upstream-host": "api.openai.com",
+        "usage": "upstream",
+        # The request's own metadata (OpenAI's stored-completion tags).
+        "team": "search",
+        "ticket": "T-9",
+    }
+
+
+def test_a_stream_is_merged_into_one_response_with_time_to_first_token() -> None:
+    sink, fake, _ = against_fake()
+    verdict_of(sink.deliver([openai_stream()]))
+
+    log = stored(fake, "req-oa-sse")
+    response = log.response_json
+    assert response["object"] == "chat.completion"
+    assert response["choices"][0]["message"] == {"role": "assistant", "content": "Grüß dich"}
+    assert response["usage"] == {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}
+    assert log.time_to_first_token == 100
+    assert log.request_json["stream"] is True
+
+
+def test_missing_usage_is_estimated_and_marked() -> None:
+    sink, fake, _ = against_fake()
+    verdict_of(sink.deliver([openai_stream(usage=False)]))
+
+    log = stored(fake, "req-oa-sse")
+    # "Be brief." + "Say hi" = 15 characters, "Grüß dich" = 9, at 4 per token.
+    assert log.response_json["usage"] == {
+        "prompt_tokens": 4,
+        "completion_tokens": 3,
+        "total_tokens": 7,
+    }
+    assert log.response_json["llmproxy_usage_estimated"] is True
+    assert log.properties["usage"] == "estimated"
+
+
+def test_an_anthropic_exchange_is_logged_as_anthropic() -> None:
+    sink, fake, _ = against_fake()
+    verdict_of(sink.deliver([anthropic_json(), anthropic_stream()]))
+
+    plain = stored(fake, "req-an-json")
+    assert plain.provider == "anthropic"
+    assert plain.user_id == "bob"
+    assert plain.response_json["usage"]["cache_read_input_tokens"] == 4
+    merged = stored(fake, "req-an-sse").response_json
+    assert merged["type"] == "message"
+    assert merged["content"] == [{"type": "text", "text": "Hello"}]
+    assert merged["usage"] == {"input_tokens": 10, "output_tokens": 4}
+
+
+def test_anthropic_usage_is_estimated_in_anthropics_shape() -> None:
+    record = anthropic_record("req-an-nousage", {"model": "claude-x", "messages": []})
+    body = b'{"type":"message","role":"assistant","content":[{"type":"text","text":"12345678"}]}'
+    event = finish(record, 200, b"application/json", [body])
+
+    usage = log_body(event)["providerResponse"]["json"]["usage"]
+
+    assert usage == {"input_tokens": 0, "output_tokens": 2}
+
+
+def test_the_provider_is_detected_from_the_host_when_the_route_does_not_say() -> None:
+    event = openai_json()
+    event["provider"] = ""
+    assert log_body(event)["providerRequest"]["meta"]["Helicone-Provider"] == "openai"
+    event["upstream_host"] = "llm.internal"
+    assert log_body(event)["providerRequest"]["meta"]["Helicone-Provider"] == "openai"  # body shape
+
+
+def test_an_error_response_is_logged_as_is_without_invented_usage() -> None:
+    sink, fake, _ = against_fake()
+    verdict_of(sink.deliver([rate_limited()]))
+
+    log = stored(fake, "req-429")
+    assert log.provider_response["status"] == 429
+    assert log.response_json["error"]["code"] == "rate_limit_exceeded"
+    assert "usage" not in log.response_json
+    assert "usage" not in log.properties
+
+
+def test_a_timeout_without_status_is_logged_with_status_0_and_a_note() -> None:
+    sink, fake, _ = against_fake()
+    verdict_of(sink.deliver([timed_out()]))
+
+    log = stored(fake, "req-timeout")
+    assert log.provider_response["status"] == 0
+    assert log.response_json == {}
+    assert log.provider_response["note"] == "no response body was captured"
+    assert log.properties["outcome"] == "timeout"
+
+
+def test_a_non_json_body_goes_as_text_body_with_an_empty_json() -> None:
+    sink, fake, _ = against_fake()
+    verdict_of(sink.deliver([plain_text()]))
+
+    log = stored(fake, "req-text")
+    assert log.response_json == {}
+    assert log.provider_response["textBody"] == "pong from a plain server"
+    assert "not a JSON object" in log.provider_response["note"]
+    assert log.response_body == "pong from a plain server"
+
+
+def test_a_binary_body_goes_as_base64_with_an_empty_json() -> None:
+    sink, fake, _ = against_fake()
+    verdict_of(sink.deliver([binary_audio()]))
+
+    log = stored(fake, "req-audio")
+    assert log.response_json == {}
+    assert log.provider_response["base64"] == "//uQAAABAv4="
+    assert "base64" in log.provider_response["note"]
+
+
+def test_a_request_body_that_is_not_json_is_carried_as_text() -> None:
+    event = openai_json()
+    event["request_body"]["text"] = '{"model": "gpt-4o-mini", "messages": [{"ro'  # cut at the cap
+    request = log_body(event)["providerRequest"]["json"]
+    assert request["text"].startswith('{"model"')
+    assert "not captured as a JSON object" in request["llmproxy_note"]
+
+
+def test_timing_never_has_the_end_before_the_start() -> None:
+    event = openai_json()
+    event["end"] = "2026-11-23T07:40:11.000000000Z"
+    timing = log_body(event)["timing"]
+    assert (
+        timing["endTime"] == timing["startTime"] == {"seconds": 1_795_419_612, "milliseconds": 250}
+    )
+
+
+# -- batches and verdicts ----------------------------------------------------------------
+
+
+def test_each_exchange_is_its_own_post_and_request_events_are_skipped() -> None:
+    sink, fake, _ = against_fake()
+    batch = [request_only(), openai_json(), anthropic_json(), request_only("x"), openai_stream()]
+
+    assert verdict_of(sink.deliver(batch)) == Delivered()
+    assert fake.request_count == 3
+    assert len(fake.logs) == 3
+
+
+def test_a_batch_of_request_events_is_delivered_without_a_request() -> None:
+    sink, fake, _ = against_fake()
+    assert verdict_of(sink.deliver([request_only("a"), request_only("b")])) == Delivered()
+    assert fake.request_count == 0
+
+
+def test_a_400_refuses_that_event_alone() -> None:
+    sink, fake, _ = against_fake(concurrency=1)
+    fake.fail_next(OK, Respond(400, b'{"error": "Invalid timing structure or value type"}'))
+
+    verdict = verdict_of(sink.deliver([openai_json(), anthropic_json(), openai_stream()]))
+
+    assert verdict == Delivered(rejected={1: "HTTP 400: Invalid timing structure or value type"})
+    assert fake.request_count == 3
+
+
+def test_a_refused_key_rejects_the_batch_and_stops_sending() -> None:
+    sink, fake, _ = against_fake(concurrency=1, api_key="sk-helicone-revoked-000000")
+
+    verdict = verdict_of(sink.deliver([openai_json(), anthropic_json(), openai_stream()]))
+
+    assert isinstance(verdict, Rejected)
+    assert verdict.reason.startswith("HTTP 401:")
+    assert "sk-helicone-revoked-000000" not in verdict.reason
+    assert fake.request_count == 1
+
+
+def test_a_retryable_failure_midway_retries_the_whole_batch_and_stops_sending() -> None:
+    sink, fake, _ = against_fake(concurrency=1)
+    fake.fail_next(OK, Respond(503, b"upstream connect error"))
+    batch = [openai_json(), anthropic_json(), openai_stream()]
+
+    assert verdict_of(sink.deliver(batch)) == Retry("HTTP 503: upstream connect error", None)
+    assert fake.request_count == 2
+    assert len(fake.logs) == 1
+
+
+def test_a_retried_batch_sends_only_what_was_not_delivered() -> None:
+    sink, fake, _ = against_fake(concurrency=1)
+    fake.fail_next(OK, 503)
+    batch = [openai_json(), anthropic_json(), openai_stream()]
+    verdict_of(sink.deliver(batch))
+
+    assert verdict_of(sink.deliver(batch)) == Delivered()
+    assert fake.request_count == 4  # 1 ok + 1 failed, then the 2 left
+    assert len(fake.logs) == 3
+    assert fake.duplicates == 0
+
+
+def test_a_refusal_is_remembered_across_a_retry() -> None:
+    sink, fake, _ = against_fake(concurrency=1)
+    fake.fail_next(Respond(400, b'{"error": "bad"}'), 503)
+    batch = [openai_json(), anthropic_json()]
+    assert isinstance(verdict_of(sink.deliver(batch)), Retry)
+
+    assert verdict_of(sink.deliver(batch)) == Delivered(rejected={0: "HTTP 400: bad"})
+    assert fake.request_count == 3
+
+
+def test_after_a_restart_a_resent_log_is_the_same_helicone_request() -> None:
+    clock = at_now()
+    fake = FakeHelicone(clock=clock)
+    for _ in range(2):  # two sink instances: the second knows nothing of the first
+        sink = HeliconeSink.from_settings(settings(), client=StubTreq(fake), clock=clock)
+        assert verdict_of(sink.deliver([openai_json()])) == Delivered()
+
+    assert len(fake.logs) == 1
+    assert fake.duplicates == 1
+
+
+def test_what_is_remembered_is_bounded() -> None:
+    sink, fake, _ = against_fake(remember=2)
+    verdict_of(sink.deliver([openai_json("a"), openai_json("b"), openai_json("c")]))
+
+    verdict_of(sink.deliver([openai_json("a"), openai_json("c")]))
+
+    assert fake.request_count == 4  # "a" was forgotten and sent again, "c" was not
+    assert fake.duplicates == 1
+
+
+def test_a_200_with_an_error_is_retried() -> None:
+    sink, fake, _ = against_fake()
+    fake.fail_next(Respond(200, b'{"error": "Error inserting into clickhouse"}'))
+
+    verdict = verdict_of(sink.deliver([openai_json()]))
+
+    assert verdict == Retry(
+        "HTTP 200: Helicone could not store the log: Error inserting into clickhouse", None
+    )
+
+
+def test_rate_limits_are_retried_after_the_longest_retry_after() -> None:
+    sink, fake, clock = against_fake(concurrency=2, later=1.0)
+    fake.fail_next(
+        Respond(429, headers={"Retry-After": "3"}), Respond(429, headers={"Retry-After": "9"})
+    )
+    d = sink.deliver([openai_json(), anthropic_json(), openai_stream()])
+
+    clock.advance(1.0)
+
+    assert verdict_of(d) == Retry("HTTP 429", 9.0)
+    assert fake.request_count == 2  # the third was never sent
+
+
+def test_at_most_concurrency_posts_are_in_flight() -> None:
+    sink, fake, clock = against_fake(concurrency=2, later=1.0)
+    d = sink.deliver([openai_json(str(i)) for i in range(5)])
+    client = sink._client
+    assert isinstance(client, LaterClient)
+
+    assert client.in_flight == 2
+    clock.pump([1.0] * 3)
+
+    assert verdict_of(d) == Delivered()
+    assert client.max_in_flight == 2
+    assert len(fake.logs) == 5
+
+
+def test_a_hung_post_is_retried_after_the_timeout() -> None:
+    sink, fake, clock = against_fake(timeout=5.0)
+    fake.fail_next(Hang())
+    d = sink.deliver([openai_json()])
+
+    clock.advance(5.0)
+
+    assert verdict_of(d) == Retry("timed out after 5s")
+
+
+def test_a_connection_failure_is_retried() -> None:
+    sink = HeliconeSink.from_settings(settings(), client=RefusingClient(), clock=at_now())
+    assert verdict_of(sink.deliver([openai_json()])) == Retry("connection refused")
+
+
+def test_an_event_that_cannot_be_encoded_is_rejected_alone() -> None:
+    sink, fake, _ = against_fake()
+    broken = openai_json("req-broken")
+    del broken["request_id"]
+
+    verdict = verdict_of(sink.deliver([broken, anthropic_json()]))
+
+    assert isinstance(verdict, Delivered)
+    assert list(verdict.rejected) == [0] and "could not encode" in verdict.rejected[0]
+    assert len(fake.logs) == 1
+
+
+def test_extra_headers_are_sent() -> None:
+    sink, fake, _ = against_fake(headers=(("Helicone-Target-Url", "https://x.example"),))
+    verdict_of(sink.deliver([openai_json()]))
+    assert fake.requests[-1].headers["helicone-target-url"] == "https://x.example"
+
+
+@pytest.mark.parametrize("status", [200, 400, 401, 429, 500])
+def test_the_key_never_appears_in_a_verdict(status: int) -> None:
+    sink, fake, _ = against_fake()
+    echo = f'{{"error": "rejected header Authorization: Bearer {DEFAULT_KEY}"}}'.encode()
+    fake.fail_next(Respond(status, echo))
+
+    reasons = reasons_of(verdict_of(sink.deliver([openai_json()])))
+
+    assert reasons and all(DEFAULT_KEY not in r for r in reasons)
+    assert "***" in reasons[0]
