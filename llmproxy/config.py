@@ -287,7 +287,7 @@ def _check_url(url: str) -> str | None:
     return None
 
 
-def _validate(settings: Settings, problems: list[str]) -> None:
+def _validate(settings: Settings, problems: list[str], check_sinks: bool = True) -> None:
     s = settings.server
     for key in ("listen", "admin_listen"):
         value = getattr(s, key)
@@ -367,7 +367,11 @@ def _validate(settings: Settings, problems: list[str]) -> None:
             problems.append(f"{sec}.backoff_max: must be >= backoff_min > 0")
         if e.max_retries < 0:
             problems.append(f"{sec}.max_retries: must be 0 or more")
-        if e.type in EXPORTER_TYPES and not any(p.startswith(sec) for p in problems):
+        if (
+            check_sinks
+            and e.type in EXPORTER_TYPES
+            and not any(p.startswith(sec) for p in problems)
+        ):
             why = _check_sink(e, settings.server.state_dir)
             if why:
                 problems.append(why)
@@ -419,9 +423,7 @@ def resolve_secret(value: str, env: Mapping[str, str], base: Path) -> str:
     return found
 
 
-def _resolve_route_keys(
-    settings: Settings, env: Mapping[str, str], problems: list[str]
-) -> Settings:
+def _resolve_secrets(settings: Settings, env: Mapping[str, str], problems: list[str]) -> Settings:
     base = settings.server.state_dir.expanduser().absolute()
     routes = []
     for r in settings.routes:
@@ -440,7 +442,19 @@ def _resolve_route_keys(
                 f"route:{r.name}.api_key: contains spaces, control or non-ASCII characters"
             )
         routes.append(attrs.evolve(r, api_key=key))
-    return attrs.evolve(settings, routes=tuple(routes))
+    exporters = []
+    for exporter in settings.exporters:
+        changes = {}
+        for key in ("api_key", "password", "bearer_token"):
+            value = getattr(exporter, key)
+            if not value:
+                continue
+            try:
+                changes[key] = resolve_secret(value, env, base)
+            except ValueError as err:
+                problems.append(f"exporter:{exporter.name}.{key}: {err}")
+        exporters.append(attrs.evolve(exporter, **changes) if changes else exporter)
+    return attrs.evolve(settings, routes=tuple(routes), exporters=tuple(exporters))
 
 
 def load_settings(
@@ -515,8 +529,9 @@ def load_settings(
     if audit_path is not None:
         settings = attrs.evolve(settings, audit_path=audit_path)
     if resolve_secrets:
-        settings = _resolve_route_keys(settings, env, problems)
-    _validate(settings, problems)
+        settings = _resolve_secrets(settings, env, problems)
+    # Sinks check their keys (e.g. Lunary's project id): only once they are resolved.
+    _validate(settings, problems, check_sinks=resolve_secrets)
     if problems:
         raise ConfigError(problems)
     return resolve_paths(settings)

@@ -174,3 +174,22 @@ def test_a_duplicate_key_is_one_clear_problem() -> None:
     found = problems("[exporter:a]\ntype = file\ntimeout = 1\ntimeout = 2\n")
     assert len(found) == 1
     assert "'timeout'" in found[0] and "already exists" in found[0]
+
+
+def test_exporter_secrets_come_from_the_environment_or_a_file(tmp_path: Path) -> None:
+    (tmp_path / "loki.pw").write_text("hunter2-from-file\n")
+    s = load_settings(
+        text=f"[server]\nstate_dir = {tmp_path}\n"
+        "[exporter:l]\ntype = loki\nurl = http://loki:3100\nusername = u\n"
+        "password = file:loki.pw\n"
+        "[exporter:o]\ntype = otlp\napi_key = env:OTLP_KEY\n",
+        env={"OTLP_KEY": "k-from-env"},
+    )
+    by_name = {e.name: e for e in s.exporters}
+    assert by_name["l"].password == "hunter2-from-file"
+    assert by_name["o"].api_key == "k-from-env"
+
+
+def test_missing_exporter_secret_is_a_problem_naming_the_key() -> None:
+    found = problems("[exporter:o]\ntype = otlp\napi_key = env:NOPE\n")
+    assert found == ["exporter:o.api_key: environment variable NOPE is not set or empty"]
