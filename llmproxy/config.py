@@ -444,7 +444,7 @@ def _resolve_secrets(settings: Settings, env: Mapping[str, str], problems: list[
         routes.append(attrs.evolve(r, api_key=key))
     exporters = []
     for exporter in settings.exporters:
-        changes = {}
+        changes: dict[str, Any] = {}
         for key in ("api_key", "password", "bearer_token"):
             value = getattr(exporter, key)
             if not value:
