@@ -244,6 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", nargs="?", default=None, help="ini file (default: the embedded one)")
     p.set_defaults(func=_check_config)
     _add_token_commands(sub)
+    from llmproxy.dispatch import add_dispatcher_command
+
+    add_dispatcher_command(sub)
+    from llmproxy.cache.purge_cli import add_cache_command
+
+    add_cache_command(sub)
     return parser
 
 

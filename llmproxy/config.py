@@ -22,12 +22,15 @@ from urllib.parse import urlsplit
 import attrs
 
 from llmproxy.settings import (
+    CacheSettings,
     CaptureSettings,
     EventsSettings,
     ExporterSettings,
     PassthroughSettings,
+    RedisSettings,
     RouteSettings,
     ServerSettings,
+    SessionSettings,
     Settings,
 )
 
@@ -147,6 +150,9 @@ _SECTIONS: dict[str, type] = {
     "passthrough": PassthroughSettings,
     "capture": CaptureSettings,
     "events": EventsSettings,
+    "redis": RedisSettings,
+    "sessions": SessionSettings,
+    "cache": CacheSettings,
 }
 
 
@@ -198,13 +204,20 @@ def _env_overrides(env: Mapping[str, str], sections: dict[str, dict[str, tuple[s
                         sections.setdefault("env", {})[var] = (value, f"${var}")
                     break
             else:
-                for sec in ("server", "passthrough", "capture", "events", "audit"):
+                plain: tuple[str, ...] = ("server", "passthrough", "capture", "events")
+                plain += ("redis", "sessions", "audit")
+                plain += ("cache",)
+                for sec in plain:
                     if rest.startswith(sec + "_"):
                         key = rest[len(sec) + 1 :]
                         sections.setdefault(sec, {})[key] = (value, f"${var}")
                         break
                 else:
                     sections.setdefault("env", {})[var] = (value, f"${var}")
+        elif var == "LLM_PROXY_EVENT_BUS":  # seed 002's name; LLMPROXY_EVENTS_BUS wins
+            events = sections.setdefault("events", {})
+            if not events.get("bus", ("", ""))[1].startswith("$LLMPROXY_"):
+                events["bus"] = (value, f"${var}")
         elif var.startswith("LLM_PROXY_LOKI_"):
             key = var[len("LLM_PROXY_LOKI_") :].lower()
             if key in _SEED_LOKI_KEYS:
@@ -341,6 +354,15 @@ def _validate(settings: Settings, problems: list[str], check_sinks: bool = True)
             problems.append(f"passthrough.allowed_hosts: {host!r} is not a lower-case host[:port]")
     if settings.events.bus not in ("memory", "redis"):
         problems.append("events.bus: must be memory or redis")
+    from llmproxy.bus.redisconn import redis_problems
+
+    problems.extend(f"redis.{problem}" for problem in redis_problems(settings.redis))
+    from llmproxy.cache import cache_problems
+
+    problems.extend(cache_problems(settings))
+    for key in ("max_states", "flush_interval"):
+        if getattr(settings.sessions, key) <= 0:
+            problems.append(f"sessions.{key}: must be greater than 0")
     names = set()
     for e in settings.exporters:
         sec = f"exporter:{e.name}"
@@ -558,5 +580,6 @@ def resolve_paths(settings: Settings) -> Settings:
         settings,
         server=attrs.evolve(settings.server, state_dir=state),
         exporters=exporters,
+        sessions=attrs.evolve(settings.sessions, state_file=under(settings.sessions.state_file)),
         audit_path=under(settings.audit_path),
     )

@@ -15,12 +15,12 @@ import os
 import random
 import signal
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet import defer, endpoints
+from twisted.internet import defer, endpoints, threads
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -33,6 +33,7 @@ from llmproxy.access.policy import build_access
 from llmproxy.admin.resource import AdminResource
 from llmproxy.capture.machine import machine_id
 from llmproxy.capture.record import ExchangeRecord
+from llmproxy.capture.sessions import SessionTracker
 from llmproxy.metrics import MetricsCollector, ProxyMetrics, make_registry
 from llmproxy.proxy.forward import ProxyResource
 from llmproxy.proxy.headers import install_connection_token_filter
@@ -109,6 +110,7 @@ class ProxyService(Service):
         self.audit = AuditLog(settings.audit_path)
         self.access = build_access(settings, self.audit, reactor)
         self.bus = MemoryBus()
+        self.sessions = self._build_sessions(settings)
         self.exporters: list[Any] = []
         self._export_pool = HTTPConnectionPool(reactor, persistent=True)
         self._export_pool._factory.noisy = False  # type: ignore[attr-defined]
@@ -124,6 +126,7 @@ class ProxyService(Service):
             auditor=self.audit,
             machine=machine_id(),
             access=self.access,
+            sessions=self.sessions,
         )
         self.site = ProxySite(
             self.proxy,
@@ -149,6 +152,27 @@ class ProxyService(Service):
         self._stopping: defer.Deferred[None] | None = None
         self._reloading: defer.Deferred[bool] | None = None
         self._previous_sighup: Any = None
+
+    def _build_sessions(self, settings: Settings) -> SessionTracker | None:
+        cfg = settings.sessions
+        if not cfg.enabled:
+            return None
+        state = cfg.state_file
+        if state is not None and not state.is_absolute():
+            state = settings.server.state_dir / state
+        reactor = self.reactor
+
+        def in_thread(work: Callable[[], Any]) -> defer.Deferred[Any]:
+            return threads.deferToThreadPool(reactor, reactor.getThreadPool(), work)
+
+        return SessionTracker(
+            self.bus.publish,
+            state,
+            cfg.max_states,
+            reactor,
+            flush_interval=cfg.flush_interval,
+            run_in_thread=in_thread,
+        )
 
     # -- start --------------------------------------------------------------
 
@@ -180,6 +204,8 @@ class ProxyService(Service):
         if self.port is None:
             self.privilegedStartService()
         self.access.start()
+        if self.sessions is not None:
+            self.sessions.start()
         self._start_exporters()
         self._install_sighup()
         self.ready = True
@@ -335,6 +361,7 @@ class ProxyService(Service):
             "proxy": self.metrics.snapshot(),
             "exporters": {e.name: e.stats() for e in self.exporters},
             "access": self.access.stats(),
+            "sessions": self.sessions.stats() if self.sessions is not None else None,
             "audit": {"lines": self.audit.lines, "errors": self.audit.errors},
         }
 
@@ -376,6 +403,10 @@ class ProxyService(Service):
                 exchange.record.error = "aborted at the drain deadline"
             exchange.abort()
         self.access.stop()
+        if self.sessions is not None:
+            # After the last exchange: its state is journaled; before the
+            # exporters close: its session_start/fork entries are exported.
+            await self.sessions.close()
         left = max(0.1, total - (clock.seconds() - start))
         closes = [e.close(left) for e in self.exporters]
         if closes:

@@ -46,6 +46,7 @@ class RouteSettings:
     # The upstream key for auth = token, already resolved from env:NAME / file:PATH.
     api_key: str = attrs.field(default="", repr=False)
     cache: str = "default"
+    cache_ttl: float | None = None  # this route's default TTL; None: [cache] default_ttl
 
 
 @attrs.frozen
@@ -66,6 +67,54 @@ class CaptureSettings:
 @attrs.frozen
 class EventsSettings:
     bus: str = "memory"
+
+
+@attrs.frozen
+class RedisSettings:
+    """[redis]: the Redis Streams bus (llmproxy/bus/redis.py) and its dispatchers
+    (llmproxy/dispatch.py)."""
+
+    # redis://[[user]:password@]host[:port][/db], rediss:// (TLS), unix:///path[?db=N]
+    url: str = attrs.field(default="redis://127.0.0.1:6379/0", repr=False)
+    stream: str = "llmproxy:events"
+    maxlen: int = 1_000_000  # XADD ... MAXLEN ~ maxlen: retention, in entries
+    group: str = "llmproxy"  # the dispatchers' consumer group
+    claim_idle: float = 60.0  # pending this long on a consumer: another one claims it
+    consumer: str = ""  # dispatcher's consumer name; empty: <hostname>-<pid>
+    block: float = 1.0  # dispatcher: how long one XREADGROUP waits for entries
+    timeout: float = 5.0  # connect and command timeout
+    # proxy side
+    publish_buffer: int = 10000  # events held in memory waiting for XADD
+    batch_size: int = 500  # XADDs pipelined per round trip
+    flush_interval: float = 0.1
+    spool_dir: Path | None = None  # None: <state_dir>/spool/redis-bus
+    spool_max_bytes: int = 1024 * MiB
+
+
+@attrs.frozen
+class CacheSettings:
+    """[cache]: the HTTP response cache (llmproxy/cache/)."""
+
+    enabled: bool = False  # for routes with cache = default; cache = on/off override it
+    store: str = "memory"  # memory | redis
+    max_bytes: int = 256 * MiB  # the memory store's bound (LRU)
+    max_object_bytes: int = 1 * MiB  # largest response (and request body) cached
+    default_ttl: float = 300.0  # when neither the response nor the route says
+    lock_timeout: float = 30.0  # identical misses wait this long for the first one
+    redis_url: str = attrs.field(default="", repr=False)  # empty: [redis] url
+    redis_prefix: str = "llmproxy:cache:"
+    redis_timeout: float = 0.5  # per command: a slow Redis turns into a bypass
+
+
+@attrs.frozen
+class SessionSettings:
+    """[sessions]: the session tracker (llmproxy/capture/sessions.py)."""
+
+    enabled: bool = True
+    max_states: int = 100_000  # conversation states (and sessions) kept in memory, LRU
+    # The tracker's journal; empty: memory only (continuity is lost on restart).
+    state_file: Path | None = Path("session-state.jsonl")
+    flush_interval: float = 1.0  # how often the journal is appended to
 
 
 @attrs.frozen
@@ -117,6 +166,9 @@ class Settings:
     passthrough: PassthroughSettings = PassthroughSettings()
     capture: CaptureSettings = CaptureSettings()
     events: EventsSettings = EventsSettings()
+    redis: RedisSettings = RedisSettings()
+    sessions: SessionSettings = SessionSettings()
+    cache: CacheSettings = CacheSettings()
     exporters: tuple[ExporterSettings, ...] = ()
     audit_path: Path | None = Path("audit.jsonl")  # [audit] path
     source: str = "<defaults>"  # where the settings came from, for messages

@@ -27,6 +27,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
+import attrs
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -120,6 +121,7 @@ class TokenAccess:
         self._inject = self._injections(routes)
         self.denied = 0
         self.reloads = 0
+        self._by_project: dict[tuple[str, str], Allow] = {}
 
     @staticmethod
     def _injections(routes: Iterable[RouteSettings]) -> dict[str, Allow]:
@@ -258,7 +260,12 @@ class TokenAccess:
                     headers=((b"retry-after", b"%d" % after),),
                 )
         self._usage.consume(token)
-        return inject
+        # The project is the response cache's namespace: one Allow per route and project.
+        key = (route.name, token.project)
+        allow = self._by_project.get(key)
+        if allow is None or allow.set_headers != inject.set_headers:
+            allow = self._by_project[key] = attrs.evolve(inject, namespace=token.project)
+        return allow
 
     def finished(self, record: ExchangeRecord) -> None:
         # Counting happens when a request is let through, whatever the upstream did.

@@ -1,8 +1,11 @@
-"""The admin listener: /health, /ready, /stats, /metrics
-(tests: tests/integration/test_admin.py, tests/unit/test_admin_audit.py).
+"""The admin listener: /health, /ready, /stats, /metrics, POST /cache/purge
+(tests: tests/integration/test_admin.py, tests/unit/test_admin_audit.py,
+tests/integration/test_cache.py).
 
 With ``server.admin_token`` set, every request needs ``Authorization: Bearer
 <token>`` (compared in constant time); each refusal is written to the audit log.
+``POST /cache/purge?key=K`` (or ``prefix=P``, or ``all=1``) deletes cached
+responses, answers ``{"purged": N}`` and is written to the audit log.
 """
 
 from __future__ import annotations
@@ -14,14 +17,22 @@ from typing import Any, Protocol
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
+from twisted.internet import defer
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 
 from llmproxy.proxy.errors import error_body
 
 
 class Auditing(Protocol):
     def write(self, action: str, **fields: Any) -> None: ...
+
+
+class CachePurger(Protocol):
+    def purge(
+        self, *, key: str | None = None, prefix: str | None = None
+    ) -> defer.Deferred[int]: ...
 
 
 class AdminResource(Resource):
@@ -35,6 +46,7 @@ class AdminResource(Resource):
         registry: CollectorRegistry,
         token: str = "",
         audit: Auditing | None = None,
+        cache: CachePurger | None = None,
     ) -> None:
         super().__init__()
         self._is_ready = is_ready
@@ -42,8 +54,9 @@ class AdminResource(Resource):
         self._registry = registry
         self._token = token.encode()
         self._audit = audit
+        self.cache = cache
 
-    def render(self, request: Request) -> bytes:
+    def render(self, request: Request) -> bytes | int:
         if self._token and not self._authorized(request):
             if self._audit is not None:
                 peer = request.getClientAddress()
@@ -72,7 +85,56 @@ class AdminResource(Resource):
         if path == b"/metrics":
             request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
             return generate_latest(self._registry)
+        if path == b"/cache/purge":
+            return self._purge(request)
         return self._json(request, 404, error_body(404, "unknown admin path"))
+
+    def _purge(self, request: Request) -> bytes | int:
+        if request.method != b"POST":
+            request.setHeader(b"allow", b"POST")
+            return self._json(request, 405, error_body(405, "use POST /cache/purge"))
+        if self.cache is None:
+            return self._json(request, 404, error_body(404, "the response cache is not enabled"))
+        args = request.args or {}
+        key = args.get(b"key", [b""])[0].decode("utf-8", "replace")
+        prefix = args.get(b"prefix", [b""])[0].decode("utf-8", "replace")
+        everything = args.get(b"all", [b""])[0] in (b"1", b"true", b"yes")
+        if bool(key) + bool(prefix) + everything != 1:
+            message = "give exactly one of key=KEY, prefix=PREFIX or all=1"
+            return self._json(request, 400, error_body(400, message))
+        if everything:
+            d = self.cache.purge(prefix="")
+        elif key:
+            d = self.cache.purge(key=key)
+        else:
+            d = self.cache.purge(prefix=prefix)
+        peer = request.getClientAddress()
+        host = getattr(peer, "host", None)
+        fields = {
+            "client": f"{host}:{getattr(peer, 'port', '')}" if host else "-",
+            "key": key[:500] or None,
+            "prefix": prefix[:500] or ("" if everything else None),
+        }
+
+        def done(n: int) -> None:
+            if self._audit is not None:
+                self._audit.write("cache_purged", **fields, purged=n, outcome="ok")
+            self._finish(request, 200, orjson.dumps({"purged": n}))
+
+        def failed(failure: Failure) -> None:
+            reason = failure.getErrorMessage()[:300]
+            if self._audit is not None:
+                self._audit.write("cache_purged", **fields, outcome="error", reason=reason)
+            self._finish(request, 503, error_body(503, "purge failed: " + reason))
+
+        d.addCallbacks(done, failed)
+        return NOT_DONE_YET
+
+    def _finish(self, request: Request, status: int, body: bytes) -> None:
+        if request._disconnected:
+            return
+        request.write(self._json(request, status, body))
+        request.finish()
 
     def _authorized(self, request: Request) -> bool:
         got = request.getHeader(b"authorization") or b""

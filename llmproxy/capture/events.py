@@ -1,4 +1,4 @@
-"""The canonical event model (tests: tests/unit/test_events.py).
+"""The canonical event model (tests: tests/unit/test_events.py, test_events_fast.py).
 
 An :class:`~llmproxy.capture.record.ExchangeRecord` becomes two events:
 
@@ -9,11 +9,16 @@ An :class:`~llmproxy.capture.record.ExchangeRecord` becomes two events:
   the request summary, headers and body, so a sink needing both (Helicone,
   Lunary, OTLP) never joins two records.
 
-The events are frozen attrs classes, unstructured by a cattrs converter into
-JSON-ready dicts (strings, ints, floats, bools, None, lists, dicts).  Timestamps
-are RFC 3339 UTC strings with nanoseconds (``2026-11-23T07:40:12.123456789Z``),
-``ts``/``ts_ns`` is the event time: the arrival for ``request``, the end for
-``response``.
+The schema is the frozen attrs classes :class:`RequestEvent` and
+:class:`ResponseEvent`; ``build_request_event`` / ``build_response_event`` build
+them, and the cattrs ``converter`` unstructures them into JSON-ready dicts
+(strings, ints, floats, bools, None, lists, dicts).  That is the reference form.
+The hot path (:func:`request_event`, :func:`response_event` and the envelope)
+builds the very same dicts directly, with the same keys in the same order, at a
+fraction of the cost (tests/unit/test_events_fast.py asserts both agree on
+arbitrary records).  Timestamps are RFC 3339 UTC strings with nanoseconds
+(``2026-11-23T07:40:12.123456789Z``), ``ts``/``ts_ns`` is the event time: the
+arrival for ``request``, the end for ``response``.
 
 Bodies are :class:`~llmproxy.capture.body.CapturedBody` dicts.  For a stream
 (``text/event-stream``) the text is carried once, in ``response_chunks``
@@ -23,7 +28,9 @@ repeating a long stream in two fields would double every Loki line.  Use
 :func:`response_text` to read the body of either kind.
 
 :class:`RecordEnvelope` is what the proxy publishes: constructing it stores two
-references; all the work happens in ``payload()``, off the request path.
+references; all the work happens in ``payload()``, off the request path.  The
+request side of an exchange (obfuscated headers, captured body, requested model,
+start time) is computed once per record and shared by its two envelopes.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import codecs
 import functools
 import time
 import types
+import weakref
 from collections.abc import Sequence
 from typing import Any, Union, get_args, get_origin
 
@@ -44,19 +52,24 @@ from llmproxy.capture.body import (
     ContentDecoder,
     capture_body,
     content_codings,
+    is_binary_type,
     media_type,
 )
 from llmproxy.capture.machine import machine_id
 from llmproxy.capture.obfuscate import HeaderObfuscator, mask_query, mask_url, scrub_text
 from llmproxy.capture.record import ExchangeRecord, Headers
-from llmproxy.capture.sse import SSEEvent, SSEParser
+from llmproxy.capture.sse import SSEEvent, SSEParser, parse_sse
 from llmproxy.capture.usage import (
     EMPTY_FACTS,
     ResponseFacts,
     Usage,
     facts_from_json,
     facts_from_sse,
+    facts_from_sse_fields,
     model_from_prefix,
+    summary_from_json,
+    summary_from_sse_fields,
+    usage_dict,
 )
 from llmproxy.settings import CaptureSettings
 
@@ -191,7 +204,10 @@ class _RequestSide:
 
 
 def _request_model_and_stream(body: CapturedBody) -> tuple[str | None, bool]:
-    text = body.text
+    return _request_model_and_stream_text(body.text)
+
+
+def _request_model_and_stream_text(text: str | None) -> tuple[str | None, bool]:
     if not text or text[0] not in "{ \t\r\n":
         return None, False
     try:
@@ -247,6 +263,10 @@ def _request_side(record: ExchangeRecord, capture: CaptureSettings) -> _RequestS
     return _RequestSide(fields, start_ns)
 
 
+# Looked up once: ``codecs.getincrementaldecoder`` goes through the codec registry.
+_Utf8Decoder = codecs.getincrementaldecoder("utf-8")
+
+
 @attrs.frozen
 class _StreamCapture:
     chunks: list[dict[str, Any]]
@@ -261,7 +281,7 @@ def _stream_capture(
 ) -> _StreamCapture:
     """Decode stream chunks one by one, so each keeps its arrival offset."""
     decoder = ContentDecoder(content_encoding, limit) if content_codings(content_encoding) else None
-    text = codecs.getincrementaldecoder("utf-8")("replace")
+    text = _Utf8Decoder("replace")
     parser = SSEParser()
     out: list[dict[str, Any]] = []
     events: list[SSEEvent] = []
@@ -293,7 +313,7 @@ def _looks_like_json(text: str, content_type: str | None) -> bool:
     return media_type(content_type).endswith("json") or text.lstrip()[:1] in ("{", "[")
 
 
-# ---------------------------------------------------------------- events
+# ---------------------------------------------------------------- events: the reference
 
 
 def build_request_event(record: ExchangeRecord, capture: CaptureSettings) -> RequestEvent:
@@ -373,16 +393,411 @@ def build_response_event(
     return event, facts
 
 
+# ---------------------------------------------------------------- events: the fast builder
+#
+# The same dicts as ``converter.unstructure(build_*_event(...))``, keys in the
+# same order (so the JSON is byte for byte the same), built without attrs
+# instances: this runs for every exchange, in every exporter's reactor turn.
+
+
+@functools.lru_cache(maxsize=256)
+def _media_type(content_type: str | None) -> str:
+    return media_type(content_type)
+
+
+@functools.lru_cache(maxsize=256)
+def _is_binary_type(content_type: str | None) -> bool:
+    return is_binary_type(content_type)
+
+
+def _content_headers(headers: Headers) -> tuple[str | None, str | None]:
+    """``Content-Type`` and ``Content-Encoding`` (first of each), in one pass."""
+    content_type = content_encoding = None
+    for raw_name, raw_value in headers:
+        size = len(raw_name)
+        # Compare lengths first: most headers are neither, and lower() copies.
+        if size == 12:
+            if content_type is None and raw_name.lower() == b"content-type":
+                content_type = raw_value.decode("latin-1")
+        elif size == 16 and content_encoding is None and raw_name.lower() == b"content-encoding":
+            content_encoding = raw_value.decode("latin-1")
+    return content_type, content_encoding
+
+
+def _body_dict(body: CapturedBody) -> dict[str, Any]:
+    return {
+        "text": body.text,
+        "base64": body.base64,
+        "size": body.size,
+        "captured_bytes": body.captured_bytes,
+        "truncated": body.truncated,
+        "content_encoding": body.content_encoding,
+        "decode_error": body.decode_error,
+    }
+
+
+def _captured_body_dict(
+    raw: bytes,
+    *,
+    size: int,
+    truncated: bool,
+    content_type: str | None,
+    content_encoding: str | None,
+    limit: int,
+) -> dict[str, Any]:
+    """``capture_body(...)`` as a dict; plain UTF-8 within the cap skips all decoding work."""
+    if content_encoding is None and len(raw) <= limit and not _is_binary_type(content_type):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+        else:
+            return {
+                "text": text,
+                "base64": None,
+                "size": size,
+                "captured_bytes": len(raw),
+                "truncated": truncated or size > len(raw),
+                "content_encoding": None,
+                "decode_error": None,
+            }
+    return _body_dict(
+        capture_body(
+            raw,
+            size=size,
+            truncated=truncated,
+            content_type=content_type,
+            content_encoding=content_encoding,
+            limit=limit,
+        )
+    )
+
+
+@attrs.define(eq=False)
+class _SharedRequestSide:
+    """What both events of an exchange say about its request, computed once.
+
+    Everything here derives from request-side fields only, which the proxy no
+    longer changes once the request envelope exists.  The session id and seq are
+    not here: each event takes its own.
+    """
+
+    capture: CaptureSettings
+    obfuscator: HeaderObfuscator  # the capture's, for the response headers too
+    start_ns: int
+    start: str
+    query: str
+    upstream_url: str
+    model: str | None
+    is_stream: bool
+    machine: str
+    headers: JSONHeaders
+    body: dict[str, Any]
+
+
+def _request_side_of(record: ExchangeRecord, capture: CaptureSettings) -> _SharedRequestSide:
+    headers = record.request_headers
+    raw = record.request_body
+    content_type, content_encoding = _content_headers(headers)
+    body = _captured_body_dict(
+        raw,
+        size=max(record.request_body_size, len(raw)),
+        truncated=record.request_body_size > len(raw),
+        content_type=content_type,
+        content_encoding=content_encoding,
+        limit=capture.request_body_bytes,
+    )
+    model, stream = _request_model_and_stream_text(body["text"])
+    start_ns = epoch_ns(record.started_at)
+    obfuscator = HeaderObfuscator.for_names(capture.redact_headers)
+    return _SharedRequestSide(
+        capture=capture,
+        obfuscator=obfuscator,
+        start_ns=start_ns,
+        start=rfc3339_ns(start_ns),
+        query=mask_query(record.query),
+        upstream_url=mask_url(record.upstream_url),
+        model=model,
+        is_stream=stream,
+        machine=record.machine or machine_id(),
+        headers=obfuscator.obfuscate(headers),
+        body=body,
+    )
+
+
+# record -> its shared request side, for as long as the record lives.  Only
+# envelopes use it: a record's two envelopes are built in any order, by any
+# exporter, in different reactor turns.
+_SHARED_SIDES: weakref.WeakKeyDictionary[ExchangeRecord, _SharedRequestSide] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _shared_request_side(record: ExchangeRecord, capture: CaptureSettings) -> _SharedRequestSide:
+    side = _SHARED_SIDES.get(record)
+    if side is None or side.capture is not capture:
+        side = _SHARED_SIDES[record] = _request_side_of(record, capture)
+    return side
+
+
+def _request_dict(
+    record: ExchangeRecord,
+    side: _SharedRequestSide,
+    session_id: str | None,
+    seq: int | None,
+) -> dict[str, Any]:
+    return {
+        "schema": SCHEMA_VERSION,
+        "type": "request",
+        "ts": side.start,
+        "ts_ns": side.start_ns,
+        "request_id": record.request_id,
+        "session_id": session_id,
+        "seq": seq,
+        "start": side.start,
+        "method": record.method,
+        "path": record.path,
+        "query": side.query,
+        "route": record.route,
+        "provider": record.provider,
+        "upstream_host": record.upstream_host,
+        "upstream_url": side.upstream_url,
+        "model": side.model,
+        "request_model": side.model,
+        "is_stream": side.is_stream,
+        "client_addr": record.client_addr,
+        "machine": side.machine,
+        "environment": record.environment,
+        "request_headers": side.headers,
+        "request_body": side.body,
+    }
+
+
+def _sse_fields(stream: bytes) -> list[tuple[str, str]]:
+    """``[(e.event, e.data) for e in parse_sse(stream)]``, much faster for streams
+    with LF line endings only (nearly all), and without ``SSEEvent`` objects.
+
+    Decoding the whole once equals decoding line by line: a LF never belongs to
+    a UTF-8 sequence, valid or not.  The line rules are ``SSEParser._line``'s.
+    """
+    if b"\r" in stream:
+        return [(event.event, event.data) for event in parse_sse(stream)]
+    text = stream.decode("utf-8", "replace")
+    if text[:1] == "\ufeff":
+        text = text[1:]
+    # What follows the last LF is the unterminated line ``close()`` processes;
+    # when empty, processing it is a dispatch, which ``close()`` ends with anyway.
+    lines = text.split("\n")
+    events: list[tuple[str, str]] = []
+    event: str | None = None
+    data: list[str] = []
+    for line in lines:
+        if not line:
+            if data or event is not None:
+                events.append((event or "message", "\n".join(data)))
+            event, data = None, []
+            continue
+        field, colon, value = line.partition(":")
+        if not field:
+            continue  # a comment (keep-alive)
+        if colon and value[:1] == " ":
+            value = value[1:]
+        if field == "data":
+            data.append(value)
+        elif field == "event":
+            event = value
+    if data or event is not None:
+        events.append((event or "message", "\n".join(data)))
+    return events
+
+
+@attrs.frozen
+class _FastStream:
+    chunks: list[dict[str, Any]]
+    events: list[tuple[str, str]]  # (event name, data)
+    captured_bytes: int
+    truncated: bool
+    decode_error: str | None
+
+
+def _fast_stream_capture(
+    chunks: Sequence[tuple[float, bytes]], content_encoding: str | None, limit: int
+) -> _FastStream:
+    """``_stream_capture`` without per-chunk machinery when nothing is encoded (as
+    good as always: streams are rarely compressed)."""
+    if content_codings(content_encoding):
+        stream = _stream_capture(chunks, content_encoding, limit)
+        return _FastStream(
+            chunks=stream.chunks,
+            events=[(event.event, event.data) for event in stream.events],
+            captured_bytes=stream.captured_bytes,
+            truncated=stream.truncated,
+            decode_error=stream.decode_error,
+        )
+    out: list[dict[str, Any]] = []
+    captured = 0
+    # Strict whole-chunk decoding is exact while chunks end on character
+    # boundaries; from the first chunk that does not, the incremental decoder
+    # (empty at that point) takes over, as in ``_stream_capture``.
+    decoder: codecs.IncrementalDecoder | None = None
+    for offset, raw in chunks:
+        captured += len(raw)
+        if decoder is None:
+            try:
+                data = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                decoder = _Utf8Decoder("replace")
+                data = decoder.decode(raw)
+        else:
+            data = decoder.decode(raw)
+        out.append({"offset_ms": round(offset * 1000.0, 3), "data": data})
+    if decoder is not None:
+        tail = decoder.decode(b"", final=True)
+        if tail and out:
+            out[-1]["data"] += tail
+    # The parser is split-invariant: one parse of the whole gives the same events.
+    events = _sse_fields(b"".join([raw for _, raw in chunks]))
+    return _FastStream(
+        chunks=out,
+        events=events,
+        captured_bytes=captured,
+        truncated=False,
+        decode_error=None,
+    )
+
+
+def _response_dict(
+    record: ExchangeRecord, capture: CaptureSettings, side: _SharedRequestSide
+) -> dict[str, Any]:
+    """The ``response`` event.  It carries only a summary of the response facts
+    (model, usage, finish reasons), cheaper than the facts: no reply message, no
+    merged response object."""
+    headers = record.response_headers
+    content_type, content_encoding = _content_headers(headers)
+    chunks = record.response_chunks
+    if len(chunks) == 1:
+        raw = chunks[0][1]
+        captured_raw = len(raw)
+    else:
+        raw = b""
+        captured_raw = sum([len(chunk) for _, chunk in chunks])
+    size = max(record.response_body_size, captured_raw)
+    truncated = record.response_truncated or size > captured_raw
+    is_stream = _media_type(content_type) == "text/event-stream"
+    stream_chunks: list[dict[str, Any]] | None = None
+    body: dict[str, Any]
+    if is_stream:
+        stream = _fast_stream_capture(chunks, content_encoding, capture.response_body_bytes)
+        stream_chunks = stream.chunks
+        body = {
+            "text": None,
+            "base64": None,
+            "size": size,
+            "captured_bytes": stream.captured_bytes,
+            "truncated": truncated or stream.truncated,
+            "content_encoding": content_encoding.strip() if content_encoding else None,
+            "decode_error": stream.decode_error,
+        }
+        response_model, usage, finish_reasons = summary_from_sse_fields(stream.events)
+    else:
+        if len(chunks) != 1:
+            raw = b"".join([chunk for _, chunk in chunks])
+        body = _captured_body_dict(
+            raw,
+            size=size,
+            truncated=truncated,
+            content_type=content_type,
+            content_encoding=content_encoding,
+            limit=capture.response_body_bytes,
+        )
+        text = body["text"]
+        if text is None or not _looks_like_json(text, content_type):
+            response_model, usage, finish_reasons = None, None, ()
+        else:
+            response_model, usage, finish_reasons = summary_from_json(text)
+    start_ns = side.start_ns
+    ended_at = record.ended_at
+    first_byte_at = record.first_byte_at
+    if ended_at is None:
+        ts_ns, ts, end = start_ns, side.start, None
+    else:
+        ts_ns = start_ns + round(ended_at * 1_000_000_000)
+        ts = end = rfc3339_ns(ts_ns)
+    first_byte = (
+        None
+        if first_byte_at is None
+        else rfc3339_ns(start_ns + round(first_byte_at * 1_000_000_000))
+    )
+    error = record.error
+    event = {
+        "schema": SCHEMA_VERSION,
+        "type": "response",
+        "ts": ts,
+        "ts_ns": ts_ns,
+        "request_id": record.request_id,
+        "session_id": record.session_id,
+        "seq": record.seq,
+        "start": side.start,
+        "method": record.method,
+        "path": record.path,
+        "query": side.query,
+        "route": record.route,
+        "provider": record.provider,
+        "upstream_host": record.upstream_host,
+        "upstream_url": side.upstream_url,
+        "model": response_model or side.model,
+        "request_model": side.model,
+        "is_stream": is_stream,
+        "client_addr": record.client_addr,
+        "machine": side.machine,
+        "environment": record.environment,
+        "request_headers": side.headers,
+        "request_body": side.body,
+        "first_byte": first_byte,
+        "end": end,
+        "duration_ms": None if ended_at is None else round(ended_at * 1000.0, 3),
+        "ttfb_ms": None if first_byte_at is None else round(first_byte_at * 1000.0, 3),
+        "status": record.status,
+        "outcome": record.outcome,
+        "error": None if error is None else scrub_text(error),
+        "cache_status": record.cache_status,
+        "response_model": response_model,
+        "usage": usage_dict(usage),
+        "finish_reasons": list(finish_reasons),
+        "response_headers": side.obfuscator.obfuscate(headers),
+        "response_body": body,
+        "response_chunks": stream_chunks,
+    }
+    return event
+
+
+def _response_facts(
+    record: ExchangeRecord, capture: CaptureSettings, payload: dict[str, Any]
+) -> ResponseFacts:
+    """The facts ``build_response_event`` gives with the event, from the record and
+    the ``response`` event built from it."""
+    content_type, content_encoding = _content_headers(record.response_headers)
+    if payload["is_stream"]:
+        chunks = record.response_chunks
+        if content_codings(content_encoding):
+            stream = _stream_capture(chunks, content_encoding, capture.response_body_bytes)
+            return facts_from_sse(stream.events)
+        return facts_from_sse_fields(_sse_fields(b"".join([raw for _, raw in chunks])))
+    text = payload["response_body"]["text"]
+    if text is None or not _looks_like_json(text, content_type):
+        return EMPTY_FACTS
+    return facts_from_json(text)
+
+
 def request_event(record: ExchangeRecord, capture: CaptureSettings) -> dict[str, Any]:
     """The ``request`` event dict of an exchange (request-side fields only)."""
-    result: dict[str, Any] = converter.unstructure(build_request_event(record, capture))
-    return result
+    side = _request_side_of(record, capture)
+    return _request_dict(record, side, record.session_id, record.seq)
 
 
 def response_event(record: ExchangeRecord, capture: CaptureSettings) -> dict[str, Any]:
     """The ``response`` event dict of a finished exchange."""
-    result: dict[str, Any] = converter.unstructure(build_response_event(record, capture)[0])
-    return result
+    return _response_dict(record, capture, _request_side_of(record, capture))
 
 
 # ---------------------------------------------------------------- reading events back
@@ -423,7 +838,9 @@ def facts_of(payload: dict[str, Any]) -> ResponseFacts:
 _CHUNK_OVERHEAD = 48
 
 
-@attrs.define(eq=False)
+# No on_setattr hooks: ``kind`` is validated once, in ``__init__``; the private
+# fields are assigned as the payload is memoised, and hooks would tax every one.
+@attrs.define(eq=False, on_setattr=attrs.setters.NO_OP)
 class RecordEnvelope:
     """An ``Envelope`` over an exchange record.
 
@@ -461,15 +878,13 @@ class RecordEnvelope:
 
     def payload(self) -> dict[str, Any]:
         if self._payload is None:
+            record = self._record
+            side = _shared_request_side(record, self._capture)
             if self.kind == "request":
-                payload = request_event(self._record, self._capture)
-                payload["session_id"] = self._session_id
-                payload["seq"] = self._seq
-                self._payload = payload
+                self._payload = _request_dict(record, side, self._session_id, self._seq)
                 self._facts = EMPTY_FACTS
             else:
-                event, self._facts = build_response_event(self._record, self._capture)
-                self._payload = converter.unstructure(event)
+                self._payload = _response_dict(record, self._capture, side)
         return self._payload
 
     def json(self) -> bytes:
@@ -478,7 +893,11 @@ class RecordEnvelope:
         return self._encoded
 
     def facts(self) -> ResponseFacts:
-        """The response facts computed with the payload (empty for ``request``)."""
-        self.payload()
-        assert self._facts is not None
+        """The response facts of the exchange, memoised (empty for ``request``).
+
+        Computed on the first call: the payload needs only a summary of them.
+        """
+        payload = self.payload()
+        if self._facts is None:
+            self._facts = _response_facts(self._record, self._capture, payload)
         return self._facts

@@ -121,6 +121,8 @@ def mask_query(query: str) -> str:
 
 def mask_url(url: str) -> str:
     """Mask credentials in a URL: a userinfo password and secret query values."""
+    if "?" not in url and "@" not in url:
+        return url  # no query, no userinfo: nothing to mask (the usual case)
     base, qmark, rest = url.partition("?")
     query, hash_, fragment = rest.partition("#")
     scheme_end = base.find("://")
@@ -156,12 +158,14 @@ def is_secret_header(name: str, extra: frozenset[str] = frozenset()) -> bool:
     return low in ALWAYS_MASKED or low in extra or low.endswith(_SECRET_NAME_SUFFIXES)
 
 
-def _decode_header(raw: bytes) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        # HTTP field values are historically ISO-8859-1; latin-1 never fails.
-        return raw.decode("latin-1")
+# What ``HeaderObfuscator`` does with a header, decided once per raw name.
+_PLAIN = 0
+_SECRET = 1
+_COOKIE = 2
+_SET_COOKIE = 3
+# Distinct raw header names remembered per obfuscator: the usual ones (a few
+# dozen spellings) are all remembered; a client inventing names is not a leak.
+_MAX_REMEMBERED_NAMES = 1024
 
 
 @attrs.frozen
@@ -173,29 +177,53 @@ class HeaderObfuscator:
     """
 
     _extra: frozenset[str] = frozenset()
+    # raw name -> (event name, what to do): the decision costs a decode, a
+    # lower() and several suffix checks; the lookup one dict access.
+    _decisions: dict[bytes, tuple[str, int]] = attrs.field(
+        factory=dict, init=False, eq=False, hash=False, repr=False
+    )
 
     @classmethod
     def for_names(cls, redact_headers: Iterable[str]) -> HeaderObfuscator:
         return _obfuscator_for(tuple(redact_headers))
 
+    def _decide(self, raw_name: bytes) -> tuple[str, int]:
+        name = raw_name.decode("latin-1").lower()
+        if name == "set-cookie":
+            kind = _SET_COOKIE
+        elif not is_secret_header(name, self._extra):
+            kind = _PLAIN
+        else:
+            kind = _COOKIE if name == "cookie" else _SECRET
+        decision = (name, kind)
+        if len(self._decisions) < _MAX_REMEMBERED_NAMES:
+            self._decisions[raw_name] = decision
+        return decision
+
     def obfuscate(self, headers: Headers) -> dict[str, str | list[str]]:
         result: dict[str, str | list[str]] = {}
+        decisions = self._decisions
         for raw_name, raw_value in headers:
-            name = raw_name.decode("latin-1").lower()
-            value = _decode_header(raw_value)
-            if name == "set-cookie":
-                cookies = result.setdefault(name, [])
-                assert isinstance(cookies, list)
-                cookies.append(mask_set_cookie(value))
-                continue
-            if is_secret_header(name, self._extra):
-                value = mask_cookie(value) if name == "cookie" else mask_secret(value)
+            decision = decisions.get(raw_name)
+            name, kind = self._decide(raw_name) if decision is None else decision
+            try:
+                value = raw_value.decode("utf-8")
+            except UnicodeDecodeError:
+                # HTTP field values are historically ISO-8859-1; latin-1 never fails.
+                value = raw_value.decode("latin-1")
+            if kind:
+                if kind == _SET_COOKIE:
+                    cookies = result.setdefault(name, [])
+                    assert isinstance(cookies, list)
+                    cookies.append(mask_set_cookie(value))
+                    continue
+                value = mask_cookie(value) if kind == _COOKIE else mask_secret(value)
             previous = result.get(name)
             if previous is None:
                 result[name] = value
             else:
                 # Split Cookie fields are rejoined with "; " (RFC 9113 8.2.3).
-                result[name] = f"{previous}{'; ' if name == 'cookie' else ', '}{value}"
+                result[name] = f"{previous}{'; ' if kind == _COOKIE else ', '}{value}"
         return result
 
 

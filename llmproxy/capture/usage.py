@@ -94,6 +94,8 @@ def _str(value: Any) -> str | None:
 
 
 def _int(value: Any) -> int | None:
+    if type(value) is int:  # the usual case first; excludes bool, a subclass
+        return value if value >= 0 else None
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
@@ -250,7 +252,9 @@ def _chat_message(message: Any) -> dict[str, Any]:
 
 def _sorted_choices(obj: Mapping[str, Any]) -> list[dict[str, Any]]:
     choices = [c for c in _list(obj.get("choices")) if isinstance(c, dict)]
-    return sorted(choices, key=lambda c: _index(c.get("index"), 0))
+    if len(choices) > 1:  # usually one: nothing to sort
+        choices.sort(key=lambda c: _index(c.get("index"), 0))
+    return choices
 
 
 def _responses_finish(response: Mapping[str, Any]) -> tuple[str, ...]:
@@ -282,6 +286,38 @@ def request_model(body: bytes) -> str | None:
     return model_from_prefix(body)
 
 
+# The three shapes of a JSON response body.
+_ANTHROPIC = 0
+_RESPONSES = 1
+_CHAT = 2  # chat completions, legacy completions, anything else with ``usage``
+
+
+def _shape(obj: Mapping[str, Any]) -> int:
+    if obj.get("type") == "message" or ("stop_reason" in obj and "content" in obj):
+        return _ANTHROPIC
+    if obj.get("object") == "response" or ("output" in obj and "status" in obj):
+        return _RESPONSES
+    return _CHAT
+
+
+def _summary(
+    obj: Mapping[str, Any], shape: int, choices: list[dict[str, Any]]
+) -> tuple[str | None, Usage | None, tuple[str, ...]]:
+    """Model, usage and finish reasons of a parsed body (``choices``: sorted, for _CHAT)."""
+    model = _str(obj.get("model"))
+    if shape == _ANTHROPIC:
+        reason = _str(obj.get("stop_reason"))
+        return model, anthropic_usage(obj.get("usage")), (reason,) if reason else ()
+    if shape == _RESPONSES:
+        return model, openai_usage(obj.get("usage")), _responses_finish(obj)
+    reasons = []
+    for choice in choices:
+        reason = choice.get("finish_reason")
+        if reason and isinstance(reason, str):
+            reasons.append(reason)
+    return model, openai_usage(obj.get("usage")), tuple(reasons)
+
+
 @_never_raises
 def facts_from_json(body: bytes | str | Mapping[str, Any]) -> ResponseFacts:
     """Facts of a non-streamed response body (bytes, text or parsed object)."""
@@ -292,28 +328,15 @@ def facts_from_json(body: bytes | str | Mapping[str, Any]) -> ResponseFacts:
             return ResponseFacts(model=model_from_prefix(raw))
         return EMPTY_FACTS
     obj = dict(obj)
-    model = _str(obj.get("model"))
-    kind = obj.get("object")
-    if obj.get("type") == "message" or ("stop_reason" in obj and "content" in obj):
-        return ResponseFacts(
-            model=model,
-            usage=anthropic_usage(obj.get("usage")),
-            finish_reasons=tuple(r for r in [_str(obj.get("stop_reason"))] if r),
-            assistant_message=_anthropic_message(_list(obj.get("content"))),
-            merged_json=obj,
-        )
-    if kind == "response" or ("output" in obj and "status" in obj):
-        return ResponseFacts(
-            model=model,
-            usage=openai_usage(obj.get("usage")),
-            finish_reasons=_responses_finish(obj),
-            assistant_message=_responses_message(_list(obj.get("output"))),
-            merged_json=obj,
-        )
-    choices = _sorted_choices(obj)
-    finish = tuple(r for c in choices if (r := _str(c.get("finish_reason"))))
-    assistant = None
-    if choices:
+    shape = _shape(obj)
+    choices = _sorted_choices(obj) if shape == _CHAT else []
+    model, usage, finish = _summary(obj, shape, choices)
+    assistant: dict[str, Any] | None = None
+    if shape == _ANTHROPIC:
+        assistant = _anthropic_message(_list(obj.get("content")))
+    elif shape == _RESPONSES:
+        assistant = _responses_message(_list(obj.get("output")))
+    elif choices:
         first = choices[0]
         if "message" in first:
             assistant = _chat_message(first.get("message"))
@@ -321,11 +344,28 @@ def facts_from_json(body: bytes | str | Mapping[str, Any]) -> ResponseFacts:
             assistant = _message(first["text"], [])
     return ResponseFacts(
         model=model,
-        usage=openai_usage(obj.get("usage")),
+        usage=usage,
         finish_reasons=finish,
         assistant_message=assistant,
         merged_json=obj,
     )
+
+
+def summary_from_json(body: bytes | str) -> tuple[str | None, Usage | None, tuple[str, ...]]:
+    """``(model, usage, finish_reasons)`` of ``facts_from_json(body)``, for less.
+
+    Neither the reply message nor the merged object is built: an event carries
+    only these three, and builds one for every exchange.
+    """
+    try:
+        obj = _loads(body)
+        if not isinstance(obj, dict):
+            raw = body.encode("utf-8", "replace") if isinstance(body, str) else body
+            return model_from_prefix(raw), None, ()
+        shape = _shape(obj)
+        return _summary(obj, shape, _sorted_choices(obj) if shape == _CHAT else [])
+    except Exception:
+        return None, None, ()  # what facts_from_json's EMPTY_FACTS says
 
 
 # ---------------------------------------------------------------- streams
@@ -358,6 +398,9 @@ class _ChatChoice:
         return calls
 
 
+_CHUNK_HEADER_KEYS = ("id", "created", "model", "system_fingerprint", "service_tier")
+
+
 @attrs.define
 class _StreamMerger:
     """Accumulates any of the three stream dialects into one response object."""
@@ -365,6 +408,8 @@ class _StreamMerger:
     dialect: str | None = None  # "chat" | "completion" | "responses" | "anthropic"
     # OpenAI chat / completions
     header: dict[str, Any] = attrs.Factory(dict)
+    # The header keys no chunk has given yet (service_tier, say, may never come).
+    header_missing: tuple[str, ...] = _CHUNK_HEADER_KEYS
     choices: dict[int, _ChatChoice] = attrs.Factory(dict)
     usage_raw: dict[str, Any] | None = None
     # Responses API
@@ -402,32 +447,51 @@ class _StreamMerger:
                 "text" in first and "delta" not in first
             )
             self.dialect = "completion" if legacy else "chat"
-        if len(self.header) < len(_CHUNK_HEADER_KEYS):
-            for key in _CHUNK_HEADER_KEYS:
-                if key not in self.header and chunk.get(key) is not None:
-                    self.header[key] = chunk[key]
-        if chunk.get("usage"):
-            self.usage_raw = _dict(chunk["usage"])
+        missing = self.header_missing
+        if missing:
+            for key in missing:
+                if chunk.get(key) is not None:
+                    header = self.header
+                    for name in missing:
+                        if chunk.get(name) is not None:
+                            header[name] = chunk[name]
+                    self.header_missing = tuple(k for k in missing if k not in header)
+                    break
+        usage = chunk.get("usage")
+        if usage:
+            self.usage_raw = _dict(usage)
+        # One chunk per token: each value is read once, into a local.
+        choices = self.choices
         for raw in _list(chunk.get("choices")):
             c = _dict(raw)
             index = _index(c.get("index"), 0)
-            choice = self.choices.setdefault(index, _ChatChoice())
-            if c.get("finish_reason"):
-                choice.finish_reason = _str(c["finish_reason"])
-            if isinstance(c.get("text"), str):
-                choice.text.append(c["text"])
-            if c.get("logprobs"):
-                lp = _dict(c["logprobs"]).get("content")
+            choice = choices.get(index)
+            if choice is None:  # not setdefault: building a choice costs, once is enough
+                choice = choices[index] = _ChatChoice()
+            finish_reason = c.get("finish_reason")
+            if finish_reason:
+                choice.finish_reason = _str(finish_reason)
+            text = c.get("text")
+            if isinstance(text, str):
+                choice.text.append(text)
+            logprobs = c.get("logprobs")
+            if logprobs:
+                lp = _dict(logprobs).get("content")
                 if isinstance(lp, list):
                     choice.logprobs.extend(lp)
-            delta = _dict(c.get("delta"))
-            if isinstance(delta.get("role"), str):
-                choice.role = delta["role"]
-            if isinstance(delta.get("content"), str):
-                choice.content.append(delta["content"])
+            delta = c.get("delta")
+            if not isinstance(delta, dict) or not delta:
+                continue
+            role = delta.get("role")
+            if isinstance(role, str):
+                choice.role = role
+            content = delta.get("content")
+            if isinstance(content, str):
+                choice.content.append(content)
                 choice.has_content = True
-            if isinstance(delta.get("refusal"), str):
-                choice.refusal.append(delta["refusal"])
+            refusal = delta.get("refusal")
+            if isinstance(refusal, str):
+                choice.refusal.append(refusal)
             if "tool_calls" not in delta and "function_call" not in delta:
                 continue
             for raw_call in _list(delta.get("tool_calls")):
@@ -609,6 +673,21 @@ class _StreamMerger:
         facts = facts_from_json(merged)
         return attrs.evolve(facts, merged_json=merged)
 
+    def summary(self) -> tuple[str | None, Usage | None, tuple[str, ...]]:
+        """``(model, usage, finish_reasons)`` of ``facts()``; for OpenAI chat and
+        completion streams (nearly all) without building the merged response."""
+        if self.dialect not in ("anthropic", "responses") and (
+            self.dialect is not None or self.usage_raw is not None
+        ):
+            # What facts_from_json reads back from _openai_facts' merged object.
+            choices = self.choices
+            reasons = tuple(
+                reason for index in sorted(choices) if (reason := choices[index].finish_reason)
+            )
+            return _str(self.header.get("model")), openai_usage(self.usage_raw), reasons
+        facts = self.facts()
+        return facts.model, facts.usage, facts.finish_reasons
+
     def facts(self) -> ResponseFacts:
         if self.dialect == "anthropic":
             return self._anthropic_facts()
@@ -619,7 +698,6 @@ class _StreamMerger:
         return EMPTY_FACTS
 
 
-_CHUNK_HEADER_KEYS = ("id", "created", "model", "system_fingerprint", "service_tier")
 _ANTHROPIC_EVENTS = frozenset(
     {
         "message_start",
@@ -636,21 +714,46 @@ _RESPONSES_TERMINAL = frozenset(
 )
 
 
-@_never_raises
 def facts_from_sse(events: Iterable[SSEEvent]) -> ResponseFacts:
     """Facts of a streamed response, merged from its SSE events."""
+    return facts_from_sse_fields((event.event, event.data) for event in events)
+
+
+@_never_raises
+def facts_from_sse_fields(events: Iterable[tuple[str, str]]) -> ResponseFacts:
+    """``facts_from_sse`` of events given as ``(event name, data)`` pairs.
+
+    For callers that split a stream themselves and need no ``SSEEvent`` objects.
+    """
+    return _merge(events).facts()
+
+
+def summary_from_sse_fields(
+    events: Iterable[tuple[str, str]],
+) -> tuple[str | None, Usage | None, tuple[str, ...]]:
+    """``(model, usage, finish_reasons)`` of ``facts_from_sse_fields(events)``, for less."""
+    try:
+        return _merge(events).summary()
+    except Exception:
+        return None, None, ()  # what facts_from_sse_fields' EMPTY_FACTS says
+
+
+def _merge(events: Iterable[tuple[str, str]]) -> _StreamMerger:
     merger = _StreamMerger()
-    for event in events:
-        data = event.data
-        if not data or data == "[DONE]" or data[0] not in "{[":
+    loads = orjson.loads
+    for name, data in events:
+        if not data or data[0] != "{":
+            continue  # "[DONE]", keep-alives, and arrays, which add nothing
+        try:
+            obj = loads(data)
+        except (ValueError, RecursionError):  # orjson.JSONDecodeError is a ValueError
             continue
-        obj = _loads(data)
         if isinstance(obj, dict):
             try:
-                merger.add(obj, event.event)
+                merger.add(obj, name)
             except Exception:
                 continue  # one odd event must not cost the others
-    return merger.facts()
+    return merger
 
 
 def usage_dict(usage: Usage | None) -> dict[str, int | None] | None:

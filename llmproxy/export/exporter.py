@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import random as _random
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -103,6 +103,7 @@ class _Batch:
     deferred: Deferred[Any] | None = None
     timer: IDelayedCall | None = None
     settled: bool = False  # its outcome is handled: late answers are ignored
+    envelopes: list[Envelope] = attrs.field(factory=list, repr=False)  # for on_settled only
 
 
 @attrs.define(eq=False)
@@ -115,6 +116,10 @@ class BatchingExporter:
     _spool: Spool | None
     _dead_letter: DeadLetter
     _random: Callable[[], float] = _random.random
+    # Told where each published event ended: "sent" | "dead_lettered" | "spooled" |
+    # "dropped" (the dispatcher ACKs Redis entries on it).  Events replayed from the
+    # spool have no envelope and are not reported.
+    _on_settled: Callable[[Envelope, str], None] | None = None
 
     _state: str = attrs.field(init=False, default=RUNNING)
     _started: bool = attrs.field(init=False, default=False)
@@ -179,6 +184,7 @@ class BatchingExporter:
             size = envelope.size_hint
         except Exception:
             self._drop(1, "bad_envelope")
+            self._report((envelope,), "dropped")
             self._warn("bad_envelope", "an event's size_hint raised; event dropped")
             return
         try:
@@ -189,6 +195,7 @@ class BatchingExporter:
                 self._make_room(size)
             if self._full(size):
                 self._drop(1, "buffer_full")
+                self._report((envelope,), "dropped")
                 return
             self._queue.append((self._take_ordinal(), envelope, size, self._now()))
             self._queue_bytes += size
@@ -217,6 +224,7 @@ class BatchingExporter:
         self._after_close += 1
         if self._spool is None:
             self._drop(1, "closed")
+            self._report((envelope,), "dropped")
             return
         entry = (self._take_ordinal(), envelope, size, self._now())
         if self._state == CLOSING:
@@ -234,6 +242,7 @@ class BatchingExporter:
         settings = self._settings
         events: list[dict[str, Any]] = []
         lines: list[bytes] = []
+        envelopes: list[Envelope] = []
         first = last = source[0][0]
         enqueued_at = source[0][3]
         size = 0
@@ -247,6 +256,7 @@ class BatchingExporter:
                 if source is self._queue:
                     self._queue_bytes -= hint
                 self._drop(1, "encode_failed")
+                self._report((envelope,), "dropped")
                 self._warn("encode_failed", "an event could not be encoded; event dropped")
                 continue
             if lines and size + len(line) > settings.batch_bytes:
@@ -259,8 +269,10 @@ class BatchingExporter:
             last = ordinal
             events.append(event)
             lines.append(line)
+            if self._on_settled is not None:
+                envelopes.append(envelope)
             size += len(line)
-        return _Batch(events, lines, first, last, enqueued_at)
+        return _Batch(events, lines, first, last, enqueued_at, envelopes=envelopes)
 
     # -- dispatch -----------------------------------------------------------------
 
@@ -416,23 +428,28 @@ class BatchingExporter:
         now = self._now()
         if isinstance(verdict, Delivered):
             self._settle(batch, remove_segment=True)
-            rejected = [
-                (batch.events[i], reason)
-                for i, reason in sorted(verdict.rejected.items())
-                if 0 <= i < len(batch.events)
-            ]
+            refused = [i for i in sorted(verdict.rejected) if 0 <= i < len(batch.events)]
+            rejected = [(batch.events[i], verdict.rejected[i]) for i in refused]
             self._sent += len(batch.events) - len(rejected)
+            if batch.envelopes:
+                skip = set(refused)
+                sent = [e for i, e in enumerate(batch.envelopes) if i not in skip]
+                self._report(sent, "sent")
             self._batches_sent += 1
             self._last_success = now
             if self._failing:
                 self._failing = False
                 log.info("exporter {name}: sink delivers again", name=self.name)
-            self._dead_letter_events(rejected)
+            self._dead_letter_events(
+                rejected, [batch.envelopes[i] for i in refused if batch.envelopes]
+            )
         elif isinstance(verdict, Rejected):
             self._batches_failed += 1
             self._last_error = f"rejected: {verdict.reason}"
             self._settle(batch, remove_segment=True)
-            self._dead_letter_events([(event, verdict.reason) for event in batch.events])
+            self._dead_letter_events(
+                [(event, verdict.reason) for event in batch.events], batch.envelopes
+            )
         else:
             self._batches_failed += 1
             self._last_error = verdict.reason
@@ -502,27 +519,44 @@ class BatchingExporter:
             return
         if self._spool is None:
             self._drop(count, no_spool_reason)
+            self._report(batch.envelopes, "dropped")
             return
         try:
             discarded = self._spool.append(batch.lines, batch.first, batch.last)
         except (OSError, ValueError) as e:
             self._drop(count, "spool_write_failed")
+            self._report(batch.envelopes, "dropped")
             reason = e.strerror if isinstance(e, OSError) else str(e)
             self._warn("spool_write", f"spool write failed: {reason}")
             return
+        self._report(batch.envelopes, "spooled")
         if discarded:
             self._drop(discarded, "spool_full")
 
-    def _dead_letter_events(self, entries: list[tuple[dict[str, Any], str]]) -> None:
+    def _dead_letter_events(
+        self, entries: list[tuple[dict[str, Any], str]], envelopes: Sequence[Envelope] = ()
+    ) -> None:
         if not entries:
             return
         try:
             self._dead_letter.append(entries, self._now())
         except OSError as e:
             self._drop(len(entries), "dead_letter_failed")
+            self._report(envelopes, "dropped")
             self._warn("dead_letter", f"dead-letter write failed: {e.strerror}")
         else:
             self._dead_lettered += len(entries)
+            self._report(envelopes, "dead_lettered")
+
+    def _report(self, envelopes: Sequence[Envelope], outcome: str) -> None:
+        """Tell ``on_settled`` where these events ended; its errors are its own."""
+        if self._on_settled is None:
+            return
+        for envelope in envelopes:
+            try:
+                self._on_settled(envelope, outcome)
+            except Exception:
+                log.failure("exporter {name}: on_settled failed", name=self.name)
 
     def _dead_letter_raw(self, lines: list[bytes], reason: str) -> None:
         if not lines:

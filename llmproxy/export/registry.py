@@ -6,7 +6,8 @@ default places under ``server.state_dir``:
 
 - spool: ``<state_dir>/spool/<name>/`` (``spool_max_bytes <= 0`` disables it);
 - dead-letter file: ``<state_dir>/deadletter/<name>.jsonl``;
-- file sink: ``<state_dir>/events.jsonl``.
+- file sink: ``<state_dir>/events.jsonl``;
+- sessions sink: ``<state_dir>/sessions/``.
 
 Relative paths in the settings are taken relative to ``state_dir``.
 """
@@ -85,11 +86,23 @@ def _build_otlp_sink(settings: ExporterSettings, context: SinkContext) -> Sink:
     return OTLPSink.from_settings(settings, client=context.http_client, clock=context.clock)
 
 
+def _build_sessions_sink(settings: ExporterSettings, context: SinkContext) -> Sink:
+    from llmproxy.export.sinks.sessions import SessionsSink
+
+    return SessionsSink(
+        name=settings.name,
+        log_dir=_resolve(context.state_dir, settings.log_dir, Path("sessions")),
+        clock=context.clock,
+        fsync=settings.fsync,
+    )
+
+
 # One entry per ``type =`` value.  Factories import their module lazily, so a
 # backend that is not configured costs nothing at start.
 SINK_FACTORIES: dict[str, SinkFactory] = {
     "file": _build_file_sink,
     "loki": _build_loki_sink,
+    "sessions": _build_sessions_sink,
     "lunary": _build_lunary_sink,
     "helicone": _build_helicone_sink,
     "otlp": _build_otlp_sink,

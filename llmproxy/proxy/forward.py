@@ -1,4 +1,5 @@
-"""The streaming reverse proxy resource (tests: tests/integration/test_proxy.py).
+"""The streaming reverse proxy resource (tests: tests/integration/test_proxy.py,
+tests/integration/test_cache.py).
 
 One :class:`Exchange` per request: resolve the route, send the (already
 buffered) body upstream through a pooled ``Agent``, relay the response body with
@@ -6,6 +7,11 @@ the upstream transport registered as a streaming producer on the client (so a
 slow client pauses the upstream), tee a capped copy into the
 :class:`ExchangeRecord`, and hand two events to the bus.  Nothing here encodes
 JSON for events or waits for a sink.
+
+With a response cache (:mod:`llmproxy.cache`) and a cached route, the exchange
+asks its ticket first: a hit is answered from the entry with no upstream call
+and no event; a miss goes upstream as above with the body teed to the ticket.
+Without one, the plain path costs one ``is None`` check.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from __future__ import annotations
 import io
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 from twisted.internet import defer, error
@@ -34,6 +40,10 @@ from llmproxy.proxy.errors import error_body
 from llmproxy.proxy.headers import filter_headers, request_id_from
 from llmproxy.proxy.router import Refusal, Router, Target
 from llmproxy.settings import CaptureSettings, ServerSettings
+
+if TYPE_CHECKING:
+    from llmproxy.cache.cache import CacheTicket, ResponseCache
+    from llmproxy.cache.entry import CachedResponse
 
 _SSE = b"text/event-stream"
 _DONE = Failure(ResponseDone())
@@ -60,6 +70,9 @@ class Allow:
 
     set_headers: tuple[tuple[bytes, bytes], ...] = ()
     drop_headers: frozenset[bytes] = frozenset()  # lower-case names
+    # Whose request this is, for the response cache: the proxy token's project.
+    # Empty: the cache hashes the client's own credentials instead.
+    namespace: str = ""
 
 
 @attrs.frozen
@@ -148,6 +161,7 @@ class ProxyResource(Resource):
         access: AccessPolicy | None = None,
         sessions: SessionAssigner | None = None,
         cooperator_body: Callable[[Any], IBodyProducer] | None = None,
+        cache: ResponseCache | None = None,
     ) -> None:
         super().__init__()
         self.router = router
@@ -162,6 +176,7 @@ class ProxyResource(Resource):
         self.access: AccessPolicy = access or PassthroughAccess()
         self.sessions: SessionAssigner = sessions or NoSessions()
         self._file_body = cooperator_body or FileBodyProducer
+        self.cache = cache
         self.open: set[Exchange] = set()
 
     def render(self, request: Request) -> int | bytes:
@@ -238,12 +253,15 @@ class _Relay(TwistedProtocol):
 
 class Exchange:
     __slots__ = (
+        "_cache",
+        "_cache_wait",
         "_cap_left",
         "_capture",
         "_done",
         "_first_byte_timer",
         "_idle_timer",
         "_last_data",
+        "_later",
         "_pending",
         "_relay_transport",
         "_t0",
@@ -274,6 +292,9 @@ class Exchange:
         self._t_dispatch = 0.0
         self._cap_left = 0
         self._capture = proxy.events.enabled
+        self._cache: CacheTicket | None = None
+        self._cache_wait: defer.Deferred[CachedResponse | None] | None = None
+        self._later: tuple[Allow, IBodyProducer | None, list[Any], bytes, bytes] | None = None
         self.stream = False
         self.bytes_in = 0
         self.bytes_out = 0
@@ -340,6 +361,30 @@ class Exchange:
             self.fail(decision.status, decision.message, "rejected", decision.headers)
             return
         assert isinstance(decision, Allow)
+        cache = proxy.cache
+        if cache is not None:
+            ticket = self._cache = cache.admit(
+                request, target, url, decision.namespace, content, size
+            )
+            if ticket is not None and not ticket.bypass:
+                self._later = (decision, producer, raw_headers, url, body)
+                d = self._cache_wait = ticket.lookup()
+                d.addCallbacks(self._cache_answer, self._cache_gone)
+                return
+        self._forward(decision, producer, raw_headers, url, body)
+
+    def _forward(
+        self,
+        decision: Allow,
+        producer: IBodyProducer | None,
+        raw_headers: list[Any],
+        url: bytes,
+        body: bytes,
+    ) -> None:
+        proxy = self.proxy
+        request = self.request
+        record = self.record
+        assert record is not None
         if self._capture:
             proxy.sessions.assign(record, body)
             proxy.events.request_started(record)
@@ -350,7 +395,7 @@ class Exchange:
         headers = Headers(dict(forwarded))
         for name, value in decision.set_headers:
             headers.setRawHeaders(name, [value])
-        headers.setRawHeaders(b"x-request-id", [rid.encode()])
+        headers.setRawHeaders(b"x-request-id", [record.request_id.encode()])
         self._cap_left = proxy.capture.response_body_bytes
         self._t_dispatch = time.perf_counter()
         d = self._pending = proxy.agent.request(request.method, url, headers, producer)
@@ -358,6 +403,47 @@ class Exchange:
             proxy.limits.first_byte_timeout, self._first_byte_timeout
         )
         d.addCallbacks(self._got_response, self._request_failed)
+
+    # -- the response cache -------------------------------------------------
+
+    def _cache_answer(self, entry: CachedResponse | None) -> None:
+        self._cache_wait = None
+        later, self._later = self._later, None
+        ticket = self._cache
+        assert ticket is not None and later is not None
+        if not self.alive:
+            ticket.abandon()
+            self.finish_record(
+                "client_disconnected", "client went away during the cache lookup", publish=False
+            )
+            return
+        if entry is None:
+            self._forward(*later)
+            return
+        record = self.record
+        assert record is not None
+        overhead = time.perf_counter() - self._t0
+        rid = record.request_id.encode()
+        self.bytes_out = ticket.write_hit(self.request, entry, rid, b"%.3f" % (overhead * 1000))
+        self.alive = False
+        record.status = self.request.code
+        record.first_byte_at = self.proxy.clock.seconds() - record.started_at
+        self.finish_record("cache_hit", None, publish=False)
+
+    def _cache_gone(self, failure: Failure) -> Failure | None:
+        self._cache_wait = None
+        self._later = None
+        if self._cache is not None:
+            self._cache.abandon()
+        if failure.check(defer.CancelledError):
+            # Only a client that went away cancels the wait (see _client_finished).
+            self.finish_record(
+                "client_disconnected", "client went away waiting for the cache", publish=False
+            )
+            return None
+        # Store errors become misses in the ticket: this is a bug, and stays loud.
+        self.fail(502, "the response cache failed", "upstream_error")
+        return failure
 
     def _first_byte_timeout(self) -> None:
         self._first_byte_timer = None
@@ -413,9 +499,13 @@ class Exchange:
             out.setRawHeaders(name, values)
             if name.lower() == b"content-type" and values and values[0].startswith(_SSE):
                 self.stream = True
-        if response.length is not UNKNOWN_LENGTH:
+        if response.length is not UNKNOWN_LENGTH and request.method != b"HEAD":
+            # (A HEAD response's Content-Length is the GET body's: keep the upstream's.)
             out.setRawHeaders(b"content-length", [b"%d" % response.length])
         out.setRawHeaders(b"x-request-id", [record.request_id.encode()])
+        if self._cache is not None:
+            length = None if response.length is UNKNOWN_LENGTH else response.length
+            self._cache.on_response(response.code, raw, length, out)
         # What the proxy added before the client sees a byte: routing, header
         # rewriting and capture setup before the upstream call, and header
         # copying after the upstream answered.
@@ -454,6 +544,8 @@ class Exchange:
                     record.response_truncated = True
             else:
                 record.response_truncated = True
+        if self._cache is not None:
+            self._cache.feed(data)
         if self.alive:
             self.request.write(data)
 
@@ -475,6 +567,9 @@ class Exchange:
         if self.stream:
             self.proxy.metrics.open_streams -= 1
         clean = reason.check(ResponseDone, http.PotentialDataLoss) is not None
+        if self._cache is not None:
+            # Close-delimited bodies (PotentialDataLoss) may be cut short: never stored.
+            self._cache.ended(reason.check(ResponseDone) is not None)
         if self.alive:
             self.request.unregisterProducer()
             if clean:
@@ -510,6 +605,8 @@ class Exchange:
             self._pending.cancel()
         elif self._relay_transport is not None:
             self._relay_transport.stopProducing()
+        elif self._cache_wait is not None and self._cache is not None:
+            self._cache.cancel_wait()
 
     def fail(
         self,
@@ -537,7 +634,7 @@ class Exchange:
             self.record.status = status
         self.finish_record(outcome, message)
 
-    def finish_record(self, outcome: str, error_text: str | None) -> None:
+    def finish_record(self, outcome: str, error_text: str | None, publish: bool = True) -> None:
         if self._done:
             return
         self._done = True
@@ -559,7 +656,10 @@ class Exchange:
             self.bytes_out,
         )
         proxy.access.finished(record)
-        if self._capture:
+        if self._cache is not None:
+            self._cache.abandon()
+            record.cache_status = self._cache.status
+        if self._capture and publish:
             proxy.sessions.finished(record)
             proxy.events.request_finished(record)
 

@@ -3,12 +3,19 @@
 It counts TCP connections, records the requests it saw, and serves:
   POST /v1/chat/completions          a JSON chat completion (with usage)
   POST /v1/chat/completions + stream an SSE stream (``"stream": true`` in the body)
+  POST /v1/messages                  an Anthropic message answering the last user message
+                                     (SSE events with ``"stream": true``)
   GET  /sse?n=N&gap=S                N SSE events S seconds apart (real reactor time)
   GET  /big?bytes=N                  N bytes from a push producer (tracks pauses)
   GET  /hang                         never answers
   GET  /stall                        sends headers and one chunk, then nothing
   GET  /echo-headers                 the request headers it received, as JSON
   GET  /status/NNN                   an empty NNN answer
+  ANY  /cacheable?...                for the response cache: a JSON answer numbered per call,
+                                     shaped by cc= (Cache-Control), vary=, status=, etag=,
+                                     lm= (Last-Modified), age=, size=; sse=N streams N events,
+                                     cut=1 drops the connection after them; hold=1 waits for
+                                     release_held()
 """
 
 from __future__ import annotations
@@ -60,6 +67,72 @@ def sse_chunks(text: str = "Hello there, friend") -> list[bytes]:
     out.append(b"data: " + json.dumps(final).encode() + b"\n\n")
     out.append(b"data: [DONE]\n\n")
     return out
+
+
+def anthropic_reply_text(request_body: dict[str, Any]) -> str:
+    """The scripted reply of /v1/messages: it quotes the last user message."""
+    text = ""
+    for message in request_body.get("messages") or []:
+        if isinstance(message, dict) and message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, list):
+                content = "".join(
+                    b.get("text", "") for b in content if isinstance(b, dict) and "text" in b
+                )
+            text = content if isinstance(content, str) else ""
+    return f"You said: {text}"
+
+
+def anthropic_message(text: str) -> dict[str, Any]:
+    return {
+        "id": "msg_fake01",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-sonnet-4-5",
+        "content": [{"type": "text", "text": text}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": {"input_tokens": 12, "output_tokens": 6},
+    }
+
+
+def anthropic_sse(text: str) -> list[bytes]:
+    half = len(text) // 2
+    start = anthropic_message("")
+    start["content"] = []
+    start["stop_reason"] = None
+    events: list[tuple[str, dict[str, Any]]] = [
+        ("message_start", {"type": "message_start", "message": start}),
+        (
+            "content_block_start",
+            {
+                "type": "content_block_start",
+                "index": 0,
+                "content_block": {"type": "text", "text": ""},
+            },
+        ),
+    ]
+    for piece in (text[:half], text[half:]):
+        delta = {"type": "text_delta", "text": piece}
+        events.append(
+            ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta})
+        )
+    events += [
+        ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        (
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                "usage": {"output_tokens": 6},
+            },
+        ),
+        ("message_stop", {"type": "message_stop"}),
+    ]
+    return [
+        b"event: " + name.encode() + b"\ndata: " + json.dumps(data).encode() + b"\n\n"
+        for name, data in events
+    ]
 
 
 @implementer(IPushProducer)
@@ -130,6 +203,8 @@ class FakeUpstream(Resource):
         self.close_waiters: list[defer.Deferred[None]] = []
         self.port: IListeningPort | None = None
         self._pending: list[Any] = []
+        self.held: list[tuple[server.Request, bytes]] = []
+        self.cacheable_served = 0
 
     # -- helpers for tests ----------------------------------------------------
 
@@ -196,6 +271,22 @@ class FakeUpstream(Resource):
                 return server.NOT_DONE_YET
             request.setHeader(b"content-type", b"application/json")
             return json.dumps(CHAT_COMPLETION).encode()
+        if path.endswith(b"/v1/messages") and request.method == b"POST":
+            try:
+                asked = json.loads(body or b"{}")
+            except ValueError:
+                asked = {}
+            text = anthropic_reply_text(asked if isinstance(asked, dict) else {})
+            if isinstance(asked, dict) and asked.get("stream"):
+                request.setHeader(b"content-type", b"text/event-stream")
+                for chunk in anthropic_sse(text):
+                    request.write(chunk)
+                request.finish()
+                return server.NOT_DONE_YET
+            request.setHeader(b"content-type", b"application/json")
+            return json.dumps(anthropic_message(text)).encode()
+        if path.startswith(b"/cacheable"):
+            return self._cacheable(request)
         if path == b"/sse":
             n = int(request.args.get(b"n", [b"3"])[0])
             gap = float(request.args.get(b"gap", [b"0.2"])[0])
@@ -235,3 +326,53 @@ class FakeUpstream(Resource):
             request.finish()
             return
         self._pending.append(self.reactor.callLater(gap, self._send_events, request, n, gap, i + 1))
+
+    # -- /cacheable ---------------------------------------------------------------
+
+    def _cacheable(self, request: server.Request) -> Any:
+        self.cacheable_served += 1
+        args = {k.decode(): v[0].decode() for k, v in (request.args or {}).items()}
+        request.setResponseCode(int(args.get("status", "200")))
+        for name, arg in (
+            (b"cache-control", "cc"),
+            (b"vary", "vary"),
+            (b"etag", "etag"),
+            (b"last-modified", "lm"),
+            (b"age", "age"),
+        ):
+            if arg in args:
+                request.setHeader(name, args[arg].encode())
+        request.setHeader(b"set-cookie", b"upstream-session=s%d" % self.cacheable_served)
+        n = self.cacheable_served
+        if "sse" in args:
+            request.setHeader(b"content-type", b"text/event-stream")
+            request.setHeader(b"cache-control", args.get("cc", "no-cache").encode())
+            for i in range(int(args["sse"])):
+                request.write(b'data: {"call": %d, "i": %d}\n\n' % (n, i))
+            if "cut" in args:
+                # Flushed, then closed without the last chunk: a truncated stream.
+                request.channel.transport.loseConnection()  # type: ignore[union-attr]
+            else:
+                request.write(b"data: [DONE]\n\n")
+                request.finish()
+            return server.NOT_DONE_YET
+        answer = {
+            "call": n,
+            "method": request.method.decode(),
+            "pad": "x" * int(args.get("size", "0")),
+        }
+        body = json.dumps(answer).encode()
+        request.setHeader(b"content-type", b"application/json")
+        if "hold" in args:
+            self.held.append((request, body))
+            return server.NOT_DONE_YET
+        return body
+
+    def release_held(self) -> int:
+        held, self.held = self.held, []
+        for request, body in held:
+            if not request.finished and not request._disconnected:
+                request.setHeader(b"content-length", b"%d" % len(body))
+                request.write(body)
+                request.finish()
+        return len(held)

@@ -20,6 +20,8 @@ def test_every_settings_key_is_documented() -> None:
         s.CaptureSettings,
         s.EventsSettings,
         s.ExporterSettings,
+        s.SessionSettings,
+        s.CacheSettings,
     ):
         for f in attrs.fields(cls):
             if f.name != "name" and f"`{f.name}`" not in DOC:

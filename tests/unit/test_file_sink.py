@@ -1,14 +1,18 @@
-"""The JSONL file sink: lines, fsync policy, rotation, write errors."""
+"""The JSONL file sink: lines, fsync policy (off the reactor thread), rotation, write errors."""
 
 from __future__ import annotations
 
 import errno
 import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import pytest
+import pytest_twisted
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.task import Clock
 
 from llmproxy.export.envelope import StoredEvent
@@ -17,6 +21,33 @@ from llmproxy.export.sink import Delivered, Retry, Sink
 from llmproxy.export.sinks import file as file_module
 from llmproxy.export.sinks.file import FileSink
 from llmproxy.settings import ExporterSettings
+
+T = TypeVar("T")
+
+
+def run_now(work: Callable[[], T]) -> Deferred[T]:
+    """A synchronous ``run_blocking``: the tests stay deterministic."""
+    return maybeDeferred(work)
+
+
+def file_sink(path: Path, **kwargs: Any) -> FileSink:
+    return FileSink("f", path, run_blocking=run_now, **kwargs)
+
+
+class ManualRunner:
+    """A ``run_blocking`` that runs each piece of work only when told to."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[Callable[[], Any], Deferred[Any]]] = []
+
+    def __call__(self, work: Callable[[], T]) -> Deferred[T]:
+        done: Deferred[T] = Deferred()
+        self.pending.append((work, done))
+        return done
+
+    def run_one(self) -> None:
+        work, done = self.pending.pop(0)
+        maybeDeferred(work).chainDeferred(done)
 
 
 def event(i: int) -> dict[str, Any]:
@@ -48,11 +79,11 @@ def fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 def test_file_sink_is_a_sink(tmp_path: Path) -> None:
-    assert isinstance(FileSink("f", tmp_path / "e.jsonl"), Sink)
+    assert isinstance(file_sink(tmp_path / "e.jsonl"), Sink)
 
 
 def test_events_are_appended_one_json_line_each(tmp_path: Path) -> None:
-    sink = FileSink("f", tmp_path / "sub" / "events.jsonl")
+    sink = file_sink(tmp_path / "sub" / "events.jsonl")
     assert deliver(sink, 1, 2) == Delivered()
     assert deliver(sink, 3) == Delivered()
     assert lines_of(sink.path) == [event(1), event(2), event(3)]
@@ -61,7 +92,7 @@ def test_events_are_appended_one_json_line_each(tmp_path: Path) -> None:
 def test_events_are_appended_to_an_existing_file(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
     path.write_bytes(orjson.dumps(event(0)) + b"\n")
-    deliver(FileSink("f", path), 1)
+    deliver(file_sink(path), 1)
     assert lines_of(path) == [event(0), event(1)]
 
 
@@ -71,35 +102,35 @@ def test_a_batch_is_one_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(
         file_module.os, "write", lambda fd, data: (writes.append(len(data)), real(fd, data))[1]
     )
-    deliver(FileSink("f", tmp_path / "e.jsonl"), 1, 2, 3)
+    deliver(file_sink(tmp_path / "e.jsonl"), 1, 2, 3)
     assert writes == [3 * LINE]
 
 
 def test_fsync_batch_syncs_once_per_delivery(tmp_path: Path, fsyncs: list[int]) -> None:
-    deliver(FileSink("f", tmp_path / "e.jsonl", fsync="batch"), 1, 2, 3)
+    deliver(file_sink(tmp_path / "e.jsonl", fsync="batch"), 1, 2, 3)
     assert len(fsyncs) == 1
 
 
 def test_fsync_always_syncs_after_each_line(tmp_path: Path, fsyncs: list[int]) -> None:
-    sink = FileSink("f", tmp_path / "e.jsonl", fsync="always")
+    sink = file_sink(tmp_path / "e.jsonl", fsync="always")
     deliver(sink, 1, 2, 3)
     assert len(fsyncs) == 3
     assert lines_of(sink.path) == [event(1), event(2), event(3)]
 
 
 def test_fsync_never_leaves_syncing_to_the_os(tmp_path: Path, fsyncs: list[int]) -> None:
-    deliver(FileSink("f", tmp_path / "e.jsonl", fsync="never"), 1, 2, 3)
+    deliver(file_sink(tmp_path / "e.jsonl", fsync="never"), 1, 2, 3)
     assert fsyncs == []
 
 
 def test_an_unknown_fsync_policy_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
-        FileSink("f", tmp_path / "e.jsonl", fsync="sometimes")
+        file_sink(tmp_path / "e.jsonl", fsync="sometimes")
 
 
 def test_the_file_is_rotated_before_it_would_pass_rotate_bytes(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
-    sink = FileSink("f", path, rotate_bytes=2 * LINE, rotate_keep=3)
+    sink = file_sink(path, rotate_bytes=2 * LINE, rotate_keep=3)
     deliver(sink, 1, 2)
     deliver(sink, 3)
     assert lines_of(path) == [event(3)]
@@ -108,7 +139,7 @@ def test_the_file_is_rotated_before_it_would_pass_rotate_bytes(tmp_path: Path) -
 
 def test_rotation_keeps_rotate_keep_old_files(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
-    sink = FileSink("f", path, rotate_bytes=LINE, rotate_keep=2)
+    sink = file_sink(path, rotate_bytes=LINE, rotate_keep=2)
     for i in range(5):
         deliver(sink, i)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
@@ -127,7 +158,7 @@ def test_rotation_keeps_rotate_keep_old_files(tmp_path: Path) -> None:
 
 def test_rotate_keep_zero_starts_the_file_afresh(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
-    sink = FileSink("f", path, rotate_bytes=LINE, rotate_keep=0)
+    sink = file_sink(path, rotate_bytes=LINE, rotate_keep=0)
     deliver(sink, 1)
     deliver(sink, 2)
     assert [p.name for p in tmp_path.iterdir()] == ["events.jsonl"]
@@ -136,7 +167,7 @@ def test_rotate_keep_zero_starts_the_file_afresh(tmp_path: Path) -> None:
 
 def test_a_batch_bigger_than_rotate_bytes_goes_alone_into_a_fresh_file(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
-    sink = FileSink("f", path, rotate_bytes=LINE)
+    sink = file_sink(path, rotate_bytes=LINE)
     deliver(sink, 1, 2, 3)
     assert lines_of(path) == [event(1), event(2), event(3)]
     deliver(sink, 4)
@@ -150,14 +181,14 @@ def test_a_write_error_is_retried_with_its_reason(
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(file_module.os, "write", disk_full)
-    verdict = deliver(FileSink("f", tmp_path / "e.jsonl"), 1)
+    verdict = deliver(file_sink(tmp_path / "e.jsonl"), 1)
     assert verdict == Retry("file write failed: No space left on device")
 
 
 def test_a_failed_write_leaves_no_partial_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    sink = FileSink("f", tmp_path / "e.jsonl")
+    sink = file_sink(tmp_path / "e.jsonl")
     deliver(sink, 1)
     real = os.write
 
@@ -174,21 +205,24 @@ def test_a_failed_write_leaves_no_partial_line(
 
 
 def test_an_event_that_is_not_json_is_rejected_alone(tmp_path: Path) -> None:
-    sink = FileSink("f", tmp_path / "e.jsonl")
+    sink = file_sink(tmp_path / "e.jsonl")
     verdict = sink.deliver([event(1), {"bad": {1, 2}}, event(3)]).result
     assert isinstance(verdict, Delivered) and list(verdict.rejected) == [1]
     assert lines_of(sink.path) == [event(1), event(3)]
 
 
 def test_close_closes_the_file_and_a_later_batch_reopens_it(tmp_path: Path) -> None:
-    sink = FileSink("f", tmp_path / "e.jsonl")
+    sink = file_sink(tmp_path / "e.jsonl")
     deliver(sink, 1)
     assert sink.close().result is None
     deliver(sink, 2)
     assert lines_of(sink.path) == [event(1), event(2)]
 
 
-def test_exporter_with_a_file_sink_writes_published_events(tmp_path: Path) -> None:
+def test_exporter_with_a_file_sink_writes_published_events(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(file_module.threads, "deferToThread", run_now)
     clock = Clock()
     settings = ExporterSettings(name="local", type="file", batch_size=2)
     exporter = build_exporter(settings, clock=clock, http_client=None, state_dir=tmp_path)  # type: ignore[arg-type]
@@ -201,3 +235,194 @@ def test_exporter_with_a_file_sink_writes_published_events(tmp_path: Path) -> No
     assert lines_of(tmp_path / "events.jsonl") == [event(i) for i in range(5)]
     assert exporter.stats()["sent"] == 5
     assert clock.getDelayedCalls() == []
+
+
+# -- fsync off the reactor thread ---------------------------------------------------
+
+
+def test_fsync_batch_runs_off_the_calling_thread_and_answers_after_it(
+    tmp_path: Path, fsyncs: list[int]
+) -> None:
+    runner = ManualRunner()
+    sink = FileSink("f", tmp_path / "e.jsonl", run_blocking=runner)
+    answer = sink.deliver([event(1), event(2)])
+    # Written in the caller's thread (one write), synced through the runner.
+    assert lines_of(sink.path) == [event(1), event(2)]
+    assert fsyncs == [] and len(runner.pending) == 1
+    assert not answer.called  # nothing counts as sent before it is durable
+    runner.run_one()
+    assert len(fsyncs) == 1
+    assert answer.result == Delivered()
+
+
+def test_fsync_always_writes_and_syncs_each_line_off_the_calling_thread(
+    tmp_path: Path, fsyncs: list[int]
+) -> None:
+    runner = ManualRunner()
+    sink = FileSink("f", tmp_path / "e.jsonl", fsync="always", run_blocking=runner)
+    answer = sink.deliver([event(1), event(2), event(3)])
+    assert not sink.path.exists() or sink.path.read_bytes() == b""
+    runner.run_one()
+    assert len(fsyncs) == 3
+    assert lines_of(sink.path) == [event(1), event(2), event(3)]
+    assert answer.result == Delivered()
+
+
+def test_fsync_never_answers_at_once_without_the_runner(tmp_path: Path) -> None:
+    runner = ManualRunner()
+    sink = FileSink("f", tmp_path / "e.jsonl", fsync="never", run_blocking=runner)
+    assert sink.deliver([event(1)]).result == Delivered()
+    assert runner.pending == []
+
+
+def test_a_batch_waits_for_the_fsync_before_it(tmp_path: Path, fsyncs: list[int]) -> None:
+    runner = ManualRunner()
+    sink = FileSink("f", tmp_path / "e.jsonl", run_blocking=runner)
+    first = sink.deliver([event(1)])
+    second = sink.deliver([event(2)])
+    assert lines_of(sink.path) == [event(1)]  # the second is not even written yet
+    runner.run_one()
+    assert first.result == Delivered() and not second.called
+    assert lines_of(sink.path) == [event(1), event(2)]
+    runner.run_one()
+    assert second.result == Delivered()
+    assert len(fsyncs) == 2
+
+
+def test_rotation_does_not_close_the_file_under_an_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[str, int]] = []
+    real_close = os.close
+
+    def close(fd: int) -> None:
+        calls.append(("close", fd))
+        real_close(fd)
+
+    monkeypatch.setattr(file_module.os, "fsync", lambda fd: calls.append(("fsync", fd)))
+    monkeypatch.setattr(file_module.os, "close", close)
+    runner = ManualRunner()
+    path = tmp_path / "events.jsonl"
+    sink = FileSink("f", path, rotate_bytes=LINE, rotate_keep=2, run_blocking=runner)
+    first = sink.deliver([event(1)])
+    second = sink.deliver([event(2)])  # rotates the file the first one is syncing
+    assert calls == []
+    runner.run_one()
+    assert first.result == Delivered()
+    # The descriptor was synced first, closed by the rotation after.
+    assert [kind for kind, _ in calls] == ["fsync", "close"]
+    assert calls[0][1] == calls[1][1]
+    runner.run_one()
+    assert second.result == Delivered()
+    assert lines_of(tmp_path / "events.jsonl.1") == [event(1)]
+    assert lines_of(path) == [event(2)]
+
+
+def test_close_waits_for_the_fsync_in_flight(tmp_path: Path) -> None:
+    runner = ManualRunner()
+    sink = FileSink("f", tmp_path / "e.jsonl", run_blocking=runner)
+    answer = sink.deliver([event(1)])
+    closing = sink.close()
+    assert not closing.called
+    runner.run_one()
+    assert answer.result == Delivered()
+    assert closing.called
+    assert sink.deliver([event(2)]).called is False  # reopened, syncing again
+    runner.run_one()
+    assert lines_of(sink.path) == [event(1), event(2)]
+
+
+def test_a_failed_fsync_is_retried_and_its_lines_cut_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sink = file_sink(tmp_path / "e.jsonl")
+    deliver(sink, 1)
+
+    def broken(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(file_module.os, "fsync", broken)
+    assert deliver(sink, 2, 3) == Retry("file write failed: Input/output error")
+    assert lines_of(sink.path) == [event(1)]
+    monkeypatch.undo()
+    assert deliver(sink, 2, 3) == Delivered()
+    assert lines_of(sink.path) == [event(1), event(2), event(3)]
+
+
+def test_a_failed_always_write_is_cut_off_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sink = file_sink(tmp_path / "e.jsonl", fsync="always")
+    deliver(sink, 1)
+    real = os.write
+    calls: list[int] = []
+
+    def second_line_fails(fd: int, data: Any) -> int:
+        calls.append(len(data))
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data)
+
+    monkeypatch.setattr(file_module.os, "write", second_line_fails)
+    assert deliver(sink, 2, 3) == Retry("file write failed: No space left on device")
+    monkeypatch.undo()
+    assert lines_of(sink.path) == [event(1)]
+
+
+def test_a_cancelled_batch_not_yet_started_is_never_written(tmp_path: Path) -> None:
+    runner = ManualRunner()
+    sink = FileSink("f", tmp_path / "e.jsonl", run_blocking=runner)
+    first = sink.deliver([event(1)])
+    second = sink.deliver([event(2)])
+    second.cancel()
+    assert second.called
+    second.addErrback(lambda f: f.trap(CancelledError))
+    runner.run_one()
+    assert first.result == Delivered()
+    assert runner.pending == []
+    assert lines_of(sink.path) == [event(1)]
+
+
+def test_a_batch_cancelled_during_its_fsync_does_not_stop_the_next(tmp_path: Path) -> None:
+    runner = ManualRunner()
+    sink = FileSink("f", tmp_path / "e.jsonl", run_blocking=runner)
+    first = sink.deliver([event(1)])
+    first.cancel()
+    first.addErrback(lambda f: f.trap(CancelledError))
+    second = sink.deliver([event(2)])
+    runner.run_one()  # the first's fsync returns after its answer was given up
+    runner.run_one()
+    assert second.result == Delivered()
+    assert lines_of(sink.path) == [event(1), event(2)]
+
+
+def test_a_runner_that_raises_fails_the_batch_not_the_sink(tmp_path: Path) -> None:
+    def broken(work: Callable[[], T]) -> Deferred[T]:
+        raise RuntimeError("no threads")
+
+    sink = FileSink("f", tmp_path / "e.jsonl", run_blocking=broken)
+    failed = sink.deliver([event(1)])
+    assert failed.called
+    failed.addErrback(lambda f: f.trap(RuntimeError))
+    sink = FileSink("f", tmp_path / "e.jsonl", fsync="never", run_blocking=broken)
+    assert sink.deliver([event(2)]).result == Delivered()
+
+
+@pytest_twisted.inlineCallbacks
+def test_by_default_fsync_runs_in_a_thread_of_the_reactor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Any:
+    threads_seen: list[int] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        threads_seen.append(threading.get_ident())
+        real(fd)
+
+    monkeypatch.setattr(file_module.os, "fsync", fsync)
+    sink = FileSink("f", tmp_path / "e.jsonl")
+    verdict = yield sink.deliver([event(1)])
+    assert verdict == Delivered()
+    assert threads_seen and threads_seen[0] != threading.get_ident()
+    yield sink.close()
+    assert lines_of(sink.path) == [event(1)]

@@ -5,26 +5,76 @@ One event a line, appended.  ``fsync``: ``never`` (the OS flushes when it likes)
 rotation: before a batch would take the file past ``rotate_bytes`` it is renamed
 ``<name>.1`` (older ones shift to ``.2`` ... ``.<rotate_keep>``, the oldest deleted).
 
-The file I/O is blocking and runs in the reactor thread: acceptable for a local
-file, and kept to one ``write`` per batch (except with ``fsync = always``).  A
-failing write (disk full, permission) is answered with ``Retry``; what the failed
-write left in the file is cut off again, so a retry does not duplicate lines.
+The reactor thread never waits for the disk to sync.  With ``never`` and ``batch``
+the batch is one ``write`` in the reactor thread (a write to the page cache is
+fast); the ``fsync`` of ``batch`` runs through the injected ``run_blocking``
+(``deferToThread`` by default).  With ``always``, writing line by line with an
+``fsync`` after each is all blocking, so all of it runs there.  A batch is
+answered ``Delivered`` only once its ``fsync`` is done: the exporter counts
+nothing as sent before it is durable.
+
+Batches are handled one at a time, in order: a batch (or ``close``) arriving
+while an ``fsync`` is in flight waits for it, so the file is never rotated,
+closed or written by two hands at once, and the descriptor an ``fsync`` uses
+stays open until it returns.  A failing write or ``fsync`` (disk full,
+permission, I/O error) is answered with ``Retry``; what the batch left in the
+file is cut off again, so a retry does not duplicate lines.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import attrs
 import orjson
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet import threads
+from twisted.internet.defer import Deferred, fail
+from twisted.python.failure import Failure
 
 from llmproxy.export.sink import Delivered, Retry, Verdict
 
 FSYNC_POLICIES = ("never", "batch", "always")
+
+_T = TypeVar("_T")
+
+
+class RunBlocking(Protocol):
+    """Runs blocking work off the reactor thread; the Deferred fires in the reactor
+    thread with its result (``twisted.internet.threads.deferToThread``)."""
+
+    def __call__(self, work: Callable[[], _T], /) -> Deferred[_T]: ...
+
+
+def _default_run_blocking() -> RunBlocking:
+    # Looked up when a sink is made, not when this module is imported.
+    return threads.deferToThread
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _write_lines_synced(fd: int, lines: list[bytes]) -> None:
+    """``fsync = always``: each line on disk before the next is written (blocking)."""
+    for line in lines:
+        _write_all(fd, line)
+        os.fsync(fd)
+
+
+@attrs.define(eq=False)
+class _Job:
+    """One ``deliver`` (``lines`` set) or one ``close`` (``lines`` None), queued."""
+
+    deferred: Deferred[Any]
+    lines: list[bytes] | None = None
+    rejected: dict[int, str] = attrs.Factory(dict)
 
 
 @attrs.define
@@ -36,8 +86,15 @@ class FileSink:
     _fsync: str = attrs.field(default="batch", validator=attrs.validators.in_(FSYNC_POLICIES))
     _rotate_bytes: int = 100 * 1024 * 1024  # 0 or less: never rotate
     _rotate_keep: int = 5
+    _run_blocking: RunBlocking = attrs.Factory(_default_run_blocking)
     _fd: int | None = attrs.field(init=False, default=None)
     _size: int = attrs.field(init=False, default=0)
+    _jobs: deque[_Job] = attrs.field(init=False, factory=deque)
+    # A job's blocking part (an fsync, or the writes of ``always``) is in flight.
+    _busy: bool = attrs.field(init=False, default=False)
+    # ``_run_jobs`` is on the stack (a synchronous ``run_blocking``, or a caller
+    # answering a verdict with a new ``deliver``): the running loop goes on.
+    _running: bool = attrs.field(init=False, default=False)
 
     @property
     def path(self) -> Path:
@@ -51,50 +108,111 @@ class FileSink:
                 lines.append(orjson.dumps(event) + b"\n")
             except TypeError as e:
                 rejected[index] = f"not JSON-serialisable: {e}"
-        try:
-            self._append(lines)
-        except OSError as e:
-            return succeed(Retry(f"file write failed: {e.strerror or type(e).__name__}"))
-        return succeed(Delivered(rejected))
+        result: Deferred[Verdict] = Deferred(self._cancel)
+        self._jobs.append(_Job(result, lines, rejected))
+        self._run_jobs()
+        return result
 
     def close(self) -> Deferred[None]:
-        self._close_file()
-        return succeed(None)
+        """Close the file once the batches before have been written (and synced)."""
+        result: Deferred[None] = Deferred()
+        self._jobs.append(_Job(result))
+        self._run_jobs()
+        return result
 
-    def _append(self, lines: list[bytes]) -> None:
+    # -- the queue ------------------------------------------------------------------
+
+    def _cancel(self, deferred: Deferred[Any]) -> None:
+        # A batch not started is never written: the exporter spools it or gives up on
+        # it.  One started is written already; only the answer is lost.
+        for job in self._jobs:
+            if job.deferred is deferred:
+                self._jobs.remove(job)
+                break
+
+    def _run_jobs(self) -> None:
+        if self._running:
+            return
+        self._running = True
+        try:
+            while not self._busy and self._jobs:
+                job = self._jobs.popleft()
+                if job.lines is None:
+                    self._close_file()
+                    _answer(job, None)
+                else:
+                    self._start(job)
+        finally:
+            self._running = False
+
+    def _start(self, job: _Job) -> None:
+        lines = job.lines
+        assert lines is not None
         if not lines:
+            _answer(job, Delivered(job.rejected))
             return
         data = b"".join(lines)
-        fd = self._open()
-        if self._size and 0 < self._rotate_bytes < self._size + len(data):
-            self._rotate()
-            fd = self._open()
-        start = self._size
         try:
-            if self._fsync == "always":
-                for line in lines:
-                    self._write_all(fd, line)
-                    os.fsync(fd)
-            else:
-                self._write_all(fd, data)
-                if self._fsync == "batch":
-                    os.fsync(fd)
-        except OSError:
-            # Cut off what the failed write left (a half line would corrupt the file,
-            # whole lines would be written twice by the retry).
-            try:
-                os.ftruncate(fd, start)
-                self._size = start
-            except OSError:
-                self._close_file()  # reopened, size re-read, on the next batch
-            raise
+            fd = self._open()
+            if self._size and 0 < self._rotate_bytes < self._size + len(data):
+                self._rotate()
+                fd = self._open()
+        except OSError as e:
+            _answer(job, _write_failed(e))
+            return
+        start = self._size
+        if self._fsync == "always":
+            self._in_background(job, fd, start, len(data), lambda: _write_lines_synced(fd, lines))
+            return
+        try:
+            _write_all(fd, data)
+        except OSError as e:
+            self._cut(fd, start)
+            _answer(job, _write_failed(e))
+            return
         self._size = start + len(data)
+        if self._fsync == "never":
+            _answer(job, Delivered(job.rejected))
+            return
+        self._in_background(job, fd, start, len(data), lambda: os.fsync(fd))
 
-    def _write_all(self, fd: int, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
+    def _in_background(
+        self, job: _Job, fd: int, start: int, length: int, work: Callable[[], None]
+    ) -> None:
+        """Run ``work`` through ``run_blocking``; answer ``job`` when it is done."""
+        self._busy = True
+        try:
+            done: Deferred[None] = self._run_blocking(work)
+        except Exception:
+            done = fail()  # a broken runner: this job fails, the queue goes on
+
+        def finished(result: Failure | None) -> None:
+            self._busy = False
+            verdict: Verdict | Failure
+            if isinstance(result, Failure):
+                self._cut(fd, start)
+                if isinstance(result.value, OSError):
+                    verdict = _write_failed(result.value)
+                else:
+                    verdict = result  # a bug: the exporter logs it and retries
+            else:
+                self._size = start + length
+                verdict = Delivered(job.rejected)
+            _answer(job, verdict)
+            self._run_jobs()
+
+        done.addBoth(finished)
+
+    # -- the file -------------------------------------------------------------------
+
+    def _cut(self, fd: int, start: int) -> None:
+        """Cut off what a failed batch left (a half line would corrupt the file,
+        whole lines would be written twice by the retry)."""
+        try:
+            os.ftruncate(fd, start)
+            self._size = start
+        except OSError:
+            self._close_file()  # reopened, size re-read, on the next batch
 
     def _open(self) -> int:
         if self._fd is None:
@@ -123,3 +241,16 @@ class FileSink:
 
     def _numbered(self, n: int) -> Path:
         return self._path.with_name(f"{self._path.name}.{n}")
+
+
+def _write_failed(error: OSError) -> Retry:
+    return Retry(f"file write failed: {error.strerror or type(error).__name__}")
+
+
+def _answer(job: _Job, result: object) -> None:
+    # A cancelled Deferred has fired already (with CancelledError).
+    if not job.deferred.called:
+        if isinstance(result, Failure):
+            job.deferred.errback(result)
+        else:
+            job.deferred.callback(result)

@@ -1,0 +1,511 @@
+"""The response cache as the proxy sees it (tests: tests/integration/test_cache.py).
+
+:class:`ResponseCache` holds the store, the in-flight table and the counters;
+:meth:`ResponseCache.admit` gives each request on a cached route a
+:class:`CacheTicket`, which the exchange in :mod:`llmproxy.proxy.forward` asks,
+in order: :meth:`~CacheTicket.lookup` (an entry to replay, or None to go
+upstream), :meth:`~CacheTicket.on_response` when the upstream's headers arrive
+(decides whether to store, adds the cache headers), :meth:`~CacheTicket.feed`
+for each body chunk, :meth:`~CacheTicket.ended` when the body ends, and
+:meth:`~CacheTicket.abandon` whatever happened.
+
+Every response on a cached route carries ``X-PROXY-CACHE`` (``hit``, ``miss``,
+``bypass``, ``stored``, ``conditional-hit``), ``X-PROXY-CACHE-KEY`` when a key
+was derived, and an RFC 9211 ``Cache-Status``.  ``stored`` is said when the
+headers allow storing; the entry is kept only if the body then completes within
+``max_object_bytes`` (the record's ``cache_status`` says what really happened).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from typing import IO, Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
+from twisted.web.server import Request
+
+from llmproxy.cache.coalesce import InFlight
+from llmproxy.cache.entry import CachedResponse
+from llmproxy.cache.policy import (
+    RequestPlan,
+    cache_key,
+    http_date,
+    judge_response,
+    namespace_for,
+    not_modified,
+    plan_request,
+    vary_matches,
+    vary_values,
+)
+from llmproxy.cache.store import CacheStore
+from llmproxy.proxy.headers import filter_headers
+from llmproxy.proxy.router import Target
+from llmproxy.settings import CacheSettings
+
+log = Logger()
+
+X_CACHE = b"x-proxy-cache"
+X_CACHE_KEY = b"x-proxy-cache-key"
+CACHE_STATUS = b"cache-status"
+_NOT_STORED = frozenset({b"set-cookie", b"set-cookie2", b"age"})
+# Sent with a 304 (RFC 9110 15.4.5).
+_NOT_MODIFIED_HEADERS = (b"cache-control", b"content-location", b"etag", b"expires", b"vary")
+
+LEADER, FOLLOWER, SOLO = "leader", "follower", "solo"
+
+
+class ResponseCache:
+    """The cache of one proxy process: store, in-flight table, counters."""
+
+    def __init__(self, *, settings: CacheSettings, store: CacheStore, clock: IReactorTime) -> None:
+        self.settings = settings
+        self.store = store
+        self.clock = clock
+        self.inflight: InFlight[CachedResponse] = InFlight(
+            clock=clock, lock_timeout=settings.lock_timeout
+        )
+        self.hits = 0
+        self.conditional_hits = 0
+        self.misses = 0
+        self.bypasses = 0
+        self.stores = 0
+        self.store_refused = 0
+        self.errors = 0
+        self.purged = 0
+        self._warned_at = -1e18
+
+    # -- the request path ----------------------------------------------------------
+
+    def admit(
+        self,
+        request: Request,
+        target: Target,
+        url: bytes,
+        namespace: str,
+        content: IO[bytes] | None,
+        size: int,
+    ) -> CacheTicket | None:
+        """A ticket when ``target``'s route is cached, else None (the plain path)."""
+        route = target.settings
+        mode = route.cache if route is not None else "default"
+        if mode == "off" or (mode == "default" and not self.settings.enabled):
+            return None
+        headers = request.requestHeaders
+        method = request.method
+        plan = plan_request(
+            method,
+            headers,
+            route_on=mode == "on",
+            body_size=size,
+            max_object_bytes=self.settings.max_object_bytes,
+        )
+        ticket = CacheTicket(self, plan, method, headers)
+        if plan.action == "bypass":
+            self.bypasses += 1
+            return ticket
+        if route is not None and route.cache_ttl is not None:
+            ticket.route_ttl = route.cache_ttl
+        label = target.route if route is not None else "passthrough:" + target.host.decode()
+        ticket.key = cache_key(
+            route=label,
+            upstream=url.partition(b"?")[0],
+            method=method,
+            query=request.uri.partition(b"?")[2],
+            body=_read_all(content),
+            headers=headers,
+            namespace=namespace_for(namespace, headers),
+        )
+        return ticket
+
+    def store_failed(self, failure: Failure, doing: str) -> None:
+        self.errors += 1
+        now = self.clock.seconds()
+        if now - self._warned_at >= 10.0:  # one line per 10 s, not one per request
+            self._warned_at = now
+            log.warn(
+                "response cache ({kind}) {doing} failed, serving without it: {err}",
+                kind=self.store.kind,
+                doing=doing,
+                err=failure.getErrorMessage()[:200],
+            )
+
+    # -- operations ------------------------------------------------------------------
+
+    def purge(self, *, key: str | None = None, prefix: str | None = None) -> defer.Deferred[int]:
+        d = self.store.purge(key=key, prefix=prefix)
+
+        def counted(n: int) -> int:
+            self.purged += n
+            return n
+
+        return d.addCallback(counted)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "store": self.store.kind,
+            "hits": self.hits,
+            "conditional_hits": self.conditional_hits,
+            "misses": self.misses,
+            "bypasses": self.bypasses,
+            "stores": self.stores,
+            "store_refused": self.store_refused,
+            "coalesced": self.inflight.followers,
+            "released": self.inflight.released,
+            "in_flight": len(self.inflight),
+            "waiting": self.inflight.waiting,
+            "errors": self.errors,
+            "purged": self.purged,
+            **self.store.stats(),
+        }
+
+    def families(self) -> Iterator[Metric]:
+        """Prometheus families; add to the service's ``MetricsCollector``."""
+        s = self.stats()
+        lookups = CounterMetricFamily(
+            "llmproxy_cache_requests", "Requests on cached routes", labels=["result"]
+        )
+        for label, key in (
+            ("hit", "hits"),
+            ("conditional_hit", "conditional_hits"),
+            ("miss", "misses"),
+            ("bypass", "bypasses"),
+        ):
+            lookups.add_metric([label], s[key])
+        yield lookups
+        for name, doc, key in (
+            ("llmproxy_cache_stores", "Responses stored", "stores"),
+            (
+                "llmproxy_cache_coalesced",
+                "Requests answered by another's upstream call",
+                "coalesced",
+            ),
+            ("llmproxy_cache_evictions", "Entries evicted to stay under max_bytes", "evictions"),
+            ("llmproxy_cache_purged", "Entries purged", "purged"),
+            ("llmproxy_cache_errors", "Store operations that failed", "errors"),
+        ):
+            if s.get(key, -1) >= 0:
+                yield CounterMetricFamily(name, doc, value=s[key])
+        for name, doc, key in (
+            ("llmproxy_cache_bytes", "Bytes held by the memory store", "bytes"),
+            ("llmproxy_cache_entries", "Entries held by the memory store", "entries"),
+        ):
+            if s.get(key, -1) >= 0:
+                yield GaugeMetricFamily(name, doc, value=s[key])
+        if "bytes_written" in s:
+            yield CounterMetricFamily(
+                "llmproxy_cache_written_bytes", "Bytes written to Redis", value=s["bytes_written"]
+            )
+
+    def start(self) -> None:
+        self.store.start()
+
+    def close(self) -> defer.Deferred[None]:
+        return self.store.close()
+
+
+def _read_all(content: IO[bytes] | None) -> bytes:
+    if content is None:
+        return b""
+    if isinstance(content, io.BytesIO):
+        return content.getvalue()
+    content.seek(0)
+    data = content.read()
+    content.seek(0)
+    return data
+
+
+class CacheTicket:
+    """One request's dealings with the cache."""
+
+    __slots__ = (
+        "_cache",
+        "_code",
+        "_headers",
+        "_method",
+        "_stored_headers",
+        "_total",
+        "_waiter",
+        "_writing",
+        "chunks",
+        "detail",
+        "fwd",
+        "key",
+        "plan",
+        "role",
+        "route_ttl",
+        "status",
+        "storable_age",
+        "storable_ttl",
+        "storable_vary",
+    )
+
+    def __init__(
+        self, cache: ResponseCache, plan: RequestPlan, method: bytes, headers: Headers
+    ) -> None:
+        self._cache = cache
+        self.plan = plan
+        self._method = method
+        self._headers = headers
+        self.key = ""
+        self.route_ttl: float | None = None
+        self.role = SOLO
+        # What this request was, for X-PROXY-CACHE and the record.
+        self.status = "bypass" if plan.action == "bypass" else "miss"
+        self.fwd = plan.fwd or "miss"
+        self.detail = plan.detail
+        self._writing = False
+        self._waiter: defer.Deferred[CachedResponse | None] | None = None
+        self._code = 0
+        self._total = 0
+        self.chunks: list[bytes] = []
+        self._stored_headers: tuple[tuple[bytes, bytes], ...] = ()
+        self.storable_ttl = 0.0
+        self.storable_age = 0.0
+        self.storable_vary: tuple[tuple[bytes, bytes], ...] = ()
+
+    @property
+    def bypass(self) -> bool:
+        return self.plan.action == "bypass"
+
+    # -- lookup ------------------------------------------------------------------------
+
+    def lookup(self) -> defer.Deferred[CachedResponse | None]:
+        """Fires with an entry to replay, or None: go upstream (maybe leading followers)."""
+        cache = self._cache
+        if self.plan.action == "revalidate":
+            cache.misses += 1
+            return defer.succeed(None)
+        d = cache.store.get(self.key)
+        return d.addCallbacks(self._looked_up, self._lookup_failed)
+
+    def _lookup_failed(self, failure: Failure) -> Failure | None:
+        if failure.check(defer.CancelledError):
+            return failure
+        self._cache.store_failed(failure, "lookup")
+        self._cache.bypasses += 1
+        self.plan = RequestPlan("bypass", fwd="bypass", detail="store-error")
+        self.status, self.fwd, self.detail = "bypass", "bypass", "store-error"
+        return None
+
+    def _looked_up(
+        self, entry: CachedResponse | None
+    ) -> CachedResponse | defer.Deferred[CachedResponse | None] | None:
+        if entry is not None:
+            why = self._unusable(entry)
+            if why is None:
+                return entry
+            self.fwd = why
+        self._cache.misses += 1
+        waiter = self._cache.inflight.join(self.key)
+        if waiter is None:
+            self.role = LEADER
+            return None
+        self.role = FOLLOWER
+        self._waiter = waiter
+        return waiter.addCallback(self._followed)
+
+    def _unusable(self, entry: CachedResponse) -> str | None:
+        if not vary_matches(entry.vary, self._headers):
+            return "vary-miss"
+        max_age = self.plan.max_age
+        if max_age is not None and entry.age_at(self._cache.clock.seconds()) > max_age:
+            return "stale"
+        return None
+
+    def cancel_wait(self) -> None:
+        """The client went away: stop waiting for a leader (a store lookup just ends)."""
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            waiter.cancel()
+
+    def _followed(self, entry: CachedResponse | None) -> CachedResponse | None:
+        self._waiter = None
+        if entry is not None and vary_matches(entry.vary, self._headers):
+            # Counted as a miss at lookup; it is answered without going upstream.
+            self._cache.misses -= 1
+            self.fwd = "collapsed"
+            return entry
+        self.role = SOLO
+        return None
+
+    # -- answering from an entry --------------------------------------------------------
+
+    def write_hit(
+        self, request: Request, entry: CachedResponse, request_id: bytes, overhead_ms: bytes
+    ) -> int:
+        """Answer ``request`` from ``entry`` (200 or 304) and finish it; the body bytes sent."""
+        cache = self._cache
+        now = cache.clock.seconds()
+        out = request.responseHeaders
+        conditional = self._method in (b"GET", b"HEAD") and not_modified(
+            self._headers,
+            entry.header(b"etag"),
+            _maybe_date(entry.header(b"last-modified")),
+            entry.stored_at,
+        )
+        if conditional:
+            request.setResponseCode(304)
+            for name, value in entry.headers:
+                if name in _NOT_MODIFIED_HEADERS:
+                    out.addRawHeader(name, value)
+            self.status = "conditional-hit"
+            cache.conditional_hits += 1
+        else:
+            request.setResponseCode(entry.status)
+            for name, value in entry.headers:
+                out.addRawHeader(name, value)
+            self.status = "hit"
+            cache.hits += 1
+        ttl = max(0, int(entry.expires_at - now))
+        out.setRawHeaders(b"age", [b"%d" % int(entry.age_at(now))])
+        out.setRawHeaders(b"x-request-id", [request_id])
+        out.setRawHeaders(b"x-llmproxy-overhead-ms", [overhead_ms])
+        out.setRawHeaders(X_CACHE, [self.status.encode()])
+        out.setRawHeaders(X_CACHE_KEY, [self.key.encode()])
+        if self.fwd == "collapsed":
+            status = b"llmproxy; fwd=miss; collapsed; ttl=%d" % ttl
+        elif conditional:
+            status = b'llmproxy; hit; ttl=%d; detail="conditional"' % ttl
+        else:
+            status = b"llmproxy; hit; ttl=%d" % ttl
+        out.setRawHeaders(CACHE_STATUS, [status])
+        sent = 0
+        if not conditional:
+            for chunk in entry.chunks:
+                request.write(chunk)
+                sent += len(chunk)
+        request.finish()
+        return sent
+
+    # -- the upstream's answer -------------------------------------------------------
+
+    def on_response(
+        self, code: int, raw: list[tuple[bytes, list[bytes]]], length: int | None, out: Headers
+    ) -> None:
+        """Decide whether to store, and say so in ``out`` (the client's headers)."""
+        cache = self._cache
+        if self.plan.action == "bypass":
+            self._say(out, b"bypass", b"llmproxy; fwd=%s; detail=%s" % self._fwd_detail())
+            return
+        settings = cache.settings
+        judged = judge_response(
+            code,
+            raw,
+            length=length,
+            max_object_bytes=settings.max_object_bytes,
+            fallback_ttl=self.plan.ttl_hint or self.route_ttl or settings.default_ttl,
+        )
+        fwd = self.fwd.encode()
+        if judged.ttl > 0:
+            self._writing = True
+            self._code = code
+            self.status = "stored"
+            self.storable_ttl = judged.ttl
+            self.storable_age = judged.age
+            self.storable_vary = vary_values(judged.vary, self._headers)
+            self._stored_headers = tuple(
+                (name.lower(), v)
+                for name, values in filter_headers(raw, upstream=False)
+                if name.lower() not in _NOT_STORED
+                for v in values
+            )
+            self._say(out, b"stored", b"llmproxy; fwd=%s; stored; ttl=%d" % (fwd, judged.ttl))
+            return
+        self.detail = judged.detail
+        self._say(out, b"miss", b"llmproxy; fwd=%s; detail=%s" % (fwd, judged.detail.encode()))
+        self._release()
+
+    def _fwd_detail(self) -> tuple[bytes, bytes]:
+        return self.fwd.encode(), self.detail.encode()
+
+    def _say(self, out: Headers, value: bytes, status: bytes) -> None:
+        out.setRawHeaders(X_CACHE, [value])
+        if self.key:
+            out.setRawHeaders(X_CACHE_KEY, [self.key.encode()])
+        out.setRawHeaders(CACHE_STATUS, [status])
+
+    def feed(self, data: bytes) -> None:
+        if not self._writing:
+            return
+        self._total += len(data)
+        if self._total > self._cache.settings.max_object_bytes:
+            self._stop_writing("too-large")
+            return
+        self.chunks.append(data)
+
+    def ended(self, complete: bool) -> None:
+        """The upstream body ended; ``complete``: cleanly, every byte received."""
+        if not self._writing:
+            self._release()
+            return
+        if not complete:
+            self._stop_writing("incomplete")
+            return
+        self._writing = False
+        cache = self._cache
+        now = cache.clock.seconds()
+        chunks = self.chunks
+        stream = any(
+            n == b"content-type" and v.startswith(b"text/event-stream")
+            for n, v in self._stored_headers
+        )
+        if not stream and len(chunks) > 1:
+            # A stream keeps its chunks so a replay keeps the event boundaries.
+            chunks = [b"".join(chunks)]
+        entry = CachedResponse(
+            status=self._code,
+            headers=self._stored_headers,
+            chunks=tuple(chunks),
+            stored_at=now,
+            expires_at=now + self.storable_ttl,
+            age=self.storable_age,
+            vary=self.storable_vary,
+        )
+        self.chunks = []
+        key = self.key
+        if self.role == LEADER:
+            cache.inflight.complete(key, entry)
+            self.role = SOLO
+        d = cache.store.put(key, entry)
+
+        def stored(kept: bool) -> None:
+            if kept:
+                cache.stores += 1
+            else:
+                cache.store_refused += 1
+            cache.inflight.settle(key)
+
+        def failed(failure: Failure) -> None:
+            cache.store_failed(failure, "store")
+            cache.inflight.settle(key)
+
+        d.addCallbacks(stored, failed)
+
+    def _stop_writing(self, why: str) -> None:
+        self._writing = False
+        self.chunks = []
+        self.status = "miss"
+        self.detail = why
+        self._release()
+
+    def _release(self) -> None:
+        if self.role == LEADER:
+            self.role = SOLO
+            self._cache.inflight.complete(self.key, None)
+
+    def abandon(self) -> None:
+        """The exchange ended, however: never leave followers waiting."""
+        if self._writing:
+            self._stop_writing("incomplete")
+        else:
+            self._release()
+
+
+def _maybe_date(value: bytes | None) -> float | None:
+    return None if value is None else http_date(value)

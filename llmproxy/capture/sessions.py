@@ -1,0 +1,896 @@
+"""The session tracker: which conversation a request belongs to, and where a
+conversation forks (tests: tests/unit/test_sessions.py).
+
+The proxy calls :meth:`SessionTracker.assign` for every request right before it
+publishes the ``request`` event, and :meth:`SessionTracker.finished` when the
+exchange ends.  ``assign`` sets ``record.session_id`` and ``record.seq`` for
+*conversation requests*: ``POST`` to a path ending in ``/chat/completions``,
+``/responses`` or ``/messages`` whose body is a JSON object.  Anything else
+(models lists, embeddings, token counting, non-JSON bodies) gets no session.
+
+Where the id comes from, first match wins:
+
+1. a client-supplied id: Anthropic ``metadata.user_id`` (the part after
+   ``_session_``, as Claude Code sends it), OpenAI ``conversation`` (a string or
+   ``{"id": ...}``), ``previous_response_id``, ``metadata.session_id``, the
+   ``X-Session-ID`` header, ``user``.  Ids must match ``[A-Za-z0-9_-]{1,255}``;
+   anything else is ignored.  The session's ``seq`` counts on.  A
+   ``previous_response_id`` naming a response the tracker saw is followed to
+   that response's session instead (continuing it, or forking it when the
+   client branches from an older response); an unknown one is the session id.
+2. otherwise the conversation's own *fingerprint*.  Each message is reduced to
+   what the conversation says -- role, text, tool calls, tool results and other
+   parts as canonical JSON with ``cache_control`` stripped -- because the reply
+   as the tracker reads it from the response and the reply as a client echoes it
+   in the next request differ in form (a string or text blocks, ``null``
+   fields, key order, thinking blocks, one Responses output item or several).
+   A *state* is the SHA-256 of the canonical JSON (sorted keys) of the list of
+   reduced messages of a request plus its assistant reply; it is recorded when
+   the exchange ends well (2xx, complete, not cut at the capture cap).
+
+   A new request is matched through its history, ``messages[:-1]``: the longest
+   prefix of it that ends with an assistant message and is a recorded state.
+   Matching the session's latest state continues the session (the next seq).
+   Matching an earlier state -- an earlier user message was edited, or a reply
+   regenerated -- starts a *fork*: a new session whose first event is ``fork``
+   (``from_seq`` = the seq of the matched state, ``parent_session``, ``reason:
+   "message_history_diverged"``) and whose seq goes on from there (``from_seq +
+   1``), so seq is always the turn's place in the conversation.  No match: a new
+   session, first event ``session_start``, seq 1.  A request without an assistant
+   message in its history (a first turn) always starts a new session: a retried
+   first turn cannot be told from a new conversation asking the same thing.
+
+Cost on the request path: one ``orjson.loads`` of the body, one pass reducing
+and hashing the messages, a few dictionary lookups; ``finished`` parses the
+captured reply once.  States and session heads live in two LRU maps bounded by
+``max_states`` each.  They survive a restart through an append-only JSONL journal
+(``store_path``), written in one append per ``flush_interval`` on the injected
+clock, compacted (a snapshot of memory written to a new file, fsynced and renamed
+over the old one; in a thread when ``run_in_thread`` is given, changes meanwhile
+wait in memory) when it holds more than twice the live entries, and read back at
+:meth:`start`.  Losing
+it (unreadable, unwritable, deleted) costs only continuity: new requests start
+new sessions.  Nothing here raises into the request path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeAlias
+
+import attrs
+import orjson
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from llmproxy.capture.body import content_codings, decode_content, media_type
+from llmproxy.capture.events import SCHEMA_VERSION, epoch_ns, rfc3339_ns
+from llmproxy.capture.machine import machine_id
+from llmproxy.capture.record import ExchangeRecord, Headers
+from llmproxy.capture.sse import parse_sse
+from llmproxy.capture.usage import EMPTY_FACTS, ResponseFacts, facts_from_json, facts_from_sse
+from llmproxy.export.envelope import Envelope, StoredEvent
+
+log = Logger()
+
+SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,255}")
+FORK_REASON = "message_history_diverged"
+CONVERSATION_SUFFIXES = ("/chat/completions", "/responses", "/messages")
+# A decoded reply larger than this is not fingerprinted (capture caps are far below).
+REPLY_DECODE_LIMIT = 64 * 1024 * 1024
+# Exchanges between assign() and finished(); past it the oldest are forgotten.
+MAX_PENDING = 65536
+# Compact the journal once it holds this many lines more than twice the live entries.
+COMPACT_SLACK = 1024
+
+StateKey: TypeAlias = bytes | str  # a 32-byte digest, or "r:<response id>"
+
+
+# ---------------------------------------------------------------- what a request is
+
+
+def conversation_kind(method: str, path: str) -> str | None:
+    """``"chat"``, ``"responses"`` or ``"messages"`` for a conversation request, else None."""
+    if method != "POST":
+        return None
+    path = path.rstrip("/")
+    if path.endswith("/chat/completions"):
+        return "chat"
+    if path.endswith("/responses"):
+        return "responses"
+    if path.endswith("/messages"):
+        return "messages"
+    return None
+
+
+def _valid_id(value: Any) -> str | None:
+    return value if isinstance(value, str) and SESSION_ID.fullmatch(value) else None
+
+
+def _header(headers: Headers, name: bytes) -> str | None:
+    for raw_name, raw_value in headers:
+        if raw_name.lower() == name:
+            return raw_value.decode("latin-1").strip()
+    return None
+
+
+def client_ids(body: dict[str, Any], headers: Headers) -> Iterator[tuple[str, str]]:
+    """``(source, id)`` for each valid client-supplied session id, in priority order."""
+    metadata = body.get("metadata")
+    metadata = metadata if isinstance(metadata, dict) else {}
+    user_id = metadata.get("user_id")
+    if isinstance(user_id, str) and "_session_" in user_id:
+        found = _valid_id(user_id.rpartition("_session_")[2])
+        if found:
+            yield "metadata.user_id", found
+    conversation = body.get("conversation")
+    if isinstance(conversation, dict):
+        conversation = conversation.get("id")
+    found = _valid_id(conversation)
+    if found:
+        yield "conversation", found
+    found = _valid_id(body.get("previous_response_id"))
+    if found:
+        yield "previous_response_id", found
+    found = _valid_id(metadata.get("session_id"))
+    if found:
+        yield "metadata.session_id", found
+    found = _valid_id(_header(headers, b"x-session-id"))
+    if found:
+        yield "x-session-id", found
+    found = _valid_id(body.get("user"))
+    if found:
+        yield "user", found
+
+
+# ---------------------------------------------------------------- reducing messages
+
+_TEXT_PARTS = frozenset({"text", "input_text", "output_text"})
+_TOOL_USE = frozenset({"tool_use", "server_tool_use"})
+# Keys that say how a message is carried, not what it says.
+_FORM_KEYS = frozenset({"role", "content", "cache_control", "type", "id", "status"})
+
+
+def _strip(value: Any) -> Any:
+    """``value`` without ``cache_control`` keys at any depth."""
+    if isinstance(value, dict):
+        return {k: _strip(v) for k, v in value.items() if k != "cache_control"}
+    if isinstance(value, list):
+        return [_strip(v) for v in value]
+    return value
+
+
+def _arguments(value: Any) -> Any:
+    """Tool-call arguments as a value: a JSON string parsed, so key order and spacing
+    do not matter (Anthropic sends an object, OpenAI a string)."""
+    if isinstance(value, str):
+        try:
+            return orjson.loads(value)
+        except orjson.JSONDecodeError:
+            return value
+    return value
+
+
+def _text_and_parts(content: Any, keep_parts: bool) -> tuple[str, list[Any]]:
+    if content is None:
+        return "", []
+    if isinstance(content, str):
+        return content, []
+    if not isinstance(content, list):
+        return "", [_strip(content)] if keep_parts else []
+    texts: list[str] = []
+    parts: list[Any] = []
+    for part in content:
+        if isinstance(part, str):
+            texts.append(part)
+        elif isinstance(part, dict):
+            text = part.get("text")
+            if part.get("type") in _TEXT_PARTS and isinstance(text, str):
+                texts.append(text)
+            elif keep_parts:
+                parts.append(_strip(part))
+        elif keep_parts:
+            parts.append(part)
+    return "".join(texts), parts
+
+
+def _call(call_id: Any, name: Any, arguments: Any) -> list[Any]:
+    return [
+        call_id if isinstance(call_id, str) else "",
+        name if isinstance(name, str) else "",
+        _arguments(arguments),
+    ]
+
+
+def _calls(message: dict[str, Any]) -> list[list[Any]]:
+    calls = []
+    tool_calls = message.get("tool_calls")
+    for raw in tool_calls if isinstance(tool_calls, list) else ():
+        if isinstance(raw, dict):
+            fn = raw.get("function")
+            fn = fn if isinstance(fn, dict) else {}
+            calls.append(_call(raw.get("id"), fn.get("name"), fn.get("arguments", "")))
+    legacy = message.get("function_call")
+    if isinstance(legacy, dict) and not calls:
+        calls.append(_call("", legacy.get("name"), legacy.get("arguments", "")))
+    content = message.get("content")
+    for block in content if isinstance(content, list) else ():
+        if isinstance(block, dict) and block.get("type") in _TOOL_USE:
+            calls.append(_call(block.get("id"), block.get("name"), block.get("input", {})))
+    return calls
+
+
+def reduce_message(message: Any) -> dict[str, Any]:
+    """What a chat or Anthropic message says, in one form whatever its shape.
+
+    An assistant message keeps its text and tool calls only (thinking blocks,
+    refusals and server-side results are not part of the reply the tracker reads);
+    other messages keep their text, their other parts and their other keys
+    (``tool_call_id``, ``name``), with ``cache_control`` stripped everywhere.
+    """
+    if not isinstance(message, dict):
+        return {"role": "?", "text": "", "parts": [_strip(message)]}
+    role = message.get("role")
+    role = role if isinstance(role, str) else "?"
+    if role == "assistant":
+        text, _ = _text_and_parts(message.get("content"), keep_parts=False)
+        reduced: dict[str, Any] = {"role": role, "text": text}
+        calls = _calls(message)
+        if calls:
+            reduced["calls"] = calls
+        return reduced
+    text, parts = _text_and_parts(message.get("content"), keep_parts=True)
+    reduced = {"role": role, "text": text}
+    if parts:
+        reduced["parts"] = parts
+    extra = {k: _strip(v) for k, v in message.items() if k not in _FORM_KEYS}
+    if extra:
+        reduced["extra"] = extra
+    return reduced
+
+
+def reduce_responses_input(items: Any) -> list[dict[str, Any]] | None:
+    """A Responses API ``input`` as reduced messages.
+
+    Consecutive assistant-side items (output messages, function calls, reasoning)
+    become one assistant message, as the reply of one response does; reasoning
+    and hosted tool calls (``*_call`` other than ``function_call``) carry nothing
+    the reply carries.
+    """
+    if isinstance(items, str):
+        return [{"role": "user", "text": items}]
+    if not isinstance(items, list):
+        return None
+    out: list[dict[str, Any]] = []
+    assistant: dict[str, Any] | None = None
+    for item in items:
+        if not isinstance(item, dict):
+            out.append(reduce_message(item))
+            assistant = None
+            continue
+        kind = item.get("type")
+        role = item.get("role")
+        if kind in (None, "message") and isinstance(role, str):
+            if role != "assistant":
+                out.append(reduce_message(item))
+                assistant = None
+                continue
+            text, _ = _text_and_parts(item.get("content"), keep_parts=False)
+            if assistant is None:
+                assistant = {"role": "assistant", "text": ""}
+                out.append(assistant)
+            assistant["text"] += text
+        elif kind == "function_call":
+            if assistant is None:
+                assistant = {"role": "assistant", "text": ""}
+                out.append(assistant)
+            call = _call(item.get("call_id"), item.get("name"), item.get("arguments", ""))
+            assistant.setdefault("calls", []).append(call)
+        elif kind == "reasoning" or (isinstance(kind, str) and kind.endswith("_call")):
+            continue
+        else:
+            out.append(
+                {
+                    "role": kind if isinstance(kind, str) else "?",
+                    "text": "",
+                    "parts": [_strip({k: v for k, v in item.items() if k not in _FORM_KEYS})],
+                }
+            )
+            assistant = None
+    return out
+
+
+def conversation_messages(kind: str, body: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The reduced messages of a conversation request body, or None when it has none."""
+    if kind == "responses":
+        return reduce_responses_input(body.get("input"))
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return None
+    return [reduce_message(m) for m in messages]
+
+
+def _canonical(value: Any) -> bytes:
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+
+
+@attrs.define(eq=False)
+class Fingerprints:
+    """The hashes of one request's conversation.
+
+    ``history``: digests of the prefixes of ``messages[:-1]`` that end with an
+    assistant message, shortest first.  ``state(reply)``: the digest of the whole
+    conversation plus the reply.  A digest is SHA-256 over the canonical JSON of
+    the list of reduced messages; the list is hashed once, incrementally.
+    """
+
+    history: list[bytes]
+    _open: Any  # hashlib sha256 over "[m1,m2,...,mn" (no closing bracket)
+    _count: int
+
+    @classmethod
+    def of(cls, messages: list[dict[str, Any]]) -> Fingerprints:
+        hasher = hashlib.sha256(b"[")
+        history = []
+        last = len(messages) - 1
+        for index, message in enumerate(messages):
+            if index:
+                hasher.update(b",")
+            hasher.update(_canonical(message))
+            if index < last and message.get("role") == "assistant":
+                prefix = hasher.copy()
+                prefix.update(b"]")
+                history.append(prefix.digest())
+        return cls(history, hasher, len(messages))
+
+    def state(self, reply: dict[str, Any]) -> bytes:
+        hasher = self._open.copy()
+        if self._count:
+            hasher.update(b",")
+        hasher.update(_canonical(reply))
+        hasher.update(b"]")
+        digest: bytes = hasher.digest()
+        return digest
+
+
+def fingerprint(messages: list[dict[str, Any]]) -> bytes:
+    """SHA-256 of the canonical JSON of already reduced messages (a state's key)."""
+    return hashlib.sha256(_canonical(messages)).digest()
+
+
+# ---------------------------------------------------------------- reading the reply
+
+
+def reply_facts(record: ExchangeRecord) -> ResponseFacts:
+    """The facts of a finished exchange's captured response (JSON or SSE, decoded)."""
+    headers = record.response_headers
+    content_type = _header(headers, b"content-type")
+    content_encoding = _header(headers, b"content-encoding")
+    raw = b"".join(chunk for _, chunk in record.response_chunks)
+    if content_codings(content_encoding):
+        decoded = decode_content(raw, content_encoding, REPLY_DECODE_LIMIT)
+        if decoded.error or decoded.truncated or decoded.incomplete:
+            return EMPTY_FACTS
+        raw = decoded.data
+    if media_type(content_type) == "text/event-stream":
+        return facts_from_sse(parse_sse(raw))
+    if raw.lstrip()[:1] != b"{":
+        return EMPTY_FACTS
+    return facts_from_json(raw)
+
+
+# ---------------------------------------------------------------- the tracker
+
+
+@attrs.define(slots=True)
+class _Head:
+    """Where a session stands: the last seq given out, and the seq of its latest state."""
+
+    last_seq: int
+    state_seq: int
+
+
+@attrs.define(slots=True, eq=False)
+class _Pending:
+    session_id: str
+    seq: int
+    fingerprints: Fingerprints | None  # None: the session's id came from the client
+    responses: bool  # a Responses API request: remember its response id
+
+
+def _new_session_id() -> str:
+    return str(uuid.uuid4())
+
+
+@attrs.define(eq=False)
+class SessionTracker:
+    """Assigns ``session_id``/``seq`` to conversation requests (``SessionAssigner``).
+
+    ``publish`` takes the ``session_start`` and ``fork`` envelopes (the bus's
+    ``publish``).  ``store_path`` is the journal (None: memory only).  Call
+    :meth:`start` before serving and :meth:`close` in the drain.
+    """
+
+    _publish: Callable[[Envelope], None]
+    _store_path: Path | None
+    _max_states: int = attrs.field(validator=attrs.validators.gt(0))
+    _clock: IReactorTime
+    _flush_interval: float = 1.0
+    _new_id: Callable[[], str] = _new_session_id
+    # Runs the journal's compaction (build, write, fsync, rename) off the reactor
+    # thread, e.g. ``lambda f: deferToThreadPool(reactor, reactor.getThreadPool(), f)``;
+    # None: in the reactor thread (tests; ~0.1 s per 100k states).
+    _run_in_thread: Callable[[Callable[[], int]], Deferred[int]] | None = None
+    _states: OrderedDict[StateKey, tuple[str, int]] = attrs.field(init=False, factory=OrderedDict)
+    _sessions: OrderedDict[str, _Head] = attrs.field(init=False, factory=OrderedDict)
+    _pending: dict[ExchangeRecord, _Pending] = attrs.field(init=False, factory=dict)
+    _buffer: list[bytes] = attrs.field(init=False, factory=list)
+    _dirty: dict[str, None] = attrs.field(init=False, factory=dict)
+    _loop: LoopingCall | None = attrs.field(init=False, default=None)
+    _fd: int | None = attrs.field(init=False, default=None)
+    _journal_lines: int = attrs.field(init=False, default=0)
+    _rewrite: bool = attrs.field(init=False, default=False)
+    _closing: Deferred[None] | None = attrs.field(init=False, default=None)
+    _compacting: Deferred[None] | None = attrs.field(init=False, default=None)
+    _warned: set[str] = attrs.field(init=False, factory=set)
+    _counts: dict[str, int] = attrs.field(
+        init=False,
+        factory=lambda: dict.fromkeys(
+            ("started", "continued", "forked", "client_ids", "states_recorded", "errors"), 0
+        ),
+    )
+
+    # -- life cycle ---------------------------------------------------------
+
+    def start(self) -> None:
+        """Load the journal (when there is one) and start flushing it."""
+        if self._store_path is not None:
+            self._load(self._store_path)
+        if self._loop is None and self._closing is None:
+            self._loop = LoopingCall(self.flush)
+            self._loop.clock = self._clock
+            self._loop.start(self._flush_interval, now=False)
+
+    def close(self) -> Deferred[None]:
+        """Stop flushing, let a running compaction end, write what is buffered and
+        close the journal (in the reactor thread).  Idempotent; never fails."""
+        if self._closing is not None:
+            return self._closing
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+        waiting: Deferred[None] = self._compacting or succeed(None)
+
+        def final(_: object) -> None:
+            self._flush(in_thread=False)
+            self._close_fd()
+
+        self._closing = waiting.addBoth(final)
+        return self._closing
+
+    def stats(self) -> dict[str, int]:
+        return {
+            **self._counts,
+            "states": len(self._states),
+            "sessions": len(self._sessions),
+            "pending": len(self._pending),
+            "journal_lines": self._journal_lines,
+        }
+
+    # -- the request path -----------------------------------------------------
+
+    def assign(self, record: ExchangeRecord, body: bytes) -> None:
+        try:
+            self._assign(record, body)
+        except Exception:
+            self._counts["errors"] += 1
+            log.failure("session tracker: no session for request {rid}", rid=record.request_id)
+
+    def finished(self, record: ExchangeRecord) -> None:
+        try:
+            self._finished(record)
+        except Exception:
+            self._counts["errors"] += 1
+            log.failure("session tracker: reply of {rid} not recorded", rid=record.request_id)
+
+    def _assign(self, record: ExchangeRecord, body: bytes) -> None:
+        kind = conversation_kind(record.method, record.path)
+        if kind is None or body.lstrip()[:1] != b"{":
+            return
+        try:
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return  # cut at the capture cap, or not JSON: no session
+        if not isinstance(obj, dict):
+            return
+        responses = kind == "responses"
+        for source, client_id in client_ids(obj, record.request_headers):
+            if source == "previous_response_id":
+                hit = self._states.get("r:" + client_id)
+                if hit is not None:
+                    self._states.move_to_end("r:" + client_id)
+                    self._follow(record, hit, None, source, responses)
+                    return
+            self._client_session(record, client_id, source, responses)
+            return
+        messages = conversation_messages(kind, obj)
+        if messages is None:
+            return
+        prints = Fingerprints.of(messages)
+        for digest in reversed(prints.history):
+            hit = self._states.get(digest)
+            if hit is not None:
+                self._states.move_to_end(digest)
+                self._follow(record, hit, prints, "fingerprint", responses)
+                return
+        self._start_session(record, self._new_id(), "fingerprint", prints, responses)
+
+    def _client_session(
+        self, record: ExchangeRecord, session_id: str, source: str, responses: bool
+    ) -> None:
+        self._counts["client_ids"] += 1
+        head = self._sessions.get(session_id)
+        if head is None:
+            self._start_session(record, session_id, source, None, responses)
+            return
+        self._continue(record, session_id, head, None, responses)
+
+    def _start_session(
+        self,
+        record: ExchangeRecord,
+        session_id: str,
+        source: str,
+        prints: Fingerprints | None,
+        responses: bool,
+    ) -> None:
+        self._counts["started"] += 1
+        self._set_head(session_id, _Head(last_seq=1, state_seq=0))
+        self._assigned(record, session_id, 1, prints, responses)
+        self._publish(
+            StoredEvent(self._event("session_start", record, session_id, 1, id_source=source))
+        )
+
+    def _follow(
+        self,
+        record: ExchangeRecord,
+        state: tuple[str, int],
+        prints: Fingerprints | None,
+        source: str,
+        responses: bool,
+    ) -> None:
+        """The request's history is a recorded state: continue its session or fork it."""
+        parent, from_seq = state
+        head = self._sessions.get(parent)
+        if head is not None and from_seq >= head.state_seq:
+            self._continue(record, parent, head, prints, responses)
+            return
+        self._counts["forked"] += 1
+        session_id = self._new_id()
+        seq = from_seq + 1
+        # The fork shares the parent's turns up to from_seq; its own start there.
+        self._set_head(session_id, _Head(last_seq=seq, state_seq=from_seq))
+        self._assigned(record, session_id, seq, prints, responses)
+        event = self._event(
+            "fork",
+            record,
+            session_id,
+            seq,
+            from_seq=from_seq,
+            parent_session=parent,
+            reason=FORK_REASON,
+            id_source=source,
+        )
+        self._publish(StoredEvent(event))
+
+    def _continue(
+        self,
+        record: ExchangeRecord,
+        session_id: str,
+        head: _Head,
+        prints: Fingerprints | None,
+        responses: bool,
+    ) -> None:
+        self._counts["continued"] += 1
+        head.last_seq += 1
+        self._set_head(session_id, head)
+        self._assigned(record, session_id, head.last_seq, prints, responses)
+
+    def _assigned(
+        self,
+        record: ExchangeRecord,
+        session_id: str,
+        seq: int,
+        prints: Fingerprints | None,
+        responses: bool,
+    ) -> None:
+        record.session_id = session_id
+        record.seq = seq
+        if prints is None and not responses:
+            return
+        pending = self._pending
+        pending[record] = _Pending(session_id, seq, prints, responses)
+        if len(pending) > MAX_PENDING:
+            del pending[next(iter(pending))]
+
+    def _event(
+        self, kind: str, record: ExchangeRecord, session_id: str, seq: int, **extra: Any
+    ) -> dict[str, Any]:
+        ts_ns = epoch_ns(record.started_at)
+        return {
+            "schema": SCHEMA_VERSION,
+            "type": kind,
+            "ts": rfc3339_ns(ts_ns),
+            "ts_ns": ts_ns,
+            "request_id": record.request_id,
+            "session_id": session_id,
+            "seq": seq,
+            "route": record.route,
+            "provider": record.provider,
+            "upstream_host": record.upstream_host,
+            "environment": record.environment,
+            "machine": record.machine or machine_id(),
+            **extra,
+        }
+
+    # -- the end of an exchange ---------------------------------------------------
+
+    def _finished(self, record: ExchangeRecord) -> None:
+        pending = self._pending.pop(record, None)
+        if pending is None:
+            return
+        status = record.status
+        if (
+            record.outcome != "ok"
+            or status is None
+            or not 200 <= status < 300
+            or record.response_truncated
+        ):
+            return
+        facts = reply_facts(record)
+        recorded = False
+        if pending.fingerprints is not None and facts.assistant_message is not None:
+            reply = reduce_message(facts.assistant_message)
+            digest = pending.fingerprints.state(reply)
+            self._remember(digest, pending.session_id, pending.seq)
+            recorded = True
+        if pending.responses and facts.merged_json is not None:
+            response_id = _valid_id(facts.merged_json.get("id"))
+            if response_id:
+                self._remember("r:" + response_id, pending.session_id, pending.seq)
+                recorded = True
+        if recorded:
+            self._counts["states_recorded"] += 1
+            head = self._sessions.get(pending.session_id)
+            if head is not None and pending.seq > head.state_seq:
+                head.state_seq = pending.seq
+                self._set_head(pending.session_id, head)
+
+    # -- the maps -------------------------------------------------------------
+
+    def _remember(self, key: StateKey, session_id: str, seq: int) -> None:
+        states = self._states
+        states[key] = (session_id, seq)
+        states.move_to_end(key)
+        if len(states) > self._max_states:
+            states.popitem(last=False)
+        if self._store_path is not None:
+            self._buffer.append(_state_line(key, session_id, seq))
+
+    def _set_head(self, session_id: str, head: _Head) -> None:
+        sessions = self._sessions
+        sessions[session_id] = head
+        sessions.move_to_end(session_id)
+        if len(sessions) > self._max_states:
+            sessions.popitem(last=False)
+        if self._store_path is not None:
+            self._dirty[session_id] = None
+
+    # -- the journal ------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Append what changed since the last flush to the journal, or compact it
+        when it has grown past twice the live entries.  An I/O error is logged once
+        and the next flush rewrites the whole journal from memory."""
+        self._flush(in_thread=True)
+
+    def _flush(self, in_thread: bool) -> None:
+        path = self._store_path
+        if path is None or self._compacting is not None:
+            return  # while compacting, changes wait: the old file is being replaced
+        try:
+            lines = self._buffer
+            self._buffer = []
+            sessions = self._sessions
+            for session_id in self._dirty:
+                head = sessions.get(session_id)
+                if head is not None:
+                    lines.append(_head_line(session_id, head.last_seq, head.state_seq))
+            self._dirty = {}
+            live = len(self._states) + len(sessions)
+            if self._rewrite or self._journal_lines + len(lines) > 2 * live + COMPACT_SLACK:
+                # The snapshot holds everything the lines say.
+                self._compact(path, in_thread)
+            elif lines:
+                fd = self._open(path)
+                _write_all(fd, b"".join(lines))
+                self._journal_lines += len(lines)
+                self._warned.discard("write")  # a later outage is worth a line again
+        except OSError as e:
+            self._rewrite = True
+            self._close_fd()
+            self._warn("write", "session state {path} not written ({why})", path, e)
+        except Exception:
+            self._rewrite = True
+            self._counts["errors"] += 1
+            log.failure("session tracker: flushing the journal failed")
+
+    def _compact(self, path: Path, in_thread: bool) -> None:
+        """Rewrite the journal from a snapshot of memory (heads, then states, oldest
+        first, so a reload rebuilds the same LRU order)."""
+        heads = [(sid, h.last_seq, h.state_seq) for sid, h in self._sessions.items()]
+        states = list(self._states.items())
+        self._close_fd()  # appends go to the new file once it is in place
+
+        def write() -> int:
+            return _write_journal(path, heads, states)
+
+        if self._run_in_thread is None or not in_thread:
+            self._compacted(write())
+            return
+        self._rewrite = True  # until the new file is in place
+        # Set before the work starts: a runner may fire at once, and its callbacks
+        # must find (and clear) this.
+        waiting: Deferred[None] = Deferred()
+        self._compacting = waiting
+        try:
+            done = self._run_in_thread(write)
+        except Exception:
+            self._compacting = None
+            raise
+        done.addCallbacks(self._compacted, self._compaction_failed).chainDeferred(waiting)
+
+    def _compacted(self, lines: int) -> None:
+        self._compacting = None
+        self._journal_lines = lines
+        self._rewrite = False
+        self._warned.discard("write")
+
+    def _compaction_failed(self, failure: Failure) -> None:
+        self._compacting = None
+        self._rewrite = True
+        if isinstance(failure.value, OSError) and self._store_path is not None:
+            self._warn(
+                "write", "session state {path} not written ({why})", self._store_path, failure.value
+            )
+            return
+        self._counts["errors"] += 1
+        log.failure("session tracker: compacting the journal failed", failure=failure)
+
+    def _open(self, path: Path) -> int:
+        if self._fd is None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        return self._fd
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _load(self, path: Path) -> None:
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            self._rewrite = True
+            self._warn("read", "session state {path} not read, starting empty ({why})", path, e)
+            return
+        lines = data.splitlines()
+        bad = 0
+        for line in lines:
+            if not self._replay(line):
+                bad += 1
+        # The loaded entries are journaled already; only a torn or foreign line
+        # calls for a rewrite.
+        self._dirty = {}
+        self._buffer = []
+        self._journal_lines = len(lines)
+        if bad:
+            self._rewrite = True
+            log.warn(
+                "session state {path}: {bad} unreadable lines skipped", path=str(path), bad=bad
+            )
+        log.info(
+            "session state: {states} states, {sessions} sessions from {path}",
+            states=len(self._states),
+            sessions=len(self._sessions),
+            path=str(path),
+        )
+
+    def _replay(self, line: bytes) -> bool:
+        if not line.strip():
+            return True
+        try:
+            entry = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            return False
+        if not isinstance(entry, dict):
+            return False
+        session_id = _valid_id(entry.get("s") if "k" in entry else entry.get("h"))
+        if session_id is None:
+            return False
+        if "k" in entry:
+            key = entry["k"]
+            seq = entry.get("q")
+            if not isinstance(key, str) or not isinstance(seq, int):
+                return False
+            state_key: StateKey
+            if key.startswith("r:"):
+                state_key = key
+            else:
+                try:
+                    state_key = bytes.fromhex(key)
+                except ValueError:
+                    return False
+            self._remember(state_key, session_id, seq)
+            return True
+        last, latest = entry.get("n"), entry.get("l")
+        if not isinstance(last, int) or not isinstance(latest, int):
+            return False
+        self._set_head(session_id, _Head(last_seq=last, state_seq=latest))
+        return True
+
+    def _warn(self, kind: str, text: str, path: Path, error: OSError) -> None:
+        if kind in self._warned:
+            return
+        self._warned.add(kind)
+        log.warn(text, path=str(path), why=error.strerror or type(error).__name__)
+
+
+def _state_line(key: StateKey, session_id: str, seq: int) -> bytes:
+    text = key.hex() if isinstance(key, bytes) else key
+    return orjson.dumps({"k": text, "s": session_id, "q": seq}) + b"\n"
+
+
+def _head_line(session_id: str, last_seq: int, state_seq: int) -> bytes:
+    return orjson.dumps({"h": session_id, "n": last_seq, "l": state_seq}) + b"\n"
+
+
+def _write_journal(
+    path: Path,
+    heads: list[tuple[str, int, int]],
+    states: list[tuple[StateKey, tuple[str, int]]],
+) -> int:
+    """Write a whole journal next to ``path`` and rename it over; the line count.
+    Reads only its arguments (immutable values), so it may run in a thread."""
+    lines = [_head_line(sid, last, latest) for sid, last, latest in heads]
+    lines.extend(_state_line(key, sid, seq) for key, (sid, seq) in states)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        _write_all(fd, b"".join(lines))
+        os.fsync(fd)  # the rename must not publish an empty file after a crash
+    finally:
+        os.close(fd)
+    os.replace(temporary, path)
+    return len(lines)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]

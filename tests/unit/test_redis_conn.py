@@ -1,0 +1,76 @@
+"""Redis URLs, the [redis] checks, and a connection that fails fast when down."""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet.task import Clock
+
+from llmproxy.bus.redisconn import (
+    RedisConnection,
+    RedisUnavailable,
+    RedisURL,
+    parse_redis_url,
+    redis_problems,
+)
+from llmproxy.settings import RedisSettings
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("redis://127.0.0.1:6379/0", RedisURL("redis", "127.0.0.1", 6379, "", 0)),
+        ("redis://cache.internal", RedisURL("redis", "cache.internal", 6379, "", 0)),
+        ("redis://:s3cret@h:7000/3", RedisURL("redis", "h", 7000, "", 3, "", "s3cret")),
+        ("rediss://app:p%40ss@h/1", RedisURL("rediss", "h", 6379, "", 1, "app", "p@ss")),
+        ("redis://[::1]:6380/2", RedisURL("redis", "::1", 6380, "", 2)),
+        ("unix:///run/redis.sock?db=4", RedisURL("unix", "", 0, "/run/redis.sock", 4)),
+    ],
+)
+def test_urls_are_parsed(text: str, expected: RedisURL) -> None:
+    assert parse_redis_url(text) == expected
+
+
+def test_the_safe_form_carries_no_credentials() -> None:
+    url = parse_redis_url("rediss://app:hunter2@h:7000/1")
+    assert url.safe == "rediss://h:7000/1"
+    assert "hunter2" not in repr(url)
+    assert parse_redis_url("redis://[::1]:6380/2").safe == "redis://[::1]:6380/2"
+    assert parse_redis_url("unix:///run/r.sock").safe == "unix:///run/r.sock?db=0"
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("http://h", "must start with redis://"),
+        ("redis://", "has no host"),
+        ("redis://h:99999", "has a bad port"),
+        ("redis://h/zero", "the database must be a number"),
+        ("unix://", "needs the socket's path"),
+    ],
+)
+def test_bad_urls_say_why_without_the_password(text: str, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        parse_redis_url(text)
+    with pytest.raises(ValueError) as e:
+        parse_redis_url("redis://:topsecret@h:99999/0")
+    assert "topsecret" not in str(e.value)
+
+
+def test_redis_settings_problems_name_each_key() -> None:
+    bad = RedisSettings(
+        url="ftp://x", stream="", group="a b", consumer="c d", maxlen=0, claim_idle=0
+    )
+    problems = redis_problems(bad)
+    for key in ("url", "stream", "group", "consumer", "maxlen", "claim_idle"):
+        assert any(p.startswith(f"{key}:") for p in problems), key
+    assert redis_problems(RedisSettings()) == []
+
+
+def test_commands_fail_at_once_without_a_connection() -> None:
+    connection = RedisConnection(Clock(), parse_redis_url("redis://127.0.0.1:1/0"), 1.0)
+    failures: list[object] = []
+    connection.execute("PING").addErrback(failures.append)
+    assert len(failures) == 1 and failures[0].check(RedisUnavailable)  # type: ignore[attr-defined]
+    assert not connection.usable
+    stopped = connection.stop()
+    assert stopped.called
