@@ -31,6 +31,7 @@ from twisted.web.server import Site
 from llmproxy.access.audit import AuditLog
 from llmproxy.access.policy import build_access
 from llmproxy.admin.resource import AdminResource
+from llmproxy.cache import build_cache
 from llmproxy.capture.machine import machine_id
 from llmproxy.capture.record import ExchangeRecord
 from llmproxy.capture.sessions import SessionTracker
@@ -78,6 +79,11 @@ class BusEvents:
         self._bus.publish(self._envelope("response", record, self._capture))
 
 
+def _events_wanted(settings: Settings) -> bool:
+    """Capture and events cost CPU on the request path: only when someone reads them."""
+    return bool(settings.exporters) or settings.events.bus == "redis"
+
+
 class _Holding:
     """Stands in for an exporter while it is being replaced on reload."""
 
@@ -109,8 +115,16 @@ class ProxyService(Service):
         self.agent = make_agent(reactor, self.pool, server.connect_timeout)
         self.audit = AuditLog(settings.audit_path)
         self.access = build_access(settings, self.audit, reactor)
-        self.bus = MemoryBus()
+        self.bus: Any
+        if settings.events.bus == "redis":
+            from llmproxy.bus.redis import build_redis_bus
+
+            self.bus = build_redis_bus(settings, reactor)
+        else:
+            self.bus = MemoryBus()
         self.sessions = self._build_sessions(settings)
+        # The response cache, when [cache] enabled or a route says cache = on.
+        self.cache = build_cache(settings, reactor)
         self.exporters: list[Any] = []
         self._export_pool = HTTPConnectionPool(reactor, persistent=True)
         self._export_pool._factory.noisy = False  # type: ignore[attr-defined]
@@ -121,12 +135,13 @@ class ProxyService(Service):
             clock=reactor,
             server=server,
             capture=settings.capture,
-            events=BusEvents(self.bus, settings.capture, enabled=bool(settings.exporters)),
+            events=BusEvents(self.bus, settings.capture, enabled=_events_wanted(settings)),
             metrics=self.metrics,
             auditor=self.audit,
             machine=machine_id(),
             access=self.access,
             sessions=self.sessions,
+            cache=self.cache,
         )
         self.site = ProxySite(
             self.proxy,
@@ -136,6 +151,9 @@ class ProxyService(Service):
             access_log=server.access_log,
         )
         collector = MetricsCollector(self.metrics.families, self._exporter_families)
+        if self.cache is not None:
+            collector.add(self.cache.families)
+        collector.add(self._bus_families)
         self.registry = make_registry(collector)
         admin = AdminResource(
             is_ready=lambda: self.ready,
@@ -143,6 +161,7 @@ class ProxyService(Service):
             registry=self.registry,
             token=server.admin_token,
             audit=self.audit,
+            cache=self.cache,
         )
         self.admin_site = Site(admin)
         self.admin_site.noisy = False
@@ -204,6 +223,10 @@ class ProxyService(Service):
         if self.port is None:
             self.privilegedStartService()
         self.access.start()
+        if self.cache is not None:
+            self.cache.start()  # Redis: connects in the background; bypasses until then
+        if hasattr(self.bus, "start"):
+            self.bus.start()  # Redis: connects, replays its spool when Redis answers
         if self.sessions is not None:
             self.sessions.start()
         self._start_exporters()
@@ -218,6 +241,11 @@ class ProxyService(Service):
 
     def _start_exporters(self) -> None:
         if not self.settings.exporters:
+            return
+        if self.settings.events.bus == "redis":
+            # The [exporter:NAME] sections are for `llmproxy dispatcher --exporter NAME`;
+            # running them here too would deliver every event twice.
+            log.info("events.bus = redis: exporters run in `llmproxy dispatcher`")
             return
 
         for es in self.settings.exporters:
@@ -288,6 +316,12 @@ class ProxyService(Service):
             for key in ("listen", "admin_listen", "workers", "state_dir", "pool_size")
             if getattr(old.server, key) != getattr(new.server, key)
         ]
+        for section in ("events", "redis", "cache", "sessions"):
+            if getattr(old, section) != getattr(new, section):
+                log.warn(
+                    "[{section}] changed: it takes effect at the next restart", section=section
+                )
+                new = attrs.evolve(new, **{section: getattr(old, section)})
         for key in fixed:
             log.warn("server.{key} changed: it takes effect at the next restart", key=key)
         new_server = attrs.evolve(new.server, **{key: getattr(old.server, key) for key in fixed})
@@ -303,9 +337,11 @@ class ProxyService(Service):
         self.site.timeOut = new.server.idle_timeout
         self.agent = make_agent(self.reactor, self.pool, new.server.connect_timeout)
         proxy.agent = self.agent
-        events = BusEvents(self.bus, new.capture, enabled=bool(new.exporters))
+        events = BusEvents(self.bus, new.capture, enabled=_events_wanted(new))
         proxy.events = events
-        changed = await self._reload_exporters(old.exporters, new.exporters)
+        changed: list[str] = []
+        if new.events.bus == "memory":
+            changed = await self._reload_exporters(old.exporters, new.exporters)
         self.audit.write(
             "config_reload",
             source=source,
@@ -362,8 +398,15 @@ class ProxyService(Service):
             "exporters": {e.name: e.stats() for e in self.exporters},
             "access": self.access.stats(),
             "sessions": self.sessions.stats() if self.sessions is not None else None,
+            "cache": self.cache.stats() if self.cache is not None else None,
+            "bus": self.bus.stats(),
             "audit": {"lines": self.audit.lines, "errors": self.audit.errors},
         }
+
+    def _bus_families(self) -> Iterator[Any]:
+        from llmproxy.bus.metrics import bus_families
+
+        yield from bus_families(self.bus.stats())
 
     def _exporter_families(self) -> Iterator[Any]:
         from llmproxy.export.metrics import exporter_families
@@ -409,8 +452,18 @@ class ProxyService(Service):
             await self.sessions.close()
         left = max(0.1, total - (clock.seconds() - start))
         closes = [e.close(left) for e in self.exporters]
+        if hasattr(self.bus, "close"):
+            closes.append(self.bus.close(left))
         if closes:
             await defer.DeferredList(closes, consumeErrors=True)
+        if self.cache is not None:
+            # After the last exchange; a Redis connection closes, memory is just dropped.
+            closing = self.cache.close()
+            closing.addTimeout(max(0.1, total - (clock.seconds() - start)), clock)
+            try:
+                await closing
+            except defer.TimeoutError:
+                log.warn("the cache's Redis connection did not close in time")
         for pool in (self.pool, self._export_pool):
             d = pool.closeCachedConnections()
             d.addTimeout(max(0.1, total - (clock.seconds() - start)), clock)

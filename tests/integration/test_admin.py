@@ -102,3 +102,34 @@ async def test_admin_token_is_required_when_configured(locked: Running) -> None:
     )
     assert resp.code == 200
     await resp.content()
+
+
+KEY = {"Authorization": "Bearer sk-test-tenant-a"}
+
+
+@pytest.fixture
+def cached(tmp_path: Any) -> Iterator[Running]:
+    yield from running_fixture(tmp_path, extra="[cache]\nenabled = true\ndefault_ttl = 60\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_service_builds_the_cache_from_config_and_exposes_it(cached: Running) -> None:
+    codes = []
+    for _ in range(2):
+        # A credential names the tenant (else treq's cookie jar would: the upstream
+        # sets a cookie, and a cookie-only client gets a namespace per cookie).
+        resp = await cached.client.get(cached.url("/cacheable?cc=max-age%3D60"), headers=KEY)
+        await resp.content()
+        codes.append(resp.headers.getRawHeaders(b"x-proxy-cache", [b"-"])[0])
+    assert codes == [b"stored", b"hit"]
+    assert cached.upstream.cacheable_served == 1
+    stats = await (await cached.client.get(cached.admin + "/stats")).json()
+    assert stats["cache"]["hits"] == 1
+    text = (await (await cached.client.get(cached.admin + "/metrics")).content()).decode()
+    assert 'llmproxy_cache_requests_total{result="hit"} 1.0' in text
+    resp = await cached.client.post(cached.admin + "/cache/purge?all=1")
+    await resp.content()
+    assert resp.code == 200
+    resp = await cached.client.get(cached.url("/cacheable?cc=max-age%3D60"), headers=KEY)
+    await resp.content()
+    assert cached.upstream.cacheable_served == 2
