@@ -253,6 +253,10 @@ def _build(
         if key not in fields:
             problems.append(f"{label}: unknown key ({where})")
             continue
+        if "\n" in raw.strip() and typing.get_origin(fields[key].type) is not tuple:
+            # An indented next line is read as a continuation of this value.
+            problems.append(f"{label}: spans several lines (is the next line indented?) ({where})")
+            continue
         try:
             kwargs[key] = _converter(key, fields[key].type)(raw)
         except ValueError as e:

@@ -125,7 +125,7 @@ class ExporterSettings:
     # common to every sink (the exporter core)
     buffer: int = 10000  # events queued in memory
     buffer_bytes: int = 64 * MiB
-    batch_size: int = 500
+    batch_size: int = 100  # small batches keep each reactor turn short (p99)
     batch_bytes: int = 1 * MiB
     flush_interval: float = 1.0
     max_in_flight: int = 1

@@ -386,7 +386,16 @@ class Exchange:
         record = self.record
         assert record is not None
         if self._capture:
-            proxy.sessions.assign(record, body)
+            session_body = body
+            content = request.content
+            if record.request_body_size > len(body) and not isinstance(content, io.BytesIO):
+                # A long conversation sits in a temp file and the capture keeps only
+                # its head: the tracker needs all of it to fingerprint the history.
+                assert content is not None
+                content.seek(0)
+                session_body = content.read()
+                content.seek(0)
+            proxy.sessions.assign(record, session_body)
             proxy.events.request_started(record)
         forwarded = filter_headers(raw_headers, upstream=True)
         if decision.drop_headers:

@@ -237,6 +237,22 @@ async def test_a_five_turn_conversation_is_one_session_file(boot_proxy: Any) -> 
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_long_conversation_spooled_to_a_temp_file_keeps_its_session(
+    boot_proxy: Any,
+) -> None:
+    # Bodies over 100 kB sit in a temp file, past the 64 KiB capture cap.
+    proxy = boot_proxy()
+    chat = Chat(proxy)
+    for n in range(3):
+        await chat.say(f"Summarise part {n}: " + "lorem ipsum " * 12_000)
+    await proxy.shutdown()
+    files = session_files(proxy.state_dir)
+    assert len(files) == 1
+    ((_, entries),) = files.items()
+    assert shape(entries) == [("session_start", 1), *exchanges(1, 2, 3)]
+
+
+@pytest_twisted.ensureDeferred
 async def test_streamed_replies_continue_the_session(boot_proxy: Any) -> None:
     proxy = boot_proxy()
     chat = Chat(proxy, stream=True)

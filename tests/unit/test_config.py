@@ -193,3 +193,8 @@ def test_exporter_secrets_come_from_the_environment_or_a_file(tmp_path: Path) ->
 def test_missing_exporter_secret_is_a_problem_naming_the_key() -> None:
     found = problems("[exporter:o]\ntype = otlp\napi_key = env:NOPE\n")
     assert found == ["exporter:o.api_key: environment variable NOPE is not set or empty"]
+
+
+def test_a_value_continued_onto_an_indented_line_is_refused() -> None:
+    found = problems("[exporter:e]\ntype = file\npath = events.jsonl\n  fsync = never\n")
+    assert len(found) == 1 and found[0].startswith("exporter:e.path: spans several lines")
