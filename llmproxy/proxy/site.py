@@ -18,6 +18,10 @@ log = Logger()
 class ProxyRequest(server.Request):
     """Enforces ``max_body_bytes`` while the body arrives, not after."""
 
+    # Bodies pass through untouched: Twisted's form parsing of POST bodies (which
+    # parses Content-Type with the email package on every POST) is pure cost here.
+    _parsePOSTFormSubmission = False
+
     _too_large = False
     _body_seen = 0
 
