@@ -44,21 +44,25 @@ cannot store a log, a hang, a reset).  Use it in memory with
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Mapping
 from typing import Any
 
 import attrs
 import orjson
-from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Protocol
-from twisted.python.failure import Failure
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.server import Request
 
-from tests.fakes.loki import Hang, ReceivedRequest, Reset, Respond, Scripted, _chain, _TrackingSite
+from tests.fakes._http import (
+    Hang,
+    ReceivedRequest,
+    Reset,
+    Respond,
+    RunningFake,
+    ScriptedResource,
+    listen,
+    read_request,
+)
 
 __all__ = [
     "DEFAULT_KEY",
@@ -141,10 +145,8 @@ class StoredLog:
         return None if value is None else float(value)
 
 
-class FakeHelicone(Resource):
+class FakeHelicone(ScriptedResource):
     """Helicone's ``/custom/v1/log`` for one organisation.  See the module docstring."""
-
-    isLeaf = True
 
     def __init__(
         self,
@@ -153,57 +155,23 @@ class FakeHelicone(Resource):
         api_key: str = DEFAULT_KEY,
         path: bytes = LOG_PATH,
     ) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
-        self._clock = clock
+        super().__init__(clock)
         self.api_key = api_key
         self._path = path
-        self._script: list[Scripted] = []
-        self._hung: list[Request] = []
-        self.requests: list[ReceivedRequest] = []
         self.by_id: dict[str, StoredLog] = {}
         self.duplicates = 0
 
     # -- test helpers -------------------------------------------------------------
-
-    def now(self) -> float:
-        if self._clock is None:
-            return time.time()
-        return float(self._clock.seconds())  # type: ignore[misc]  # zope, no mypy-zope
-
-    def fail_next(self, *actions: Scripted | int) -> None:
-        """Queue scripted answers for the next requests, in order."""
-        self._script.extend(Respond(a) if isinstance(a, int) else a for a in actions)
 
     @property
     def logs(self) -> list[StoredLog]:
         """The stored requests, in the order they were first stored."""
         return list(self.by_id.values())
 
-    @property
-    def request_count(self) -> int:
-        return len(self.requests)
-
-    @property
-    def hung(self) -> int:
-        return len(self._hung)
-
-    def release_hung(self, status: int = 503) -> None:
-        hung, self._hung = self._hung, []
-        for request in hung:
-            if not request.finished and not request._disconnected:
-                request.setResponseCode(status)
-                request.finish()  # type: ignore[no-untyped-call]
-
     # -- the endpoint -------------------------------------------------------------
 
     def render(self, request: Request) -> bytes | int:
-        headers = {
-            k.decode("latin-1").lower(): ", ".join(v.decode("latin-1") for v in vs)
-            for k, vs in request.requestHeaders.getAllRawHeaders()
-        }
-        body = request.content.read() if request.content is not None else b""
-        method = (request.method or b"").decode("latin-1")
-        path = (request.path or b"").decode("latin-1")
+        headers, body, method, path = read_request(request)
 
         def answer(status: int, reply: str, extra: Mapping[str, str] | None = None) -> bytes:
             self.requests.append(ReceivedRequest(method, path, headers, len(body), status, reply))
@@ -216,14 +184,9 @@ class FakeHelicone(Resource):
             return answer(400, "invalid path")  # the worker's catch-all route
         if self._script:
             action = self._script.pop(0)
-            if isinstance(action, Hang | Reset):
+            if not isinstance(action, Respond):
                 self.requests.append(ReceivedRequest(method, path, headers, len(body), None, ""))
-                if isinstance(action, Reset):
-                    request.channel.transport.abortConnection()  # type: ignore[union-attr]
-                    request.notifyFinish().addErrback(lambda _: None)
-                else:
-                    self._hang(request)
-                return NOT_DONE_YET
+                return self._stall(request, action)
             if action.store:
                 status, _, _ = self._log(headers, body)
                 if status != 200:
@@ -231,15 +194,6 @@ class FakeHelicone(Resource):
             return answer(action.status, action.body.decode("utf-8", "replace"), action.headers)
         status, reply, extra = self._log(headers, body)
         return answer(status, reply, extra)
-
-    def _hang(self, request: Request) -> None:
-        self._hung.append(request)
-
-        def gone(_: Failure | None) -> None:
-            if request in self._hung:
-                self._hung.remove(request)
-
-        request.notifyFinish().addBoth(gone)
 
     def _log(self, headers: Mapping[str, str], body: bytes) -> tuple[int, str, dict[str, str]]:
         """logAsync: (status, reply, extra headers)."""
@@ -349,45 +303,14 @@ def _is_uuid(text: str) -> bool:
 # -- on a real port -------------------------------------------------------------------
 
 
-@attrs.define
-class RunningFakeHelicone:
+class RunningFakeHelicone(RunningFake[FakeHelicone]):
     """A ``FakeHelicone`` listening on 127.0.0.1; ``stop()`` when done."""
-
-    fake: FakeHelicone
-    port: Any  # IListeningPort
-    _connections: set[Protocol]
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port.getHost().port}"
 
     @property
     def log_url(self) -> str:
         return self.url + LOG_PATH.decode()
 
-    def stop(self) -> defer.Deferred[None]:
-        """Stop listening and drop every open connection (hung ones too)."""
-        self.fake.release_hung()
-        waits: list[defer.Deferred[Any]] = []
-        for proto in list(self._connections):
-            lost: defer.Deferred[None] = defer.Deferred()
-            proto.connectionLost = _chain(proto.connectionLost, lost)  # type: ignore[method-assign]
-            waits.append(lost)
-            transport = getattr(getattr(proto, "_channel", proto), "transport", None)
-            if transport is not None:
-                transport.abortConnection()
-            else:
-                lost.callback(None)
-        waits.append(defer.maybeDeferred(self.port.stopListening))
-        return defer.gatherResults(waits, consumeErrors=True).addCallback(lambda _: None)
-
 
 def listen_fake_helicone(fake: FakeHelicone, reactor: Any = None) -> RunningFakeHelicone:
     """Serve ``fake`` on an OS-chosen port of 127.0.0.1 (for end-to-end tests)."""
-    if reactor is None:
-        from twisted.internet import reactor as global_reactor
-
-        reactor = global_reactor
-    connections: set[Protocol] = set()
-    port = reactor.listenTCP(0, _TrackingSite(fake, connections), interface="127.0.0.1")
-    return RunningFakeHelicone(fake, port, connections)
+    return listen(RunningFakeHelicone, fake, reactor)

@@ -50,20 +50,28 @@ from __future__ import annotations
 import gzip
 import math
 import re
-import time
 import zlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 import attrs
 import orjson
-from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Protocol
-from twisted.python.failure import Failure
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.server import Request
+
+# Hang, Reset, Scripted: re-exported, tests import them from here.
+from tests.fakes._http import Hang as Hang
+from tests.fakes._http import (
+    ReceivedRequest,
+    Respond,
+    RunningFake,
+    ScriptedResource,
+    listen,
+    read_request,
+)
+from tests.fakes._http import Reset as Reset
+from tests.fakes._http import Scripted as Scripted
 
 PUSH_PATH = b"/loki/api/v1/push"
 LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
@@ -106,62 +114,6 @@ class StoredEntry:
         return orjson.loads(self.line)
 
 
-@attrs.frozen
-class ReceivedRequest:
-    """What one request to the fake carried, and what it answered."""
-
-    method: str
-    path: str
-    headers: Mapping[str, str]  # lower-case names, values joined with ", "
-    body_size: int  # bytes on the wire (compressed when gzipped)
-    status: int | None  # None: hung or reset, no answer
-    reply: str  # the answer's body text
-
-    @property
-    def tenant(self) -> str | None:
-        return self.headers.get("x-scope-orgid")
-
-    @property
-    def authorization(self) -> str | None:
-        return self.headers.get("authorization")
-
-    @property
-    def content_encoding(self) -> str | None:
-        return self.headers.get("content-encoding")
-
-    @property
-    def content_type(self) -> str | None:
-        return self.headers.get("content-type")
-
-
-# -- scripted failures --------------------------------------------------------------
-
-
-@attrs.frozen
-class Respond:
-    """Answer with this status (and headers, body) instead of ingesting; with
-    ``store=True`` the push is ingested first (Loki stored it but the answer was
-    lost or failed: the client will send it again)."""
-
-    status: int
-    body: bytes = b""
-    headers: Mapping[str, str] = attrs.field(factory=dict)
-    store: bool = False
-
-
-@attrs.frozen
-class Hang:
-    """Never answer (until :meth:`FakeLoki.release_hung`)."""
-
-
-@attrs.frozen
-class Reset:
-    """Abort the connection without an answer."""
-
-
-Scripted = Respond | Hang | Reset
-
-
 class _InvalidPush(Exception):
     """The body could not be parsed: the whole request is refused (400)."""
 
@@ -200,10 +152,8 @@ def _rfc3339(ts_ns: int) -> str:
     return datetime.fromtimestamp(ts_ns // 1_000_000_000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-class FakeLoki(Resource):
+class FakeLoki(ScriptedResource):
     """The push endpoint of one Loki (all tenants).  See the module docstring."""
-
-    isLeaf = True
 
     def __init__(
         self,
@@ -214,35 +164,17 @@ class FakeLoki(Resource):
         require_tenant: bool = False,
         expected_authorization: str | None = None,
     ) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
-        self._clock = clock
+        super().__init__(clock)
         self.limits = limits or LokiLimits()
         self._retry_after = retry_after
         self._require_tenant = require_tenant
         self._expected_authorization = expected_authorization
-        self._script: list[Scripted] = []
         self._streams: dict[tuple[str, frozenset[tuple[str, str]]], _Stream] = {}
         self._arrival = 0
         self._buckets: dict[str, _TokenBucket] = {}
-        self._hung: list[Request] = []
-        self.requests: list[ReceivedRequest] = []
         self.duplicates_dropped = 0
 
     # -- test helpers -------------------------------------------------------------
-
-    def now(self) -> float:
-        if self._clock is None:
-            return time.time()
-        return float(self._clock.seconds())  # type: ignore[misc]  # zope, no mypy-zope
-
-    def fail_next(self, *actions: Scripted | int) -> None:
-        """Queue scripted answers for the next requests, in order (an int is a
-        bare status, e.g. ``fail_next(503, 500)``)."""
-        self._script.extend(Respond(a) if isinstance(a, int) else a for a in actions)
-
-    @property
-    def request_count(self) -> int:
-        return len(self.requests)
 
     @property
     def pending_script(self) -> int:
@@ -271,28 +203,10 @@ class FakeLoki(Resource):
             if (tenant is None or t == tenant) and s.entries
         ]
 
-    @property
-    def hung(self) -> int:
-        return len(self._hung)
-
-    def release_hung(self, status: int = 503) -> None:
-        """Answer every hung request (if its client is still there)."""
-        hung, self._hung = self._hung, []
-        for request in hung:
-            if not request.finished and not request._disconnected:
-                request.setResponseCode(status)
-                request.finish()  # type: ignore[no-untyped-call]
-
     # -- the endpoint -------------------------------------------------------------
 
     def render(self, request: Request) -> bytes | int:
-        headers = {
-            k.decode("latin-1").lower(): ", ".join(v.decode("latin-1") for v in vs)
-            for k, vs in request.requestHeaders.getAllRawHeaders()
-        }
-        body = request.content.read() if request.content is not None else b""
-        method = (request.method or b"").decode("latin-1")
-        path = (request.path or b"").decode("latin-1")
+        headers, body, method, path = read_request(request)
 
         def record(status: int | None, reply: str = "") -> None:
             self.requests.append(ReceivedRequest(method, path, headers, len(body), status, reply))
@@ -306,15 +220,9 @@ class FakeLoki(Resource):
             return b""
         if self._script:
             action = self._script.pop(0)
-            if isinstance(action, Hang):
+            if not isinstance(action, Respond):
                 record(None)
-                self._hang(request)
-                return NOT_DONE_YET
-            if isinstance(action, Reset):
-                record(None)
-                request.channel.transport.abortConnection()  # type: ignore[union-attr]
-                request.notifyFinish().addErrback(lambda _: None)
-                return NOT_DONE_YET
+                return self._stall(request, action)
             if action.store:
                 status, _, _ = self._push(headers, body)
                 if status not in (204, 400):
@@ -340,15 +248,6 @@ class FakeLoki(Resource):
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")  # type: ignore[no-untyped-call]
         request.setHeader(b"x-content-type-options", b"nosniff")  # type: ignore[no-untyped-call]
         return text.encode("utf-8") + b"\n"
-
-    def _hang(self, request: Request) -> None:
-        self._hung.append(request)
-
-        def gone(_: Failure | None) -> None:
-            if request in self._hung:
-                self._hung.remove(request)
-
-        request.notifyFinish().addBoth(gone)
 
     def _push(self, headers: Mapping[str, str], body: bytes) -> tuple[int, str, dict[str, str]]:
         """Loki's distributor: (status, reply text, extra headers)."""
@@ -601,85 +500,14 @@ def _parse_entry(raw: Any) -> tuple[int, str, dict[str, str]]:
 # -- on a real port -------------------------------------------------------------------
 
 
-@attrs.define
-class RunningFakeLoki:
+class RunningFakeLoki(RunningFake[FakeLoki]):
     """A ``FakeLoki`` listening on 127.0.0.1; ``stop()`` when done."""
-
-    fake: FakeLoki
-    port: Any  # IListeningPort
-    _connections: set[Protocol]
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port.getHost().port}"
 
     @property
     def push_url(self) -> str:
         return self.url + PUSH_PATH.decode()
 
-    def stop(self) -> defer.Deferred[None]:
-        """Stop listening and drop every open connection (hung ones too), so no
-        timer or socket outlives the test."""
-        self.fake.release_hung()
-        waits: list[defer.Deferred[Any]] = []
-        for proto in list(self._connections):
-            lost: defer.Deferred[None] = defer.Deferred()
-            proto.connectionLost = _chain(proto.connectionLost, lost)  # type: ignore[method-assign]
-            waits.append(lost)
-            # Site's protocol wraps the real channel, which holds the transport.
-            transport = getattr(getattr(proto, "_channel", proto), "transport", None)
-            if transport is not None:
-                transport.abortConnection()
-            else:
-                lost.callback(None)
-        stopped = defer.maybeDeferred(self.port.stopListening)
-        waits.append(stopped)
-        return defer.gatherResults(waits, consumeErrors=True).addCallback(lambda _: None)
-
-
-def _chain(original: Callable[[Failure], None], lost: defer.Deferred[None]) -> Callable[..., None]:
-    def connection_lost(reason: Failure) -> None:
-        try:
-            original(reason)
-        finally:
-            if not lost.called:
-                lost.callback(None)
-
-    return connection_lost
-
-
-class _TrackingSite(Site):
-    noisy = False
-
-    def __init__(self, resource: Resource, connections: set[Protocol]) -> None:
-        # No idle timeout: its timer would outlive a test that forgot to stop().
-        super().__init__(resource, timeout=None)  # type: ignore[no-untyped-call]
-        self._connections = connections
-
-    def buildProtocol(self, addr: Any) -> Any:
-        proto = super().buildProtocol(addr)  # type: ignore[no-untyped-call]
-        if proto is not None:
-            self._connections.add(proto)
-            original = proto.connectionLost
-
-            def lost(reason: Failure) -> None:
-                self._connections.discard(proto)
-                original(reason)
-
-            proto.connectionLost = lost
-        return proto
-
-    def log(self, request: Any) -> None:
-        pass  # no access log lines in test output
-
 
 def listen_fake_loki(fake: FakeLoki, reactor: Any = None) -> RunningFakeLoki:
     """Serve ``fake`` on an OS-chosen port of 127.0.0.1 (for end-to-end tests)."""
-    if reactor is None:
-        from twisted.internet import reactor as global_reactor
-
-        reactor = global_reactor
-    connections: set[Protocol] = set()
-    site = _TrackingSite(fake, connections)
-    port = reactor.listenTCP(0, site, interface="127.0.0.1")
-    return RunningFakeLoki(fake, port, connections)
+    return listen(RunningFakeLoki, fake, reactor)

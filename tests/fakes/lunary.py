@@ -59,14 +59,19 @@ from typing import Any
 
 import attrs
 import orjson
-from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Protocol
-from twisted.python.failure import Failure
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.server import Request
 
-from tests.fakes.loki import Hang, ReceivedRequest, Reset, Respond, Scripted, _chain, _TrackingSite
+from tests.fakes._http import (
+    Hang,
+    ReceivedRequest,
+    Reset,
+    Respond,
+    RunningFake,
+    ScriptedResource,
+    listen,
+    read_request,
+)
 
 __all__ = [
     "DEFAULT_KEY",
@@ -118,10 +123,8 @@ class _EventError(Exception):
     """One event failed: its result says ``success: false`` with this text."""
 
 
-class FakeLunary(Resource):
+class FakeLunary(ScriptedResource):
     """Lunary's ingest endpoint for one project.  See the module docstring."""
-
-    isLeaf = True
 
     def __init__(
         self,
@@ -131,57 +134,22 @@ class FakeLunary(Resource):
         rate_limit: int | None = RATE_LIMIT,
         rate_window: float = RATE_WINDOW,
     ) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
-        self._clock = clock
+        super().__init__(clock)
         self.public_key = public_key
         self._rate_limit = rate_limit
         self._rate_window = rate_window
         self._window_end = -math.inf
         self._window_count = 0
-        self._script: list[Scripted] = []
-        self._hung: list[Request] = []
-        self.requests: list[ReceivedRequest] = []
         self.runs: dict[str, StoredRun] = {}
         self.bodies: list[Any] = []  # every parsed body, as received
         self.last_results: list[dict[str, Any]] = []
 
     # -- test helpers -------------------------------------------------------------
 
-    def now(self) -> float:
-        if self._clock is None:
-            return time.time()
-        return float(self._clock.seconds())  # type: ignore[misc]  # zope, no mypy-zope
-
-    def fail_next(self, *actions: Scripted | int) -> None:
-        """Queue scripted answers for the next requests, in order (an int is a
-        bare status)."""
-        self._script.extend(Respond(a) if isinstance(a, int) else a for a in actions)
-
-    @property
-    def request_count(self) -> int:
-        return len(self.requests)
-
-    @property
-    def hung(self) -> int:
-        return len(self._hung)
-
-    def release_hung(self, status: int = 503) -> None:
-        hung, self._hung = self._hung, []
-        for request in hung:
-            if not request.finished and not request._disconnected:
-                request.setResponseCode(status)
-                request.finish()  # type: ignore[no-untyped-call]
-
     # -- the endpoint -------------------------------------------------------------
 
     def render(self, request: Request) -> bytes | int:
-        headers = {
-            k.decode("latin-1").lower(): ", ".join(v.decode("latin-1") for v in vs)
-            for k, vs in request.requestHeaders.getAllRawHeaders()
-        }
-        body = request.content.read() if request.content is not None else b""
-        method = (request.method or b"").decode("latin-1")
-        path = (request.path or b"").decode("latin-1")
+        headers, body, method, path = read_request(request)
 
         def answer(status: int, reply: Any, extra: Mapping[str, str] | None = None) -> bytes:
             text = reply if isinstance(reply, str) else orjson.dumps(reply).decode()
@@ -199,15 +167,9 @@ class FakeLunary(Resource):
             return answer(405, "Method Not Allowed")
         if self._script:
             action = self._script.pop(0)
-            if isinstance(action, Hang):
+            if not isinstance(action, Respond):
                 self.requests.append(ReceivedRequest(method, path, headers, len(body), None, ""))
-                self._hang(request)
-                return NOT_DONE_YET
-            if isinstance(action, Reset):
-                self.requests.append(ReceivedRequest(method, path, headers, len(body), None, ""))
-                request.channel.transport.abortConnection()  # type: ignore[union-attr]
-                request.notifyFinish().addErrback(lambda _: None)
-                return NOT_DONE_YET
+                return self._stall(request, action)
             if action.store:
                 status, _ = self._ingest(headers, body)
                 if status != 200:
@@ -225,15 +187,6 @@ class FakeLunary(Resource):
             return answer(429, SLOW_DOWN, {"Retry-After": str(limited)})
         status, reply = self._ingest(headers, body)
         return answer(status, reply)
-
-    def _hang(self, request: Request) -> None:
-        self._hung.append(request)
-
-        def gone(_: Failure | None) -> None:
-            if request in self._hung:
-                self._hung.remove(request)
-
-        request.notifyFinish().addBoth(gone)
 
     def _rate_limited(self) -> int | None:
         """koa-ratelimit's fixed window: seconds to wait, or None when allowed."""
@@ -449,42 +402,10 @@ def _is_uuid(text: str) -> bool:
 # -- on a real port -------------------------------------------------------------------
 
 
-@attrs.define
-class RunningFakeLunary:
+class RunningFakeLunary(RunningFake[FakeLunary]):
     """A ``FakeLunary`` listening on 127.0.0.1; ``stop()`` when done."""
-
-    fake: FakeLunary
-    port: Any  # IListeningPort
-    _connections: set[Protocol]
-
-    @property
-    def url(self) -> str:
-        """The base URL, as the sink's ``endpoint`` takes it."""
-        return f"http://127.0.0.1:{self.port.getHost().port}"
-
-    def stop(self) -> defer.Deferred[None]:
-        """Stop listening and drop every open connection (hung ones too)."""
-        self.fake.release_hung()
-        waits: list[defer.Deferred[Any]] = []
-        for proto in list(self._connections):
-            lost: defer.Deferred[None] = defer.Deferred()
-            proto.connectionLost = _chain(proto.connectionLost, lost)  # type: ignore[method-assign]
-            waits.append(lost)
-            transport = getattr(getattr(proto, "_channel", proto), "transport", None)
-            if transport is not None:
-                transport.abortConnection()
-            else:
-                lost.callback(None)
-        waits.append(defer.maybeDeferred(self.port.stopListening))
-        return defer.gatherResults(waits, consumeErrors=True).addCallback(lambda _: None)
 
 
 def listen_fake_lunary(fake: FakeLunary, reactor: Any = None) -> RunningFakeLunary:
     """Serve ``fake`` on an OS-chosen port of 127.0.0.1 (for end-to-end tests)."""
-    if reactor is None:
-        from twisted.internet import reactor as global_reactor
-
-        reactor = global_reactor
-    connections: set[Protocol] = set()
-    port = reactor.listenTCP(0, _TrackingSite(fake, connections), interface="127.0.0.1")
-    return RunningFakeLunary(fake, port, connections)
+    return listen(RunningFakeLunary, fake, reactor)

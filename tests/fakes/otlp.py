@@ -47,21 +47,25 @@ import base64
 import binascii
 import math
 import re
-import time
 import zlib
 from collections.abc import Mapping
 from typing import Any
 
 import attrs
 import orjson
-from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Protocol
-from twisted.python.failure import Failure
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.server import Request
 
-from tests.fakes.loki import Hang, ReceivedRequest, Reset, Respond, Scripted, _chain, _TrackingSite
+from tests.fakes._http import (
+    Hang,
+    ReceivedRequest,
+    Reset,
+    Respond,
+    RunningFake,
+    ScriptedResource,
+    listen,
+    read_request,
+)
 
 __all__ = [
     "LOGS_PATH",
@@ -142,63 +146,27 @@ class _Partial:
     message: str
 
 
-class FakeCollector(Resource):
+class FakeCollector(ScriptedResource):
     """An OTLP/HTTP JSON receiver for traces and logs.  See the module docstring."""
 
-    isLeaf = True
-
     def __init__(self, *, clock: IReactorTime | None = None, max_body: int = MAX_BODY) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
-        self._clock = clock
+        super().__init__(clock)
         self._max_body = max_body
-        self._script: list[Scripted] = []
         self._partial: list[_Partial] = []
-        self._hung: list[Request] = []
-        self.requests: list[ReceivedRequest] = []
         self.spans: list[StoredSpan] = []
         self.log_records: list[StoredLogRecord] = []
 
     # -- test helpers -------------------------------------------------------------
-
-    def now(self) -> float:
-        if self._clock is None:
-            return time.time()
-        return float(self._clock.seconds())  # type: ignore[misc]  # zope, no mypy-zope
-
-    def fail_next(self, *actions: Scripted | int) -> None:
-        """Queue scripted answers for the next requests, in order."""
-        self._script.extend(Respond(a) if isinstance(a, int) else a for a in actions)
 
     def partial_next(self, rejected: int, message: str = "") -> None:
         """The next valid export is a partial success refusing its last ``rejected``
         items (0 with a message: a warning on a full success)."""
         self._partial.append(_Partial(rejected, message))
 
-    @property
-    def request_count(self) -> int:
-        return len(self.requests)
-
-    @property
-    def hung(self) -> int:
-        return len(self._hung)
-
-    def release_hung(self, status: int = 503) -> None:
-        hung, self._hung = self._hung, []
-        for request in hung:
-            if not request.finished and not request._disconnected:
-                request.setResponseCode(status)
-                request.finish()  # type: ignore[no-untyped-call]
-
     # -- the endpoint -------------------------------------------------------------
 
     def render(self, request: Request) -> bytes | int:
-        headers = {
-            k.decode("latin-1").lower(): ", ".join(v.decode("latin-1") for v in vs)
-            for k, vs in request.requestHeaders.getAllRawHeaders()
-        }
-        body = request.content.read() if request.content is not None else b""
-        method = (request.method or b"").decode("latin-1")
-        path = (request.path or b"").decode("latin-1")
+        headers, body, method, path = read_request(request)
 
         def answer(status: int, doc: Any, extra: Mapping[str, str] | None = None) -> bytes:
             data = orjson.dumps(doc)
@@ -216,14 +184,9 @@ class FakeCollector(Resource):
             return answer(405, {"code": 12, "message": f"{method} method not allowed"})
         if self._script:
             action = self._script.pop(0)
-            if isinstance(action, Hang | Reset):
+            if not isinstance(action, Respond):
                 self.requests.append(ReceivedRequest(method, path, headers, len(body), None, ""))
-                if isinstance(action, Reset):
-                    request.channel.transport.abortConnection()  # type: ignore[union-attr]
-                    request.notifyFinish().addErrback(lambda _: None)
-                else:
-                    self._hang(request)
-                return NOT_DONE_YET
+                return self._stall(request, action)
             if action.store:
                 status, _ = self._export(request.path, headers, body)
                 if status != 200:
@@ -238,15 +201,6 @@ class FakeCollector(Resource):
             return action.body
         status, doc = self._export(request.path, headers, body)
         return answer(status, doc)
-
-    def _hang(self, request: Request) -> None:
-        self._hung.append(request)
-
-        def gone(_: Failure | None) -> None:
-            if request in self._hung:
-                self._hung.remove(request)
-
-        request.notifyFinish().addBoth(gone)
 
     def _export(self, path: bytes, headers: Mapping[str, str], body: bytes) -> tuple[int, Any]:
         media = headers.get("content-type", "").split(";", 1)[0].strip().lower()
@@ -577,42 +531,10 @@ def _logs(doc: Any) -> list[StoredLogRecord]:
 # -- on a real port -------------------------------------------------------------------
 
 
-@attrs.define
-class RunningFakeCollector:
+class RunningFakeCollector(RunningFake[FakeCollector]):
     """A ``FakeCollector`` listening on 127.0.0.1; ``stop()`` when done."""
-
-    fake: FakeCollector
-    port: Any  # IListeningPort
-    _connections: set[Protocol]
-
-    @property
-    def url(self) -> str:
-        """The base URL, as the sink's ``endpoint`` takes it."""
-        return f"http://127.0.0.1:{self.port.getHost().port}"
-
-    def stop(self) -> defer.Deferred[None]:
-        """Stop listening and drop every open connection (hung ones too)."""
-        self.fake.release_hung()
-        waits: list[defer.Deferred[Any]] = []
-        for proto in list(self._connections):
-            lost: defer.Deferred[None] = defer.Deferred()
-            proto.connectionLost = _chain(proto.connectionLost, lost)  # type: ignore[method-assign]
-            waits.append(lost)
-            transport = getattr(getattr(proto, "_channel", proto), "transport", None)
-            if transport is not None:
-                transport.abortConnection()
-            else:
-                lost.callback(None)
-        waits.append(defer.maybeDeferred(self.port.stopListening))
-        return defer.gatherResults(waits, consumeErrors=True).addCallback(lambda _: None)
 
 
 def listen_fake_collector(fake: FakeCollector, reactor: Any = None) -> RunningFakeCollector:
     """Serve ``fake`` on an OS-chosen port of 127.0.0.1 (for end-to-end tests)."""
-    if reactor is None:
-        from twisted.internet import reactor as global_reactor
-
-        reactor = global_reactor
-    connections: set[Protocol] = set()
-    port = reactor.listenTCP(0, _TrackingSite(fake, connections), interface="127.0.0.1")
-    return RunningFakeCollector(fake, port, connections)
+    return listen(RunningFakeCollector, fake, reactor)

@@ -54,7 +54,6 @@ import re
 import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
-from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -75,6 +74,8 @@ from llmproxy.export.sink import (
     Retry,
     Verdict,
 )
+from llmproxy.export.sinks import _exchange
+from llmproxy.export.sinks._exchange import exchange_ns, json_default, message_of
 from llmproxy.settings import ExporterSettings
 
 DEFAULT_ENDPOINT = "https://api.worker.helicone.ai/custom/v1/log"
@@ -297,14 +298,14 @@ class HeliconeSink(HTTPSink):
         """The log of one exchange (Helicone takes one per request)."""
         if len(events) != 1:
             raise ValueError("a Helicone log carries exactly one exchange")
-        body = orjson.dumps(log_body(events[0]), default=_json_default)
+        body = orjson.dumps(log_body(events[0]), default=json_default)
         return EncodedBatch(body=body, headers=dict(self._headers))
 
     # -- judge -------------------------------------------------------------------
 
     def judge(self, status: int, headers: dict[str, str], body: bytes) -> Verdict:
         text = self._redact(body.decode("utf-8", errors="replace").strip())
-        message = _message_of(text)[:500]
+        message = message_of(text, keys=("error", "message"))[:500]
         if 200 <= status < 300:
             if text.startswith("{"):
                 # 200 {"error": ...}: Helicone took the request but could not
@@ -343,7 +344,7 @@ def log_body(event: dict[str, Any]) -> dict[str, Any]:
     request_id = event.get("request_id")
     if not isinstance(request_id, str) or not request_id:
         raise ValueError("no request_id")
-    request = _request_json(event)
+    request = _exchange.request_json(event)
     facts = facts_of(event)
     provider = _provider_of(event, facts)
     response, estimated = _response_part(event, request, facts)
@@ -371,7 +372,7 @@ def log_body(event: dict[str, Any]) -> dict[str, Any]:
         text = _body_text(event.get("request_body"))
         if text:
             request_json["text"] = text
-    start_ns, end_ns = _exchange_ns(event)
+    start_ns, end_ns = exchange_ns(event)
     timing: dict[str, Any] = {"startTime": _seconds_ms(start_ns), "endTime": _seconds_ms(end_ns)}
     ttfb = event.get("ttfb_ms")
     if event.get("is_stream") and isinstance(ttfb, int | float) and not isinstance(ttfb, bool):
@@ -522,82 +523,11 @@ def _flat_headers(headers: Any) -> dict[str, str]:
     }
 
 
-def _request_json(event: dict[str, Any]) -> dict[str, Any] | None:
-    text = _body_text(event.get("request_body"))
-    if not text or not text.lstrip().startswith("{"):
-        return None
-    try:
-        obj = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return None  # cut at the capture cap
-    return obj if isinstance(obj, dict) else None
-
-
 def _body_text(body: Any) -> str | None:
     text = body.get("text") if isinstance(body, dict) else None
     return text if isinstance(text, str) else None
 
 
-def _message_of(text: str) -> str:
-    try:
-        doc = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return text
-    if isinstance(doc, dict):
-        error = doc.get("error")
-        if isinstance(error, dict) and isinstance(error.get("message"), str):
-            return str(error["message"])
-        for key in ("error", "message"):
-            if isinstance(doc.get(key), str):
-                return str(doc[key])
-    return text
-
-
-# -- time ------------------------------------------------------------------------------
-
-_RFC3339 = re.compile(
-    r"(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}:\d{2})(?:\.(\d{1,9})\d*)?([Zz]|[+-]\d{2}:\d{2})\Z"
-)
-
-
-def _parse_ns(text: Any) -> int | None:
-    if not isinstance(text, str):
-        return None
-    match = _RFC3339.match(text)
-    if match is None:
-        return None
-    day, clock, fraction, zone = match.groups()
-    try:
-        whole = datetime.fromisoformat(f"{day}T{clock}{'+00:00' if zone in 'Zz' else zone}")
-    except ValueError:
-        return None
-    return int(whole.timestamp()) * 1_000_000_000 + int((fraction or "").ljust(9, "0"))
-
-
-def _exchange_ns(event: dict[str, Any]) -> tuple[int, int]:
-    """The exchange's start and end in epoch ns (end never before start: Helicone
-    refuses a log whose start is after its end)."""
-    ts = event.get("ts_ns")
-    fallback = ts if isinstance(ts, int) and not isinstance(ts, bool) else None
-    start = _parse_ns(event.get("start"))
-    end = _parse_ns(event.get("end"))
-    if end is None:
-        end = fallback if fallback is not None else start
-    if start is None:
-        start = end
-    if start is None or end is None:
-        raise ValueError("no timestamps")
-    return start, max(start, end)
-
-
 def _seconds_ms(ns: int) -> dict[str, int]:
     ms = ns // 1_000_000
     return {"seconds": ms // 1000, "milliseconds": ms % 1000}
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, bytes | bytearray | memoryview):
-        return bytes(value).decode("utf-8", errors="replace")
-    if isinstance(value, set | frozenset | tuple):
-        return list(value)
-    return str(value)

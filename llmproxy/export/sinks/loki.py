@@ -26,7 +26,6 @@ import json
 import re
 import zlib
 from collections.abc import Sequence
-from datetime import datetime
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -43,6 +42,7 @@ from llmproxy.export.sink import (
     Retry,
     Verdict,
 )
+from llmproxy.export.sinks._exchange import json_default, parse_ns
 from llmproxy.settings import ExporterSettings
 
 PUSH_PATH = "/loki/api/v1/push"
@@ -315,38 +315,10 @@ def _timestamp_ns(event: dict[str, Any], clock: IReactorTime) -> int:
         return ts
     text = event.get("ts")
     if isinstance(text, str):
-        parsed = _parse_rfc3339_ns(text)
+        parsed = parse_ns(text)
         if parsed is not None:
             return parsed
     return int(clock.seconds() * 1e9)  # type: ignore[misc]  # zope method, no mypy-zope
-
-
-_RFC3339 = re.compile(
-    r"(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}:\d{2})(?:\.(\d{1,9})\d*)?([Zz]|[+-]\d{2}:\d{2})\Z"
-)
-
-
-def _parse_rfc3339_ns(text: str) -> int | None:
-    match = _RFC3339.match(text)
-    if match is None:
-        return None
-    day, clock, fraction, zone = match.groups()
-    try:
-        whole = datetime.fromisoformat(f"{day}T{clock}{'+00:00' if zone in 'Zz' else zone}")
-    except ValueError:
-        return None
-    ns = int((fraction or "").ljust(9, "0"))
-    return int(whole.timestamp()) * 1_000_000_000 + ns
-
-
-def _json_default(value: Any) -> Any:
-    """Last resort for a value that is not JSON-ready (a contract breach upstream):
-    send its text rather than fail the whole batch."""
-    if isinstance(value, bytes | bytearray | memoryview):
-        return bytes(value).decode("utf-8", errors="replace")
-    if isinstance(value, set | frozenset | tuple):
-        return list(value)
-    return str(value)
 
 
 def _dumps_event(event: dict[str, Any]) -> bytes:
@@ -355,11 +327,11 @@ def _dumps_event(event: dict[str, Any]) -> bytes:
     except TypeError:  # orjson.JSONEncodeError is a TypeError
         pass
     try:
-        return orjson.dumps(event, default=_json_default, option=orjson.OPT_NON_STR_KEYS)
+        return orjson.dumps(event, default=json_default, option=orjson.OPT_NON_STR_KEYS)
     except TypeError:
         # Beyond orjson (a lone surrogate, an int over 64 bits): the stdlib encodes
         # it, and a lone surrogate becomes "?" so the line stays valid UTF-8 JSON.
-        text = json.dumps(event, default=_json_default, separators=(",", ":"), ensure_ascii=False)
+        text = json.dumps(event, default=json_default, separators=(",", ":"), ensure_ascii=False)
         return text.encode("utf-8", errors="replace")
 
 

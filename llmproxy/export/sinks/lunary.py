@@ -27,12 +27,10 @@ appears in a verdict.
 
 from __future__ import annotations
 
-import re
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
-from datetime import datetime
-from typing import Any, overload
+from collections.abc import Mapping, Sequence
+from typing import Any
 from urllib.parse import urlsplit
 
 import attrs
@@ -49,6 +47,14 @@ from llmproxy.export.sink import (
     Rejected,
     Retry,
     Verdict,
+)
+from llmproxy.export.sinks._exchange import (
+    PlannedBatch,
+    exchange_ns,
+    json_default,
+    message_of,
+    nonempty_str,
+    request_json,
 )
 from llmproxy.settings import ExporterSettings
 
@@ -149,27 +155,8 @@ class _Plan:
         return Delivered(rejected=rejected)
 
 
-class _PlannedBatch(Sequence[dict[str, Any]]):
-    """The batch handed to ``HTTPSink.deliver``, carrying its encoding along, so
-    the bodies are built once (``encode`` finds the plan instead of redoing it)."""
-
-    def __init__(self, plan: _Plan) -> None:
-        self.plan = plan
-
-    @overload
-    def __getitem__(self, index: int) -> dict[str, Any]: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> Sequence[dict[str, Any]]: ...
-
-    def __getitem__(self, index: int | slice) -> dict[str, Any] | Sequence[dict[str, Any]]:
-        return self.plan.source[index]
-
-    def __len__(self) -> int:
-        return len(self.plan.source)
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        return iter(self.plan.source)
+class _PlannedBatch(PlannedBatch[_Plan]):
+    """A batch with its plan, so ``encode`` does not build it twice."""
 
 
 @attrs.frozen
@@ -274,7 +261,7 @@ class LunarySink(HTTPSink):
                 continue
             runs.append(run)
             body.extend(run.events)
-        data = orjson.dumps({"events": body}, default=_json_default) if runs else b""
+        data = orjson.dumps({"events": body}, default=json_default) if runs else b""
         batch = EncodedBatch(body=data, headers=dict(self._headers))
         return _Plan(events, tuple(runs), unencodable, batch)
 
@@ -284,7 +271,7 @@ class LunarySink(HTTPSink):
         text = self._redact(body.decode("utf-8", errors="replace").strip())
         if status == 200:
             return self._results(text)
-        message = _message_of(text)[:500]
+        message = message_of(text)[:500]
         if status in (401, 402, 403):
             # 401: no project with this key; 402: the key is not a project id.
             return Rejected(f"HTTP {status}: {message} (check api_key: the project's public key)")
@@ -339,9 +326,9 @@ def _run_of(index: int, event: dict[str, Any]) -> _Run:
     if not request_id:
         raise ValueError("no request_id")
     rid = run_id(request_id)
-    request = _request_json(event)
-    model = _str(event.get("model")) or _str(event.get("request_model"))
-    start_ns, end_ns = _exchange_ns(event)
+    request = request_json(event)
+    model = nonempty_str(event.get("model")) or nonempty_str(event.get("request_model"))
+    start_ns, end_ns = exchange_ns(event)
     start: dict[str, Any] = {
         "type": "llm",
         "event": "start",
@@ -379,18 +366,6 @@ def _run_of(index: int, event: dict[str, Any]) -> _Run:
         if usage:
             end["tokensUsage"] = usage
     return _Run(index, rid, (start, end))
-
-
-def _request_json(event: dict[str, Any]) -> dict[str, Any] | None:
-    body = event.get("request_body")
-    text = body.get("text") if isinstance(body, dict) else None
-    if not isinstance(text, str) or not text.lstrip().startswith("{"):
-        return None
-    try:
-        obj = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return None  # cut at the capture cap
-    return obj if isinstance(obj, dict) else None
 
 
 def _text_of(content: Any) -> Any:
@@ -482,10 +457,10 @@ def _tags_of(event: dict[str, Any]) -> list[str]:
 def _error_message(event: dict[str, Any]) -> str:
     """``HTTP 429: Rate limit reached`` / ``timeout: no answer in 300s``: the
     status or outcome, and the upstream's own error message when it gave one."""
-    outcome = _str(event.get("outcome")) or "error"
+    outcome = nonempty_str(event.get("outcome")) or "error"
     status = event.get("status")
     head = f"HTTP {status}" if isinstance(status, int) and status >= 400 else outcome
-    detail = _str(event.get("error")) or _upstream_error(event)
+    detail = nonempty_str(event.get("error")) or _upstream_error(event)
     message = f"{head}: {detail}" if detail else head
     return message[:MAX_ERROR_CHARS]
 
@@ -494,65 +469,8 @@ def _upstream_error(event: dict[str, Any]) -> str | None:
     text = response_text(event)
     if not text:
         return None
-    message = _message_of(text)
+    message = message_of(text)
     return message[:MAX_ERROR_CHARS] or None
-
-
-def _message_of(text: str) -> str:
-    """The human part of an error body: OpenAI's/Anthropic's ``error.message``,
-    Lunary's ``message``, else the text itself."""
-    try:
-        doc = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return text
-    if isinstance(doc, dict):
-        error = doc.get("error")
-        if isinstance(error, dict) and isinstance(error.get("message"), str):
-            return str(error["message"])
-        for key in ("message", "error"):
-            if isinstance(doc.get(key), str):
-                return str(doc[key])
-    return text
-
-
-def _str(value: Any) -> str | None:
-    return value if isinstance(value, str) and value else None
-
-
-# -- time ------------------------------------------------------------------------------
-
-_RFC3339 = re.compile(
-    r"(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}:\d{2})(?:\.(\d{1,9})\d*)?([Zz]|[+-]\d{2}:\d{2})\Z"
-)
-
-
-def _parse_ns(text: Any) -> int | None:
-    if not isinstance(text, str):
-        return None
-    match = _RFC3339.match(text)
-    if match is None:
-        return None
-    day, clock, fraction, zone = match.groups()
-    try:
-        whole = datetime.fromisoformat(f"{day}T{clock}{'+00:00' if zone in 'Zz' else zone}")
-    except ValueError:
-        return None
-    return int(whole.timestamp()) * 1_000_000_000 + int((fraction or "").ljust(9, "0"))
-
-
-def _exchange_ns(event: dict[str, Any]) -> tuple[int, int]:
-    """The exchange's start and end in epoch ns (end never before start)."""
-    ts = event.get("ts_ns")
-    fallback = ts if isinstance(ts, int) and not isinstance(ts, bool) else None
-    start = _parse_ns(event.get("start"))
-    end = _parse_ns(event.get("end"))
-    if end is None:
-        end = fallback if fallback is not None else start
-    if start is None:
-        start = end
-    if start is None or end is None:
-        raise ValueError("no timestamps")
-    return start, max(start, end)
 
 
 def _iso_ms(ns: int) -> str:
@@ -560,11 +478,3 @@ def _iso_ms(ns: int) -> str:
     (Lunary parses timestamps with ``new Date()``)."""
     second, rest = divmod(ns, 1_000_000_000)
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)) + f".{rest // 1_000_000:03d}Z"
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, bytes | bytearray | memoryview):
-        return bytes(value).decode("utf-8", errors="replace")
-    if isinstance(value, set | frozenset | tuple):
-        return list(value)
-    return str(value)

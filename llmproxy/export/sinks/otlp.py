@@ -48,10 +48,9 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterator, Mapping, Sequence
-from datetime import datetime
+from collections.abc import Mapping, Sequence
 from importlib import metadata
-from typing import Any, overload
+from typing import Any
 from urllib.parse import urlsplit
 
 import attrs
@@ -70,6 +69,7 @@ from llmproxy.export.sink import (
     Verdict,
     parse_retry_after,
 )
+from llmproxy.export.sinks._exchange import PlannedBatch, exchange_ns, nonempty_str
 from llmproxy.settings import ExporterSettings
 
 log = Logger()
@@ -174,27 +174,8 @@ class _Plan:
         return answer
 
 
-class _PlannedBatch(Sequence[dict[str, Any]]):
-    """The batch handed to ``HTTPSink.deliver`` with its encoding, so ``encode``
-    does not build it twice."""
-
-    def __init__(self, plan: _Plan) -> None:
-        self.plan = plan
-
-    @overload
-    def __getitem__(self, index: int) -> dict[str, Any]: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> Sequence[dict[str, Any]]: ...
-
-    def __getitem__(self, index: int | slice) -> dict[str, Any] | Sequence[dict[str, Any]]:
-        return self.plan.source[index]
-
-    def __len__(self) -> int:
-        return len(self.plan.source)
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        return iter(self.plan.source)
+class _PlannedBatch(PlannedBatch[_Plan]):
+    """A batch with its plan, so ``encode`` does not build it twice."""
 
 
 @attrs.define(kw_only=True)
@@ -360,9 +341,9 @@ class OTLPSink(HTTPSink):
 
 def _span(event: dict[str, Any]) -> dict[str, Any]:
     trace_id, span_id, parent = span_ids(event)
-    start_ns, end_ns = _exchange_ns(event)
+    start_ns, end_ns = exchange_ns(event)
     operation = operation_name(str(event.get("path") or ""))
-    model = _str(event.get("request_model")) or _str(event.get("model"))
+    model = nonempty_str(event.get("request_model")) or nonempty_str(event.get("model"))
     attributes = _exchange_attributes(event, operation)
     status = event.get("status")
     error = _error_type(event)
@@ -380,7 +361,7 @@ def _span(event: dict[str, Any]) -> dict[str, Any]:
         span["parentSpanId"] = parent
     if error is not None:
         attributes.append(_kv("error.type", error))
-        detail = _str(event.get("error"))
+        detail = nonempty_str(event.get("error"))
         message = f"HTTP {status}" if isinstance(status, int) and status >= 400 else error
         if detail:
             message = f"{message}: {detail}"
@@ -425,14 +406,14 @@ def _log_record(event: dict[str, Any], now_ns: int) -> dict[str, Any]:
 
 def _exchange_attributes(event: dict[str, Any], operation: str) -> list[dict[str, Any]]:
     attributes = [_kv("gen_ai.operation.name", operation)]
-    provider = _str(event.get("provider"))
+    provider = nonempty_str(event.get("provider"))
     if provider:
         attributes.append(_kv("gen_ai.provider.name", provider))
     for key, field in (
         ("gen_ai.request.model", "request_model"),
         ("gen_ai.response.model", "response_model"),
     ):
-        value = _str(event.get(field))
+        value = nonempty_str(event.get(field))
         if value:
             attributes.append(_kv(key, value))
     usage = event.get("usage")
@@ -447,7 +428,7 @@ def _exchange_attributes(event: dict[str, Any], operation: str) -> list[dict[str
     reasons = event.get("finish_reasons")
     if isinstance(reasons, list) and reasons:
         attributes.append(_kv("gen_ai.response.finish_reasons", [str(r) for r in reasons]))
-    session = _str(event.get("session_id"))
+    session = nonempty_str(event.get("session_id"))
     if session:
         attributes.append(_kv("gen_ai.conversation.id", session))
     for key, field in (
@@ -539,43 +520,3 @@ def _int64(value: Any) -> int:
         except ValueError:
             return 0
     return 0
-
-
-def _str(value: Any) -> str | None:
-    return value if isinstance(value, str) and value else None
-
-
-# -- time ------------------------------------------------------------------------------
-
-_RFC3339 = re.compile(
-    r"(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}:\d{2})(?:\.(\d{1,9})\d*)?([Zz]|[+-]\d{2}:\d{2})\Z"
-)
-
-
-def _parse_ns(text: Any) -> int | None:
-    if not isinstance(text, str):
-        return None
-    match = _RFC3339.match(text)
-    if match is None:
-        return None
-    day, clock, fraction, zone = match.groups()
-    try:
-        whole = datetime.fromisoformat(f"{day}T{clock}{'+00:00' if zone in 'Zz' else zone}")
-    except ValueError:
-        return None
-    return int(whole.timestamp()) * 1_000_000_000 + int((fraction or "").ljust(9, "0"))
-
-
-def _exchange_ns(event: dict[str, Any]) -> tuple[int, int]:
-    """The exchange's start and end in epoch ns (end never before start)."""
-    ts = event.get("ts_ns")
-    fallback = ts if isinstance(ts, int) and not isinstance(ts, bool) else None
-    start = _parse_ns(event.get("start"))
-    end = _parse_ns(event.get("end"))
-    if end is None:
-        end = fallback if fallback is not None else start
-    if start is None:
-        start = end
-    if start is None or end is None:
-        raise ValueError("no timestamps")
-    return start, max(start, end)

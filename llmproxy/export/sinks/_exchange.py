@@ -1,0 +1,124 @@
+"""Helpers shared by the HTTP sinks (tests: tests/unit/test_lunary_sink.py,
+test_helicone_sink.py, test_otlp_sink.py)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from datetime import datetime
+from typing import Any, Generic, Protocol, TypeVar, overload
+
+import orjson
+
+
+class _HasSource(Protocol):
+    @property
+    def source(self) -> Sequence[dict[str, Any]]: ...
+
+
+P = TypeVar("P", bound=_HasSource)
+
+
+class PlannedBatch(Sequence[dict[str, Any]], Generic[P]):
+    """The batch handed to ``HTTPSink.deliver``, carrying its encoding along, so
+    the bodies are built once (``encode`` finds the plan instead of redoing it)."""
+
+    def __init__(self, plan: P) -> None:
+        self.plan = plan
+
+    @overload
+    def __getitem__(self, index: int) -> dict[str, Any]: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[dict[str, Any]]: ...
+
+    def __getitem__(self, index: int | slice) -> dict[str, Any] | Sequence[dict[str, Any]]:
+        return self.plan.source[index]
+
+    def __len__(self) -> int:
+        return len(self.plan.source)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.plan.source)
+
+
+def request_json(event: dict[str, Any]) -> dict[str, Any] | None:
+    """The captured request body as a JSON object, else None."""
+    body = event.get("request_body")
+    text = body.get("text") if isinstance(body, dict) else None
+    if not isinstance(text, str) or not text.lstrip().startswith("{"):
+        return None
+    try:
+        obj = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None  # cut at the capture cap
+    return obj if isinstance(obj, dict) else None
+
+
+def message_of(text: str, keys: tuple[str, ...] = ("message", "error")) -> str:
+    """The human part of an error body: OpenAI's/Anthropic's ``error.message``,
+    else the first string among ``keys``, else the text itself."""
+    try:
+        doc = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return text
+    if isinstance(doc, dict):
+        error = doc.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return str(error["message"])
+        for key in keys:
+            if isinstance(doc.get(key), str):
+                return str(doc[key])
+    return text
+
+
+def nonempty_str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def json_default(value: Any) -> Any:
+    """Last resort for a value that is not JSON-ready (a contract breach upstream):
+    send its text rather than fail the whole batch."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).decode("utf-8", errors="replace")
+    if isinstance(value, set | frozenset | tuple):
+        return list(value)
+    return str(value)
+
+
+# -- time ------------------------------------------------------------------------------
+
+_RFC3339 = re.compile(
+    r"(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}:\d{2})(?:\.(\d{1,9})\d*)?([Zz]|[+-]\d{2}:\d{2})\Z"
+)
+
+
+def parse_ns(text: Any) -> int | None:
+    """An RFC 3339 timestamp in epoch ns, else None."""
+    if not isinstance(text, str):
+        return None
+    match = _RFC3339.match(text)
+    if match is None:
+        return None
+    day, clock, fraction, zone = match.groups()
+    try:
+        whole = datetime.fromisoformat(f"{day}T{clock}{'+00:00' if zone in 'Zz' else zone}")
+    except ValueError:
+        return None
+    return int(whole.timestamp()) * 1_000_000_000 + int((fraction or "").ljust(9, "0"))
+
+
+def exchange_ns(event: dict[str, Any]) -> tuple[int, int]:
+    """The exchange's start and end in epoch ns (end never before start: Helicone
+    refuses a log whose start is after its end)."""
+    ts = event.get("ts_ns")
+    fallback = ts if isinstance(ts, int) and not isinstance(ts, bool) else None
+    start = parse_ns(event.get("start"))
+    end = parse_ns(event.get("end"))
+    if end is None:
+        end = fallback if fallback is not None else start
+    if start is None:
+        start = end
+    if start is None or end is None:
+        raise ValueError("no timestamps")
+    return start, max(start, end)
