@@ -4,7 +4,7 @@ test_helicone_sink.py, test_otlp_sink.py)."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any, Generic, Protocol, TypeVar, overload
 
@@ -122,3 +122,22 @@ def exchange_ns(event: dict[str, Any]) -> tuple[int, int]:
     if start is None or end is None:
         raise ValueError("no timestamps")
     return start, max(start, end)
+
+
+def bearer_headers(api_key: str, extra: Sequence[tuple[str, str]]) -> dict[str, str]:
+    """JSON content type, the configured extra headers, then the bearer key (which wins)."""
+    headers = {"Content-Type": "application/json"}
+    headers.update(extra)
+    headers["Authorization"] = f"Bearer {api_key}"
+    return headers
+
+
+def secrets_to_mask(
+    credentials: Iterable[str], extra: Sequence[tuple[str, str]]
+) -> tuple[str, ...]:
+    """What a sink masks in its verdict reasons, longest first.
+
+    Header values may be credentials too (a gateway token); short ones are not
+    worth masking and would garble reasons."""
+    found = {*credentials, *(v for _, v in extra if len(v) >= 8)}
+    return tuple(sorted((s for s in found if len(s) >= 4), key=len, reverse=True))

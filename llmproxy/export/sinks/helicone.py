@@ -186,14 +186,8 @@ class HeliconeSink(HTTPSink):
         if self._concurrency < 1:
             raise ValueError("helicone concurrency must be at least 1")
         self.url = log_url(self.url)
-        headers = {"Content-Type": "application/json"}
-        headers.update(self._extra_headers)
-        headers["Authorization"] = f"Bearer {self._api_key}"
-        self._headers = headers
-        # Header values may be credentials too (a gateway token); short ones are
-        # not worth masking and would garble reasons.
-        secrets = {self._api_key, *(v for _, v in self._extra_headers if len(v) >= 8)}
-        self._secrets = tuple(sorted((s for s in secrets if len(s) >= 4), key=len, reverse=True))
+        self._headers = _exchange.bearer_headers(self._api_key, self._extra_headers)
+        self._secrets = _exchange.secrets_to_mask((self._api_key,), self._extra_headers)
 
     @classmethod
     def from_settings(

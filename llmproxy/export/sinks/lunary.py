@@ -48,6 +48,7 @@ from llmproxy.export.sink import (
     Retry,
     Verdict,
 )
+from llmproxy.export.sinks import _exchange
 from llmproxy.export.sinks._exchange import (
     PlannedBatch,
     exchange_ns,
@@ -179,14 +180,8 @@ class LunarySink(HTTPSink):
 
     def __attrs_post_init__(self) -> None:
         self.url = ingest_url(self.url)
-        headers = {"Content-Type": "application/json"}
-        headers.update(self._extra_headers)
-        headers["Authorization"] = f"Bearer {self._api_key}"
-        self._headers = headers
-        # Header values may be credentials too (a gateway token); short ones are
-        # not worth masking and would garble reasons.
-        secrets = {self._api_key, *(v for _, v in self._extra_headers if len(v) >= 8)}
-        self._secrets = tuple(sorted((s for s in secrets if len(s) >= 4), key=len, reverse=True))
+        self._headers = _exchange.bearer_headers(self._api_key, self._extra_headers)
+        self._secrets = _exchange.secrets_to_mask((self._api_key,), self._extra_headers)
 
     @classmethod
     def from_settings(

@@ -69,6 +69,7 @@ from llmproxy.export.sink import (
     Verdict,
     parse_retry_after,
 )
+from llmproxy.export.sinks import _exchange
 from llmproxy.export.sinks._exchange import PlannedBatch, exchange_ns, nonempty_str
 from llmproxy.settings import ExporterSettings
 
@@ -198,11 +199,9 @@ class OTLPSink(HTTPSink):
             headers["Authorization"] = self._authorization
         headers.update(self._extra_headers)
         self._headers = headers
-        # Header values may be credentials (vendor keys); short ones are not worth
-        # masking and would garble reasons.
-        secrets = {self._authorization, *(v for _, v in self._extra_headers if len(v) >= 8)}
-        secrets.add(self._authorization.partition(" ")[2])
-        self._secrets = tuple(sorted((s for s in secrets if len(s) >= 4), key=len, reverse=True))
+        self._secrets = _exchange.secrets_to_mask(
+            (self._authorization, self._authorization.partition(" ")[2]), self._extra_headers
+        )
 
     @property
     def signal(self) -> str:
