@@ -11,6 +11,7 @@ pool closes.  The whole stop fires by ``drain_timeout``.
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 import signal
@@ -20,7 +21,7 @@ from typing import Any, cast
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet import defer, endpoints, threads
+from twisted.internet import defer, endpoints, task, threads
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -33,15 +34,14 @@ from llmproxy.access.policy import build_access
 from llmproxy.admin.resource import AdminResource
 from llmproxy.cache import build_cache
 from llmproxy.capture.machine import machine_id
-from llmproxy.capture.record import ExchangeRecord
+from llmproxy.capture.pump import CapturePump
 from llmproxy.capture.sessions import SessionTracker
 from llmproxy.metrics import MetricsCollector, ProxyMetrics, make_registry
+from llmproxy.proxy.client import UpstreamPool
 from llmproxy.proxy.forward import ProxyResource
-from llmproxy.proxy.headers import install_connection_token_filter
 from llmproxy.proxy.router import Router
 from llmproxy.proxy.site import ProxySite
-from llmproxy.proxy.upstream import make_agent
-from llmproxy.settings import CaptureSettings, ExporterSettings, Settings
+from llmproxy.settings import ExporterSettings, Settings
 
 log = Logger()
 
@@ -61,27 +61,28 @@ def sd_notify(state: str) -> None:
         log.warn("sd_notify failed: {err}", err=str(e))
 
 
-class BusEvents:
-    """The proxy's view of the event bus: records in, envelopes out."""
-
-    def __init__(self, bus: Any, capture: CaptureSettings, enabled: bool) -> None:
-        from llmproxy.capture.events import RecordEnvelope
-
-        self._bus = bus
-        self._capture = capture
-        self._envelope = RecordEnvelope
-        self.enabled = enabled
-
-    def request_started(self, record: ExchangeRecord) -> None:
-        self._bus.publish(self._envelope("request", record, self._capture))
-
-    def request_finished(self, record: ExchangeRecord) -> None:
-        self._bus.publish(self._envelope("response", record, self._capture))
-
-
 def _events_wanted(settings: Settings) -> bool:
     """Capture and events cost CPU on the request path: only when someone reads them."""
     return bool(settings.exporters) or settings.events.bus == "redis"
+
+
+def listen_now(reactor: Any, description: str, factory: Any) -> IListeningPort:
+    """Listen on an endpoint string at start-up, synchronously: a bind error (or an
+    endpoint that cannot listen at once) fails start-up with the reason."""
+    endpoint = endpoints.serverFromString(reactor, description)
+    result: list[Any] = []
+    endpoint.listen(factory).addBoth(result.append)
+    if not result:
+        raise RuntimeError(f"listening on {description} did not complete at start")
+    if isinstance(result[0], Failure):
+        raise RuntimeError(f"cannot listen on {description}: {result[0].value}")
+    port: IListeningPort = result[0]
+    log.info(
+        "listening on {desc} (port {port})",
+        desc=description,
+        port=getattr(port.getHost(), "port", "-"),
+    )
+    return port
 
 
 class _Holding:
@@ -100,7 +101,6 @@ class ProxyService(Service):
     def __init__(self, settings: Settings, reactor: Any, config_path: str | None = None) -> None:
         from llmproxy.bus.memory import MemoryBus
 
-        install_connection_token_filter()
         self.settings = settings
         self.config_path = config_path
         self.reactor = reactor
@@ -108,11 +108,12 @@ class ProxyService(Service):
         self.ready = False
         self.draining = False
         server = settings.server
-        self.pool = HTTPConnectionPool(reactor, persistent=True)
-        self.pool.maxPersistentPerHost = server.pool_size
-        self.pool.cachedConnectionTimeout = server.pool_idle_timeout  # type: ignore[assignment]
-        self.pool._factory.noisy = False  # type: ignore[attr-defined]
-        self.agent = make_agent(reactor, self.pool, server.connect_timeout)
+        self.upstream = UpstreamPool(
+            reactor,
+            server.connect_timeout,
+            max_idle=server.pool_size,
+            idle_timeout=server.pool_idle_timeout,
+        )
         self.audit = AuditLog(settings.audit_path)
         self.access = build_access(settings, self.audit, reactor)
         self.bus: Any
@@ -123,6 +124,14 @@ class ProxyService(Service):
         else:
             self.bus = MemoryBus()
         self.sessions = self._build_sessions(settings)
+        # Records from the proxy become events one reactor turn later (capture/pump.py).
+        self.capture = CapturePump(
+            self.bus,
+            settings.capture,
+            reactor,
+            enabled=_events_wanted(settings),
+            sessions=self.sessions,
+        )
         # The response cache, when [cache] enabled or a route says cache = on.
         self.cache = build_cache(settings, reactor)
         self.exporters: list[Any] = []
@@ -131,16 +140,15 @@ class ProxyService(Service):
         self._http_client: Any = None
         self.proxy = ProxyResource(
             router=Router(settings.routes, settings.passthrough),
-            agent=self.agent,
+            upstream=self.upstream,
             clock=reactor,
             server=server,
             capture=settings.capture,
-            events=BusEvents(self.bus, settings.capture, enabled=_events_wanted(settings)),
+            events=self.capture,
             metrics=self.metrics,
             auditor=self.audit,
             machine=machine_id(),
             access=self.access,
-            sessions=self.sessions,
             cache=self.cache,
         )
         self.site = ProxySite(
@@ -203,20 +211,7 @@ class ProxyService(Service):
         super().privilegedStartService()
 
     def _listen(self, description: str, factory: Any) -> IListeningPort:
-        endpoint = endpoints.serverFromString(self.reactor, description)
-        result: list[Any] = []
-        endpoint.listen(factory).addBoth(result.append)
-        if not result:
-            raise RuntimeError(f"listening on {description} did not complete at start")
-        if isinstance(result[0], Failure):
-            raise RuntimeError(f"cannot listen on {description}: {result[0].value}")
-        port: IListeningPort = result[0]
-        log.info(
-            "listening on {desc} (port {port})",
-            desc=description,
-            port=getattr(port.getHost(), "port", "-"),
-        )
-        return port
+        return listen_now(self.reactor, description, factory)
 
     def startService(self) -> None:
         super().startService()
@@ -231,6 +226,11 @@ class ProxyService(Service):
             self.sessions.start()
         self._start_exporters()
         self._install_sighup()
+        # Everything start-up built (modules, classes, settings, routes) lives as long
+        # as the process: out of the cyclic collector's way, every full collection
+        # scans what the requests left alive instead of the whole program again.
+        gc.collect()
+        gc.freeze()
         self.ready = True
         sd_notify("READY=1")
         log.info(
@@ -299,12 +299,19 @@ class ProxyService(Service):
 
         return d.addBoth(done)
 
+    def load_settings(self) -> Settings:
+        """The settings a reload applies (a worker process maps its own paths:
+        llmproxy/worker.py).  Raises ConfigError."""
+        from llmproxy.config import load_settings
+
+        return load_settings(self.config_path)
+
     async def _reload(self) -> bool:
-        from llmproxy.config import ConfigError, load_settings
+        from llmproxy.config import ConfigError
 
         source = self.config_path or "<embedded default>"
         try:
-            new = load_settings(self.config_path)
+            new = self.load_settings()
         except ConfigError as e:
             for problem in e.problems:
                 log.warn("reload refused, keeping the running config: {problem}", problem=problem)
@@ -335,10 +342,9 @@ class ProxyService(Service):
         self.site.max_body_bytes = new.server.max_body_bytes
         self.site.max_connections = new.server.max_connections
         self.site.timeOut = new.server.idle_timeout
-        self.agent = make_agent(self.reactor, self.pool, new.server.connect_timeout)
-        proxy.agent = self.agent
-        events = BusEvents(self.bus, new.capture, enabled=_events_wanted(new))
-        proxy.events = events
+        self.upstream.set_connect_timeout(new.server.connect_timeout)
+        self.capture.capture = new.capture
+        self.capture.enabled = _events_wanted(new)
         changed: list[str] = []
         if new.events.bus == "memory":
             changed = await self._reload_exporters(old.exporters, new.exporters)
@@ -398,6 +404,11 @@ class ProxyService(Service):
             "exporters": {e.name: e.stats() for e in self.exporters},
             "access": self.access.stats(),
             "sessions": self.sessions.stats() if self.sessions is not None else None,
+            "capture": {
+                "queued": self.capture.pending(),
+                "handled": self.capture.flushed,
+                "errors": self.capture.errors,
+            },
             "cache": self.cache.stats() if self.cache is not None else None,
             "bus": self.bus.stats(),
             "audit": {"lines": self.audit.lines, "errors": self.audit.errors},
@@ -441,11 +452,26 @@ class ProxyService(Service):
         if self.port is not None:
             await defer.maybeDeferred(self.port.stopListening)
         await self._wait_for_exchanges(total - reserve)
-        for exchange in list(self.proxy.open):
+        aborted = list(self.proxy.open)
+        for exchange in aborted:
             if exchange.record is not None:
                 exchange.record.error = "aborted at the drain deadline"
             exchange.abort()
+        # Aborted connections report their loss a reactor turn later; only then do
+        # those exchanges end and queue their events, which must reach the
+        # exporters before they close (else each would be spooled on its own).
+        turns = 0
+        while self.proxy.open and turns < 100:
+            await task.deferLater(clock, 0, lambda: None)
+            turns += 1
+        log.info(
+            "drain: exchanges done at {t:.3f}s ({n} aborted at the deadline)",
+            t=clock.seconds() - start,
+            n=len(aborted),
+        )
         self.access.stop()
+        # What the last exchanges queued: through the tracker and onto the bus now.
+        self.capture.close()
         if self.sessions is not None:
             # After the last exchange: its state is journaled; before the
             # exporters close: its session_start/fork entries are exported.
@@ -454,8 +480,12 @@ class ProxyService(Service):
         closes = [e.close(left) for e in self.exporters]
         if hasattr(self.bus, "close"):
             closes.append(self.bus.close(left))
+        log.info(
+            "drain: session state and events handed over at {t:.3f}s", t=clock.seconds() - start
+        )
         if closes:
             await defer.DeferredList(closes, consumeErrors=True)
+        log.info("drain: exporters closed at {t:.3f}s", t=clock.seconds() - start)
         if self.cache is not None:
             # After the last exchange; a Redis connection closes, memory is just dropped.
             closing = self.cache.close()
@@ -464,8 +494,7 @@ class ProxyService(Service):
                 await closing
             except defer.TimeoutError:
                 log.warn("the cache's Redis connection did not close in time")
-        for pool in (self.pool, self._export_pool):
-            d = pool.closeCachedConnections()
+        for d in (self.upstream.close(), self._export_pool.closeCachedConnections()):
             d.addTimeout(max(0.1, total - (clock.seconds() - start)), clock)
             try:
                 await d

@@ -713,6 +713,8 @@ def _response_dict(
         text = body["text"]
         if text is None or not _looks_like_json(text, content_type):
             response_model, usage, finish_reasons = None, None, ()
+        elif record.reply_summary is not None:  # the session tracker parsed these bytes
+            response_model, usage, finish_reasons = record.reply_summary
         else:
             response_model, usage, finish_reasons = summary_from_json(text)
     start_ns = side.start_ns

@@ -8,6 +8,8 @@ record is turned into canonical events by :mod:`llmproxy.capture.events`.
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 
 Headers = list[tuple[bytes, bytes]]
@@ -47,6 +49,9 @@ class ExchangeRecord:
     cache_status: str | None = None  # hit | miss | bypass | stored | None (no cache)
     environment: str = ""
     machine: str = ""  # user@host
+    # (model, usage, finish_reasons) of a JSON response body, when the session
+    # tracker parsed it already: the response event reuses them (capture/events.py).
+    reply_summary: tuple[Any, ...] | None = None
 
     @property
     def duration_ms(self) -> float | None:

@@ -59,7 +59,6 @@ import contextlib
 import hashlib
 import os
 import re
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -372,7 +371,11 @@ def fingerprint(messages: list[dict[str, Any]]) -> bytes:
 
 
 def reply_facts(record: ExchangeRecord) -> ResponseFacts:
-    """The facts of a finished exchange's captured response (JSON or SSE, decoded)."""
+    """The facts of a finished exchange's captured response (JSON or SSE, decoded).
+
+    For a plain JSON body that parsed, the summary the response event needs is
+    left on the record (``reply_summary``): the event does not parse it again.
+    """
     headers = record.response_headers
     content_type = _header(headers, b"content-type")
     content_encoding = _header(headers, b"content-encoding")
@@ -386,18 +389,23 @@ def reply_facts(record: ExchangeRecord) -> ResponseFacts:
         return facts_from_sse(parse_sse(raw))
     if raw.lstrip()[:1] != b"{":
         return EMPTY_FACTS
-    return facts_from_json(raw)
+    facts = facts_from_json(raw)
+    if facts.merged_json is not None and not content_encoding:
+        record.reply_summary = (facts.model, facts.usage, facts.finish_reasons)
+    return facts
 
 
 # ---------------------------------------------------------------- the tracker
 
 
-@attrs.define(slots=True)
-class _Head:
-    """Where a session stands: the last seq given out, and the seq of its latest state."""
-
-    last_seq: int
-    state_seq: int
+# Where a session stands: (the last seq given out, the seq of its latest state).
+# A plain tuple of ints, replaced rather than changed: the cyclic garbage collector
+# stops tracking exact tuples of untracked values, so a tracker holding 100,000
+# sessions adds nothing to its full collections (an object per session made each
+# one tens of ms longer: a stall for every request waiting meanwhile).  A tuple
+# subclass (NamedTuple) would stay tracked.
+_Head: TypeAlias = tuple[int, int]
+_LAST, _STATE = 0, 1
 
 
 @attrs.define(slots=True, eq=False)
@@ -409,7 +417,14 @@ class _Pending:
 
 
 def _new_session_id() -> str:
-    return str(uuid.uuid4())
+    """A random (version 4) UUID's text, as ``str(uuid.uuid4())`` gives it, in a third
+    of the time (a new session per one-shot request makes it a per-request cost)."""
+    h = os.urandom(16).hex()
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
+
+
+# The variant bits (10xx) of a version 4 UUID's 17th hex digit.
+_VARIANT = {d: "89ab"[int(d, 16) & 3] for d in "0123456789abcdef"}
 
 
 @attrs.define(eq=False)
@@ -554,7 +569,7 @@ class SessionTracker:
         responses: bool,
     ) -> None:
         self._counts["started"] += 1
-        self._set_head(session_id, _Head(last_seq=1, state_seq=0))
+        self._set_head(session_id, (1, 0))
         self._assigned(record, session_id, 1, prints, responses)
         self._publish(
             StoredEvent(self._event("session_start", record, session_id, 1, id_source=source))
@@ -571,14 +586,14 @@ class SessionTracker:
         """The request's history is a recorded state: continue its session or fork it."""
         parent, from_seq = state
         head = self._sessions.get(parent)
-        if head is not None and from_seq >= head.state_seq:
+        if head is not None and from_seq >= head[_STATE]:
             self._continue(record, parent, head, prints, responses)
             return
         self._counts["forked"] += 1
         session_id = self._new_id()
         seq = from_seq + 1
         # The fork shares the parent's turns up to from_seq; its own start there.
-        self._set_head(session_id, _Head(last_seq=seq, state_seq=from_seq))
+        self._set_head(session_id, (seq, from_seq))
         self._assigned(record, session_id, seq, prints, responses)
         event = self._event(
             "fork",
@@ -601,9 +616,9 @@ class SessionTracker:
         responses: bool,
     ) -> None:
         self._counts["continued"] += 1
-        head.last_seq += 1
-        self._set_head(session_id, head)
-        self._assigned(record, session_id, head.last_seq, prints, responses)
+        seq = head[_LAST] + 1
+        self._set_head(session_id, (seq, head[_STATE]))
+        self._assigned(record, session_id, seq, prints, responses)
 
     def _assigned(
         self,
@@ -671,9 +686,8 @@ class SessionTracker:
         if recorded:
             self._counts["states_recorded"] += 1
             head = self._sessions.get(pending.session_id)
-            if head is not None and pending.seq > head.state_seq:
-                head.state_seq = pending.seq
-                self._set_head(pending.session_id, head)
+            if head is not None and pending.seq > head[_STATE]:
+                self._set_head(pending.session_id, (head[_LAST], pending.seq))
 
     # -- the maps -------------------------------------------------------------
 
@@ -714,7 +728,7 @@ class SessionTracker:
             for session_id in self._dirty:
                 head = sessions.get(session_id)
                 if head is not None:
-                    lines.append(_head_line(session_id, head.last_seq, head.state_seq))
+                    lines.append(_head_line(session_id, head[_LAST], head[_STATE]))
             self._dirty = {}
             live = len(self._states) + len(sessions)
             if self._rewrite or self._journal_lines + len(lines) > 2 * live + COMPACT_SLACK:
@@ -737,7 +751,7 @@ class SessionTracker:
     def _compact(self, path: Path, in_thread: bool) -> None:
         """Rewrite the journal from a snapshot of memory (heads, then states, oldest
         first, so a reload rebuilds the same LRU order)."""
-        heads = [(sid, h.last_seq, h.state_seq) for sid, h in self._sessions.items()]
+        heads = [(sid, h[_LAST], h[_STATE]) for sid, h in self._sessions.items()]
         states = list(self._states.items())
         self._close_fd()  # appends go to the new file once it is in place
 
@@ -849,7 +863,7 @@ class SessionTracker:
         last, latest = entry.get("n"), entry.get("l")
         if not isinstance(last, int) or not isinstance(latest, int):
             return False
-        self._set_head(session_id, _Head(last_seq=last, state_seq=latest))
+        self._set_head(session_id, (last, latest))
         return True
 
     def _warn(self, kind: str, text: str, path: Path, error: OSError) -> None:

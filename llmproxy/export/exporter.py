@@ -397,7 +397,11 @@ class BatchingExporter:
     def _attempt(self, batch: _Batch) -> None:
         batch.timer = None
         batch.attempt += 1
-        d: Deferred[Any] = maybeDeferred(self._sink.deliver, batch.events)
+        deliver_lines = getattr(self._sink, "deliver_lines", None)
+        if deliver_lines is not None:  # the sink writes the events' JSON as it is
+            d: Deferred[Any] = maybeDeferred(deliver_lines, batch.events, batch.lines)
+        else:
+            d = maybeDeferred(self._sink.deliver, batch.events)
         batch.deferred = d
         d.addBoth(self._on_answer, batch, batch.attempt)
 

@@ -2,11 +2,11 @@
 tests/integration/test_cache.py).
 
 One :class:`Exchange` per request: resolve the route, send the (already
-buffered) body upstream through a pooled ``Agent``, relay the response body with
-the upstream transport registered as a streaming producer on the client (so a
-slow client pauses the upstream), tee a capped copy into the
-:class:`ExchangeRecord`, and hand two events to the bus.  Nothing here encodes
-JSON for events or waits for a sink.
+buffered) body upstream through the pooled client (:mod:`llmproxy.proxy.client`),
+relay the response body with the upstream connection registered as a streaming
+producer on the client (so a slow client pauses the upstream), tee a capped copy
+into the :class:`ExchangeRecord`, and hand two events to the bus.  Nothing here
+encodes JSON for events or waits for a sink.
 
 With a response cache (:mod:`llmproxy.cache`) and a cached route, the exchange
 asks its ticket first: a hit is answered from the entry with no upstream call
@@ -29,13 +29,13 @@ from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.client import FileBodyProducer, ResponseDone
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
+from twisted.web.iweb import IBodyProducer
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
-from zope.interface import implementer
 
 from llmproxy.capture.record import ExchangeRecord
 from llmproxy.metrics import ProxyMetrics
+from llmproxy.proxy.client import UpstreamPool, UpstreamResponse
 from llmproxy.proxy.errors import error_body
 from llmproxy.proxy.headers import filter_headers, request_id_from
 from llmproxy.proxy.router import Refusal, Router, Target
@@ -50,12 +50,19 @@ _DONE = Failure(ResponseDone())
 
 
 class EventSink(Protocol):
-    """Where finished records go: the bus adapter (see llmproxy.service)."""
+    """Where records go: queued for the next reactor turn, where the session
+    tracker and the events take them (llmproxy.capture.pump.CapturePump)."""
 
     @property
     def enabled(self) -> bool: ...
 
-    def request_started(self, record: ExchangeRecord) -> None: ...
+    @property
+    def needs_whole_body(self) -> bool:
+        """Whether ``request_started`` needs a body the capture cut short (read
+        back from its temp file): only for a session tracker."""
+
+    def request_started(self, record: ExchangeRecord, body: bytes) -> None:
+        """``body``: the request body; whole when ``needs_whole_body``, else as captured."""
 
     def request_finished(self, record: ExchangeRecord) -> None: ...
 
@@ -105,44 +112,6 @@ class PassthroughAccess:
         pass
 
 
-class SessionAssigner(Protocol):
-    """Assigns session_id/seq to conversation requests (see llmproxy.capture.sessions)."""
-
-    def assign(self, record: ExchangeRecord, body: bytes) -> None: ...
-
-    def finished(self, record: ExchangeRecord) -> None: ...
-
-
-class NoSessions:
-    def assign(self, record: ExchangeRecord, body: bytes) -> None:
-        pass
-
-    def finished(self, record: ExchangeRecord) -> None:
-        pass
-
-
-@implementer(IBodyProducer)
-class BytesProducer:
-    """The whole body in one write: twisted.web already buffered it in memory."""
-
-    def __init__(self, body: bytes) -> None:
-        self._body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: Any) -> defer.Deferred[None]:
-        consumer.write(self._body)
-        return defer.succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
-
-
 class ProxyResource(Resource):
     isLeaf = True
 
@@ -150,7 +119,7 @@ class ProxyResource(Resource):
         self,
         *,
         router: Router,
-        agent: IAgent,
+        upstream: UpstreamPool,
         clock: IReactorTime,
         server: ServerSettings,
         capture: CaptureSettings,
@@ -159,13 +128,12 @@ class ProxyResource(Resource):
         auditor: Auditor,
         machine: str,
         access: AccessPolicy | None = None,
-        sessions: SessionAssigner | None = None,
         cooperator_body: Callable[[Any], IBodyProducer] | None = None,
         cache: ResponseCache | None = None,
     ) -> None:
         super().__init__()
         self.router = router
-        self.agent = agent
+        self.upstream = upstream
         self.clock = clock
         self.limits = server
         self.capture = capture
@@ -174,7 +142,6 @@ class ProxyResource(Resource):
         self.auditor = auditor
         self.machine = machine
         self.access: AccessPolicy = access or PassthroughAccess()
-        self.sessions: SessionAssigner = sessions or NoSessions()
         self._file_body = cooperator_body or FileBodyProducer
         self.cache = cache
         self.open: set[Exchange] = set()
@@ -282,7 +249,7 @@ class Exchange:
         self.record: ExchangeRecord | None = None
         self.alive = True
         self._done = False
-        self._pending: defer.Deferred[IResponse] | None = None
+        self._pending: defer.Deferred[UpstreamResponse] | None = None
         self._first_byte_timer: IDelayedCall | None = None
         self._idle_timer: IDelayedCall | None = None
         self._relay_transport: Any = None
@@ -294,7 +261,9 @@ class Exchange:
         self._capture = proxy.events.enabled
         self._cache: CacheTicket | None = None
         self._cache_wait: defer.Deferred[CachedResponse | None] | None = None
-        self._later: tuple[Allow, IBodyProducer | None, list[Any], bytes, bytes] | None = None
+        self._later: tuple[Allow, bytes | IBodyProducer | None, list[Any], bytes, bytes] | None = (
+            None
+        )
         self.stream = False
         self.bytes_in = 0
         self.bytes_out = 0
@@ -312,7 +281,7 @@ class Exchange:
         content = request.content
         if isinstance(content, io.BytesIO):
             body = content.getvalue()
-            producer: IBodyProducer | None = BytesProducer(body) if body else None
+            producer: bytes | IBodyProducer | None = body or None
             size = len(body)
         else:
             assert content is not None
@@ -376,7 +345,7 @@ class Exchange:
     def _forward(
         self,
         decision: Allow,
-        producer: IBodyProducer | None,
+        producer: bytes | IBodyProducer | None,
         raw_headers: list[Any],
         url: bytes,
         body: bytes,
@@ -388,26 +357,36 @@ class Exchange:
         if self._capture:
             session_body = body
             content = request.content
-            if record.request_body_size > len(body) and not isinstance(content, io.BytesIO):
+            if (
+                record.request_body_size > len(body)
+                and not isinstance(content, io.BytesIO)
+                and proxy.events.needs_whole_body
+            ):
                 # A long conversation sits in a temp file and the capture keeps only
                 # its head: the tracker needs all of it to fingerprint the history.
                 assert content is not None
                 content.seek(0)
                 session_body = content.read()
                 content.seek(0)
-            proxy.sessions.assign(record, session_body)
-            proxy.events.request_started(record)
-        forwarded = filter_headers(raw_headers, upstream=True)
-        if decision.drop_headers:
-            drop = decision.drop_headers
-            forwarded = [(n, v) for n, v in forwarded if n.lower() not in drop]
-        headers = Headers(dict(forwarded))
-        for name, value in decision.set_headers:
-            headers.setRawHeaders(name, [value])
-        headers.setRawHeaders(b"x-request-id", [record.request_id.encode()])
+            proxy.events.request_started(record, session_body)
+        drop = decision.drop_headers
+        if decision.set_headers:
+            drop = drop | {n.lower() for n, _ in decision.set_headers}
+        headers = [
+            (n, v)
+            for n, vs in filter_headers(raw_headers, upstream=True)
+            if not drop or n.lower() not in drop
+            for v in vs
+        ]
+        headers.extend(decision.set_headers)
+        headers.append((b"X-Request-ID", record.request_id.encode()))
         self._cap_left = proxy.capture.response_body_bytes
         self._t_dispatch = time.perf_counter()
-        d = self._pending = proxy.agent.request(request.method, url, headers, producer)
+        try:
+            d = self._pending = proxy.upstream.request(request.method, url, headers, producer)
+        except ValueError as e:  # an upstream URL the client cannot use (a bad route)
+            self.fail(502, f"bad upstream URL: {e}", "upstream_error")
+            return
         self._first_byte_timer = proxy.clock.callLater(
             proxy.limits.first_byte_timeout, self._first_byte_timeout
         )
@@ -483,7 +462,7 @@ class Exchange:
 
     # -- response side ------------------------------------------------------
 
-    def _got_response(self, response: IResponse) -> None:
+    def _got_response(self, response: UpstreamResponse) -> None:
         self._pending = None
         t_resp = time.perf_counter()
         if self._first_byte_timer is not None and self._first_byte_timer.active():
@@ -495,7 +474,7 @@ class Exchange:
         now = proxy.clock.seconds()
         record.first_byte_at = now - record.started_at
         record.status = response.code
-        raw = list(response.headers.getAllRawHeaders())
+        raw = response.headers
         if self._capture:
             record.response_headers = [(n, v) for n, vs in raw for v in vs]
         if not self.alive:
@@ -508,13 +487,12 @@ class Exchange:
             out.setRawHeaders(name, values)
             if name.lower() == b"content-type" and values and values[0].startswith(_SSE):
                 self.stream = True
-        if response.length is not UNKNOWN_LENGTH and request.method != b"HEAD":
+        if response.length is not None and request.method != b"HEAD":
             # (A HEAD response's Content-Length is the GET body's: keep the upstream's.)
             out.setRawHeaders(b"content-length", [b"%d" % response.length])
         out.setRawHeaders(b"x-request-id", [record.request_id.encode()])
         if self._cache is not None:
-            length = None if response.length is UNKNOWN_LENGTH else response.length
-            self._cache.on_response(response.code, raw, length, out)
+            self._cache.on_response(response.code, raw, response.length, out)
         # What the proxy added before the client sees a byte: routing, header
         # rewriting and capture setup before the upstream call, and header
         # copying after the upstream answered.
@@ -669,7 +647,6 @@ class Exchange:
             self._cache.abandon()
             record.cache_status = self._cache.status
         if self._capture and publish:
-            proxy.sessions.finished(record)
             proxy.events.request_finished(record)
 
     def abort(self) -> None:

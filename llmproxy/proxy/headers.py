@@ -52,33 +52,3 @@ def request_id_from(value: bytes | None) -> str:
     if value is not None and _REQUEST_ID_RE.match(value):
         return value.decode("ascii")
     return os.urandom(16).hex()
-
-
-_installed = False
-
-
-def install_connection_token_filter() -> None:
-    """Make Twisted's HTTP client drop fields an upstream names in ``Connection``.
-
-    Twisted's client parser keeps the ``Connection`` header to itself (it is not
-    in ``response.headers``), so a proxy cannot see which extra fields the
-    upstream declared hop-by-hop.  Dropping them in the parser, before the
-    response is handed out, is what RFC 9110 7.6.1 asks of every recipient.
-    """
-    global _installed
-    if _installed:
-        return
-    from twisted.web._newclient import HTTPClientParser
-
-    original = HTTPClientParser.allHeadersReceived
-
-    def allHeadersReceived(self: HTTPClientParser) -> None:
-        for value in self.connHeaders.getRawHeaders(b"connection", ()):
-            for token in value.split(b","):
-                token = token.strip().lower()
-                if token and token not in self.CONNECTION_CONTROL_HEADERS:
-                    self.headers.removeHeader(token)
-        original(self)
-
-    HTTPClientParser.allHeadersReceived = allHeadersReceived  # type: ignore[method-assign]
-    _installed = True

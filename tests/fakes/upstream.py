@@ -209,7 +209,8 @@ class FakeUpstream(Resource):
     # -- helpers for tests ----------------------------------------------------
 
     def listen(self) -> int:
-        site = server.Site(self)
+        # Like a real API server, bodies are never parsed as HTML forms.
+        site = server.Site(self, parsePOSTFormSubmission=False)
         site.protocol = _CountingChannel  # type: ignore[assignment]
         site.upstream = self  # type: ignore[attr-defined]
         site.noisy = False

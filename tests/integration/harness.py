@@ -14,9 +14,27 @@ from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
+from llmproxy.capture.record import ExchangeRecord
 from llmproxy.config import load_settings
 from llmproxy.service import ProxyService
 from tests.fakes.upstream import FakeUpstream
+
+
+class RecordedEvents:
+    """Stands in for the capture pump: keeps the records the proxy hands over."""
+
+    enabled = True
+    needs_whole_body = False
+
+    def __init__(self) -> None:
+        self.started: list[ExchangeRecord] = []
+        self.finished: list[ExchangeRecord] = []
+
+    def request_started(self, record: ExchangeRecord, body: bytes) -> None:
+        self.started.append(record)
+
+    def request_finished(self, record: ExchangeRecord) -> None:
+        self.finished.append(record)
 
 
 @attrs.define

@@ -21,12 +21,11 @@ from llmproxy import cli
 from llmproxy.access.policy import TokenAccess, build_access
 from llmproxy.access.tokens import Token, TokenFile
 from llmproxy.capture.events import request_event, response_event
-from llmproxy.capture.record import ExchangeRecord
 from llmproxy.config import load_settings
 from llmproxy.service import ProxyService
 from llmproxy.settings import CaptureSettings
 from tests.fakes.upstream import FakeUpstream
-from tests.integration.harness import Running, config_text, stop
+from tests.integration.harness import RecordedEvents, Running, config_text, stop
 
 pytestmark = pytest.mark.integration
 
@@ -50,22 +49,6 @@ auth = token
 api_key = file:anthropic.key
 """
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
-
-
-class RecordedEvents:
-    """Stands in for the bus: keeps the records the proxy would publish."""
-
-    enabled = True
-
-    def __init__(self) -> None:
-        self.started: list[ExchangeRecord] = []
-        self.finished: list[ExchangeRecord] = []
-
-    def request_started(self, record: ExchangeRecord) -> None:
-        self.started.append(record)
-
-    def request_finished(self, record: ExchangeRecord) -> None:
-        self.finished.append(record)
 
 
 @attrs.define

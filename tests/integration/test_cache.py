@@ -31,13 +31,13 @@ from llmproxy.cache.cache import ResponseCache
 from llmproxy.cache.purge_cli import add_cache_command
 from llmproxy.cache.redis_store import RedisStore
 from llmproxy.cache.store import CacheStore, MemoryStore
-from llmproxy.capture.record import ExchangeRecord
 from llmproxy.config import load_settings
 from llmproxy.metrics import MetricsCollector, make_registry
 from llmproxy.service import ProxyService
 from tests.fakes.upstream import FakeUpstream
 from tests.integration.harness import (
     Collect,
+    RecordedEvents,
     Running,
     config_text,
     raw_request,
@@ -83,20 +83,6 @@ api_key = env:CACHE_TEST_UPSTREAM_KEY
 class _NoCookies(CookieJar):
     def extract_cookies(self, response: Any, request: Any) -> None:
         pass
-
-
-class RecordedEvents:
-    enabled = True
-
-    def __init__(self) -> None:
-        self.started: list[ExchangeRecord] = []
-        self.finished: list[ExchangeRecord] = []
-
-    def request_started(self, record: ExchangeRecord) -> None:
-        self.started.append(record)
-
-    def request_finished(self, record: ExchangeRecord) -> None:
-        self.finished.append(record)
 
 
 @attrs.define

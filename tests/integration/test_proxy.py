@@ -16,7 +16,7 @@ from twisted.web.client import Agent, FileBodyProducer
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from tests.fakes.upstream import CHAT_COMPLETION, sse_chunks
-from tests.integration.harness import Collect, Running, raw_request, running_fixture
+from tests.integration.harness import Collect, RecordedEvents, Running, raw_request, running_fixture
 
 pytestmark = pytest.mark.integration
 
@@ -197,6 +197,21 @@ async def test_passthrough_form_reaches_an_allowed_http_host(env: Running) -> No
     assert env.upstream.requests[-1]["uri"] == b"/v1/chat/completions"
 
 
+@pytest_twisted.ensureDeferred
+async def test_form_bodies_pass_through_unparsed(env: Running) -> None:
+    # twisted.web parses POSTed forms by default and answers a malformed
+    # multipart body with its own 400: a proxy must forward it untouched.
+    body = b"--not-the-boundary\r\nthis is not multipart at all\r\n"
+    for ctype in (b"multipart/form-data; boundary=xyz", b"application/x-www-form-urlencoded"):
+        resp = await env.client.post(
+            env.url("/mock/v1/chat/completions"), data=body, headers={b"content-type": [ctype]}
+        )
+        assert resp.code == 200, ctype
+        await resp.content()
+        seen = env.upstream.requests[-1]
+        assert seen["body"] == body
+
+
 @pytest.mark.parametrize(
     "path",
     [
@@ -327,9 +342,9 @@ async def test_unknown_route_gives_404(no_root: Running) -> None:
 
 
 class _ConnectTimesOut:
-    """An Agent whose connection attempt times out (as Agent reports it)."""
+    """An endpoint whose connection attempt times out (as TCP endpoints report it)."""
 
-    def request(self, *args: Any, **kw: Any) -> defer.Deferred[Any]:
+    def connect(self, factory: Any) -> defer.Deferred[Any]:
         from twisted.internet.error import TimeoutError as ConnectTimeout
 
         return defer.fail(ConnectTimeout("connect timed out"))
@@ -337,10 +352,41 @@ class _ConnectTimesOut:
 
 @pytest_twisted.ensureDeferred
 async def test_connect_timeout_gives_504(env: Running) -> None:
-    env.service.proxy.agent = _ConnectTimesOut()  # type: ignore[assignment]
+    from llmproxy.proxy.client import UpstreamPool
+
+    pool = UpstreamPool(reactor, 1.0, endpoint_factory=lambda origin: _ConnectTimesOut())
+    env.service.proxy.upstream = pool
     resp = await env.client.post(env.url("/mock/v1/chat/completions"), json={})
     assert resp.code == 504
     err = (await resp.json())["error"]
     assert err["type"] == "timeout_error" and "connecting" in err["message"]
     stats = env.service.metrics.snapshot()
     assert stats["routes"]["mock"]["by_outcome"] == {"timeout": 1}
+
+
+class _Bodies(RecordedEvents):
+    """Keeps the body each started record was handed with."""
+
+    def __init__(self, whole: bool) -> None:
+        super().__init__()
+        self.needs_whole_body = whole
+        self.bodies: list[bytes] = []
+
+    def request_started(self, record: Any, body: bytes) -> None:
+        super().request_started(record, body)
+        self.bodies.append(body)
+
+
+@pytest.mark.parametrize("whole", [False, True])
+@pytest_twisted.ensureDeferred
+async def test_a_long_body_is_read_back_whole_only_for_the_session_tracker(
+    env: Running, whole: bool
+) -> None:
+    events = env.service.proxy.events = _Bodies(whole)  # type: ignore[assignment]
+    cap = env.service.settings.capture.request_body_bytes
+    body = json.dumps({"messages": [{"role": "user", "content": "x" * (3 * cap)}]}).encode()
+    resp = await env.client.post(env.url("/mock/v1/chat/completions"), data=body)
+    assert resp.code == 200
+    await resp.content()
+    assert env.upstream.requests[-1]["body"] == body  # the upstream always gets it all
+    assert events.bodies == [body if whole else body[:cap]]

@@ -61,14 +61,14 @@ class Proxy:
 
 def boot(tmp_path: Path) -> Proxy:
     env = start(tmp_path, extra=EXTRA)
-    current = env.service.proxy.sessions
+    current = env.service.capture.sessions
     if isinstance(current, SessionTracker):
         return Proxy(env, current, owns_tracker=False)
     state = env.service.settings.sessions.state_file
     assert state is not None
     tracker = SessionTracker(env.service.bus.publish, state, 100_000, reactor)
     tracker.start()
-    env.service.proxy.sessions = tracker
+    env.service.capture.sessions = tracker
     return Proxy(env, tracker, owns_tracker=True)
 
 

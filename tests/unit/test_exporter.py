@@ -973,3 +973,26 @@ def test_stats_count_every_exit_reason_in_the_identity(tmp_path: Path) -> None:
     h.sink.answer(Retry("HTTP 503"))
     s = h.stats()
     assert s["sent"] == 1 and s["dead_lettered"] == 1 and s["spooled"] >= 1
+
+
+@attrs.define
+class LinesSink(FakeSink):
+    """A sink that takes each event's JSON as the exporter already holds it."""
+
+    lines: list[list[bytes]] = attrs.Factory(list)
+
+    def deliver_lines(self, events: Sequence[dict[str, Any]], lines: Sequence[bytes]) -> Any:
+        self.lines.append(list(lines))
+        return self.deliver(events)
+
+
+def test_a_sink_with_deliver_lines_gets_the_encoded_events(tmp_path: Path) -> None:
+    h = make(tmp_path, sink=LinesSink(), batch_size=3)
+    h.publish(1, 2, 3)
+    h.clock.advance(1.0)
+    assert h.sink.batches() == [[1, 2, 3]]
+    assert [[orjson.loads(x) for x in batch] for batch in h.sink.lines] == [
+        [{"type": "request", "i": i} for i in (1, 2, 3)]
+    ]
+    assert h.sink.answer(Delivered()) == [1, 2, 3]
+    assert h.stats()["sent"] == 3

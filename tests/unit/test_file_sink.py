@@ -426,3 +426,15 @@ def test_by_default_fsync_runs_in_a_thread_of_the_reactor(
     assert threads_seen and threads_seen[0] != threading.get_ident()
     yield sink.close()
     assert lines_of(sink.path) == [event(1)]
+
+
+def test_deliver_lines_writes_what_deliver_writes(tmp_path: Path) -> None:
+    events = [{"type": "request", "i": i, "text": "é\u2028\n"} for i in range(5)]
+    by_events = file_sink(tmp_path / "a.jsonl")
+    by_lines = file_sink(tmp_path / "b.jsonl")
+    answers: list[object] = []
+    by_events.deliver(events).addCallback(answers.append)
+    by_lines.deliver_lines(events, [orjson.dumps(e) for e in events]).addCallback(answers.append)
+    assert [type(a) for a in answers] == [Delivered, Delivered]
+    assert (tmp_path / "b.jsonl").read_bytes() == (tmp_path / "a.jsonl").read_bytes()
+    assert lines_of(tmp_path / "b.jsonl") == events

@@ -1210,3 +1210,33 @@ def test_incremental_digests_equal_the_digest_of_each_prefix(
     # What the next request's history looks up is exactly this state.
     follow_up = Fingerprints.of([*reduced, answer, {"role": "user", "text": "next"}])
     assert follow_up.history[-1] == prints.state(answer)
+
+
+def test_new_session_ids_are_random_version_4_uuids() -> None:
+    import uuid
+
+    from llmproxy.capture.sessions import _new_session_id
+
+    ids = [_new_session_id() for _ in range(5000)]
+    assert len(set(ids)) == len(ids)
+    for text in ids:
+        parsed = uuid.UUID(text)
+        assert (parsed.version, parsed.variant, str(parsed)) == (4, uuid.RFC_4122, text)
+    # Every variant digit shows up: the bits are random, only the top two are fixed.
+    assert {text[19] for text in ids} == set("89ab")
+
+
+def test_the_tracker_adds_no_objects_for_the_garbage_collector_to_scan() -> None:
+    import gc
+
+    from twisted.internet.task import Clock
+
+    from llmproxy.capture.sessions import SessionTracker
+
+    tracker = SessionTracker(lambda envelope: None, None, 10_000, Clock())
+    for i in range(2000):
+        tracker._set_head(f"s{i}", (i + 1, i))
+    gc.collect()  # the collector untracks exact tuples of untracked values
+    heads = list(tracker._sessions.values())
+    assert len(heads) == 2000
+    assert not any(gc.is_tracked(h) for h in heads)

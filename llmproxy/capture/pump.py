@@ -1,0 +1,138 @@
+"""From captured exchanges to events, one reactor turn after the request path
+(tests: tests/unit/test_capture_pump.py, tests/integration/test_sessions_e2e.py).
+
+The proxy only queues: ``request_started(record, body)`` when a request goes
+upstream, ``request_finished(record)`` when its exchange ended.  In the next
+reactor turn :meth:`CapturePump.flush` takes everything queued, in order: the
+session tracker assigns the request its session (and later reads the reply),
+each event is built and encoded to JSON once, and the envelope goes to the bus.
+
+Why not on the request path: none of this changes what the client or the
+upstream see, and it is most of what instrumentation costs.  Why every turn and
+not in the exporters' batches: a batch of events built in one go is a stall of
+milliseconds for whichever request is waiting meanwhile (the c1 p99); built a
+turn's worth at a time, each turn does only what the turn before brought in.
+Exporters then find the JSON ready (``Envelope.json()`` memoises it) and their
+batches are only collected and written.
+
+Order is kept: a request's start is handled before its end, and requests in the
+order they went upstream, so the tracker sees turns of a conversation in the
+order they happened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import deque
+from typing import Any, Protocol
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from llmproxy.capture.events import RecordEnvelope
+from llmproxy.capture.record import ExchangeRecord
+from llmproxy.settings import CaptureSettings
+
+log = Logger()
+
+
+class Tracker(Protocol):
+    """The session tracker's side (llmproxy.capture.sessions.SessionTracker)."""
+
+    def assign(self, record: ExchangeRecord, body: bytes) -> None: ...
+
+    def finished(self, record: ExchangeRecord) -> None: ...
+
+
+class Publisher(Protocol):
+    def publish(self, envelope: Any) -> None: ...
+
+
+_FINISHED = None  # the queue entry's body for an ended exchange
+
+
+class CapturePump:
+    """The proxy's ``EventSink``: queues records, publishes their events a turn later."""
+
+    def __init__(
+        self,
+        bus: Publisher,
+        capture: CaptureSettings,
+        clock: IReactorTime,
+        *,
+        enabled: bool,
+        sessions: Tracker | None = None,
+    ) -> None:
+        self.bus = bus
+        self.capture = capture
+        self.sessions = sessions
+        self.enabled = enabled
+        self._clock = clock
+        self._queue: deque[tuple[ExchangeRecord, bytes | None]] = deque()
+        self._call: IDelayedCall | None = None
+        self.flushed = 0  # queue entries handled (stats)
+        self.errors = 0
+
+    @property
+    def needs_whole_body(self) -> bool:
+        """Only the session tracker reads past the capture cap (to fingerprint a
+        long conversation); without it the proxy skips reading the temp file."""
+        return self.sessions is not None
+
+    # -- the proxy's side (request path: O(1)) ------------------------------------
+
+    def request_started(self, record: ExchangeRecord, body: bytes) -> None:
+        """``body``: the whole request body, for the session tracker's fingerprints."""
+        self._queue.append((record, body))
+        if self._call is None:
+            self._call = self._clock.callLater(0, self._turn)
+
+    def request_finished(self, record: ExchangeRecord) -> None:
+        self._queue.append((record, _FINISHED))
+        if self._call is None:
+            self._call = self._clock.callLater(0, self._turn)
+
+    # -- the next turn ------------------------------------------------------------
+
+    def _turn(self) -> None:
+        self._call = None
+        self.flush()
+
+    def flush(self) -> None:
+        """Handle everything queued now (also at the drain, before the tracker and
+        the exporters close)."""
+        queue = self._queue
+        capture = self.capture
+        sessions = self.sessions
+        publish = self.bus.publish
+        while queue:
+            record, body = queue.popleft()
+            self.flushed += 1
+            try:
+                if body is _FINISHED:
+                    if sessions is not None:
+                        sessions.finished(record)
+                    envelope = RecordEnvelope("response", record, capture)
+                else:
+                    if sessions is not None:
+                        sessions.assign(record, body)
+                    envelope = RecordEnvelope("request", record, capture)
+            except Exception:
+                self.errors += 1
+                log.failure("capture: no event for request {rid}", rid=record.request_id)
+                continue
+            # Encoded once, here, for every exporter; one that fails is counted by
+            # each exporter (encode_failed) when it takes the event.
+            with contextlib.suppress(Exception):
+                envelope.json()
+            publish(envelope)
+
+    def close(self) -> None:
+        """Stop the timer and handle what is queued: nothing is left behind."""
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        self.flush()
+
+    def pending(self) -> int:
+        return len(self._queue)

@@ -1,0 +1,219 @@
+"""The capture pump: records queued on the request path become events a turn later."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import orjson
+import pytest
+from twisted.internet.task import Clock
+
+from llmproxy.capture.pump import CapturePump
+from llmproxy.capture.record import ExchangeRecord
+from llmproxy.capture.sessions import SessionTracker
+from llmproxy.settings import CaptureSettings
+
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+REPLY = {
+    "id": "chatcmpl-1",
+    "object": "chat.completion",
+    "model": "gpt-4o-mini-2024-07-18",
+    "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "Hello"}, "finish_reason": "stop"}
+    ],
+    "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+}
+
+
+def record(rid: str, body: dict[str, Any] = CHAT) -> ExchangeRecord:
+    raw = json.dumps(body).encode()
+    return ExchangeRecord(
+        request_id=rid,
+        started_at=1_700_000_000.0,
+        method="POST",
+        path="/openai/v1/chat/completions",
+        query="",
+        route="openai",
+        provider="openai",
+        upstream_url="https://api.openai.com/v1/chat/completions",
+        upstream_host="api.openai.com",
+        client_addr="127.0.0.1:5000",
+        request_headers=[(b"Content-Type", b"application/json")],
+        request_body=raw,
+        request_body_size=len(raw),
+        environment="test",
+        machine="m",
+    )
+
+
+def finish(rec: ExchangeRecord) -> None:
+    reply = json.dumps(REPLY).encode()
+    rec.status = 200
+    rec.outcome = "ok"
+    rec.first_byte_at = 0.01
+    rec.ended_at = 0.02
+    rec.response_headers = [(b"Content-Type", b"application/json")]
+    rec.response_chunks = [(0.01, reply)]
+    rec.response_body_size = len(reply)
+
+
+class Bus:
+    def __init__(self) -> None:
+        self.envelopes: list[Any] = []
+
+    def publish(self, envelope: Any) -> None:
+        self.envelopes.append(envelope)
+
+    def kinds(self) -> list[tuple[str, str]]:
+        return [(e.payload()["type"], e.payload()["request_id"]) for e in self.envelopes]
+
+
+class Calls:
+    """A tracker that records the order it is called in (and may fail)."""
+
+    def __init__(self, fail_for: str = "") -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.fail_for = fail_for
+
+    def assign(self, record: ExchangeRecord, body: bytes) -> None:
+        if record.request_id == self.fail_for:
+            raise RuntimeError("tracker bug")
+        self.calls.append(("assign", record.request_id))
+        record.session_id = "s-" + record.request_id
+        record.seq = 1
+
+    def finished(self, record: ExchangeRecord) -> None:
+        self.calls.append(("finished", record.request_id))
+
+
+def make(tracker: Any = None) -> tuple[CapturePump, Bus, Clock]:
+    clock, bus = Clock(), Bus()
+    pump = CapturePump(bus, CaptureSettings(), clock, enabled=True, sessions=tracker)
+    return pump, bus, clock
+
+
+def test_nothing_happens_on_the_request_path() -> None:
+    calls = Calls()
+    pump, bus, clock = make(calls)
+    a = record("a")
+    pump.request_started(a, a.request_body)
+    finish(a)
+    pump.request_finished(a)
+    assert bus.envelopes == [] and calls.calls == [] and pump.pending() == 2
+    assert len(clock.getDelayedCalls()) == 1  # one turn scheduled for both
+    clock.advance(0)
+    assert calls.calls == [("assign", "a"), ("finished", "a")]
+    assert bus.kinds() == [("request", "a"), ("response", "a")]
+    assert pump.pending() == 0 and clock.getDelayedCalls() == []
+
+
+def test_order_is_kept_across_exchanges_and_turns() -> None:
+    calls = Calls()
+    pump, bus, clock = make(calls)
+    a, b, c = record("a"), record("b"), record("c")
+    pump.request_started(a, b"{}")
+    pump.request_started(b, b"{}")
+    pump.request_finished(a)
+    clock.advance(0)
+    pump.request_started(c, b"{}")
+    pump.request_finished(b)
+    pump.request_finished(c)
+    clock.advance(0)
+    expected = [("request", "a"), ("request", "b"), ("response", "a")]
+    expected += [("request", "c"), ("response", "b"), ("response", "c")]
+    assert bus.kinds() == expected
+    assert [kind for kind, _ in calls.calls] == [
+        "assign", "assign", "finished", "assign", "finished", "finished",
+    ]  # fmt: skip
+
+
+def test_events_carry_the_session_and_are_encoded_once() -> None:
+    pump, bus, clock = make(Calls())
+    a = record("a")
+    pump.request_started(a, a.request_body)
+    finish(a)
+    pump.request_finished(a)
+    clock.advance(0)
+    request, response = bus.envelopes
+    # The JSON is ready before any exporter asks, and it is the payload's.
+    assert request._encoded is not None and response._encoded is not None
+    assert orjson.loads(request.json()) == request.payload()
+    assert request.payload()["session_id"] == "s-a" and request.payload()["seq"] == 1
+    assert response.payload()["usage"]["total_tokens"] == 4
+
+
+def test_a_real_tracker_starts_and_continues_a_conversation() -> None:
+    clock, bus = Clock(), Bus()
+    tracker = SessionTracker(bus.publish, None, 1000, clock)
+    pump = CapturePump(bus, CaptureSettings(), clock, enabled=True, sessions=tracker)
+    first = record("first")
+    pump.request_started(first, first.request_body)
+    finish(first)
+    pump.request_finished(first)
+    clock.advance(0)
+    turn2 = {
+        "model": "gpt-4o-mini",
+        "messages": [
+            *CHAT["messages"],
+            REPLY["choices"][0]["message"],
+            {"role": "user", "content": "and?"},
+        ],  # type: ignore[index]
+    }
+    second = record("second", turn2)
+    pump.request_started(second, second.request_body)
+    clock.advance(0)
+    assert first.session_id is not None
+    assert second.session_id == first.session_id and second.seq == 2
+    kinds = [e.payload()["type"] for e in bus.envelopes]
+    assert kinds == ["session_start", "request", "response", "request"]
+
+
+@pytest.mark.allow_logged_errors
+def test_a_failing_tracker_costs_one_event_not_the_rest(
+    _fail_on_logged_errors: list[dict[str, Any]],
+) -> None:
+    pump, bus, clock = make(Calls(fail_for="b"))
+    for rid in ("a", "b", "c"):
+        r = record(rid)
+        pump.request_started(r, r.request_body)
+    clock.advance(0)
+    assert bus.kinds() == [("request", "a"), ("request", "c")]
+    assert pump.errors == 1 and pump.flushed == 3
+    assert [e.get("rid") for e in _fail_on_logged_errors] == ["b"]  # logged, with the id
+
+
+def test_close_handles_what_is_queued_and_leaves_no_timer() -> None:
+    pump, bus, clock = make()
+    a = record("a")
+    pump.request_started(a, b"")
+    pump.request_finished(a)
+    pump.close()
+    assert bus.kinds() == [("request", "a"), ("response", "a")]
+    assert clock.getDelayedCalls() == []
+
+
+def test_the_response_event_is_the_same_whether_the_tracker_read_the_reply_or_not() -> None:
+    clock, bus = Clock(), Bus()
+    tracker = SessionTracker(bus.publish, None, 1000, clock)
+    tracked = CapturePump(bus, CaptureSettings(), clock, enabled=True, sessions=tracker)
+    plain_bus = Bus()
+    plain = CapturePump(plain_bus, CaptureSettings(), clock, enabled=True)
+    a, b = record("a"), record("a")
+    for pump, rec in ((tracked, a), (plain, b)):
+        pump.request_started(rec, rec.request_body)
+        finish(rec)
+        pump.request_finished(rec)
+    clock.advance(0)
+    assert a.reply_summary is not None and b.reply_summary is None  # only one parsed twice
+    tracked_event = dict(bus.envelopes[-1].payload())
+    assert (tracked_event.pop("session_id"), tracked_event.pop("seq")) == (a.session_id, 1)
+    plain_event = dict(plain_bus.envelopes[-1].payload())
+    del plain_event["session_id"], plain_event["seq"]
+    assert tracked_event == plain_event
+    assert bus.envelopes[-1].payload()["model"] == "gpt-4o-mini-2024-07-18"
+
+
+def test_only_a_session_tracker_needs_the_whole_request_body() -> None:
+    assert make()[0].needs_whole_body is False
+    assert make(Calls())[0].needs_whole_body is True
