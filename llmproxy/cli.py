@@ -58,7 +58,8 @@ def parse_expiry(text: str, now: float) -> float | None:
     return when.timestamp()
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: a whole number above 0."""
     try:
         n = int(text)
     except ValueError:
@@ -226,8 +227,8 @@ def _add_token_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     )
     p.add_argument("--project", required=True, type=_project, help="who the token is for")
     p.add_argument("--expires", default=None, help="30d, 12h, 2w, an ISO date, or never")
-    p.add_argument("--max-requests", type=_positive, default=None, help="request quota")
-    p.add_argument("--rpm", type=_positive, default=None, help="requests per minute")
+    p.add_argument("--max-requests", type=positive_int, default=None, help="request quota")
+    p.add_argument("--rpm", type=positive_int, default=None, help="requests per minute")
     p.set_defaults(func=_token_create)
     p = token_sub.add_parser("list", parents=[config], help="ids, projects, expiry and usage")
     p.add_argument("--json", action="store_true", help="JSON instead of a table")
@@ -250,6 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
     from llmproxy.cache.purge_cli import add_cache_command
 
     add_cache_command(sub)
+    from llmproxy.bench import add_benchmark_command
+
+    add_benchmark_command(sub)
+    from llmproxy.plugincache import add_plugin_cache_command
+
+    add_plugin_cache_command(sub)
     return parser
 
 

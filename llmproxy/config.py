@@ -119,7 +119,19 @@ def _parse_pairs(text: str) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
+def parse_workers(text: str) -> int:
+    """``server.workers``: a count, or ``auto`` for one per core."""
+    if text.strip().lower() == "auto":
+        return os.cpu_count() or 1
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise ValueError(f"not a number of processes or auto: {text!r}") from None
+
+
 def _converter(name: str, tp: Any) -> Callable[[str], Any]:
+    if name == "workers":
+        return parse_workers
     if tp is bool:
         return parse_bool
     if tp is int:
@@ -570,20 +582,34 @@ def resolve_paths(settings: Settings) -> Settings:
     def under(p: Path | None) -> Path | None:
         return None if p is None else (p if p.is_absolute() else state / p)
 
+    moved = map_paths(settings, state_dir=state, file=under, directory=under)
+    return attrs.evolve(moved, audit_path=under(settings.audit_path))
+
+
+def map_paths(
+    settings: Settings,
+    *,
+    state_dir: Path,
+    file: Callable[[Path | None], Path | None],
+    directory: Callable[[Path | None], Path | None],
+) -> Settings:
+    """``settings`` with ``state_dir`` replaced and ``file``/``directory`` applied
+    to every file and directory path kept under it (spools, dead letters, event
+    files, session logs and state).  The audit log is the caller's to place."""
     exporters = tuple(
         attrs.evolve(
             e,
-            spool_dir=under(e.spool_dir),
-            dead_letter_path=under(e.dead_letter_path),
-            path=under(e.path),
-            log_dir=under(e.log_dir),
+            spool_dir=directory(e.spool_dir),
+            dead_letter_path=file(e.dead_letter_path),
+            path=file(e.path),
+            log_dir=directory(e.log_dir),
         )
         for e in settings.exporters
     )
     return attrs.evolve(
         settings,
-        server=attrs.evolve(settings.server, state_dir=state),
+        server=attrs.evolve(settings.server, state_dir=state_dir),
         exporters=exporters,
-        sessions=attrs.evolve(settings.sessions, state_file=under(settings.sessions.state_file)),
-        audit_path=under(settings.audit_path),
+        sessions=attrs.evolve(settings.sessions, state_file=file(settings.sessions.state_file)),
+        redis=attrs.evolve(settings.redis, spool_dir=directory(settings.redis.spool_dir)),
     )

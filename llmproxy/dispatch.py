@@ -873,18 +873,6 @@ class DispatcherPlan:
         )
 
 
-def _positive_int(text: str) -> int:
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be greater than 0")
-    return value
-
-
 def _positive_seconds(text: str) -> float:
     import argparse
 
@@ -901,6 +889,8 @@ def _positive_seconds(text: str) -> float:
 
 def add_dispatcher_command(sub: Any) -> None:
     """Register ``llmproxy dispatcher`` on the CLI's subparsers."""
+    from llmproxy.cli import positive_int
+
     p = sub.add_parser(
         "dispatcher",
         help="deliver events from the Redis bus to a sink, at least once",
@@ -918,8 +908,8 @@ def add_dispatcher_command(sub: Any) -> None:
         help="sink URL, or the file path for file (default: $LLM_PROXY_ENDPOINT)",
     )
     p.add_argument("--api-key", default=None, help="sink API key (default: $LLM_PROXY_API_KEY)")
-    p.add_argument("--batch-size", type=_positive_int, default=None, help="events per batch")
-    p.add_argument("--buffer", type=_positive_int, default=None, help="entries held unsettled")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="events per batch")
+    p.add_argument("--buffer", type=positive_int, default=None, help="entries held unsettled")
     p.add_argument("--config", "-c", default=None, help="ini file: [redis], [server], exporters")
     p.add_argument("--redis-url", default=None, help="overrides [redis] url")
     p.add_argument("--stream", default=None, help="overrides [redis] stream")

@@ -45,4 +45,9 @@ def makeService(options: Options) -> IService:
 
     from llmproxy.service import ProxyService
 
-    return ProxyService(options["settings"], reactor, config_path=options["config"])
+    settings = options["settings"]
+    if settings.server.workers > 1:
+        from llmproxy.workers import Supervisor  # N processes on one port: docs/workers.md
+
+        return Supervisor(settings, reactor, config_path=options["config"])
+    return ProxyService(settings, reactor, config_path=options["config"])

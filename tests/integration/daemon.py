@@ -6,6 +6,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -88,3 +89,66 @@ def terminate(transport: Any) -> None:
 def kill(transport: Any) -> None:
     with contextlib.suppress(Exception):  # already gone
         transport.signalProcess(signal.SIGKILL)
+
+
+class Notifications(protocol.DatagramProtocol):
+    """A test NOTIFY_SOCKET: what the daemon tells systemd."""
+
+    def __init__(self) -> None:
+        self.messages: list[bytes] = []
+        self.waiters: list[tuple[bytes, defer.Deferred[None]]] = []
+
+    def datagramReceived(self, data: bytes, addr: object) -> None:
+        self.messages.append(data)
+        for want, d in list(self.waiters):
+            if want in data:
+                self.waiters.remove((want, d))
+                d.callback(None)
+
+    def wait_for(self, want: bytes) -> defer.Deferred[None]:
+        d: defer.Deferred[None] = defer.Deferred()
+        if any(want in m for m in self.messages):
+            d.callback(None)
+        else:
+            self.waiters.append((want, d))
+        return d
+
+
+class SocketActivated:
+    """The daemon started the way systemd starts a socket-activated unit: a
+    listening socket on fd 3 (LISTEN_FDS, LISTEN_FDNAMES, LISTEN_PID) and a
+    NOTIFY_SOCKET, with ``server_lines`` added to its [server] section."""
+
+    def __init__(self, tmp_path: Path, upstream_port: int, server_lines: str = "") -> None:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(50)
+        self.port: int = listener.getsockname()[1]
+        notify_path = str(tmp_path / "notify.sock")
+        self.notes = Notifications()
+        self.notify_port = reactor.listenUNIXDatagram(notify_path, self.notes)  # type: ignore[attr-defined]
+        cfg = tmp_path / "llmproxy.ini"
+        cfg.write_text(
+            "[server]\nlisten = systemd:domain=INET:name=http\n"
+            "admin_listen = tcp:0:interface=127.0.0.1\n"
+            f"state_dir = {tmp_path / 'state'}\ndrain_timeout = 2\n{server_lines}\n\n"
+            f"[route:main]\nprefix = /\nupstream = http://127.0.0.1:{upstream_port}\n"
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LLMPROXY_")}
+        env.update({"LISTEN_FDS": "1", "LISTEN_FDNAMES": "http", "NOTIFY_SOCKET": notify_path})
+        twistd = f"{BIN / 'twistd'} -n --pidfile= -l - llmproxy --config {cfg}"
+        # systemd sets LISTEN_PID to the service's own pid: exec keeps the shell's.
+        argv = ["/bin/sh", "-c", f"LISTEN_PID=$$; export LISTEN_PID; exec {twistd}"]
+        self.proc = DaemonProtocol()
+        self.transport = reactor.spawnProcess(  # type: ignore[attr-defined]
+            self.proc, argv[0], argv, env=env, path=str(tmp_path),
+            childFDs={0: "w", 1: "r", 2: "r", 3: listener.fileno()},
+        )  # fmt: skip
+        listener.close()  # the daemon holds its own copy now
+
+    async def close(self) -> None:
+        if not self.proc.ended.called:
+            self.transport.signalProcess("KILL")
+            await self.proc.ended
+        await defer.maybeDeferred(self.notify_port.stopListening)

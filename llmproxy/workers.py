@@ -1,0 +1,753 @@
+"""``[server] workers = N``: the master process that runs N worker processes on
+one listening port (tests: tests/integration/test_workers.py,
+tests/unit/test_workers_aggregate.py; the worker side is llmproxy/worker.py;
+docs/workers.md).
+
+The master (the twistd process) binds the proxy's ``listen`` endpoint and never
+accepts on it: a TCP address becomes N ``SO_REUSEPORT`` sockets, one per worker
+(the kernel spreads new connections over them); any other endpoint (unix:,
+systemd: socket activation, ...) is bound once and the one socket is shared by
+every worker.  Each worker is ``python -m llmproxy.worker``: it adopts its socket
+(fd 3) with ``adoptStreamPort`` and runs a whole ProxyService of its own --
+exporters, spools, session tracker -- under ``<state_dir>/worker-I/``, with its
+admin on ``<state_dir>/run/worker-I.sock``.  Its stdin is a pipe from the master:
+if the master dies, the worker drains and exits.
+
+The master serves ``admin_listen``: /health, /ready, and /stats and /metrics
+summed over the workers (each asked over its unix socket; one that does not
+answer within a second is reported down).  It restarts a worker that exits
+(backoff 0.5 s doubling to 30 s, reset once a worker has run a minute) and logs
+it; SIGHUP validates the config and forwards the signal; SIGTERM drains every
+worker within ``drain_timeout``, SIGKILLs stragglers, then exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import sys
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import attrs
+import orjson
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.application.service import Service
+from twisted.internet import abstract, defer, endpoints
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.interfaces import IDelayedCall, IListeningPort
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import ProcessProtocol as _ProcessProtocol
+from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool, readBody
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgentEndpointFactory
+from twisted.web.server import NOT_DONE_YET, Request, Site
+from zope.interface import implementer
+
+from llmproxy.access.audit import AuditLog
+from llmproxy.admin.resource import AdminResource
+from llmproxy.metrics import MetricsCollector, make_registry
+from llmproxy.service import listen_now, sd_notify
+from llmproxy.settings import Settings
+
+log = Logger()
+
+FETCH_TIMEOUT = 1.0  # a worker that does not answer /stats or /metrics by then is "down"
+STOP_GRACE = 1.0  # past drain_timeout, before stragglers are killed
+BACKOFF_MIN = 0.5
+BACKOFF_MAX = 30.0
+BACKOFF_RESET_AFTER = 60.0  # a worker that ran this long restarts after BACKOFF_MIN again
+CONTROL_FD = 4  # worker -> master: "ready\n"
+LISTEN_FD = 3  # master -> worker: the listening socket
+_SUN_PATH_MAX = 107  # sockaddr_un.sun_path, less its NUL
+_FAMILIES = {"INET": socket.AF_INET, "INET6": socket.AF_INET6, "UNIX": socket.AF_UNIX}
+# Environment a worker must not see: systemd talks to the master only.
+_MASTER_ONLY_ENV = ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_USEC")
+
+
+def run_dir(state_dir: Path) -> Path:
+    return state_dir / "run"
+
+
+def admin_socket_path(state_dir: Path, index: int) -> Path:
+    """Where worker ``index`` serves its admin (``state_dir``: the master's)."""
+    return run_dir(state_dir) / f"worker-{index}.sock"
+
+
+def snapshot_path(state_dir: Path) -> Path:
+    """The config the workers load: the file the master last validated."""
+    return run_dir(state_dir) / "config.ini"
+
+
+# -- aggregation --------------------------------------------------------------
+
+
+def combine_rule(name: str) -> str:
+    """How one value is combined over workers: most are sums (counts, bytes,
+    requests in flight); ages and timestamps take the max, "connected" the min,
+    means a mean, and the token count (every worker reads the same file) the max."""
+    words = name.lower().split("_")
+    if "connected" in words:
+        return "min"
+    if "age" in words or "last" in words or "max" in words or name == "tokens":
+        return "max"
+    if "mean" in words or "ratio" in words:
+        return "mean"
+    return "sum"
+
+
+def _combine(rule: str, values: Sequence[float]) -> float:
+    if rule == "max":
+        return max(values)
+    if rule == "min":
+        return min(values)
+    if rule == "mean":
+        return sum(values) / len(values)
+    return sum(values)
+
+
+def parse_families(text: str) -> list[Metric]:
+    """One worker's /metrics text as metric families (ValueError if it is not
+    the Prometheus text format)."""
+    return list(text_string_to_metric_families(text))
+
+
+def sum_families(groups: Iterable[Iterable[Metric]]) -> list[Metric]:
+    """Sum the families of several workers: samples with the same name and
+    labels are added (counters, histogram buckets, sums and counts, gauges),
+    except the gauges :func:`combine_rule` names (ages: max, ...)."""
+    out: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], list[float]]] = {}
+    for families in groups:
+        for fam in families:
+            if fam.name not in out:
+                out[fam.name] = Metric(fam.name, fam.documentation, fam.type)
+                values[fam.name] = {}
+            samples = values[fam.name]
+            for s in fam.samples:
+                samples.setdefault((s.name, tuple(sorted(s.labels.items()))), []).append(s.value)
+    for name, fam in out.items():
+        rule = combine_rule(name) if fam.type == "gauge" else "sum"
+        for (sample, labels), vals in values[name].items():
+            fam.add_sample(sample, dict(labels), _combine(rule, vals))
+    return list(out.values())
+
+
+def monotonic_families(families: Iterable[Metric]) -> list[Metric]:
+    """The families that only grow (counters, histograms, summaries): what a dead
+    worker leaves behind so the sums do not go backwards when it restarts."""
+    return [f for f in families if f.type in ("counter", "histogram", "summary")]
+
+
+def sum_stats(docs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Combine several workers' /stats documents key by key: numbers as
+    :func:`combine_rule` says (mostly sums), booleans "any", nested objects
+    recursively; other values are kept when the workers agree, else listed."""
+    out: dict[str, Any] = {}
+    keys: list[str] = []
+    for doc in docs:
+        keys.extend(k for k in doc if k not in keys)
+    for key in keys:
+        present = [doc[key] for doc in docs if key in doc and doc[key] is not None]
+        if not present:
+            out[key] = None
+        elif all(isinstance(v, bool) for v in present):
+            out[key] = any(present)
+        elif all(isinstance(v, int | float) and not isinstance(v, bool) for v in present):
+            rule = combine_rule(key)
+            total = _combine(rule, present)
+            ints = all(isinstance(v, int) for v in present) and rule != "mean"
+            out[key] = int(total) if ints else round(total, 6)
+        elif all(isinstance(v, Mapping) for v in present):
+            out[key] = sum_stats(present)
+        else:
+            distinct: list[Any] = []
+            for v in present:
+                if v not in distinct:
+                    distinct.append(v)
+            out[key] = distinct[0] if len(distinct) == 1 else distinct
+    return out
+
+
+# -- the workers ----------------------------------------------------------------
+
+
+@attrs.define(eq=False)
+class WorkerHandle:
+    """The master's view of one worker process."""
+
+    index: int
+    log: Logger
+    process: Any = None  # the IProcessTransport while it runs
+    protocol: Any = None
+    pid: int | None = None
+    ready: bool = False
+    answering: bool = False  # answered the last /stats or /metrics
+    started_at: float = 0.0
+    restarts: int = 0
+    backoff: float = 0.0
+    restart_call: IDelayedCall | None = None
+    ended: defer.Deferred[None] | None = None
+    stats: dict[str, Any] | None = None
+    families: list[Metric] = attrs.Factory(list)
+
+
+class _WorkerProcess(_ProcessProtocol):
+    def __init__(self, supervisor: Supervisor, handle: WorkerHandle) -> None:
+        self.supervisor = supervisor
+        self.handle = handle
+        self._buffers: dict[int, bytes] = {}
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        buffered = self._buffers.get(childFD, b"") + data
+        *lines, rest = buffered.split(b"\n")
+        if len(rest) > 65536:  # a runaway line: pass it on in pieces
+            lines.append(rest)
+            rest = b""
+        self._buffers[childFD] = rest
+        for line in lines:
+            self.supervisor._child_line(self.handle, childFD, line)
+
+    def processEnded(self, reason: Failure) -> None:
+        for fd, rest in self._buffers.items():
+            if rest:
+                self.supervisor._child_line(self.handle, fd, rest)
+        self._buffers.clear()
+        self.supervisor._ended(self.handle, self, reason)
+
+
+@implementer(IAgentEndpointFactory)
+class _WorkerSockets:
+    """http://worker-I/... goes to worker I's admin unix socket."""
+
+    def __init__(self, reactor: Any, state_dir: Path) -> None:
+        self._reactor = reactor
+        self._state_dir = state_dir
+
+    def endpointForURI(self, uri: Any) -> Any:
+        index = int(uri.host.decode("ascii").removeprefix("worker-"))
+        path = admin_socket_path(self._state_dir, index)
+        return endpoints.UNIXClientEndpoint(self._reactor, str(path), timeout=FETCH_TIMEOUT)
+
+
+class _PurgeAll:
+    """POST /cache/purge on the master: every worker purges its own cache."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self._supervisor = supervisor
+
+    def purge(self, *, key: str | None = None, prefix: str | None = None) -> defer.Deferred[int]:
+        query = urlencode({"key": key} if key is not None else {"prefix": prefix or ""})
+        if prefix == "":
+            query = "all=1"
+        return defer.ensureDeferred(self._purge(query))
+
+    async def _purge(self, query: str) -> int:
+        sup = self._supervisor
+        live = [h for h in sup.workers if h.ready]
+        answers = await defer.gatherResults(
+            [sup.fetch(h, "/cache/purge?" + query, method=b"POST") for h in live],
+            consumeErrors=True,
+        )
+        total = 0
+        for handle, (code, body) in zip(live, answers, strict=True):
+            if code != 200:
+                raise RuntimeError(f"worker {handle.index} answered {code}")
+            total += int(orjson.loads(body)["purged"])
+        return total
+
+
+class SupervisorAdmin(AdminResource):
+    """The master's admin: /stats and /metrics ask the workers first."""
+
+    def __init__(self, supervisor: Supervisor, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._supervisor = supervisor
+
+    def render(self, request: Request) -> bytes | int:
+        path = request.path.rstrip(b"/") or b"/"
+        wanted = {b"/stats": "/stats", b"/metrics": "/metrics"}.get(path)
+        if wanted is None or (self._token and not self._authorized(request)):
+            return super().render(request)
+        d = self._supervisor.refresh(wanted)
+
+        def answer(_: object) -> None:
+            if request._disconnected:
+                return
+            body = AdminResource.render(self, request)
+            assert isinstance(body, bytes)
+            request.write(body)
+            request.finish()
+
+        d.addCallback(answer)
+        d.addErrback(lambda f: log.failure("admin {path} failed", f, path=wanted))
+        return NOT_DONE_YET
+
+
+class Supervisor(Service):
+    """The twistd service when ``workers > 1`` (see the module docstring)."""
+
+    name = "llmproxy"
+
+    def __init__(self, settings: Settings, reactor: Any, config_path: str | None = None) -> None:
+        from llmproxy.cache import cache_wanted
+
+        self.settings = settings
+        self.reactor = reactor
+        self.config_path = config_path
+        self.count = settings.server.workers
+        self.state_dir = settings.server.state_dir
+        self.ready = False
+        self.draining = False
+        self.audit = AuditLog(settings.audit_path)
+        self.workers = [
+            WorkerHandle(index=i, log=Logger(namespace=f"worker-{i}")) for i in range(self.count)
+        ]
+        self.listen_fds: list[int] = []
+        self.family = "INET"
+        self._sockets: list[socket.socket] = []
+        self._shared_port: IListeningPort | None = None
+        self.admin_port: IListeningPort | None = None
+        self._retired: list[Metric] = []  # counters of workers that exited
+        self._announced = False
+        self._stopping: defer.Deferred[None] | None = None
+        self._previous_sighup: Any = None
+        self._pool = HTTPConnectionPool(reactor, persistent=False)
+        self._pool._factory.noisy = False  # type: ignore[attr-defined]
+        self._agent = Agent.usingEndpointFactory(
+            reactor, _WorkerSockets(reactor, self.state_dir), pool=self._pool
+        )
+        token = settings.server.admin_token
+        self._auth = Headers({b"authorization": [b"Bearer " + token.encode()]} if token else {})
+        collector = MetricsCollector(self._families)
+        self.registry = make_registry(collector)
+        self.admin_site = Site(
+            SupervisorAdmin(
+                self,
+                is_ready=self.is_ready,
+                stats=self.stats,
+                registry=self.registry,
+                token=token,
+                audit=self.audit,
+                cache=_PurgeAll(self) if cache_wanted(settings) else None,
+            )
+        )
+        self.admin_site.noisy = False
+        self.admin_site.log = lambda request: None  # type: ignore[method-assign]
+
+    # -- start --------------------------------------------------------------
+
+    def privilegedStartService(self) -> None:
+        server = self.settings.server
+        longest = str(admin_socket_path(self.state_dir, self.count - 1))
+        if len(longest.encode()) > _SUN_PATH_MAX:
+            raise RuntimeError(
+                f"server.state_dir is too long for the workers' admin sockets ({longest}: "
+                f"{len(longest.encode())} bytes, at most {_SUN_PATH_MAX})"
+            )
+        self._bind_proxy(server.listen)
+        if server.admin_listen not in ("", "off", "none"):
+            self.admin_port = self._listen(server.admin_listen, self.admin_site)
+        super().privilegedStartService()
+
+    def _bind_proxy(self, description: str) -> None:
+        endpoint = endpoints.serverFromString(self.reactor, description)
+        if isinstance(endpoint, endpoints._TCPServerEndpoint) and hasattr(socket, "SO_REUSEPORT"):
+            self._bind_reuseport(description, endpoint)
+            return
+        port = self._listen(description, Factory.forProtocol(Protocol))
+        port.stopReading()  # type: ignore[attr-defined]
+        self._shared_port = port
+        sock = port.socket  # type: ignore[attr-defined]
+        self.family = {v: k for k, v in _FAMILIES.items()}[sock.family]
+        self.listen_fds = [port.fileno()] * self.count  # type: ignore[attr-defined]
+
+    def _bind_reuseport(self, description: str, endpoint: Any) -> None:
+        interface: str = endpoint._interface
+        number: int = endpoint._port
+        v6 = abstract.isIPv6Address(interface)
+        family = socket.AF_INET6 if v6 else socket.AF_INET
+        self.family = "INET6" if v6 else "INET"
+        try:
+            for _ in range(self.count):
+                s = socket.socket(family, socket.SOCK_STREAM)
+                self._sockets.append(s)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                s.bind((interface, number))
+                number = s.getsockname()[1]  # port 0: the others join the first one's
+                s.listen(endpoint._backlog)
+                s.setblocking(False)
+        except OSError as e:
+            for s in self._sockets:
+                s.close()
+            self._sockets = []
+            raise RuntimeError(f"cannot listen on {description}: {e}") from None
+        self.listen_fds = [s.fileno() for s in self._sockets]
+        log.info(
+            "listening on {desc} (port {port}): {n} SO_REUSEPORT sockets",
+            desc=description,
+            port=number,
+            n=self.count,
+        )
+
+    def _listen(self, description: str, factory: Any) -> IListeningPort:
+        return listen_now(self.reactor, description, factory)
+
+    def startService(self) -> None:
+        super().startService()
+        if not self.listen_fds:
+            self.privilegedStartService()
+        self._write_snapshot(self._config_text())
+        for handle in self.workers:
+            self._spawn(handle)
+        self._install_sighup()
+        log.info("started {n} workers", n=self.count)
+
+    def _config_text(self) -> str:
+        from llmproxy.config import default_config_text
+
+        if self.config_path is None:
+            return default_config_text()
+        return Path(self.config_path).read_text("utf-8")
+
+    def _write_snapshot(self, text: str) -> None:
+        path = snapshot_path(self.state_dir)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+
+    def _spawn(self, handle: WorkerHandle) -> None:
+        handle.restart_call = None
+        if self.draining:
+            return
+        argv = [
+            sys.executable, "-m", "llmproxy.worker",
+            "--config", str(snapshot_path(self.state_dir)),
+            "--source", self.config_path or "",
+            "--index", str(handle.index),
+            "--family", self.family,
+        ]  # fmt: skip
+        env = {k: v for k, v in os.environ.items() if k not in _MASTER_ONLY_ENV}
+        fds = {0: "w", 1: "r", 2: "r", LISTEN_FD: self.listen_fds[handle.index], CONTROL_FD: "r"}
+        proto = _WorkerProcess(self, handle)
+        try:
+            process = self.reactor.spawnProcess(
+                proto, argv[0], argv, env=env, path=os.getcwd(), childFDs=fds
+            )
+        except OSError as e:
+            log.error("worker {i} could not be started: {err}", i=handle.index, err=str(e))
+            self._schedule_restart(handle)
+            return
+        handle.process = process
+        handle.protocol = proto
+        handle.pid = process.pid
+        handle.ready = False
+        handle.answering = False
+        handle.started_at = self.reactor.seconds()
+        handle.ended = defer.Deferred()
+
+    def _child_line(self, handle: WorkerHandle, fd: int, line: bytes) -> None:
+        if fd == CONTROL_FD:
+            if line.strip() == b"ready":
+                self._worker_ready(handle)
+            return
+        text = line.decode("utf-8", "replace").rstrip("\r")
+        level = LogLevel.error  # stderr: what Python printed before logging started
+        if fd == 1:
+            name, sep, message = text.partition("\t")
+            if sep:
+                with contextlib.suppress(Exception):
+                    level = LogLevel.levelWithName(name)
+                text = message
+            else:
+                level = LogLevel.info
+        handle.log.emit(level, "{line}", line=text)
+
+    def _worker_ready(self, handle: WorkerHandle) -> None:
+        handle.ready = True
+        handle.answering = True
+        log.info("worker {i} ready (pid {pid})", i=handle.index, pid=handle.pid)
+        if not self._announced and not self.draining and all(h.ready for h in self.workers):
+            self._announced = True
+            self.ready = True
+            sd_notify("READY=1")
+            log.info(
+                "llmproxy ready: {n} workers serving {listen}",
+                n=self.count,
+                listen=self.settings.server.listen,
+            )
+
+    def _ended(self, handle: WorkerHandle, proto: _WorkerProcess, reason: Failure) -> None:
+        if handle.protocol is not proto:
+            return
+        value = reason.value
+        code = getattr(value, "exitCode", None)
+        sig = getattr(value, "signal", None)
+        how = f"signal {sig}" if sig else f"code {code}"
+        pid = handle.pid
+        handle.process = handle.protocol = handle.pid = None
+        handle.ready = handle.answering = False
+        # Its counters so far stay in the sums (from its last scrape).
+        self._retired = sum_families([self._retired, monotonic_families(handle.families)])
+        handle.families = []
+        handle.stats = None
+        ended, handle.ended = handle.ended, None
+        if self.draining:
+            log.info("worker {i} (pid {pid}) exited ({how})", i=handle.index, pid=pid, how=how)
+        else:
+            handle.restarts += 1
+            ran = self.reactor.seconds() - handle.started_at
+            if handle.backoff == 0 or ran >= BACKOFF_RESET_AFTER:
+                handle.backoff = BACKOFF_MIN
+            else:
+                handle.backoff = min(BACKOFF_MAX, handle.backoff * 2)
+            clean = isinstance(value, ProcessDone) or (
+                isinstance(value, ProcessTerminated) and code == 0
+            )
+            emit = log.info if clean else log.warn
+            emit(
+                "worker {i} (pid {pid}) exited ({how}), restarting in {delay:g}s",
+                i=handle.index,
+                pid=pid,
+                how=how,
+                delay=handle.backoff,
+            )
+            self._schedule_restart(handle)
+        if ended is not None:
+            ended.callback(None)
+
+    def _schedule_restart(self, handle: WorkerHandle) -> None:
+        if self.draining:
+            return
+        delay = handle.backoff or BACKOFF_MIN
+        handle.restart_call = self.reactor.callLater(delay, self._spawn, handle)
+
+    # -- asking the workers ---------------------------------------------------
+
+    async def _fetch(self, handle: WorkerHandle, path: str, method: bytes) -> tuple[int, bytes]:
+        url = f"http://worker-{handle.index}{path}".encode()
+        d = self._agent.request(method, url, self._auth)
+        d.addTimeout(FETCH_TIMEOUT, self.reactor)
+        response = await d
+        body = readBody(response)
+        body.addTimeout(FETCH_TIMEOUT, self.reactor)
+        return int(response.code), await body
+
+    def fetch(
+        self, handle: WorkerHandle, path: str, method: bytes = b"GET"
+    ) -> defer.Deferred[tuple[int, bytes]]:
+        return defer.ensureDeferred(self._fetch(handle, path, method))
+
+    def refresh(self, path: str) -> defer.Deferred[None]:
+        """Ask every running worker for ``path`` (/stats or /metrics) and keep the answers."""
+        return defer.ensureDeferred(self._refresh(path))
+
+    async def _refresh(self, path: str) -> None:
+        live = [h for h in self.workers if h.pid is not None and h.ready]
+        for h in self.workers:
+            if h.pid is None or not h.ready:
+                h.answering = False
+        results = await defer.DeferredList([self.fetch(h, path) for h in live], consumeErrors=True)
+        for handle, (ok, result) in zip(live, results, strict=True):
+            pid = handle.pid
+            try:
+                if not ok:
+                    assert isinstance(result, Failure)
+                    result.raiseException()
+                code, body = result
+                if code != 200:
+                    raise RuntimeError(f"answered {code}")
+                if path == "/stats":
+                    handle.stats = orjson.loads(body)
+                else:
+                    handle.families = parse_families(body.decode("utf-8"))
+                handle.answering = True
+            except Exception as e:
+                handle.answering = False
+                log.warn(
+                    "worker {i} (pid {pid}) did not answer {path}: {err}",
+                    i=handle.index,
+                    pid=pid,
+                    path=path,
+                    err=str(e) or type(e).__name__,
+                )
+
+    # -- admin ----------------------------------------------------------------
+
+    def is_ready(self) -> bool:
+        return self.ready and any(h.ready for h in self.workers)
+
+    def stats(self) -> dict[str, Any]:
+        now = self.reactor.seconds()
+        workers: dict[str, Any] = {}
+        answered = []
+        for h in self.workers:
+            doc: dict[str, Any] = {
+                "pid": h.pid,
+                "up": h.answering,
+                "restarts": h.restarts,
+                "uptime_s": round(now - h.started_at, 3) if h.pid is not None else 0.0,
+            }
+            if h.answering and h.stats is not None:
+                doc.update(h.stats)
+                answered.append(h.stats)
+            workers[str(h.index)] = doc
+        return {
+            "ready": self.is_ready(),
+            "draining": self.draining,
+            "workers_configured": self.count,
+            "workers_up": len(answered),
+            "worker_restarts": sum(h.restarts for h in self.workers),
+            "workers": workers,
+            "total": sum_stats(answered),
+            "audit": {"lines": self.audit.lines, "errors": self.audit.errors},
+        }
+
+    def _families(self) -> Iterator[Metric]:
+        # A worker that did not answer this time counts with its last answer:
+        # the sums must not drop while it is busy (llmproxy_worker_up says so).
+        running = [h.families for h in self.workers if h.pid is not None]
+        yield from sum_families([self._retired, *running])
+        up = GaugeMetricFamily(
+            "llmproxy_worker_up", "1 while the worker answers the master", labels=["worker"]
+        )
+        restarts = CounterMetricFamily(
+            "llmproxy_worker_restarts", "Worker processes restarted", labels=["worker"]
+        )
+        for h in self.workers:
+            up.add_metric([str(h.index)], 1.0 if h.answering else 0.0)
+            restarts.add_metric([str(h.index)], float(h.restarts))
+        yield up
+        yield restarts
+
+    # -- reload (SIGHUP) ------------------------------------------------------
+
+    def _install_sighup(self) -> None:
+        if not hasattr(signal, "SIGHUP"):
+            return
+
+        def on_hup(signum: int, frame: Any) -> None:
+            self.reactor.callFromThread(self.reload)
+
+        self._previous_sighup = signal.signal(signal.SIGHUP, on_hup)
+
+    def reload(self) -> bool:
+        """Validate the config file; a good one becomes the workers' config and
+        each worker is told to reload.  A bad one is refused, logged and audited."""
+        from llmproxy.config import ConfigError, load_settings
+
+        if self.draining:
+            return False
+        source = self.config_path or "<embedded default>"
+        try:
+            text = self._config_text()
+        except (OSError, UnicodeDecodeError) as e:
+            problems = [f"{source}: cannot read ({e})"]
+        else:
+            try:
+                new = load_settings(self.config_path, text=text)
+                problems = []
+            except ConfigError as e:
+                problems = e.problems
+        if problems:
+            for problem in problems:
+                log.warn("reload refused, keeping the running config: {problem}", problem=problem)
+            self.audit.write("config_reload", source=source, outcome="refused", problems=problems)
+            return False
+        for key in ("listen", "admin_listen", "admin_token", "workers", "state_dir"):
+            if getattr(new.server, key) != getattr(self.settings.server, key):
+                log.warn("server.{key} changed: it takes effect at the next restart", key=key)
+        self._write_snapshot(text)
+        for h in self.workers:
+            if h.process is not None:
+                with contextlib.suppress(Exception):  # it just exited
+                    h.process.signalProcess("HUP")
+        log.info("config from {source} passed on to {n} workers", source=source, n=self.count)
+        return True
+
+    # -- stop -----------------------------------------------------------------
+
+    def stopService(self) -> defer.Deferred[None]:
+        if self._stopping is None:
+            self._stopping = defer.ensureDeferred(self._drain())
+            super().stopService()
+        return self._stopping
+
+    async def _drain(self) -> None:
+        clock = self.reactor
+        total = self.settings.server.drain_timeout
+        start = clock.seconds()
+        self.ready = False
+        self.draining = True
+        if self._previous_sighup is not None:
+            signal.signal(signal.SIGHUP, self._previous_sighup)
+            self._previous_sighup = None
+        sd_notify("STOPPING=1")
+        for h in self.workers:
+            if h.restart_call is not None and h.restart_call.active():
+                h.restart_call.cancel()
+            h.restart_call = None
+        # The master's copies of the listener: closed once the workers close theirs.
+        for s in self._sockets:
+            s.close()
+        self._sockets = []
+        if self._shared_port is not None:
+            await defer.maybeDeferred(self._shared_port.stopListening)
+        running = [h for h in self.workers if h.process is not None]
+        log.info("stopping {n} workers: drain deadline {t:g}s", n=len(running), t=total)
+        for h in running:
+            with contextlib.suppress(Exception):
+                h.process.signalProcess("TERM")
+        waits = [h.ended for h in running if h.ended is not None]
+        if waits:
+            # The workers' own Deferreds are never cancelled (their processEnded
+            # fires them); a gate of our own carries the deadline.
+            await _until(defer.DeferredList(waits), total + STOP_GRACE, clock)
+            late = [h for h in self.workers if h.process is not None]
+            for h in late:
+                log.warn(
+                    "worker {i} (pid {pid}) did not stop by the deadline: killed",
+                    i=h.index,
+                    pid=h.pid,
+                )
+                with contextlib.suppress(Exception):
+                    h.process.signalProcess("KILL")
+            if late:
+                last = defer.DeferredList([h.ended for h in late if h.ended is not None])
+                await _until(last, 2.0, clock)
+        if self.admin_port is not None:
+            await defer.maybeDeferred(self.admin_port.stopListening)
+        await self._pool.closeCachedConnections()
+        self.audit.close()
+        log.info("drained in {t:.3f}s", t=clock.seconds() - start)
+
+
+async def _until(d: defer.Deferred[Any], seconds: float, clock: Any) -> bool:
+    """Wait for ``d`` at most ``seconds``; whether it fired.  ``d`` itself is never
+    cancelled (a timeout on a DeferredList would cancel what it holds, and a
+    cancelled DeferredList fires with results rather than failing)."""
+    gate: defer.Deferred[None] = defer.Deferred()
+
+    def opened(result: object) -> object:
+        if not gate.called:
+            gate.callback(None)
+        return result
+
+    d.addBoth(opened)
+    gate.addTimeout(seconds, clock)
+    try:
+        await gate
+    except defer.TimeoutError:
+        return False
+    return True
