@@ -8,6 +8,14 @@
 -- microseconds; benchmarks/run.py parses that line.
 
 local stream = os.getenv("WRK_STREAM") == "1"
+-- WRK_DELAY_MS=N: each connection waits N ms between requests (a steady rate
+-- for benchmarks/soak.py instead of as fast as possible).
+local delay_ms = tonumber(os.getenv("WRK_DELAY_MS") or "")
+if delay_ms then
+  function delay()
+    return delay_ms
+  end
+end
 
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"

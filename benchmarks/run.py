@@ -498,6 +498,10 @@ def nginx_mock_conf(workdir: Path, port: int) -> str:
             default_type application/json;
             return 200 '{_nginx_literal(body_json)}';
         }}
+        # A Loki stand-in for the loki sink runs: accepts every push.
+        location = /loki/api/v1/push {{
+            return 204;
+        }}
         location / {{
             default_type application/json;
             return 404 '{{"error":{{"message":"not found","type":"invalid_request_error"}}}}';
@@ -629,6 +633,9 @@ class Target:
     measured: Callable[[], list[int]]  # processes whose CPU and RSS are reported
     measured_sse: Callable[[], list[int]] | None = None  # the same for SSE, if different
     after: Callable[[], dict[str, Any]] = lambda: {}  # extra facts, read after stopping
+    # Several processes (workers): throughput runs spread everything over every CPU
+    # instead of pinning the server to one.
+    spread: bool = False
 
 
 @dataclass
@@ -657,10 +664,11 @@ class Mocks:
 
 
 def llmproxy_config(
-    workdir: Path, mocks: Mocks, port: int, admin: int, extra: Sequence[str]
+    workdir: Path, mocks: Mocks, port: int, admin: int, extra: Sequence[str], workers: int = 1
 ) -> str:
     lines = [
         "[server]",
+        f"workers = {workers}",
         f"listen = tcp:{port}:interface=127.0.0.1",
         f"admin_listen = tcp:{admin}:interface=127.0.0.1",
         f"state_dir = {workdir / 'state'}",
@@ -676,7 +684,7 @@ def llmproxy_config(
         f"upstream = http://127.0.0.1:{mocks.sse_port}",
         "provider = openai",
     ]
-    lines += extra
+    lines += [line.replace("{LOKI}", f"http://127.0.0.1:{mocks.mock_port}") for line in extra]
     return "\n".join(lines) + "\n"
 
 
@@ -722,6 +730,9 @@ LABELS = {
     "llmproxy-file": "llmproxy, file sink on",
     "llmproxy-file-nofsync": "llmproxy, file sink, fsync = never",
     "llmproxy-file-nosessions": "llmproxy, file sink, sessions off",
+    "llmproxy-file-loki": "llmproxy, file + Loki sinks on",
+    "llmproxy-off-2w": "llmproxy, 2 workers, no sinks",
+    "llmproxy-file-2w": "llmproxy, 2 workers, file sink on",
     "twisted": "Twisted ReverseProxyResource",
     "nginx": "nginx proxy_pass (1 worker)",
 }
@@ -732,7 +743,11 @@ LLMPROXY_VARIANTS: dict[str, list[str]] = {
     "llmproxy-file": FILE_SINK,
     "llmproxy-file-nofsync": [*FILE_SINK, "fsync = never"],
     "llmproxy-file-nosessions": [*FILE_SINK, "", "[sessions]", "enabled = false"],
+    "llmproxy-file-loki": [*FILE_SINK, "", "[exporter:loki]", "type = loki", "url = {LOKI}"],
+    "llmproxy-off-2w": [],
+    "llmproxy-file-2w": FILE_SINK,
 }
+WORKERS = {"llmproxy-off-2w": 2, "llmproxy-file-2w": 2}  # [server] workers; others: 1
 
 
 @contextlib.contextmanager
@@ -743,7 +758,8 @@ def target_llmproxy(mocks: Mocks, key: str) -> Iterator[Target]:
     workdir.mkdir()
     port, admin = free_port(), free_port()
     config = workdir / "llmproxy.ini"
-    config.write_text(llmproxy_config(workdir, mocks, port, admin, extra))
+    workers = WORKERS.get(key, 1)
+    config.write_text(llmproxy_config(workdir, mocks, port, admin, extra, workers))
     argv = [
         str(VENV_TWISTD), "-n", "--pidfile=", "-l", "/dev/null",
         "llmproxy", "--config", str(config),
@@ -762,14 +778,28 @@ def target_llmproxy(mocks: Mocks, key: str) -> Iterator[Target]:
             sse_url=f"http://127.0.0.1:{port}{SSE_PREFIX}{CHAT_PATH}",
             measured=server.pids,
             after=after,
+            spread=workers > 1,
         )
         facts["exit_code"] = server.stop()
     if extra:
-        facts["events"] = count_events(workdir / "state" / "events.jsonl")
-        facts["event_files"] = sorted(p.name for p in (workdir / "state").glob("events.jsonl*"))
-        facts["spool_bytes_left"] = tree_bytes(workdir / "state" / "spool")
-        dead = workdir / "state" / "deadletter" / "events.jsonl"
-        facts["dead_letter_lines"] = count_events(dead) if dead.exists() else {}
+        # One worker writes under state/; several under state/worker-I/ each.
+        states = [workdir / "state"] if workers == 1 else sorted(
+            (workdir / "state").glob("worker-*")
+        )  # fmt: skip
+        facts["events"] = {}
+        facts["event_files"] = []
+        facts["spool_bytes_left"] = 0
+        facts["dead_letter_lines"] = {}
+        for state in states:
+            for kind, n in count_events(state / "events.jsonl").items():
+                facts["events"][kind] = facts["events"].get(kind, 0) + n
+            facts["event_files"] += sorted(
+                str(p.relative_to(workdir / "state")) for p in state.glob("events.jsonl*")
+            )
+            facts["spool_bytes_left"] += tree_bytes(state / "spool")
+            dead = state / "deadletter" / "events.jsonl"
+            for kind, n in (count_events(dead) if dead.exists() else {}).items():
+                facts["dead_letter_lines"][kind] = facts["dead_letter_lines"].get(kind, 0) + n
 
 
 @contextlib.contextmanager
@@ -806,10 +836,20 @@ def target_nginx(mocks: Mocks) -> Iterator[Target]:
 
 # ------------------------------------------------------------------------ the runs
 
-RUN_KEYS = ("direct", "llmproxy-off", "llmproxy-file", "twisted", "nginx")
+RUN_KEYS = (
+    "direct",
+    "llmproxy-off",
+    "llmproxy-file",
+    "llmproxy-file-loki",
+    "llmproxy-off-2w",
+    "llmproxy-file-2w",
+    "twisted",
+    "nginx",
+)
 # Not run by default: diagnoses of the file sink's cost (its fsync; the session tracker).
 EXTRA_RUN_KEYS = ("llmproxy-file-nofsync", "llmproxy-file-nosessions")
 ALL_RUN_KEYS = (*RUN_KEYS[:3], *EXTRA_RUN_KEYS, *RUN_KEYS[3:])
+ALL_CPUS = frozenset(os.sched_getaffinity(0))
 
 
 @dataclass
@@ -853,9 +893,13 @@ def measure(target: Target, wrk: str, load: Load, mocks: Mocks) -> RunResult:
 
     def attempt(url: str, threads: int, conns: int, seconds: int, stream: bool) -> WrkResult:
         subject = (target.measured_sse or target.measured)() if stream else target.measured()
+        cpus: frozenset[int] | None
         if conns == 1:  # latency: every process on one CPU
             set_affinity([*mocks.pids(), *subject], placement.server)
             cpus = placement.server
+        elif target.spread:  # several workers: every process may use every CPU
+            set_affinity([*mocks.pids(), *subject], ALL_CPUS)
+            cpus = ALL_CPUS
         else:  # throughput: the server under test alone on its CPU
             set_affinity(mocks.pids(), placement.client)
             set_affinity(subject, placement.server)
@@ -1079,12 +1123,25 @@ def compass_lines(results: Sequence[RunResult]) -> list[str]:
             f"(target < 0.5: {'met' if p50 < 500 else 'NOT met'}), p99 {p99 / 1000:.3f} ms "
             f"(target < 2: {'met' if p99 < 2000 else 'NOT met'})"
         )
-    if on and on.c50 and off and off.c50 and off.c50.ok_rps:
-        ratio = on.c50.ok_rps / off.c50.ok_rps
-        lines.append(
-            f"- exporter on vs off: {ratio:.1%} of the throughput "
-            f"(target ≥ 95%: {'met' if ratio >= 0.95 else 'NOT met'})"
-        )
+    for sinks in (on, by_key.get("llmproxy-file-loki")):
+        if sinks and sinks.c50 and off and off.c50 and off.c50.ok_rps:
+            ratio = sinks.c50.ok_rps / off.c50.ok_rps
+            lines.append(
+                f"- exporter on vs off ({sinks.label}): {ratio:.1%} of the throughput "
+                f"(target ≥ 95%: {'met' if ratio >= 0.95 else 'NOT met'})"
+            )
+    for one_key, two_key, what in (
+        ("llmproxy-off", "llmproxy-off-2w", "no sinks"),
+        ("llmproxy-file", "llmproxy-file-2w", "file sink on"),
+    ):
+        one, two = by_key.get(one_key), by_key.get(two_key)
+        if one and one.c50 and two and two.c50 and one.c50.ok_rps:
+            scale = two.c50.ok_rps / one.c50.ok_rps
+            lines.append(
+                f"- 2 workers vs 1 ({what}): {scale:.2f}x "
+                f"({two.c50.ok_rps:,.0f} vs {one.c50.ok_rps:,.0f} req/s; target ≥ 1.7x: "
+                f"{'met' if scale >= 1.7 else 'NOT met'}; wrk and the mocks share the 2 CPUs)"
+            )
     for r in results:
         if "self_reported_overhead_ms" in r.facts:
             o = r.facts["self_reported_overhead_ms"]
@@ -1341,6 +1398,9 @@ def main(argv: Sequence[str]) -> int:
                 "llmproxy-file-nosessions": lambda: target_llmproxy(
                     mocks, "llmproxy-file-nosessions"
                 ),
+                "llmproxy-file-loki": lambda: target_llmproxy(mocks, "llmproxy-file-loki"),
+                "llmproxy-off-2w": lambda: target_llmproxy(mocks, "llmproxy-off-2w"),
+                "llmproxy-file-2w": lambda: target_llmproxy(mocks, "llmproxy-file-2w"),
                 "twisted": lambda: target_twisted(mocks),
                 "nginx": lambda: target_nginx(mocks),
             }

@@ -4,12 +4,14 @@ Serves ``POST /v1/chat/completions`` with a fixed OpenAI-style SSE stream: 20
 content chunks, a final usage chunk and ``data: [DONE]``, in chunked transfer
 encoding on a keep-alive connection. Any other path is a 404.
 
-    python benchmarks/sse_mock.py --port 8001 [--gap-ms 0]
+    python benchmarks/sse_mock.py --port 8001 [--gap-ms 0] [--hold]
 
 By default the whole stream is written in one reactor turn, so the mock costs as
 little CPU as it can and the proxy under test is what gets measured. With
 ``--gap-ms N`` each event is written N ms after the previous one (``0`` still
-gives one reactor turn per event), closer to a real model's pacing.
+gives one reactor turn per event), closer to a real model's pacing.  With
+``--hold`` the first event is sent and the stream then stays open, a comment line
+every 15 s (``benchmarks/idle_streams.py``: many idle streams at once).
 """
 
 # twisted.web's Request and Resource are not annotated.
@@ -70,8 +72,13 @@ def build_events(content_chunks: int = 20) -> list[bytes]:
 class CompletionStream(Resource):
     isLeaf = True
 
-    def __init__(self, events: list[bytes], gap_s: float | None, clock: IReactorTime) -> None:
+    def __init__(
+        self, events: list[bytes], gap_s: float | None, clock: IReactorTime, hold: bool = False
+    ) -> None:
         super().__init__()
+        self._hold = hold
+        self._held: set[Request] = set()
+        self._ticking = False
         self._events = events
         self._whole = b"".join(events)
         self._gap_s = gap_s
@@ -85,12 +92,26 @@ class CompletionStream(Resource):
         request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
         request.setHeader(b"cache-control", b"no-cache")
         request.setHeader(b"x-request-id", b"req_bench_sse")
-        if self._gap_s is None:
+        if self._hold:
+            request.write(self._events[0])
+            self._held.add(request)
+            request.notifyFinish().addBoth(lambda _: self._held.discard(request))
+            if not self._ticking:
+                self._ticking = True
+                self._clock.callLater(15.0, self._keepalive)
+        elif self._gap_s is None:
             request.write(self._whole)
             request.finish()
         else:
             self._write_from(request, 0)
         return NOT_DONE_YET
+
+    def _keepalive(self) -> None:
+        for request in list(self._held):
+            request.write(b": keep-alive\n\n")
+        self._ticking = bool(self._held)
+        if self._ticking:
+            self._clock.callLater(15.0, self._keepalive)
 
     def _write_from(self, request: Request, index: int) -> None:
         if request.finished or request.channel is None:  # client went away
@@ -120,13 +141,18 @@ def main(argv: list[str]) -> int:
         default=None,
         help="write events one by one, this many ms apart (default: all at once)",
     )
+    parser.add_argument(
+        "--hold", action="store_true", help="send the first event, then keep the stream open"
+    )
+    parser.add_argument("--backlog", type=int, default=1024)
     args = parser.parse_args(argv)
     reactor: IReactorCore = _reactor
     tcp: IReactorTCP = _reactor
     clock: IReactorTime = _reactor
     gap_s = None if args.gap_ms is None else args.gap_ms / 1000.0
-    site = QuietSite(CompletionStream(build_events(args.chunks), gap_s, clock))
-    tcp.listenTCP(args.port, site, backlog=1024, interface="127.0.0.1")  # type: ignore[arg-type]
+    site = QuietSite(CompletionStream(build_events(args.chunks), gap_s, clock, args.hold))
+    site.timeOut = None  # held streams are idle by design
+    tcp.listenTCP(args.port, site, backlog=args.backlog, interface="127.0.0.1")  # type: ignore[arg-type]
     print(f"sse_mock listening on 127.0.0.1:{args.port}", flush=True)
     reactor.run()
     return 0

@@ -1,0 +1,165 @@
+"""Profile llmproxy's request path under load and print where the CPU goes.
+
+    .venv/bin/python benchmarks/profile_proxy.py                 # no sinks, 8 s of wrk -c50
+    .venv/bin/python benchmarks/profile_proxy.py --variant llmproxy-file --seconds 10
+    .venv/bin/python benchmarks/profile_proxy.py --sort cumulative --top 60
+
+It starts the same nginx mock as ``run.py``, runs ``twistd --profile`` with
+cProfile on one llmproxy config variant, loads it with wrk (POST, small JSON
+chat exchanges), stops it with SIGTERM and prints the top functions.  The stats
+file is kept (``--out``) for ``python -m pstats`` or snakeviz.  Profiling slows
+the proxy down by about 2x: compare shares, not absolute times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pstats
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import run  # the harness next to this file
+
+
+def _frame_name(frame: str) -> str:
+    """``func (/path/to/file.py:123)`` -> ``func file.py`` (with ``llmproxy/`` kept)."""
+    name, _, where = frame.partition(" (")
+    path = where.rstrip(")").rpartition(":")[0]
+    short = path.rpartition("/")[2]
+    if "/llmproxy/" in path:
+        short = "llmproxy/" + path.rpartition("/llmproxy/")[2]
+    return f"{name} {short}"
+
+
+def print_samples(folded: str, top: int) -> None:
+    """Self and inclusive shares per function from py-spy's folded stacks."""
+    own: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    callers: dict[str, dict[str, int]] = {}
+    total = 0
+    for line in folded.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack:
+            continue
+        count = int(count_text)
+        total += count
+        frames = [_frame_name(f) for f in stack.split(";")]
+        own[frames[-1]] = own.get(frames[-1], 0) + count
+        path = " < ".join(reversed(frames[-4:-1]))
+        callers.setdefault(frames[-1], {})
+        callers[frames[-1]][path] = callers[frames[-1]].get(path, 0) + count
+        for frame in set(frames):
+            incl[frame] = incl.get(frame, 0) + count
+    print(f"{total} samples; self %, inclusive %, function")
+    for name, n in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"{100 * n / total:6.1f} {100 * incl[name] / total:6.1f}  {name}")
+    print("\nwhere the top five spend their own time (callers, innermost first):")
+    for name, _ in sorted(own.items(), key=lambda kv: -kv[1])[:5]:
+        path, n = max(callers[name].items(), key=lambda kv: kv[1])
+        print(f"{100 * n / total:6.1f}  {name} < {path}")
+    print("\ninclusive, llmproxy functions:")
+    ours = [(k, v) for k, v in incl.items() if "llmproxy/" in k]
+    for name, n in sorted(ours, key=lambda kv: -kv[1])[:top]:
+        print(f"{100 * n / total:6.1f}  {name}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--variant", default="llmproxy-off", choices=sorted(run.LLMPROXY_VARIANTS))
+    p.add_argument("--seconds", type=int, default=8)
+    p.add_argument("--connections", type=int, default=50)
+    p.add_argument("--sort", default="tottime", choices=["tottime", "cumulative", "ncalls"])
+    p.add_argument("--top", type=int, default=40)
+    p.add_argument("--out", type=Path, default=Path("/tmp/llmproxy.pstats"))
+    p.add_argument("--stream", action="store_true", help="profile SSE streams instead of JSON")
+    p.add_argument(
+        "--py-spy",
+        default=None,
+        metavar="PATH",
+        help="sample with this py-spy binary instead of cProfile (no slow-down): prints the "
+        "share of samples per function, self and inclusive",
+    )
+    args = p.parse_args(argv)
+
+    nginx, wrk = run.ensure_tools(allow_install=True)
+    with tempfile.TemporaryDirectory(prefix="llmproxy-profile-") as tmp:
+        workdir = Path(tmp)
+        mock_port, sse_port = run.free_port(), run.free_port()
+        placement = run.Placement.choose(pin=True)
+        mocks = run.Mocks(nginx, workdir, mock_port, sse_port, placement)
+        conf = run.nginx_mock_conf(workdir, mock_port)
+        sse_argv = [str(run.VENV_PYTHON), str(run.SSE_MOCK), "--port", str(sse_port)]
+        with (
+            run.run_nginx("mock", nginx, workdir, conf, mock_port) as mock,
+            run.spawn("sse-mock", sse_argv, workdir) as sse,
+        ):
+            run.started(sse, run.port_open(sse_port))
+            mocks.servers += [mock, sse]
+            run.set_affinity(mocks.pids(), placement.client)
+            key = args.variant
+            vdir = workdir / key
+            vdir.mkdir()
+            port, admin = run.free_port(), run.free_port()
+            config = vdir / "llmproxy.ini"
+            config.write_text(
+                run.llmproxy_config(vdir, mocks, port, admin, run.LLMPROXY_VARIANTS[key])
+            )
+            profiling = [] if args.py_spy else [
+                "--profile", str(args.out), "--profiler", "cprofile", "--savestats",
+            ]  # fmt: skip
+            twistd = [
+                str(run.VENV_TWISTD), "-n", "--pidfile=", "-l", "/dev/null", *profiling,
+                "llmproxy", "--config", str(config),
+            ]  # fmt: skip
+            with run.spawn(key, twistd, workdir, cwd=run.ROOT) as server:
+                run.started(server, run.answers_200(f"http://127.0.0.1:{admin}/ready"))
+                run.set_affinity(server.pids(), placement.server)
+                url = f"http://127.0.0.1:{port}"
+                url += (run.SSE_PREFIX if args.stream else "") + run.CHAT_PATH
+                cmd = [
+                    wrk, "-t2", f"-c{args.connections}", f"-d{args.seconds}s",
+                    "-s", str(run.POST_LUA), url,
+                ]  # fmt: skip
+                env = dict(run.os.environ, WRK_STREAM="1" if args.stream else "0")
+                sampler = None
+                folded = workdir / "stacks.txt"
+                if args.py_spy:
+                    sampler = subprocess.Popen(
+                        [
+                            args.py_spy,
+                            "record",
+                            "-p",
+                            str(server.proc.pid),
+                            "-r",
+                            "500",
+                            "-d",
+                            str(args.seconds),
+                            "-f",
+                            "raw",
+                            "-o",
+                            str(folded),
+                            "--nonblocking",
+                            "--full-filenames",
+                        ],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+                out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+                print(out.stdout)
+                if sampler is not None:
+                    sampler.wait(timeout=60)
+                    print_samples(folded.read_text(), args.top)
+                server.stop()
+    if args.py_spy:
+        return 0
+    stats = pstats.Stats(str(args.out))
+    stats.sort_stats(args.sort).print_stats(args.top)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
