@@ -180,6 +180,11 @@ class HTTPSink:
         except Exception:
             # A bug in an encoder: the exporter treats an errback as Retry and logs it.
             return fail()
+        return self.post(batch)
+
+    def post(self, batch: EncodedBatch) -> Deferred[Verdict]:
+        """Send an encoded batch; fire with the verdict on the answer (or on a
+        transport error, or on the timeout: both ``Retry``)."""
         d: Deferred[Any] = self._client.request(
             "POST", batch.url or self.url, data=batch.body, headers=batch.headers
         )

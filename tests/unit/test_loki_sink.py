@@ -555,6 +555,34 @@ def test_a_batch_is_delivered_and_stored_with_its_labels() -> None:
     assert request.path == "/loki/api/v1/push"
 
 
+def test_deliver_lines_sends_what_deliver_sends_without_encoding_again() -> None:
+    sink, fake, _ = against_fake()
+    events = [event(i, provider=("openai", "anthropic")[i % 2]) for i in range(4)]
+    events.append(big_event(200_000))  # over max_line_bytes: shortened from its line too
+    lines = [orjson.dumps(e) for e in events]
+
+    by_events = decode(sink.encode(events))
+    by_lines = decode(sink.encode(events, lines))
+    assert by_lines == by_events
+    assert verdict_of(sink.deliver_lines(events, lines)) == Delivered()
+    assert len(fake.entries()) == 5
+    # The lines are what is sent: the sink does not encode the events itself.
+    marked = [orjson.dumps({**e, "marker": n}) for n, e in enumerate(events[:4])]
+    sent = decode(sink.encode(events[:4], marked))
+    assert sorted(orjson.loads(v[1])["marker"] for s in sent["streams"] for v in s["values"]) == [
+        0, 1, 2, 3,
+    ]  # fmt: skip
+
+
+def test_a_broken_encoder_fails_deliver_lines_for_a_retry() -> None:
+    sink = make_sink()
+    with pytest.raises(IndexError):
+        sink.encode([event(1)], [])  # fewer lines than events: a caller's bug
+    out: list[object] = []
+    sink.deliver_lines([event(1)], []).addBoth(out.append)
+    assert isinstance(out[0], Failure) and out[0].check(IndexError)
+
+
 def test_auth_reaches_loki() -> None:
     expected = "Basic " + base64.b64encode(f"u:{PASSWORD}".encode()).decode()
     sink, fake, _ = against_fake(username="u", password=PASSWORD, expected_authorization=expected)

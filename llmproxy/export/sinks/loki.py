@@ -24,13 +24,15 @@ from __future__ import annotations
 import base64
 import json
 import re
-import zlib
 from collections.abc import Sequence
+from operator import itemgetter
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import attrs
 import orjson
+from isal import isal_zlib
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
 
 from llmproxy.export.sink import (
@@ -226,31 +228,33 @@ class LokiSink(HTTPSink):
 
     # -- encode ------------------------------------------------------------------
 
-    def encode(self, events: Sequence[dict[str, Any]]) -> EncodedBatch:
+    def encode(
+        self, events: Sequence[dict[str, Any]], lines: Sequence[bytes] | None = None
+    ) -> EncodedBatch:
+        """One push body for ``events``; ``lines``, when given, are their JSON
+        already encoded (``orjson.dumps(event)``: the exporter's), so each event is
+        not encoded a second time."""
         streams: dict[tuple[Any, ...], list[tuple[int, list[Any]]]] = {}
         labels_of: dict[tuple[Any, ...], dict[str, str]] = {}
-        base = self._base_labels
         limit = self._max_line_bytes
         metadata = self._structured_metadata
         dumps_event = _dumps_event
         clock = self._clock
-        for event in events:
-            key = (
-                event.get("provider"),
-                event.get("environment"),
-                event.get("machine"),
-                event.get("type"),
-            )
+        for index, event in enumerate(events):
+            get = event.get
+            key = (get("provider"), get("environment"), get("machine"), get("type"))
             values = streams.get(key)
             if values is None:
-                labels = dict(base)
+                labels = dict(self._base_labels)
                 for name, value in zip(EVENT_LABELS, key, strict=True):
                     if value is not None and value != "":
                         labels[name] = _label_value(value)
                 labels_of[key] = labels
                 values = streams[key] = []
-            ts = _timestamp_ns(event, clock)
-            line = dumps_event(event)
+            ts = get("ts_ns")
+            if type(ts) is not int or not 0 <= ts < 1 << 63:
+                ts = _timestamp_ns(event, clock)
+            line = dumps_event(event) if lines is None else lines[index]
             if len(line) > limit:
                 line = shorten_line(event, line, limit)
             entry: list[Any] = [str(ts), line.decode("utf-8")]
@@ -258,7 +262,7 @@ class LokiSink(HTTPSink):
                 meta = {
                     f: v if isinstance(v, str) else str(v)
                     for f in METADATA_FIELDS
-                    if (v := event.get(f)) is not None and v != ""
+                    if (v := get(f)) is not None and v != ""
                 }
                 if meta:
                     entry.append(meta)
@@ -269,10 +273,21 @@ class LokiSink(HTTPSink):
             body_streams.append({"stream": labels_of[key], "values": [e for _, e in values]})
         body = orjson.dumps({"streams": body_streams})
         if self._gzip:
-            # Level 1: JSON logs still shrink ~8x, at a fraction of the default's CPU.
-            compressor = zlib.compressobj(1, zlib.DEFLATED, 31)
+            # ISA-L's deflate at level 1: JSON logs shrink ~20x, about ten times
+            # faster than zlib's level 1 (docs/dependencies.md).
+            compressor = isal_zlib.compressobj(1, isal_zlib.DEFLATED, 31)
             body = compressor.compress(body) + compressor.flush()
         return EncodedBatch(body=body, headers=dict(self._headers))
+
+    def deliver_lines(
+        self, events: Sequence[dict[str, Any]], lines: Sequence[bytes]
+    ) -> Deferred[Verdict]:
+        """``deliver`` for an exporter that holds each event's JSON already."""
+        try:
+            batch = self.encode(events, lines)
+        except Exception:
+            return fail()  # a bug in the encoder: the exporter retries and logs it
+        return self.post(batch)
 
     # -- judge -------------------------------------------------------------------
 
@@ -300,8 +315,7 @@ class LokiSink(HTTPSink):
         return text
 
 
-def _first(item: tuple[int, list[Any]]) -> int:
-    return item[0]
+_first = itemgetter(0)
 
 
 def _timestamp_ns(event: dict[str, Any], clock: IReactorTime) -> int:
