@@ -527,6 +527,30 @@ def test_any_event_shortens_to_valid_json_within_the_limit(
     assert got["ts_ns"] == e["ts_ns"]
 
 
+@given(
+    texts=st.lists(st.text(), min_size=1, max_size=6),
+    metadata=st.booleans(),
+)
+def test_any_text_survives_the_push_body_exactly(texts: list[str], metadata: bool) -> None:
+    # Quotes, backslashes, control characters, non-ASCII: each entry's line is the
+    # event's JSON, whatever its strings hold, and its timestamp the event's.
+    events = [
+        event(i, request_body={"text": t}, route=t[:5], provider=("openai", "anthropic")[i % 2])
+        for i, t in enumerate(texts)
+    ]
+    sink = make_sink(structured_metadata=metadata)
+
+    doc = decode(sink.encode(events, [orjson.dumps(e) for e in events]))
+
+    entries = [v for stream in doc["streams"] for v in stream["values"]]
+    assert sorted((e[0], e[1]) for e in entries) == sorted(
+        (str(e["ts_ns"]), orjson.dumps(e).decode()) for e in events
+    )
+    assert all(orjson.loads(e[1]) in events for e in entries)
+    if metadata:
+        assert all(e[2]["request_id"] == orjson.loads(e[1])["request_id"] for e in entries)
+
+
 def test_lines_shortened_by_the_sink_are_accepted_by_loki() -> None:
     sink, fake, _ = against_fake()
     events = [big_event(300_000), big_event(10, chunks=20_000), event(1)]
