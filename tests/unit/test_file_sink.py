@@ -428,10 +428,11 @@ def test_by_default_fsync_runs_in_a_thread_of_the_reactor(
     assert lines_of(sink.path) == [event(1)]
 
 
-def test_deliver_lines_writes_what_deliver_writes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fsync", ["never", "batch", "always"])
+def test_deliver_lines_writes_what_deliver_writes(tmp_path: Path, fsync: str) -> None:
     events = [{"type": "request", "i": i, "text": "é\u2028\n"} for i in range(5)]
-    by_events = file_sink(tmp_path / "a.jsonl")
-    by_lines = file_sink(tmp_path / "b.jsonl")
+    by_events = file_sink(tmp_path / "a.jsonl", fsync=fsync)
+    by_lines = file_sink(tmp_path / "b.jsonl", fsync=fsync)
     answers: list[object] = []
     by_events.deliver(events).addCallback(answers.append)
     by_lines.deliver_lines(events, [orjson.dumps(e) for e in events]).addCallback(answers.append)

@@ -119,7 +119,11 @@ class FileSink:
         """``deliver`` for an exporter that holds each event's JSON already
         (``orjson.dumps(event)``, as ``deliver`` would write it): no second encoding."""
         result: Deferred[Verdict] = Deferred(self._cancel)
-        self._jobs.append(_Job(result, [line + b"\n" for line in lines], {}))
+        if self._fsync == "always" or not lines:
+            chunks = [line + b"\n" for line in lines]  # synced one by one
+        else:
+            chunks = [b"\n".join(lines) + b"\n"]  # written in one go: one copy
+        self._jobs.append(_Job(result, chunks, {}))
         self._run_jobs()
         return result
 
