@@ -167,10 +167,21 @@ def _utc_second(second: int) -> str:
         return "1970-01-01T00:00:00"
 
 
+# The last stamp made: an exchange's start is asked for twice in a row (its
+# request side, then its session event).
+_last_stamp: tuple[int, str] = (-1, "")
+
+
 def rfc3339_ns(ns: int) -> str:
     """Epoch nanoseconds -> ``2026-11-23T07:40:12.123456789Z``."""
+    global _last_stamp
+    last = _last_stamp
+    if last[0] == ns:
+        return last[1]
     second, fraction = divmod(ns, 1_000_000_000)
-    return f"{_utc_second(second)}.{fraction:09d}Z"
+    text = f"{_utc_second(second)}.{fraction:09d}Z"
+    _last_stamp = (ns, text)
+    return text
 
 
 def epoch_ns(seconds: float) -> int:
@@ -208,17 +219,23 @@ def _request_model_and_stream(body: CapturedBody) -> tuple[str | None, bool]:
 
 
 def _request_model_and_stream_text(text: str | None) -> tuple[str | None, bool]:
+    return _request_json(text)[1:]
+
+
+def _request_json(text: str | None) -> tuple[dict[str, Any] | None, str | None, bool]:
+    """The request body's JSON object (None when it is not one), the model it asks
+    for and whether it asks for a stream."""
     if not text or text[0] not in "{ \t\r\n":
-        return None, False
+        return None, None, False
     try:
         obj = orjson.loads(text)
     except orjson.JSONDecodeError:
         # Cut at the cap: the model usually comes first and is still there.
-        return model_from_prefix(text.encode("utf-8")), False
+        return None, model_from_prefix(text.encode("utf-8")), False
     if not isinstance(obj, dict):
-        return None, False
+        return None, None, False
     model = obj.get("model")
-    return (model if isinstance(model, str) else None), obj.get("stream") is True
+    return obj, (model if isinstance(model, str) else None), obj.get("stream") is True
 
 
 def _request_side(record: ExchangeRecord, capture: CaptureSettings) -> _RequestSide:
@@ -310,7 +327,10 @@ def _stream_capture(
 
 
 def _looks_like_json(text: str, content_type: str | None) -> bool:
-    return media_type(content_type).endswith("json") or text.lstrip()[:1] in ("{", "[")
+    if _media_type(content_type).endswith("json"):
+        return True
+    # text[:1] first: lstrip() copies the whole text.
+    return text[:1] in ("{", "[") or text.lstrip()[:1] in ("{", "[")
 
 
 # ---------------------------------------------------------------- events: the reference
@@ -493,24 +513,41 @@ class _SharedRequestSide:
     machine: str
     headers: JSONHeaders
     body: dict[str, Any]
+    # The request event with no session: both events start as a copy of it (a
+    # dict copy is several times cheaper than building its 23 entries again).
+    request: dict[str, Any] = attrs.field(init=False)
 
 
 def _request_side_of(record: ExchangeRecord, capture: CaptureSettings) -> _SharedRequestSide:
+    return _request_side_and_json(record, capture)[0]
+
+
+def _request_side_and_json(
+    record: ExchangeRecord, capture: CaptureSettings
+) -> tuple[_SharedRequestSide, dict[str, Any] | None]:
+    """The request side, and the request body's JSON object when it is
+    ``orjson.loads(record.request_body)`` exactly, else None."""
     headers = record.request_headers
     raw = record.request_body
+    size = record.request_body_size
+    limit = capture.request_body_bytes
     content_type, content_encoding = _content_headers(headers)
     body = _captured_body_dict(
         raw,
-        size=max(record.request_body_size, len(raw)),
-        truncated=record.request_body_size > len(raw),
+        size=max(size, len(raw)),
+        truncated=size > len(raw),
         content_type=content_type,
         content_encoding=content_encoding,
-        limit=capture.request_body_bytes,
+        limit=limit,
     )
-    model, stream = _request_model_and_stream_text(body["text"])
+    text = body["text"]
+    obj, model, stream = _request_json(text)
+    if obj is not None and (content_encoding is not None or not size <= len(raw) <= limit):
+        # The text is not the whole body as sent (decoded, or cut): not its object.
+        obj = None
     start_ns = epoch_ns(record.started_at)
     obfuscator = HeaderObfuscator.for_names(capture.redact_headers)
-    return _SharedRequestSide(
+    side = _SharedRequestSide(
         capture=capture,
         obfuscator=obfuscator,
         start_ns=start_ns,
@@ -523,6 +560,8 @@ def _request_side_of(record: ExchangeRecord, capture: CaptureSettings) -> _Share
         headers=obfuscator.obfuscate(headers),
         body=body,
     )
+    side.request = _request_dict(record, side, None, None)
+    return side, obj
 
 
 # record -> its shared request side, for as long as the record lives.  Only
@@ -538,6 +577,21 @@ def _shared_request_side(record: ExchangeRecord, capture: CaptureSettings) -> _S
     if side is None or side.capture is not capture:
         side = _SHARED_SIDES[record] = _request_side_of(record, capture)
     return side
+
+
+def prepare_request(record: ExchangeRecord, capture: CaptureSettings) -> dict[str, Any] | None:
+    """Compute now the request side ``record``'s envelopes share, and return the
+    request body's JSON object when it is exactly ``orjson.loads(record.request_body)``
+    (the whole body, not content-encoded, a JSON object), else None.
+
+    For the capture pump, which hands the object to the session tracker: the
+    tracker then does not parse the same body a second time.  The side does not
+    depend on the session id and seq, so computing it before the tracker assigns
+    them is safe.
+    """
+    side, obj = _request_side_and_json(record, capture)
+    _SHARED_SIDES[record] = side
+    return obj
 
 
 def _request_dict(
@@ -582,7 +636,11 @@ def _sse_fields(stream: bytes) -> list[tuple[str, str]]:
     """
     if b"\r" in stream:
         return [(event.event, event.data) for event in parse_sse(stream)]
-    text = stream.decode("utf-8", "replace")
+    return _sse_fields_of_text(stream.decode("utf-8", "replace"))
+
+
+def _sse_fields_of_text(text: str) -> list[tuple[str, str]]:
+    """``_sse_fields`` of a stream already decoded (with "replace"), without CR."""
     if text[:1] == "\ufeff":
         text = text[1:]
     # What follows the last LF is the unterminated line ``close()`` processes;
@@ -592,6 +650,11 @@ def _sse_fields(stream: bytes) -> list[tuple[str, str]]:
     event: str | None = None
     data: list[str] = []
     for line in lines:
+        if line[:6] == "data: ":
+            # The usual line, and what the general rule below makes of it, with
+            # one copy of the value instead of two.
+            data.append(line[6:])
+            continue
         if not line:
             if data or event is not None:
                 events.append((event or "message", "\n".join(data)))
@@ -621,10 +684,14 @@ class _FastStream:
 
 
 def _fast_stream_capture(
-    chunks: Sequence[tuple[float, bytes]], content_encoding: str | None, limit: int
+    chunks: Sequence[tuple[float, bytes]],
+    content_encoding: str | None,
+    limit: int,
+    with_events: bool = True,
 ) -> _FastStream:
     """``_stream_capture`` without per-chunk machinery when nothing is encoded (as
-    good as always: streams are rarely compressed)."""
+    good as always: streams are rarely compressed).  ``with_events=False``: the
+    caller needs no events of an unencoded stream (``events`` is then empty)."""
     if content_codings(content_encoding):
         stream = _stream_capture(chunks, content_encoding, limit)
         return _FastStream(
@@ -635,6 +702,7 @@ def _fast_stream_capture(
             decode_error=stream.decode_error,
         )
     out: list[dict[str, Any]] = []
+    texts: list[str] = []
     captured = 0
     # Strict whole-chunk decoding is exact while chunks end on character
     # boundaries; from the first chunk that does not, the incremental decoder
@@ -644,19 +712,30 @@ def _fast_stream_capture(
         captured += len(raw)
         if decoder is None:
             try:
-                data = raw.decode("utf-8")
+                data = raw.decode()  # UTF-8, strict
             except UnicodeDecodeError:
                 decoder = _Utf8Decoder("replace")
                 data = decoder.decode(raw)
         else:
             data = decoder.decode(raw)
+        texts.append(data)
         out.append({"offset_ms": round(offset * 1000.0, 3), "data": data})
+    events: list[tuple[str, str]] = []
     if decoder is not None:
         tail = decoder.decode(b"", final=True)
         if tail and out:
             out[-1]["data"] += tail
-    # The parser is split-invariant: one parse of the whole gives the same events.
-    events = _sse_fields(b"".join([raw for _, raw in chunks]))
+        if with_events:
+            events = _sse_fields(b"".join([raw for _, raw in chunks]))
+    elif with_events:
+        # The parser is split-invariant: one parse of the whole gives the same
+        # events.  Every chunk was valid UTF-8 on its own, so their texts joined
+        # are the whole stream decoded: no second join and decode of the bytes.
+        text = "".join(texts)
+        if "\r" in text:
+            events = _sse_fields(b"".join([raw for _, raw in chunks]))
+        else:
+            events = _sse_fields_of_text(text)
     return _FastStream(
         chunks=out,
         events=events,
@@ -687,7 +766,11 @@ def _response_dict(
     stream_chunks: list[dict[str, Any]] | None = None
     body: dict[str, Any]
     if is_stream:
-        stream = _fast_stream_capture(chunks, content_encoding, capture.response_body_bytes)
+        # The session tracker leaves the summary of an unencoded stream it read.
+        summary = None if content_encoding else record.reply_summary
+        stream = _fast_stream_capture(
+            chunks, content_encoding, capture.response_body_bytes, summary is None
+        )
         stream_chunks = stream.chunks
         body = {
             "text": None,
@@ -698,7 +781,10 @@ def _response_dict(
             "content_encoding": content_encoding.strip() if content_encoding else None,
             "decode_error": stream.decode_error,
         }
-        response_model, usage, finish_reasons = summary_from_sse_fields(stream.events)
+        if summary is None:
+            response_model, usage, finish_reasons = summary_from_sse_fields(stream.events)
+        else:  # the session tracker parsed these bytes
+            response_model, usage, finish_reasons = summary
     else:
         if len(chunks) != 1:
             raw = b"".join([chunk for _, chunk in chunks])
@@ -731,45 +817,29 @@ def _response_dict(
         else rfc3339_ns(start_ns + round(first_byte_at * 1_000_000_000))
     )
     error = record.error
-    event = {
-        "schema": SCHEMA_VERSION,
-        "type": "response",
-        "ts": ts,
-        "ts_ns": ts_ns,
-        "request_id": record.request_id,
-        "session_id": record.session_id,
-        "seq": record.seq,
-        "start": side.start,
-        "method": record.method,
-        "path": record.path,
-        "query": side.query,
-        "route": record.route,
-        "provider": record.provider,
-        "upstream_host": record.upstream_host,
-        "upstream_url": side.upstream_url,
-        "model": response_model or side.model,
-        "request_model": side.model,
-        "is_stream": is_stream,
-        "client_addr": record.client_addr,
-        "machine": side.machine,
-        "environment": record.environment,
-        "request_headers": side.headers,
-        "request_body": side.body,
-        "first_byte": first_byte,
-        "end": end,
-        "duration_ms": None if ended_at is None else round(ended_at * 1000.0, 3),
-        "ttfb_ms": None if first_byte_at is None else round(first_byte_at * 1000.0, 3),
-        "status": record.status,
-        "outcome": record.outcome,
-        "error": None if error is None else scrub_text(error),
-        "cache_status": record.cache_status,
-        "response_model": response_model,
-        "usage": usage_dict(usage),
-        "finish_reasons": list(finish_reasons),
-        "response_headers": side.obfuscator.obfuscate(headers),
-        "response_body": body,
-        "response_chunks": stream_chunks,
-    }
+    # The request's entries, in their order, then the response's own.
+    event = side.request.copy()
+    event["type"] = "response"
+    event["ts"] = ts
+    event["ts_ns"] = ts_ns
+    event["session_id"] = record.session_id
+    event["seq"] = record.seq
+    event["model"] = response_model or side.model
+    event["is_stream"] = is_stream
+    event["first_byte"] = first_byte
+    event["end"] = end
+    event["duration_ms"] = None if ended_at is None else round(ended_at * 1000.0, 3)
+    event["ttfb_ms"] = None if first_byte_at is None else round(first_byte_at * 1000.0, 3)
+    event["status"] = record.status
+    event["outcome"] = record.outcome
+    event["error"] = None if error is None else scrub_text(error)
+    event["cache_status"] = record.cache_status
+    event["response_model"] = response_model
+    event["usage"] = usage_dict(usage)
+    event["finish_reasons"] = list(finish_reasons)
+    event["response_headers"] = side.obfuscator.obfuscate(headers)
+    event["response_body"] = body
+    event["response_chunks"] = stream_chunks
     return event
 
 
@@ -883,7 +953,10 @@ class RecordEnvelope:
             record = self._record
             side = _shared_request_side(record, self._capture)
             if self.kind == "request":
-                self._payload = _request_dict(record, side, self._session_id, self._seq)
+                payload = side.request.copy()
+                payload["session_id"] = self._session_id
+                payload["seq"] = self._seq
+                self._payload = payload
                 self._facts = EMPTY_FACTS
             else:
                 self._payload = _response_dict(record, self._capture, side)

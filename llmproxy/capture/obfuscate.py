@@ -207,7 +207,7 @@ class HeaderObfuscator:
             decision = decisions.get(raw_name)
             name, kind = self._decide(raw_name) if decision is None else decision
             try:
-                value = raw_value.decode("utf-8")
+                value = raw_value.decode()  # UTF-8; no codec name to look up
             except UnicodeDecodeError:
                 # HTTP field values are historically ISO-8859-1; latin-1 never fails.
                 value = raw_value.decode("latin-1")
@@ -218,10 +218,10 @@ class HeaderObfuscator:
                     cookies.append(mask_set_cookie(value))
                     continue
                 value = mask_cookie(value) if kind == _COOKIE else mask_secret(value)
-            previous = result.get(name)
-            if previous is None:
+            if name not in result:
                 result[name] = value
             else:
+                previous = result[name]
                 # Split Cookie fields are rejoined with "; " (RFC 9113 8.2.3).
                 result[name] = f"{previous}{'; ' if kind == _COOKIE else ', '}{value}"
         return result

@@ -22,15 +22,15 @@ order they happened.
 
 from __future__ import annotations
 
-import contextlib
 from collections import deque
 from typing import Any, Protocol
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from llmproxy.capture.events import RecordEnvelope
+from llmproxy.capture.events import RecordEnvelope, prepare_request
 from llmproxy.capture.record import ExchangeRecord
+from llmproxy.capture.sessions import SessionTracker
 from llmproxy.settings import CaptureSettings
 
 log = Logger()
@@ -104,9 +104,12 @@ class CapturePump:
         queue = self._queue
         capture = self.capture
         sessions = self.sessions
+        # Our own tracker also takes the request body's JSON object (see below).
+        tracker = sessions if isinstance(sessions, SessionTracker) else None
         publish = self.bus.publish
+        popleft = queue.popleft
         while queue:
-            record, body = queue.popleft()
+            record, body = popleft()
             self.flushed += 1
             try:
                 if body is _FINISHED:
@@ -114,7 +117,15 @@ class CapturePump:
                         sessions.finished(record)
                     envelope = RecordEnvelope("response", record, capture)
                 else:
-                    if sessions is not None:
+                    if tracker is not None:
+                        # The request side first: it parses the body as JSON, and
+                        # the tracker takes that object rather than parse it again.
+                        try:
+                            parsed = prepare_request(record, capture)
+                        except Exception:
+                            parsed = None  # the envelope's json() meets it again
+                        tracker.assign(record, body, parsed)
+                    elif sessions is not None:
                         sessions.assign(record, body)
                     envelope = RecordEnvelope("request", record, capture)
             except Exception:
@@ -123,8 +134,10 @@ class CapturePump:
                 continue
             # Encoded once, here, for every exporter; one that fails is counted by
             # each exporter (encode_failed) when it takes the event.
-            with contextlib.suppress(Exception):
+            try:  # noqa: SIM105 - not contextlib.suppress: a context manager per event costs
                 envelope.json()
+            except Exception:
+                pass
             publish(envelope)
 
     def close(self) -> None:

@@ -40,27 +40,29 @@ Where the id comes from, first match wins:
    message in its history (a first turn) always starts a new session: a retried
    first turn cannot be told from a new conversation asking the same thing.
 
-Cost on the request path: one ``orjson.loads`` of the body, one pass reducing
-and hashing the messages, a few dictionary lookups; ``finished`` parses the
-captured reply once.  States and session heads live in two LRU maps bounded by
-``max_states`` each.  They survive a restart through an append-only JSONL journal
-(``store_path``), written in one append per ``flush_interval`` on the injected
-clock, compacted (a snapshot of memory written to a new file, fsynced and renamed
-over the old one; in a thread when ``run_in_thread`` is given, changes meanwhile
-wait in memory) when it holds more than twice the live entries, and read back at
-:meth:`start`.  Losing
-it (unreadable, unwritable, deleted) costs only continuity: new requests start
+Cost on the request path: one ``orjson.loads`` of the body (none when the
+capture pump hands over the object it parsed for the request event), one pass
+reducing and hashing the messages, a few dictionary lookups; ``finished`` parses
+the captured reply once, and leaves the response event the summary it needs.
+States and session heads live in two LRU maps bounded by ``max_states`` each.
+They survive a restart through an append-only JSONL journal (``store_path``),
+written in one append per ``flush_interval`` on the injected clock, compacted (a
+snapshot of memory written to a new file, fsynced and renamed over the old one;
+in a thread when ``run_in_thread`` is given, changes meanwhile wait in memory)
+when it holds more than twice the live entries, and read back at :meth:`start`.
+Losing it (unreadable, unwritable, deleted) costs only continuity: new requests start
 new sessions.  Nothing here raises into the request path.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import re
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -72,12 +74,23 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from llmproxy.capture.body import content_codings, decode_content, media_type
-from llmproxy.capture.events import SCHEMA_VERSION, epoch_ns, rfc3339_ns
+from llmproxy.capture.body import content_codings, decode_content
+from llmproxy.capture.events import (
+    SCHEMA_VERSION,
+    _content_headers,
+    _media_type,
+    _sse_fields,
+    epoch_ns,
+    rfc3339_ns,
+)
 from llmproxy.capture.machine import machine_id
 from llmproxy.capture.record import ExchangeRecord, Headers
-from llmproxy.capture.sse import parse_sse
-from llmproxy.capture.usage import EMPTY_FACTS, ResponseFacts, facts_from_json, facts_from_sse
+from llmproxy.capture.usage import (
+    EMPTY_FACTS,
+    ResponseFacts,
+    facts_from_json,
+    facts_from_sse_fields,
+)
 from llmproxy.export.envelope import Envelope, StoredEvent
 
 log = Logger()
@@ -112,44 +125,58 @@ def conversation_kind(method: str, path: str) -> str | None:
     return None
 
 
+# A proxy sees few distinct paths; a client inventing many costs only cache misses.
+_conversation_kind = functools.lru_cache(maxsize=512)(conversation_kind)
+
+
 def _valid_id(value: Any) -> str | None:
     return value if isinstance(value, str) and SESSION_ID.fullmatch(value) else None
 
 
-def _header(headers: Headers, name: bytes) -> str | None:
+def _session_header(headers: Headers) -> str | None:
+    """The first ``X-Session-ID`` header's value, stripped."""
     for raw_name, raw_value in headers:
-        if raw_name.lower() == name:
+        # Compare lengths first: most headers are not it, and lower() copies.
+        if len(raw_name) == 12 and raw_name.lower() == b"x-session-id":
             return raw_value.decode("latin-1").strip()
     return None
 
 
-def client_ids(body: dict[str, Any], headers: Headers) -> Iterator[tuple[str, str]]:
-    """``(source, id)`` for each valid client-supplied session id, in priority order."""
-    metadata = body.get("metadata")
-    metadata = metadata if isinstance(metadata, dict) else {}
-    user_id = metadata.get("user_id")
-    if isinstance(user_id, str) and "_session_" in user_id:
-        found = _valid_id(user_id.rpartition("_session_")[2])
+def client_id(body: dict[str, Any], headers: Headers) -> tuple[str, str] | None:
+    """``(source, id)`` of the first valid client-supplied session id, in priority
+    order: ``metadata.user_id`` (after ``_session_``), ``conversation``,
+    ``previous_response_id``, ``metadata.session_id``, ``X-Session-ID``, ``user``."""
+    get = body.get
+    metadata = get("metadata")
+    if not isinstance(metadata, dict):
+        metadata = None
+    elif "user_id" in metadata:
+        user_id = metadata["user_id"]
+        if isinstance(user_id, str) and "_session_" in user_id:
+            found = _valid_id(user_id.rpartition("_session_")[2])
+            if found:
+                return "metadata.user_id", found
+    conversation = get("conversation")
+    if conversation is not None:
+        if isinstance(conversation, dict):
+            conversation = conversation.get("id")
+        found = _valid_id(conversation)
         if found:
-            yield "metadata.user_id", found
-    conversation = body.get("conversation")
-    if isinstance(conversation, dict):
-        conversation = conversation.get("id")
-    found = _valid_id(conversation)
+            return "conversation", found
+    found = _valid_id(get("previous_response_id"))
     if found:
-        yield "conversation", found
-    found = _valid_id(body.get("previous_response_id"))
+        return "previous_response_id", found
+    if metadata is not None:
+        found = _valid_id(metadata.get("session_id"))
+        if found:
+            return "metadata.session_id", found
+    found = _valid_id(_session_header(headers))
     if found:
-        yield "previous_response_id", found
-    found = _valid_id(metadata.get("session_id"))
+        return "x-session-id", found
+    found = _valid_id(get("user"))
     if found:
-        yield "metadata.session_id", found
-    found = _valid_id(_header(headers, b"x-session-id"))
-    if found:
-        yield "x-session-id", found
-    found = _valid_id(body.get("user"))
-    if found:
-        yield "user", found
+        return "user", found
+    return None
 
 
 # ---------------------------------------------------------------- reducing messages
@@ -241,20 +268,26 @@ def reduce_message(message: Any) -> dict[str, Any]:
         return {"role": "?", "text": "", "parts": [_strip(message)]}
     role = message.get("role")
     role = role if isinstance(role, str) else "?"
+    content = message.get("content")
+    # Plain text content, the usual form, needs no _text_and_parts.
+    text_only = type(content) is str
     if role == "assistant":
-        text, _ = _text_and_parts(message.get("content"), keep_parts=False)
+        text = content if text_only else _text_and_parts(content, keep_parts=False)[0]
         reduced: dict[str, Any] = {"role": role, "text": text}
-        calls = _calls(message)
-        if calls:
-            reduced["calls"] = calls
+        if not text_only or "tool_calls" in message or "function_call" in message:
+            calls = _calls(message)
+            if calls:
+                reduced["calls"] = calls
         return reduced
-    text, parts = _text_and_parts(message.get("content"), keep_parts=True)
-    reduced = {"role": role, "text": text}
-    if parts:
-        reduced["parts"] = parts
-    extra = {k: _strip(v) for k, v in message.items() if k not in _FORM_KEYS}
-    if extra:
-        reduced["extra"] = extra
+    if text_only:
+        reduced = {"role": role, "text": content}
+    else:
+        text, parts = _text_and_parts(content, keep_parts=True)
+        reduced = {"role": role, "text": text}
+        if parts:
+            reduced["parts"] = parts
+    if not message.keys() <= _FORM_KEYS:
+        reduced["extra"] = {k: _strip(v) for k, v in message.items() if k not in _FORM_KEYS}
     return reduced
 
 
@@ -340,12 +373,14 @@ class Fingerprints:
     @classmethod
     def of(cls, messages: list[dict[str, Any]]) -> Fingerprints:
         hasher = hashlib.sha256(b"[")
+        update = hasher.update
+        dumps = orjson.dumps
         history = []
         last = len(messages) - 1
         for index, message in enumerate(messages):
             if index:
-                hasher.update(b",")
-            hasher.update(_canonical(message))
+                update(b",")
+            update(dumps(message, option=orjson.OPT_SORT_KEYS))  # _canonical, inlined
             if index < last and message.get("role") == "assistant":
                 prefix = hasher.copy()
                 prefix.update(b"]")
@@ -373,24 +408,31 @@ def fingerprint(messages: list[dict[str, Any]]) -> bytes:
 def reply_facts(record: ExchangeRecord) -> ResponseFacts:
     """The facts of a finished exchange's captured response (JSON or SSE, decoded).
 
-    For a plain JSON body that parsed, the summary the response event needs is
-    left on the record (``reply_summary``): the event does not parse it again.
+    For a body without a Content-Encoding that parsed, the summary the response
+    event needs is left on the record (``reply_summary``): the event does not
+    parse it again.
     """
-    headers = record.response_headers
-    content_type = _header(headers, b"content-type")
-    content_encoding = _header(headers, b"content-encoding")
-    raw = b"".join(chunk for _, chunk in record.response_chunks)
-    if content_codings(content_encoding):
+    # The event builder's own helpers: the tracker reads a reply exactly as the
+    # response event does, so the event can take the summary (``reply_summary``).
+    content_type, content_encoding = _content_headers(record.response_headers)
+    chunks = record.response_chunks
+    raw = chunks[0][1] if len(chunks) == 1 else b"".join([chunk for _, chunk in chunks])
+    if content_encoding and content_codings(content_encoding):
         decoded = decode_content(raw, content_encoding, REPLY_DECODE_LIMIT)
         if decoded.error or decoded.truncated or decoded.incomplete:
             return EMPTY_FACTS
         raw = decoded.data
-    if media_type(content_type) == "text/event-stream":
-        return facts_from_sse(parse_sse(raw))
-    if raw.lstrip()[:1] != b"{":
-        return EMPTY_FACTS
-    facts = facts_from_json(raw)
-    if facts.merged_json is not None and not content_encoding:
+    if content_type is not None and _media_type(content_type) == "text/event-stream":
+        # The response event's own splitter: its summary of these very bytes is
+        # (model, usage, finish_reasons) of these facts.
+        facts = facts_from_sse_fields(_sse_fields(raw))
+    else:
+        if raw[:1] != b"{" and raw.lstrip()[:1] != b"{":
+            return EMPTY_FACTS
+        facts = facts_from_json(raw)
+        if facts.merged_json is None:
+            return facts
+    if not content_encoding:
         record.reply_summary = (facts.model, facts.usage, facts.finish_reasons)
     return facts
 
@@ -416,10 +458,40 @@ class _Pending:
     responses: bool  # a Responses API request: remember its response id
 
 
+class _RandomHex:
+    """Random hex digits from the OS, read 4 KiB (256 session ids) at a time: one
+    system call per 256 new sessions rather than one each.  Not thread-safe: the
+    tracker runs in the reactor thread.  A forked child starts with none (it must
+    not hand out the ids its parent will)."""
+
+    __slots__ = ("_at", "_hex")
+
+    def __init__(self) -> None:
+        self._hex = ""
+        self._at = 0
+
+    def reset(self) -> None:
+        self._hex = ""
+        self._at = 0
+
+    def take32(self) -> str:
+        at = self._at
+        if at >= len(self._hex):
+            self._hex = os.urandom(4096).hex()
+            at = 0
+        self._at = at + 32
+        return self._hex[at : at + 32]
+
+
+_RANDOM_HEX = _RandomHex()
+os.register_at_fork(after_in_child=_RANDOM_HEX.reset)
+
+
 def _new_session_id() -> str:
-    """A random (version 4) UUID's text, as ``str(uuid.uuid4())`` gives it, in a third
-    of the time (a new session per one-shot request makes it a per-request cost)."""
-    h = os.urandom(16).hex()
+    """A random (version 4) UUID's text, as ``str(uuid.uuid4())`` gives it, in a
+    fraction of the time (a new session per one-shot request makes it a
+    per-request cost)."""
+    h = _RANDOM_HEX.take32()
     return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
 
 
@@ -504,9 +576,13 @@ class SessionTracker:
 
     # -- the request path -----------------------------------------------------
 
-    def assign(self, record: ExchangeRecord, body: bytes) -> None:
+    def assign(
+        self, record: ExchangeRecord, body: bytes, parsed: dict[str, Any] | None = None
+    ) -> None:
+        """``parsed``: ``orjson.loads(record.request_body)`` when the caller parsed it
+        already (used only when ``body`` is that same whole body)."""
         try:
-            self._assign(record, body)
+            self._assign(record, body, parsed)
         except Exception:
             self._counts["errors"] += 1
             log.failure("session tracker: no session for request {rid}", rid=record.request_id)
@@ -518,36 +594,49 @@ class SessionTracker:
             self._counts["errors"] += 1
             log.failure("session tracker: reply of {rid} not recorded", rid=record.request_id)
 
-    def _assign(self, record: ExchangeRecord, body: bytes) -> None:
-        kind = conversation_kind(record.method, record.path)
-        if kind is None or body.lstrip()[:1] != b"{":
+    def _assign(self, record: ExchangeRecord, body: bytes, parsed: dict[str, Any] | None) -> None:
+        kind = _conversation_kind(record.method, record.path)
+        # body[:1] first: lstrip() copies the whole body, and a JSON body starts
+        # with "{" as good as always.
+        if kind is None or (body[:1] != b"{" and body.lstrip()[:1] != b"{"):
             return
-        try:
-            obj = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return  # cut at the capture cap, or not JSON: no session
-        if not isinstance(obj, dict):
-            return
+        obj: Any
+        raw = record.request_body
+        if parsed is not None and (body is raw or body == raw):
+            obj = parsed
+        else:
+            try:
+                obj = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                return  # cut at the capture cap, or not JSON: no session
+            if not isinstance(obj, dict):
+                return
         responses = kind == "responses"
-        for source, client_id in client_ids(obj, record.request_headers):
+        found = client_id(obj, record.request_headers)
+        if found is not None:
+            source, session_id = found
             if source == "previous_response_id":
-                hit = self._states.get("r:" + client_id)
+                key = "r:" + session_id
+                hit = self._states.get(key)
                 if hit is not None:
-                    self._states.move_to_end("r:" + client_id)
+                    self._states.move_to_end(key)
                     self._follow(record, hit, None, source, responses)
                     return
-            self._client_session(record, client_id, source, responses)
+            self._client_session(record, session_id, source, responses)
             return
         messages = conversation_messages(kind, obj)
         if messages is None:
             return
         prints = Fingerprints.of(messages)
-        for digest in reversed(prints.history):
-            hit = self._states.get(digest)
-            if hit is not None:
-                self._states.move_to_end(digest)
-                self._follow(record, hit, prints, "fingerprint", responses)
-                return
+        history = prints.history
+        if history:
+            states = self._states
+            for digest in reversed(history):
+                hit = states.get(digest)
+                if hit is not None:
+                    states.move_to_end(digest)
+                    self._follow(record, hit, prints, "fingerprint", responses)
+                    return
         self._start_session(record, self._new_id(), "fingerprint", prints, responses)
 
     def _client_session(
@@ -571,9 +660,9 @@ class SessionTracker:
         self._counts["started"] += 1
         self._set_head(session_id, (1, 0))
         self._assigned(record, session_id, 1, prints, responses)
-        self._publish(
-            StoredEvent(self._event("session_start", record, session_id, 1, id_source=source))
-        )
+        event = self._event("session_start", record, session_id, 1)
+        event["id_source"] = source
+        self._publish(StoredEvent(event))
 
     def _follow(
         self,
@@ -595,16 +684,11 @@ class SessionTracker:
         # The fork shares the parent's turns up to from_seq; its own start there.
         self._set_head(session_id, (seq, from_seq))
         self._assigned(record, session_id, seq, prints, responses)
-        event = self._event(
-            "fork",
-            record,
-            session_id,
-            seq,
-            from_seq=from_seq,
-            parent_session=parent,
-            reason=FORK_REASON,
-            id_source=source,
-        )
+        event = self._event("fork", record, session_id, seq)
+        event["from_seq"] = from_seq
+        event["parent_session"] = parent
+        event["reason"] = FORK_REASON
+        event["id_source"] = source
         self._publish(StoredEvent(event))
 
     def _continue(
@@ -638,8 +722,9 @@ class SessionTracker:
             del pending[next(iter(pending))]
 
     def _event(
-        self, kind: str, record: ExchangeRecord, session_id: str, seq: int, **extra: Any
+        self, kind: str, record: ExchangeRecord, session_id: str, seq: int
     ) -> dict[str, Any]:
+        """A session event's common fields; the caller adds its own after them."""
         ts_ns = epoch_ns(record.started_at)
         return {
             "schema": SCHEMA_VERSION,
@@ -654,7 +739,6 @@ class SessionTracker:
             "upstream_host": record.upstream_host,
             "environment": record.environment,
             "machine": record.machine or machine_id(),
-            **extra,
         }
 
     # -- the end of an exchange ---------------------------------------------------
@@ -672,22 +756,24 @@ class SessionTracker:
         ):
             return
         facts = reply_facts(record)
+        session_id, seq = pending.session_id, pending.seq
         recorded = False
-        if pending.fingerprints is not None and facts.assistant_message is not None:
-            reply = reduce_message(facts.assistant_message)
-            digest = pending.fingerprints.state(reply)
-            self._remember(digest, pending.session_id, pending.seq)
-            recorded = True
+        prints = pending.fingerprints
+        if prints is not None:
+            message = facts.assistant_message
+            if message is not None:
+                self._remember(prints.state(reduce_message(message)), session_id, seq)
+                recorded = True
         if pending.responses and facts.merged_json is not None:
             response_id = _valid_id(facts.merged_json.get("id"))
             if response_id:
-                self._remember("r:" + response_id, pending.session_id, pending.seq)
+                self._remember("r:" + response_id, session_id, seq)
                 recorded = True
         if recorded:
             self._counts["states_recorded"] += 1
-            head = self._sessions.get(pending.session_id)
-            if head is not None and pending.seq > head[_STATE]:
-                self._set_head(pending.session_id, (head[_LAST], pending.seq))
+            head = self._sessions.get(session_id)
+            if head is not None and seq > head[_STATE]:
+                self._set_head(session_id, (head[_LAST], seq))
 
     # -- the maps -------------------------------------------------------------
 

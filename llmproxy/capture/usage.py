@@ -96,6 +96,8 @@ def _str(value: Any) -> str | None:
 def _int(value: Any) -> int | None:
     if type(value) is int:  # the usual case first; excludes bool, a subclass
         return value if value >= 0 else None
+    if value is None:
+        return None
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
@@ -144,23 +146,24 @@ def _dumps(value: Any) -> str:
 def openai_usage(raw: Any) -> Usage | None:
     """OpenAI chat/completions usage (``prompt_tokens``...) or Responses usage
     (``input_tokens``...); both count cached tokens inside the input."""
-    u = _dict(raw)
-    if not u:
+    if not raw or not isinstance(raw, dict):
         return None
-    if "prompt_tokens" in u or "completion_tokens" in u:
-        inp = _int(u.get("prompt_tokens"))
-        out = _int(u.get("completion_tokens"))
-        cached = _int(_dict(u.get("prompt_tokens_details")).get("cached_tokens"))
+    get = raw.get
+    if "prompt_tokens" in raw or "completion_tokens" in raw:
+        inp = _int(get("prompt_tokens"))
+        out = _int(get("completion_tokens"))
+        details = get("prompt_tokens_details")
     else:
-        inp = _int(u.get("input_tokens"))
-        out = _int(u.get("output_tokens"))
-        cached = _int(_dict(u.get("input_tokens_details")).get("cached_tokens"))
-    total = _int(u.get("total_tokens"))
-    if inp is None and out is None and total is None:
-        return None
+        inp = _int(get("input_tokens"))
+        out = _int(get("output_tokens"))
+        details = get("input_tokens_details")
+    cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else None
+    total = _int(get("total_tokens"))
     if total is None:
+        if inp is None and out is None:
+            return None
         total = _sum(inp, out)
-    return Usage(input_tokens=inp, output_tokens=out, total_tokens=total, cache_read_tokens=cached)
+    return Usage(inp, out, total, cached)
 
 
 def anthropic_usage(raw: Any) -> Usage | None:
@@ -243,15 +246,28 @@ def _responses_message(output: list[Any]) -> dict[str, Any] | None:
 
 def _chat_message(message: Any) -> dict[str, Any]:
     m = _dict(message)
-    calls = [c for c in _list(m.get("tool_calls")) if isinstance(c, dict)]
-    legacy = _dict(m.get("function_call"))
-    if legacy and not calls:
-        calls = [_tool_call("", legacy.get("name"), legacy.get("arguments", ""))]
-    return _message(m.get("content"), calls, m.get("refusal"))
+    get = m.get
+    tool_calls = get("tool_calls")
+    calls = [c for c in tool_calls if isinstance(c, dict)] if isinstance(tool_calls, list) else []
+    if not calls:
+        legacy = get("function_call")
+        if legacy and isinstance(legacy, dict):
+            calls = [_tool_call("", legacy.get("name"), legacy.get("arguments", ""))]
+    # _message, inlined
+    result: dict[str, Any] = {"role": "assistant", "content": get("content")}
+    if calls:
+        result["tool_calls"] = calls
+    refusal = get("refusal")
+    if isinstance(refusal, str) and refusal:
+        result["refusal"] = refusal
+    return result
 
 
 def _sorted_choices(obj: Mapping[str, Any]) -> list[dict[str, Any]]:
-    choices = [c for c in _list(obj.get("choices")) if isinstance(c, dict)]
+    raw = obj.get("choices")
+    if not raw or not isinstance(raw, list):
+        return []
+    choices = [c for c in raw if isinstance(c, dict)]
     if len(choices) > 1:  # usually one: nothing to sort
         choices.sort(key=lambda c: _index(c.get("index"), 0))
     return choices
@@ -304,30 +320,46 @@ def _summary(
     obj: Mapping[str, Any], shape: int, choices: list[dict[str, Any]]
 ) -> tuple[str | None, Usage | None, tuple[str, ...]]:
     """Model, usage and finish reasons of a parsed body (``choices``: sorted, for _CHAT)."""
-    model = _str(obj.get("model"))
+    model = obj.get("model")
+    if not isinstance(model, str):
+        model = None
     if shape == _ANTHROPIC:
         reason = _str(obj.get("stop_reason"))
         return model, anthropic_usage(obj.get("usage")), (reason,) if reason else ()
     if shape == _RESPONSES:
         return model, openai_usage(obj.get("usage")), _responses_finish(obj)
-    reasons = []
-    for choice in choices:
-        reason = choice.get("finish_reason")
-        if reason and isinstance(reason, str):
-            reasons.append(reason)
-    return model, openai_usage(obj.get("usage")), tuple(reasons)
+    reasons: tuple[str, ...]
+    if len(choices) == 1:  # the usual case: no list to build
+        reason = choices[0].get("finish_reason")
+        reasons = (reason,) if reason and isinstance(reason, str) else ()
+    else:
+        reasons = tuple(
+            reason
+            for choice in choices
+            if (reason := choice.get("finish_reason")) and isinstance(reason, str)
+        )
+    return model, openai_usage(obj.get("usage")), reasons
 
 
-@_never_raises
 def facts_from_json(body: bytes | str | Mapping[str, Any]) -> ResponseFacts:
     """Facts of a non-streamed response body (bytes, text or parsed object)."""
-    obj = body if isinstance(body, Mapping) else _loads(body)
-    if not isinstance(obj, Mapping):
+    try:
         if isinstance(body, bytes | str):
+            obj = _loads(body)
+            if type(obj) is dict:  # parsed here (orjson gives plain dicts): no copy needed
+                return _facts_of(obj)
             raw = body.encode("utf-8", "replace") if isinstance(body, str) else body
             return ResponseFacts(model=model_from_prefix(raw))
+        if isinstance(body, Mapping):
+            return _facts_of(dict(body))
         return EMPTY_FACTS
-    obj = dict(obj)
+    except Exception:
+        # A shape nobody foresaw: no facts, rather than a lost event.
+        return EMPTY_FACTS
+
+
+def _facts_of(obj: dict[str, Any]) -> ResponseFacts:
+    """``facts_from_json`` of a parsed object, which becomes ``merged_json`` as it is."""
     shape = _shape(obj)
     choices = _sorted_choices(obj) if shape == _CHAT else []
     model, usage, finish = _summary(obj, shape, choices)
@@ -342,13 +374,17 @@ def facts_from_json(body: bytes | str | Mapping[str, Any]) -> ResponseFacts:
             assistant = _chat_message(first.get("message"))
         elif isinstance(first.get("text"), str):
             assistant = _message(first["text"], [])
-    return ResponseFacts(
-        model=model,
-        usage=usage,
-        finish_reasons=finish,
-        assistant_message=assistant,
-        merged_json=obj,
-    )
+    return ResponseFacts(model, usage, finish, assistant, obj)
+
+
+def _merged_facts(merged: dict[str, Any]) -> ResponseFacts:
+    """The facts of a stream's merged response object, ``merged`` itself as
+    ``merged_json`` (what ``attrs.evolve(facts_from_json(merged), merged_json=merged)``
+    gives, without the copy and the evolve)."""
+    try:
+        return _facts_of(merged)
+    except Exception:
+        return ResponseFacts(merged_json=merged)
 
 
 def summary_from_json(body: bytes | str) -> tuple[str | None, Usage | None, tuple[str, ...]]:
@@ -441,8 +477,9 @@ class _StreamMerger:
     # -- OpenAI chat / completions
 
     def _openai(self, chunk: dict[str, Any]) -> None:
-        if self.dialect is None and (chunk.get("choices") or chunk.get("object")):
-            first = _dict(next(iter(_list(chunk.get("choices"))), None))
+        raw_choices = chunk.get("choices")
+        if self.dialect is None and (raw_choices or chunk.get("object")):
+            first = _dict(next(iter(_list(raw_choices)), None))
             legacy = chunk.get("object") == "text_completion" or (
                 "text" in first and "delta" not in first
             )
@@ -460,11 +497,16 @@ class _StreamMerger:
         usage = chunk.get("usage")
         if usage:
             self.usage_raw = _dict(usage)
-        # One chunk per token: each value is read once, into a local.
+        if not isinstance(raw_choices, list):
+            return  # no choices (a usage-only chunk), or not a list: nothing more to read
+        # One chunk per token: each value is read once, into a local, and the small
+        # readers (_dict, _index) are inlined for the usual types.
         choices = self.choices
-        for raw in _list(chunk.get("choices")):
-            c = _dict(raw)
-            index = _index(c.get("index"), 0)
+        for raw in raw_choices:
+            c = raw if type(raw) is dict else _dict(raw)
+            index = c.get("index")
+            if type(index) is not int or index < 0:
+                index = _index(index, 0)
             choice = choices.get(index)
             if choice is None:  # not setdefault: building a choice costs, once is enough
                 choice = choices[index] = _ChatChoice()
@@ -553,8 +595,7 @@ class _StreamMerger:
         merged["choices"] = choices
         if self.usage_raw is not None:
             merged["usage"] = self.usage_raw
-        facts = facts_from_json(merged)
-        return attrs.evolve(facts, merged_json=merged)
+        return _merged_facts(merged)
 
     # -- Responses API
 
@@ -611,8 +652,7 @@ class _StreamMerger:
             merged["output"] = self._responses_output()
         if self.error is not None and "error" not in merged:
             merged["error"] = self.error
-        facts = facts_from_json(merged)
-        return attrs.evolve(facts, merged_json=merged)
+        return _merged_facts(merged)
 
     # -- Anthropic
 
@@ -670,8 +710,7 @@ class _StreamMerger:
             merged["usage"] = dict(self.anthropic_usage)
         if self.error is not None:
             merged["error"] = self.error
-        facts = facts_from_json(merged)
-        return attrs.evolve(facts, merged_json=merged)
+        return _merged_facts(merged)
 
     def summary(self) -> tuple[str | None, Usage | None, tuple[str, ...]]:
         """``(model, usage, finish_reasons)`` of ``facts()``; for OpenAI chat and
@@ -741,18 +780,23 @@ def summary_from_sse_fields(
 def _merge(events: Iterable[tuple[str, str]]) -> _StreamMerger:
     merger = _StreamMerger()
     loads = orjson.loads
+    add = merger.add
+    openai = merger._openai
     for name, data in events:
-        if not data or data[0] != "{":
+        if data[:1] != "{":
             continue  # "[DONE]", keep-alives, and arrays, which add nothing
         try:
             obj = loads(data)
         except (ValueError, RecursionError):  # orjson.JSONDecodeError is a ValueError
             continue
-        if isinstance(obj, dict):
-            try:
-                merger.add(obj, name)
-            except Exception:
-                continue  # one odd event must not cost the others
+        # Data starting with "{" that parses is an object: no type check needed.
+        try:
+            if name == "message" and "choices" in obj and "type" not in obj:
+                openai(obj)  # a chat chunk (nearly every event): where add() sends it
+            else:
+                add(obj, name)
+        except Exception:
+            continue  # one odd event must not cost the others
     return merger
 
 

@@ -217,3 +217,95 @@ def test_the_response_event_is_the_same_whether_the_tracker_read_the_reply_or_no
 def test_only_a_session_tracker_needs_the_whole_request_body() -> None:
     assert make()[0].needs_whole_body is False
     assert make(Calls())[0].needs_whole_body is True
+
+
+def finish_streamed(rec: ExchangeRecord) -> None:
+    """A streamed reply: three chat chunks, a usage chunk and [DONE], one chunk each."""
+    header = {"id": "c1", "object": "chat.completion.chunk", "model": "gpt-4o-mini-2024-07-18"}
+    frames: list[dict[str, Any]] = [
+        {**header, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]},
+        {**header, "choices": [{"index": 0, "delta": {"content": "Hel"}}]},
+        {**header, "choices": [{"index": 0, "delta": {"content": "lo"}, "finish_reason": "stop"}]},
+        {**header, "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}},
+    ]
+    chunks = [b"data: " + orjson.dumps(frame) + b"\n\n" for frame in frames]
+    chunks.append(b"data: [DONE]\n\n")
+    rec.status = 200
+    rec.outcome = "ok"
+    rec.first_byte_at = 0.01
+    rec.ended_at = 0.02
+    rec.response_headers = [(b"Content-Type", b"text/event-stream; charset=utf-8")]
+    rec.response_chunks = [(0.01 + i / 1000, chunk) for i, chunk in enumerate(chunks)]
+    rec.response_body_size = sum(len(chunk) for chunk in chunks)
+
+
+def test_a_streamed_reply_is_read_once_and_its_event_is_the_same() -> None:
+    clock, bus = Clock(), Bus()
+    tracker = SessionTracker(bus.publish, None, 1000, clock)
+    tracked = CapturePump(bus, CaptureSettings(), clock, enabled=True, sessions=tracker)
+    plain_bus = Bus()
+    plain = CapturePump(plain_bus, CaptureSettings(), clock, enabled=True)
+    a, b = record("a", {**CHAT, "stream": True}), record("a", {**CHAT, "stream": True})
+    for pump, rec in ((tracked, a), (plain, b)):
+        pump.request_started(rec, rec.request_body)
+        finish_streamed(rec)
+        pump.request_finished(rec)
+    clock.advance(0)
+    # The tracker's reading of the stream is left for the event (not parsed twice).
+    assert a.reply_summary is not None and b.reply_summary is None
+    assert tracker.stats()["states_recorded"] == 1  # it read the reply: "Hello"
+    tracked_event = dict(bus.envelopes[-1].payload())
+    assert (tracked_event.pop("session_id"), tracked_event.pop("seq")) == (a.session_id, 1)
+    plain_event = dict(plain_bus.envelopes[-1].payload())
+    del plain_event["session_id"], plain_event["seq"]
+    assert tracked_event == plain_event
+    assert tracked_event["usage"]["total_tokens"] == 5
+    assert tracked_event["finish_reasons"] == ["stop"]
+    assert tracked_event["model"] == "gpt-4o-mini-2024-07-18"
+
+
+def test_the_tracker_takes_the_request_object_the_events_parsed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from llmproxy.capture import sessions
+
+    parsed_by_tracker: list[Any] = []
+
+    class CountingOrjson:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(orjson, name)
+
+        def loads(self, data: Any) -> Any:
+            parsed_by_tracker.append(data)
+            return orjson.loads(data)
+
+    monkeypatch.setattr(sessions, "orjson", CountingOrjson())
+    clock, bus = Clock(), Bus()
+    tracker = SessionTracker(bus.publish, None, 1000, clock)
+    pump = CapturePump(bus, CaptureSettings(), clock, enabled=True, sessions=tracker)
+    first = record("first")
+    pump.request_started(first, first.request_body)
+    finish(first)
+    pump.request_finished(first)
+    clock.advance(0)
+    # The next turn: the conversation goes on in the same session, exactly as it
+    # does when the tracker parses the body itself.
+    follow_up = {
+        **CHAT,
+        "messages": [
+            *CHAT["messages"],  # type: ignore[misc]
+            {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": "more"},
+        ],
+    }
+    second = record("second", follow_up)
+    pump.request_started(second, second.request_body)
+    clock.advance(0)
+    assert (second.session_id, second.seq) == (first.session_id, 2)
+    assert parsed_by_tracker == []  # neither request body was parsed a second time
+    request = bus.envelopes[-1].payload()
+    assert (request["type"], request["session_id"], request["seq"]) == (
+        "request",
+        first.session_id,
+        2,
+    )

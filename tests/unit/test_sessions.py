@@ -1226,6 +1226,26 @@ def test_new_session_ids_are_random_version_4_uuids() -> None:
     assert {text[19] for text in ids} == set("89ab")
 
 
+def test_a_forked_child_does_not_reuse_its_parents_random_session_ids() -> None:
+    import os
+
+    from llmproxy.capture.sessions import _new_session_id
+
+    _new_session_id()  # the parent holds random digits for the next ids
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next id, to the parent
+        try:
+            os.write(write, _new_session_id().encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    child_id = os.read(read, 100).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert len(child_id) == 36 and child_id != _new_session_id()
+
+
 def test_the_tracker_adds_no_objects_for_the_garbage_collector_to_scan() -> None:
     import gc
 
