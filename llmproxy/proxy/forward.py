@@ -28,6 +28,7 @@ from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.client import FileBodyProducer, ResponseDone
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 from twisted.web.resource import Resource
@@ -37,7 +38,11 @@ from llmproxy.capture.record import ExchangeRecord
 from llmproxy.metrics import ProxyMetrics
 from llmproxy.proxy.client import UpstreamPool, UpstreamResponse
 from llmproxy.proxy.errors import error_body
-from llmproxy.proxy.headers import filter_headers, request_id_from
+from llmproxy.proxy.headers import (
+    filter_headers,
+    request_id_from,
+    upstream_request_headers,
+)
 from llmproxy.proxy.router import Refusal, Router, Target
 from llmproxy.settings import CaptureSettings, ServerSettings
 
@@ -231,6 +236,7 @@ class Exchange:
         "_later",
         "_pending",
         "_relay_transport",
+        "_relaying",
         "_t0",
         "_t_dispatch",
         "_timed_out",
@@ -253,6 +259,7 @@ class Exchange:
         self._first_byte_timer: IDelayedCall | None = None
         self._idle_timer: IDelayedCall | None = None
         self._relay_transport: Any = None
+        self._relaying = False  # between relay_started (client still there) and relay_ended
         self._timed_out = ""
         self._last_data = 0.0
         self._t0 = 0.0
@@ -372,12 +379,7 @@ class Exchange:
         drop = decision.drop_headers
         if decision.set_headers:
             drop = drop | {n.lower() for n, _ in decision.set_headers}
-        headers = [
-            (n, v)
-            for n, vs in filter_headers(raw_headers, upstream=True)
-            if not drop or n.lower() not in drop
-            for v in vs
-        ]
+        headers = upstream_request_headers(raw_headers, drop)
         headers.extend(decision.set_headers)
         headers.append((b"X-Request-ID", record.request_id.encode()))
         self._cap_left = proxy.capture.response_body_bytes
@@ -502,6 +504,12 @@ class Exchange:
         if self.stream:
             proxy.metrics.open_streams += 1
         response.deliverBody(_Relay(self))
+        # A small answer that came with its head has been relayed and ended by
+        # now: only a body still under way needs the idle timer.  (Started here,
+        # not in relay_started, so that the common case costs no timed call;
+        # the same reactor turn, so the deadline is the same.)
+        if self._relaying:
+            self._idle_timer = proxy.clock.callLater(proxy.limits.idle_timeout, self._idle_check)
 
     def relay_started(self, transport: Any) -> None:
         self._relay_transport = transport
@@ -509,9 +517,8 @@ class Exchange:
             transport.stopProducing()
             return
         self.request.registerProducer(transport, True)
-        idle = self.proxy.limits.idle_timeout
         self._last_data = self.proxy.clock.seconds()
-        self._idle_timer = self.proxy.clock.callLater(idle, self._idle_check)
+        self._relaying = True
 
     def relay_data(self, data: bytes) -> None:
         n = len(data)
@@ -548,15 +555,20 @@ class Exchange:
             self._relay_transport.stopProducing()
 
     def relay_ended(self, reason: Failure) -> None:
+        self._relaying = False
         if self._idle_timer is not None and self._idle_timer.active():
             self._idle_timer.cancel()
         self._idle_timer = None
         if self.stream:
             self.proxy.metrics.open_streams -= 1
-        clean = reason.check(ResponseDone, http.PotentialDataLoss) is not None
+        # (isinstance, not reason.check(): that formats each class's qualified
+        # name per call, and twisted.web.http's module attributes go through a
+        # deprecation proxy, 2 us per lookup: PotentialDataLoss is imported.)
+        done = isinstance(reason.value, ResponseDone)
+        clean = done or isinstance(reason.value, PotentialDataLoss)
         if self._cache is not None:
             # Close-delimited bodies (PotentialDataLoss) may be cut short: never stored.
-            self._cache.ended(reason.check(ResponseDone) is not None)
+            self._cache.ended(done)
         if self.alive:
             self.request.unregisterProducer()
             if clean:

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Sequence
+
+from twisted.web.http import datetimeToString
 
 # Connection-specific fields never forwarded, in either direction.  Names are
 # lower-case bytes, as Twisted's Headers.getAllRawHeaders() yields them... in
@@ -29,22 +32,49 @@ _NOT_FORWARDED_DOWN = HOP_BY_HOP | {b"x-request-id", b"date", b"server"}
 _REQUEST_ID_RE = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
 
 
-def _connection_tokens(headers: Iterable[tuple[bytes, Sequence[bytes]]]) -> frozenset[bytes]:
-    tokens: set[bytes] = set()
-    for name, values in headers:
-        if name.lower() == b"connection":
-            for v in values:
-                tokens.update(t.strip().lower() for t in v.split(b",") if t.strip())
-    return frozenset(tokens)
+def _kept(
+    raw: Sequence[tuple[bytes, Sequence[bytes]]], drop: frozenset[bytes]
+) -> list[tuple[bytes, Sequence[bytes]]]:
+    """The pairs of ``raw`` whose name is neither in ``drop`` (which holds
+    ``connection``) nor listed in a ``Connection`` field.
+
+    (A plain loop, a name lower-cased once: this runs twice per exchange.  The
+    names a Connection field lists are nearly always hop-by-hop ones, dropped
+    anyway: a second pass only when it names another.)
+    """
+    kept = []
+    named: set[bytes] | None = None
+    for pair in raw:
+        low = pair[0].lower()
+        if low not in drop:
+            kept.append(pair)
+        elif low == b"connection":
+            if named is None:
+                named = set()
+            for v in pair[1]:
+                named.update(t.strip().lower() for t in v.split(b",") if t.strip())
+    if named:
+        named -= drop
+        if named:
+            kept = [p for p in kept if p[0].lower() not in named]
+    return kept
 
 
 def filter_headers(
     raw: Sequence[tuple[bytes, Sequence[bytes]]], upstream: bool
 ) -> list[tuple[bytes, Sequence[bytes]]]:
     """Drop hop-by-hop fields (and any named in ``Connection``)."""
-    drop = _NOT_FORWARDED_UP if upstream else _NOT_FORWARDED_DOWN
-    extra = _connection_tokens(raw)
-    return [(n, v) for n, v in raw if (low := n.lower()) not in drop and low not in extra]
+    return _kept(raw, _NOT_FORWARDED_UP if upstream else _NOT_FORWARDED_DOWN)
+
+
+def upstream_request_headers(
+    raw: Sequence[tuple[bytes, Sequence[bytes]]], drop: frozenset[bytes] = frozenset()
+) -> list[tuple[bytes, bytes]]:
+    """The client's request headers as they go upstream: ``filter_headers(raw,
+    upstream=True)`` without the (lower-case) names in ``drop``, one
+    ``(name, value)`` pair per value."""
+    kept = _kept(raw, _NOT_FORWARDED_UP | drop if drop else _NOT_FORWARDED_UP)
+    return [(n, v) for n, vs in kept for v in vs]
 
 
 def request_id_from(value: bytes | None) -> str:
@@ -52,3 +82,26 @@ def request_id_from(value: bytes | None) -> str:
     if value is not None and _REQUEST_ID_RE.match(value):
         return value.decode("ascii")
     return os.urandom(16).hex()
+
+
+class HttpDate:
+    """The value of the ``Date`` response header, formatted at most once a second.
+
+    Twisted formats it anew for every response (``datetimeToString()``, about
+    2 us); its resolution is a second, so the last value serves until the
+    second changes.  Same text as ``datetimeToString()`` for the same second.
+    """
+
+    __slots__ = ("_clock", "_second", "_value")
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._second = -1
+        self._value = b""
+
+    def __call__(self) -> bytes:
+        second = int(self._clock())
+        if second != self._second:
+            self._value = datetimeToString(second)
+            self._second = second
+        return self._value

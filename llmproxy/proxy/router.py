@@ -18,6 +18,8 @@ from llmproxy.settings import PassthroughSettings, RouteSettings
 
 PROVIDERS = frozenset({"openai", "anthropic"})
 _DOT_SEGMENT = re.compile(rb"(^|/)\.{1,2}(/|$)|%2e|%2f|%5c|\\", re.IGNORECASE)
+# Paths remembered with their Target (see Router.resolve); past this, start over.
+_RESOLVED_MAX = 1024
 
 
 @attrs.frozen
@@ -82,9 +84,27 @@ class Router:
         self._passthrough = passthrough.enabled
         self._https_hosts = frozenset(h.encode() for h in passthrough.allowed_hosts)
         self._http_hosts = frozenset(h.encode() for h in passthrough.allowed_http_hosts)
+        # A client sends the same few paths over and over: resolving one (the
+        # dot-segment regex, the prefix scan, a new frozen Target) costs more
+        # than the rest of the routing, and its answer depends only on the
+        # path and this router's (immutable) settings.  Targets are frozen, so
+        # one can serve every request for its path.  Refusals are not kept: a
+        # scanner's 404s would only crowd out the real paths.
+        self._resolved: dict[bytes, Target] = {}
 
     def resolve(self, path: bytes) -> Target | Refusal:
         """``path`` is the raw request path (no query), as the client sent it."""
+        target = self._resolved.get(path)
+        if target is not None:
+            return target
+        result = self._resolve(path)
+        if isinstance(result, Target):
+            if len(self._resolved) >= _RESOLVED_MAX:
+                self._resolved.clear()
+            self._resolved[path] = result
+        return result
+
+    def _resolve(self, path: bytes) -> Target | Refusal:
         if not path.startswith(b"/"):
             return Refusal(400, "request target must be an absolute path")
         if self._passthrough:

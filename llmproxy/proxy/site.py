@@ -3,16 +3,21 @@ log by default (tests: tests/integration/test_proxy.py, tests/integration/test_a
 
 from __future__ import annotations
 
+from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.http import HTTPChannel, Request
+from twisted.web.http_headers import InvalidHeaderName, _nameEncoder
 
 from llmproxy.proxy.errors import error_body
 from llmproxy.proxy.forward import ProxyResource
+from llmproxy.proxy.headers import HttpDate
 
 log = Logger()
+_SERVER = [server.version]
+_date = HttpDate()
 
 
 class ProxyRequest(server.Request):
@@ -55,8 +60,30 @@ class ProxyRequest(server.Request):
             return
         super().requestReceived(command, path, version)
 
+    def process(self) -> None:
+        # server.Request.process, less what a site whose root is one leaf
+        # resource does not need: no traversal (getResourceFor, prepath and
+        # postpath, unquoting every path segment: nothing here reads them), no
+        # encoder lookup (the proxy never compresses), and the Date header
+        # from a per-second cache.  The same headers, in the same order.
+        site: ProxySite = self.channel.site  # type: ignore[union-attr,attr-defined]
+        self.site = site
+        headers = self.responseHeaders
+        headers.setRawHeaders(b"Server", _SERVER)
+        headers.setRawHeaders(b"Date", [_date()])
+        if self.path == b"*":
+            self._handleStar()  # type: ignore[no-untyped-call]
+            return
+        try:
+            self.render(site.resource)  # type: ignore[no-untyped-call]
+        except BaseException:
+            self.processingFailed(Failure())  # type: ignore[no-untyped-call]
+
 
 class _LimitedChannel(HTTPChannel):
+    _peer: IAddress | None = None
+    _host: IAddress | None = None
+
     def connectionMade(self) -> None:
         site: ProxySite = self.site  # type: ignore[attr-defined]
         limits = site.proxy.limits
@@ -76,6 +103,51 @@ class _LimitedChannel(HTTPChannel):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.site.proxy.metrics.connections -= 1  # type: ignore[attr-defined]
         super().connectionLost(reason)
+
+    # Every Request asks for both addresses when it is made; a TCP transport
+    # builds a new address object each time, and getHost() is a getsockname()
+    # system call.  Neither changes while the connection lasts.
+    def getPeer(self) -> IAddress:
+        if self._peer is None:
+            self._peer = super().getPeer()
+        return self._peer
+
+    def getHost(self) -> IAddress:
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
+
+    def headerReceived(self, line: bytes) -> bool:
+        # HTTPChannel.headerReceived, with the same checks and answers, less
+        # its repeated work: addRawHeader canonicalised the name a second
+        # time and rewrote CR/LF in a value already refused for containing
+        # them, and every header went through _maybeChooseTransferDecoder.
+        name, colon, data = line.partition(b":")
+        if not colon:
+            self._respondToBadRequestAndDisconnect()
+            return False
+        try:
+            header = _nameEncoder.encode(name)
+        except InvalidHeaderName:
+            self._respondToBadRequestAndDisconnect()
+            return False
+        data = data.strip(b" \t")
+        # A header value must not contain NUL, CR, or LF (RFC 9110 section 5.5).
+        if b"\r" in data or b"\n" in data or b"\x00" in data:
+            self._respondToBadRequestAndDisconnect()
+            return False
+        if (
+            header == b"Content-Length" or header == b"Transfer-Encoding"
+        ) and not self._maybeChooseTransferDecoder(header, data):
+            return False
+        # (Headers keeps canonical name -> values; the name is canonical and
+        # the value clean, which is all addRawHeader would have ensured.)
+        self.requests[-1].requestHeaders._rawHeaders.setdefault(header, []).append(data)
+        self._receivedHeaderCount += 1
+        if self._receivedHeaderCount > self.maxHeaders:
+            self._respondToBadRequestAndDisconnect()
+            return False
+        return True
 
     def _respondToBadRequestAndDisconnect(self) -> None:
         # HTTPChannel answers every bad request head with a bare 400; its
@@ -127,6 +199,7 @@ class ProxySite(server.Site):
         # request path's CPU) is pure cost here.  Request.__init__ copies this
         # from the site, so a class attribute on the request would be overwritten.
         super().__init__(proxy, timeout=idle_timeout, parsePOSTFormSubmission=False)
+        assert proxy.isLeaf  # ProxyRequest.process renders it without traversal
         self.proxy = proxy
         self.max_body_bytes = max_body_bytes
         self.max_connections = max_connections

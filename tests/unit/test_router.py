@@ -137,3 +137,41 @@ def test_error_body_has_the_openai_shape() -> None:
             "code": "request_too_large",
         }
     }
+
+
+_PATHS = st.lists(
+    st.sampled_from(
+        [
+            b"/openai/v1/chat",
+            b"/openai",
+            b"/claude/v1/messages",
+            b"/local/x",
+            b"/nope",
+            b"/a/../b",
+            b"/openai/api.openai.com/v1",
+            b"/anthropic/api.anthropic.com/v1/messages",
+            b"v1",
+        ]
+    ),
+    max_size=20,
+)
+
+
+@given(_PATHS)
+def test_a_path_resolves_the_same_every_time(paths: list[bytes]) -> None:
+    remembered = Router(ROUTES, PASS)
+    for path in paths:
+        assert remembered.resolve(path) == Router(ROUTES, PASS).resolve(path)
+
+
+def test_remembered_paths_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmproxy.proxy import router
+
+    monkeypatch.setattr(router, "_RESOLVED_MAX", 3)
+    r = Router(ROUTES, PASS)
+    for i in range(10):
+        t = r.resolve(b"/openai/v%d" % i)
+        assert isinstance(t, Target) and t.rest == b"/v%d" % i
+        assert len(r._resolved) <= 3
+    assert isinstance(r.resolve(b"/nope"), Refusal)
+    assert b"/nope" not in r._resolved  # refusals are not kept
