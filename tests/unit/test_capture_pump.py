@@ -143,7 +143,8 @@ def test_events_carry_the_session_and_are_encoded_once() -> None:
     assert response.payload()["usage"]["total_tokens"] == 4
 
 
-def test_a_real_tracker_starts_and_continues_a_conversation() -> None:
+def first_turn_through_a_real_tracker() -> tuple[Clock, Bus, CapturePump, ExchangeRecord]:
+    """A pump with a real session tracker that has handled one whole first turn."""
     clock, bus = Clock(), Bus()
     tracker = SessionTracker(bus.publish, None, 1000, clock)
     pump = CapturePump(bus, CaptureSettings(), clock, enabled=True, sessions=tracker)
@@ -152,6 +153,11 @@ def test_a_real_tracker_starts_and_continues_a_conversation() -> None:
     finish(first)
     pump.request_finished(first)
     clock.advance(0)
+    return clock, bus, pump, first
+
+
+def test_a_real_tracker_starts_and_continues_a_conversation() -> None:
+    clock, bus, pump, first = first_turn_through_a_real_tracker()
     turn2 = {
         "model": "gpt-4o-mini",
         "messages": [
@@ -280,14 +286,7 @@ def test_the_tracker_takes_the_request_object_the_events_parsed(
             return orjson.loads(data)
 
     monkeypatch.setattr(sessions, "orjson", CountingOrjson())
-    clock, bus = Clock(), Bus()
-    tracker = SessionTracker(bus.publish, None, 1000, clock)
-    pump = CapturePump(bus, CaptureSettings(), clock, enabled=True, sessions=tracker)
-    first = record("first")
-    pump.request_started(first, first.request_body)
-    finish(first)
-    pump.request_finished(first)
-    clock.advance(0)
+    clock, bus, pump, first = first_turn_through_a_real_tracker()
     # The next turn: the conversation goes on in the same session, exactly as it
     # does when the tracker parses the body itself.
     follow_up = {
