@@ -53,6 +53,7 @@ arriving at an empty buffer is always accepted, even alone over ``buffer_bytes``
 
 from __future__ import annotations
 
+import contextlib
 import random as _random
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -104,6 +105,9 @@ class _Batch:
     timer: IDelayedCall | None = None
     settled: bool = False  # its outcome is handled: late answers are ignored
     envelopes: list[Envelope] = attrs.field(factory=list, repr=False)  # for on_settled only
+    # What the sink's ``prepare`` made of each event when it was published (None
+    # for an event replayed from the spool, or when the sink has no ``prepare``).
+    prepared: list[Any] = attrs.field(factory=list, repr=False)
 
 
 @attrs.define(eq=False)
@@ -141,6 +145,11 @@ class BatchingExporter:
     _sink_closing: Deferred[Any] | None = attrs.field(init=False, default=None)
     _failing: bool = attrs.field(init=False, default=False)
     _warned: set[str] = attrs.field(init=False, factory=set)
+    # A sink's ``prepare(event, line)``: its per-event part of encoding, done when
+    # the event is published (a reactor turn's worth at a time) rather than for a
+    # whole batch in the turn that sends it; results by ordinal until batched.
+    _prepare: Callable[[dict[str, Any], bytes], Any] | None = attrs.field(init=False, default=None)
+    _prepared: dict[int, Any] = attrs.field(init=False, factory=dict)
     # counters
     _accepted: int = attrs.field(init=False, default=0)
     _recovered: int = attrs.field(init=False, default=0)
@@ -155,6 +164,7 @@ class BatchingExporter:
     _last_error: str | None = attrs.field(init=False, default=None)
 
     def __attrs_post_init__(self) -> None:
+        self._prepare = getattr(self._sink, "prepare", None)
         if self._spool is not None:
             self._recovered = self._accepted = self._spool.event_count
             self._next_ordinal = self._spool.next_ordinal
@@ -197,14 +207,24 @@ class BatchingExporter:
                 self._drop(1, "buffer_full")
                 self._report((envelope,), "dropped")
                 return
-            self._queue.append((self._take_ordinal(), envelope, size, self._now()))
+            ordinal = self._take_ordinal()
+            self._queue.append((ordinal, envelope, size, self._now()))
             self._queue_bytes += size
+            if self._prepare is not None:
+                self._prepare_one(ordinal, envelope)
             if self._pump_timer is None and self._has_free_slot() and self._batch_ready():
                 # Batches are built off the request path, in the next reactor turn.
                 self._pump_timer = self._later(0, self._pump_soon)
         except Exception:
             # A bug, not a failure path: logged as an error (tests fail on it).
             log.failure("exporter {name}: publish failed", name=self.name)
+
+    def _prepare_one(self, ordinal: int, envelope: Envelope) -> None:
+        """The sink's per-event work, now; an event it fails on is prepared again
+        (or reported) when its batch is sent."""
+        assert self._prepare is not None
+        with contextlib.suppress(Exception):
+            self._prepared[ordinal] = self._prepare(envelope.payload(), envelope.json())
 
     def _full(self, size: int) -> bool:
         if not self._queue:
@@ -243,6 +263,8 @@ class BatchingExporter:
         events: list[dict[str, Any]] = []
         lines: list[bytes] = []
         envelopes: list[Envelope] = []
+        prepared: list[Any] = []
+        pop_prepared = self._prepared.pop
         first = last = source[0][0]
         enqueued_at = source[0][3]
         size = 0
@@ -253,6 +275,7 @@ class BatchingExporter:
                 event = envelope.payload()
             except Exception:
                 source.popleft()
+                pop_prepared(ordinal, None)
                 if source is self._queue:
                     self._queue_bytes -= hint
                 self._drop(1, "encode_failed")
@@ -269,10 +292,13 @@ class BatchingExporter:
             last = ordinal
             events.append(event)
             lines.append(line)
+            prepared.append(pop_prepared(ordinal, None))
             if self._on_settled is not None:
                 envelopes.append(envelope)
             size += len(line)
-        return _Batch(events, lines, first, last, enqueued_at, envelopes=envelopes)
+        return _Batch(
+            events, lines, first, last, enqueued_at, envelopes=envelopes, prepared=prepared
+        )
 
     # -- dispatch -----------------------------------------------------------------
 
@@ -398,8 +424,12 @@ class BatchingExporter:
         batch.timer = None
         batch.attempt += 1
         deliver_lines = getattr(self._sink, "deliver_lines", None)
-        if deliver_lines is not None:  # the sink writes the events' JSON as it is
-            d: Deferred[Any] = maybeDeferred(deliver_lines, batch.events, batch.lines)
+        if self._prepare is not None:  # ... and it prepared them when published
+            deliver_prepared: Callable[..., Any] = self._sink.deliver_prepared  # type: ignore[attr-defined]
+            prepared = batch.prepared or [None] * len(batch.events)
+            d: Deferred[Any] = maybeDeferred(deliver_prepared, batch.events, batch.lines, prepared)
+        elif deliver_lines is not None:  # the sink writes the events' JSON as it is
+            d = maybeDeferred(deliver_lines, batch.events, batch.lines)
         else:
             d = maybeDeferred(self._sink.deliver, batch.events)
         batch.deferred = d

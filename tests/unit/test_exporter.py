@@ -996,3 +996,54 @@ def test_a_sink_with_deliver_lines_gets_the_encoded_events(tmp_path: Path) -> No
     ]
     assert h.sink.answer(Delivered()) == [1, 2, 3]
     assert h.stats()["sent"] == 3
+
+
+@attrs.define
+class PreparingSink(FakeSink):
+    """A sink that does its per-event work when the exporter publishes an event."""
+
+    prepared_at_publish: list[int] = attrs.Factory(list)
+    received: list[list[Any]] = attrs.Factory(list)
+    refuse: frozenset[int] = frozenset()
+
+    def prepare(self, event: dict[str, Any], line: bytes) -> Any:
+        if event["i"] in self.refuse:
+            raise ValueError("cannot prepare this one")
+        self.prepared_at_publish.append(event["i"])
+        return ("prepared", event["i"], line)
+
+    def deliver_prepared(
+        self, events: Sequence[dict[str, Any]], lines: Sequence[bytes], prepared: Sequence[Any]
+    ) -> Any:
+        self.received.append(list(prepared))
+        return self.deliver(events)
+
+
+def test_a_sink_prepares_each_event_when_it_is_published(tmp_path: Path) -> None:
+    sink = PreparingSink(refuse=frozenset({2}))
+    h = make(tmp_path, sink=sink, batch_size=3)
+    h.publish(1, 2, 3)
+    # Prepared as published, before any batch was made.
+    assert sink.prepared_at_publish == [1, 3] and sink.calls == []
+    h.clock.advance(1.0)
+    (got,) = sink.received
+    assert got[0] == ("prepared", 1, orjson.dumps({"type": "request", "i": 1}))
+    assert got[1] is None  # its prepare failed: the sink does it again when sending
+    assert got[2][:2] == ("prepared", 3)
+    # A retry sends the same prepared values; nothing is kept once batched.
+    h.sink.answer(Retry("HTTP 503"))
+    h.clock.advance(60.0)
+    assert sink.received[1] == got
+    assert h.exporter._prepared == {}
+
+
+def test_events_replayed_from_the_spool_arrive_unprepared(tmp_path: Path) -> None:
+    first = make(tmp_path, sink=PreparingSink(), batch_size=2, max_retries=0)
+    first.publish(1, 2)
+    first.clock.advance(1.0)
+    first.sink.answer(Retry("HTTP 503"))  # no retries left: spooled
+    assert first.spooled_ids() == [1, 2]
+    again = make(tmp_path, sink=PreparingSink(), batch_size=2)
+    again.clock.advance(1.0)
+    assert again.sink.received == [[None, None]]
+    assert again.sink.answer(Delivered()) == [1, 2]

@@ -590,6 +590,16 @@ def test_deliver_lines_sends_what_deliver_sends_without_encoding_again() -> None
     assert by_lines == by_events
     assert verdict_of(sink.deliver_lines(events, lines)) == Delivered()
     assert len(fake.entries()) == 5
+    first = sorted(e.line for e in fake.entries())
+    # Prepared when published (the exporter calls prepare), some not (the spool):
+    # the same entries reach Loki.
+    sink, fake, _ = against_fake()
+    prepared = [
+        sink.prepare(e, line) if n % 2 else None
+        for n, (e, line) in enumerate(zip(events, lines, strict=True))
+    ]
+    assert verdict_of(sink.deliver_prepared(events, lines, prepared)) == Delivered()
+    assert sorted(e.line for e in fake.entries()) == first
     # The lines are what is sent: the sink does not encode the events itself.
     marked = [orjson.dumps({**e, "marker": n}) for n, e in enumerate(events[:4])]
     sent = decode(sink.encode(events[:4], marked))
@@ -600,11 +610,11 @@ def test_deliver_lines_sends_what_deliver_sends_without_encoding_again() -> None
 
 def test_a_broken_encoder_fails_deliver_lines_for_a_retry() -> None:
     sink = make_sink()
-    with pytest.raises(IndexError):
+    with pytest.raises(ValueError):
         sink.encode([event(1)], [])  # fewer lines than events: a caller's bug
     out: list[object] = []
     sink.deliver_lines([event(1)], []).addBoth(out.append)
-    assert isinstance(out[0], Failure) and out[0].check(IndexError)
+    assert isinstance(out[0], Failure) and out[0].check(ValueError)
 
 
 def test_auth_reaches_loki() -> None:
