@@ -18,6 +18,31 @@ BIN = Path(sys.executable).parent
 _LISTEN_RE = re.compile(rb"listening on (\S+) \(port (\d+)\)")
 
 
+def write_config(
+    tmp_path: Path, upstream_port: int, *, drain: float = 3.0, server: str = "", extra: str = ""
+) -> Path:
+    """An ini for a daemon on free loopback ports: one route to the upstream,
+    ``server`` lines added to ``[server]``, ``extra`` sections after it."""
+    cfg = tmp_path / "llmproxy.ini"
+    cfg.write_text(
+        f"""
+[server]
+listen = tcp:0:interface=127.0.0.1
+admin_listen = tcp:0:interface=127.0.0.1
+state_dir = {tmp_path / "state"}
+drain_timeout = {drain}
+{server}
+
+[route:root]
+prefix = /
+upstream = http://127.0.0.1:{upstream_port}
+provider = openai
+{extra}
+"""
+    )
+    return cfg
+
+
 class DaemonProtocol(protocol.ProcessProtocol):
     def __init__(self) -> None:
         self.output = b""

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import attrs
 import pytest_twisted
 import treq
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, protocol, reactor, task
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
@@ -18,6 +18,17 @@ from llmproxy.capture.record import ExchangeRecord
 from llmproxy.config import load_settings
 from llmproxy.service import ProxyService
 from tests.fakes.upstream import FakeUpstream
+
+
+async def wait_until(
+    predicate: Callable[[], bool], timeout: float = 20.0, what: str = "condition"
+) -> None:
+    """Poll a condition (not a timing assertion): bounded, fails with a clear message."""
+    deadline = reactor.seconds() + timeout  # type: ignore[attr-defined]
+    while not predicate():
+        if reactor.seconds() > deadline:  # type: ignore[attr-defined]
+            raise AssertionError(f"{what} not met within {timeout}s")
+        await task.deferLater(reactor, 0.05, lambda: None)
 
 
 class RecordedEvents:

@@ -17,12 +17,12 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, protocol, reactor, task
+from twisted.internet import defer, protocol, reactor
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.failure import Failure
 
 from tests.fakes.upstream import sse_chunks
-from tests.integration.harness import Running, running_fixture
+from tests.integration.harness import Running, running_fixture, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -207,8 +207,7 @@ async def test_ctrl_c_stops_the_run_cleanly(env: Running) -> None:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("LLMPROXY_")}
     transport = reactor.spawnProcess(proto, sys.executable, argv, env=environ)  # type: ignore[attr-defined]
     # Wait until the three requests are in flight at the upstream, then interrupt.
-    while len([r for r in env.upstream.requests if r["uri"] == b"/hang"]) < 3:
-        await task.deferLater(reactor, 0.05, lambda: None)
+    await wait_until(lambda: len([r for r in env.upstream.requests if r["uri"] == b"/hang"]) >= 3)
     transport.signalProcess("INT")
     code = await proto.ended.addTimeout(60, reactor)
     assert code == 130

@@ -16,7 +16,7 @@ from twisted.internet.protocol import Protocol
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from tests.fakes.upstream import FakeUpstream
-from tests.integration.daemon import BIN, kill, spawn, terminate
+from tests.integration.daemon import BIN, kill, spawn, terminate, write_config
 from tests.integration.harness import Collect, raw_request
 
 pytestmark = pytest.mark.integration
@@ -115,31 +115,11 @@ def test_check_config_accepts_a_good_file_and_names_every_bad_key(tmp_path: Path
     assert any(x.startswith("exporter:l.url: required") for x in lines), lines
 
 
-def _write_config(tmp_path: Path, upstream_port: int, drain: float = 3.0, extra: str = "") -> Path:
-    cfg = tmp_path / "llmproxy.ini"
-    cfg.write_text(
-        f"""
-[server]
-listen = tcp:0:interface=127.0.0.1
-admin_listen = tcp:0:interface=127.0.0.1
-state_dir = {tmp_path / "state"}
-drain_timeout = {drain}
-
-[route:root]
-prefix = /
-upstream = http://127.0.0.1:{upstream_port}
-provider = openai
-{extra}
-"""
-    )
-    return cfg
-
-
 @pytest_twisted.ensureDeferred
 async def test_twist_runs_the_plugin_and_stops_on_sigterm(tmp_path: Path) -> None:
     upstream = FakeUpstream(reactor)
     port = upstream.listen()
-    cfg = _write_config(tmp_path, port)
+    cfg = write_config(tmp_path, port)
     proc, transport = _spawn_twist(cfg)
     pool = HTTPConnectionPool(reactor, persistent=False)
     try:
@@ -178,7 +158,7 @@ async def test_sigterm_drains_in_flight_streams_and_exits_by_the_deadline(tmp_pa
     upstream = FakeUpstream(reactor)
     port = upstream.listen()
     drain = 3.0
-    cfg = _write_config(tmp_path, port, drain=drain)
+    cfg = write_config(tmp_path, port, drain=drain)
     proc, transport = spawn(cfg)
     pool = HTTPConnectionPool(reactor, persistent=False)
     agent = Agent(reactor, pool=pool)
@@ -227,7 +207,7 @@ async def test_sigterm_drains_in_flight_streams_and_exits_by_the_deadline(tmp_pa
 async def test_environment_overrides_the_file(tmp_path: Path) -> None:
     upstream = FakeUpstream(reactor)
     port = upstream.listen()
-    cfg = _write_config(tmp_path, port)
+    cfg = write_config(tmp_path, port)
     # The route in the file points at the upstream; the environment moves it.
     dead = FakeUpstream(reactor)
     other = dead.listen()

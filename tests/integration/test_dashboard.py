@@ -7,18 +7,17 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.internet import reactor, task
 
 from llmproxy.export.sinks.loki import APP, EVENT_LABELS
 from tests.fakes.loki import FakeLoki, RunningFakeLoki, listen_fake_loki
-from tests.integration.harness import Running, running_fixture
+from tests.integration.harness import Running, running_fixture, wait_until
 from tests.integration.redis_server import RedisServer
 
 pytestmark = pytest.mark.integration
@@ -182,15 +181,6 @@ def test_dashboard_is_a_grafana_model_with_datasource_variables() -> None:
 
 
 # -- against the real service ---------------------------------------------------------
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
-    """Poll a condition (not a timing assertion): bounded, with a clear failure."""
-    deadline = reactor.seconds() + timeout  # type: ignore[attr-defined]
-    while not predicate():
-        if reactor.seconds() > deadline:  # type: ignore[attr-defined]
-            raise AssertionError(f"condition not met within {timeout}s")
-        await task.deferLater(reactor, 0.05, lambda: None)
 
 
 def _config(loki_url: str) -> str:

@@ -23,9 +23,8 @@ from llmproxy.export.envelope import StoredEvent
 from llmproxy.settings import ExporterSettings, RedisSettings
 from tests.fakes.loki import FakeLoki, Hang, listen_fake_loki
 from tests.integration.daemon import BIN, DaemonProtocol, kill
-from tests.integration.harness import Running, running_fixture
+from tests.integration.harness import Running, running_fixture, wait_until
 from tests.integration.redis_server import RedisServer, info_pairs, running_redis
-from tests.integration.test_export_e2e import wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -4,34 +4,25 @@ the JSONL file: outages, restarts, kill -9, drain with a stuck sink, and secrets
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
 import treq
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from tests.fakes.loki import FakeLoki, Hang, listen_fake_loki
 from tests.fakes.upstream import FakeUpstream
 from tests.integration.daemon import DaemonProtocol, kill, spawn, terminate
+from tests.integration.harness import wait_until
 
 pytestmark = pytest.mark.integration
 
 CANARY_KEY = "sk-proj-CANARYcanary0123456789abcdefXYZW"
 CANARY_ANTHROPIC = "sk-ant-api03-CANARYanthropic9876543210zyxwQRST"
 CANARY_COOKIE = "session=CANARYcookievalue0123456789"
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
-    """Poll a condition (not a timing assertion): bounded, fails with a clear message."""
-    deadline = reactor.seconds() + timeout  # type: ignore[attr-defined]
-    while not predicate():
-        if reactor.seconds() > deadline:  # type: ignore[attr-defined]
-            raise AssertionError(f"condition not met within {timeout}s")
-        await task.deferLater(reactor, 0.05, lambda: None)
 
 
 def write_config(

@@ -13,8 +13,8 @@ from twisted.internet import reactor
 from llmproxy.bus.redis import RedisBus, build_redis_bus
 from llmproxy.config import load_settings
 from llmproxy.export.envelope import StoredEvent
+from tests.integration.harness import wait_until
 from tests.integration.redis_server import RedisServer, running_redis, stream_events
-from tests.integration.test_export_e2e import wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -17,8 +17,7 @@ from llmproxy.config import load_settings
 from llmproxy.service import ProxyService
 from tests.fakes.upstream import FakeUpstream
 from tests.integration.daemon import spawn, terminate
-from tests.integration.harness import Collect, raw_request
-from tests.integration.test_export_e2e import wait_until
+from tests.integration.harness import Collect, raw_request, wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import pytest
 import pytest_twisted
 import treq
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from tests.fakes.upstream import FakeUpstream
@@ -29,8 +28,9 @@ from tests.integration.daemon import (
     kill,
     spawn,
     terminate,
+    write_config,
 )
-from tests.integration.harness import Collect, raw_request
+from tests.integration.harness import Collect, raw_request, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -38,30 +38,19 @@ pytestmark = pytest.mark.integration
 def _config(
     tmp_path: Path, upstream_port: int, *, drain: float = 3.0, server: str = "", extra: str = ""
 ) -> Path:
-    cfg = tmp_path / "llmproxy.ini"
-    cfg.write_text(
-        f"""
-[server]
-listen = tcp:0:interface=127.0.0.1
-admin_listen = tcp:0:interface=127.0.0.1
-state_dir = {tmp_path / "state"}
-drain_timeout = {drain}
-workers = 2
-{server}
-
-[route:root]
-prefix = /
-upstream = http://127.0.0.1:{upstream_port}
-provider = openai
-
+    exporter = f"""
 [exporter:events]
 type = file
 path = {tmp_path / "out" / "events.jsonl"}
 flush_interval = 0.1
-{extra}
 """
+    return write_config(
+        tmp_path,
+        upstream_port,
+        drain=drain,
+        server=f"workers = 2\n{server}",
+        extra=exporter + extra,
     )
-    return cfg
 
 
 class Daemon:
@@ -137,14 +126,6 @@ def _gone(pid: int) -> bool:
     return "\nState:\tZ" in status
 
 
-async def _until(condition: Callable[[], bool], what: str, limit: int = 400) -> None:
-    for _ in range(limit):
-        if condition():
-            return
-        await task.deferLater(reactor, 0.05, lambda: None)
-    pytest.fail(f"never happened: {what}")
-
-
 @pytest_twisted.ensureDeferred
 async def test_two_workers_serve_one_port_and_the_admin_sums_them(tmp_path: Path) -> None:
     d = Daemon(tmp_path)
@@ -206,7 +187,7 @@ async def test_a_killed_worker_is_restarted_and_its_counts_are_kept(tmp_path: Pa
         os.kill(victim, signal.SIGKILL)
         needle = f"worker 0 (pid {victim}) exited (signal 9), restarting".encode()
         await d.proc.wait_for(needle).addTimeout(30, reactor)
-        await _until(lambda: d.proc.output.count(b"worker 0 ready (pid") == 2, "restart")
+        await wait_until(lambda: d.proc.output.count(b"worker 0 ready (pid") == 2, what="restart")
         assert _gone(victim)
         stats = await d.stats()
         assert stats["workers"]["0"]["pid"] not in (None, victim)
@@ -293,7 +274,7 @@ async def test_a_worker_that_does_not_stop_by_the_deadline_is_killed(tmp_path: P
         assert d.proc.ended_at - t_term < drain + 3.5, d.proc.ended_at - t_term
         needle = b"worker 0 (pid %d) did not stop by the deadline: killed" % stuck
         assert needle in d.proc.output, d.proc.output.decode(errors="replace")
-        await _until(lambda: _gone(stuck) and _gone(other), "both workers gone")
+        await wait_until(lambda: _gone(stuck) and _gone(other), what="both workers gone")
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(stuck, signal.SIGCONT)
@@ -309,7 +290,7 @@ async def test_workers_stop_when_the_master_is_killed(tmp_path: Path) -> None:
         assert all(not _gone(pid) for pid in pids)
         kill(d.transport)
         await d.proc.ended.addTimeout(30, reactor)
-        await _until(lambda: all(_gone(pid) for pid in pids), "workers exit")
+        await wait_until(lambda: all(_gone(pid) for pid in pids), what="workers exit")
     finally:
         await d.stop()
 
@@ -327,7 +308,7 @@ async def test_sighup_reloads_every_worker_and_refuses_a_bad_file(tmp_path: Path
         # A good change reaches both workers.
         d.cfg.write_text(good.replace("drain_timeout = 3.0", "drain_timeout = 4.0"))
         d.transport.signalProcess("HUP")
-        await _until(lambda: d.proc.output.count(b"config reloaded from") == 2, "reloads")
+        await wait_until(lambda: d.proc.output.count(b"config reloaded from") == 2, what="reloads")
         assert b"[worker-0#info] config reloaded from" in d.proc.output
         assert b"[worker-1#info] config reloaded from" in d.proc.output
         audit = (tmp_path / "state" / "audit.jsonl").read_text().splitlines()
