@@ -16,7 +16,7 @@ import os
 import random
 import signal
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, cast
 
 import attrs
@@ -83,6 +83,31 @@ def listen_now(reactor: Any, description: str, factory: Any) -> IListeningPort:
         port=getattr(port.getHost(), "port", "-"),
     )
     return port
+
+
+def install_sighup(reactor: Any, reload: Callable[[], object]) -> Any:
+    """Run ``reload`` in the reactor thread on each SIGHUP; return the handler it
+    replaced, for :func:`restore_sighup` (None where there is no SIGHUP)."""
+    if not hasattr(signal, "SIGHUP"):
+        return None
+
+    def on_hup(signum: int, frame: Any) -> None:
+        reactor.callFromThread(reload)
+
+    return signal.signal(signal.SIGHUP, on_hup)
+
+
+def restore_sighup(previous: Any) -> None:
+    """Put back the handler :func:`install_sighup` replaced (at the drain)."""
+    if previous is not None:
+        signal.signal(signal.SIGHUP, previous)
+
+
+def refuse_reload(audit: AuditLog, source: str, problems: Sequence[str]) -> None:
+    """A config that failed validation on reload: logged, audited, not applied."""
+    for problem in problems:
+        log.warn("reload refused, keeping the running config: {problem}", problem=problem)
+    audit.write("config_reload", source=source, outcome="refused", problems=list(problems))
 
 
 class _Holding:
@@ -225,7 +250,8 @@ class ProxyService(Service):
         if self.sessions is not None:
             self.sessions.start()
         self._start_exporters()
-        self._install_sighup()
+        # A config reload re-reads the token file too (TokenAccess.set_routes).
+        self._previous_sighup = install_sighup(self.reactor, self.reload)
         # Everything start-up built (modules, classes, settings, routes) lives as long
         # as the process: out of the cyclic collector's way, every full collection
         # scans what the requests left alive instead of the whole program again.
@@ -271,16 +297,6 @@ class ProxyService(Service):
 
     # -- reload (SIGHUP) ----------------------------------------------------
 
-    def _install_sighup(self) -> None:
-        if not hasattr(signal, "SIGHUP"):
-            return
-
-        def on_hup(signum: int, frame: Any) -> None:
-            # A config reload re-reads the token file too (TokenAccess.set_routes).
-            self.reactor.callFromThread(self.reload)
-
-        self._previous_sighup = signal.signal(signal.SIGHUP, on_hup)
-
     def reload(self) -> defer.Deferred[bool]:
         """Re-read the config file and apply what can change without a restart:
         routes, the passthrough allowlist, capture caps, timeouts and limits, and
@@ -313,9 +329,7 @@ class ProxyService(Service):
         try:
             new = self.load_settings()
         except ConfigError as e:
-            for problem in e.problems:
-                log.warn("reload refused, keeping the running config: {problem}", problem=problem)
-            self.audit.write("config_reload", source=source, outcome="refused", problems=e.problems)
+            refuse_reload(self.audit, source, e.problems)
             return False
         old = self.settings
         fixed = [
@@ -440,9 +454,8 @@ class ProxyService(Service):
         reserve = min(5.0, total * 0.25)
         self.ready = False
         self.draining = True
-        if self._previous_sighup is not None:
-            signal.signal(signal.SIGHUP, self._previous_sighup)
-            self._previous_sighup = None
+        restore_sighup(self._previous_sighup)
+        self._previous_sighup = None
         if self._reloading is not None:
             await self._reloading
         sd_notify("STOPPING=1")

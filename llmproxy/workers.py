@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -54,7 +53,13 @@ from zope.interface import implementer
 from llmproxy.access.audit import AuditLog
 from llmproxy.admin.resource import AdminResource
 from llmproxy.metrics import MetricsCollector, make_registry
-from llmproxy.service import listen_now, sd_notify
+from llmproxy.service import (
+    install_sighup,
+    listen_now,
+    refuse_reload,
+    restore_sighup,
+    sd_notify,
+)
 from llmproxy.settings import Settings
 
 log = Logger()
@@ -408,7 +413,7 @@ class Supervisor(Service):
         self._write_snapshot(self._config_text())
         for handle in self.workers:
             self._spawn(handle)
-        self._install_sighup()
+        self._previous_sighup = install_sighup(self.reactor, self.reload)
         log.info("started {n} workers", n=self.count)
 
     def _config_text(self) -> str:
@@ -633,15 +638,6 @@ class Supervisor(Service):
 
     # -- reload (SIGHUP) ------------------------------------------------------
 
-    def _install_sighup(self) -> None:
-        if not hasattr(signal, "SIGHUP"):
-            return
-
-        def on_hup(signum: int, frame: Any) -> None:
-            self.reactor.callFromThread(self.reload)
-
-        self._previous_sighup = signal.signal(signal.SIGHUP, on_hup)
-
     def reload(self) -> bool:
         """Validate the config file; a good one becomes the workers' config and
         each worker is told to reload.  A bad one is refused, logged and audited."""
@@ -661,9 +657,7 @@ class Supervisor(Service):
             except ConfigError as e:
                 problems = e.problems
         if problems:
-            for problem in problems:
-                log.warn("reload refused, keeping the running config: {problem}", problem=problem)
-            self.audit.write("config_reload", source=source, outcome="refused", problems=problems)
+            refuse_reload(self.audit, source, problems)
             return False
         for key in ("listen", "admin_listen", "admin_token", "workers", "state_dir"):
             if getattr(new.server, key) != getattr(self.settings.server, key):
@@ -690,9 +684,8 @@ class Supervisor(Service):
         start = clock.seconds()
         self.ready = False
         self.draining = True
-        if self._previous_sighup is not None:
-            signal.signal(signal.SIGHUP, self._previous_sighup)
-            self._previous_sighup = None
+        restore_sighup(self._previous_sighup)
+        self._previous_sighup = None
         sd_notify("STOPPING=1")
         for h in self.workers:
             if h.restart_call is not None and h.restart_call.active():
