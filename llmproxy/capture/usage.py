@@ -458,6 +458,10 @@ class _StreamMerger:
     message: dict[str, Any] | None = None
     blocks: dict[int, dict[str, Any]] = attrs.Factory(dict)
     block_json: dict[int, list[str]] = attrs.Factory(dict)
+    # A block's text, thinking and signature deltas, joined once at the end (``+=``
+    # on a dict's value copies the text so far, per token: quadratic in a long
+    # stream), after what the block started with.
+    block_pieces: dict[int, dict[str, list[str]]] = attrs.Factory(dict)
     anthropic_usage: dict[str, Any] = attrs.Factory(dict)
     error: Any = None
 
@@ -664,26 +668,9 @@ class _StreamMerger:
         elif kind == "content_block_start":
             index = _index(event.get("index"), len(self.blocks))
             self.blocks[index] = dict(_dict(event.get("content_block")))
+            self.block_pieces.pop(index, None)  # the text of the block it replaces
         elif kind == "content_block_delta":
-            index = _index(event.get("index"), 0)
-            block = self.blocks.setdefault(index, {})
-            delta = _dict(event.get("delta"))
-            dtype = delta.get("type")
-            if dtype == "text_delta" and isinstance(delta.get("text"), str):
-                block.setdefault("type", "text")
-                block["text"] = _str(block.get("text")) or ""
-                block["text"] += delta["text"]
-            elif dtype == "input_json_delta" and isinstance(delta.get("partial_json"), str):
-                self.block_json.setdefault(index, []).append(delta["partial_json"])
-            elif dtype == "thinking_delta" and isinstance(delta.get("thinking"), str):
-                block["thinking"] = (_str(block.get("thinking")) or "") + delta["thinking"]
-            elif dtype == "signature_delta" and isinstance(delta.get("signature"), str):
-                block["signature"] = (_str(block.get("signature")) or "") + delta["signature"]
-            elif dtype == "citations_delta" and "citation" in delta:
-                citations = block.get("citations")
-                if not isinstance(citations, list):
-                    citations = block["citations"] = []
-                citations.append(delta["citation"])
+            self._anthropic_delta(event)
         elif kind == "message_delta":
             if self.message is None:
                 self.message = {}
@@ -695,6 +682,39 @@ class _StreamMerger:
         elif kind == "error":
             self.error = event.get("error", event)
 
+    def _anthropic_delta(self, event: dict[str, Any]) -> None:
+        """A ``content_block_delta``: nearly every event of an Anthropic stream."""
+        if self.dialect is None:
+            self.dialect = "anthropic"
+        index = event.get("index")
+        if type(index) is not int or index < 0:
+            index = _index(index, 0)
+        block = self.blocks.setdefault(index, {})  # even for a delta it cannot read
+        delta = _dict(event.get("delta"))
+        dtype = delta.get("type")
+        field = _PIECE_FIELDS.get(dtype)
+        if field is not None:
+            piece = delta.get(field)
+            if isinstance(piece, str):
+                if field == "text":
+                    block.setdefault("type", "text")
+                fields = self.block_pieces.get(index)
+                if fields is None:
+                    self.block_pieces[index] = {field: [piece]}
+                else:
+                    pieces = fields.get(field)
+                    if pieces is None:
+                        fields[field] = [piece]
+                    else:
+                        pieces.append(piece)
+        elif dtype == "input_json_delta" and isinstance(delta.get("partial_json"), str):
+            self.block_json.setdefault(index, []).append(delta["partial_json"])
+        elif dtype == "citations_delta" and "citation" in delta:
+            citations = block.get("citations")
+            if not isinstance(citations, list):
+                citations = block["citations"] = []
+            citations.append(delta["citation"])
+
     def _anthropic_facts(self) -> ResponseFacts:
         merged = dict(self.message or {})
         merged.setdefault("type", "message")
@@ -702,6 +722,8 @@ class _StreamMerger:
         content = []
         for index in sorted(self.blocks):
             block = dict(self.blocks[index])
+            for field, pieces in self.block_pieces.get(index, {}).items():
+                block[field] = (_str(block.get(field)) or "") + "".join(pieces)
             if index in self.block_json:
                 block["input"] = _join_json(self.block_json[index])
             content.append(block)
@@ -736,6 +758,13 @@ class _StreamMerger:
             return self._openai_facts()
         return EMPTY_FACTS
 
+
+# Anthropic deltas that add to a string field of their block, and that field.
+_PIECE_FIELDS: dict[Any, str] = {
+    "text_delta": "text",
+    "thinking_delta": "thinking",
+    "signature_delta": "signature",
+}
 
 _ANTHROPIC_EVENTS = frozenset(
     {
@@ -782,6 +811,7 @@ def _merge(events: Iterable[tuple[str, str]]) -> _StreamMerger:
     loads = orjson.loads
     add = merger.add
     openai = merger._openai
+    anthropic_delta = merger._anthropic_delta
     for name, data in events:
         if data[:1] != "{":
             continue  # "[DONE]", keep-alives, and arrays, which add nothing
@@ -793,6 +823,8 @@ def _merge(events: Iterable[tuple[str, str]]) -> _StreamMerger:
         try:
             if name == "message" and "choices" in obj and "type" not in obj:
                 openai(obj)  # a chat chunk (nearly every event): where add() sends it
+            elif name == "content_block_delta" and obj.get("type") == "content_block_delta":
+                anthropic_delta(obj)  # an Anthropic token: where add() sends it
             else:
                 add(obj, name)
         except Exception:

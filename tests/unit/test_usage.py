@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmproxy.capture.sse import SSEEvent, parse_sse
@@ -894,3 +894,88 @@ def test_tool_call_id_repeated_in_every_chunk_is_not_doubled() -> None:
     assert message["tool_calls"] == [
         {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}
     ]
+
+
+_odd = st.none() | st.booleans() | st.integers(-1, 2) | st.floats(0, 1) | st.text(max_size=3)
+
+# Anthropic content events, usual and odd, for the model below.
+_block_index = st.sampled_from([0, 0, 1, 2, -1, "1", None, True])
+_anthropic_events = st.one_of(
+    st.fixed_dictionaries(
+        {
+            "type": st.just("content_block_delta"),
+            "index": _block_index,
+            "delta": st.fixed_dictionaries(
+                {"type": st.just("text_delta"), "text": st.text(max_size=3)}
+            ),
+        }
+    ),
+    st.fixed_dictionaries(
+        {
+            "type": st.just("content_block_delta"),
+            "index": _block_index,
+            "delta": st.fixed_dictionaries(
+                {
+                    "type": st.sampled_from(
+                        ["text_delta", "thinking_delta", "signature_delta", "other"]
+                    ),
+                    "text": _odd,
+                    "thinking": _odd,
+                    "signature": _odd,
+                }
+            )
+            | _odd,
+        }
+    ),
+    st.fixed_dictionaries(
+        {
+            "type": st.just("content_block_start"),
+            "index": _block_index,
+            "content_block": st.fixed_dictionaries(
+                {"type": st.sampled_from(["text", "thinking"])},
+                optional={"text": _odd, "thinking": _odd, "signature": _odd},
+            )
+            | _odd,
+        }
+    ),
+)
+
+
+def _blocks_read_plainly(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What a stream's content blocks are, read the straightforward way: each text,
+    thinking or signature delta appended to its block's field as it comes."""
+
+    def index_of(value: Any, default: int) -> int:
+        return value if type(value) is int and value >= 0 else default
+
+    blocks: dict[int, dict[str, Any]] = {}
+    for event in events:
+        if event["type"] == "content_block_start":
+            start = event["content_block"]
+            blocks[index_of(event["index"], len(blocks))] = (
+                dict(start) if isinstance(start, dict) else {}
+            )
+            continue
+        block = blocks.setdefault(index_of(event["index"], 0), {})
+        delta = event["delta"] if isinstance(event["delta"], dict) else {}
+        if delta.get("type") == "text_delta" and isinstance(delta.get("text"), str):
+            block.setdefault("type", "text")
+            text = block.get("text")
+            block["text"] = (text if isinstance(text, str) else "") + delta["text"]
+        for kind, field in (("thinking_delta", "thinking"), ("signature_delta", "signature")):
+            if delta.get("type") == kind and isinstance(delta.get(field), str):
+                before = block.get(field)
+                block[field] = (before if isinstance(before, str) else "") + delta[field]
+    return [blocks[index] for index in sorted(blocks)]
+
+
+@settings(max_examples=300)
+@given(st.lists(_anthropic_events, max_size=12))
+def test_anthropic_text_deltas_build_the_blocks_a_plain_reading_does(
+    events: list[dict[str, Any]],
+) -> None:
+    start = {"type": "message_start", "message": {"id": "msg_1", "role": "assistant"}}
+    facts = stream_facts(sse(start, *events, named=True))
+    merged = facts.merged_json
+    assert merged is not None
+    assert merged["content"] == _blocks_read_plainly(events)
