@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import zlib
-from collections.abc import Iterable
 from typing import Protocol
 
 import attrs
@@ -302,7 +301,3 @@ def capture_body(
         content_encoding=encoding or None,
         decode_error=note,
     )
-
-
-def join_chunks(chunks: Iterable[tuple[float, bytes]]) -> bytes:
-    return b"".join(chunk for _, chunk in chunks)
