@@ -1,0 +1,132 @@
+"""Interleaved A/B of llmproxy configurations, for a noisy machine.
+
+    .venv/bin/python benchmarks/ab.py off=llmproxy-off file=llmproxy-file
+    .venv/bin/python benchmarks/ab.py --rounds 8 a=llmproxy-file b=llmproxy-file:PYTHONPATH=/tmp/x
+
+``run.py`` measures each configuration once, one after the other; on a shared
+VM whose speed drifts by 20 % from minute to minute, two rows of one run can
+differ by more than the change being judged.  This script starts every side at
+once (same nginx mock, same CPU placement as ``run.py``) and measures them in
+turns, ``--rounds`` times: per round and side one c1 latency run (everything on
+CPU 0, as ``run.py``) and one c50 throughput run (the server on CPU 0, wrk and
+the mock on CPU 1), with the server's CPU time per request.  It prints, per
+side, the median and the best (minimum) of each figure: a drift that slows one
+round slows every side of it, and the best round of each side is the one the
+machine disturbed least.
+
+A side is ``NAME=VARIANT`` (a key of ``run.LLMPROXY_VARIANTS``), optionally
+``:KEY=VALUE,KEY=VALUE`` for environment variables of that daemon only (an
+experiment's hook, a different ``PYTHONPATH``).  Nothing is written anywhere.
+For one-process variants: every process of a side is pinned to CPU 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import run  # the harness next to this file
+
+
+def parse_side(text: str) -> tuple[str, str, dict[str, str]]:
+    name, eq, rest = text.partition("=")
+    variant, _, env_text = rest.partition(":")
+    if not eq or not name or variant not in run.LLMPROXY_VARIANTS:
+        known = ", ".join(sorted(run.LLMPROXY_VARIANTS))
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: want NAME=VARIANT[:K=V,...]; variants: {known}"
+        )
+    env: dict[str, str] = {}
+    for pair in filter(None, env_text.split(",")):
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            raise argparse.ArgumentTypeError(f"{text!r}: {pair!r} is not KEY=VALUE")
+        env[key] = value
+    return name, variant, env
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("sides", nargs="+", type=parse_side, metavar="NAME=VARIANT[:K=V,...]")
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--seconds", type=int, default=3, help="per run")
+    args = p.parse_args(argv)
+    if len({name for name, _, _ in args.sides}) != len(args.sides):
+        p.error("side names must differ")
+
+    nginx, wrk = run.ensure_tools(allow_install=True)
+    cpu0, cpu1 = frozenset({0}), frozenset({1})
+    figures: dict[str, dict[str, list[float]]] = {
+        name: {"p50": [], "p99": [], "cpu": [], "rps": []} for name, _, _ in args.sides
+    }
+    with tempfile.TemporaryDirectory(prefix="llmproxy-ab-") as tmp, contextlib.ExitStack() as stack:
+        workdir = Path(tmp)
+        mock_port, sse_port = run.free_port(), run.free_port()
+        mocks = run.Mocks(
+            nginx, workdir, mock_port, sse_port, run.Placement.choose(pin=True)
+        )  # (no SSE runs here: sse_port stays unused)
+        conf = run.nginx_mock_conf(workdir, mock_port)
+        mocks.servers.append(
+            stack.enter_context(run.run_nginx("mock", nginx, workdir, conf, mock_port))
+        )
+        servers: dict[str, tuple[run.Server, str]] = {}
+        for name, variant, env in args.sides:
+            vdir = workdir / name
+            vdir.mkdir()
+            port, admin = run.free_port(), run.free_port()
+            config = vdir / "llmproxy.ini"
+            config.write_text(
+                run.llmproxy_config(vdir, mocks, port, admin, run.LLMPROXY_VARIANTS[variant])
+            )
+            twistd = [
+                str(run.VENV_TWISTD), "-n", "--pidfile=", "-l", "/dev/null",
+                "llmproxy", "--config", str(config),
+            ]  # fmt: skip
+            saved = dict(os.environ)
+            os.environ.update(env)  # run.spawn passes os.environ on
+            try:
+                server = stack.enter_context(run.spawn(name, twistd, workdir, cwd=run.ROOT))
+            finally:
+                os.environ.clear()
+                os.environ.update(saved)
+            run.started(server, run.answers_200(f"http://127.0.0.1:{admin}/ready"))
+            servers[name] = (server, f"http://127.0.0.1:{port}{run.CHAT_PATH}")
+        for round_no in range(args.rounds):
+            line = []
+            for name, (server, url) in servers.items():
+                run.set_affinity([*mocks.pids(), *server.pids()], cpu0)
+                c1 = run.run_wrk(wrk, url, 1, 1, args.seconds, cpus=cpu0)
+                run.set_affinity(mocks.pids(), cpu1)
+                before = run.cpu_seconds(server.pids())
+                c50 = run.run_wrk(wrk, url, 2, 50, args.seconds, cpus=cpu1)
+                cpu_us = (run.cpu_seconds(server.pids()) - before) / max(c50.requests, 1) * 1e6
+                f = figures[name]
+                f["p50"].append(c1.latency_us["p50"])
+                f["p99"].append(c1.latency_us["p99"])
+                f["cpu"].append(cpu_us)
+                f["rps"].append(c50.ok_rps)
+                line.append(f"{name} {c50.ok_rps:,.0f} req/s {cpu_us:.0f} us/req")
+            print(f"round {round_no + 1}: " + ", ".join(line), flush=True)
+    print()
+    print("side: c50 req/s median (best) | c50 CPU us/req median (best) | c1 p50, p99 us median")
+    for name, variant, env in args.sides:
+        f = figures[name]
+        extra = f" {env}" if env else ""
+        print(
+            f"{name} ({variant}{extra}): "
+            f"{statistics.median(f['rps']):,.0f} ({max(f['rps']):,.0f}) | "
+            f"{statistics.median(f['cpu']):.0f} ({min(f['cpu']):.0f}) | "
+            f"{statistics.median(f['p50']):.0f}, {statistics.median(f['p99']):.0f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
