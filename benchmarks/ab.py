@@ -78,17 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         servers: dict[str, tuple[run.Server, str]] = {}
         for name, variant, env in args.sides:
-            vdir = workdir / name
-            vdir.mkdir()
-            port, admin = run.free_port(), run.free_port()
-            config = vdir / "llmproxy.ini"
-            config.write_text(
-                run.llmproxy_config(vdir, mocks, port, admin, run.LLMPROXY_VARIANTS[variant])
-            )
-            twistd = [
-                str(run.VENV_TWISTD), "-n", "--pidfile=", "-l", "/dev/null",
-                "llmproxy", "--config", str(config),
-            ]  # fmt: skip
+            twistd, port, admin = run.llmproxy_daemon(mocks, variant, workdir / name)
             saved = dict(os.environ)
             os.environ.update(env)  # run.spawn passes os.environ on
             try:

@@ -14,6 +14,7 @@ the proxy down by about 2x: compare shares, not absolute times.
 from __future__ import annotations
 
 import argparse
+import os
 import pstats
 import subprocess
 import sys
@@ -101,20 +102,10 @@ def main(argv: list[str] | None = None) -> int:
             mocks.servers += [mock, sse]
             run.set_affinity(mocks.pids(), placement.client)
             key = args.variant
-            vdir = workdir / key
-            vdir.mkdir()
-            port, admin = run.free_port(), run.free_port()
-            config = vdir / "llmproxy.ini"
-            config.write_text(
-                run.llmproxy_config(vdir, mocks, port, admin, run.LLMPROXY_VARIANTS[key])
-            )
             profiling = [] if args.py_spy else [
                 "--profile", str(args.out), "--profiler", "cprofile", "--savestats",
             ]  # fmt: skip
-            twistd = [
-                str(run.VENV_TWISTD), "-n", "--pidfile=", "-l", "/dev/null", *profiling,
-                "llmproxy", "--config", str(config),
-            ]  # fmt: skip
+            twistd, port, admin = run.llmproxy_daemon(mocks, key, workdir / key, profiling)
             with run.spawn(key, twistd, workdir, cwd=run.ROOT) as server:
                 run.started(server, run.answers_200(f"http://127.0.0.1:{admin}/ready"))
                 run.set_affinity(server.pids(), placement.server)
@@ -124,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                     wrk, "-t2", f"-c{args.connections}", f"-d{args.seconds}s",
                     "-s", str(run.POST_LUA), url,
                 ]  # fmt: skip
-                env = dict(run.os.environ, WRK_STREAM="1" if args.stream else "0")
+                env = dict(os.environ, WRK_STREAM="1" if args.stream else "0")
                 sampler = None
                 folded = workdir / "stacks.txt"
                 if args.py_spy:

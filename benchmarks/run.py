@@ -750,20 +750,30 @@ LLMPROXY_VARIANTS: dict[str, list[str]] = {
 WORKERS = {"llmproxy-off-2w": 2, "llmproxy-file-2w": 2}  # [server] workers; others: 1
 
 
+def llmproxy_daemon(
+    mocks: Mocks, key: str, workdir: Path, twistd_options: Sequence[str] = ()
+) -> tuple[list[str], int, int]:
+    """Write variant ``key``'s config into ``workdir`` (made here); return the
+    ``twistd`` command that runs it, its port and its admin port."""
+    workdir.mkdir()
+    port, admin = free_port(), free_port()
+    config = workdir / "llmproxy.ini"
+    extra = LLMPROXY_VARIANTS[key]
+    config.write_text(llmproxy_config(workdir, mocks, port, admin, extra, WORKERS.get(key, 1)))
+    argv = [
+        str(VENV_TWISTD), "-n", "--pidfile=", "-l", "/dev/null", *twistd_options,
+        "llmproxy", "--config", str(config),
+    ]  # fmt: skip
+    return argv, port, admin
+
+
 @contextlib.contextmanager
 def target_llmproxy(mocks: Mocks, key: str) -> Iterator[Target]:
     label = LABELS[key]
     extra = LLMPROXY_VARIANTS[key]
     workdir = mocks.workdir / key
-    workdir.mkdir()
-    port, admin = free_port(), free_port()
-    config = workdir / "llmproxy.ini"
     workers = WORKERS.get(key, 1)
-    config.write_text(llmproxy_config(workdir, mocks, port, admin, extra, workers))
-    argv = [
-        str(VENV_TWISTD), "-n", "--pidfile=", "-l", "/dev/null",
-        "llmproxy", "--config", str(config),
-    ]  # fmt: skip
+    argv, port, admin = llmproxy_daemon(mocks, key, workdir)
     facts: dict[str, Any] = {}
     with spawn(key, argv, mocks.workdir, cwd=ROOT) as server:
         started(server, answers_200(f"http://127.0.0.1:{admin}/ready"))
