@@ -281,12 +281,11 @@ class ProxyService(Service):
             exporter.start()
 
     def _build_exporter(self, es: ExporterSettings) -> Any:
-        from treq.client import HTTPClient
-
         from llmproxy.export.registry import build_exporter
+        from llmproxy.export.sink import AgentClient
 
         if self._http_client is None:
-            self._http_client = HTTPClient(Agent(self.reactor, pool=self._export_pool))
+            self._http_client = AgentClient(Agent(self.reactor, pool=self._export_pool))
         return build_exporter(
             es,
             clock=self.reactor,
