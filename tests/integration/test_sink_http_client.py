@@ -14,6 +14,7 @@ from typing import Any
 import attrs
 import pytest
 import pytest_twisted
+import treq
 from twisted.internet import defer, reactor
 from twisted.web import resource, server
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -108,6 +109,17 @@ async def test_a_batch_arrives_with_its_body_and_headers(site: _Site) -> None:
     assert seen["headers"]["content-type"] == "application/x-ndjson"
     assert seen["headers"]["x-scope-orgid"] == "tenant-1"
     assert seen["headers"]["content-length"] == str(len(seen["body"]))
+
+
+@pytest_twisted.ensureDeferred
+async def test_header_values_go_out_as_utf8_as_with_treq(site: _Site) -> None:
+    # A configured extra header may hold any text; treq sent str values as UTF-8.
+    response = await site.client.request(
+        "POST", site.base + "/push", data=b"x", headers={"X-Team": "données"}
+    )
+    assert response.code == 204
+    assert await treq.content(response) == b""
+    assert site.receiver.seen[0]["headers"]["x-team"] == "données"
 
 
 @pytest_twisted.ensureDeferred
