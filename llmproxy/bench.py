@@ -40,7 +40,7 @@ import orjson
 from twisted.internet import defer, task
 from twisted.internet import error as ierror
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IConsumer, IDelayedCall, IStreamClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.client import (
@@ -55,10 +55,11 @@ from twisted.web.client import (
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
+from twisted.web.iweb import IAgentEndpointFactory, IResponse
 from zope.interface import implementer
 
 from llmproxy.cli import positive_int
+from llmproxy.export.sink import BytesBody
 
 OVERHEAD_HEADER = b"x-llmproxy-overhead-ms"
 X_CACHE = b"x-proxy-cache"
@@ -674,28 +675,6 @@ def make_plan(args: argparse.Namespace) -> Plan:
 # -- the load generator (Twisted) ------------------------------------------------------------
 
 
-@implementer(IBodyProducer)
-class _BytesBody:
-    """A body written in one go (FileBodyProducer goes through a cooperator: slower)."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.length = len(data)
-
-    def startProducing(self, consumer: IConsumer) -> defer.Deferred[None]:
-        consumer.write(self.data)
-        return defer.succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
-
-
 class _Reader(Protocol):
     """Reads a body to its end: first-byte time, size, SSE event count, a kept prefix."""
 
@@ -819,7 +798,7 @@ class Benchmark:
         t0 = time.perf_counter()
         state: dict[str, Any] = {"timed_out": False, "reader": None}
         done: defer.Deferred[None] = defer.Deferred()
-        d = self._agent.request(b"POST", self._url, self._headers, _BytesBody(body))
+        d = self._agent.request(b"POST", self._url, self._headers, BytesBody(body))
 
         def cancel() -> None:
             reader = state["reader"]

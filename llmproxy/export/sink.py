@@ -96,8 +96,9 @@ class HTTPClient(Protocol):
 
 
 @implementer(IBodyProducer)
-class _BytesBody:
-    """A request body already in memory, written in one go."""
+class BytesBody:
+    """A request body already in memory, written in one go (``FileBodyProducer``
+    goes through a cooperator, a reactor turn per 64 KiB: slower)."""
 
     def __init__(self, data: bytes) -> None:
         self._data = data
@@ -150,7 +151,7 @@ class AgentClient:
                 self._urls[url] = encoded
         # str names and values, encoded by Twisted as treq has it do (values UTF-8).
         raw = Headers({name: [value] for name, value in (headers or {}).items()})
-        body = None if data is None else _BytesBody(data)
+        body = None if data is None else BytesBody(data)
         answer: Deferred[Any] = self._agent.request(method.encode("ascii"), encoded, raw, body)
         return answer
 
