@@ -698,15 +698,7 @@ class _StreamMerger:
             if isinstance(piece, str):
                 if field == "text":
                     block.setdefault("type", "text")
-                fields = self.block_pieces.get(index)
-                if fields is None:
-                    self.block_pieces[index] = {field: [piece]}
-                else:
-                    pieces = fields.get(field)
-                    if pieces is None:
-                        fields[field] = [piece]
-                    else:
-                        pieces.append(piece)
+                self.block_pieces.setdefault(index, {}).setdefault(field, []).append(piece)
         elif dtype == "input_json_delta" and isinstance(delta.get("partial_json"), str):
             self.block_json.setdefault(index, []).append(delta["partial_json"])
         elif dtype == "citations_delta" and "citation" in delta:
