@@ -44,7 +44,7 @@ import random as _random
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 import attrs
 import orjson
@@ -755,7 +755,7 @@ def build_dispatcher(
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool._factory.noisy = False  # type: ignore[attr-defined]
     client = AgentClient(Agent(reactor, pool=pool))
-    sink = build_sink(settings, clock=reactor, http_client=cast(Any, client), state_dir=state_dir)
+    sink = build_sink(settings, clock=reactor, http_client=client, state_dir=state_dir)
     dead_letter = settings.dead_letter_path or Path("deadletter") / f"{settings.name}.jsonl"
     if not dead_letter.is_absolute():
         dead_letter = state_dir / dead_letter

@@ -17,7 +17,7 @@ import random
 import signal
 import socket
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.application.service import Service
@@ -42,6 +42,9 @@ from llmproxy.proxy.forward import ProxyResource
 from llmproxy.proxy.router import Router
 from llmproxy.proxy.site import ProxySite
 from llmproxy.settings import ExporterSettings, Settings
+
+if TYPE_CHECKING:
+    from llmproxy.export.sink import AgentClient
 
 log = Logger()
 
@@ -162,7 +165,7 @@ class ProxyService(Service):
         self.exporters: list[Any] = []
         self._export_pool = HTTPConnectionPool(reactor, persistent=True)
         self._export_pool._factory.noisy = False  # type: ignore[attr-defined]
-        self._http_client: Any = None
+        self._http_client: AgentClient | None = None
         self.proxy = ProxyResource(
             router=Router(settings.routes, settings.passthrough),
             upstream=self.upstream,
@@ -289,7 +292,7 @@ class ProxyService(Service):
         return build_exporter(
             es,
             clock=self.reactor,
-            http_client=cast(Any, self._http_client),
+            http_client=self._http_client,
             state_dir=self.settings.server.state_dir,
             random=random.random,
         )
