@@ -8,8 +8,8 @@ VM whose speed drifts by 20 % from minute to minute, two rows of one run can
 differ by more than the change being judged.  This script starts every side at
 once (same nginx mock, same CPU placement as ``run.py``) and measures them in
 turns, ``--rounds`` times: per round and side one c1 latency run (everything on
-CPU 0, as ``run.py``) and one c50 throughput run (the server on CPU 0, wrk and
-the mock on CPU 1), with the server's CPU time per request.  It prints, per
+the server's CPU, as ``run.py``) and one c50 throughput run (the server on its
+CPU, wrk and the mock on the others), with the server's CPU time per request.  It prints, per
 side, the median and the best (minimum) of each figure: a drift that slows one
 round slows every side of it, and the best round of each side is the one the
 machine disturbed least.
@@ -17,14 +17,13 @@ machine disturbed least.
 A side is ``NAME=VARIANT`` (a key of ``run.LLMPROXY_VARIANTS``), optionally
 ``:KEY=VALUE,KEY=VALUE`` for environment variables of that daemon only (an
 experiment's hook, a different ``PYTHONPATH``).  Nothing is written anywhere.
-For one-process variants: every process of a side is pinned to CPU 0.
+For one-process variants: every process of a side is pinned to the server's CPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import statistics
 import sys
 import tempfile
@@ -62,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("side names must differ")
 
     nginx, wrk = run.ensure_tools(allow_install=True)
-    cpu0, cpu1 = frozenset({0}), frozenset({1})
+    placement = run.Placement.choose(pin=True)
+    cpu0, cpu1 = placement.server, placement.client  # as run.py places them
     figures: dict[str, dict[str, list[float]]] = {
         name: {"p50": [], "p99": [], "cpu": [], "rps": []} for name, _, _ in args.sides
     }
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tmp)
         mock_port, sse_port = run.free_port(), run.free_port()
         mocks = run.Mocks(
-            nginx, workdir, mock_port, sse_port, run.Placement.choose(pin=True)
+            nginx, workdir, mock_port, sse_port, placement
         )  # (no SSE runs here: sse_port stays unused)
         conf = run.nginx_mock_conf(workdir, mock_port)
         mocks.servers.append(
@@ -79,13 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         servers: dict[str, tuple[run.Server, str]] = {}
         for name, variant, env in args.sides:
             twistd, port, admin = run.llmproxy_daemon(mocks, variant, workdir / name)
-            saved = dict(os.environ)
-            os.environ.update(env)  # run.spawn passes os.environ on
-            try:
-                server = stack.enter_context(run.spawn(name, twistd, workdir, cwd=run.ROOT))
-            finally:
-                os.environ.clear()
-                os.environ.update(saved)
+            server = stack.enter_context(
+                run.spawn(name, twistd, workdir, cwd=run.ROOT, extra_env=env)
+            )
             run.started(server, run.answers_200(f"http://127.0.0.1:{admin}/ready"))
             servers[name] = (server, f"http://127.0.0.1:{port}{run.CHAT_PATH}")
         for round_no in range(args.rounds):

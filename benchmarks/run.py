@@ -39,7 +39,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -356,10 +356,15 @@ class Server:
 
 @contextlib.contextmanager
 def spawn(
-    name: str, argv: Sequence[str], workdir: Path, cwd: Path | None = None
+    name: str,
+    argv: Sequence[str],
+    workdir: Path,
+    cwd: Path | None = None,
+    extra_env: Mapping[str, str] | None = None,
 ) -> Iterator[Server]:
     log_path = workdir / f"{name}.out"
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLMPROXY_")}
+    env.update(extra_env or {})
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             list(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
