@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
-import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import treq
@@ -26,6 +26,10 @@ from twisted.internet import defer, reactor
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from llmproxy.export.sink import AgentClient
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import run  # the harness next to this file: free ports, child processes
 
 RECEIVER = """
 import sys
@@ -42,22 +46,6 @@ class Push(resource.Resource):
 reactor.listenTCP(int(sys.argv[1]), server.Site(Push()), interface="127.0.0.1")
 reactor.run()
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(port: int) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise SystemExit("the receiver did not start")
 
 
 async def measure(args: argparse.Namespace, url: str) -> None:
@@ -87,17 +75,16 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--kib", type=int, default=30, help="body size")
     args = p.parse_args()
-    port = free_port()
-    receiver = subprocess.Popen([sys.executable, "-c", RECEIVER, str(port)])
-    try:
-        wait_for(port)
+    port = run.free_port()
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-sink-post-") as tmp,
+        run.spawn("receiver", [sys.executable, "-c", RECEIVER, str(port)], Path(tmp)) as receiver,
+    ):
+        run.started(receiver, run.port_open(port))
         d = defer.ensureDeferred(measure(args, f"http://127.0.0.1:{port}/loki/api/v1/push"))
         d.addErrback(lambda f: f.printTraceback())
         d.addBoth(lambda _: reactor.stop())  # type: ignore[attr-defined]
         reactor.run()  # type: ignore[attr-defined]
-    finally:
-        receiver.terminate()
-        receiver.wait()
 
 
 if __name__ == "__main__":
