@@ -10,7 +10,15 @@ in name order is replaying them oldest first, whatever order they were written i
 
 A segment is written to a hidden temporary name, fsynced, then renamed (and the
 directory fsynced): after a ``kill -9`` a segment is either complete or absent, and
-leftover temporary files are deleted at start.
+leftover temporary files are deleted at start.  A directory that vanished (an
+operator removed ``state_dir``) is created again by the next write.
+
+Writing in two phases.  ``append`` writes synchronously.  So that the reactor
+thread never waits for a disk, the exporter uses ``begin`` (reactor thread:
+reserve room, name the segment), ``write`` (any thread: the file itself) and
+``commit`` or ``abort`` (reactor thread: the segment is tracked, or the
+reservation released).  A segment being written is *pending*: it is not offered
+for replay and its bytes count against the bound.
 
 The spool is bounded by ``max_bytes``: making room discards the oldest segments,
 and the caller counts their events as dropped.  The segment being replayed is
@@ -46,6 +54,17 @@ class Segment:
 
 
 @attrs.frozen
+class PendingSegment:
+    """A segment reserved by ``begin``: written by ``write``, then ``commit``-ted."""
+
+    first: int
+    last: int
+    count: int
+    data: bytes = attrs.field(repr=False)
+    path: Path
+
+
+@attrs.frozen
 class SegmentContents:
     """What reading a segment back gave: events, and lines that were not event JSON."""
 
@@ -70,6 +89,7 @@ class Spool:
     _max_bytes: int
     _segments: dict[int, Segment] = attrs.field(init=False, factory=dict)
     _checked_out: set[int] = attrs.field(init=False, factory=set)
+    _pending: dict[int, PendingSegment] = attrs.field(init=False, factory=dict)
     _bytes: int = attrs.field(init=False, default=0)
     _events: int = attrs.field(init=False, default=0)
     _next_ordinal: int = attrs.field(init=False, default=0)
@@ -97,7 +117,7 @@ class Spool:
 
     @property
     def size_bytes(self) -> int:
-        """Bytes on disk, checked-out segment included."""
+        """Bytes on disk, checked-out segment included (pending ones not)."""
         return self._bytes
 
     @property
@@ -124,25 +144,64 @@ class Spool:
         return self._segments[min(available)] if available else None
 
     def append(self, lines: Sequence[bytes], first: int, last: int) -> int:
-        """Write one batch (the JSON of each event) as a segment.
+        """Write one batch (the JSON of each event) as a segment, synchronously.
 
         Returns how many events the size bound discarded: the oldest segments (not
         checked out) go first, and the new batch itself when it is the oldest or
         alone bigger than the bound.  Raises ``OSError`` when the write fails
         (nothing is then added).
         """
+        pending, discarded = self.begin(lines, first, last)
+        if pending is None:
+            return discarded
+        try:
+            self.write(pending)
+        except OSError:
+            self.abort(pending)
+            raise
+        self.commit(pending)
+        return discarded
+
+    def begin(
+        self, lines: Sequence[bytes], first: int, last: int
+    ) -> tuple[PendingSegment | None, int]:
+        """Reserve room for a segment (reactor thread).
+
+        Returns the pending segment (``None`` when the batch itself was discarded
+        by the bound, or is empty) and how many events the bound discarded,
+        counting the batch's own when it does not fit.
+        """
         if not lines:
-            return 0
-        if first in self._segments:
+            return None, 0
+        if first in self._segments or first in self._pending:
             raise ValueError(f"spool already holds a segment starting at ordinal {first}")
         data = b"\n".join(lines) + b"\n"
         discarded, fits = self._make_room(len(data), first)
         if not fits:
-            return discarded + len(lines)
+            return None, discarded + len(lines)
         path = self._directory / f"{first}-{last}-{len(lines)}.jsonl"
-        self._write_atomically(path, data)
-        self._add(Segment(first, last, len(lines), len(data), path))
-        return discarded
+        pending = PendingSegment(first, last, len(lines), data, path)
+        self._pending[first] = pending
+        self._next_ordinal = max(self._next_ordinal, last + 1)
+        return pending, discarded
+
+    def write(self, pending: PendingSegment) -> None:
+        """Write a pending segment's file; safe in any thread (it touches only the
+        file system).  Raises ``OSError``."""
+        self._write_atomically(pending.path, pending.data)
+
+    def commit(self, pending: PendingSegment) -> Segment:
+        """The pending segment is on disk: track it (reactor thread)."""
+        del self._pending[pending.first]
+        segment = Segment(
+            pending.first, pending.last, pending.count, len(pending.data), pending.path
+        )
+        self._add(segment)
+        return segment
+
+    def abort(self, pending: PendingSegment) -> None:
+        """The write failed: release the reservation (reactor thread)."""
+        self._pending.pop(pending.first, None)
 
     def read(self, segment: Segment) -> SegmentContents:
         """Read a segment back; lines that are not a JSON object are returned apart."""
@@ -210,17 +269,26 @@ class Spool:
         """
         if size > self._max_bytes:
             return 0, False
+        reserved = sum(len(p.data) for p in self._pending.values())
         discarded = 0
         for oldest in sorted(f for f in self._segments if f not in self._checked_out):
-            if self._bytes + size <= self._max_bytes:
+            if self._bytes + reserved + size <= self._max_bytes:
                 break
             if first < oldest:
                 return discarded, False
             discarded += self._segments[oldest].count
             self.remove(self._segments[oldest])
-        return discarded, self._bytes + size <= self._max_bytes
+        return discarded, self._bytes + reserved + size <= self._max_bytes
 
     def _write_atomically(self, path: Path, data: bytes) -> None:
+        try:
+            self._write_once(path, data)
+        except FileNotFoundError:
+            # The directory vanished (state_dir removed under us): make it again.
+            self._directory.mkdir(parents=True, exist_ok=True)
+            self._write_once(path, data)
+
+    def _write_once(self, path: Path, data: bytes) -> None:
         temp = self._directory / f"{_TEMP_PREFIX}{path.name}"
         try:
             with open(temp, "wb") as f:
@@ -229,9 +297,15 @@ class Spool:
                 os.fsync(f.fileno())
             os.replace(temp, path)
         except OSError:
-            temp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                temp.unlink(missing_ok=True)
             raise
         _fsync_dir(self._directory)
+
+    @property
+    def oldest_pending(self) -> int | None:
+        """The first ordinal of the oldest segment being written, or ``None``."""
+        return min(self._pending) if self._pending else None
 
     def _add(self, segment: Segment) -> None:
         self._segments[segment.first] = segment
