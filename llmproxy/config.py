@@ -399,8 +399,9 @@ def _validate(settings: Settings, problems: list[str], check_sinks: bool = True)
         for key in ("buffer", "batch_size", "max_in_flight", "batch_bytes", "buffer_bytes"):
             if getattr(e, key) <= 0:
                 problems.append(f"{sec}.{key}: must be greater than 0")
-        if e.flush_interval <= 0:
-            problems.append(f"{sec}.flush_interval: must be greater than 0")
+        for key in ("flush_interval", "spool_interval"):
+            if getattr(e, key) <= 0:
+                problems.append(f"{sec}.{key}: must be greater than 0")
         if e.backoff_min <= 0 or e.backoff_max < e.backoff_min:
             problems.append(f"{sec}.backoff_max: must be >= backoff_min > 0")
         if e.max_retries < 0:

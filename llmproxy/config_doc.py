@@ -228,6 +228,10 @@ MEANINGS: dict[str, str] = {
     ),
     "redis.batch_size": "Proxy: `XADD`s pipelined in one round trip.",
     "redis.flush_interval": "Proxy: a partial batch is sent after at most this long.",
+    "redis.spool_interval": (
+        "Proxy: while Redis is unreachable or refusing, what waits in memory goes to the spool "
+        "this often (a `kill -9` during the outage loses at most this long's events)."
+    ),
     "redis.spool_dir": (
         "Proxy: where events wait while Redis is unreachable (replayed oldest first when it "
         "returns, and after a restart)."
@@ -326,6 +330,12 @@ MEANINGS: dict[str, str] = {
     "exporter.spool_max_bytes": (
         "Past this the oldest spooled batches are discarded (and counted); `0` disables the "
         "spool (undeliverable batches are dropped and counted)."
+    ),
+    "exporter.spool_interval": (
+        "While the sink is failing (a retry pending, or it is down), what waits in memory is "
+        "written to the spool this often, in batch-sized segments, off the reactor thread: a "
+        "`kill -9` during an outage loses at most the events of the last interval. A healthy "
+        "sink never touches the disk."
     ),
     "exporter.dead_letter_path": (
         "Events a sink refused permanently (e.g. HTTP 400), with the reason."

@@ -148,7 +148,7 @@ class ProxyService(Service):
         if settings.events.bus == "redis":
             from llmproxy.bus.redis import build_redis_bus
 
-            self.bus = build_redis_bus(settings, reactor)
+            self.bus = build_redis_bus(settings, reactor, self._in_thread)
         else:
             self.bus = MemoryBus()
         self.sessions = self._build_sessions(settings)
@@ -208,6 +208,11 @@ class ProxyService(Service):
         self._reloading: defer.Deferred[bool] | None = None
         self._previous_sighup: Any = None
 
+    def _in_thread(self, work: Callable[[], Any]) -> defer.Deferred[Any]:
+        """Blocking work (disk writes) off the reactor thread, in its thread pool."""
+        reactor = self.reactor
+        return threads.deferToThreadPool(reactor, reactor.getThreadPool(), work)
+
     def _build_sessions(self, settings: Settings) -> SessionTracker | None:
         cfg = settings.sessions
         if not cfg.enabled:
@@ -215,18 +220,13 @@ class ProxyService(Service):
         state = cfg.state_file
         if state is not None and not state.is_absolute():
             state = settings.server.state_dir / state
-        reactor = self.reactor
-
-        def in_thread(work: Callable[[], Any]) -> defer.Deferred[Any]:
-            return threads.deferToThreadPool(reactor, reactor.getThreadPool(), work)
-
         return SessionTracker(
             self.bus.publish,
             state,
             cfg.max_states,
-            reactor,
+            self.reactor,
             flush_interval=cfg.flush_interval,
-            run_in_thread=in_thread,
+            run_in_thread=self._in_thread,
         )
 
     # -- start --------------------------------------------------------------
@@ -295,6 +295,7 @@ class ProxyService(Service):
             http_client=self._http_client,
             state_dir=self.settings.server.state_dir,
             random=random.random,
+            run_blocking=self._in_thread,
         )
 
     # -- reload (SIGHUP) ----------------------------------------------------

@@ -89,6 +89,7 @@ class RedisSettings:
     flush_interval: float = 0.1
     spool_dir: Path | None = None  # None: <state_dir>/spool/redis-bus
     spool_max_bytes: int = 1024 * MiB
+    spool_interval: float = 1.0  # while Redis is away, memory goes to the spool this often
 
 
 @attrs.frozen
@@ -135,6 +136,9 @@ class ExporterSettings:
     backoff_max: float = 60.0
     spool_dir: Path | None = None  # None: <state_dir>/spool/<name>
     spool_max_bytes: int = 1024 * MiB
+    # While the sink is failing, what waits in memory goes to the spool this often:
+    # a kill -9 during an outage loses at most this long's events.
+    spool_interval: float = 1.0
     dead_letter_path: Path | None = None  # None: <state_dir>/deadletter/<name>.jsonl
     # file
     path: Path | None = None

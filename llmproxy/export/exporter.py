@@ -1,8 +1,11 @@
-"""The batching exporter core (tests: tests/unit/test_exporter.py, test_exporter_property.py).
+"""The batching exporter core: the one delivery engine (tests: tests/unit/test_exporter.py,
+test_exporter_property.py, test_exporter_durable.py).
 
-One ``BatchingExporter`` per sink.  The bus calls ``publish`` on the request path;
-everything else (encoding, batching, delivery, backoff, spool, dead-letter file)
-happens later, on the injected clock, so a slow or dead sink never slows requests.
+One ``BatchingExporter`` per target: a sink (file, Loki, ...) or the Redis stream
+(llmproxy/bus/redis.py, whose delivery is XADD).  The bus calls ``publish`` on the
+request path; everything else (encoding, batching, delivery, backoff, spool,
+dead-letter file) happens later, on the injected clock, so a slow or dead target
+never slows requests.
 
 Where an accepted event can be, at every moment (``stats()``)::
 
@@ -13,26 +16,50 @@ Where an accepted event can be, at every moment (``stats()``)::
 - ``sent``: confirmed by the sink (``Delivered``, minus its per-event rejections).
 - ``in_flight``: in batches handed to ``sink.deliver`` and not yet answered.
 - ``queued``: in memory: the buffer (``queue_depth``), batches waiting out a
-  backoff before their next attempt (``retrying``, a part of ``queued``), and
-  events published during the drain that are spooled when it ends.
-- ``spooled``: on disk in the spool, waiting for replay (a segment being replayed
-  counts as in flight, or retrying).
+  backoff before their next attempt (``retrying``, a part of ``queued``), events
+  on their way to the spool (``spooling``, a part of ``queued``: a write is under
+  way in a thread), and events published during the drain that are spooled when
+  it ends.
+- ``spooled``: on disk in the spool, waiting for replay (a segment being replayed,
+  or a failing batch made durable, counts as in flight, or retrying).
 - ``dead_lettered``: written to the dead-letter file (refused for good).
 - ``dropped``: lost, each with a reason in ``dropped_by_reason``: ``buffer_full``
-  (buffer full and no spool), ``retries_exhausted`` (no spool), ``spool_full``
-  (discarded by the spool's size bound), ``shutdown_no_spool``, ``closed``
-  (published after close, no spool), ``spool_write_failed``,
-  ``dead_letter_failed``, ``spool_corrupt`` (a segment held fewer lines than its
-  name says), ``spool_read_failed``, ``encode_failed`` (``json()`` raised),
-  ``bad_envelope`` (``size_hint`` raised).
+  (buffer full and no spool, or the spool cannot keep up), ``retries_exhausted``
+  (no spool), ``spool_full`` (discarded by the spool's size bound),
+  ``shutdown_no_spool``, ``closed`` (published after close, no spool),
+  ``spool_write_failed`` (the buffer was full and the disk refused the spill, or a
+  write failed at shutdown), ``dead_letter_failed``, ``spool_corrupt`` (a segment
+  held fewer lines than its name says), ``spool_read_failed``, ``encode_failed``
+  (``json()`` raised), ``bad_envelope`` (``size_hint`` raised).
+
+Durable while failing.  Healthy, the exporter works from memory and never touches
+the disk.  Once the target is known to be failing (an attempt was answered
+``Retry``, until one is ``Delivered``), what waits in memory is written to the
+spool at once and then every ``spool_interval`` seconds: the buffer, in
+batch-sized segments, and every batch in flight or waiting out a backoff (as a
+checked-out segment, removed once it is delivered).  Writes run through
+``run_blocking`` (a thread in production), so the reactor never waits for the
+disk.  The bound: a ``kill -9`` at any moment of an outage loses at most the
+events published in the last ``spool_interval`` (plus those whose write was under
+way, a few milliseconds' worth); everything older is on disk and replayed after
+the restart.  A batch that was on disk and delivered just before the kill can be
+delivered again (at least once).
+
+Disk trouble.  A failed spool write (``ENOSPC``, a vanished or read-only
+directory) loses nothing while memory has room: the events go back to the buffer
+in order, the disk is left alone for ``spool_interval``, and the write is tried
+again.  Only a full buffer then drops new events (``spool_write_failed``).
+Memory is bounded by ``buffer`` (events and bytes) plus as much again on its way
+to the spool.
 
 Order.  Every event gets an ordinal at publish; spool segments are named by their
 first ordinal.  The next batch sent is always the oldest available: the oldest
-spool segment when it is older than the head of the buffer, else the buffer.  Every
-route into the spool keeps the spool older than the buffer (a full buffer spills
-its *oldest* events; a batch that exhausted its retries is older than what is
-queued), so with ``max_in_flight = 1`` events reach the sink in publish order, and
-across restarts too.  With more batches in flight, order is not kept.
+spool segment when it is older than the head of the buffer, else the buffer; a
+segment still being written that is older than the buffer's head is waited for.
+Every route into the spool keeps the spool older than the buffer (a full buffer
+spills its *oldest* events; a batch that exhausted its retries is older than what
+is queued), so with ``max_in_flight = 1`` events reach the sink in publish order,
+and across restarts too.  With more batches in flight, order is not kept.
 
 Backoff.  Before retry ``n`` (0 for the first) the batch waits a uniform random
 time in ``[backoff_min, min(backoff_max, backoff_min * 2**(n+1))]`` (full jitter,
@@ -40,10 +67,11 @@ floored at ``backoff_min`` so a failing sink is never hammered), and at least th
 server's ``Retry-After``, itself capped at ``backoff_max`` (so a bogus date cannot
 stall the pipeline).  A retrying batch keeps its slot: with ``max_in_flight = 1``
 nothing overtakes it.  After ``max_retries`` retries the batch goes to the spool (a
-replayed segment simply stays there), and the exporter pauses for one more backoff
-before it sends anything; the next batch is then the oldest (that one again), which
-is how the sink's recovery is probed.  A spool segment is replayed only while no
-batch is waiting out a backoff (the sink is not known to be failing), one at a time.
+replayed or durable segment simply stays there), and the exporter pauses for one
+more backoff before it sends anything; the next batch is then the oldest (that
+one again), which is how the sink's recovery is probed.  A spool segment is
+replayed only while no batch is waiting out a backoff (the sink is not known to be
+failing), one at a time.
 
 Buffer full.  With a spool, the oldest queued events are spilled to it, one batch's
 worth at a time (one file write per ``batch_size`` events: the cost of overload is
@@ -56,8 +84,8 @@ from __future__ import annotations
 import contextlib
 import random as _random
 from collections import deque
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol, TypeVar
 
 import attrs
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
@@ -67,9 +95,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from llmproxy.export.deadletter import DeadLetter
-from llmproxy.export.envelope import Envelope
+from llmproxy.export.envelope import Envelope, StoredEvent
 from llmproxy.export.sink import Delivered, Rejected, Retry, Sink, Verdict
-from llmproxy.export.spool import Segment, Spool
+from llmproxy.export.spool import PendingSegment, Segment, Spool
 from llmproxy.settings import ExporterSettings
 
 log = Logger()
@@ -80,6 +108,21 @@ CLOSED = "closed"
 
 # (ordinal, envelope, size_hint, enqueued_at)
 _Entry = tuple[int, Envelope, int, float]
+
+_T = TypeVar("_T")
+
+
+class RunBlocking(Protocol):
+    """Runs blocking work off the reactor thread; the Deferred fires in the reactor
+    thread with its result (``twisted.internet.threads.deferToThread``)."""
+
+    def __call__(self, work: Callable[[], _T], /) -> Deferred[_T]: ...
+
+
+def run_here(work: Callable[[], _T]) -> Deferred[_T]:
+    """A ``RunBlocking`` that runs the work at once, in the caller's thread (tests,
+    and tools that have no reactor thread to protect)."""
+    return maybeDeferred(work)
 
 
 def _cancel(call: IDelayedCall | None) -> None:
@@ -98,21 +141,39 @@ class _Batch:
     first: int  # ordinals of the first and last event
     last: int
     enqueued_at: float | None  # when its oldest event was queued (None: from the spool)
-    segment: Segment | None = None  # the spool segment it replays
+    # Its queue entries, to put back in memory when the disk refuses it (empty for
+    # a batch read from the spool, which stays on disk).
+    entries: list[_Entry] = attrs.field(factory=list, repr=False)
+    segment: Segment | None = None  # its spool segment (replayed, or made durable)
     retries: int = 0
     attempt: int = 0
     deferred: Deferred[Any] | None = None
     timer: IDelayedCall | None = None
     settled: bool = False  # its outcome is handled: late answers are ignored
-    envelopes: list[Envelope] = attrs.field(factory=list, repr=False)  # for on_settled only
+    outcome: str = ""  # once settled: "sent" | "dead_lettered" | "put_back"
+    persisting: bool = False  # a spool write of it is under way
     # What the sink's ``prepare`` made of each event when it was published (None
     # for an event replayed from the spool, or when the sink has no ``prepare``).
     prepared: list[Any] = attrs.field(factory=list, repr=False)
 
+    @property
+    def envelopes(self) -> list[Envelope]:
+        return [entry[1] for entry in self.entries]
+
+
+@attrs.define(eq=False)
+class _Write:
+    """A spool write under way: a chunk of the buffer, or a batch made durable."""
+
+    pending: PendingSegment
+    entries: list[_Entry] = attrs.field(repr=False)  # put back in memory if it fails
+    batch: _Batch | None = None  # the batch it makes durable (None: a buffer chunk)
+    counted: int = 0  # its events counted as ``spooling`` (not in flight)
+
 
 @attrs.define(eq=False)
 class BatchingExporter:
-    """Buffers, batches and delivers events to one sink; see the module docstring."""
+    """Buffers, batches and delivers events to one target; see the module docstring."""
 
     _settings: ExporterSettings
     _sink: Sink
@@ -124,6 +185,9 @@ class BatchingExporter:
     # "dropped" (the dispatcher ACKs Redis entries on it).  Events replayed from the
     # spool have no envelope and are not reported.
     _on_settled: Callable[[Envelope, str], None] | None = None
+    # Where spool writes run: a thread in production (registry.build_exporter), at
+    # once by default (unit tests drive time with a Clock).
+    _run_blocking: RunBlocking = run_here
 
     _state: str = attrs.field(init=False, default=RUNNING)
     _started: bool = attrs.field(init=False, default=False)
@@ -131,11 +195,15 @@ class BatchingExporter:
     _queue_bytes: int = attrs.field(init=False, default=0)
     _late: deque[_Entry] = attrs.field(init=False, factory=deque)
     _active: list[_Batch] = attrs.field(init=False, factory=list)
+    _writes: list[_Write] = attrs.field(init=False, factory=list)
+    _writing_events: int = attrs.field(init=False, default=0)  # in ``_writes`` for the buffer
     _next_ordinal: int = attrs.field(init=False, default=0)
     _loop: LoopingCall | None = attrs.field(init=False, default=None)
     _pump_timer: IDelayedCall | None = attrs.field(init=False, default=None)
     _cooldown: IDelayedCall | None = attrs.field(init=False, default=None)
+    _durable_timer: IDelayedCall | None = attrs.field(init=False, default=None)
     _deadline: IDelayedCall | None = attrs.field(init=False, default=None)
+    _disk_refused_until: float = attrs.field(init=False, default=float("-inf"))
     _pumping: bool = attrs.field(init=False, default=False)
     _repump: bool = attrs.field(init=False, default=False)
     _repump_flush: bool = attrs.field(init=False, default=False)
@@ -143,6 +211,7 @@ class BatchingExporter:
     _close_fired: bool = attrs.field(init=False, default=False)
     _close_waiters: list[Deferred[None]] = attrs.field(init=False, factory=list)
     _sink_closing: Deferred[Any] | None = attrs.field(init=False, default=None)
+    _sink_closed_done: bool = attrs.field(init=False, default=False)
     _failing: bool = attrs.field(init=False, default=False)
     _warned: set[str] = attrs.field(init=False, factory=set)
     # A sink's ``prepare(event, line)``: its per-event part of encoding, done when
@@ -160,14 +229,24 @@ class BatchingExporter:
     _batches_sent: int = attrs.field(init=False, default=0)
     _batches_failed: int = attrs.field(init=False, default=0)
     _after_close: int = attrs.field(init=False, default=0)
+    _replayed: int = attrs.field(init=False, default=0)
+    _spool_writes: int = attrs.field(init=False, default=0)
+    _spool_write_errors: int = attrs.field(init=False, default=0)
     _last_success: float | None = attrs.field(init=False, default=None)
     _last_error: str | None = attrs.field(init=False, default=None)
+    _last_error_at: float | None = attrs.field(init=False, default=None)
 
     def __attrs_post_init__(self) -> None:
         self._prepare = getattr(self._sink, "prepare", None)
         if self._spool is not None:
             self._recovered = self._accepted = self._spool.event_count
             self._next_ordinal = self._spool.next_ordinal
+            if self._recovered:
+                log.info(
+                    "exporter {name}: {n} events recovered from the spool; replaying them",
+                    name=self.name,
+                    n=self._recovered,
+                )
 
     @property
     def name(self) -> str:
@@ -181,13 +260,17 @@ class BatchingExporter:
     def dead_letter(self) -> DeadLetter:
         return self._dead_letter
 
+    @property
+    def sink(self) -> Sink:
+        return self._sink
+
     # -- intake -------------------------------------------------------------------
 
     def publish(self, envelope: Envelope) -> None:
-        """Accept one event: O(1), never waits on the sink, never raises.
+        """Accept one event: O(1), never waits on the sink or the disk, never raises.
 
         When the buffer is full and a spool is configured, one batch's worth of the
-        oldest events is written to disk first (rare, amortised over a batch).
+        oldest events is handed to the spool first (rare, amortised over a batch).
         """
         self._accepted += 1
         try:
@@ -204,7 +287,10 @@ class BatchingExporter:
             if self._full(size):
                 self._make_room(size)
             if self._full(size):
-                self._drop(1, "buffer_full")
+                reason = "buffer_full"
+                if self._spool is not None and not self._disk_usable():
+                    reason = "spool_write_failed"
+                self._drop(1, reason)
                 self._report((envelope,), "dropped")
                 return
             ordinal = self._take_ordinal()
@@ -235,10 +321,12 @@ class BatchingExporter:
         )
 
     def _make_room(self, size: int) -> None:
-        if self._spool is None:
+        """Spill the oldest events to the spool, while as much again is not already
+        on its way there (what bounds memory when the disk is slow)."""
+        if self._spool is None or not self._disk_usable():
             return
-        while self._queue and self._full(size):
-            self._spool_batch(self._take_chunk(self._queue), "buffer_full")
+        while self._queue and self._full(size) and self._writing_events < self._settings.buffer:
+            self._spool_async(self._take_chunk(self._queue, for_spool=True))
 
     def _publish_after_close(self, envelope: Envelope, size: int) -> None:
         self._after_close += 1
@@ -250,29 +338,30 @@ class BatchingExporter:
         if self._state == CLOSING:
             self._late.append(entry)  # spooled with the rest when the drain ends
             return
-        self._spool_batch(self._take_chunk(deque([entry])), "closed")
+        self._spool_now(self._take_chunk(deque([entry])), "closed")
 
     def _take_ordinal(self) -> int:
         ordinal = self._next_ordinal
         self._next_ordinal += 1
         return ordinal
 
-    def _take_chunk(self, source: deque[_Entry]) -> _Batch:
+    def _take_chunk(self, source: deque[_Entry], *, for_spool: bool = False) -> _Batch:
         """Pop one batch's worth from the head of ``source`` (at least one event)."""
         settings = self._settings
         events: list[dict[str, Any]] = []
         lines: list[bytes] = []
-        envelopes: list[Envelope] = []
+        entries: list[_Entry] = []
         prepared: list[Any] = []
         pop_prepared = self._prepared.pop
         first = last = source[0][0]
         enqueued_at = source[0][3]
         size = 0
         while source and len(lines) < settings.batch_size:
-            ordinal, envelope, hint, _ = source[0]
+            entry = source[0]
+            ordinal, envelope, hint, _ = entry
             try:
                 line = envelope.json()
-                event = envelope.payload()
+                event = {} if for_spool else envelope.payload()
             except Exception:
                 source.popleft()
                 pop_prepared(ordinal, None)
@@ -292,13 +381,23 @@ class BatchingExporter:
             last = ordinal
             events.append(event)
             lines.append(line)
+            entries.append(entry)
+            # A spilled event keeps what was prepared for it only until it is
+            # back in memory: replayed events are prepared again.
             prepared.append(pop_prepared(ordinal, None))
-            if self._on_settled is not None:
-                envelopes.append(envelope)
             size += len(line)
-        return _Batch(
-            events, lines, first, last, enqueued_at, envelopes=envelopes, prepared=prepared
-        )
+        return _Batch(events, lines, first, last, enqueued_at, entries, prepared=prepared)
+
+    def _requeue(self, entries: list[_Entry]) -> None:
+        """Put events back in the buffer, in ordinal order (a spool write failed)."""
+        if not entries:
+            return
+        if not self._queue or entries[-1][0] < self._queue[0][0]:
+            self._queue.extendleft(reversed(entries))
+        else:  # rare: interleaved with what is queued
+            merged = sorted([*self._queue, *entries], key=lambda entry: entry[0])
+            self._queue = deque(merged)
+        self._queue_bytes += sum(entry[2] for entry in entries)
 
     # -- dispatch -----------------------------------------------------------------
 
@@ -359,10 +458,18 @@ class BatchingExporter:
             if segment is not None:
                 self._replay(segment)
                 continue
+            if self._older_on_its_way_to_disk():
+                break  # sent once written, as a replay: order is kept
             if self._queue and (flush or self._state == CLOSING or self._batch_ready()):
                 self._send(self._take_chunk(self._queue))
                 continue
             break
+
+    def _older_on_its_way_to_disk(self) -> bool:
+        if self._spool is None or not self._queue:
+            return False
+        pending = self._spool.oldest_pending
+        return pending is not None and pending < self._queue[0][0]
 
     def _replay_candidate(self) -> Segment | None:
         if self._spool is None:
@@ -401,6 +508,7 @@ class BatchingExporter:
                 # Carry the events in memory: a failure spools them anew.
                 spool.remove(segment)
                 replayed = None
+                batch.entries = self._entries_of(batch)
                 self._warn("spool_rewrite", f"spool segment not rewritable: {e.strerror}")
             if found < segment.count:
                 self._drop(segment.count - found, "spool_corrupt")
@@ -412,7 +520,16 @@ class BatchingExporter:
         batch.segment = replayed
         if replayed is not None:
             spool.checkout(replayed)
+        self._replayed += len(batch.events)
         self._send(batch)
+
+    def _entries_of(self, batch: _Batch) -> list[_Entry]:
+        """Queue entries for a batch read from disk, to carry it in memory."""
+        now = self._now()
+        return [
+            (min(batch.first + i, batch.last), StoredEvent(event), len(line), now)
+            for i, (event, line) in enumerate(zip(batch.events, batch.lines, strict=True))
+        ]
 
     def _send(self, batch: _Batch) -> None:
         if not batch.events:
@@ -461,57 +578,62 @@ class BatchingExporter:
     def _apply(self, batch: _Batch, verdict: Verdict) -> None:
         now = self._now()
         if isinstance(verdict, Delivered):
-            self._settle(batch, remove_segment=True)
             refused = [i for i in sorted(verdict.rejected) if 0 <= i < len(batch.events)]
+            self._settle(batch, "sent")
             rejected = [(batch.events[i], verdict.rejected[i]) for i in refused]
             self._sent += len(batch.events) - len(rejected)
-            if batch.envelopes:
+            envelopes = batch.envelopes
+            if envelopes:
                 skip = set(refused)
-                sent = [e for i, e in enumerate(batch.envelopes) if i not in skip]
-                self._report(sent, "sent")
+                self._report([e for i, e in enumerate(envelopes) if i not in skip], "sent")
             self._batches_sent += 1
             self._last_success = now
-            if self._failing:
-                self._failing = False
-                log.info("exporter {name}: sink delivers again", name=self.name)
-            self._dead_letter_events(
-                rejected, [batch.envelopes[i] for i in refused if batch.envelopes]
-            )
+            self._recovered_from_failure()
+            self._dead_letter_events(rejected, [envelopes[i] for i in refused if envelopes])
         elif isinstance(verdict, Rejected):
             self._batches_failed += 1
-            self._last_error = f"rejected: {verdict.reason}"
-            self._settle(batch, remove_segment=True)
+            self._error(f"rejected: {verdict.reason}")
+            self._settle(batch, "dead_lettered")
             self._dead_letter_events(
                 [(event, verdict.reason) for event in batch.events], batch.envelopes
             )
         else:
             self._batches_failed += 1
-            self._last_error = verdict.reason
-            if not self._failing:
-                self._failing = True
-                log.info(
-                    "exporter {name}: delivery failed ({reason}); retrying",
-                    name=self.name,
-                    reason=verdict.reason,
-                )
+            self._error(verdict.reason)
+            self._now_failing(verdict.reason)
             if batch.retries < self._settings.max_retries and self._state != CLOSED:
                 delay = self._backoff(batch.retries, verdict.after)
                 batch.retries += 1
                 self._retries += 1
                 batch.timer = self._later(delay, self._retry, batch)
+                self._make_durable(batch)
                 return
-            self._settle(batch, remove_segment=False)
-            self._put_back(batch, "retries_exhausted")
             _cancel(self._cooldown)  # another batch may have started one already
             self._cooldown = self._later(
                 self._backoff(self._settings.max_retries, None), self._end_cooldown
             )
+            self._settle(batch, "put_back")
+            self._put_back(batch, "retries_exhausted")
         self._after_batch()
 
     def _retry(self, batch: _Batch) -> None:
         batch.timer = None
         if not batch.settled:
             self._attempt(batch)
+
+    def retry_now(self) -> None:
+        """The target says it is reachable again (the Redis connection is back): a
+        batch waiting out a backoff is attempted now, and a pause ends."""
+        if self._state == CLOSED:
+            return
+        for batch in list(self._active):
+            if batch.timer is not None:
+                _cancel(batch.timer)
+                self._attempt(batch)
+        if self._cooldown is not None:
+            _cancel(self._cooldown)
+            self._cooldown = None
+        self._pump(flush=True)
 
     def _end_cooldown(self) -> None:
         self._cooldown = None
@@ -525,19 +647,34 @@ class BatchingExporter:
             delay = max(delay, min(after, settings.backoff_max))
         return delay
 
-    def _settle(self, batch: _Batch, *, remove_segment: bool) -> None:
+    def _settle(self, batch: _Batch, outcome: str) -> None:
+        """The batch's outcome is known; its segment (if any) is removed when it
+        left for good, or waits again in the spool when it was put back."""
         batch.settled = True
+        batch.outcome = outcome
         self._active.remove(batch)
         if batch.segment is not None and self._spool is not None:
-            if remove_segment:
-                self._spool.remove(batch.segment)
-            else:
+            if outcome == "put_back":
                 self._spool.checkin(batch.segment)
+            else:
+                self._spool.remove(batch.segment)
 
     def _put_back(self, batch: _Batch, no_spool_reason: str) -> None:
         """An undelivered batch goes (back) to the spool, or is dropped without one."""
-        if batch.segment is None:
-            self._spool_batch(batch, no_spool_reason)
+        if batch.segment is not None:
+            self._report(batch.envelopes, "spooled")  # it is there already
+            return
+        if batch.persisting:
+            # Its write under way puts it there; until then it is on its way.
+            write = next(w for w in self._writes if w.batch is batch)
+            write.counted = len(batch.lines)
+            self._writing_events += write.counted
+            return
+        if self._spool is None:
+            self._drop(len(batch.lines), no_spool_reason)
+            self._report(batch.envelopes, "dropped")
+            return
+        self._spool_async(batch)
 
     def _after_batch(self) -> None:
         if self._state == CLOSING and self._drained():
@@ -545,9 +682,157 @@ class BatchingExporter:
         else:
             self._pump()
 
+    # -- durable while failing --------------------------------------------------------
+
+    def _now_failing(self, reason: str) -> None:
+        if self._failing:
+            return
+        self._failing = True
+        log.info(
+            "exporter {name}: delivery failed ({reason}); retrying", name=self.name, reason=reason
+        )
+        if self._spool is not None and self._state == RUNNING:
+            # The failing batch goes to disk at once (_make_durable); what waits in
+            # memory every spool_interval.
+            self._durable_timer = self._later(self._settings.spool_interval, self._durable_tick)
+
+    def _recovered_from_failure(self) -> None:
+        if not self._failing:
+            return
+        self._failing = False
+        _cancel(self._durable_timer)
+        self._durable_timer = None
+        log.info("exporter {name}: sink delivers again", name=self.name)
+
+    def _durable_tick(self) -> None:
+        self._durable_timer = None
+        if not self._failing or self._state != RUNNING:
+            return
+        try:
+            self._persist_memory()
+        except Exception:
+            log.failure("exporter {name}: spooling failed", name=self.name)
+        self._durable_timer = self._later(self._settings.spool_interval, self._durable_tick)
+
+    def _persist_memory(self) -> None:
+        """Everything in memory that is not on disk yet goes there: batches in flight
+        or in backoff, then the buffer, oldest first."""
+        if self._spool is None or not self._disk_usable():
+            return
+        for batch in list(self._active):
+            self._make_durable(batch)
+        while self._queue and self._disk_usable():
+            self._spool_async(self._take_chunk(self._queue, for_spool=True))
+
+    def _make_durable(self, batch: _Batch) -> None:
+        """Write a failing batch to the spool as it is retried (checked out: it is
+        not replayed meanwhile, and removed once delivered)."""
+        if (
+            batch.segment is None
+            and not batch.persisting
+            and not batch.settled
+            and self._spool is not None
+            and self._disk_usable()
+        ):
+            self._spool_async(batch)
+
     # -- where events end -----------------------------------------------------------
 
-    def _spool_batch(self, batch: _Batch, no_spool_reason: str) -> None:
+    def _disk_usable(self) -> bool:
+        return self._now() >= self._disk_refused_until
+
+    def _spool_async(self, batch: _Batch) -> None:
+        """Hand a batch to the spool; the write runs through ``run_blocking``.  Until
+        it is done its events stay counted where they were: a batch in flight or
+        retrying as such, anything else as ``spooling`` (a part of ``queued``)."""
+        spool = self._spool
+        assert spool is not None
+        in_flight = batch in self._active
+        try:
+            pending, discarded = spool.begin(batch.lines, batch.first, batch.last)
+        except ValueError as e:  # a bug: two segments at one ordinal
+            self._warn("spool_write", f"spool write failed: {e}")
+            if not in_flight:
+                self._drop(len(batch.lines), "spool_write_failed")
+                self._report(batch.envelopes, "dropped")
+            return
+        if pending is None:
+            # The bound left no room for it (it is the oldest, or alone too big).
+            discarded -= len(batch.lines)
+        if discarded:
+            self._drop(discarded, "spool_full")
+            self._warn("spool_full", "the spool is full: its oldest events were discarded")
+        if pending is None:
+            if not in_flight:
+                self._drop(len(batch.lines), "spool_full")
+                self._report(batch.envelopes, "dropped")
+            return
+        write = _Write(pending, batch.entries, batch if in_flight or batch.settled else None)
+        if write.batch is not None:
+            batch.persisting = True
+        if not in_flight:
+            write.counted = len(batch.lines)
+            self._writing_events += write.counted
+        self._writes.append(write)
+        self._spool_writes += 1
+        try:
+            done: Deferred[None] = self._run_blocking(lambda: spool.write(pending))
+        except Exception:
+            done = maybeDeferred(_broken_runner)
+        done.addBoth(self._written, write)
+
+    def _written(self, result: object, write: _Write) -> None:
+        try:
+            self._land(result, write)
+        except Exception:
+            log.failure("exporter {name}: finishing a spool write failed", name=self.name)
+        if self._state == CLOSED:
+            self._maybe_fire_closed()
+        elif self._state == CLOSING and self._drained():
+            self._finish_close(at_deadline=False)
+        elif self._pump_timer is None:
+            # What waited for this segment may go now; in a turn of its own, as a
+            # write may land in the middle of sending or answering.
+            self._pump_timer = self._later(0, self._pump_soon)
+
+    def _land(self, result: object, write: _Write) -> None:
+        spool = self._spool
+        assert spool is not None
+        self._writes.remove(write)
+        self._writing_events -= write.counted
+        batch = write.batch
+        if batch is not None:
+            batch.persisting = False
+        if isinstance(result, Failure):
+            spool.abort(write.pending)
+            self._spool_write_errors += 1
+            error = result.value
+            reason = error.strerror if isinstance(error, OSError) else type(error).__name__
+            self._disk_refused_until = self._now() + self._settings.spool_interval
+            self._warn("spool_write", f"spool write failed ({reason}); kept in memory, retrying")
+            if batch is None or batch.outcome == "put_back":
+                self._back_in_memory(write.entries)
+            return
+        segment = spool.commit(write.pending)
+        if batch is None or batch.outcome == "put_back":
+            self._report([entry[1] for entry in write.entries], "spooled")
+        elif not batch.settled:
+            batch.segment = segment
+            spool.checkout(segment)
+        else:
+            spool.remove(segment)  # delivered (or dead-lettered) while it was written
+
+    def _back_in_memory(self, entries: list[_Entry]) -> None:
+        """Events the disk refused wait in the buffer again; after the drain has
+        ended there is nowhere left for them."""
+        if self._state == CLOSED:
+            self._drop(len(entries), "spool_write_failed")
+            self._report([entry[1] for entry in entries], "dropped")
+            return
+        self._requeue(entries)
+
+    def _spool_now(self, batch: _Batch, no_spool_reason: str) -> None:
+        """Write a batch to the spool synchronously (the drain's end, after close)."""
         count = len(batch.lines)
         if not count:
             return
@@ -582,7 +867,7 @@ class BatchingExporter:
             self._dead_lettered += len(entries)
             self._report(envelopes, "dead_lettered")
 
-    def _report(self, envelopes: Sequence[Envelope], outcome: str) -> None:
+    def _report(self, envelopes: Iterable[Envelope], outcome: str) -> None:
         """Tell ``on_settled`` where these events ended; its errors are its own."""
         if self._on_settled is None:
             return
@@ -623,8 +908,9 @@ class BatchingExporter:
         self._close_started = True
         self._state = CLOSING
         self._stop_loop()
-        _cancel(self._pump_timer)
-        self._pump_timer = None
+        for call in (self._pump_timer, self._durable_timer):
+            _cancel(call)
+        self._pump_timer = self._durable_timer = None
         self._deadline = self._later(timeout, self._on_deadline)
         if not self._started or self._drained():
             self._finish_close(at_deadline=False)
@@ -632,15 +918,21 @@ class BatchingExporter:
             self._pump(flush=True)
         return waiter
 
+    def reopen(self) -> None:
+        """SIGHUP: a sink that holds a file open reopens it (logrotate)."""
+        reopen = getattr(self._sink, "reopen", None)
+        if reopen is not None:
+            reopen()
+
     def _drained(self) -> bool:
-        return not self._queue and not self._active
+        return not self._queue and not self._active and not self._writes
 
     def _on_deadline(self) -> None:
         self._deadline = None
         if self._state != CLOSED:
             self._finish_close(at_deadline=True)
-            return
-        # Drained in time, but sink.close() did not answer: stop waiting for it.
+        # Drained in time, but sink.close() (or a spool write) did not answer:
+        # stop waiting for it.
         closing, self._sink_closing = self._sink_closing, None
         self._fire_closed()
         if closing is not None:
@@ -651,31 +943,33 @@ class BatchingExporter:
             return
         self._state = CLOSED
         self._stop_loop()
-        for call in (self._pump_timer, self._cooldown):
+        for call in (self._pump_timer, self._cooldown, self._durable_timer):
             _cancel(call)
-        self._pump_timer = self._cooldown = None
+        self._pump_timer = self._cooldown = self._durable_timer = None
         for batch in sorted(self._active, key=lambda b: b.first):
             _cancel(batch.timer)
             batch.timer = None
             deferred, batch.deferred = batch.deferred, None
-            self._settle(batch, remove_segment=False)
+            self._settle(batch, "put_back")
             if deferred is not None:
                 deferred.cancel()  # its answer is ignored: the batch is settled
-            self._put_back(batch, "shutdown_no_spool")
+            if batch.segment is None and not batch.persisting:
+                self._spool_now(batch, "shutdown_no_spool")
+            else:
+                self._put_back(batch, "shutdown_no_spool")
         while self._queue:
-            self._spool_batch(self._take_chunk(self._queue), "shutdown_no_spool")
+            self._spool_now(self._take_chunk(self._queue), "shutdown_no_spool")
         while self._late:
-            self._spool_batch(self._take_chunk(self._late), "closed")
+            self._spool_now(self._take_chunk(self._late), "closed")
         try:
             closing: Deferred[Any] = maybeDeferred(self._sink.close)
         except Exception:  # pragma: no cover - maybeDeferred does not raise
             closing = succeed(None)
+        closing.addErrback(self._sink_close_failed)
         if at_deadline:
-            closing.addErrback(self._sink_close_failed)
-            self._fire_closed()
+            self._sink_closed_done = True
             return
         self._sink_closing = closing
-        closing.addErrback(self._sink_close_failed)
         closing.addBoth(self._sink_closed)
 
     def _sink_close_failed(self, failure: Failure) -> None:
@@ -683,7 +977,13 @@ class BatchingExporter:
 
     def _sink_closed(self, _: object) -> None:
         self._sink_closing = None
-        self._fire_closed()
+        self._sink_closed_done = True
+        self._maybe_fire_closed()
+
+    def _maybe_fire_closed(self) -> None:
+        """Closed once the sink closed and the last spool writes landed."""
+        if self._sink_closed_done and not self._writes:
+            self._fire_closed()
 
     def _fire_closed(self) -> None:
         if self._close_fired:
@@ -706,7 +1006,7 @@ class BatchingExporter:
         """The accounting and health of this exporter (see the module docstring)."""
         in_flight = sum(len(b.events) for b in self._active if b.timer is None)
         retrying = sum(len(b.events) for b in self._active if b.timer is not None)
-        queued = len(self._queue) + retrying + len(self._late)
+        queued = len(self._queue) + retrying + len(self._late) + self._writing_events
         spooled = self._spool.event_count if self._spool is not None else 0
         times = [
             b.enqueued_at for b in self._active if b.timer is not None and b.enqueued_at is not None
@@ -725,10 +1025,15 @@ class BatchingExporter:
             "dropped_by_reason": dict(self._dropped),
             "recovered": self._recovered,
             "retrying": retrying,
+            "spooling": self._writing_events,
+            "replayed": self._replayed,
             "after_close": self._after_close,
             "retries": self._retries,
             "batches_sent": self._batches_sent,
             "batches_failed": self._batches_failed,
+            "spool_writes": self._spool_writes,
+            "spool_write_errors": self._spool_write_errors,
+            "failing": self._failing,
             "queue_depth": len(self._queue),
             "queue_bytes": self._queue_bytes,
             "oldest_queued_age_s": oldest_age,
@@ -736,6 +1041,7 @@ class BatchingExporter:
             "spool_segments": self._spool.segment_count if self._spool is not None else 0,
             "last_success": self._last_success,
             "last_error": self._last_error,
+            "last_error_at": self._last_error_at,
             "state": self._state,
         }
 
@@ -747,11 +1053,19 @@ class BatchingExporter:
         now: float = self._clock.seconds()  # type: ignore[misc]
         return now
 
+    def _error(self, message: str) -> None:
+        self._last_error = message
+        self._last_error_at = self._now()
+
     def _warn(self, key: str, message: str) -> None:
         """Log a problem once per exporter (stats keep counting); never at error level:
         these are expected failure paths, not bugs."""
-        self._last_error = message
+        self._error(message)
         if key in self._warned:
             return
         self._warned.add(key)
         log.warn("exporter {name}: {message}", name=self.name, message=message)
+
+
+def _broken_runner() -> None:
+    raise RuntimeError("run_blocking raised")

@@ -19,10 +19,14 @@ _COUNTERS = (
     ("batches_sent", "Batches delivered"),
     ("batches_failed", "Delivery attempts that failed"),
     ("recovered", "Events found in the spool at start"),
+    ("replayed", "Events read back from the spool to be sent"),
+    ("spool_writes", "Segments written to the spool (while failing, or a full buffer)"),
+    ("spool_write_errors", "Spool writes the disk refused (the events stayed in memory)"),
 )
 _GAUGES = (
     ("in_flight", "Events being delivered now"),
-    ("queued", "Events waiting in memory (incl. batches in backoff)"),
+    ("queued", "Events waiting in memory (incl. batches in backoff, writes to the spool)"),
+    ("failing", "1 while the sink is failing (from a failed attempt to the next delivery)"),
     ("spooled", "Events in the disk spool"),
     ("queue_bytes", "Estimated bytes waiting in memory"),
     ("oldest_queued_age_s", "Age of the oldest event waiting in memory, seconds"),

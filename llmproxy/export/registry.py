@@ -22,7 +22,7 @@ import attrs
 from twisted.internet.interfaces import IReactorTime
 
 from llmproxy.export.deadletter import DeadLetter
-from llmproxy.export.exporter import BatchingExporter
+from llmproxy.export.exporter import BatchingExporter, RunBlocking, run_here
 from llmproxy.export.sink import HTTPClient, Sink
 from llmproxy.export.spool import Spool
 from llmproxy.settings import ExporterSettings
@@ -133,11 +133,13 @@ def build_exporter(
     http_client: HTTPClient,
     state_dir: Path,
     random: Callable[[], float] = _random.random,
+    run_blocking: RunBlocking = run_here,
 ) -> BatchingExporter:
     """The sink plus the core around it: spool, dead-letter file, defaults resolved.
 
     Recovers the spool from disk (its events count as accepted and recovered); the
-    caller ``start()``s the exporter and ``close()``s it on shutdown.
+    caller ``start()``s the exporter and ``close()``s it on shutdown.  Spool writes
+    run through ``run_blocking`` (the daemon passes its thread pool).
     """
     sink = build_sink(settings, clock=clock, http_client=http_client, state_dir=state_dir)
     spool = None
@@ -154,4 +156,5 @@ def build_exporter(
         spool,
         DeadLetter(dead_letter_path, settings.name),
         random,
+        run_blocking=run_blocking,
     )

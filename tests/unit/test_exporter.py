@@ -592,6 +592,8 @@ def test_exporter_pauses_after_exhausted_retries_then_resends_the_oldest(tmp_pat
     assert h.sink.batches() == [[1], [1]]  # the spooled batch is the oldest: it goes first
     h.sink.answer(Delivered())
     assert h.sink.batches() == [[1], [1], [2]]
+    assert h.spooled_ids() == [2]  # made durable while the sink failed: replayed
+    h.sink.answer(Delivered())
     assert h.spooled_ids() == []
 
 
@@ -758,7 +760,7 @@ def test_replay_waits_while_a_batch_is_in_backoff(tmp_path: Path) -> None:
     h.clock.advance(0)
     h.sink.answer(Retry("HTTP 503"))  # 1 waits in backoff: the sink is failing
     h.publish(2, 3)  # the full buffer spills 2 to the spool
-    assert h.spooled_ids() == [2]
+    assert h.spooled_ids() == [1, 2]  # 1 was made durable as it failed
     h.clock.advance(0)
     assert h.sink.batches() == [[1], [3]]  # the free slot sends new events, no replay
 
