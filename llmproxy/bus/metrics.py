@@ -1,7 +1,8 @@
 """Event bus stats as Prometheus metric families (tests: tests/unit/test_redis_bus.py).
 
-Read from ``MemoryBus.stats()`` or ``RedisBus.stats()`` at scrape time; a key a
-bus does not report is left out.
+Read from ``MemoryBus.stats()`` or ``RedisBus.stats()`` (the delivery engine's
+counts under the bus's names) at scrape time; a key a bus does not report is left
+out.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ _COUNTERS = (
     ("recovered", "Events found in the Redis bus spool at start"),
     ("replayed", "Events replayed from the Redis bus spool"),
     ("batches", "Pipelined XADD batches confirmed"),
-    ("batches_failed", "XADD batches that failed (spooled, published again later)"),
+    ("batches_failed", "XADD batches that failed (retried; durable on disk meanwhile)"),
 )
 _GAUGES = (
     ("in_flight", "Events in the XADD batch on its way"),
-    ("queued", "Events waiting in memory for XADD"),
+    ("queued", "Events waiting in memory for XADD (a retried batch included)"),
     ("spooled", "Events in the Redis bus spool (Redis unreachable or refusing)"),
     ("spool_bytes", "Bytes in the Redis bus spool"),
     ("connected", "1 while the Redis connection is usable"),

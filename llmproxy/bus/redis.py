@@ -1,71 +1,67 @@
-"""The Redis Streams event bus, the proxy's side (tests: tests/unit/test_redis_bus.py,
-tests/integration/test_redis_bus.py).
+"""The Redis Streams bus, the proxy's side: a target of the one delivery engine
+(tests: tests/unit/test_redis_bus.py, tests/integration/test_redis_bus.py).
 
-``publish`` is O(1) and never waits: the envelope is appended to a bounded
-in-memory queue (and handed to local subscribers, like the memory bus).  A
-flusher, on the injected clock, sends the queue to Redis as pipelined batches of
-``XADD <stream> MAXLEN ~ <maxlen> * event <json>`` (one round trip per batch);
-it runs every ``flush_interval`` and as soon as ``batch_size`` events wait.
-``llmproxy dispatcher`` processes read the stream (llmproxy/dispatch.py).
+With ``[events] bus = redis`` the bus is the in-memory fan-out
+(llmproxy/bus/memory.py) with one more subscriber: a ``BatchingExporter``
+(llmproxy/export/exporter.py) whose sink is ``RedisStreamSink``.  Its delivery is
+``XADD <stream> MAXLEN ~ <maxlen> * event <json>`` for every event of a batch, in
+one round trip (one ``EVAL`` of a small script that runs the XADDs; where scripts
+are refused, pipelined XADDs).  ``llmproxy dispatcher`` processes read the stream
+(llmproxy/dispatch.py).  Everything else (the bounded buffer, batching every
+``flush_interval`` or ``batch_size`` events, retries with backoff, the disk spool
+while Redis is away, replay in order, accounting, the drain) is the engine's, so it
+holds for the Redis bus exactly as for the sinks.
 
-Redis unreachable.  Requests never wait for Redis: while there is no usable
-connection the flusher writes the queue to the disk spool (llmproxy/export/spool.py,
-one segment per batch), so an outage costs memory for one flush interval at most
-and the events survive a proxy restart.  A batch whose XADDs failed (connection
-lost, timeout, an error reply) is spooled too: some of its entries may have
-reached the stream, so a replay can add duplicates (at-least-once).  When the
-connection is back the spool is replayed oldest first, one segment at a time,
-before the queue: with one batch in flight (always) the stream receives events
-in publish order, across outages and restarts.  After an error reply the flusher
-pauses for a second (Redis is up but refusing, e.g. out of memory) and spools
-meanwhile.
+Redis unreachable.  Requests never wait for Redis: a batch sent while there is no
+usable connection is answered ``Retry`` at once, and the engine writes what waits
+in memory to the spool every ``spool_interval`` while Redis is away; a ``kill -9``
+then loses at most that interval.  A batch whose XADDs failed half-way (the
+connection lost, Redis refused) is sent again: the stream may hold some of its
+events twice (at least once).  When the connection is back, the waiting batch is
+retried at once and the spool replayed, oldest first, before newer events.
 
-Buffer full.  With more than ``publish_buffer`` events queued, the oldest
-``batch_size`` are spilled to the spool; without a spool, the new event is
-dropped and counted.
-
-Accounting, at every moment (``stats()``)::
-
-    accepted = published + in_flight + queued + spooled + dropped
-
-``accepted`` counts every publish plus the events recovered from the spool at
-start (``recovered``); ``published`` the events Redis confirmed; ``dropped`` is
-split by reason: ``buffer_full`` (no spool), ``spool_full``,
-``spool_write_failed``, ``spool_read_failed``, ``spool_corrupt``,
-``encode_failed``, ``bad_envelope``, ``closed`` (published after close, no spool),
-``shutdown_no_spool``.
-
-Close.  ``close(timeout)`` stops the timer, sends what is queued, and at the
-deadline spools what is left (the batch in flight too); then the connection is
-closed.  With older events in the spool, the queue is spooled behind them rather
-than sent ahead of them.  Idempotent; a publish after close is spooled or counted.
+Stats (``stats()``, ``llmproxy_bus_*`` metrics) are the engine's, under the
+names this bus always had: ``published`` (confirmed by Redis), ``batches``,
+``replayed``, ``connected`` ...
 """
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Callable
+import random as _random
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import attrs
-from twisted.internet.defer import Deferred, FirstError, gatherResults, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.task import LoopingCall
+from twisted.internet.defer import Deferred, FirstError, gatherResults
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from llmproxy.bus.base import Subscriber
+from llmproxy.bus.memory import MemoryBus
+from llmproxy.export.deadletter import DeadLetter
 from llmproxy.export.envelope import Envelope
-from llmproxy.export.spool import Segment, Spool
-from llmproxy.settings import RedisSettings, Settings
+from llmproxy.export.exporter import BatchingExporter, RunBlocking, run_here
+from llmproxy.export.sink import Delivered, Retry, Verdict
+from llmproxy.export.spool import Spool
+from llmproxy.settings import ExporterSettings, RedisSettings, Settings
 
 log = Logger()
 
-RUNNING = "running"
-CLOSING = "closing"
-CLOSED = "closed"
-ERROR_PAUSE = 1.0  # seconds without XADD after Redis refused a batch
+TARGET = "redis-bus"  # the engine's name for the stream target (logs, spool directory)
+ERROR_PAUSE = 1.0  # seconds before a batch Redis refused is sent again
+
+# One round trip per batch: the XADDs run in Redis.  KEYS[1] the stream, ARGV[1]
+# the MAXLEN, then one event per argument.  Returns how many were added.
+XADD_SCRIPT = """
+local n = 0
+for i = 2, #ARGV do
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'event', ARGV[i])
+  n = n + 1
+end
+return n
+"""
 
 
 class RedisClient(Protocol):
@@ -88,450 +84,193 @@ class RedisClient(Protocol):
 
 
 @attrs.define(eq=False)
-class _Flight:
-    """The one batch on its way to Redis."""
+class RedisStreamSink:
+    """Delivers a batch as XADDs to the stream; the engine's sink for the Redis bus."""
 
-    lines: list[bytes] = attrs.field(repr=False)
-    first: int
-    last: int
-    segment: Segment | None  # the spool segment it replays
-    entries: list[tuple[int, Envelope]] = attrs.field(factory=list, repr=False)  # from the queue
-    deferred: Deferred[Any] | None = None
-    settled: bool = False
+    _settings: RedisSettings
+    _client: RedisClient
+    name: str = TARGET
+    _scripts: bool = attrs.field(init=False, default=True)  # EVAL allowed so far
+
+    @property
+    def connected(self) -> bool:
+        return self._client.usable
+
+    def deliver(self, events: Sequence[dict[str, Any]]) -> Deferred[Verdict]:
+        import orjson
+
+        return self.deliver_lines(events, [orjson.dumps(event) for event in events])
+
+    def deliver_lines(
+        self, events: Sequence[dict[str, Any]], lines: Sequence[bytes]
+    ) -> Deferred[Verdict]:
+        """XADD each line; ``Delivered`` once Redis confirmed them all."""
+        settings = self._settings
+        if self._scripts:
+            d = self._client.execute(
+                "EVAL", XADD_SCRIPT, 1, settings.stream, settings.maxlen, *lines
+            )
+        else:
+            d = gatherResults(
+                [
+                    self._client.execute(
+                        "XADD", settings.stream, "MAXLEN", "~", settings.maxlen, "*", "event", line
+                    )
+                    for line in lines
+                ],
+                consumeErrors=True,
+            )
+        return d.addBoth(self._judge, len(lines))
+
+    def _judge(self, result: object, count: int) -> Verdict:
+        from llmproxy.bus.redisconn import RedisUnavailable, is_response_error
+
+        if not isinstance(result, Failure):
+            if self._scripts and result != count:
+                return Retry(f"the XADD script added {result!r} of {count} events")
+            return Delivered()
+        error = result
+        if isinstance(error.value, FirstError):
+            error = error.value.subFailure
+        if error.check(RedisUnavailable):
+            return Retry(f"Redis unavailable: {error.getErrorMessage()}")
+        if self._scripts and (
+            is_response_error(error, "NOPERM")
+            or is_response_error(error, "unknown command")
+            or is_response_error(error, "NOSCRIPT")
+        ):
+            # Scripting is off for this user or server: XADDs, pipelined.
+            self._scripts = False
+            log.info("redis bus: EVAL refused ({why}); using pipelined XADD", why=_brief(error))
+            return Retry("EVAL refused; retrying with XADD", after=0.0)
+        # Redis answered but refused (OOM, a wrong type...): try again a bit later.
+        return Retry(f"Redis refused XADD: {_brief(error)}", after=ERROR_PAUSE)
+
+    def close(self) -> Deferred[None]:
+        return self._client.stop()
+
+
+def _brief(failure: Failure) -> str:
+    return f"{type(failure.value).__name__}: {failure.getErrorMessage()}"[:300]
+
+
+def target_settings(redis: RedisSettings) -> ExporterSettings:
+    """The engine's settings for the stream target, from ``[redis]``."""
+    return ExporterSettings(
+        name=TARGET,
+        type="redis",
+        buffer=redis.publish_buffer,
+        batch_size=redis.batch_size,
+        flush_interval=redis.flush_interval,
+        max_in_flight=1,  # the stream receives events in publish order
+        timeout=redis.timeout,
+        max_retries=10,
+        backoff_min=0.1,  # Redis' reconnection backs off from 0.1 s to 2 s too
+        backoff_max=2.0,
+        spool_max_bytes=redis.spool_max_bytes,
+        spool_interval=redis.spool_interval,
+    )
 
 
 @attrs.define(eq=False)
 class RedisBus:
-    """Publishes envelopes to a Redis stream; see the module docstring."""
+    """The fan-out to local subscribers plus the engine that feeds the stream."""
 
     _settings: RedisSettings
     _client: RedisClient
     _clock: IReactorTime
     _spool: Spool | None
+    _run_blocking: RunBlocking = run_here
+    _dead_letter: DeadLetter | None = None
+    _random: Callable[[], float] = _random.random
 
-    _state: str = attrs.field(init=False, default=RUNNING)
-    _started: bool = attrs.field(init=False, default=False)
-    _subscribers: tuple[Subscriber, ...] = attrs.field(init=False, default=())
-    _queue: deque[tuple[int, Envelope]] = attrs.field(init=False, factory=deque)
-    _flight: _Flight | None = attrs.field(init=False, default=None)
-    _next_ordinal: int = attrs.field(init=False, default=0)
-    _loop: LoopingCall | None = attrs.field(init=False, default=None)
-    _soon: IDelayedCall | None = attrs.field(init=False, default=None)
-    _paused: IDelayedCall | None = attrs.field(init=False, default=None)
-    _deadline: IDelayedCall | None = attrs.field(init=False, default=None)
-    _closed: Deferred[None] | None = attrs.field(init=False, default=None)
-    _close_fired: bool = attrs.field(init=False, default=False)
-    _close_waiters: list[Deferred[None]] = attrs.field(init=False, factory=list)
-    _warned: set[str] = attrs.field(init=False, factory=set)
-    # counters
-    _accepted: int = attrs.field(init=False, default=0)
-    _recovered: int = attrs.field(init=False, default=0)
-    _published: int = attrs.field(init=False, default=0)
-    _dropped: dict[str, int] = attrs.field(init=False, factory=dict)
-    _batches: int = attrs.field(init=False, default=0)
-    _batches_failed: int = attrs.field(init=False, default=0)
-    _replayed: int = attrs.field(init=False, default=0)
-    _subscriber_errors: int = attrs.field(init=False, default=0)
-    _after_close: int = attrs.field(init=False, default=0)
-    _last_success: float | None = attrs.field(init=False, default=None)
-    _last_error: str | None = attrs.field(init=False, default=None)
+    _fanout: MemoryBus = attrs.field(init=False, factory=MemoryBus)
+    _sink: RedisStreamSink = attrs.field(init=False)
+    _exporter: BatchingExporter = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        if self._spool is not None:
-            self._recovered = self._accepted = self._spool.event_count
-            self._next_ordinal = self._spool.next_ordinal
-        self._client.when_ready(self._on_connected)
+        self._sink = RedisStreamSink(self._settings, self._client)
+        dead_letter = self._dead_letter
+        if dead_letter is None:
+            # Redis refuses no event for good: the file is not expected to be written.
+            base = self._spool.directory.parent if self._spool is not None else Path(".")
+            dead_letter = DeadLetter(base / "deadletter" / f"{TARGET}.jsonl", TARGET)
+        self._exporter = BatchingExporter(
+            target_settings(self._settings),
+            self._sink,
+            self._clock,
+            self._spool,
+            dead_letter,
+            self._random,
+            run_blocking=self._run_blocking,
+        )
+        self._fanout.subscribe(self._exporter)
+        self._client.when_ready(self._exporter.retry_now)
+
+    @property
+    def exporter(self) -> BatchingExporter:
+        return self._exporter
 
     # -- the EventBus interface ------------------------------------------------------
 
     def subscribe(self, subscriber: Subscriber) -> None:
         """Local subscribers get every envelope too, as on the memory bus."""
-        if not any(s is subscriber for s in self._subscribers):
-            self._subscribers = (*self._subscribers, subscriber)
+        self._fanout.subscribe(subscriber)
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
-        self._subscribers = tuple(s for s in self._subscribers if s is not subscriber)
+        if subscriber is not self._exporter:
+            self._fanout.unsubscribe(subscriber)
 
     def publish(self, envelope: Envelope) -> None:
-        """Queue one event for Redis: O(1), never waits, never raises."""
-        self._accepted += 1
-        for subscriber in self._subscribers:
-            try:
-                subscriber.publish(envelope)
-            except Exception as e:
-                self._subscriber_errors += 1
-                self._warn(
-                    f"subscriber:{type(e).__name__}", f"a subscriber raised {type(e).__name__}"
-                )
-        try:
-            if self._state == CLOSED:
-                self._after_close += 1
-                self._spool_entries([(self._take_ordinal(), envelope)], "closed")
-                return
-            if len(self._queue) >= self._settings.publish_buffer:
-                if self._spool is None:
-                    self._drop(1, "buffer_full")
-                    return
-                self._spill_oldest()
-            self._queue.append((self._take_ordinal(), envelope))
-            if (
-                self._soon is None
-                and self._started
-                and len(self._queue) >= self._settings.batch_size
-                and self._flight is None
-            ):
-                # Batches go out off the request path, in the next reactor turn.
-                self._soon = self._clock.callLater(0, self._flush_soon)  # type: ignore[misc, arg-type]
-        except Exception:
-            log.failure("redis bus: publish failed")
+        """Hand one event to every subscriber and to the stream's engine: O(1)."""
+        self._fanout.publish(envelope)
 
     # -- life cycle ------------------------------------------------------------------
 
     def start(self) -> None:
-        """Connect, start the flush timer, replay the spool once Redis answers."""
-        if self._started or self._state != RUNNING:
-            return
-        self._started = True
+        """Connect, and start the engine (its spool is replayed once Redis answers)."""
         self._client.start()
-        loop = LoopingCall(self._flush, True)
-        loop.clock = self._clock
-        self._loop = loop
-        loop.start(self._settings.flush_interval, now=False).addErrback(self._loop_failed)
+        self._exporter.start()
 
     def close(self, timeout: float) -> Deferred[None]:
-        """Send what is queued; at ``timeout`` spool the rest; close the connection.
-
-        Idempotent: every call fires when the first close is done."""
-        if self._close_fired:
-            return succeed(None)
-        waiter: Deferred[None] = Deferred()
-        self._close_waiters.append(waiter)
-        if self._state != RUNNING:
-            return waiter
-        self._state = CLOSING
-        self._stop_loop()
-        self._cancel_soon()
-        self._deadline = self._clock.callLater(timeout, self._on_deadline)  # type: ignore[misc, arg-type]
-        if not self._started:
-            self._finish()
-            return waiter
-        if self._spool is not None and self._spool.event_count and self._queue:
-            # Older events wait on disk: the queue goes behind them, not ahead.
-            self._spool_queue("shutdown_no_spool")
-        self._flush(True)
-        return waiter
-
-    def _check_drained(self) -> None:
-        if self._state == CLOSING and not self._queue and self._flight is None:
-            self._finish()
-
-    def _on_deadline(self) -> None:
-        self._deadline = None
-        self._finish()
-
-    def _finish(self) -> None:
-        if self._state == CLOSED:
-            return
-        self._state = CLOSED
-        self._stop_loop()
-        self._cancel_soon()
-        for call in (self._paused, self._deadline):
-            if call is not None and call.active():  # type: ignore[misc]
-                call.cancel()  # type: ignore[misc]
-        self._paused = self._deadline = None
-        flight, self._flight = self._flight, None
-        if flight is not None:
-            flight.settled = True
-            self._put_back(flight)
-            if flight.deferred is not None:
-                flight.deferred.cancel()
-        self._spool_queue("shutdown_no_spool")
-        stopping = self._client.stop() if self._started else succeed(None)
-        stopping.addErrback(lambda f: self._warn("stop", f"closing: {f.getErrorMessage()}"))
-        stopping.addBoth(lambda _: self._fire_closed())
-
-    def _fire_closed(self) -> None:
-        if self._close_fired:
-            return
-        self._close_fired = True
-        waiters, self._close_waiters = self._close_waiters, []
-        for waiter in waiters:
-            waiter.callback(None)
-
-    def _stop_loop(self) -> None:
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        self._loop = None
-
-    def _cancel_soon(self) -> None:
-        if self._soon is not None and self._soon.active():  # type: ignore[misc]
-            self._soon.cancel()  # type: ignore[misc]
-        self._soon = None
-
-    def _loop_failed(self, failure: Failure) -> None:
-        self._warn("loop", f"flush timer stopped: {failure.getErrorMessage()}")
-
-    # -- flushing --------------------------------------------------------------------
-
-    def _on_connected(self) -> None:
-        if self._state != CLOSED and self._started:
-            self._flush(True)
-
-    def _flush_soon(self) -> None:
-        self._soon = None
-        self._flush(False)
-
-    def _flush(self, partial: bool) -> None:
-        """Send the next batch: the oldest spool segment first, then the queue.
-
-        Without a usable connection (or while paused after an error reply), the
-        queue goes to the spool instead.  A drain ends here once nothing is left."""
-        try:
-            self._flush_once(partial)
-        except Exception:
-            log.failure("redis bus: flushing failed")
-        if self._state == CLOSING:
-            self._check_drained()
-
-    def _flush_once(self, partial: bool) -> None:
-        if self._flight is not None or self._state == CLOSED or not self._started:
-            return
-        if not self._client.usable or self._paused is not None:
-            if self._spool is not None:
-                self._spool_queue("spool_write_failed")
-            return
-        segment = self._replay_candidate()
-        if segment is not None:
-            self._replay(segment)
-        elif self._queue and (
-            partial or self._state == CLOSING or len(self._queue) >= self._settings.batch_size
-        ):
-            self._send_queue_batch()
-
-    def _replay_candidate(self) -> Segment | None:
-        if self._spool is None:
-            return None
-        if self._state == CLOSING and not self._queue:
-            return None  # the drain flushes memory; the spool waits for the next start
-        segment = self._spool.oldest()
-        if segment is None or (self._queue and self._queue[0][0] < segment.first):
-            return None
-        return segment
-
-    def _replay(self, segment: Segment) -> None:
-        spool = self._spool
-        assert spool is not None
-        try:
-            contents = spool.read(segment)
-        except OSError as e:
-            spool.remove(segment)
-            self._drop(segment.count, "spool_read_failed")
-            self._warn("spool_read", f"spool segment unreadable: {e.strerror}")
-            self._flush(True)
-            return
-        if contents.corrupt or len(contents.lines) != segment.count:
-            # A torn or edited file: send what is sendable, count the rest.
-            spool.remove(segment)
-            found = len(contents.lines) + len(contents.corrupt)
-            if found > segment.count:
-                self._accepted += found - segment.count
-                self._recovered += found - segment.count
-            self._drop(len(contents.corrupt) + max(0, segment.count - found), "spool_corrupt")
-            if contents.lines:
-                self._send(_Flight(contents.lines, segment.first, segment.last, None))
-            else:
-                self._flush(True)
-            return
-        spool.checkout(segment)
-        self._replayed += segment.count
-        self._send(_Flight(contents.lines, segment.first, segment.last, segment))
-
-    def _send_queue_batch(self) -> None:
-        lines: list[bytes] = []
-        entries: list[tuple[int, Envelope]] = []
-        while self._queue and len(lines) < self._settings.batch_size:
-            entry = self._queue.popleft()
-            try:
-                lines.append(entry[1].json())
-            except Exception:
-                self._drop(1, "encode_failed")
-                self._warn("encode", "an event could not be encoded; event dropped")
-                continue
-            entries.append(entry)
-        if lines:
-            self._send(_Flight(lines, entries[0][0], entries[-1][0], None, entries))
-
-    def _send(self, flight: _Flight) -> None:
-        settings = self._settings
-        self._flight = flight
-        xadds = [
-            self._client.execute(
-                "XADD", settings.stream, "MAXLEN", "~", settings.maxlen, "*", "event", line
-            )
-            for line in flight.lines
-        ]
-        d: Deferred[Any] = gatherResults(xadds, consumeErrors=True)
-        flight.deferred = d
-        d.addBoth(self._on_answer, flight)
-
-    def _on_answer(self, result: object, flight: _Flight) -> None:
-        if flight.settled:
-            return  # settled at the deadline: already spooled
-        flight.settled = True
-        flight.deferred = None
-        self._flight = None
-        try:
-            if isinstance(result, Failure):
-                self._failed(flight, result)
-            else:
-                self._published += len(flight.lines)
-                self._batches += 1
-                self._last_success = self._now()
-                if flight.segment is not None and self._spool is not None:
-                    self._spool.remove(flight.segment)
-        except Exception:
-            log.failure("redis bus: handling a reply failed")
-        # Keep going while there is work: the spool and full batches right away
-        # (a drain sends everything; _flush ends it when nothing is left).
-        self._flush(self._state == CLOSING or self._spool_waiting())
-
-    def _spool_waiting(self) -> bool:
-        return self._spool is not None and self._spool.oldest() is not None
-
-    def _failed(self, flight: _Flight, result: Failure) -> None:
-        from llmproxy.bus.redisconn import RedisUnavailable
-
-        self._batches_failed += 1
-        error = result.value
-        if isinstance(error, FirstError):
-            error = error.subFailure.value
-        reason = f"{type(error).__name__}: {error}"
-        self._last_error = reason
-        self._put_back(flight)
-        if not isinstance(error, RedisUnavailable):
-            # Redis answered but refused: pause, spooling meanwhile.
-            self._warn(
-                f"refused:{type(error).__name__}", f"Redis refused XADD ({reason}); spooling"
-            )
-            self._paused = self._clock.callLater(ERROR_PAUSE, self._end_pause)  # type: ignore[misc, arg-type]
-
-    def _end_pause(self) -> None:
-        self._paused = None
-        self._flush(True)
-
-    def _put_back(self, flight: _Flight) -> None:
-        """An unconfirmed batch goes (back) to the spool, or back to the head of the
-        queue without one."""
-        if flight.segment is not None:
-            if self._spool is not None:
-                self._spool.checkin(flight.segment)
-            return
-        if self._spool is None:
-            if self._state == CLOSED:
-                self._drop(len(flight.lines), "shutdown_no_spool")
-            else:
-                self._queue.extendleft(reversed(flight.entries))  # back at the head, in order
-            return
-        self._spool_lines(flight.lines, flight.first, flight.last)
-
-    # -- the spool -------------------------------------------------------------------
-
-    def _spill_oldest(self) -> None:
-        chunk = [
-            self._queue.popleft() for _ in range(min(len(self._queue), self._settings.batch_size))
-        ]
-        self._spool_entries(chunk, "buffer_full")
-
-    def _spool_queue(self, no_spool_reason: str) -> None:
-        while self._queue:
-            chunk = [
-                self._queue.popleft()
-                for _ in range(min(len(self._queue), self._settings.batch_size))
-            ]
-            self._spool_entries(chunk, no_spool_reason)
-
-    def _spool_entries(self, entries: list[tuple[int, Envelope]], no_spool_reason: str) -> None:
-        if self._spool is None:
-            self._drop(len(entries), no_spool_reason)
-            return
-        lines: list[bytes] = []
-        ordinals: list[int] = []
-        for ordinal, envelope in entries:
-            try:
-                lines.append(envelope.json())
-                ordinals.append(ordinal)
-            except Exception:
-                self._drop(1, "encode_failed")
-        if lines:
-            self._spool_lines(lines, ordinals[0], ordinals[-1])
-
-    def _spool_lines(self, lines: list[bytes], first: int, last: int) -> None:
-        assert self._spool is not None
-        try:
-            discarded = self._spool.append(lines, first, last)
-        except (OSError, ValueError) as e:
-            self._drop(len(lines), "spool_write_failed")
-            reason = e.strerror if isinstance(e, OSError) else str(e)
-            self._warn("spool_write", f"spool write failed: {reason}")
-            return
-        if discarded:
-            self._drop(discarded, "spool_full")
-            self._warn("spool_full", "the spool is full: its oldest events were discarded")
-
-    # -- helpers ---------------------------------------------------------------------
-
-    def _take_ordinal(self) -> int:
-        ordinal = self._next_ordinal
-        self._next_ordinal += 1
-        return ordinal
-
-    def _drop(self, count: int, reason: str) -> None:
-        self._dropped[reason] = self._dropped.get(reason, 0) + count
-
-    def _now(self) -> float:
-        now: float = self._clock.seconds()  # type: ignore[misc]
-        return now
-
-    def _warn(self, key: str, message: str) -> None:
-        """Log a problem once per bus (stats keep counting); a warning, not an error."""
-        self._last_error = message
-        if key in self._warned:
-            return
-        self._warned.add(key)
-        log.warn("redis bus: {message}", message=message)
+        """Send what is queued; at ``timeout`` spool the rest; close the connection."""
+        return self._exporter.close(timeout)
 
     def stats(self) -> dict[str, Any]:
-        """The accounting and health of the bus (see the module docstring)."""
-        flight = self._flight
-        in_flight = len(flight.lines) if flight is not None else 0
-        spooled = self._spool.event_count if self._spool is not None else 0
-        usable = self._client.usable
+        """The engine's accounting, under the bus's names (module docstring)."""
+        s = self._exporter.stats()
+        fanout = self._fanout.stats()
         return {
             "type": "redis",
-            "accepted": self._accepted,
-            "published": self._published,
-            "in_flight": in_flight,
-            "queued": len(self._queue),
-            "spooled": spooled,
-            "dropped": sum(self._dropped.values()),
-            "dropped_by_reason": dict(self._dropped),
-            "recovered": self._recovered,
-            "replayed": self._replayed,
-            "batches": self._batches,
-            "batches_failed": self._batches_failed,
-            "after_close": self._after_close,
-            "subscribers": len(self._subscribers),
-            "subscriber_errors": self._subscriber_errors,
-            "connected": usable,
-            "spool_bytes": self._spool.size_bytes if self._spool is not None else 0,
-            "spool_segments": self._spool.segment_count if self._spool is not None else 0,
-            "last_success": self._last_success,
-            "last_error": self._last_error,
-            "state": self._state,
+            "accepted": s["accepted"],
+            "published": s["sent"],
+            "in_flight": s["in_flight"],
+            "queued": s["queued"],
+            "spooled": s["spooled"],
+            "dropped": s["dropped"],
+            "dropped_by_reason": s["dropped_by_reason"],
+            "recovered": s["recovered"],
+            "replayed": s["replayed"],
+            "retrying": s["retrying"],
+            "spooling": s["spooling"],
+            "batches": s["batches_sent"],
+            "batches_failed": s["batches_failed"],
+            "after_close": s["after_close"],
+            "subscribers": fanout["subscribers"] - 1,  # the engine is not a local one
+            "subscriber_errors": fanout["subscriber_errors"],
+            "connected": self._sink.connected,
+            "spool_bytes": s["spool_bytes"],
+            "spool_segments": s["spool_segments"],
+            "last_success": s["last_success"],
+            "last_error": s["last_error"],
+            "last_error_at": s["last_error_at"],
+            "state": s["state"],
         }
 
 
-def build_redis_bus(settings: Settings, reactor: Any) -> RedisBus:
+def build_redis_bus(
+    settings: Settings, reactor: Any, run_blocking: RunBlocking = run_here
+) -> RedisBus:
     """The bus for ``[events] bus = redis``: its connection and its spool under
     ``state_dir`` (``spool_max_bytes <= 0`` would disable it; config refuses that)."""
     from llmproxy.bus.redisconn import RedisConnection, parse_redis_url
@@ -544,4 +283,11 @@ def build_redis_bus(settings: Settings, reactor: Any) -> RedisBus:
     connection = RedisConnection(
         reactor, parse_redis_url(redis.url), redis.timeout, "llmproxy-proxy"
     )
-    return RedisBus(redis, connection, reactor, Spool(directory, redis.spool_max_bytes))
+    return RedisBus(
+        redis,
+        connection,
+        reactor,
+        Spool(directory, redis.spool_max_bytes),
+        run_blocking,
+        DeadLetter(state_dir / "deadletter" / f"{TARGET}.jsonl", TARGET),
+    )

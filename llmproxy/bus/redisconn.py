@@ -114,7 +114,7 @@ def redis_problems(settings: RedisSettings) -> list[str]:
     for key in ("maxlen", "publish_buffer", "batch_size", "spool_max_bytes"):
         if getattr(settings, key) <= 0:
             problems.append(f"{key}: must be greater than 0")
-    for key in ("claim_idle", "block", "timeout", "flush_interval"):
+    for key in ("claim_idle", "block", "timeout", "flush_interval", "spool_interval"):
         if getattr(settings, key) <= 0:
             problems.append(f"{key}: must be greater than 0")
     return problems

@@ -1,5 +1,8 @@
 """The Redis bus on a Clock with a fake connection: batching, outages, the spool,
-order, the drain and the accounting."""
+order, the drain and the accounting.  The bus is the one delivery engine
+(llmproxy/export/exporter.py) with an XADD sink, so these are the exporter's
+promises tried again through Redis; the fake speaks both forms of the delivery
+(one EVAL of the XADD script per batch, or pipelined XADDs)."""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 
-from llmproxy.bus.redis import RedisBus, build_redis_bus
+from llmproxy.bus.redis import XADD_SCRIPT, RedisBus, build_redis_bus
 from llmproxy.bus.redisconn import RedisUnavailable
 from llmproxy.config import load_settings
 from llmproxy.export.envelope import StoredEvent
@@ -29,10 +32,11 @@ class Refused(Exception):
 
 @attrs.define(eq=False)
 class FakeRedis:
-    """A connection whose XADD replies the test controls; ``stream`` is what Redis holds."""
+    """A connection whose replies the test controls; ``stream`` is what Redis holds."""
 
     usable: bool = True
-    auto: bool = True  # answer each XADD at once
+    auto: bool = True  # answer each command at once
+    scripts: bool = True  # EVAL allowed
     started: bool = False
     stopped: bool = False
     stream: list[dict[str, Any]] = attrs.field(factory=list)
@@ -57,6 +61,8 @@ class FakeRedis:
         if not self.usable:
             return fail(RedisUnavailable("down"))
         self.commands.append(args)
+        if args[0] == "EVAL" and not self.scripts:
+            return fail(_response_error("NOPERM this user has no permissions to run 'eval'"))
         d: Deferred[Any] = Deferred()
         self.pending.append((args, d))
         if self.auto:
@@ -69,14 +75,20 @@ class FakeRedis:
         else:
             todo, self.pending = self.pending[:n], self.pending[n:]
         for args, d in todo:
-            assert args[0] == "XADD" and args[2:6] == ("MAXLEN", "~", 1000, "*")
-            self.stream.append(orjson.loads(args[7]))
-            d.callback(f"{len(self.stream)}-0".encode())
+            if args[0] == "EVAL":
+                assert args[1:5] == (XADD_SCRIPT, 1, "s", 1000)
+                lines = args[5:]
+                self.stream.extend(orjson.loads(line) for line in lines)
+                d.callback(len(lines))
+            else:
+                assert args[0] == "XADD" and args[2:6] == ("MAXLEN", "~", 1000, "*")
+                self.stream.append(orjson.loads(args[7]))
+                d.callback(f"{len(self.stream)}-0".encode())
 
     def refuse_all(self) -> None:
         todo, self.pending = self.pending, []
         for _, d in todo:
-            d.errback(Refused("OOM command not allowed"))
+            d.errback(_response_error("OOM command not allowed when used memory > 'maxmemory'"))
 
     def go_down(self) -> None:
         self.usable = False
@@ -90,6 +102,13 @@ class FakeRedis:
             callback()
 
 
+def _response_error(text: str) -> Exception:
+    import txredisapi
+
+    error: Exception = txredisapi.ResponseError(text)
+    return error
+
+
 def settings(**kw: Any) -> RedisSettings:
     base: dict[str, Any] = {
         "stream": "s",
@@ -97,6 +116,7 @@ def settings(**kw: Any) -> RedisSettings:
         "batch_size": 3,
         "publish_buffer": 10,
         "flush_interval": 0.1,
+        "spool_interval": 0.5,
     }
     base.update(kw)
     return RedisSettings(**base)
@@ -107,18 +127,24 @@ def event(n: int) -> StoredEvent:
 
 
 def make(
-    tmp_path: Path, *, spool: bool = True, **kw: Any
+    tmp_path: Path, *, spool: bool = True, redis: FakeRedis | None = None, **kw: Any
 ) -> tuple[RedisBus, FakeRedis, Clock, Spool | None]:
     clock = Clock()
-    redis = FakeRedis()
+    redis = redis or FakeRedis()
     the_spool = Spool(tmp_path / "spool", 1 << 20) if spool else None
-    bus = RedisBus(settings(**kw), redis, clock, the_spool)
+    bus = RedisBus(settings(**kw), redis, clock, the_spool, random=lambda: 0.0)
     bus.start()
     return bus, redis, clock, the_spool
 
 
 def numbers(redis: FakeRedis) -> list[int]:
     return [e["n"] for e in redis.stream]
+
+
+def on_disk(tmp_path: Path) -> list[int]:
+    """Event numbers in the spool directory, as a restarted proxy would find them."""
+    spool = Spool(tmp_path / "spool", 1 << 20)
+    return sorted(e["n"] for seg in spool.segments() for e in spool.read(seg).events)
 
 
 def balanced(bus: RedisBus) -> bool:
@@ -137,7 +163,7 @@ def test_publish_queues_without_touching_redis_and_a_full_batch_goes_next_turn(
     assert redis.commands == []  # nothing on the request path
     clock.advance(0)
     assert numbers(redis) == [0, 1, 2]
-    assert len(redis.commands) == 3  # one pipelined XADD per event
+    assert len(redis.commands) == 1  # one EVAL (one round trip) per batch
     assert bus.stats()["published"] == 3 and bus.stats()["batches"] == 1
     assert balanced(bus)
 
@@ -157,11 +183,11 @@ def test_one_batch_in_flight_at_a_time_in_publish_order(tmp_path: Path) -> None:
     for n in range(7):
         bus.publish(event(n))
     clock.advance(0)
-    assert len(redis.pending) == 3
+    assert len(redis.pending) == 1
     assert bus.stats()["in_flight"] == 3 and bus.stats()["queued"] == 4
     assert balanced(bus)
     redis.answer()  # the next full batch goes out at once
-    assert len(redis.pending) == 3
+    assert len(redis.pending) == 1
     redis.answer()
     clock.advance(0.1)
     redis.answer()
@@ -169,69 +195,86 @@ def test_one_batch_in_flight_at_a_time_in_publish_order(tmp_path: Path) -> None:
     assert balanced(bus)
 
 
-def test_while_redis_is_down_events_go_to_the_spool_and_come_back_in_order(
-    tmp_path: Path,
-) -> None:
-    bus, redis, clock, spool = make(tmp_path)
+def test_while_redis_is_down_events_go_to_disk_and_come_back_in_order(tmp_path: Path) -> None:
+    bus, redis, clock, _spool = make(tmp_path)
     bus.publish(event(0))
     clock.advance(0.1)
     redis.go_down()
-    for n in range(1, 8):
+    for n in range(1, 12):
         bus.publish(event(n))
         clock.advance(0.1)
-    assert spool is not None and spool.event_count == 7
-    assert bus.stats()["queued"] == 0 and bus.stats()["connected"] is False
+    # On disk but for what the last spool_interval (0.5 s) brought.
+    assert set(range(1, 12)) - set(on_disk(tmp_path)) <= set(range(7, 12))
+    assert bus.stats()["connected"] is False
     assert balanced(bus)
-    bus.publish(event(8))  # queued behind the spool
     redis.come_back()
-    clock.pump([0.1] * 20)
-    assert numbers(redis) == list(range(9))
-    assert spool.event_count == 0 and spool.segment_count == 0
-    assert bus.stats()["replayed"] == 7
+    clock.pump([0.1] * 30)
+    assert numbers(redis) == list(range(12))
+    assert on_disk(tmp_path) == []
+    assert bus.stats()["replayed"] > 0
     assert balanced(bus)
 
 
-def test_a_batch_lost_with_the_connection_is_spooled_and_replayed(tmp_path: Path) -> None:
-    bus, redis, clock, spool = make(tmp_path)
+def test_the_connection_coming_back_sends_at_once(tmp_path: Path) -> None:
+    bus, redis, clock, _ = make(tmp_path)
+    redis.go_down()
+    bus.publish(event(0))
+    clock.advance(0.1)  # sent, failed: waits out a backoff
+    redis.come_back()  # the ready callback retries without waiting
+    assert numbers(redis) == [0]
+
+
+def test_a_batch_lost_with_the_connection_is_sent_again(tmp_path: Path) -> None:
+    bus, redis, clock, _ = make(tmp_path)
     redis.auto = False
     for n in range(3):
         bus.publish(event(n))
     clock.advance(0)
-    redis.answer(1)  # the first XADD made it, then the connection died
-    redis.go_down()
-    assert spool is not None and spool.event_count == 3
+    redis.go_down()  # the EVAL's answer is lost (Redis may have run it)
+    assert on_disk(tmp_path) == [0, 1, 2]  # durable while it is retried
     assert bus.stats()["batches_failed"] == 1
     redis.auto = True
     redis.come_back()
-    # At least once: event 0 is in the stream twice, and the order holds.
-    assert numbers(redis) == [0, 0, 1, 2]
+    clock.pump([0.1] * 5)
+    assert numbers(redis) == [0, 1, 2]
+    assert on_disk(tmp_path) == []
     assert balanced(bus)
 
 
-def test_a_refused_batch_pauses_publishing_and_spools_meanwhile(tmp_path: Path) -> None:
-    bus, redis, clock, spool = make(tmp_path)
+def test_a_refused_batch_is_sent_again_after_a_pause(tmp_path: Path) -> None:
+    bus, redis, clock, _ = make(tmp_path)
     redis.auto = False
     for n in range(3):
         bus.publish(event(n))
     clock.advance(0)
     redis.refuse_all()
-    assert spool is not None and spool.event_count == 3
-    assert "Refused" in bus.stats()["last_error"]
+    assert "OOM" in bus.stats()["last_error"]
     bus.publish(event(3))
-    clock.advance(0.5)  # paused: the queue goes to disk, not to Redis
-    assert redis.pending == [] and spool.event_count == 4
+    clock.advance(0.5)  # paused (ERROR_PAUSE = 1 s): nothing goes to Redis
+    assert redis.pending == []
     redis.auto = True
-    clock.pump([0.1] * 10)
+    clock.pump([0.1] * 15)
     assert numbers(redis) == [0, 1, 2, 3]
     assert balanced(bus)
 
 
+def test_where_eval_is_refused_the_batch_goes_as_pipelined_xadds(tmp_path: Path) -> None:
+    redis = FakeRedis(scripts=False)
+    bus, redis, clock, _ = make(tmp_path, redis=redis)
+    for n in range(3):
+        bus.publish(event(n))
+    clock.pump([0.1] * 3)
+    assert numbers(redis) == [0, 1, 2]
+    assert [c[0] for c in redis.commands] == ["EVAL", "XADD", "XADD", "XADD"]
+    assert balanced(bus)
+
+
 def test_a_full_buffer_spills_its_oldest_batch_to_the_spool(tmp_path: Path) -> None:
-    bus, redis, clock, spool = make(tmp_path, publish_buffer=4, batch_size=100)
+    bus, redis, clock, _ = make(tmp_path, publish_buffer=4, batch_size=100)
     redis.auto = False
     for n in range(6):
         bus.publish(event(n))
-    assert spool is not None and spool.event_count == 4  # one spill of batch_size (all 4)
+    assert on_disk(tmp_path) == [0, 1, 2, 3]  # one spill of batch_size (all 4)
     assert bus.stats()["queued"] == 2
     redis.auto = True
     clock.pump([0.1] * 5)
@@ -246,24 +289,23 @@ def test_without_a_spool_a_full_buffer_drops_new_events_and_counts_them(tmp_path
         bus.publish(event(n))
         clock.advance(0.1)
     stats = bus.stats()
-    assert stats["queued"] == 4
-    assert stats["dropped_by_reason"] == {"buffer_full": 2}
+    # The batch being retried ([0]) is not in the buffer; 4 more fill it.
+    assert (stats["retrying"], stats["queued"]) == (1, 5)
+    assert stats["dropped_by_reason"] == {"buffer_full": 1}
     assert balanced(bus)
     redis.come_back()
     clock.pump([0.1] * 3)
-    assert numbers(redis) == [0, 1, 2, 3]
+    assert numbers(redis) == [0, 1, 2, 3, 4]
 
 
-def test_without_a_spool_a_failed_batch_goes_back_to_the_head_of_the_queue(
-    tmp_path: Path,
-) -> None:
+def test_without_a_spool_a_failed_batch_is_kept_and_sent_again(tmp_path: Path) -> None:
     bus, redis, clock, _ = make(tmp_path, spool=False)
     redis.auto = False
     for n in range(4):
         bus.publish(event(n))
     clock.advance(0)
     redis.go_down()
-    assert bus.stats()["queued"] == 4
+    assert bus.stats()["queued"] + bus.stats()["in_flight"] == 4
     redis.auto = True
     redis.come_back()
     clock.pump([0.1] * 3)
@@ -280,10 +322,41 @@ def test_the_spool_left_by_a_previous_run_is_replayed_first(tmp_path: Path) -> N
     assert bus.stats()["recovered"] == 2 and bus.stats()["accepted"] == 2
     bus.publish(event(2))
     bus.start()
-    redis.come_back()
     clock.pump([0.1] * 3)
     assert numbers(redis) == [0, 1, 2]
     assert balanced(bus)
+
+
+def test_restarts_during_an_outage_never_overwrite_earlier_segments(tmp_path: Path) -> None:
+    """Each restart numbers its events after what the spool holds: new segments
+    never replace old ones (a restart that numbered from 0 again would lose them)."""
+    n = 0
+    for _ in range(3):  # three runs while Redis is down, each killed
+        redis = FakeRedis(usable=False)
+        bus, redis, clock, _ = make(tmp_path, redis=redis)
+        for _ in range(5):
+            bus.publish(event(n))
+            n += 1
+        clock.pump([0.1] * 12)  # longer than spool_interval: all of it on disk
+        assert on_disk(tmp_path) == list(range(n))
+    bus, redis, clock, _ = make(tmp_path)  # Redis is back
+    clock.pump([0.1] * 20)
+    assert numbers(redis) == list(range(n))
+    assert on_disk(tmp_path) == []
+
+
+def test_kill_during_an_outage_loses_at_most_the_last_spool_interval(tmp_path: Path) -> None:
+    redis = FakeRedis(usable=False)
+    bus, redis, clock, _ = make(tmp_path, redis=redis, spool_interval=1.0)
+    for n in range(100):  # 10 s of outage, 10 events a second
+        bus.publish(event(n))
+        clock.advance(0.1)
+    missing = set(range(100)) - set(on_disk(tmp_path))
+    assert missing <= set(range(90, 100))
+    # kill -9 (the bus is forgotten), restart with Redis up
+    _again, redis2, clock2, _ = make(tmp_path)
+    clock2.pump([0.1] * 40)
+    assert numbers(redis2) == sorted(set(range(100)) - missing)
 
 
 def test_close_flushes_what_is_queued_then_closes_the_connection(tmp_path: Path) -> None:
@@ -320,12 +393,14 @@ def test_close_spools_the_queue_behind_older_spooled_events(tmp_path: Path) -> N
     redis.go_down()
     bus.publish(event(0))
     clock.advance(0.1)
-    redis.usable = True  # back, but the spool is not replayed yet
+    redis.usable = True  # back, but nobody told the bus yet
     bus.publish(event(1))
-    bus.close(5.0)
-    assert redis.stream == []
-    assert spool is not None and spool.event_count == 2
-    assert [s.first for s in spool.segments()] == [0, 1]
+    bus.close(0.05)
+    clock.advance(0.05)
+    assert spool is not None and spool.event_count + bus.stats()["published"] == 2
+    assert on_disk(tmp_path) == sorted(set(range(2)) - set(numbers(redis)))
+    first_seen = list(dict.fromkeys(numbers(redis)))
+    assert first_seen == sorted(first_seen)
 
 
 def test_publish_after_close_is_spooled_or_counted(tmp_path: Path) -> None:
@@ -374,6 +449,10 @@ def test_an_event_that_cannot_be_encoded_is_dropped_and_counted(tmp_path: Path) 
     class Broken(StoredEvent):
         def json(self) -> bytes:
             raise TypeError("not JSON")
+
+        @property
+        def size_hint(self) -> int:
+            return 10
 
     bus.publish(Broken({"type": "request"}))
     bus.publish(event(1))
@@ -435,7 +514,7 @@ def test_accounting_holds_and_every_event_reaches_the_stream_in_order(
         if not redis.usable:
             redis.come_back()
         redis.answer()
-        clock.pump([0.1] * (published + 20))
+        clock.pump([0.1] * (published + 40))
         assert balanced(bus)
         stats = bus.stats()
         assert stats["dropped"] == 0 and stats["queued"] == 0 and stats["spooled"] == 0
@@ -479,7 +558,8 @@ def test_bus_stats_become_prometheus_families(tmp_path: Path) -> None:
     registry.register(Collector(bus.stats()))  # type: ignore[arg-type]
     text = generate_latest(registry).decode()
     assert 'llmproxy_bus_published_total{bus="redis"} 1.0' in text
-    assert 'llmproxy_bus_spooled{bus="redis"} 1.0' in text
+    assert 'llmproxy_bus_queued{bus="redis"} 1.0' in text  # retried, durable on disk
+    assert 'llmproxy_bus_spooled{bus="redis"} 0.0' in text
     assert 'llmproxy_bus_connected{bus="redis"} 0.0' in text
     memory = CollectorRegistry()
     memory.register(Collector(MemoryBus().stats()))  # type: ignore[arg-type]
