@@ -96,6 +96,7 @@ class ScriptedResource(Resource):
         super().__init__()  # type: ignore[no-untyped-call]
         self._clock = clock
         self._script: list[Scripted] = []
+        self._outage: Respond | None = None
         self._hung: list[Request] = []
         self.requests: list[ReceivedRequest] = []
 
@@ -108,6 +109,17 @@ class ScriptedResource(Resource):
         """Queue scripted answers for the next requests, in order (an int is a
         bare status, e.g. ``fail_next(503, 500)``)."""
         self._script.extend(Respond(a) if isinstance(a, int) else a for a in actions)
+
+    def outage(self, status: int | None) -> None:
+        """Answer every request with ``status`` (after the script) until
+        ``outage(None)``: a service that is down for as long as the test says."""
+        self._outage = None if status is None else Respond(status)
+
+    def next_scripted(self) -> Scripted | None:
+        """The scripted answer for the request now arriving, if any."""
+        if self._script:
+            return self._script.pop(0)
+        return self._outage
 
     @property
     def request_count(self) -> int:

@@ -182,8 +182,8 @@ class FakeHelicone(ScriptedResource):
 
         if request.path != self._path or request.method != b"POST":
             return answer(400, "invalid path")  # the worker's catch-all route
-        if self._script:
-            action = self._script.pop(0)
+        action = self.next_scripted()
+        if action is not None:
             if not isinstance(action, Respond):
                 self.requests.append(ReceivedRequest(method, path, headers, len(body), None, ""))
                 return self._stall(request, action)

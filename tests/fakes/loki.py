@@ -218,8 +218,8 @@ class FakeLoki(ScriptedResource):
             record(405)
             request.setResponseCode(405)
             return b""
-        if self._script:
-            action = self._script.pop(0)
+        action = self.next_scripted()
+        if action is not None:
             if not isinstance(action, Respond):
                 record(None)
                 return self._stall(request, action)

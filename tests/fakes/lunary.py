@@ -165,8 +165,8 @@ class FakeLunary(ScriptedResource):
             return answer(404, {"message": "Not Found"})
         if request.method != b"POST":
             return answer(405, "Method Not Allowed")
-        if self._script:
-            action = self._script.pop(0)
+        action = self.next_scripted()
+        if action is not None:
             if not isinstance(action, Respond):
                 self.requests.append(ReceivedRequest(method, path, headers, len(body), None, ""))
                 return self._stall(request, action)

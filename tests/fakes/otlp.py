@@ -182,8 +182,8 @@ class FakeCollector(ScriptedResource):
             return answer(404, {"code": 5, "message": "404 page not found"})
         if request.method != b"POST":
             return answer(405, {"code": 12, "message": f"{method} method not allowed"})
-        if self._script:
-            action = self._script.pop(0)
+        action = self.next_scripted()
+        if action is not None:
             if not isinstance(action, Respond):
                 self.requests.append(ReceivedRequest(method, path, headers, len(body), None, ""))
                 return self._stall(request, action)
