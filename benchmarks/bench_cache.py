@@ -22,7 +22,7 @@ figure is one core's.
 
 The Redis store talks to a private ``redis-server`` on a free port (no
 persistence).  Results: a table on stdout and ``benchmarks/results/cache-*.json``.
-If llmproxy/service.py already builds the cache from ``[cache]``, the service's
+If llmproxy/runtime/service.py already builds the cache from ``[cache]``, the service's
 own cache is used; otherwise the cache is wired in here as the service would.
 """
 
@@ -107,8 +107,8 @@ def serve(store: str, redis_url: str, state: Path, ports_file: Path) -> None:
     from twisted.web.resource import Resource
 
     from llmproxy.cache import build_cache
-    from llmproxy.config import load_settings
-    from llmproxy.service import ProxyService
+    from llmproxy.config.loader import load_settings
+    from llmproxy.runtime.service import ProxyService
 
     class Upstream(Resource):
         isLeaf = True

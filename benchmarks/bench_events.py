@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 from llmproxy.capture.events import RecordEnvelope
 from llmproxy.capture.record import ExchangeRecord
-from llmproxy.settings import CaptureSettings
+from llmproxy.config.model import CaptureSettings
 
 CAPTURE = CaptureSettings()
 MODEL = "gpt-4o-mini-2024-07-18"

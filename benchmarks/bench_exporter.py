@@ -29,10 +29,10 @@ import orjson
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
+from llmproxy.config.model import ExporterSettings
 from llmproxy.export.deadletter import DeadLetter
 from llmproxy.export.exporter import BatchingExporter
 from llmproxy.export.sink import Delivered, Verdict
-from llmproxy.settings import ExporterSettings
 
 EVENT: dict[str, Any] = {
     "schema": 1,

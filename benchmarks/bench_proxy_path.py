@@ -26,8 +26,8 @@ from twisted.internet import defer, reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 
-from llmproxy.config import load_settings
-from llmproxy.service import ProxyService
+from llmproxy.config.loader import load_settings
+from llmproxy.runtime.service import ProxyService
 
 BODY = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}'
 REQUEST = (

@@ -13,7 +13,7 @@ import sys
 from twisted.application.service import IService
 from twisted.python import usage
 
-from llmproxy.config import ConfigError, load_settings
+from llmproxy.config.loader import ConfigError, load_settings
 
 EX_USAGE = 64
 
@@ -43,11 +43,13 @@ class Options(usage.Options):
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
-    from llmproxy.service import ProxyService
+    from llmproxy.runtime.service import ProxyService
 
     settings = options["settings"]
     if settings.server.workers > 1:
-        from llmproxy.workers import Supervisor  # N processes on one port: docs/workers.md
+        from llmproxy.runtime.supervisor import (
+            Supervisor,  # N processes on one port: docs/workers.md
+        )
 
         return Supervisor(settings, reactor, config_path=options["config"])
     return ProxyService(settings, reactor, config_path=options["config"])

@@ -47,9 +47,9 @@ from llmproxy.access.tokens import (
     id_for,
 )
 from llmproxy.capture.record import ExchangeRecord
+from llmproxy.config.model import RouteSettings, Settings
 from llmproxy.proxy.forward import Allow, Deny
 from llmproxy.proxy.router import Target
-from llmproxy.settings import RouteSettings, Settings
 
 log = Logger()
 

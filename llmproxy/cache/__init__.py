@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from llmproxy.settings import Settings
+from llmproxy.config.model import Settings
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
@@ -41,8 +41,8 @@ def build_cache(
     clock = clock or reactor
     store: CacheStore
     if c.store == "redis":
-        from llmproxy.bus.redisconn import RedisConnection, parse_redis_url
         from llmproxy.cache.redis_store import RedisStore
+        from llmproxy.redis.connection import RedisConnection, parse_redis_url
 
         url = parse_redis_url(c.redis_url or settings.redis.url)
         connection = RedisConnection(reactor, url, c.redis_timeout, "llmproxy-cache")
@@ -66,7 +66,7 @@ def cache_problems(settings: Settings) -> list[str]:
     if not c.redis_prefix or any(ch.isspace() for ch in c.redis_prefix):
         problems.append("cache.redis_prefix: must be a non-empty name without spaces")
     if c.redis_url:
-        from llmproxy.bus.redisconn import parse_redis_url
+        from llmproxy.redis.connection import parse_redis_url
 
         try:
             parse_redis_url(c.redis_url)

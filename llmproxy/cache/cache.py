@@ -44,9 +44,9 @@ from llmproxy.cache.policy import (
     vary_values,
 )
 from llmproxy.cache.store import CacheStore
+from llmproxy.config.model import CacheSettings
 from llmproxy.proxy.headers import filter_headers
 from llmproxy.proxy.router import Target
-from llmproxy.settings import CacheSettings
 
 log = Logger()
 

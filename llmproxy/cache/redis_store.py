@@ -8,7 +8,7 @@ proxy's clock, so processes agree with their own ``Age`` arithmetic and tests
 can drive expiry with a controlled clock.  Redis bounds memory (``maxmemory``
 with ``volatile-lru`` or ``allkeys-lru``): ``max_bytes`` is the memory store's.
 
-Commands go through :class:`llmproxy.bus.redisconn.RedisConnection`, which
+Commands go through :class:`llmproxy.redis.connection.RedisConnection`, which
 fails at once while Redis is unreachable and puts a deadline on every reply:
 the cache then turns into a bypass, never into a request that waits.  Purging
 by prefix walks ``SCAN MATCH`` (never ``KEYS``) and deletes in batches.
@@ -28,7 +28,7 @@ _GLOB_SPECIAL = re.compile(rb"([*?\[\]\\])")
 
 
 class RedisExecutor(Protocol):
-    """What this store needs of :class:`llmproxy.bus.redisconn.RedisConnection`."""
+    """What this store needs of :class:`llmproxy.redis.connection.RedisConnection`."""
 
     def start(self) -> None: ...
 

@@ -55,11 +55,12 @@ from llmproxy.capture.body import (
     is_binary_type,
     media_type,
 )
-from llmproxy.capture.machine import machine_id
 from llmproxy.capture.obfuscate import HeaderObfuscator, mask_query, mask_url, scrub_text
 from llmproxy.capture.record import ExchangeRecord, Headers
-from llmproxy.capture.sse import SSEEvent, SSEParser, parse_sse
-from llmproxy.capture.usage import (
+from llmproxy.config.model import CaptureSettings
+from llmproxy.events.machine import machine_id
+from llmproxy.events.sse import SSEEvent, SSEParser, parse_sse
+from llmproxy.events.usage import (
     EMPTY_FACTS,
     ResponseFacts,
     Usage,
@@ -71,7 +72,6 @@ from llmproxy.capture.usage import (
     summary_from_sse_fields,
     usage_dict,
 )
-from llmproxy.settings import CaptureSettings
 
 SCHEMA_VERSION = 1
 EVENT_KINDS = ("request", "response")

@@ -31,7 +31,7 @@ from twisted.logger import Logger
 from llmproxy.capture.events import RecordEnvelope, prepare_request
 from llmproxy.capture.record import ExchangeRecord
 from llmproxy.capture.sessions import SessionTracker
-from llmproxy.settings import CaptureSettings
+from llmproxy.config.model import CaptureSettings
 
 log = Logger()
 

@@ -83,15 +83,15 @@ from llmproxy.capture.events import (
     epoch_ns,
     rfc3339_ns,
 )
-from llmproxy.capture.machine import machine_id
 from llmproxy.capture.record import ExchangeRecord, Headers
-from llmproxy.capture.usage import (
+from llmproxy.events.envelope import Envelope, StoredEvent
+from llmproxy.events.machine import machine_id
+from llmproxy.events.usage import (
     EMPTY_FACTS,
     ResponseFacts,
     facts_from_json,
     facts_from_sse_fields,
 )
-from llmproxy.export.envelope import Envelope, StoredEvent
 
 log = Logger()
 

@@ -2,7 +2,7 @@
 test_exporter_property.py, test_exporter_durable.py).
 
 One ``BatchingExporter`` per target: a sink (file, Loki, ...) or the Redis stream
-(llmproxy/bus/redis.py, whose delivery is XADD).  The bus calls ``publish`` on the
+(llmproxy/redis/stream.py, whose delivery is XADD).  The bus calls ``publish`` on the
 request path; everything else (encoding, batching, delivery, backoff, spool,
 dead-letter file) happens later, on the injected clock, so a slow or dead target
 never slows requests.
@@ -94,11 +94,11 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from llmproxy.config.model import ExporterSettings
+from llmproxy.events.envelope import Envelope, StoredEvent
 from llmproxy.export.deadletter import DeadLetter
-from llmproxy.export.envelope import Envelope, StoredEvent
 from llmproxy.export.sink import Delivered, Rejected, Retry, Sink, Verdict
 from llmproxy.export.spool import PendingSegment, Segment, Spool
-from llmproxy.settings import ExporterSettings
 
 log = Logger()
 

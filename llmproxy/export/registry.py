@@ -21,11 +21,11 @@ from pathlib import Path
 import attrs
 from twisted.internet.interfaces import IReactorTime
 
+from llmproxy.config.model import ExporterSettings
 from llmproxy.export.deadletter import DeadLetter
 from llmproxy.export.exporter import BatchingExporter, RunBlocking, run_here
 from llmproxy.export.sink import HTTPClient, Sink
 from llmproxy.export.spool import Spool
-from llmproxy.settings import ExporterSettings
 
 
 @attrs.frozen

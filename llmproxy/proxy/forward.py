@@ -35,7 +35,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from llmproxy.capture.record import ExchangeRecord
-from llmproxy.metrics import ProxyMetrics
+from llmproxy.config.model import CaptureSettings, ServerSettings
 from llmproxy.proxy.client import UpstreamPool, UpstreamResponse
 from llmproxy.proxy.errors import error_body
 from llmproxy.proxy.headers import (
@@ -43,8 +43,8 @@ from llmproxy.proxy.headers import (
     request_id_from,
     upstream_request_headers,
 )
+from llmproxy.proxy.metrics import ProxyMetrics
 from llmproxy.proxy.router import Refusal, Router, Target
-from llmproxy.settings import CaptureSettings, ServerSettings
 
 if TYPE_CHECKING:
     from llmproxy.cache.cache import CacheTicket, ResponseCache

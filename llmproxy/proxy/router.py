@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
-from llmproxy.settings import PassthroughSettings, RouteSettings
+from llmproxy.config.model import PassthroughSettings, RouteSettings
 
 PROVIDERS = frozenset({"openai", "anthropic"})
 _DOT_SEGMENT = re.compile(rb"(^|/)\.{1,2}(/|$)|%2e|%2f|%5c|\\", re.IGNORECASE)

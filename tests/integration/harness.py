@@ -15,8 +15,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 from llmproxy.capture.record import ExchangeRecord
-from llmproxy.config import load_settings
-from llmproxy.service import ProxyService
+from llmproxy.config.loader import load_settings
+from llmproxy.runtime.service import ProxyService
 from tests.fakes.upstream import FakeUpstream
 
 

@@ -17,13 +17,13 @@ from twisted.internet import defer, endpoints, protocol, reactor, task
 from twisted.logger import globalLogPublisher
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from llmproxy import cli
+from llmproxy.cli import main as cli
 from llmproxy.access.policy import TokenAccess, build_access
 from llmproxy.access.tokens import Token, TokenFile
 from llmproxy.capture.events import request_event, response_event
-from llmproxy.config import load_settings
-from llmproxy.service import ProxyService
-from llmproxy.settings import CaptureSettings
+from llmproxy.config.loader import load_settings
+from llmproxy.config.model import CaptureSettings
+from llmproxy.runtime.service import ProxyService
 from tests.fakes.upstream import FakeUpstream
 from tests.integration.harness import RecordedEvents, Running, config_text, stop
 

@@ -3,7 +3,7 @@ upstream, and each store (in memory, and a real redis-server), with the cache's
 clock under the test's control.
 
 The service is wired by hand here (``proxy.cache``, the admin's ``cache``), as
-llmproxy/service.py will do from ``[cache]``.
+llmproxy/runtime/service.py will do from ``[cache]``.
 """
 
 from __future__ import annotations
@@ -25,15 +25,15 @@ from twisted.internet import defer, reactor, task, threads
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseNeverReceived
 
 from llmproxy.access.tokens import TokenFile
-from llmproxy.bus.redisconn import RedisConnection, parse_redis_url
 from llmproxy.cache import build_cache
 from llmproxy.cache.cache import ResponseCache
-from llmproxy.cache.purge_cli import add_cache_command
 from llmproxy.cache.redis_store import RedisStore
 from llmproxy.cache.store import CacheStore, MemoryStore
-from llmproxy.config import load_settings
-from llmproxy.metrics import MetricsCollector, make_registry
-from llmproxy.service import ProxyService
+from llmproxy.cli.cache import add_cache_command
+from llmproxy.config.loader import load_settings
+from llmproxy.proxy.metrics import MetricsCollector, make_registry
+from llmproxy.redis.connection import RedisConnection, parse_redis_url
+from llmproxy.runtime.service import ProxyService
 from tests.fakes.upstream import FakeUpstream
 from tests.integration.harness import (
     Collect,
@@ -188,7 +188,7 @@ def _start(
     else:
         cache_store = MemoryStore(clock=clock, max_bytes=settings.cache.max_bytes)
     cache = ResponseCache(settings=settings.cache, store=cache_store, clock=clock)
-    # Wired by hand, as llmproxy/service.py does from [cache] (replacing its own, if any).
+    # Wired by hand, as llmproxy/runtime/service.py does from [cache] (replacing its own, if any).
     service.proxy.cache = cache
     service.admin_site.resource.cache = cache  # type: ignore[attr-defined]
     service.cache = cache  # type: ignore[attr-defined]

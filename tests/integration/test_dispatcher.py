@@ -16,11 +16,11 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
-from llmproxy.bus.redis import RedisBus, build_redis_bus
-from llmproxy.config import load_settings
-from llmproxy.dispatch import Dispatcher, build_dispatcher
-from llmproxy.export.envelope import StoredEvent
-from llmproxy.settings import ExporterSettings, RedisSettings
+from llmproxy.config.loader import load_settings
+from llmproxy.config.model import ExporterSettings, RedisSettings
+from llmproxy.events.envelope import StoredEvent
+from llmproxy.redis.dispatcher import Dispatcher, build_dispatcher
+from llmproxy.redis.stream import RedisBus, build_redis_bus
 from tests.fakes.loki import FakeLoki, Hang, listen_fake_loki
 from tests.integration.daemon import BIN, DaemonProtocol, kill
 from tests.integration.harness import Running, running_fixture, wait_until

@@ -10,9 +10,9 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
-from llmproxy.bus.redis import RedisBus, build_redis_bus
-from llmproxy.config import load_settings
-from llmproxy.export.envelope import StoredEvent
+from llmproxy.config.loader import load_settings
+from llmproxy.events.envelope import StoredEvent
+from llmproxy.redis.stream import RedisBus, build_redis_bus
 from tests.integration.harness import wait_until
 from tests.integration.redis_server import RedisServer, running_redis, stream_events
 
@@ -123,7 +123,7 @@ async def test_redis_down_at_start_and_close_spools_for_the_next_run(
 async def test_a_password_in_the_url_logs_in_and_a_wrong_one_is_retried(
     tmp_path: Path, redis: RedisServer
 ) -> None:
-    from llmproxy.bus.redisconn import RedisConnection, parse_redis_url
+    from llmproxy.redis.connection import RedisConnection, parse_redis_url
 
     redis.command("CONFIG", "SET", "requirepass", "s3cret")
     good = RedisConnection(reactor, parse_redis_url(f"redis://:s3cret@127.0.0.1:{redis.port}/2"), 2)
@@ -146,7 +146,7 @@ async def test_a_password_in_the_url_logs_in_and_a_wrong_one_is_retried(
 async def test_a_command_without_a_reply_in_time_drops_the_connection(
     tmp_path: Path, redis: RedisServer
 ) -> None:
-    from llmproxy.bus.redisconn import RedisConnection, RedisUnavailable, parse_redis_url
+    from llmproxy.redis.connection import RedisConnection, RedisUnavailable, parse_redis_url
 
     connection = RedisConnection(reactor, parse_redis_url(redis.url), 0.3)
     try:

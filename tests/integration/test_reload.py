@@ -13,8 +13,8 @@ import treq
 from twisted.internet import reactor
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from llmproxy.config import load_settings
-from llmproxy.service import ProxyService
+from llmproxy.config.loader import load_settings
+from llmproxy.runtime.service import ProxyService
 from tests.fakes.upstream import FakeUpstream
 from tests.integration.daemon import spawn, terminate
 from tests.integration.harness import Collect, raw_request, wait_until

@@ -23,9 +23,9 @@ from twisted.internet import defer, reactor
 from twisted.web import resource, server
 from twisted.web.client import Agent, HTTPConnectionPool
 
+from llmproxy.config.model import ExporterSettings
 from llmproxy.export.sink import AgentClient, Delivered, Rejected, Retry
 from llmproxy.export.sinks.loki import LokiSink
-from llmproxy.settings import ExporterSettings
 from tests.fakes.loki import FakeLoki, Hang, Respond, RunningFakeLoki, listen_fake_loki
 
 pytestmark = pytest.mark.integration

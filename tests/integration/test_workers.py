@@ -1,7 +1,7 @@
 """`[server] workers = 2` against the real daemon (twistd): one port served by two
 processes, stats and metrics summed, a killed worker restarted, SIGTERM drains
-every worker, no orphans, per-worker sink files (llmproxy/workers.py,
-llmproxy/worker.py)."""
+every worker, no orphans, per-worker sink files (llmproxy/runtime/supervisor.py,
+llmproxy/runtime/worker.py)."""
 
 from __future__ import annotations
 

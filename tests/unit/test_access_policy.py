@@ -17,9 +17,9 @@ from llmproxy.access.limits import RateLimiter, TokenBucket, retry_after_seconds
 from llmproxy.access.policy import TokenAccess, build_access, presented_token
 from llmproxy.access.tokens import Token, TokenFile, UsageFile, UsageLedger
 from llmproxy.capture.record import ExchangeRecord
+from llmproxy.config.model import PassthroughSettings, RouteSettings, ServerSettings, Settings
 from llmproxy.proxy.forward import Allow, Deny
 from llmproxy.proxy.router import Router, Target
-from llmproxy.settings import PassthroughSettings, RouteSettings, ServerSettings, Settings
 
 NOW = 1_800_000_000.0
 OPENAI_KEY = "sk-proj-UPSTREAM-openai-key-0123456789"

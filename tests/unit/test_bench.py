@@ -1,6 +1,6 @@
 """``llmproxy benchmark``'s pure parts: percentiles, the summary, the status table, the
 overhead split, cache outcomes, request bodies, argument checks and the masking of
-credentials in ``--debug`` output (llmproxy/bench.py)."""
+credentials in ``--debug`` output (llmproxy/cli/benchmark.py)."""
 
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
-from llmproxy import bench
-from llmproxy.bench import Percentiles, Recorder, Sample
-from llmproxy.cli import build_parser
+from llmproxy.cli import benchmark as bench
+from llmproxy.cli.benchmark import Percentiles, Recorder, Sample
+from llmproxy.cli.main import build_parser
 
 URL = "http://127.0.0.1:8080/v1/chat/completions"
 

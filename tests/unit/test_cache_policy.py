@@ -20,7 +20,7 @@ from llmproxy.cache.policy import (
     plan_request,
     sorted_query,
 )
-from llmproxy.cache.purge_cli import admin_url_for, split_endpoint
+from llmproxy.cli.cache import admin_url_for, split_endpoint
 
 
 def _h(**values: str) -> Headers:

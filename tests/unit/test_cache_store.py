@@ -17,7 +17,7 @@ from llmproxy.cache import build_cache, cache_problems, cache_wanted
 from llmproxy.cache.entry import ENTRY_OVERHEAD, CachedResponse
 from llmproxy.cache.redis_store import RedisStore
 from llmproxy.cache.store import MemoryStore
-from llmproxy.config import load_settings
+from llmproxy.config.loader import load_settings
 
 
 def _entry(clock: Clock, body: bytes = b"x", ttl: float = 60.0) -> CachedResponse:
@@ -306,7 +306,7 @@ def test_the_memory_store_gets_max_bytes() -> None:
     ],
 )
 def test_bad_cache_settings_are_named(text: str, problem: str) -> None:
-    from llmproxy.config import ConfigError
+    from llmproxy.config.loader import ConfigError
 
     with pytest.raises(ConfigError) as e:
         _settings(text)

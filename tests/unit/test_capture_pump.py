@@ -12,7 +12,7 @@ from twisted.internet.task import Clock
 from llmproxy.capture.pump import CapturePump
 from llmproxy.capture.record import ExchangeRecord
 from llmproxy.capture.sessions import SessionTracker
-from llmproxy.settings import CaptureSettings
+from llmproxy.config.model import CaptureSettings
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 REPLY = {

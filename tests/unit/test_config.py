@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from llmproxy.config import ConfigError, load_settings, parse_duration, parse_size
+from llmproxy.config.loader import ConfigError, load_settings, parse_duration, parse_size
 
 GOOD = """
 [server]

@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llmproxy.dispatch import (
+from llmproxy.config.model import ExporterSettings, RedisSettings
+from llmproxy.redis.dispatcher import (
     UNLIMITED_RETRIES,
     DispatcherConfigError,
     GroupState,
@@ -23,7 +24,6 @@ from llmproxy.dispatch import (
     parse_group_state,
     trimmed_unread,
 )
-from llmproxy.settings import ExporterSettings, RedisSettings
 
 # Replies as redis-server 7.0 gives them (RESP2, raw bytes), see
 # tests/integration/test_dispatcher.py for the same against the real server.
@@ -195,7 +195,7 @@ def test_a_bad_config_file_is_reported_with_its_problems(tmp_path: Path) -> None
 
 
 def test_the_cli_exits_64_on_bad_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from llmproxy.cli import main
+    from llmproxy.cli.main import main
 
     config = write_config(tmp_path)
     assert main(["dispatcher", "--config", str(config), "--service", "loki"]) == 64
@@ -210,7 +210,7 @@ def test_the_redis_settings_are_documented() -> None:
 
 
 def test_the_seed_event_bus_variable_selects_the_bus() -> None:
-    from llmproxy.config import load_settings
+    from llmproxy.config.loader import load_settings
 
     assert load_settings(text="", env={"LLM_PROXY_EVENT_BUS": "redis"}).events.bus == "redis"
     both: dict[str, Any] = {"LLM_PROXY_EVENT_BUS": "redis", "LLMPROXY_EVENTS_BUS": "memory"}

@@ -14,11 +14,11 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from txredisapi import ResponseError
 
-from llmproxy.bus.redisconn import RedisUnavailable
-from llmproxy.dispatch import Dispatcher, Settled
+from llmproxy.config.model import RedisSettings
+from llmproxy.events.envelope import Envelope
 from llmproxy.export.deadletter import DeadLetter
-from llmproxy.export.envelope import Envelope
-from llmproxy.settings import RedisSettings
+from llmproxy.redis.connection import RedisUnavailable
+from llmproxy.redis.dispatcher import Dispatcher, Settled
 
 
 @attrs.define(eq=False)

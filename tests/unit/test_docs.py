@@ -9,9 +9,9 @@ from pathlib import Path
 import attrs
 import pytest
 
-from llmproxy import config_doc
-from llmproxy.config import _converter, load_settings
-from llmproxy.settings import ExporterSettings, Settings
+from llmproxy.config import reference as config_doc
+from llmproxy.config.loader import _converter, load_settings
+from llmproxy.config.model import ExporterSettings, Settings
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 
@@ -24,7 +24,7 @@ def test_configuration_md_is_the_generated_reference() -> None:
 
 def test_every_settings_key_has_a_meaning() -> None:
     assert config_doc.undocumented() == [], (
-        "add a one-line meaning to MEANINGS in llmproxy/config_doc.py for each key, then "
+        "add a one-line meaning to MEANINGS in llmproxy/config/reference.py for each key, then "
         f"run `{config_doc.REGENERATE}`"
     )
     assert config_doc.unused_meanings() == []

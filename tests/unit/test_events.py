@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llmproxy.capture import machine
+from llmproxy.events import machine
 from llmproxy.capture.events import (
     SCHEMA_VERSION,
     RecordEnvelope,
@@ -25,8 +25,8 @@ from llmproxy.capture.events import (
     rfc3339_ns,
 )
 from llmproxy.capture.record import ExchangeRecord
-from llmproxy.export.envelope import Envelope
-from llmproxy.settings import CaptureSettings
+from llmproxy.config.model import CaptureSettings
+from llmproxy.events.envelope import Envelope
 
 CAPTURE = CaptureSettings()
 STARTED = 1763883612.123456  # 2025-11-23T07:40:12.123456Z

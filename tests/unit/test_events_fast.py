@@ -28,14 +28,14 @@ from llmproxy.capture.events import (
     response_event,
 )
 from llmproxy.capture.record import ExchangeRecord
-from llmproxy.capture.sse import parse_sse
-from llmproxy.capture.usage import (
+from llmproxy.config.model import CaptureSettings
+from llmproxy.events.sse import parse_sse
+from llmproxy.events.usage import (
     facts_from_json,
     facts_from_sse,
     summary_from_json,
     summary_from_sse_fields,
 )
-from llmproxy.settings import CaptureSettings
 
 KEY = "sk-proj-AbCdEfGhIjKlMnOpQrStUvWxYz0123456789"
 

@@ -21,8 +21,9 @@ from twisted.logger import globalLogPublisher
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from llmproxy.config.model import ExporterSettings
+from llmproxy.events.envelope import Envelope, StoredEvent
 from llmproxy.export.deadletter import DeadLetter
-from llmproxy.export.envelope import Envelope, StoredEvent
 from llmproxy.export.exporter import BatchingExporter
 from llmproxy.export.sink import (
     Delivered,
@@ -34,7 +35,6 @@ from llmproxy.export.sink import (
     parse_retry_after,
 )
 from llmproxy.export.spool import Spool
-from llmproxy.settings import ExporterSettings
 
 # -- helpers ------------------------------------------------------------------------
 

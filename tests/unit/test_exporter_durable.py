@@ -19,11 +19,11 @@ import pytest
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 
+from llmproxy.config.model import ExporterSettings
 from llmproxy.export.deadletter import DeadLetter
 from llmproxy.export.exporter import BatchingExporter
 from llmproxy.export.sink import Delivered, Retry
 from llmproxy.export.spool import PendingSegment, Spool
-from llmproxy.settings import ExporterSettings
 from tests.unit.test_exporter import FakeSink, ev, ids
 
 _T = TypeVar("_T")

@@ -25,12 +25,12 @@ from twisted.internet import error as net_error
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
+from llmproxy.config.model import ExporterSettings
+from llmproxy.events.envelope import StoredEvent
 from llmproxy.export.deadletter import DeadLetter
-from llmproxy.export.envelope import StoredEvent
 from llmproxy.export.exporter import BatchingExporter
 from llmproxy.export.sink import EncodedBatch, HTTPSink
 from llmproxy.export.spool import Spool
-from llmproxy.settings import ExporterSettings
 
 ANSWERS = ("2xx", "400", "429", "503", "refused", "timeout")
 STATUS = {"2xx": 204, "400": 400, "429": 429, "503": 503}

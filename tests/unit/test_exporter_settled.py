@@ -11,12 +11,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
+from llmproxy.config.model import ExporterSettings
+from llmproxy.events.envelope import Envelope, StoredEvent
 from llmproxy.export.deadletter import DeadLetter
-from llmproxy.export.envelope import Envelope, StoredEvent
 from llmproxy.export.exporter import BatchingExporter
 from llmproxy.export.sink import Delivered, Rejected, Retry
 from llmproxy.export.spool import Spool
-from llmproxy.settings import ExporterSettings
 from tests.unit.test_exporter import FakeSink
 
 

@@ -15,12 +15,12 @@ import pytest_twisted
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.task import Clock
 
-from llmproxy.export.envelope import StoredEvent
+from llmproxy.config.model import ExporterSettings
+from llmproxy.events.envelope import StoredEvent
 from llmproxy.export.registry import build_exporter
 from llmproxy.export.sink import Delivered, Retry, Sink
 from llmproxy.export.sinks import file as file_module
 from llmproxy.export.sinks.file import FileSink
-from llmproxy.settings import ExporterSettings
 
 T = TypeVar("T")
 

@@ -15,9 +15,9 @@ from twisted.web.http import HTTPChannel, _IdentityTransferDecoder, datetimeToSt
 from twisted.web.http_headers import Headers
 from twisted.web.server import version
 
-from llmproxy.config import load_settings
+from llmproxy.config.loader import load_settings
 from llmproxy.proxy.site import _LimitedChannel
-from llmproxy.service import ProxyService
+from llmproxy.runtime.service import ProxyService
 
 
 class _Request:

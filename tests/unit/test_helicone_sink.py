@@ -11,9 +11,9 @@ from treq.testing import StubTreq
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
+from llmproxy.config.model import ExporterSettings
 from llmproxy.export.sink import Delivered, Rejected, Retry, Sink
 from llmproxy.export.sinks.helicone import HeliconeSink, helicone_request_id, log_body, log_url
-from llmproxy.settings import ExporterSettings
 from tests.fakes.helicone import DEFAULT_KEY, FakeHelicone, Hang, Respond, StoredLog
 from tests.unit.test_lunary_sink import (
     OPENAI_REQUEST,

@@ -18,9 +18,9 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
+from llmproxy.config.model import ExporterSettings
 from llmproxy.export.sink import Delivered, EncodedBatch, Rejected, Retry, Sink, Verdict
 from llmproxy.export.sinks.loki import LokiSink, push_url, shorten_line
-from llmproxy.settings import ExporterSettings
 from tests.fakes.loki import FakeLoki, Hang, LokiLimits, Respond
 
 NOW = 1_795_419_612  # 2026-11-23T07:40:12Z
@@ -794,7 +794,7 @@ def test_even_a_lone_surrogate_or_a_huge_int_does_not_fail_the_batch() -> None:
 def test_a_real_canonical_stream_event_reaches_loki_shortened_and_obfuscated() -> None:
     from llmproxy.capture.events import response_event
     from llmproxy.capture.record import ExchangeRecord
-    from llmproxy.settings import CaptureSettings
+    from llmproxy.config.model import CaptureSettings
 
     chunk = b'data: {"choices": [{"delta": {"content": "' + b"x" * 200 + b'"}}]}\n\n'
     record = ExchangeRecord(

@@ -10,13 +10,13 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 
-from llmproxy.bus.base import EventBus
-from llmproxy.bus.memory import MemoryBus
+from llmproxy.config.model import ExporterSettings
+from llmproxy.events.envelope import Envelope, StoredEvent
+from llmproxy.export.bus import MemoryBus
+from llmproxy.export.bus_base import EventBus
 from llmproxy.export.deadletter import DeadLetter
-from llmproxy.export.envelope import Envelope, StoredEvent
 from llmproxy.export.exporter import BatchingExporter
 from llmproxy.export.sink import Delivered
-from llmproxy.settings import ExporterSettings
 
 
 @attrs.define
@@ -79,7 +79,7 @@ def test_a_raising_subscriber_is_counted_and_the_others_still_get_the_event() ->
         globalLogPublisher.removeObserver(warnings.append)
     assert len(a.got) == 2
     assert bus.stats()["subscriber_errors"] == 2
-    notes = [w for w in warnings if w.get("log_namespace") == "llmproxy.bus.memory"]
+    notes = [w for w in warnings if w.get("log_namespace") == "llmproxy.export.bus"]
     assert len(notes) == 1 and notes[0]["log_level"].name == "warn"
 
 

@@ -12,9 +12,9 @@ from treq.testing import StubTreq
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 
+from llmproxy.config.model import ExporterSettings
 from llmproxy.export.sink import Delivered, Rejected, Retry, Sink
 from llmproxy.export.sinks.otlp import OTLPSink, operation_name, signal_url, span_ids
-from llmproxy.settings import ExporterSettings
 from tests.fakes.otlp import FakeCollector, Hang, Respond, StoredSpan
 from tests.unit.test_lunary_sink import (
     NOW,

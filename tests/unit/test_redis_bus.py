@@ -18,12 +18,12 @@ from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 
-from llmproxy.bus.redis import XADD_SCRIPT, RedisBus, build_redis_bus
-from llmproxy.bus.redisconn import RedisUnavailable
-from llmproxy.config import load_settings
-from llmproxy.export.envelope import StoredEvent
+from llmproxy.config.loader import load_settings
+from llmproxy.config.model import RedisSettings
+from llmproxy.events.envelope import StoredEvent
 from llmproxy.export.spool import Spool
-from llmproxy.settings import RedisSettings
+from llmproxy.redis.connection import RedisUnavailable
+from llmproxy.redis.stream import XADD_SCRIPT, RedisBus, build_redis_bus
 
 
 class Refused(Exception):
@@ -526,7 +526,7 @@ def test_accounting_holds_and_every_event_reaches_the_stream_in_order(
 
 @pytest.mark.parametrize("bad", ["http://x", "redis://", "redis://h:99999/0", "redis://h/x"])
 def test_bad_redis_urls_are_config_problems(bad: str) -> None:
-    from llmproxy.config import ConfigError
+    from llmproxy.config.loader import ConfigError
 
     with pytest.raises(ConfigError) as e:
         load_settings(text=f"[redis]\nurl = {bad}\n", env={})
@@ -537,8 +537,8 @@ def test_bus_stats_become_prometheus_families(tmp_path: Path) -> None:
     from prometheus_client.core import CollectorRegistry
     from prometheus_client.exposition import generate_latest
 
-    from llmproxy.bus.memory import MemoryBus
-    from llmproxy.bus.metrics import bus_families
+    from llmproxy.export.bus import MemoryBus
+    from llmproxy.export.bus_metrics import bus_families
 
     bus, redis, clock, _ = make(tmp_path)
     bus.publish(event(0))

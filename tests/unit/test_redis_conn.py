@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 from twisted.internet.task import Clock
 
-from llmproxy.bus.redisconn import (
+from llmproxy.config.model import RedisSettings
+from llmproxy.redis.connection import (
     RedisConnection,
     RedisUnavailable,
     RedisURL,
     parse_redis_url,
     redis_problems,
 )
-from llmproxy.settings import RedisSettings
 
 
 @pytest.mark.parametrize(

@@ -8,11 +8,11 @@ from typing import Any
 import pytest
 from twisted.internet.task import Clock
 
-from llmproxy.export.envelope import StoredEvent
+from llmproxy.config.model import ExporterSettings
+from llmproxy.events.envelope import StoredEvent
 from llmproxy.export.registry import SINK_FACTORIES, build_exporter, build_sink
 from llmproxy.export.sinks.file import FileSink
 from llmproxy.export.spool import Spool
-from llmproxy.settings import ExporterSettings
 
 
 def build(tmp_path: Path, **settings: Any) -> Any:

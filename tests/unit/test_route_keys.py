@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from llmproxy.config import ConfigError, load_settings
+from llmproxy.config.loader import ConfigError, load_settings
 
 SECRET = "sk-proj-ROUTEKEY-canary-0123456789abcdef"
 

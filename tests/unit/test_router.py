@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from llmproxy.config.model import PassthroughSettings, RouteSettings
 from llmproxy.proxy.errors import error_body
 from llmproxy.proxy.router import Refusal, Router, Target
-from llmproxy.settings import PassthroughSettings, RouteSettings
 
 ROUTES = (
     RouteSettings(name="openai", prefix="/openai", upstream="https://api.openai.com"),

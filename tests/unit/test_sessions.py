@@ -31,10 +31,10 @@ from llmproxy.capture.sessions import (
     fingerprint,
     reduce_message,
 )
-from llmproxy.export.envelope import Envelope
+from llmproxy.config.model import CaptureSettings, ExporterSettings
+from llmproxy.events.envelope import Envelope
 from llmproxy.export.sink import Delivered
 from llmproxy.export.sinks.loki import LokiSink
-from llmproxy.settings import CaptureSettings, ExporterSettings
 from tests.fakes.loki import FakeLoki
 
 NOW = 1_795_419_612.0  # 2026-11-23T07:40:12Z

@@ -14,11 +14,11 @@ import pytest_twisted
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
 
-from llmproxy.config import EXPORTER_TYPES, load_settings
+from llmproxy.config.loader import EXPORTER_TYPES, load_settings
+from llmproxy.config.model import ExporterSettings, Settings
 from llmproxy.export.registry import build_exporter, build_sink
 from llmproxy.export.sink import Delivered
 from llmproxy.export.sinks.lunary import run_id
-from llmproxy.settings import ExporterSettings, Settings
 from tests.fakes import helicone as fake_helicone
 from tests.fakes import lunary as fake_lunary
 from tests.fakes.loki import FakeLoki

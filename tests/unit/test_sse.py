@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llmproxy.capture.sse import SSEEvent, SSEParser, parse_sse
+from llmproxy.events.sse import SSEEvent, SSEParser, parse_sse
 
 # An OpenAI chat stream, with a multi-byte character, a comment and [DONE].
 OPENAI_STREAM = (

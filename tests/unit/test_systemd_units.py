@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from llmproxy.settings import ServerSettings
+from llmproxy.config.model import ServerSettings
 
 UNITS = Path(__file__).resolve().parents[2] / "systemd"
 SERVICES = sorted(UNITS.glob("*.service"))

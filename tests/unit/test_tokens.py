@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llmproxy import cli
+from llmproxy.cli import main as cli
 from llmproxy.access.tokens import (
     TOKEN_PREFIX,
     Token,

@@ -11,8 +11,8 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmproxy.capture.sse import SSEEvent, parse_sse
-from llmproxy.capture.usage import (
+from llmproxy.events.sse import SSEEvent, parse_sse
+from llmproxy.events.usage import (
     EMPTY_FACTS,
     ResponseFacts,
     Usage,

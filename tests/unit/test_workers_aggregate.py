@@ -1,5 +1,5 @@
-"""The master's sums over workers (llmproxy/workers.py), the per-worker paths
-(llmproxy/worker.py) and ``server.workers`` parsing (llmproxy/config.py)."""
+"""The master's sums over workers (llmproxy/runtime/supervisor.py), the per-worker paths
+(llmproxy/runtime/worker.py) and ``server.workers`` parsing (llmproxy/config/loader.py)."""
 
 from __future__ import annotations
 
@@ -10,16 +10,16 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from llmproxy.config import ConfigError, load_settings
-from llmproxy.metrics import MetricsCollector, ProxyMetrics, make_registry
-from llmproxy.worker import worker_settings
-from llmproxy.workers import (
+from llmproxy.config.loader import ConfigError, load_settings
+from llmproxy.proxy.metrics import MetricsCollector, ProxyMetrics, make_registry
+from llmproxy.runtime.supervisor import (
     combine_rule,
     monotonic_families,
     parse_families,
     sum_families,
     sum_stats,
 )
+from llmproxy.runtime.worker import worker_settings
 
 
 def _worker_text(requests: list[tuple[str, int, float]], open_requests: int, age: float) -> str:

@@ -64,7 +64,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from llmproxy.capture.events import facts_of, response_text
-from llmproxy.capture.usage import ResponseFacts
+from llmproxy.config.model import ExporterSettings
+from llmproxy.events.usage import ResponseFacts
 from llmproxy.export.sink import (
     Delivered,
     EncodedBatch,
@@ -76,7 +77,6 @@ from llmproxy.export.sink import (
 )
 from llmproxy.export.sinks import _exchange
 from llmproxy.export.sinks._exchange import exchange_ns, json_default, message_of
-from llmproxy.settings import ExporterSettings
 
 DEFAULT_ENDPOINT = "https://api.worker.helicone.ai/custom/v1/log"
 LOG_PATH = "/custom/v1/log"

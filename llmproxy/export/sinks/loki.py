@@ -35,6 +35,7 @@ from isal import isal_zlib
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
 
+from llmproxy.config.model import ExporterSettings
 from llmproxy.export.sink import (
     Delivered,
     EncodedBatch,
@@ -45,7 +46,6 @@ from llmproxy.export.sink import (
     Verdict,
 )
 from llmproxy.export.sinks._exchange import json_default, parse_ns
-from llmproxy.settings import ExporterSettings
 
 PUSH_PATH = "/loki/api/v1/push"
 

@@ -39,6 +39,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 
 from llmproxy.capture.events import facts_of, response_text
+from llmproxy.config.model import ExporterSettings
 from llmproxy.export.sink import (
     Delivered,
     EncodedBatch,
@@ -57,7 +58,6 @@ from llmproxy.export.sinks._exchange import (
     nonempty_str,
     request_json,
 )
-from llmproxy.settings import ExporterSettings
 
 DEFAULT_ENDPOINT = "https://api.lunary.ai"
 INGEST_PATH = "/v1/runs/ingest"

@@ -59,6 +59,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from llmproxy.config.model import ExporterSettings
 from llmproxy.export.sink import (
     Delivered,
     EncodedBatch,
@@ -71,7 +72,6 @@ from llmproxy.export.sink import (
 )
 from llmproxy.export.sinks import _exchange
 from llmproxy.export.sinks._exchange import PlannedBatch, exchange_ns, nonempty_str
-from llmproxy.settings import ExporterSettings
 
 log = Logger()
 

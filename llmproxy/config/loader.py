@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
-from llmproxy.settings import (
+from llmproxy.config.model import (
     CacheSettings,
     CaptureSettings,
     EventsSettings,
@@ -71,7 +71,7 @@ class ConfigError(Exception):
 
 
 def default_config_text() -> str:
-    return resources.files("llmproxy").joinpath("default.ini").read_text("utf-8")
+    return resources.files("llmproxy.config").joinpath("default.ini").read_text("utf-8")
 
 
 def parse_size(text: str) -> int:
@@ -370,7 +370,7 @@ def _validate(settings: Settings, problems: list[str], check_sinks: bool = True)
             problems.append(f"passthrough.allowed_hosts: {host!r} is not a lower-case host[:port]")
     if settings.events.bus not in ("memory", "redis"):
         problems.append("events.bus: must be memory or redis")
-    from llmproxy.bus.redisconn import redis_problems
+    from llmproxy.redis.connection import redis_problems
 
     problems.extend(f"redis.{problem}" for problem in redis_problems(settings.redis))
     from llmproxy.cache import cache_problems

@@ -2,7 +2,7 @@
 tests/unit/test_dispatch.py, tests/integration/test_dispatcher.py).
 
 One dispatcher is one consumer of a consumer group on the proxy's stream
-(llmproxy/bus/redis.py).  Dispatchers in one group share the entries; each group
+(llmproxy/redis/stream.py).  Dispatchers in one group share the entries; each group
 gets every entry.
 
 - Start (and after Redis lost the group): ``XGROUP CREATE <stream> <group> 0
@@ -55,10 +55,10 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from llmproxy.bus.redis import RedisClient
+from llmproxy.config.model import ExporterSettings, RedisSettings
+from llmproxy.events.envelope import Envelope, StoredEvent
 from llmproxy.export.deadletter import DeadLetter
-from llmproxy.export.envelope import Envelope, StoredEvent
-from llmproxy.settings import ExporterSettings, RedisSettings
+from llmproxy.redis.stream import RedisClient
 
 log = Logger()
 
@@ -350,7 +350,7 @@ class Dispatcher:
         return self._buffer - len(self._held)
 
     async def _read_loop(self) -> None:
-        from llmproxy.bus.redisconn import RedisUnavailable, is_response_error
+        from llmproxy.redis.connection import RedisUnavailable, is_response_error
 
         while self._reading:
             try:
@@ -382,7 +382,7 @@ class Dispatcher:
                     await self._sleep(RETRY_PAUSE)
 
     async def _create_group(self) -> None:
-        from llmproxy.bus.redisconn import is_response_error
+        from llmproxy.redis.connection import is_response_error
 
         s = self._settings
         try:
@@ -421,7 +421,7 @@ class Dispatcher:
     async def _read_new(self) -> list[Any]:
         """One atomic non-blocking read with the trimming check; if it found
         nothing, a blocking read."""
-        from llmproxy.bus.redisconn import is_response_error
+        from llmproxy.redis.connection import is_response_error
 
         s = self._settings
         count = min(self._room(), self._read_count)
@@ -591,7 +591,7 @@ class Dispatcher:
         self._acking = d
 
         def done(result: object) -> None:
-            from llmproxy.bus.redisconn import RedisUnavailable
+            from llmproxy.redis.connection import RedisUnavailable
 
             self._acking = None
             if isinstance(result, Failure):
@@ -745,10 +745,10 @@ def build_dispatcher(
     Raises ``ValueError`` for sink settings the sink refuses."""
     from twisted.web.client import Agent, HTTPConnectionPool
 
-    from llmproxy.bus.redisconn import RedisConnection, default_consumer_name, parse_redis_url
     from llmproxy.export.exporter import BatchingExporter
     from llmproxy.export.registry import build_sink
     from llmproxy.export.sink import AgentClient
+    from llmproxy.redis.connection import RedisConnection, default_consumer_name, parse_redis_url
 
     name = consumer or redis.consumer or default_consumer_name()
     settings = dispatch_exporter_settings(exporter)
@@ -795,14 +795,14 @@ class DispatcherService(Service):
         self.drain_timeout = drain_timeout
 
     def startService(self) -> None:
-        from llmproxy.service import sd_notify
+        from llmproxy.runtime.service import sd_notify
 
         super().startService()
         self.dispatcher.start()
         sd_notify("READY=1")
 
     def stopService(self) -> Deferred[None]:
-        from llmproxy.service import sd_notify
+        from llmproxy.runtime.service import sd_notify
 
         super().stopService()
         sd_notify("STOPPING=1")
@@ -864,7 +864,7 @@ class DispatcherPlan:
     drain_timeout: float
 
     def describe(self) -> str:
-        from llmproxy.bus.redisconn import parse_redis_url
+        from llmproxy.redis.connection import parse_redis_url
 
         r = self.redis
         return (
@@ -876,7 +876,7 @@ class DispatcherPlan:
 def _positive_seconds(text: str) -> float:
     import argparse
 
-    from llmproxy.config import parse_duration
+    from llmproxy.config.loader import parse_duration
 
     try:
         value = parse_duration(text)
@@ -889,7 +889,7 @@ def _positive_seconds(text: str) -> float:
 
 def add_dispatcher_command(sub: Any) -> None:
     """Register ``llmproxy dispatcher`` on the CLI's subparsers."""
-    from llmproxy.cli import positive_int
+    from llmproxy.cli.main import positive_int
 
     p = sub.add_parser(
         "dispatcher",
@@ -923,8 +923,8 @@ def add_dispatcher_command(sub: Any) -> None:
 def dispatcher_plan(args: Any, env: dict[str, str] | Any) -> DispatcherPlan:
     """Resolve flags > environment > config file > defaults; ``DispatcherConfigError``
     lists every problem."""
-    from llmproxy.bus.redisconn import redis_problems
-    from llmproxy.config import ConfigError, load_settings
+    from llmproxy.config.loader import ConfigError, load_settings
+    from llmproxy.redis.connection import redis_problems
 
     try:
         settings = load_settings(args.config, env)

@@ -35,7 +35,7 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from llmproxy.settings import RedisSettings
+from llmproxy.config.model import RedisSettings
 
 log = Logger()
 

@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 import attrs
 import orjson
 
-from llmproxy.capture.sse import SSEEvent
+from llmproxy.events.sse import SSEEvent
 
 
 @attrs.frozen

@@ -2,12 +2,12 @@
 (tests: tests/unit/test_redis_bus.py, tests/integration/test_redis_bus.py).
 
 With ``[events] bus = redis`` the bus is the in-memory fan-out
-(llmproxy/bus/memory.py) with one more subscriber: a ``BatchingExporter``
+(llmproxy/export/bus.py) with one more subscriber: a ``BatchingExporter``
 (llmproxy/export/exporter.py) whose sink is ``RedisStreamSink``.  Its delivery is
 ``XADD <stream> MAXLEN ~ <maxlen> * event <json>`` for every event of a batch, in
 one round trip (one ``EVAL`` of a small script that runs the XADDs; where scripts
 are refused, pipelined XADDs).  ``llmproxy dispatcher`` processes read the stream
-(llmproxy/dispatch.py).  Everything else (the bounded buffer, batching every
+(llmproxy/redis/dispatcher.py).  Everything else (the bounded buffer, batching every
 ``flush_interval`` or ``batch_size`` events, retries with backoff, the disk spool
 while Redis is away, replay in order, accounting, the drain) is the engine's, so it
 holds for the Redis bus exactly as for the sinks.
@@ -38,14 +38,14 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from llmproxy.bus.base import Subscriber
-from llmproxy.bus.memory import MemoryBus
+from llmproxy.config.model import ExporterSettings, RedisSettings, Settings
+from llmproxy.events.envelope import Envelope
+from llmproxy.export.bus import MemoryBus
+from llmproxy.export.bus_base import Subscriber
 from llmproxy.export.deadletter import DeadLetter
-from llmproxy.export.envelope import Envelope
 from llmproxy.export.exporter import BatchingExporter, RunBlocking, run_here
 from llmproxy.export.sink import Delivered, Retry, Verdict
 from llmproxy.export.spool import Spool
-from llmproxy.settings import ExporterSettings, RedisSettings, Settings
 
 log = Logger()
 
@@ -123,7 +123,7 @@ class RedisStreamSink:
         return d.addBoth(self._judge, len(lines))
 
     def _judge(self, result: object, count: int) -> Verdict:
-        from llmproxy.bus.redisconn import RedisUnavailable, is_response_error
+        from llmproxy.redis.connection import RedisUnavailable, is_response_error
 
         if not isinstance(result, Failure):
             if self._scripts and result != count:
@@ -273,7 +273,7 @@ def build_redis_bus(
 ) -> RedisBus:
     """The bus for ``[events] bus = redis``: its connection and its spool under
     ``state_dir`` (``spool_max_bytes <= 0`` would disable it; config refuses that)."""
-    from llmproxy.bus.redisconn import RedisConnection, parse_redis_url
+    from llmproxy.redis.connection import RedisConnection, parse_redis_url
 
     redis = settings.redis
     state_dir = settings.server.state_dir

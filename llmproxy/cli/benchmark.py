@@ -58,7 +58,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IResponse
 from zope.interface import implementer
 
-from llmproxy.cli import positive_int
+from llmproxy.cli.main import positive_int
 from llmproxy.export.sink import BytesBody
 
 OVERHEAD_HEADER = b"x-llmproxy-overhead-ms"

@@ -20,7 +20,7 @@ from urllib.parse import urlencode, urlsplit
 
 import orjson
 
-from llmproxy.config import ConfigError, load_settings
+from llmproxy.config.loader import ConfigError, load_settings
 
 
 def split_endpoint(description: str) -> list[str]:

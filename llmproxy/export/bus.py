@@ -13,8 +13,8 @@ from typing import Any
 import attrs
 from twisted.logger import Logger
 
-from llmproxy.bus.base import Subscriber
-from llmproxy.export.envelope import Envelope
+from llmproxy.events.envelope import Envelope
+from llmproxy.export.bus_base import Subscriber
 
 log = Logger()
 

@@ -12,8 +12,8 @@ from datetime import UTC, datetime
 
 import orjson
 
-from llmproxy.config import ConfigError, load_settings
-from llmproxy.settings import Settings
+from llmproxy.config.loader import ConfigError, load_settings
+from llmproxy.config.model import Settings
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -245,16 +245,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", nargs="?", default=None, help="ini file (default: the embedded one)")
     p.set_defaults(func=_check_config)
     _add_token_commands(sub)
-    from llmproxy.dispatch import add_dispatcher_command
+    from llmproxy.redis.dispatcher import add_dispatcher_command
 
     add_dispatcher_command(sub)
-    from llmproxy.cache.purge_cli import add_cache_command
+    from llmproxy.cli.cache import add_cache_command
 
     add_cache_command(sub)
-    from llmproxy.bench import add_benchmark_command
+    from llmproxy.cli.benchmark import add_benchmark_command
 
     add_benchmark_command(sub)
-    from llmproxy.plugincache import add_plugin_cache_command
+    from llmproxy.cli.plugin_cache import add_plugin_cache_command
 
     add_plugin_cache_command(sub)
     return parser

@@ -1,7 +1,7 @@
 """Typed settings: what the ini file becomes (tests: tests/unit/test_config.py).
 
 Each attrs class is one ini section; field names are the ini keys.  The loader in
-:mod:`llmproxy.config` fills them from the file and the environment and reports
+:mod:`llmproxy.config.loader` fills them from the file and the environment and reports
 every bad value as ``section.key: reason``.  Durations are float seconds, sizes
 are int bytes, relative paths are resolved against ``server.state_dir``.
 """
@@ -71,8 +71,8 @@ class EventsSettings:
 
 @attrs.frozen
 class RedisSettings:
-    """[redis]: the Redis Streams bus (llmproxy/bus/redis.py) and its dispatchers
-    (llmproxy/dispatch.py)."""
+    """[redis]: the Redis Streams bus (llmproxy/redis/stream.py) and its dispatchers
+    (llmproxy/redis/dispatcher.py)."""
 
     # redis://[[user]:password@]host[:port][/db], rediss:// (TLS), unix:///path[?db=N]
     url: str = attrs.field(default="redis://127.0.0.1:6379/0", repr=False)

@@ -33,15 +33,15 @@ from llmproxy.access.audit import AuditLog
 from llmproxy.access.policy import build_access
 from llmproxy.admin.resource import AdminResource
 from llmproxy.cache import build_cache
-from llmproxy.capture.machine import machine_id
 from llmproxy.capture.pump import CapturePump
 from llmproxy.capture.sessions import SessionTracker
-from llmproxy.metrics import MetricsCollector, ProxyMetrics, make_registry
+from llmproxy.config.model import ExporterSettings, Settings
+from llmproxy.events.machine import machine_id
 from llmproxy.proxy.client import UpstreamPool
 from llmproxy.proxy.forward import ProxyResource
+from llmproxy.proxy.metrics import MetricsCollector, ProxyMetrics, make_registry
 from llmproxy.proxy.router import Router
 from llmproxy.proxy.site import ProxySite
-from llmproxy.settings import ExporterSettings, Settings
 
 if TYPE_CHECKING:
     from llmproxy.export.sink import AgentClient
@@ -127,7 +127,7 @@ class ProxyService(Service):
     name = "llmproxy"
 
     def __init__(self, settings: Settings, reactor: Any, config_path: str | None = None) -> None:
-        from llmproxy.bus.memory import MemoryBus
+        from llmproxy.export.bus import MemoryBus
 
         self.settings = settings
         self.config_path = config_path
@@ -146,7 +146,7 @@ class ProxyService(Service):
         self.access = build_access(settings, self.audit, reactor)
         self.bus: Any
         if settings.events.bus == "redis":
-            from llmproxy.bus.redis import build_redis_bus
+            from llmproxy.redis.stream import build_redis_bus
 
             self.bus = build_redis_bus(settings, reactor, self._in_thread)
         else:
@@ -320,13 +320,13 @@ class ProxyService(Service):
 
     def load_settings(self) -> Settings:
         """The settings a reload applies (a worker process maps its own paths:
-        llmproxy/worker.py).  Raises ConfigError."""
-        from llmproxy.config import load_settings
+        llmproxy/runtime/worker.py).  Raises ConfigError."""
+        from llmproxy.config.loader import load_settings
 
         return load_settings(self.config_path)
 
     async def _reload(self) -> bool:
-        from llmproxy.config import ConfigError
+        from llmproxy.config.loader import ConfigError
 
         source = self.config_path or "<embedded default>"
         try:
@@ -432,7 +432,7 @@ class ProxyService(Service):
         }
 
     def _bus_families(self) -> Iterator[Any]:
-        from llmproxy.bus.metrics import bus_families
+        from llmproxy.export.bus_metrics import bus_families
 
         yield from bus_families(self.bus.stats())
 

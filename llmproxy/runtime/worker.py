@@ -1,5 +1,5 @@
-"""One worker process of ``[server] workers = N``: ``python -m llmproxy.worker``,
-started by the master in llmproxy/workers.py (tests:
+"""One worker process of ``[server] workers = N``: ``python -m llmproxy.runtime.worker``,
+started by the master in llmproxy/runtime/supervisor.py (tests:
 tests/integration/test_workers.py, tests/unit/test_workers_aggregate.py).
 
 A worker is a whole ProxyService with three differences:
@@ -30,10 +30,10 @@ from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogBeginne
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from llmproxy.config import map_paths
-from llmproxy.service import ProxyService
-from llmproxy.settings import Settings
-from llmproxy.workers import _FAMILIES, CONTROL_FD, LISTEN_FD, admin_socket_path
+from llmproxy.config.loader import map_paths
+from llmproxy.config.model import Settings
+from llmproxy.runtime.service import ProxyService
+from llmproxy.runtime.supervisor import _FAMILIES, CONTROL_FD, LISTEN_FD, admin_socket_path
 
 EX_USAGE = 64
 EX_SOFTWARE = 70
@@ -102,7 +102,7 @@ class WorkerService(ProxyService):
         self.proxy.access = self.access
 
     def load_settings(self) -> Settings:
-        from llmproxy.config import load_settings
+        from llmproxy.config.loader import load_settings
 
         return worker_settings(load_settings(self._snapshot), self.index)
 
@@ -182,7 +182,7 @@ class Lifeline:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llmproxy.worker")
+    parser = argparse.ArgumentParser(prog="python -m llmproxy.runtime.worker")
     parser.add_argument("--config", required=True, help="the config the master validated")
     parser.add_argument("--source", default="", help="the config file, for messages")
     parser.add_argument("--index", type=int, required=True)
@@ -191,9 +191,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from twisted.logger import Logger
 
-    log = Logger(namespace="llmproxy.worker")
+    log = Logger(namespace="llmproxy.runtime.worker")
     globalLogBeginner.beginLoggingTo([LineLog(1)], redirectStandardIO=False)
-    from llmproxy.config import ConfigError, load_settings
+    from llmproxy.config.loader import ConfigError, load_settings
 
     try:
         base = load_settings(args.config)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-from llmproxy.export.envelope import Envelope
+from llmproxy.events.envelope import Envelope
 
 
 @runtime_checkable

@@ -1,13 +1,13 @@
 """``[server] workers = N``: the master process that runs N worker processes on
 one listening port (tests: tests/integration/test_workers.py,
-tests/unit/test_workers_aggregate.py; the worker side is llmproxy/worker.py;
+tests/unit/test_workers_aggregate.py; the worker side is llmproxy/runtime/worker.py;
 docs/workers.md).
 
 The master (the twistd process) binds the proxy's ``listen`` endpoint and never
 accepts on it: a TCP address becomes N ``SO_REUSEPORT`` sockets, one per worker
 (the kernel spreads new connections over them); any other endpoint (unix:,
 systemd: socket activation, ...) is bound once and the one socket is shared by
-every worker.  Each worker is ``python -m llmproxy.worker``: it adopts its socket
+every worker.  Each worker is ``python -m llmproxy.runtime.worker``: it adopts its socket
 (fd 3) with ``adoptStreamPort`` and runs a whole ProxyService of its own --
 exporters, spools, session tracker -- under ``<state_dir>/worker-I/``, with its
 admin on ``<state_dir>/run/worker-I.sock``.  Its stdin is a pipe from the master:
@@ -52,15 +52,15 @@ from zope.interface import implementer
 
 from llmproxy.access.audit import AuditLog
 from llmproxy.admin.resource import AdminResource
-from llmproxy.metrics import MetricsCollector, make_registry
-from llmproxy.service import (
+from llmproxy.config.model import Settings
+from llmproxy.proxy.metrics import MetricsCollector, make_registry
+from llmproxy.runtime.service import (
     install_sighup,
     listen_now,
     refuse_reload,
     restore_sighup,
     sd_notify,
 )
-from llmproxy.settings import Settings
 
 log = Logger()
 
@@ -417,7 +417,7 @@ class Supervisor(Service):
         log.info("started {n} workers", n=self.count)
 
     def _config_text(self) -> str:
-        from llmproxy.config import default_config_text
+        from llmproxy.config.loader import default_config_text
 
         if self.config_path is None:
             return default_config_text()
@@ -437,7 +437,7 @@ class Supervisor(Service):
         if self.draining:
             return
         argv = [
-            sys.executable, "-m", "llmproxy.worker",
+            sys.executable, "-m", "llmproxy.runtime.worker",
             "--config", str(snapshot_path(self.state_dir)),
             "--source", self.config_path or "",
             "--index", str(handle.index),
@@ -641,7 +641,7 @@ class Supervisor(Service):
     def reload(self) -> bool:
         """Validate the config file; a good one becomes the workers' config and
         each worker is told to reload.  A bad one is refused, logged and audited."""
-        from llmproxy.config import ConfigError, load_settings
+        from llmproxy.config.loader import ConfigError, load_settings
 
         if self.draining:
             return False
