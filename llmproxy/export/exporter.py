@@ -68,7 +68,7 @@ from twisted.python.failure import Failure
 
 from llmproxy.export.deadletter import DeadLetter
 from llmproxy.export.envelope import Envelope
-from llmproxy.export.sink import Delivered, Rejected, Retry, Sink, Verdict
+from llmproxy.export.sink import Delivered, Rejected, ReopenableSink, Retry, Sink, Verdict
 from llmproxy.export.spool import Segment, Spool
 from llmproxy.settings import ExporterSettings
 
@@ -631,6 +631,12 @@ class BatchingExporter:
         else:
             self._pump(flush=True)
         return waiter
+
+    def reopen(self) -> Deferred[None]:
+        """Have the sink reopen its files (SIGHUP); a no-op for a sink without any."""
+        if isinstance(self._sink, ReopenableSink):
+            return maybeDeferred(self._sink.reopen)
+        return succeed(None)
 
     def _drained(self) -> bool:
         return not self._queue and not self._active
