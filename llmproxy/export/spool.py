@@ -12,6 +12,10 @@ A segment is written to a hidden temporary name, fsynced, then renamed (and the
 directory fsynced): after a ``kill -9`` a segment is either complete or absent, and
 leftover temporary files are deleted at start.
 
+A directory removed at run time is made again by the next write (once; a second
+failure is raised).  The segments that vanished with it are lost: reading one
+raises ``OSError`` and the exporter counts its events (``spool_read_failed``).
+
 The spool is bounded by ``max_bytes``: making room discards the oldest segments,
 and the caller counts their events as dropped.  The segment being replayed is
 *checked out*: it stays on disk until its delivery is confirmed (at-least-once
@@ -221,6 +225,15 @@ class Spool:
         return discarded, self._bytes + size <= self._max_bytes
 
     def _write_atomically(self, path: Path, data: bytes) -> None:
+        try:
+            self._write_once(path, data)
+        except FileNotFoundError:
+            # The directory vanished (``state_dir`` removed at run time): make it
+            # again and write once more; a second failure is the caller's.
+            self._directory.mkdir(parents=True, exist_ok=True)
+            self._write_once(path, data)
+
+    def _write_once(self, path: Path, data: bytes) -> None:
         temp = self._directory / f"{_TEMP_PREFIX}{path.name}"
         try:
             with open(temp, "wb") as f:
