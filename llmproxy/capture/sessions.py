@@ -50,8 +50,11 @@ written in one append per ``flush_interval`` on the injected clock, compacted (a
 snapshot of memory written to a new file, fsynced and renamed over the old one;
 in a thread when ``run_in_thread`` is given, changes meanwhile wait in memory)
 when it holds more than twice the live entries, and read back at :meth:`start`.
-Losing it (unreadable, unwritable, deleted) costs only continuity: new requests start
-new sessions.  Nothing here raises into the request path.
+Losing it (unreadable, unwritable) costs only continuity: new requests start
+new sessions.  A journal moved, deleted or emptied under the running tracker (its
+directory removed with ``state_dir``) is noticed at the next append (one
+``os.stat``) and written whole again from memory, its directory made again.
+Nothing here raises into the request path.
 """
 
 from __future__ import annotations
@@ -92,6 +95,7 @@ from llmproxy.events.usage import (
     facts_from_json,
     facts_from_sse_fields,
 )
+from llmproxy.export.appendfile import displaced, open_append
 
 log = Logger()
 
@@ -525,6 +529,7 @@ class SessionTracker:
     _dirty: dict[str, None] = attrs.field(init=False, factory=dict)
     _loop: LoopingCall | None = attrs.field(init=False, default=None)
     _fd: int | None = attrs.field(init=False, default=None)
+    _identity: tuple[int, int] = attrs.field(init=False, default=(0, 0))  # (st_dev, st_ino)
     _journal_lines: int = attrs.field(init=False, default=0)
     _rewrite: bool = attrs.field(init=False, default=False)
     _closing: Deferred[None] | None = attrs.field(init=False, default=None)
@@ -817,14 +822,18 @@ class SessionTracker:
                     lines.append(_head_line(session_id, head[_LAST], head[_STATE]))
             self._dirty = {}
             live = len(self._states) + len(sessions)
-            if self._rewrite or self._journal_lines + len(lines) > 2 * live + COMPACT_SLACK:
-                # The snapshot holds everything the lines say.
-                self._compact(path, in_thread)
-            elif lines:
+            # The snapshot holds everything the lines say.
+            compact = self._rewrite or self._journal_lines + len(lines) > 2 * live + COMPACT_SLACK
+            if lines and not compact:
                 fd = self._open(path)
-                _write_all(fd, b"".join(lines))
-                self._journal_lines += len(lines)
-                self._warned.discard("write")  # a later outage is worth a line again
+                if fd is None:
+                    compact = True  # the journal vanished: written whole from memory
+                else:
+                    _write_all(fd, b"".join(lines))
+                    self._journal_lines += len(lines)
+                    self._warned.discard("write")  # a later outage is worth a line again
+            if compact:
+                self._compact(path, in_thread)
         except OSError as e:
             self._rewrite = True
             self._close_fd()
@@ -876,11 +885,28 @@ class SessionTracker:
         self._counts["errors"] += 1
         log.failure("session tracker: compacting the journal failed", failure=failure)
 
-    def _open(self, path: Path) -> int:
-        if self._fd is None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        return self._fd
+    def _open(self, path: Path) -> int | None:
+        """The journal's descriptor for appending, or None when the journal is
+        not where it was (moved, deleted, its directory removed: appending would
+        leave a file without what came before)."""
+        fd = self._fd
+        if fd is not None:
+            reason = displaced(path, fd, self._identity)
+            if reason is None:
+                return fd
+            self._close_fd()
+        else:
+            opened = open_append(path, 0o600)
+            self._fd, self._identity = opened.fd, opened.identity
+            if opened.size or not self._journal_lines:
+                return opened.fd
+            reason = "emptied"
+        log.info(
+            "session state {path}: the journal was {reason}; rewriting it from memory",
+            path=str(path),
+            reason=reason,
+        )
+        return None
 
     def _close_fd(self) -> None:
         if self._fd is not None:

@@ -5,6 +5,8 @@ Append-only JSONL, one line per event:
 Lines of a spool segment that were not event JSON are kept too, as
 ``{"ts", "sink", "reason", "raw": <the line as text>}``, so nothing is lost silently.
 One ``write`` and one ``fsync`` per call: the exporter calls it once per batch.
+The file is opened for each call, its directory made first: a file or directory
+removed at run time is simply created again.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import os
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import attrs
 import orjson
@@ -66,8 +68,17 @@ class DeadLetter:
     def _write(self, lines: list[bytes]) -> None:
         if not lines:
             return
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self._path, "ab") as f:
+        with self._open() as f:
             f.write(b"\n".join(lines) + b"\n")
             f.flush()
             os.fsync(f.fileno())
+
+    def _open(self) -> BinaryIO:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            return open(self._path, "ab")
+        except FileNotFoundError:
+            # The directory went between the mkdir and the open (``state_dir``
+            # removed at run time): once more.
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            return open(self._path, "ab")

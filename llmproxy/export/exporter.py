@@ -97,7 +97,7 @@ from twisted.python.failure import Failure
 from llmproxy.config.model import ExporterSettings
 from llmproxy.events.envelope import Envelope, StoredEvent
 from llmproxy.export.deadletter import DeadLetter
-from llmproxy.export.sink import Delivered, Rejected, Retry, Sink, Verdict
+from llmproxy.export.sink import Delivered, Rejected, ReopenableSink, Retry, Sink, Verdict
 from llmproxy.export.spool import PendingSegment, Segment, Spool
 
 log = Logger()
@@ -918,11 +918,11 @@ class BatchingExporter:
             self._pump(flush=True)
         return waiter
 
-    def reopen(self) -> None:
-        """SIGHUP: a sink that holds a file open reopens it (logrotate)."""
-        reopen = getattr(self._sink, "reopen", None)
-        if reopen is not None:
-            reopen()
+    def reopen(self) -> Deferred[None]:
+        """Have the sink reopen its files (SIGHUP); a no-op for a sink without any."""
+        if isinstance(self._sink, ReopenableSink):
+            return maybeDeferred(self._sink.reopen)
+        return succeed(None)
 
     def _drained(self) -> bool:
         return not self._queue and not self._active and not self._writes

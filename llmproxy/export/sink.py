@@ -80,6 +80,15 @@ class Sink(Protocol):
         """Release resources; called once, after the exporter's final flush."""
 
 
+@runtime_checkable
+class ReopenableSink(Protocol):
+    """A sink writing to files it keeps open: ``reopen`` (SIGHUP after logrotate)
+    closes them once the batches before are done; later batches open the
+    configured paths again."""
+
+    def reopen(self) -> Deferred[None]: ...
+
+
 @attrs.frozen
 class EncodedBatch:
     """One HTTP request body for a batch, with its headers (and URL when not the default)."""

@@ -10,8 +10,7 @@ in name order is replaying them oldest first, whatever order they were written i
 
 A segment is written to a hidden temporary name, fsynced, then renamed (and the
 directory fsynced): after a ``kill -9`` a segment is either complete or absent, and
-leftover temporary files are deleted at start.  A directory that vanished (an
-operator removed ``state_dir``) is created again by the next write.
+leftover temporary files are deleted at start.
 
 Writing in two phases.  ``append`` writes synchronously.  So that the reactor
 thread never waits for a disk, the exporter uses ``begin`` (reactor thread:
@@ -19,6 +18,10 @@ reserve room, name the segment), ``write`` (any thread: the file itself) and
 ``commit`` or ``abort`` (reactor thread: the segment is tracked, or the
 reservation released).  A segment being written is *pending*: it is not offered
 for replay and its bytes count against the bound.
+
+A directory removed at run time is made again by the next write (once; a second
+failure is raised).  The segments that vanished with it are lost: reading one
+raises ``OSError`` and the exporter counts its events (``spool_read_failed``).
 
 The spool is bounded by ``max_bytes``: making room discards the oldest segments,
 and the caller counts their events as dropped.  The segment being replayed is
@@ -284,7 +287,8 @@ class Spool:
         try:
             self._write_once(path, data)
         except FileNotFoundError:
-            # The directory vanished (state_dir removed under us): make it again.
+            # The directory vanished (``state_dir`` removed at run time): make it
+            # again and write once more; a second failure is the caller's.
             self._directory.mkdir(parents=True, exist_ok=True)
             self._write_once(path, data)
 

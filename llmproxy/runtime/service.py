@@ -305,9 +305,12 @@ class ProxyService(Service):
         routes, the passthrough allowlist, capture caps, timeouts and limits, and
         exporters (a changed exporter is closed — spooling what it holds — and
         rebuilt).  A bad file is refused, logged and audited; the old config stays.
-        Fires with whether the new config was applied."""
+        Either way the file-writing sinks reopen their files (logrotate's
+        ``postrotate kill -HUP``).  Fires with whether the new config was applied."""
         if self.draining:
             return defer.succeed(False)
+        # Every SIGHUP, whatever becomes of the config: logrotate's postrotate.
+        self.reopen_files()
         if self._reloading is not None:
             return self._reloading
         d = self._reloading = defer.ensureDeferred(self._reload())
@@ -317,6 +320,19 @@ class ProxyService(Service):
             return result
 
         return d.addBoth(done)
+
+    def reopen_files(self) -> None:
+        """Have every running exporter's sink reopen the files it keeps open (the
+        file and sessions sinks; the others have none), once the batches they
+        are writing are done."""
+        for exporter in self.exporters:
+            exporter.reopen().addErrback(
+                lambda failure, name=exporter.name: log.warn(
+                    "exporter {name}: reopening its files failed: {why}",
+                    name=name,
+                    why=failure.getErrorMessage(),
+                )
+            )
 
     def load_settings(self) -> Settings:
         """The settings a reload applies (a worker process maps its own paths:

@@ -17,10 +17,10 @@ from twisted.internet import defer, endpoints, protocol, reactor, task
 from twisted.logger import globalLogPublisher
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from llmproxy.cli import main as cli
 from llmproxy.access.policy import TokenAccess, build_access
 from llmproxy.access.tokens import Token, TokenFile
 from llmproxy.capture.events import request_event, response_event
+from llmproxy.cli.main import main as cli
 from llmproxy.config.loader import load_settings
 from llmproxy.config.model import CaptureSettings
 from llmproxy.runtime.service import ProxyService

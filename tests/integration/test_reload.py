@@ -1,4 +1,5 @@
-"""SIGHUP reload: routes, allowlist and exporters change live; a bad file is refused."""
+"""SIGHUP reload: routes, allowlist and exporters change live; a bad file is refused;
+the event files are reopened either way (logrotate's postrotate)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,13 @@ import json
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_twisted
 import treq
 from twisted.internet import reactor
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from llmproxy.config.loader import load_settings
@@ -144,3 +147,47 @@ async def test_sighup_reloads_the_running_daemon(tmp_path: Path) -> None:
         await pool.closeCachedConnections()
         await a.stop()
         await b.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_reload_reopens_the_event_file_even_when_the_config_is_refused(
+    tmp_path: Path,
+) -> None:
+    upstream = FakeUpstream(reactor)
+    port = upstream.listen()
+    state = tmp_path / "state"
+    path = tmp_path / "llmproxy.ini"
+    sink = "[exporter:events]\ntype = file\nflush_interval = 0.05\n"
+    path.write_text(config(state, port, sink))
+    service = ProxyService(load_settings(path, env={}), reactor, config_path=str(path))
+    service.startService()
+    assert service.port is not None
+    base = f"http://127.0.0.1:{service.port.getHost().port}"  # type: ignore[attr-defined]
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    client = treq.client.HTTPClient(Agent(reactor, pool=pool))  # type: ignore[attr-defined]
+    reopened: list[str] = []
+
+    def observer(event: dict[str, Any]) -> None:
+        if "reopening" in (event.get("log_format") or ""):
+            reopened.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observer)
+    events, rotated = state / "events.jsonl", state / "events.jsonl.1"
+    try:
+        for _ in range(2):
+            await (await client.get(base + "/status/200")).content()
+        await wait_until(lambda: events.exists() and len(events.read_bytes().splitlines()) == 4)
+        events.rename(rotated)
+        path.write_text(config(state, port, sink) + "\n[route:x]\nprefix = nope\n")
+        assert await service.reload() is False  # refused: the files are reopened all the same
+        await wait_until(lambda: reopened != [], what="reopen")  # after an fsync in flight
+        assert reopened == [f"file sink events: reopening {events} (SIGHUP)"]
+        await (await client.get(base + "/status/200")).content()
+        await wait_until(lambda: events.exists() and len(events.read_bytes().splitlines()) == 2)
+        assert len(rotated.read_bytes().splitlines()) == 4
+        assert len(reopened) == 1  # the SIGHUP closed it: nothing left to notice as moved
+    finally:
+        globalLogPublisher.removeObserver(observer)
+        await pool.closeCachedConnections()
+        await service.stopService()
+        await upstream.stop()

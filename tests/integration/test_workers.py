@@ -1,7 +1,7 @@
 """`[server] workers = 2` against the real daemon (twistd): one port served by two
 processes, stats and metrics summed, a killed worker restarted, SIGTERM drains
-every worker, no orphans, per-worker sink files (llmproxy/runtime/supervisor.py,
-llmproxy/runtime/worker.py)."""
+every worker, no orphans, per-worker sink files reopened on SIGHUP
+(llmproxy/runtime/supervisor.py, llmproxy/runtime/worker.py)."""
 
 from __future__ import annotations
 
@@ -315,6 +315,43 @@ async def test_sighup_reloads_every_worker_and_refuses_a_bad_file(tmp_path: Path
         outcomes = [json.loads(x)["outcome"] for x in audit if "config_reload" in x]
         assert sorted(outcomes) == ["applied", "applied", "refused"]
         assert len(await d.chat(4)) == 4
+    finally:
+        if d.transport is not None:
+            terminate(d.transport)
+            await d.proc.ended.addTimeout(30, reactor)
+        await d.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sighup_has_every_worker_reopen_its_moved_event_file(tmp_path: Path) -> None:
+    d = Daemon(tmp_path)
+    out = tmp_path / "out"
+
+    def responses() -> list[str]:
+        return [
+            json.loads(x)["request_id"]
+            for f in out.glob("events.worker-*.jsonl*")
+            for x in f.read_text().splitlines()
+            if json.loads(x)["type"] == "response"
+        ]
+
+    try:
+        await d.start()
+        before = await d.chat(32)
+        await wait_until(lambda: sorted(responses()) == sorted(before), what="first events")
+        files = sorted(out.glob("events.worker-*.jsonl"))
+        assert len(files) == 2  # both workers served some
+        for f in files:
+            f.rename(f.with_name(f.name + ".1"))  # logrotate
+        d.transport.signalProcess("HUP")  # postrotate
+        await wait_until(lambda: d.proc.output.count(b"(SIGHUP)") == 2, what="both reopened")
+        for i in ("0", "1"):
+            assert f"[worker-{i}#info] file sink events: reopening".encode() in d.proc.output
+        after = await d.chat(32)
+        await wait_until(lambda: len(responses()) == 64, what="every event")
+        assert sorted(responses()) == sorted(before + after)  # each exactly once
+        rotated = sorted(out.glob("events.worker-*.jsonl.1"))
+        assert [f.name for f in rotated] == [f.name + ".1" for f in files]
     finally:
         if d.transport is not None:
             terminate(d.transport)

@@ -13,7 +13,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llmproxy.events import machine
 from llmproxy.capture.events import (
     SCHEMA_VERSION,
     RecordEnvelope,
@@ -26,6 +25,7 @@ from llmproxy.capture.events import (
 )
 from llmproxy.capture.record import ExchangeRecord
 from llmproxy.config.model import CaptureSettings
+from llmproxy.events import machine
 from llmproxy.events.envelope import Envelope
 
 CAPTURE = CaptureSettings()

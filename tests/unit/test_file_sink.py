@@ -1,22 +1,28 @@
-"""The JSONL file sink: lines, fsync policy (off the reactor thread), rotation, write errors."""
+"""The JSONL file sink: lines, fsync policy (off the reactor thread), rotation, write errors,
+following its path (moved, deleted, reopened on SIGHUP, directory removed)."""
 
 from __future__ import annotations
 
 import errno
 import os
+import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import attrs
 import orjson
 import pytest
 import pytest_twisted
-from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from llmproxy.config.model import ExporterSettings
 from llmproxy.events.envelope import StoredEvent
+from llmproxy.export.deadletter import DeadLetter
+from llmproxy.export.exporter import BatchingExporter
 from llmproxy.export.registry import build_exporter
 from llmproxy.export.sink import Delivered, Retry, Sink
 from llmproxy.export.sinks import file as file_module
@@ -439,3 +445,187 @@ def test_deliver_lines_writes_what_deliver_writes(tmp_path: Path, fsync: str) ->
     assert [type(a) for a in answers] == [Delivered, Delivered]
     assert (tmp_path / "b.jsonl").read_bytes() == (tmp_path / "a.jsonl").read_bytes()
     assert lines_of(tmp_path / "b.jsonl") == events
+
+
+# -- following the path: moved, unlinked, reopen (logrotate), directory removed ------
+
+
+@pytest.fixture
+def info_lines() -> Iterator[list[str]]:
+    """What was logged at info level, formatted."""
+    seen: list[str] = []
+
+    def observer(e: dict[str, Any]) -> None:
+        if e.get("log_level") == LogLevel.info:
+            seen.append(formatEvent(e))
+
+    globalLogPublisher.addObserver(observer)
+    yield seen
+    globalLogPublisher.removeObserver(observer)
+
+
+def test_a_file_moved_aside_between_batches_is_reopened_at_its_path(
+    tmp_path: Path, info_lines: list[str]
+) -> None:
+    path = tmp_path / "events.jsonl"
+    sink = file_sink(path)
+    deliver(sink, 1, 2)
+    path.rename(tmp_path / "events.jsonl.1")  # logrotate without copytruncate
+    assert deliver(sink, 3, 4) == Delivered()
+    assert deliver(sink, 5) == Delivered()
+    assert lines_of(tmp_path / "events.jsonl.1") == [event(1), event(2)]
+    assert lines_of(path) == [event(3), event(4), event(5)]
+    assert sink.reopens == {"moved": 1}
+    reopened = [x for x in info_lines if "reopening" in x]
+    assert len(reopened) == 1 and "moved" in reopened[0] and str(path) in reopened[0]
+
+
+def test_a_new_file_put_at_the_path_is_written_after_a_move(tmp_path: Path) -> None:
+    # logrotate's ``create``: the old file renamed, an empty one created in its place.
+    path = tmp_path / "events.jsonl"
+    sink = file_sink(path)
+    deliver(sink, 1)
+    path.rename(tmp_path / "old.jsonl")
+    path.write_bytes(b"")
+    deliver(sink, 2)
+    assert lines_of(tmp_path / "old.jsonl") == [event(1)]
+    assert lines_of(path) == [event(2)]
+    assert sink.reopens == {"moved": 1}
+
+
+def test_a_deleted_file_is_created_again_for_the_next_batch(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    sink = file_sink(path)
+    deliver(sink, 1)
+    path.unlink()
+    assert deliver(sink, 2, 3) == Delivered()
+    assert lines_of(path) == [event(2), event(3)]
+    assert sink.reopens == {"unlinked": 1}
+
+
+def test_a_removed_directory_is_made_again(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    path = state / "sub" / "events.jsonl"
+    sink = file_sink(path)
+    deliver(sink, 1)
+    shutil.rmtree(state)
+    assert deliver(sink, 2) == Delivered()
+    assert lines_of(path) == [event(2)]
+    assert sink.reopens == {"unlinked": 1}
+
+
+@pytest.mark.parametrize("fsync", ["never", "batch", "always"])
+def test_every_fsync_policy_follows_the_path(tmp_path: Path, fsync: str) -> None:
+    path = tmp_path / "events.jsonl"
+    sink = file_sink(path, fsync=fsync)
+    deliver(sink, 1)
+    path.rename(tmp_path / "old.jsonl")
+    deliver(sink, 2)
+    assert lines_of(tmp_path / "old.jsonl") + lines_of(path) == [event(1), event(2)]
+
+
+def test_rotation_after_a_move_counts_only_the_new_file(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    sink = file_sink(path, rotate_bytes=2 * LINE, rotate_keep=2)
+    deliver(sink, 1, 2)  # full: the next batch would rotate
+    path.rename(tmp_path / "aside.jsonl")
+    deliver(sink, 3, 4)  # into the new, empty file: no rotation
+    assert not (tmp_path / "events.jsonl.1").exists()
+    assert lines_of(path) == [event(3), event(4)]
+
+
+def test_reopen_closes_the_file_and_the_next_batch_opens_the_path(
+    tmp_path: Path, info_lines: list[str]
+) -> None:
+    path = tmp_path / "events.jsonl"
+    sink = file_sink(path)
+    deliver(sink, 1)
+    path.rename(tmp_path / "events.jsonl.1")
+    assert sink.reopen().result is None  # postrotate: kill -HUP
+    deliver(sink, 2)
+    assert lines_of(tmp_path / "events.jsonl.1") == [event(1)]
+    assert lines_of(path) == [event(2)]
+    assert sink.reopens == {"SIGHUP": 1}
+    assert [x for x in info_lines if "reopening" in x and "SIGHUP" in x] != []
+
+
+def test_reopen_without_an_open_file_does_nothing(tmp_path: Path) -> None:
+    sink = file_sink(tmp_path / "events.jsonl")
+    assert sink.reopen().result is None
+    assert sink.reopens == {}
+    assert not sink.path.exists()
+
+
+def test_reopen_waits_for_the_batch_being_synced(tmp_path: Path) -> None:
+    runner = ManualRunner()
+    path = tmp_path / "events.jsonl"
+    sink = FileSink("f", path, run_blocking=runner)
+    first = sink.deliver([event(1)])
+    reopening = sink.reopen()
+    second = sink.deliver([event(2)])
+    assert not reopening.called and not second.called
+    path.rename(tmp_path / "events.jsonl.1")
+    runner.run_one()  # the first batch's fsync: then the reopen, then the second
+    assert first.result == Delivered() and reopening.called
+    runner.run_one()
+    assert second.result == Delivered()
+    assert lines_of(tmp_path / "events.jsonl.1") == [event(1)]
+    assert lines_of(path) == [event(2)]
+    # The reopen closed the file: the second batch found nothing displaced.
+    assert sink.reopens == {"SIGHUP": 1}
+
+
+def test_exporter_reopen_reaches_the_file_sink(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, info_lines: list[str]
+) -> None:
+    monkeypatch.setattr(file_module.threads, "deferToThread", run_now)
+    clock = Clock()
+    settings = ExporterSettings(name="local", type="file", batch_size=2)
+    exporter = build_exporter(settings, clock=clock, http_client=None, state_dir=tmp_path)  # type: ignore[arg-type]
+    exporter.start()
+    path = tmp_path / "events.jsonl"
+    for i in range(2):
+        exporter.publish(StoredEvent(event(i)))
+    clock.advance(0)
+    path.rename(tmp_path / "events.jsonl.1")
+    assert exporter.reopen().called
+    for i in range(2, 4):
+        exporter.publish(StoredEvent(event(i)))
+    clock.advance(0)
+    assert exporter.close(timeout=5.0).called
+    assert lines_of(tmp_path / "events.jsonl.1") == [event(0), event(1)]
+    assert lines_of(path) == [event(2), event(3)]
+    assert exporter.stats()["sent"] == 4
+    assert [x for x in info_lines if "reopening" in x] == [
+        f"file sink local: reopening {path} (SIGHUP)"
+    ]
+
+
+def test_exporter_reopen_is_a_no_op_for_a_sink_without_files(tmp_path: Path) -> None:
+    @attrs.define
+    class Answering:
+        name: str = "http"
+        batches: list[int] = attrs.Factory(list)
+
+        def deliver(self, events: Sequence[dict[str, Any]]) -> Deferred[Delivered]:
+            self.batches.append(len(events))
+            return succeed(Delivered())
+
+        def close(self) -> Deferred[None]:
+            return succeed(None)
+
+    clock = Clock()
+    sink = Answering()
+    exporter = BatchingExporter(
+        ExporterSettings(name="http", type="fake", batch_size=1),
+        sink,
+        clock,
+        None,
+        DeadLetter(tmp_path / "dead.jsonl", "http"),
+    )
+    exporter.start()
+    assert exporter.reopen().result is None
+    exporter.publish(StoredEvent(event(1)))
+    clock.advance(0)
+    assert sink.batches == [1]
+    assert exporter.close(timeout=1.0).called

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -1107,6 +1108,75 @@ def test_an_unwritable_state_file_never_breaks_proxying(tmp_path: Path) -> None:
     running.clock.advance(1.0)
     running.tracker.close()
     assert ids([first, second]) == [("sess-0001", 1), ("sess-0001", 2)]
+
+
+def journal_sessions(store: Path) -> set[str]:
+    entries = [orjson.loads(line) for line in store.read_bytes().splitlines()]
+    return {str(e.get("s") or e.get("h")) for e in entries}
+
+
+def test_a_removed_state_directory_is_made_again_and_the_journal_rewritten(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "state"
+    store = state / "sessions" / "session-state.jsonl"
+    running = harness(store)
+    first = ChatClient(running)
+    first.say("Hi", "Hello!")
+    running.clock.advance(1.0)
+    assert journal_sessions(store) == {"sess-0001"}
+    shutil.rmtree(state)  # while the journal is open
+    ChatClient(running).say("Another", "Conversation.")
+    running.clock.advance(1.0)
+    # Written whole from memory, not only what changed since the removal.
+    assert journal_sessions(store) == {"sess-0001", "sess-0002"}
+    running.tracker.close()
+    reloaded = harness(store)
+    first.h = reloaded
+    record = first.say("Go on", "Going on.")
+    assert (record.session_id, record.seq) == ("sess-0001", 2)
+    assert reloaded.published == []  # known after the restart: no session_start
+    reloaded.tracker.close()
+
+
+@pytest.mark.parametrize("how", ["moved", "unlinked"])
+def test_a_journal_moved_or_deleted_under_the_tracker_is_written_again(
+    tmp_path: Path, how: str
+) -> None:
+    store = tmp_path / "session-state.jsonl"
+    running = harness(store)
+    ChatClient(running).say("Hi", "Hello!")
+    running.clock.advance(1.0)
+    if how == "moved":
+        store.rename(tmp_path / "aside.jsonl")
+    else:
+        store.unlink()
+    ChatClient(running).say("Another", "Conversation.")
+    running.clock.advance(1.0)
+    assert journal_sessions(store) == {"sess-0001", "sess-0002"}
+    running.tracker.close()
+
+
+def test_a_journal_deleted_before_the_first_append_is_written_again(tmp_path: Path) -> None:
+    store = tmp_path / "session-state.jsonl"
+    running = harness(store)
+    client = ChatClient(running)
+    client.say("Hi", "Hello!")
+    running.clock.advance(1.0)
+    running.tracker.close()
+    again = harness(store)  # loaded: no descriptor open until the next append
+    store.unlink()
+    client.h = again
+    client.say("More", "Sure.")
+    again.clock.advance(1.0)
+    live = again.tracker.stats()
+    assert len(store.read_bytes().splitlines()) == live["states"] + live["sessions"]
+    again.tracker.close()
+    third = harness(store)
+    client.h = third
+    record = client.say("And more", "Yes.")
+    assert (record.session_id, record.seq) == ("sess-0001", 3)
+    third.tracker.close()
 
 
 def test_no_state_file_means_memory_only(tmp_path: Path) -> None:

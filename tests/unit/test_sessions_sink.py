@@ -1,10 +1,11 @@
-"""The session log sink: seed 001's files and entries, descriptor caching, and
-all-or-nothing batches."""
+"""The session log sink: seed 001's files and entries, descriptor caching,
+all-or-nothing batches, and following its paths (moved, deleted, SIGHUP)."""
 
 from __future__ import annotations
 
 import errno
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -247,6 +248,51 @@ def test_fsync_policy(
     sink = make_sink(tmp_path, fsync=policy)
     verdict_of(sink.deliver([event(session="a"), event(session="a"), event(session="b")]))
     assert len(synced) == syncs
+    sink.close()
+
+
+def session_path(sink: SessionsSink, session: str) -> Path:
+    path = sink.path_for(event(session=session))
+    assert path is not None
+    return path
+
+
+def test_a_removed_log_dir_is_made_again_and_its_files_reopened(tmp_path: Path) -> None:
+    sink = make_sink(tmp_path)
+    verdict_of(sink.deliver([event(session="a"), event(session="b")]))
+    assert sink.open_files == 2
+    shutil.rmtree(sink.log_dir)  # the descriptors still point at deleted files
+    assert verdict_of(sink.deliver([event(session="a", seq=2), event(session="b", seq=2)])) == (
+        Delivered()
+    )
+    assert [e["seq"] for e in lines(session_path(sink, "a"))] == [2]
+    assert [e["seq"] for e in lines(session_path(sink, "b"))] == [2]
+    assert sink.reopens == {"unlinked": 2}
+    sink.close()
+
+
+def test_a_session_file_moved_aside_is_reopened_at_its_path(tmp_path: Path) -> None:
+    sink = make_sink(tmp_path)
+    verdict_of(sink.deliver([event(seq=1)]))
+    path = session_path(sink, "sess-1")
+    path.rename(path.with_name("moved.jsonl"))
+    verdict_of(sink.deliver([event(seq=2)]))
+    assert [e["seq"] for e in lines(path.with_name("moved.jsonl"))] == [1]
+    assert [e["seq"] for e in lines(path)] == [2]
+    assert sink.reopens == {"moved": 1}
+    sink.close()
+
+
+def test_reopen_closes_every_file_for_the_next_batch_to_open_its_path(tmp_path: Path) -> None:
+    sink = make_sink(tmp_path)
+    verdict_of(sink.deliver([event(session="a"), event(session="b")]))
+    path = session_path(sink, "a")
+    path.rename(path.with_name("rotated.jsonl"))
+    sink.reopen()
+    assert sink.open_files == 0 and sink.reopens == {"SIGHUP": 2}
+    verdict_of(sink.deliver([event(session="a", seq=2)]))
+    assert [e["seq"] for e in lines(path.with_name("rotated.jsonl"))] == [1]
+    assert [e["seq"] for e in lines(path)] == [2]
     sink.close()
 
 

@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
 import orjson
 import pytest
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
 
+from llmproxy.config.model import ExporterSettings
+from llmproxy.events.envelope import StoredEvent
 from llmproxy.export import deadletter as deadletter_module
 from llmproxy.export import spool as spool_module
 from llmproxy.export.deadletter import DeadLetter
+from llmproxy.export.exporter import BatchingExporter
+from llmproxy.export.sink import Delivered, Retry, Verdict
 from llmproxy.export.spool import Spool
 
 
@@ -196,6 +205,88 @@ def test_two_segments_cannot_start_at_the_same_ordinal(tmp_path: Path) -> None:
         spool.append(lines(2), 0, 0)
 
 
+# -- the directory removed at run time (state_dir deleted) ------------------------------
+
+
+def test_a_removed_directory_is_made_again_by_the_next_append(tmp_path: Path) -> None:
+    directory = tmp_path / "state" / "spool" / "loki"
+    spool = Spool(directory, 10**6)
+    spool.append(lines(1, 2), 0, 1)
+    shutil.rmtree(tmp_path / "state")
+    assert spool.append(lines(3), 2, 2) == 0
+    assert [p.name for p in directory.iterdir()] == ["2-2-1.jsonl"]
+    assert spool.read(spool.segments()[1]).events == [{"type": "request", "i": 3}]
+
+
+def test_reading_a_segment_that_vanished_with_its_directory_raises_oserror(
+    tmp_path: Path,
+) -> None:
+    spool = Spool(tmp_path / "spool", 10**6)
+    spool.append(lines(1), 0, 0)
+    shutil.rmtree(tmp_path / "spool")
+    [segment] = spool.segments()
+    with pytest.raises(OSError):
+        spool.read(segment)
+    spool.remove(segment)  # what the exporter does next: no error, nothing left
+    assert (spool.segments(), spool.event_count, spool.size_bytes) == ([], 0, 0)
+
+
+@attrs.define
+class SwitchableSink:
+    """Answers at once: ``Retry`` while down, else ``Delivered``; keeps what it got."""
+
+    name: str = "switchable"
+    down: bool = True
+    received: list[int] = attrs.Factory(list)
+
+    def deliver(self, events: Sequence[dict[str, Any]]) -> Deferred[Verdict]:
+        if self.down:
+            return succeed(Retry("down"))
+        self.received.extend(e["i"] for e in events)
+        return succeed(Delivered())
+
+    def close(self) -> Deferred[None]:
+        return succeed(None)
+
+
+def test_segments_vanished_with_the_directory_are_counted_lost_and_the_rest_delivered(
+    tmp_path: Path,
+) -> None:
+    directory = tmp_path / "state" / "spool"
+    spool = Spool(directory, 10**6)
+    spool.append(lines(0, 1), 0, 1)
+    spool.append(lines(2, 3), 2, 3)
+    clock = Clock()
+    sink = SwitchableSink()
+    settings = ExporterSettings(
+        name="t", type="fake", batch_size=2, max_retries=0, backoff_min=1.0, backoff_max=1.0
+    )
+    dead = DeadLetter(tmp_path / "state" / "dead.jsonl", "t")
+    exporter = BatchingExporter(settings, sink, clock, spool, dead, lambda: 0.0)
+    assert exporter.stats()["recovered"] == 4
+    shutil.rmtree(tmp_path / "state")
+    exporter.start()  # replays: both segments are gone
+
+    def publish(*numbers: int) -> None:
+        for i in numbers:
+            exporter.publish(StoredEvent({"type": "request", "i": i}))
+        clock.pump([0.5] * 10)
+
+    assert exporter.stats()["dropped_by_reason"] == {"spool_read_failed": 4}
+    publish(4, 5)  # the sink is down: spooled, into the directory made anew
+    assert [p.name for p in directory.iterdir()] == ["4-5-2.jsonl"]
+    sink.down = False
+    publish(6, 7)
+    stats = exporter.stats()
+    assert sink.received == [4, 5, 6, 7]
+    assert stats["dropped_by_reason"] == {"spool_read_failed": 4}
+    assert stats["spooled"] == 0 and spool.segments() == []
+    parts = ("sent", "in_flight", "queued", "spooled", "dead_lettered", "dropped")
+    assert stats["accepted"] == sum(stats[k] for k in parts) == 8
+    assert exporter.close(timeout=1.0).called
+    assert clock.getDelayedCalls() == []
+
+
 # -- dead-letter file -------------------------------------------------------------------
 
 
@@ -233,3 +324,20 @@ def test_dead_letter_fsyncs_once_per_batch(tmp_path: Path, monkeypatch: pytest.M
     )
     DeadLetter(tmp_path / "dl.jsonl", "f").append([({"i": n}, "r") for n in range(50)], 0.0)
     assert len(calls) == 1
+
+
+def test_dead_letter_makes_its_removed_directory_again(tmp_path: Path) -> None:
+    dead = DeadLetter(tmp_path / "state" / "deadletter" / "loki.jsonl", "loki")
+    dead.append([({"i": 1}, "r")], now=0.0)
+    shutil.rmtree(tmp_path / "state")
+    dead.append([({"i": 2}, "r")], now=0.0)
+    assert [e["event"] for e in read(dead.path)] == [{"i": 2}]
+
+
+def test_dead_letter_writes_to_its_path_after_the_file_was_moved(tmp_path: Path) -> None:
+    dead = DeadLetter(tmp_path / "loki.jsonl", "loki")
+    dead.append([({"i": 1}, "r")], now=0.0)
+    dead.path.rename(tmp_path / "loki.jsonl.1")
+    dead.append([({"i": 2}, "r")], now=0.0)
+    assert [e["event"] for e in read(tmp_path / "loki.jsonl.1")] == [{"i": 1}]
+    assert [e["event"] for e in read(dead.path)] == [{"i": 2}]

@@ -12,7 +12,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llmproxy.cli import main as cli
 from llmproxy.access.tokens import (
     TOKEN_PREFIX,
     Token,
@@ -25,6 +24,7 @@ from llmproxy.access.tokens import (
     id_for,
     lease_size,
 )
+from llmproxy.cli.main import main as cli
 
 NOW = 1_800_000_000.0
 

@@ -21,6 +21,12 @@ lines.  ``fsync`` (the exporter key) is ``never`` or per batch (``batch`` and
 idle for ``idle_close`` seconds (on the injected clock) is closed, and at most
 ``max_open`` stay open (the least recently used is closed first).  The I/O is
 blocking, in the reactor thread, as with the file sink.
+
+The sink follows its paths, as the file sink does: a cached file whose path no
+longer names it (moved aside, deleted, ``log_dir`` removed) is reopened at its
+path before the batch is written, directories made again; ``reopen()`` (SIGHUP)
+closes every cached file.  Reopens are logged at info level, one line a batch,
+and counted by reason in ``reopens``.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import hashlib
 import os
 import re
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +44,13 @@ import attrs
 import orjson
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
 
 from llmproxy.capture.events import rfc3339_ns
+from llmproxy.export.appendfile import displaced, open_append
 from llmproxy.export.sink import Delivered, Retry, Verdict
+
+log = Logger()
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _DATE = re.compile(r"\d{4}-\d\d-\d\d")
@@ -89,6 +99,7 @@ def session_entry(event: dict[str, Any]) -> dict[str, Any]:
 class _OpenFile:
     fd: int
     last_used: float
+    identity: tuple[int, int]  # (st_dev, st_ino): the path still names it while equal
 
 
 @attrs.define(eq=False)
@@ -103,6 +114,7 @@ class SessionsSink:
     _max_open: int = attrs.field(default=256, validator=attrs.validators.gt(0))
     _files: OrderedDict[Path, _OpenFile] = attrs.field(init=False, factory=OrderedDict)
     _idle_timer: IDelayedCall | None = attrs.field(init=False, default=None)
+    _reopens: dict[str, int] = attrs.field(init=False, factory=dict)
 
     @property
     def log_dir(self) -> Path:
@@ -111,6 +123,11 @@ class SessionsSink:
     @property
     def open_files(self) -> int:
         return len(self._files)
+
+    @property
+    def reopens(self) -> dict[str, int]:
+        """Files reopened, by reason (``moved``, ``unlinked``, ``SIGHUP``)."""
+        return dict(self._reopens)
 
     def path_for(self, event: dict[str, Any]) -> Path | None:
         """Where an event goes, or None when it belongs to no session."""
@@ -141,6 +158,15 @@ class SessionsSink:
             return succeed(Retry(f"session file write failed: {e.strerror or type(e).__name__}"))
         return succeed(Delivered(rejected))
 
+    def reopen(self) -> Deferred[None]:
+        """Close every open file (SIGHUP): the next batch opens the paths again.
+        Batches are written synchronously, so none is half done."""
+        if self._files:
+            self._reopened({"SIGHUP": len(self._files)})
+            for path in list(self._files):
+                self._close(path)
+        return succeed(None)
+
     def close(self) -> Deferred[None]:
         if self._idle_timer is not None and self._idle_timer.active():
             self._idle_timer.cancel()
@@ -152,6 +178,7 @@ class SessionsSink:
     # -- files -------------------------------------------------------------------
 
     def _write(self, groups: dict[Path, list[bytes]]) -> None:
+        self._follow_paths(groups)
         written: list[tuple[Path, int]] = []
         try:
             for path, lines in groups.items():
@@ -176,6 +203,33 @@ class SessionsSink:
             except OSError:
                 self._close(path)
 
+    def _follow_paths(self, paths: Iterable[Path]) -> None:
+        """Close the open files of this batch whose path no longer names them
+        (moved aside, deleted, ``log_dir`` removed): ``_open`` opens them anew,
+        directories made again.  One ``os.stat`` per file per batch."""
+        reasons: dict[str, int] = {}
+        for path in paths:
+            entry = self._files.get(path)
+            if entry is None:
+                continue
+            reason = displaced(path, entry.fd, entry.identity)
+            if reason is not None:
+                reasons[reason] = reasons.get(reason, 0) + 1
+                self._close(path)
+        if reasons:
+            self._reopened(reasons)
+
+    def _reopened(self, reasons: dict[str, int]) -> None:
+        for reason, n in reasons.items():
+            self._reopens[reason] = self._reopens.get(reason, 0) + n
+        log.info(
+            "sessions sink {name}: reopening {files} under {log_dir} ({reasons})",
+            name=self.name,
+            files=sum(reasons.values()),
+            log_dir=str(self._log_dir),
+            reasons=", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items())),
+        )
+
     def _open(self, path: Path) -> int:
         now = self._now()
         entry = self._files.get(path)
@@ -185,11 +239,10 @@ class SessionsSink:
             return entry.fd
         while len(self._files) >= self._max_open:
             self._close(next(iter(self._files)))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-        self._files[path] = _OpenFile(fd, now)
+        opened = open_append(path, 0o640)
+        self._files[path] = _OpenFile(opened.fd, now, opened.identity)
         self._arm_idle_timer()
-        return fd
+        return opened.fd
 
     def _close(self, path: Path) -> None:
         entry = self._files.pop(path, None)
