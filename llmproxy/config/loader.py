@@ -71,7 +71,7 @@ class ConfigError(Exception):
 
 
 def default_config_text() -> str:
-    return resources.files("llmproxy.config.loader").joinpath("default.ini").read_text("utf-8")
+    return resources.files("llmproxy.config").joinpath("default.ini").read_text("utf-8")
 
 
 def parse_size(text: str) -> int:

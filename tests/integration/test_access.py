@@ -20,7 +20,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from llmproxy.access.policy import TokenAccess, build_access
 from llmproxy.access.tokens import Token, TokenFile
 from llmproxy.capture.events import request_event, response_event
-from llmproxy.cli.main import main as cli
+from llmproxy.cli import main as cli
 from llmproxy.config.loader import load_settings
 from llmproxy.config.model import CaptureSettings
 from llmproxy.runtime.service import ProxyService

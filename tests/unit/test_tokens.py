@@ -24,7 +24,7 @@ from llmproxy.access.tokens import (
     id_for,
     lease_size,
 )
-from llmproxy.cli.main import main as cli
+from llmproxy.cli import main as cli
 
 NOW = 1_800_000_000.0
 
