@@ -1,10 +1,11 @@
-"""The sinks' HTTP client (``AgentClient``) on the wire: the real Loki sink through
-it to the fake Loki receiver (tests/fakes/loki.py) on 127.0.0.1.
+"""The sinks' HTTP client (``llmproxy/export/http.py``: treq over the pooled
+Agent) on the wire: the real Loki and Lunary sinks through it to the fake
+receivers (tests/fakes/) on 127.0.0.1.
 
-What a sink relies on from treq: the batch and its headers arrive, connections
+What a sink relies on from it: the batch and its headers arrive, connections
 are kept alive, a redirect of a POST is not followed, a gzip answer is read as
 text, header values go out as UTF-8, the request is cancellable (the sink's
-timeout), and transport failures are retries.
+timeout), no cookie is kept, and transport failures are retries.
 """
 
 from __future__ import annotations
@@ -20,10 +21,13 @@ import pytest
 import pytest_twisted
 import treq
 from twisted.internet import defer, reactor
-from twisted.web import resource, server
+from twisted.web import resource as web_resource
+from twisted.web import server
 from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.http_headers import Headers
 
-from llmproxy.export.sink import AgentClient, Delivered, Rejected, Retry
+from llmproxy.export.http import sink_http_client
+from llmproxy.export.sink import Delivered, HTTPClient, Rejected, Retry
 from llmproxy.export.sinks.loki import LokiSink
 from llmproxy.settings import ExporterSettings
 from tests.fakes.loki import FakeLoki, Hang, Respond, RunningFakeLoki, listen_fake_loki
@@ -34,7 +38,7 @@ pytestmark = pytest.mark.integration
 @attrs.define
 class _Wire:
     loki: RunningFakeLoki
-    client: AgentClient
+    client: HTTPClient
     pool: HTTPConnectionPool
 
     @property
@@ -45,12 +49,15 @@ class _Wire:
         settings = ExporterSettings(name="loki", type="loki", url=self.loki.url, **kw)
         return LokiSink.from_settings(settings, client=self.client, clock=reactor)
 
+    def idle_connections(self) -> int:
+        return sum(len(c) for c in self.pool._connections.values())  # type: ignore[attr-defined]
+
 
 @pytest.fixture
 def wire() -> Iterator[_Wire]:
     pool = HTTPConnectionPool(reactor, persistent=True)
     running = listen_fake_loki(FakeLoki())
-    yield _Wire(running, AgentClient(Agent(reactor, pool=pool)), pool)
+    yield _Wire(running, sink_http_client(Agent(reactor, pool=pool)), pool)
     pytest_twisted.blockon(pool.closeCachedConnections())
     pytest_twisted.blockon(running.stop())
 
@@ -65,6 +72,9 @@ def _events(n: int) -> list[dict[str, Any]]:
 
 async def _deliver(sink: LokiSink, events: list[dict[str, Any]]) -> Any:
     return await sink.deliver_lines(events, [orjson.dumps(e) for e in events])
+
+
+# -- what a sink relies on --------------------------------------------------------------
 
 
 @pytest_twisted.ensureDeferred
@@ -83,13 +93,21 @@ async def test_connections_are_kept_alive_between_batches(wire: _Wire) -> None:
     for n in range(3):
         assert await _deliver(sink, _events(n + 1)) == Delivered()
     assert wire.fake.request_count == 3
-    [(_, idle)] = wire.pool._connections.items()  # type: ignore[attr-defined]
-    assert len(idle) == 1
+    assert wire.idle_connections() == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_cookie_is_kept_or_sent(wire: _Wire) -> None:
+    wire.fake.fail_next(Respond(204, headers={"set-cookie": "session=abc; Path=/"}))
+    sink = wire.sink()
+    assert await _deliver(sink, _events(1)) == Delivered()
+    assert await _deliver(sink, _events(1)) == Delivered()
+    assert "cookie" not in wire.fake.requests[1].headers
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_redirected_post_is_retried_not_followed(wire: _Wire) -> None:
-    # As with treq (its RedirectAgent): a POST is never re-sent elsewhere on a 30x.
+    # treq's RedirectAgent: a POST is never re-sent elsewhere on a 30x.
     wire.fake.fail_next(Respond(307, headers={"location": "/elsewhere"}))
     verdict = await _deliver(wire.sink(), _events(1))
     assert isinstance(verdict, Retry)
@@ -108,10 +126,10 @@ async def test_a_gzip_refusal_is_read_as_text(wire: _Wire) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_header_values_go_out_as_utf8_as_with_treq(wire: _Wire) -> None:
-    # A configured header may hold any text; treq sent str values as UTF-8.
+async def test_header_values_go_out_as_utf8(wire: _Wire) -> None:
+    # A configured header may hold any text; it goes out as UTF-8.
     response = await wire.client.request(
-        "POST", wire.loki.push_url, data=b"{}", headers={"X-Team": "données"}
+        "POST", wire.loki.push_url, data=b"{}", headers=Headers({"X-Team": ["données"]})
     )
     await treq.content(response)
     sent = wire.fake.requests[0].headers["x-team"]  # read back as latin-1 bytes
@@ -128,9 +146,10 @@ async def test_the_sink_timeout_cancels_a_request_left_unanswered(wire: _Wire) -
 
 @pytest_twisted.ensureDeferred
 async def test_a_refused_connection_is_a_retry() -> None:
-    probe = reactor.listenTCP(0, server.Site(resource.Resource()), interface="127.0.0.1")  # type: ignore[attr-defined]
+    probe = reactor.listenTCP(0, server.Site(web_resource.Resource()), interface="127.0.0.1")  # type: ignore[attr-defined]
     port = probe.getHost().port
     await defer.maybeDeferred(probe.stopListening)
     settings = ExporterSettings(name="loki", type="loki", url=f"http://127.0.0.1:{port}")
-    sink = LokiSink.from_settings(settings, client=AgentClient(Agent(reactor)), clock=reactor)
+    client = sink_http_client(Agent(reactor))
+    sink = LokiSink.from_settings(settings, client=client, clock=reactor)
     assert await _deliver(sink, _events(1)) == Retry("connection refused")
