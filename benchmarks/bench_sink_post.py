@@ -16,7 +16,8 @@ the CPU of each client's own layers alone, a steadier figure on a busy machine.
   ``HTTPSink.post`` calls it (the URL parsed once);
 - ``treq default``: treq's ``HTTPClient`` as it comes.
 
-Every answer is read with ``treq.content``.
+``Agent`` and ``treq tuned`` read the answer as the sinks do (``read_answer``,
+within ``ANSWER_LIMIT``), the others with ``treq.content``.
 
 ``--steps`` adds treq with one tuning more at a time, to show what each is worth.
 """
@@ -41,7 +42,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 from zope.interface import implementer
 
-from llmproxy.export.http import BytesBody, NoCookies, sink_http_client
+from llmproxy.export.http import BytesBody, NoCookies, read_answer, sink_http_client
+from llmproxy.export.sink import ANSWER_LIMIT
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -81,7 +83,7 @@ def clients(agent: Agent, steps: bool) -> dict[str, Post]:
     def raw(url: str, body: bytes) -> defer.Deferred[Any]:
         headers = Headers({k: [v] for k, v in HEADERS.items()})
         d = agent.request(b"POST", url.encode("ascii"), headers, BytesBody(body))
-        return d.addCallback(treq.content)
+        return d.addCallback(read_answer, ANSWER_LIMIT)
 
     def tuned(client: HTTPClient) -> Post:
         def post(url: str, body: bytes) -> defer.Deferred[Any]:
@@ -89,7 +91,7 @@ def clients(agent: Agent, steps: bool) -> dict[str, Post]:
             d = client.request(
                 "POST", parse(url), data=body, headers=headers, cookies=no_cookies, unbuffered=True
             )
-            return d.addCallback(treq.content)
+            return d.addCallback(read_answer, ANSWER_LIMIT)
 
         return post
 

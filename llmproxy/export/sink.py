@@ -1,4 +1,5 @@
-"""Where batches go, and how a sink says how it went (tests: tests/unit/test_exporter.py).
+"""Where batches go, and how a sink says how it went (tests: tests/unit/test_exporter.py,
+tests/unit/test_export_http.py).
 
 A sink is an encoder and a judge, nothing more (ARCHITECTURE.md, "The seam that
 keeps sinks small").  It answers every batch with a *verdict*:
@@ -15,6 +16,12 @@ once, in :mod:`llmproxy.export.exporter`.  ``HTTPSink`` is the base for HTTP
 backends: a subclass writes ``encode`` (and ``judge`` when the default rules do not
 fit); the base POSTs with treq (:mod:`llmproxy.export.http`), reads the answer,
 and turns transport failures into ``Retry``.
+
+An answer is read up to a bound, ``EncodedBatch.answer_limit`` decoded bytes
+(``ANSWER_LIMIT``, 64 KiB, unless the sink sizes it for its batch, as Lunary does
+for its per-event results): a broken or hostile receiver cannot make the daemon
+hold more.  Past the bound the connection is closed and ``judge`` sees the start
+of the answer (a 5xx is still ``Retry``, a 400 still ``Rejected`` with its text).
 """
 
 from __future__ import annotations
@@ -25,7 +32,6 @@ from http.cookiejar import CookieJar
 from typing import Any, Protocol, TypeAlias, runtime_checkable
 
 import attrs
-import treq
 from hyperlink import EncodedURL
 from twisted.internet import error as net_error
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
@@ -34,7 +40,11 @@ from twisted.python.failure import Failure
 from twisted.web import _newclient
 from twisted.web.http_headers import Headers
 
-from llmproxy.export.http import NoCookies
+from llmproxy.export.http import NoCookies, read_answer
+
+# The most of a sink's answer that is read (decoded bytes), unless its batch says
+# otherwise: enough for any error text or status document a backend sends.
+ANSWER_LIMIT = 64 * 1024
 
 
 @attrs.frozen
@@ -83,11 +93,13 @@ class Sink(Protocol):
 
 @attrs.frozen
 class EncodedBatch:
-    """One HTTP request body for a batch, with its headers (and URL when not the default)."""
+    """One HTTP request body for a batch, with its headers (and URL when not the
+    default), and the most of the answer to it that is read (decoded bytes)."""
 
     body: bytes
     headers: dict[str, str]
     url: str | None = None
+    answer_limit: int = ANSWER_LIMIT
 
 
 class HTTPClient(Protocol):
@@ -169,8 +181,9 @@ class HTTPSink:
 
     A subclass implements ``encode`` and may override ``judge``.  ``timeout`` covers
     the whole exchange (headers and body), enforced on the injected clock by
-    cancelling the request; treq's own ``timeout=`` is not used, as it covers only
-    the headers and schedules on the global reactor.
+    cancelling the request, which closes the connection, also while the answer is
+    being read; treq's own ``timeout=`` is not used, as it covers only the headers
+    and schedules on the global reactor.
     """
 
     name: str
@@ -212,9 +225,9 @@ class HTTPSink:
             data=batch.body,
             headers=Headers({name: [value] for name, value in batch.headers.items()}),
             cookies=_NO_COOKIES,
-            unbuffered=True,  # read once: treq's buffer would only copy it
+            unbuffered=True,  # read once, within a bound: treq's buffer would only copy it
         )
-        d.addCallback(self._read_and_judge)
+        d.addCallback(self._read_and_judge, batch.answer_limit)
         expired = False
 
         def expire() -> None:
@@ -251,11 +264,11 @@ class HTTPSink:
                 self._urls[url] = parsed
         return parsed
 
-    def _read_and_judge(self, response: Any) -> Deferred[Verdict]:
+    def _read_and_judge(self, response: Any, limit: int) -> Deferred[Verdict]:
         status = int(response.code)
         headers = {
             name.decode("latin-1").lower(): ", ".join(v.decode("latin-1") for v in values)
             for name, values in response.headers.getAllRawHeaders()
         }
-        body: Deferred[bytes] = treq.content(response)
-        return body.addCallback(lambda data: self.judge(status, headers, data))
+        answer = read_answer(response, limit)
+        return answer.addCallback(lambda read: self.judge(status, headers, read.body))
