@@ -747,14 +747,14 @@ def build_dispatcher(
 
     from llmproxy.bus.redisconn import RedisConnection, default_consumer_name, parse_redis_url
     from llmproxy.export.exporter import BatchingExporter
+    from llmproxy.export.http import sink_http_client
     from llmproxy.export.registry import build_sink
-    from llmproxy.export.sink import AgentClient
 
     name = consumer or redis.consumer or default_consumer_name()
     settings = dispatch_exporter_settings(exporter)
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool._factory.noisy = False  # type: ignore[attr-defined]
-    client = AgentClient(Agent(reactor, pool=pool))
+    client = sink_http_client(Agent(reactor, pool=pool))
     sink = build_sink(settings, clock=reactor, http_client=client, state_dir=state_dir)
     dead_letter = settings.dead_letter_path or Path("deadletter") / f"{settings.name}.jsonl"
     if not dead_letter.is_absolute():

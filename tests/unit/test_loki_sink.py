@@ -112,8 +112,8 @@ class _RefusingClient:
     def __init__(self) -> None:
         self.urls: list[str] = []
 
-    def request(self, method: str, url: str, **kwargs: Any) -> Deferred[Any]:
-        self.urls.append(url)
+    def request(self, method: str, url: Any, **kwargs: Any) -> Deferred[Any]:
+        self.urls.append(str(url))
         return fail(net_error.ConnectionRefusedError("127.0.0.1:3100"))
 
 
