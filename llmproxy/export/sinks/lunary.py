@@ -110,6 +110,8 @@ METADATA_FIELDS = (
     "status",
     "outcome",
     "cache_status",
+    "cache_key",
+    "cache_age_s",
     "is_stream",
     "duration_ms",
     "ttfb_ms",
