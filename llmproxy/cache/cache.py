@@ -232,6 +232,7 @@ class CacheTicket:
         "_total",
         "_waiter",
         "_writing",
+        "age",
         "chunks",
         "detail",
         "fwd",
@@ -253,6 +254,7 @@ class CacheTicket:
         self._method = method
         self._headers = headers
         self.key = ""
+        self.age: float | None = None  # of the entry a hit was answered from, seconds
         self.route_ttl: float | None = None
         self.role = SOLO
         # What this request was, for X-PROXY-CACHE and the record.
@@ -363,7 +365,8 @@ class CacheTicket:
             self.status = "hit"
             cache.hits += 1
         ttl = max(0, int(entry.expires_at - now))
-        out.setRawHeaders(b"age", [b"%d" % int(entry.age_at(now))])
+        age = self.age = entry.age_at(now)
+        out.setRawHeaders(b"age", [b"%d" % int(age)])
         out.setRawHeaders(b"x-request-id", [request_id])
         out.setRawHeaders(b"x-llmproxy-overhead-ms", [overhead_ms])
         out.setRawHeaders(X_CACHE, [self.status.encode()])
@@ -382,6 +385,13 @@ class CacheTicket:
                 sent += len(chunk)
         request.finish()
         return sent
+
+    def served_headers(self, entry: CachedResponse) -> list[tuple[bytes, bytes]]:
+        """The entry's headers :meth:`write_hit` answered with (the upstream's, as
+        stored; a 304 only those RFC 9110 sends with it), for the record."""
+        if self.status == "conditional-hit":
+            return [(n, v) for n, v in entry.headers if n in _NOT_MODIFIED_HEADERS]
+        return list(entry.headers)
 
     # -- the upstream's answer -------------------------------------------------------
 

@@ -9,6 +9,11 @@ An :class:`~llmproxy.capture.record.ExchangeRecord` becomes two events:
   the request summary, headers and body, so a sink needing both (Helicone,
   Lunary, OTLP) never joins two records.
 
+An answer from the response cache makes the same two events; its ``response``
+says so in ``cache_status`` (``hit``, ``conditional-hit``), ``cache_key`` and
+``cache_age_s``, and its body is the one the client got (docs/sinks.md,
+"Answers from the cache").
+
 The schema is the frozen attrs classes :class:`RequestEvent` and
 :class:`ResponseEvent`; ``build_request_event`` / ``build_response_event`` build
 them, and the cattrs ``converter`` unstructures them into JSON-ready dicts
@@ -117,7 +122,10 @@ class ResponseEvent(RequestEvent):
     status: int | None
     outcome: str
     error: str | None
+    # hit | conditional-hit | miss | stored | bypass; None: the route is not cached.
     cache_status: str | None
+    cache_key: str | None  # the cache key, when one was derived
+    cache_age_s: float | None  # hits: the entry's age in seconds (the Age header, to the ms)
     response_model: str | None
     usage: Usage | None
     finish_reasons: list[str]
@@ -196,6 +204,10 @@ def _offset_ns(start_ns: int, offset: float | None) -> int | None:
 
 def _ms(offset: float | None) -> float | None:
     return None if offset is None else round(offset * 1000.0, 3)
+
+
+def _age(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 3)
 
 
 # ---------------------------------------------------------------- pieces
@@ -402,6 +414,8 @@ def build_response_event(
         outcome=record.outcome,
         error=None if record.error is None else scrub_text(record.error),
         cache_status=record.cache_status,
+        cache_key=record.cache_key,
+        cache_age_s=_age(record.cache_age),
         response_model=facts.model,
         usage=facts.usage,
         finish_reasons=list(facts.finish_reasons),
@@ -834,6 +848,9 @@ def _response_dict(
     event["outcome"] = record.outcome
     event["error"] = None if error is None else scrub_text(error)
     event["cache_status"] = record.cache_status
+    event["cache_key"] = record.cache_key
+    age = record.cache_age
+    event["cache_age_s"] = None if age is None else round(age, 3)
     event["response_model"] = response_model
     event["usage"] = usage_dict(usage)
     event["finish_reasons"] = list(finish_reasons)

@@ -2,10 +2,13 @@
 (tests: tests/unit/test_capture_pump.py, tests/integration/test_sessions_e2e.py).
 
 The proxy only queues: ``request_started(record, body)`` when a request goes
-upstream, ``request_finished(record)`` when its exchange ended.  In the next
-reactor turn :meth:`CapturePump.flush` takes everything queued, in order: the
-session tracker assigns the request its session (and later reads the reply),
-each event is built and encoded to JSON once, and the envelope goes to the bus.
+upstream or is answered from the response cache, ``request_finished(record)``
+when its exchange ended.  In the next reactor turn :meth:`CapturePump.flush`
+takes everything queued, in order: the session tracker assigns the request its
+session (and later reads the reply), each event is built and encoded to JSON
+once, and the envelope goes to the bus.  A cache hit's record holds the entry's
+chunks uncaptured (``record.replayed``): they are teed into the capture here,
+before the tracker reads the reply, so a hit costs the request path no copying.
 
 Why not on the request path: none of this changes what the client or the
 upstream see, and it is most of what instrumentation costs.  Why every turn and
@@ -113,6 +116,9 @@ class CapturePump:
             self.flushed += 1
             try:
                 if body is _FINISHED:
+                    if record.replayed is not None:
+                        # A cache hit: its body is teed here, off the request path.
+                        record.capture_replayed(capture.response_body_bytes)
                     if sessions is not None:
                         sessions.finished(record)
                     envelope = RecordEnvelope("response", record, capture)

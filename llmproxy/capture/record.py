@@ -4,6 +4,10 @@ The proxy fills an ``ExchangeRecord`` while it forwards: plain assignments and
 list appends, nothing else.  Everything that costs (header obfuscation, body
 decoding, JSON parsing, token usage) happens later, in the exporters, when the
 record is turned into canonical events by :mod:`llmproxy.capture.events`.
+
+An answer from the response cache leaves the entry's chunks in ``replayed``
+(one reference); the capture pump tees them into the capture a turn later
+(:meth:`ExchangeRecord.capture_replayed`), as the relay tees a live body.
 """
 
 from __future__ import annotations
@@ -46,12 +50,38 @@ class ExchangeRecord:
     error: str | None = None  # short human-readable reason when outcome != ok
     session_id: str | None = None
     seq: int | None = None
-    cache_status: str | None = None  # hit | miss | bypass | stored | None (no cache)
+    # hit | conditional-hit | miss | bypass | stored | None (no cache on the route)
+    cache_status: str | None = None
+    cache_key: str | None = None  # the entry's key, when one was derived
+    cache_age: float | None = None  # seconds: the age of the entry a hit was answered from
+    # The body chunks a cache hit sent the client, not yet in the capture.
+    replayed: tuple[bytes, ...] | None = None
     environment: str = ""
     machine: str = ""  # user@host
     # (model, usage, finish_reasons) of a JSON response body, when the session
     # tracker parsed it already: the response event reuses them (capture/events.py).
     reply_summary: tuple[Any, ...] | None = None
+
+    def capture_replayed(self, limit: int) -> None:
+        """Tee the body a cache hit sent into the capture, within ``limit`` bytes,
+        as the relay tees a live body (every chunk went out at the first byte)."""
+        chunks, self.replayed = self.replayed, None
+        if not chunks:
+            return
+        offset = self.first_byte_at or 0.0
+        captured = self.response_chunks
+        left = limit
+        for chunk in chunks:
+            n = len(chunk)
+            self.response_body_size += n
+            if left > 0:
+                piece = chunk if n <= left else chunk[:left]
+                captured.append((offset, piece))
+                left -= len(piece)
+                if len(piece) < n:
+                    self.response_truncated = True
+            else:
+                self.response_truncated = True
 
     @property
     def duration_ms(self) -> float | None:

@@ -59,7 +59,7 @@ from twisted.web.iweb import IAgentEndpointFactory, IResponse
 from zope.interface import implementer
 
 from llmproxy.cli.main import positive_int
-from llmproxy.export.sink import BytesBody
+from llmproxy.export.http import BytesBody
 
 OVERHEAD_HEADER = b"x-llmproxy-overhead-ms"
 X_CACHE = b"x-proxy-cache"

@@ -433,7 +433,7 @@ def _check_sink(settings: ExporterSettings, state_dir: Path) -> str | None:
 
 
 class _NoClient:
-    def request(self, method: str, url: str, **kwargs: Any) -> Any:
+    def request(self, method: str, url: Any, **kwargs: Any) -> Any:
         raise RuntimeError("configuration check only")
 
 

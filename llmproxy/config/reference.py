@@ -537,7 +537,10 @@ fingerprint, and publishes `session_start` and `fork` events. See operations,
 "Session log". Changes take effect at the next restart.
 """,
     "cache": """\
-The HTTP response cache (see operations, "Response cache"). Changes take effect
+The HTTP response cache (see operations, "Response cache"). An answer from the
+cache is an exchange like any other: it is recorded as `request` and `response`
+events (`cache_status` `hit` or `conditional-hit`, with `cache_key` and
+`cache_age_s`; see sinks.md, "Answers from the cache"). Changes take effect
 at the next restart; the routes' `cache` and `cache_ttl` apply on reload.
 """,
     "exporter": """\

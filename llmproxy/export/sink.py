@@ -1,4 +1,5 @@
-"""Where batches go, and how a sink says how it went (tests: tests/unit/test_exporter.py).
+"""Where batches go, and how a sink says how it went (tests: tests/unit/test_exporter.py,
+tests/unit/test_export_http.py).
 
 A sink is an encoder and a judge, nothing more (ARCHITECTURE.md, "The seam that
 keeps sinks small").  It answers every batch with a *verdict*:
@@ -13,27 +14,37 @@ keeps sinks small").  It answers every batch with a *verdict*:
 Buffering, batching, backoff, the spool, the dead-letter file and accounting live
 once, in :mod:`llmproxy.export.exporter`.  ``HTTPSink`` is the base for HTTP
 backends: a subclass writes ``encode`` (and ``judge`` when the default rules do not
-fit); the base POSTs, reads the body, and turns transport failures into ``Retry``.
+fit); the base POSTs with treq (:mod:`llmproxy.export.http`), reads the answer,
+and turns transport failures into ``Retry``.
+
+An answer is read up to a bound, ``EncodedBatch.answer_limit`` decoded bytes
+(``ANSWER_LIMIT``, 64 KiB, unless the sink sizes it for its batch, as Lunary does
+for its per-event results): a broken or hostile receiver cannot make the daemon
+hold more.  Past the bound the connection is closed and ``judge`` sees the start
+of the answer (a 5xx is still ``Retry``, a 400 still ``Rejected`` with its text).
 """
 
 from __future__ import annotations
 
 import email.utils
 from collections.abc import Mapping, Sequence
+from http.cookiejar import CookieJar
 from typing import Any, Protocol, TypeAlias, runtime_checkable
 
 import attrs
-import treq
 from hyperlink import EncodedURL
 from twisted.internet import error as net_error
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
-from twisted.internet.interfaces import IConsumer, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.web import _newclient
-from twisted.web.client import ContentDecoderAgent, GzipDecoder, RedirectAgent
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IBodyProducer
-from zope.interface import implementer
+
+from llmproxy.export.http import NoCookies, read_answer
+
+# The most of a sink's answer that is read (decoded bytes), unless its batch says
+# otherwise: enough for any error text or status document a backend sends.
+ANSWER_LIMIT = 64 * 1024
 
 
 @attrs.frozen
@@ -91,78 +102,33 @@ class ReopenableSink(Protocol):
 
 @attrs.frozen
 class EncodedBatch:
-    """One HTTP request body for a batch, with its headers (and URL when not the default)."""
+    """One HTTP request body for a batch, with its headers (and URL when not the
+    default), and the most of the answer to it that is read (decoded bytes)."""
 
     body: bytes
     headers: dict[str, str]
     url: str | None = None
+    answer_limit: int = ANSWER_LIMIT
 
 
 class HTTPClient(Protocol):
-    """The part of treq's ``HTTPClient`` (and ``StubTreq``) the sinks use."""
+    """The part of treq's ``HTTPClient`` (and ``StubTreq``) the sinks use:
+    :func:`llmproxy.export.http.sink_http_client` in production."""
 
-    def request(self, method: str, url: str, **kwargs: Any) -> Deferred[Any]: ...
-
-
-@implementer(IBodyProducer)
-class BytesBody:
-    """A request body already in memory, written in one go (``FileBodyProducer``
-    goes through a cooperator, a reactor turn per 64 KiB: slower)."""
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-        self.length = len(data)
-
-    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        consumer.write(self._data)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
+    def request(
+        self,
+        method: str,
+        url: EncodedURL,
+        *,
+        headers: Headers | None = None,
+        data: bytes | None = None,
+        cookies: CookieJar | None = None,
+        unbuffered: bool = False,
+    ) -> Deferred[Any]: ...
 
 
-class AgentClient:
-    """``HTTPClient.request`` for the sinks straight on an ``Agent``.
-
-    treq's client wraps every request in layers a sink does not use (a cookie
-    jar read and written per request, the URL parsed and IDNA-encoded per
-    request, a buffering wrapper), ~40 % of the CPU of a batch POST
-    (``benchmarks/bench_sink_post.py``: 426 against 244 µs for 30 KB).  What a
-    sink relies on is kept: redirects handled as treq handles them
-    (``RedirectAgent``: a POST is not re-sent on a 30x, the answer fails and the
-    batch is retried), gzip answers decoded, header values encoded as UTF-8, the
-    Deferred cancellable (the sink's timeout).  The
-    response is the Agent's ``IResponse``: ``code``, ``headers``, and a body for
-    ``treq.content``.  Tests inject ``StubTreq`` instead, through the same seam.
-    """
-
-    def __init__(self, agent: IAgent) -> None:
-        self._agent = ContentDecoderAgent(RedirectAgent(agent), [(b"gzip", GzipDecoder)])
-        self._urls: dict[str, bytes] = {}  # a sink posts to one URL or a few
-
-    def request(self, method: str, url: str, **kwargs: Any) -> Deferred[Any]:
-        """``data`` (bytes) and ``headers`` (str to str), as ``HTTPSink.post`` gives them."""
-        data: bytes | None = kwargs.pop("data", None)
-        headers: Mapping[str, str] | None = kwargs.pop("headers", None)
-        if kwargs:
-            raise TypeError(f"AgentClient.request: unsupported {sorted(kwargs)}")
-        encoded = self._urls.get(url)
-        if encoded is None:
-            # As treq does: hyperlink, lazily (bytes in the path stay as given).
-            encoded = EncodedURL.from_text(url).to_uri().to_text().encode("ascii")
-            if len(self._urls) < 64:
-                self._urls[url] = encoded
-        # str names and values, encoded by Twisted as treq has it do (values UTF-8).
-        raw = Headers({name: [value] for name, value in (headers or {}).items()})
-        body = None if data is None else BytesBody(data)
-        answer: Deferred[Any] = self._agent.request(method.encode("ascii"), encoded, raw, body)
-        return answer
+# Per request, so treq does not build an empty jar for each (it does unless given one).
+_NO_COOKIES = NoCookies()
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:
@@ -224,8 +190,9 @@ class HTTPSink:
 
     A subclass implements ``encode`` and may override ``judge``.  ``timeout`` covers
     the whole exchange (headers and body), enforced on the injected clock by
-    cancelling the request; treq's own ``timeout=`` is not used, as it covers only
-    the headers and schedules on the global reactor.
+    cancelling the request, which closes the connection, also while the answer is
+    being read; treq's own ``timeout=`` is not used, as it covers only the headers
+    and schedules on the global reactor.
     """
 
     name: str
@@ -233,6 +200,7 @@ class HTTPSink:
     _client: HTTPClient
     _clock: IReactorTime
     _timeout: float = 10.0
+    _urls: dict[str, EncodedURL] = attrs.field(factory=dict, init=False, repr=False)
 
     def encode(self, events: Sequence[dict[str, Any]]) -> EncodedBatch:
         raise NotImplementedError
@@ -261,9 +229,14 @@ class HTTPSink:
         """Send an encoded batch; fire with the verdict on the answer (or on a
         transport error, or on the timeout: both ``Retry``)."""
         d: Deferred[Any] = self._client.request(
-            "POST", batch.url or self.url, data=batch.body, headers=batch.headers
+            "POST",
+            self._parsed(batch.url or self.url),
+            data=batch.body,
+            headers=Headers({name: [value] for name, value in batch.headers.items()}),
+            cookies=_NO_COOKIES,
+            unbuffered=True,  # read once, within a bound: treq's buffer would only copy it
         )
-        d.addCallback(self._read_and_judge)
+        d.addCallback(self._read_and_judge, batch.answer_limit)
         expired = False
 
         def expire() -> None:
@@ -290,11 +263,21 @@ class HTTPSink:
     def close(self) -> Deferred[None]:
         return succeed(None)
 
-    def _read_and_judge(self, response: Any) -> Deferred[Verdict]:
+    def _parsed(self, url: str) -> EncodedURL:
+        # treq parses a str URL on every request (hyperlink, ~35 us of a batch POST:
+        # benchmarks/bench_sink_post.py); a sink posts to one URL, or a few.
+        parsed = self._urls.get(url)
+        if parsed is None:
+            parsed = EncodedURL.from_text(url)
+            if len(self._urls) < 16:
+                self._urls[url] = parsed
+        return parsed
+
+    def _read_and_judge(self, response: Any, limit: int) -> Deferred[Verdict]:
         status = int(response.code)
         headers = {
             name.decode("latin-1").lower(): ", ".join(v.decode("latin-1") for v in values)
             for name, values in response.headers.getAllRawHeaders()
         }
-        body: Deferred[bytes] = treq.content(response)
-        return body.addCallback(lambda data: self.judge(status, headers, data))
+        answer = read_answer(response, limit)
+        return answer.addCallback(lambda read: self.judge(status, headers, read.body))

@@ -9,8 +9,11 @@ into the :class:`ExchangeRecord`, and hand two events to the bus.  Nothing here
 encodes JSON for events or waits for a sink.
 
 With a response cache (:mod:`llmproxy.cache`) and a cached route, the exchange
-asks its ticket first: a hit is answered from the entry with no upstream call
-and no event; a miss goes upstream as above with the body teed to the ticket.
+asks its ticket first: a hit is answered from the entry with no upstream call,
+and is recorded like any exchange (both events, marked with the cache status,
+key and the entry's age; its body handed over by reference, teed into the
+capture by the pump); a miss goes upstream as above with the body teed to the
+ticket.
 Without one, the plain path costs one ``is None`` check.
 """
 
@@ -362,20 +365,7 @@ class Exchange:
         record = self.record
         assert record is not None
         if self._capture:
-            session_body = body
-            content = request.content
-            if (
-                record.request_body_size > len(body)
-                and not isinstance(content, io.BytesIO)
-                and proxy.events.needs_whole_body
-            ):
-                # A long conversation sits in a temp file and the capture keeps only
-                # its head: the tracker needs all of it to fingerprint the history.
-                assert content is not None
-                content.seek(0)
-                session_body = content.read()
-                content.seek(0)
-            proxy.events.request_started(record, session_body)
+            self._request_started(record, body)
         drop = decision.drop_headers
         if decision.set_headers:
             drop = drop | {n.lower() for n, _ in decision.set_headers}
@@ -393,6 +383,23 @@ class Exchange:
             proxy.limits.first_byte_timeout, self._first_byte_timeout
         )
         d.addCallbacks(self._got_response, self._request_failed)
+
+    def _request_started(self, record: ExchangeRecord, body: bytes) -> None:
+        """Queue the request for its event (and the session tracker)."""
+        events = self.proxy.events
+        content = self.request.content
+        if (
+            record.request_body_size > len(body)
+            and not isinstance(content, io.BytesIO)
+            and events.needs_whole_body
+        ):
+            # A long conversation sits in a temp file and the capture keeps only
+            # its head: the tracker needs all of it to fingerprint the history.
+            assert content is not None
+            content.seek(0)
+            body = content.read()
+            content.seek(0)
+        events.request_started(record, body)
 
     # -- the response cache -------------------------------------------------
 
@@ -412,13 +419,24 @@ class Exchange:
             return
         record = self.record
         assert record is not None
+        if self._capture:
+            # A hit is an exchange too: its request event, session and reply.
+            self._request_started(record, later[4])  # the body as start() read it
         overhead = time.perf_counter() - self._t0
         rid = record.request_id.encode()
         self.bytes_out = ticket.write_hit(self.request, entry, rid, b"%.3f" % (overhead * 1000))
         self.alive = False
         record.status = self.request.code
         record.first_byte_at = self.proxy.clock.seconds() - record.started_at
-        self.finish_record("cache_hit", None, publish=False)
+        record.cache_age = ticket.age
+        if self._capture:
+            # References only: the capture pump tees the body a turn later.
+            record.response_headers = ticket.served_headers(entry)
+            if ticket.status == "hit":
+                record.replayed = entry.chunks
+        # An answer like any other for the events; the request counters keep
+        # hits apart (outcome cache_hit), counted once, here.
+        self.finish_record("ok", None, counted_as="cache_hit")
 
     def _cache_gone(self, failure: Failure) -> Failure | None:
         self._cache_wait = None
@@ -633,7 +651,15 @@ class Exchange:
             self.record.status = status
         self.finish_record(outcome, message)
 
-    def finish_record(self, outcome: str, error_text: str | None, publish: bool = True) -> None:
+    def finish_record(
+        self,
+        outcome: str,
+        error_text: str | None,
+        publish: bool = True,
+        counted_as: str | None = None,
+    ) -> None:
+        """End the exchange: metrics (under ``counted_as``, else ``outcome``),
+        access, the cache ticket, and the record to the events when ``publish``."""
         if self._done:
             return
         self._done = True
@@ -648,16 +674,19 @@ class Exchange:
         proxy.metrics.finished(
             record.route,
             record.status or 0,
-            outcome,
+            counted_as or outcome,
             record.ended_at,
             record.first_byte_at,
             self.bytes_in,
             self.bytes_out,
         )
         proxy.access.finished(record)
-        if self._cache is not None:
-            self._cache.abandon()
-            record.cache_status = self._cache.status
+        ticket = self._cache
+        if ticket is not None:
+            ticket.abandon()
+            record.cache_status = ticket.status
+            if ticket.key:
+                record.cache_key = ticket.key
         if self._capture and publish:
             proxy.events.request_finished(record)
 

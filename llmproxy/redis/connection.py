@@ -394,3 +394,30 @@ def is_response_error(failure: Failure, text: str = "") -> bool:
     if not failure.check(_response_error_type()):
         return False
     return text in str(failure.value)
+
+
+# Error codes that mean "not now" rather than "no": Redis loading its data after a
+# restart, busy with a script, in a failover (or a replica for now), refusing writes
+# after a failed save, a cluster reconfiguring.  The same command may succeed later.
+TRANSIENT_ERROR_CODES = frozenset(
+    {
+        "LOADING",
+        "BUSY",
+        "TRYAGAIN",
+        "MASTERDOWN",
+        "READONLY",
+        "MISCONF",
+        "CLUSTERDOWN",
+        "NOREPLICAS",
+    }
+)
+
+
+def is_refusal(failure: Failure) -> bool:
+    """Whether Redis answered a command with an error that sending it again will
+    not change (``NOGROUP``, ``WRONGTYPE``, a syntax error).  A lost connection, a
+    timeout or an error in ``TRANSIENT_ERROR_CODES`` is no refusal."""
+    if not failure.check(_response_error_type()):
+        return False
+    code = str(failure.value).split(" ", 1)[0]
+    return code not in TRANSIENT_ERROR_CODES

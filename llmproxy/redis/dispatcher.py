@@ -16,11 +16,19 @@ gets every entry.
   BLOCK`` waits for the next entries.
 - Acknowledging: an entry is ``XACK``-ed only once the exporter settled it as
   delivered or dead-lettered.  Anything else (the drain's deadline passed) leaves
-  it pending in Redis.  ACKs are batched; lost ones are retried.
+  it pending in Redis.  ACKs are batched, one ``XACK`` on the wire at a time.  An
+  ``XACK`` that fails in flight (the connection dropped, no reply within
+  ``timeout``, or a "not now" answer such as ``LOADING``) may or may not have been
+  applied; its ids are queued again and sent once the connection is usable (at
+  once when it is back, else after ``RETRY_PAUSE``): an ACK sent twice is
+  harmless, one never sent means a duplicate delivery.  Only a definitive refusal
+  (``WRONGTYPE``, ``NOPERM``: see ``is_refusal``) gives its ids up
+  (``acks_lost``); they stay pending and are delivered again.
 - Claiming: every ``claim_idle / 3`` seconds the dispatcher resets the idle time
-  of the entries it holds (``XCLAIM ... JUSTID``: a slow sink is not a dead
-  consumer), then ``XAUTOCLAIM``s entries idle longer than ``claim_idle`` from
-  dead consumers (or its own, left pending) and delivers them.
+  of the entries it holds, or delivered and has not acknowledged yet (``XCLAIM
+  ... JUSTID``: a slow sink is not a dead consumer), then ``XAUTOCLAIM``s entries
+  idle longer than ``claim_idle`` from dead consumers (or its own, left pending)
+  and delivers them, except those it holds or waits to acknowledge.
 - Trimming: the stream is ``MAXLEN ~``.  Entries the group had not read when
   they were trimmed are lost; the dispatcher sees it atomically before it reads
   past them (``entries-added - length - entries-read`` of the group, Redis >= 7)
@@ -30,8 +38,10 @@ gets every entry.
   trip between an empty read and the blocking read that follows it is not seen
   (it takes ``maxlen`` new entries in that instant).
 - Drain (SIGTERM): reading stops, the read in progress ends (``block`` seconds at
-  most), the exporter flushes within the deadline, the ACKs are sent; entries not
-  delivered by then stay pending for another dispatcher (``claim_idle``).
+  most), the exporter flushes within the deadline, the ACKs are sent (an ``XACK``
+  in flight that fails is sent again, after the connection is back, while the
+  deadline allows); entries not delivered or not acknowledged by then stay
+  pending for another dispatcher (``claim_idle``).
 
 Delivery is at least once: a dispatcher killed after its sink accepted a batch
 but before the ACK reached Redis delivers that batch again (it, or another one).
@@ -198,6 +208,9 @@ class Dispatcher:
     _held_ids: dict[int, bytes] = attrs.field(init=False, factory=dict)
     _to_ack: list[bytes] = attrs.field(init=False, factory=list)
     _acking: Deferred[Any] | None = attrs.field(init=False, default=None)
+    _acking_ids: list[bytes] = attrs.field(init=False, factory=list)  # in that XACK
+    _control_waiters: list[Deferred[None]] = attrs.field(init=False, factory=list)
+    _draining: bool = attrs.field(init=False, default=False)
     _ack_soon: IDelayedCall | None = attrs.field(init=False, default=None)
     _stopping: Deferred[None] | None = attrs.field(init=False, default=None)
     _warned: set[str] = attrs.field(init=False, factory=set)
@@ -213,6 +226,7 @@ class Dispatcher:
     _malformed: int = attrs.field(init=False, default=0)
     _duplicates: int = attrs.field(init=False, default=0)
     _acks_lost: int = attrs.field(init=False, default=0)
+    _acks_resent: int = attrs.field(init=False, default=0)  # XACKs that failed in flight
     _last_error: str | None = attrs.field(init=False, default=None)
 
     def __attrs_post_init__(self) -> None:
@@ -254,6 +268,7 @@ class Dispatcher:
             return max(0.0, deadline - clock.seconds())  # type: ignore[misc]
 
         self._reading = False
+        self._draining = True
         if self._claim_loop is not None and self._claim_loop.running:
             self._claim_loop.stop()
         self._poke()
@@ -273,20 +288,19 @@ class Dispatcher:
                 await self._within(loop_done, 1.0)
         reserve = min(2.0, left() * 0.2)  # for the last ACKs
         await self._exporter.close(max(0.1, left() - reserve))
-        for _ in range(len(self._to_ack) // ACK_CHUNK + 3):
-            if not (self._to_ack or self._acking) or not self._control.usable or left() <= 0:
-                break
-            if not await self._within(self._flush_acks(), left()):
-                break
-        if self._to_ack:
-            self._acks_lost += len(self._to_ack)
+        await self._send_last_acks(left)
+        # An XACK still on the wire at the deadline may or may not be applied.
+        unacknowledged = len(self._to_ack) + len(self._acking_ids)
+        if unacknowledged:
+            self._acks_lost += unacknowledged
             log.warn(
                 "dispatcher {consumer}: {n} delivered entries not acknowledged; "
                 "they stay pending and will be delivered again",
                 consumer=self._consumer,
-                n=len(self._to_ack),
+                n=unacknowledged,
             )
         self._cancel_timers()
+        self._control_waiters = []
         await gatherResults([self._reader.stop(), self._control.stop()], consumeErrors=True)
         if self._cleanup is not None:
             await self._within(self._cleanup(), max(0.1, left()))
@@ -297,6 +311,28 @@ class Dispatcher:
             claimed=self._claimed,
             acked=self._acked,
         )
+
+    async def _send_last_acks(self, left: Callable[[], float]) -> None:
+        """Send every waiting ACK before the deadline, waiting for a lost control
+        connection to come back and sending again what failed in flight."""
+        while (self._to_ack or self._acking is not None) and left() > 0:
+            if not self._control.usable:
+                await self._within(self._control_ready(), left())
+                continue
+            resent = self._acks_resent
+            if not await self._within(self._flush_acks(), left()):
+                return
+            if self._acks_resent != resent:
+                # It failed and its ids are queued again.  A dropped connection
+                # still looks usable while it reports the loss: wait for the new
+                # one, or a pause for Redis to recover from a "not now" answer.
+                await self._within(self._control_ready(), min(RETRY_PAUSE, left()))
+
+    def _control_ready(self) -> Deferred[None]:
+        """Fires the next time the control connection becomes usable."""
+        ready: Deferred[None] = Deferred()
+        self._control_waiters.append(ready)
+        return ready
 
     async def _within(self, d: Deferred[Any], seconds: float) -> bool:
         """Wait for ``d`` at most ``seconds`` (without cancelling it); whether it fired."""
@@ -507,11 +543,16 @@ class Dispatcher:
 
     def _feed(self, entries: Sequence[Any], *, claimed: bool) -> None:
         """Hand entries to the exporter; remember each until it settles."""
+        # Delivered, its XACK not through yet (Redis came back with LOADING, and a
+        # claim found it idle): delivering it again would make a duplicate.
+        unacknowledged = (
+            {*self._to_ack, *self._acking_ids} if self._to_ack or self._acking_ids else set()
+        )
         for entry in entries:
             entry_id: bytes = entry[0] if isinstance(entry[0], bytes) else str(entry[0]).encode()
-            if entry_id in self._held:
+            if entry_id in self._held or entry_id in unacknowledged:
                 self._duplicates += 1
-                continue  # we hold it already (claimed back, or re-read)
+                continue  # we hold it already (claimed back, or re-read), or delivered it
             fields = entry[1] if len(entry) > 1 else None
             if fields is None:
                 # Trimmed while it was pending: the data is gone.
@@ -587,31 +628,50 @@ class Dispatcher:
             return succeed(None)
         ids, self._to_ack = self._to_ack[:ACK_CHUNK], self._to_ack[ACK_CHUNK:]
         s = self._settings
+        self._acking_ids = ids
         d = self._control.execute("XACK", s.stream, s.group, *ids)
         self._acking = d
 
         def done(result: object) -> None:
-            from llmproxy.redis.connection import RedisUnavailable
+            from llmproxy.redis.connection import is_refusal
 
             self._acking = None
-            if isinstance(result, Failure):
-                if result.check(RedisUnavailable):
-                    self._to_ack[:0] = ids  # retried when the connection is back
-                    return
-                # Redis refused (NOGROUP after a restart without persistence):
-                # those entries are gone with their group.
+            self._acking_ids = []
+            if not isinstance(result, Failure):
+                self._acked += len(ids)
+            elif is_refusal(result):
+                # Redis said no to these ids (the key is no stream any more, an
+                # ACL forbids XACK): sending them again gets the same answer.
                 self._acks_lost += len(ids)
                 self._warn("ack", f"XACK refused: {result.getErrorMessage()}")
             else:
-                self._acked += len(ids)
+                # Lost with the connection, no reply in time, or "not now": it may
+                # or may not have been applied, and an ACK is idempotent.
+                self._to_ack[:0] = ids
+                self._acks_resent += 1
+                self._warn(
+                    "ack_again", f"XACK failed, sending it again: {result.getErrorMessage()}"
+                )
+                if not self._draining:  # the drain sends them itself
+                    self._ack_later(RETRY_PAUSE)
+                return
             if self._to_ack and self._control.usable:
                 self._flush_acks()
 
         d.addBoth(done)
         return d
 
+    def _ack_later(self, seconds: float) -> None:
+        """Flush the ACKs after ``seconds`` (sooner if the connection comes back)."""
+        if self._ack_soon is None or not self._ack_soon.active():  # type: ignore[misc]
+            self._ack_soon = self._clock.callLater(seconds, self._ack_now)  # type: ignore[misc, arg-type]
+
     def _on_control_ready(self) -> None:
         self._flush_acks()
+        waiters, self._control_waiters = self._control_waiters, []
+        for ready in waiters:
+            if not ready.called:
+                ready.callback(None)
 
     # -- claiming ----------------------------------------------------------------------
 
@@ -632,9 +692,10 @@ class Dispatcher:
     async def _claim(self) -> None:
         s = self._settings
         control = self._control
-        held = list(self._held)
+        held = [*self._held, *self._acking_ids, *self._to_ack]
         for start in range(0, len(held), ACK_CHUNK):
-            # Still alive: reset the idle time of what we hold, so nobody claims it.
+            # Still alive: reset the idle time of what we hold or delivered and have
+            # not acknowledged yet, so nobody claims it.
             chunk = held[start : start + ACK_CHUNK]
             await control.execute("XCLAIM", s.stream, s.group, self._consumer, 0, *chunk, "JUSTID")
         room = min(self._room(), self._read_count)
@@ -686,6 +747,8 @@ class Dispatcher:
             "held": len(self._held),
             "acked": self._acked,
             "ack_queue": len(self._to_ack),
+            "acks_in_flight": len(self._acking_ids),
+            "acks_resent": self._acks_resent,
             "acks_lost": self._acks_lost,
             "left_pending": self._left_pending,
             "missed_trimmed": self._missed_trimmed,
@@ -746,15 +809,15 @@ def build_dispatcher(
     from twisted.web.client import Agent, HTTPConnectionPool
 
     from llmproxy.export.exporter import BatchingExporter
+    from llmproxy.export.http import sink_http_client
     from llmproxy.export.registry import build_sink
-    from llmproxy.export.sink import AgentClient
     from llmproxy.redis.connection import RedisConnection, default_consumer_name, parse_redis_url
 
     name = consumer or redis.consumer or default_consumer_name()
     settings = dispatch_exporter_settings(exporter)
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool._factory.noisy = False  # type: ignore[attr-defined]
-    client = AgentClient(Agent(reactor, pool=pool))
+    client = sink_http_client(Agent(reactor, pool=pool))
     sink = build_sink(settings, clock=reactor, http_client=client, state_dir=state_dir)
     dead_letter = settings.dead_letter_path or Path("deadletter") / f"{settings.name}.jsonl"
     if not dead_letter.is_absolute():

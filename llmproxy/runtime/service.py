@@ -44,7 +44,7 @@ from llmproxy.proxy.router import Router
 from llmproxy.proxy.site import ProxySite
 
 if TYPE_CHECKING:
-    from llmproxy.export.sink import AgentClient
+    from llmproxy.export.sink import HTTPClient
 
 log = Logger()
 
@@ -165,7 +165,7 @@ class ProxyService(Service):
         self.exporters: list[Any] = []
         self._export_pool = HTTPConnectionPool(reactor, persistent=True)
         self._export_pool._factory.noisy = False  # type: ignore[attr-defined]
-        self._http_client: AgentClient | None = None
+        self._http_client: HTTPClient | None = None
         self.proxy = ProxyResource(
             router=Router(settings.routes, settings.passthrough),
             upstream=self.upstream,
@@ -284,11 +284,11 @@ class ProxyService(Service):
             exporter.start()
 
     def _build_exporter(self, es: ExporterSettings) -> Any:
+        from llmproxy.export.http import sink_http_client
         from llmproxy.export.registry import build_exporter
-        from llmproxy.export.sink import AgentClient
 
         if self._http_client is None:
-            self._http_client = AgentClient(Agent(self.reactor, pool=self._export_pool))
+            self._http_client = sink_http_client(Agent(self.reactor, pool=self._export_pool))
         return build_exporter(
             es,
             clock=self.reactor,

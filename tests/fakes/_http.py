@@ -1,7 +1,7 @@
 """Pieces shared by the fake HTTP receivers (tests/fakes/loki.py, helicone.py,
 lunary.py, otlp.py): what a request carried, scripted answers (``Respond``,
-``Hang``, ``Reset``), the resource base that plays them, and serving a fake on a
-real port."""
+``Hang``, ``Reset``, ``Endless``), the resource base that plays them, and serving
+a fake on a real port."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ class ReceivedRequest:
     path: str
     headers: Mapping[str, str]  # lower-case names, values joined with ", "
     body_size: int  # bytes on the wire (compressed when gzipped)
-    status: int | None  # None: hung or reset, no answer
+    status: int | None  # None: hung, reset or endless, no complete answer
     reply: str  # the answer's body text
 
     @property
@@ -71,7 +71,18 @@ class Reset:
     """Abort the connection without an answer."""
 
 
-Scripted = Respond | Hang | Reset
+@attrs.frozen
+class Endless:
+    """Answer with this status and headers and start a body that never ends:
+    ``chunk`` is sent (chunked), then nothing more, the connection left open
+    (until :meth:`ScriptedResource.release_hung`)."""
+
+    status: int
+    chunk: bytes = b"{"
+    headers: Mapping[str, str] = attrs.field(factory=dict)
+
+
+Scripted = Respond | Hang | Reset | Endless
 
 
 def read_request(request: Request) -> tuple[dict[str, str], bytes, str, str]:
@@ -137,13 +148,18 @@ class ScriptedResource(Resource):
                 request.setResponseCode(status)
                 request.finish()  # type: ignore[no-untyped-call]
 
-    def _stall(self, request: Request, action: Hang | Reset) -> int:
-        """Play a ``Hang`` or ``Reset``: no answer."""
+    def _stall(self, request: Request, action: Hang | Reset | Endless) -> int:
+        """Play a ``Hang``, ``Reset`` or ``Endless``: no complete answer."""
         if isinstance(action, Reset):
             request.channel.transport.abortConnection()  # type: ignore[union-attr]
             request.notifyFinish().addErrback(lambda _: None)
-        else:
-            self._hang(request)
+            return NOT_DONE_YET
+        if isinstance(action, Endless):
+            request.setResponseCode(action.status)
+            for name, value in action.headers.items():
+                request.setHeader(name, value)  # type: ignore[no-untyped-call]
+            request.write(action.chunk)
+        self._hang(request)
         return NOT_DONE_YET
 
     def _hang(self, request: Request) -> None:

@@ -60,7 +60,8 @@ import orjson
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.server import Request
 
-# Hang, Reset, Scripted: re-exported, tests import them from here.
+# Endless, Hang, Reset, Scripted: re-exported, tests import them from here.
+from tests.fakes._http import Endless as Endless
 from tests.fakes._http import Hang as Hang
 from tests.fakes._http import (
     ReceivedRequest,

@@ -61,10 +61,16 @@ class RedisServer:
         deadline = time.monotonic() + 10
         while True:
             try:
-                if self.command("PING") == b"PONG":
+                # Commands get LOADING until the AOF is loaded; INFO answers.
+                if self.command("PING") == b"PONG" and b"loading:0" in self.command(
+                    "INFO", "persistence"
+                ):
                     return
             except OSError:
                 pass
+            except RedisReplyError as e:
+                if not str(e).startswith("LOADING"):
+                    raise
             if self.process.poll() is not None or time.monotonic() > deadline:
                 text = (self.directory / "redis.log").read_text(errors="replace")
                 raise RuntimeError(f"redis-server did not start:\n{text}")

@@ -265,19 +265,34 @@ async def test_sorted_query_and_route_make_the_key(cached: Cached) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_hits_skip_the_event_bus_and_the_upstream(cached: Cached) -> None:
-    await cached.send("/mock/cacheable?cc=max-age%3D60")
+async def test_hits_skip_the_upstream_but_are_recorded_as_exchanges(cached: Cached) -> None:
+    first = await cached.send("/mock/cacheable?cc=max-age%3D60")
     assert len(cached.events.started) == 1 and len(cached.events.finished) == 1
-    assert cached.events.finished[0].cache_status == "stored"
-    for _ in range(3):
+    stored = cached.events.finished[0]
+    assert (stored.cache_status, stored.cache_key) == ("stored", first.h("x-proxy-cache-key"))
+    assert stored.cache_age is None
+    for age in (2, 5, 9):
+        cached.clock.advance(age - (cached.clock.seconds() - NOW))
         hit = await cached.send("/mock/cacheable?cc=max-age%3D60")
         assert hit.h("x-proxy-cache") == "hit"
-    assert len(cached.events.started) == 1 and len(cached.events.finished) == 1
+        record = cached.events.finished[-1]
+        assert record in cached.events.started  # its request was handed over first
+        assert (record.cache_status, record.cache_key) == ("hit", first.h("x-proxy-cache-key"))
+        assert record.cache_age == age and hit.h("age") == str(age)
+        assert (record.outcome, record.status, record.error) == ("ok", 200, None)
+        # The body goes over by reference; the capture pump tees it a turn later.
+        assert record.replayed is not None and b"".join(record.replayed) == hit.body
+        assert record.response_chunks == [] and record.response_body_size == 0
+        assert dict(record.response_headers)[b"content-type"] == b"application/json"
+    assert len(cached.events.started) == 4 and len(cached.events.finished) == 4
     assert cached.calls == 1
     stats = cached.cache.stats()
     assert (stats["hits"], stats["misses"], stats["stores"]) == (3, 1, 1)
+    # Each exchange counted once; hits under their own outcome.
     proxy = cached.env.service.metrics.snapshot()
+    assert proxy["requests_total"] == 4
     assert proxy["routes"]["mock"]["by_outcome"] == {"cache_hit": 3, "ok": 1}
+    assert proxy["routes"]["mock"]["by_status"] == {"200": 4}
 
 
 @pytest_twisted.ensureDeferred
@@ -454,6 +469,22 @@ async def test_conditional_requests_against_an_entry_get_304(cached: Cached) -> 
     assert before.code == 200
     assert cached.calls == 1
     assert cached.cache.stats()["conditional_hits"] == 2
+    # Recorded as served: 304, no body, the headers a 304 carries.
+    served = [(r.status, r.cache_status) for r in cached.events.finished]
+    assert served == [
+        (200, "stored"),
+        (304, "conditional-hit"),
+        (200, "hit"),
+        (304, "conditional-hit"),
+        (200, "hit"),
+    ]
+    not_modified = cached.events.finished[1]
+    assert not_modified.outcome == "ok" and not_modified.replayed is None
+    assert sorted(n for n, _ in not_modified.response_headers) == [b"cache-control", b"etag"]
+    assert cached.env.service.metrics.snapshot()["routes"]["mock"]["by_status"] == {
+        "200": 3,
+        "304": 2,
+    }
 
 
 # -- streams -----------------------------------------------------------------------------
@@ -505,8 +536,11 @@ async def test_fifty_concurrent_identical_misses_make_one_upstream_call(cached: 
     assert marks == ["hit"] * 49 + ["stored"]
     collapsed = [a for a in done if a.h("x-proxy-cache") == "hit"]
     assert all(a.h("cache-status") == "llmproxy; fwd=miss; collapsed; ttl=60" for a in collapsed)
-    # One exchange went upstream and was published; the others were answered by it.
-    assert len(cached.events.finished) == 1
+    # One exchange went upstream; the others were answered by it, each an exchange too.
+    assert len(cached.events.started) == len(cached.events.finished) == 50
+    statuses = sorted(str(r.cache_status) for r in cached.events.finished)
+    assert statuses == ["hit"] * 49 + ["stored"]
+    assert {r.cache_key for r in cached.events.finished} == {done[0].h("x-proxy-cache-key")}
     await until(lambda: cached.cache.stats()["in_flight"] == 0)  # the store has it
     stats = cached.cache.stats()
     assert (stats["coalesced"], stats["misses"], stats["in_flight"]) == (49, 1, 0)

@@ -1,6 +1,7 @@
 """Dispatchers against a real redis-server: load sharing in one group, fan-out to
 groups, a dispatcher killed mid-batch, the drain on SIGTERM, Redis restarted
-under a serving proxy, and trimming detected and counted."""
+under a serving proxy, an XACK lost in flight (connection killed, Redis restarted,
+no reply in time; also during the drain), and trimming detected and counted."""
 
 from __future__ import annotations
 
@@ -74,9 +75,15 @@ def dispatcher(
     buffer: int = 1000,
     batch_size: int = 100,
     claim_idle: float = 1.0,
+    timeout: float = 2.0,
 ) -> Dispatcher:
     redis = RedisSettings(
-        url=server.url, stream=STREAM, group=group, claim_idle=claim_idle, block=0.2, timeout=2.0
+        url=server.url,
+        stream=STREAM,
+        group=group,
+        claim_idle=claim_idle,
+        block=0.2,
+        timeout=timeout,
     )
     common: dict[str, Any] = {
         "buffer": buffer,
@@ -265,6 +272,124 @@ async def test_sigterm_drains_and_what_was_not_delivered_stays_pending(
         if stuck is not None:
             kill(stuck)
         await bus.close(5.0)
+        await running.stop()
+
+
+def control_connection(server: RedisServer, consumer: str) -> dict[str, str] | None:
+    """The dispatcher's control connection (ACKs, claims) as ``CLIENT LIST`` shows it."""
+    for line in server.command("CLIENT", "LIST").decode().splitlines():
+        fields = dict(field.split("=", 1) for field in line.split())
+        if fields.get("name") == f"llmproxy-dispatcher:{consumer}":
+            return fields
+    return None
+
+
+def xack_waits_in_redis(server: RedisServer, d: Dispatcher, consumer: str) -> str | None:
+    """The id of the control connection while an XACK of ``d`` waits on it in a
+    paused Redis (``flags=b``: blocked by ``CLIENT PAUSE WRITE``), else ``None``."""
+    fields = control_connection(server, consumer)
+    if fields is None or "b" not in fields["flags"] or d.stats()["acks_in_flight"] == 0:
+        return None
+    return fields["id"]
+
+
+def dispatcher_with_a_hung_batch(
+    tmp_path: Path, redis: RedisServer, fake: FakeLoki, push_url: str, *, timeout: float
+) -> Dispatcher:
+    """A dispatcher whose first push of entries 0..9 (one batch) hangs in Loki."""
+    for n in range(10):
+        redis.command("XADD", STREAM, "*", "event", orjson.dumps(event(n).payload()))
+    fake.fail_next(Hang())
+    return dispatcher(
+        tmp_path, redis, consumer="a", loki=push_url, batch_size=10, claim_idle=1.0,
+        timeout=timeout,
+    )  # fmt: skip
+
+
+async def put_an_xack_on_the_wire(redis: RedisServer, fake: FakeLoki, d: Dispatcher) -> str:
+    """Pause Redis for writes, let the hung batch be delivered, and wait until its
+    XACK waits in Redis; the id of the control connection it waits on."""
+    await wait_until(lambda: fake.hung == 1 and pending(redis) == 10)
+    redis.command("CLIENT", "PAUSE", 60_000, "WRITE")
+    fake.release_hung(503)  # retried at once, and stored
+    await wait_until(
+        lambda: xack_waits_in_redis(redis, d, "a") is not None, what="the XACK waiting in Redis"
+    )
+    assert len(fake.entries()) == 10 and pending(redis) == 10
+    first = xack_waits_in_redis(redis, d, "a")
+    assert first is not None
+    return first
+
+
+def assert_each_delivered_once_and_acknowledged(
+    fake: FakeLoki, redis: RedisServer, d: Dispatcher
+) -> None:
+    assert sorted(e.json()["n"] for e in fake.entries()) == list(range(10))
+    # Loki stores a duplicate once: count the pushes it accepted, the hung one aside.
+    assert [r.status for r in fake.requests] == [None, 204]
+    assert pending(redis) == 0
+    stats = d.stats()
+    assert (stats["acked"], stats["acks_lost"], stats["ack_queue"]) == (10, 0, 0)
+    assert stats["acks_resent"] >= 1
+
+
+@pytest.mark.parametrize("failure", ["client-kill", "no-reply-in-time", "redis-restart"])
+@pytest_twisted.ensureDeferred
+async def test_an_xack_lost_in_flight_is_sent_again_and_nothing_stays_pending(
+    tmp_path: Path, failure: str
+) -> None:
+    # Persistent, so a restarted Redis still has the stream, the group and its
+    # pending entries.
+    with running_redis(tmp_path / "redis", persistent=True) as redis:
+        running = listen_fake_loki(fake := FakeLoki())
+        # "no-reply-in-time": the XACK waits in the paused Redis past ``timeout``.
+        timeout = 0.5 if failure == "no-reply-in-time" else 10.0
+        d = dispatcher_with_a_hung_batch(tmp_path, redis, fake, running.push_url, timeout=timeout)
+        try:
+            first = await put_an_xack_on_the_wire(redis, fake, d)
+            if failure == "redis-restart":
+                redis.restart()  # the XACK was never applied: the pause held it
+            else:
+                if failure == "client-kill":
+                    redis.command("CLIENT", "KILL", "ID", first)
+                await wait_until(
+                    lambda: xack_waits_in_redis(redis, d, "a") not in (None, first),
+                    what="the XACK sent again on a new connection",
+                )
+                redis.command("CLIENT", "UNPAUSE")
+            await wait_until(lambda: pending(redis) == 0 and d.stats()["acked"] == 10)
+            assert_each_delivered_once_and_acknowledged(fake, redis, d)
+            # Past claim_idle nothing comes back: none of it was left pending.
+            deadline = reactor.seconds() + 1.5  # type: ignore[attr-defined]
+            await wait_until(lambda: reactor.seconds() > deadline)  # type: ignore[attr-defined]
+            assert_each_delivered_once_and_acknowledged(fake, redis, d)
+        finally:
+            redis.command("CLIENT", "UNPAUSE")
+            await d.stop(5.0)
+            await running.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_drain_sends_again_an_xack_lost_in_flight(
+    tmp_path: Path, redis: RedisServer
+) -> None:
+    running = listen_fake_loki(fake := FakeLoki())
+    d = dispatcher_with_a_hung_batch(tmp_path, redis, fake, running.push_url, timeout=10.0)
+    try:
+        first = await put_an_xack_on_the_wire(redis, fake, d)
+        stopped = d.stop(15.0)  # SIGTERM with the XACK on the wire
+        redis.command("CLIENT", "KILL", "ID", first)
+        await wait_until(
+            lambda: xack_waits_in_redis(redis, d, "a") not in (None, first),
+            what="the XACK sent again on a new connection",
+        )
+        assert not stopped.called  # the drain waits for it
+        redis.command("CLIENT", "UNPAUSE")
+        await stopped
+        assert_each_delivered_once_and_acknowledged(fake, redis, d)
+    finally:
+        redis.command("CLIENT", "UNPAUSE")
+        await d.stop(5.0)
         await running.stop()
 
 

@@ -19,8 +19,8 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
-from llmproxy.cli.benchmark import Percentiles, Recorder, Sample
 from llmproxy.cli import benchmark as bench
+from llmproxy.cli.benchmark import Percentiles, Recorder, Sample
 from llmproxy.cli.main import build_parser
 
 URL = "http://127.0.0.1:8080/v1/chat/completions"

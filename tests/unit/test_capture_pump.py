@@ -308,3 +308,118 @@ def test_the_tracker_takes_the_request_object_the_events_parsed(
         first.session_id,
         2,
     )
+
+
+# ---------------------------------------------------------------- cache hits
+
+CACHE_KEY = "openai/anon/POST/3be9"
+
+
+def answer_from_cache(
+    rec: ExchangeRecord,
+    chunks: list[bytes],
+    content_type: bytes,
+    *,
+    status: str = "hit",
+    age: float = 12.3456,
+) -> None:
+    """What the proxy leaves in a record it answered from the cache: the served
+    status and headers, the entry's chunks by reference, the cache's marks."""
+    rec.status = 304 if status == "conditional-hit" else 200
+    rec.outcome = "ok"
+    rec.first_byte_at = 0.0003
+    rec.ended_at = 0.0004
+    rec.response_headers = [(b"content-type", content_type)]
+    rec.replayed = tuple(chunks) if status == "hit" else None
+    rec.cache_status, rec.cache_key, rec.cache_age = status, CACHE_KEY, age
+
+
+def streamed_reply() -> list[bytes]:
+    probe = record("probe")
+    finish_streamed(probe)
+    return [chunk for _, chunk in probe.response_chunks]
+
+
+def test_a_json_cache_hit_becomes_both_events_marked_with_key_and_age() -> None:
+    pump, bus, clock = make(Calls())
+    hit = record("hit")
+    pump.request_started(hit, hit.request_body)
+    reply = json.dumps(REPLY).encode()
+    answer_from_cache(hit, [reply], b"application/json")
+    pump.request_finished(hit)
+    assert hit.response_chunks == []  # nothing copied on the request path
+    clock.advance(0)
+    request, response = (e.payload() for e in bus.envelopes)
+    assert (request["type"], request["session_id"]) == ("request", "s-hit")
+    assert "cache_status" not in request  # the request side is the same as a miss's
+    assert response["type"] == "response"
+    assert (response["cache_status"], response["cache_key"]) == ("hit", CACHE_KEY)
+    assert response["cache_age_s"] == 12.346
+    assert (response["status"], response["outcome"], response["error"]) == (200, "ok", None)
+    assert response["response_body"]["text"] == reply.decode()
+    assert response["response_body"]["size"] == len(reply)
+    assert response["usage"]["total_tokens"] == 4
+    assert response["model"] == response["response_model"] == "gpt-4o-mini-2024-07-18"
+    assert response["finish_reasons"] == ["stop"]
+    assert response["ttfb_ms"] == 0.3 and response["duration_ms"] == 0.4
+    assert hit.replayed is None and bus.envelopes[1].json() == orjson.dumps(response)
+
+
+def test_a_streamed_cache_hit_keeps_its_chunks_and_usage() -> None:
+    clock, bus = Clock(), Bus()
+    tracker = SessionTracker(bus.publish, None, 1000, clock)
+    pump = CapturePump(bus, CaptureSettings(), clock, enabled=True, sessions=tracker)
+    hit = record("hit", {**CHAT, "stream": True})
+    pump.request_started(hit, hit.request_body)
+    chunks = streamed_reply()
+    answer_from_cache(hit, chunks, b"text/event-stream")
+    pump.request_finished(hit)
+    clock.advance(0)
+    response = bus.envelopes[-1].payload()
+    assert response["is_stream"] is True and response["cache_status"] == "hit"
+    # Replayed at once: every chunk went out at the first byte.
+    assert [c["offset_ms"] for c in response["response_chunks"]] == [0.3] * len(chunks)
+    assert "".join(c["data"] for c in response["response_chunks"]) == b"".join(chunks).decode()
+    assert response["usage"]["total_tokens"] == 5
+    assert response["finish_reasons"] == ["stop"]
+    assert tracker.stats()["states_recorded"] == 1  # the tracker read the replayed reply
+
+
+def test_a_conditional_hit_is_an_answer_without_a_body() -> None:
+    pump, bus, clock = make()
+    hit = record("revalidated")
+    hit.method = "GET"
+    pump.request_started(hit, b"")
+    answer_from_cache(hit, [], b"application/json", status="conditional-hit", age=3.0)
+    pump.request_finished(hit)
+    clock.advance(0)
+    response = bus.envelopes[-1].payload()
+    assert (response["status"], response["outcome"]) == (304, "ok")
+    assert (response["cache_status"], response["cache_age_s"]) == ("conditional-hit", 3.0)
+    assert response["response_body"]["size"] == 0 and response["usage"] is None
+
+
+def test_a_conversation_served_partly_from_the_cache_stays_one_session() -> None:
+    # A conversation run once (turn 1 from the upstream), then run again: its
+    # first turn now comes from the cache, its second is new.
+    clock, _, pump, first_run = first_turn_through_a_real_tracker()
+    again = record("again")
+    pump.request_started(again, again.request_body)
+    answer_from_cache(again, [json.dumps(REPLY).encode()], b"application/json")
+    pump.request_finished(again)
+    clock.advance(0)
+    assert again.session_id not in (None, first_run.session_id) and again.seq == 1
+    turn2 = {
+        **CHAT,
+        "messages": [
+            *CHAT["messages"],  # type: ignore[misc]
+            REPLY["choices"][0]["message"],  # type: ignore[index]
+            {"role": "user", "content": "and?"},
+        ],
+    }
+    second = record("second", turn2)
+    pump.request_started(second, second.request_body)
+    clock.advance(0)
+    # The tracker read the cached reply: turn 2 continues the run it belongs to
+    # (had the hit gone unseen, it would continue the first run's session).
+    assert (second.session_id, second.seq) == (again.session_id, 2)

@@ -1,6 +1,7 @@
 """The dispatcher's loop on a Clock, against a small in-memory model of a Redis
 stream with one consumer group: reading, acknowledging only settled entries,
-room, claiming, trimming, malformed entries and the drain."""
+room, claiming, trimming, malformed entries, an XACK that fails in flight, and
+the drain."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from typing import Any
 
 import attrs
 import orjson
-from twisted.internet.defer import Deferred, fail, succeed
+import pytest
+import txredisapi
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.task import Clock
 from txredisapi import ResponseError
 
@@ -18,7 +21,7 @@ from llmproxy.config.model import RedisSettings
 from llmproxy.events.envelope import Envelope
 from llmproxy.export.deadletter import DeadLetter
 from llmproxy.redis.connection import RedisUnavailable
-from llmproxy.redis.dispatcher import Dispatcher, Settled
+from llmproxy.redis.dispatcher import RETRY_PAUSE, Dispatcher, Settled
 
 
 @attrs.define(eq=False)
@@ -63,7 +66,9 @@ class Streams:
                 raise ResponseError("BUSYGROUP Consumer Group name already exists")
             self.group_exists = True
             return b"OK"
-        if not self.group_exists and cmd in ("XREADGROUP", "XACK"):
+        if not self.group_exists and cmd == "XACK":
+            return 0  # as Redis 7.0: no NOGROUP from XACK, nothing to acknowledge
+        if not self.group_exists and cmd == "XREADGROUP":
             raise ResponseError("NOGROUP No such key or consumer group")
         if cmd == "XREADGROUP":
             consumer = args[3]
@@ -139,6 +144,8 @@ class FakeConnection:
     callbacks: list[Callable[[], object]] = attrs.field(factory=list)
     commands: list[tuple[Any, ...]] = attrs.field(factory=list)
     queued: list[tuple[Any, ...]] | None = None
+    hold: set[str] = attrs.field(factory=set)  # these commands wait on the wire
+    on_the_wire: list[Deferred[Any]] = attrs.field(factory=list)
 
     def when_ready(self, callback: Callable[[], object]) -> None:
         self.callbacks.append(callback)
@@ -153,10 +160,29 @@ class FakeConnection:
     def abort(self) -> None:
         self.usable = False
 
+    def fail_on_the_wire(self, error: Exception, *, drop: bool) -> None:
+        """The held commands fail (unapplied); with ``drop`` the connection is lost,
+        in RedisConnection's order: the commands fail first, while it still looks
+        usable, then it is not."""
+        on_the_wire, self.on_the_wire = self.on_the_wire, []
+        for d in on_the_wire:
+            d.errback(error)
+        if drop:
+            self.usable = False
+
+    def come_back(self) -> None:
+        self.usable = True
+        for callback in self.callbacks:
+            callback()
+
     def execute(self, *args: Any, timeout: float | None = None) -> Deferred[Any]:
         if not self.usable:
             return fail(RedisUnavailable("down"))
         self.commands.append(args)
+        if args[0] in self.hold:
+            on_the_wire: Deferred[Any] = Deferred()
+            self.on_the_wire.append(on_the_wire)
+            return on_the_wire
         if args[0] == "MULTI":
             self.queued = []
             return succeed(b"OK")
@@ -395,3 +421,181 @@ def test_stop_before_start_is_quick_and_idempotent(tmp_path: Path) -> None:
     assert dispatcher.stop(1.0) is first
     clock.advance(1.0)
     assert first.called and reader.stopped and control.stopped
+
+
+def xacks(control: FakeConnection) -> list[tuple[Any, ...]]:
+    return [c[3:] for c in control.commands if c[0] == "XACK"]
+
+
+def with_an_xack_on_the_wire(
+    tmp_path: Path, count: int = 3
+) -> tuple[Dispatcher, Streams, FakeConnection, Clock]:
+    """Entries 1-0..count-0 delivered; their XACK sent and not answered yet."""
+    dispatcher, streams, _, control, clock = make(tmp_path)
+    streams.add(*(ev(n) for n in range(count)))
+    dispatcher.start()
+    control.hold.add("XACK")
+    for n in range(count):
+        exporter(dispatcher).settle(n, "sent")
+    clock.advance(0)
+    assert len(control.on_the_wire) == 1 and dispatcher.stats()["acks_in_flight"] == count
+    control.hold.clear()
+    return dispatcher, streams, control, clock
+
+
+IDS = (b"1-0", b"2-0", b"3-0")
+
+# What can fail an XACK on the wire without Redis refusing its ids, and whether the
+# connection is gone with it.  RedisConnection turns every loss and timeout into
+# RedisUnavailable; the others are there because "not refused" is the rule, not
+# a list of the exceptions one client happens to raise today.
+NOT_REFUSED = [
+    pytest.param(RedisUnavailable("connection lost (redis://h:6379/0)"), True, id="lost"),
+    pytest.param(RedisUnavailable("no reply within the timeout"), True, id="timeout"),
+    pytest.param(txredisapi.ConnectionError("Lost connection"), True, id="txredisapi-lost"),
+    pytest.param(txredisapi.TimeoutError("Not received Redis response"), True, id="txredisapi-to"),
+    pytest.param(CancelledError(), False, id="cancelled"),
+    pytest.param(ResponseError("LOADING Redis is loading the dataset"), False, id="LOADING"),
+    pytest.param(ResponseError("BUSY Redis is busy running a script."), False, id="BUSY"),
+    pytest.param(ResponseError("READONLY You can't write to a replica."), False, id="READONLY"),
+    pytest.param(RuntimeError("something unexpected"), False, id="unexpected"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("error", "drops"), NOT_REFUSED)
+def test_an_xack_that_fails_in_flight_is_sent_again(
+    tmp_path: Path, error: Exception, drops: bool
+) -> None:
+    dispatcher, streams, control, clock = with_an_xack_on_the_wire(tmp_path)
+    control.fail_on_the_wire(error, drop=drops)
+    stats = dispatcher.stats()
+    assert (stats["ack_queue"], stats["acks_in_flight"], stats["acks_lost"]) == (3, 0, 0)
+    assert stats["acks_resent"] == 1 and set(streams.pel) == set(IDS)
+    if drops:
+        clock.advance(RETRY_PAUSE)
+        assert len(xacks(control)) == 1  # nothing is sent without a connection
+        control.come_back()  # sent as soon as it is back
+    else:
+        clock.advance(RETRY_PAUSE)  # the connection stayed: sent after a pause
+    assert xacks(control)[1:] == [IDS]
+    assert streams.pel == {} and streams.acked == list(IDS)
+    stats = dispatcher.stats()
+    assert (stats["acked"], stats["ack_queue"], stats["acks_lost"]) == (3, 0, 0)
+    dispatcher.stop(5.0)
+    clock.advance(2.0)
+
+
+def test_acks_settled_meanwhile_follow_the_ones_sent_again(tmp_path: Path) -> None:
+    dispatcher, streams, control, clock = with_an_xack_on_the_wire(tmp_path)
+    streams.add(ev(3))
+    clock.advance(1.0)  # the blocking read ends and finds the new entry
+    control.fail_on_the_wire(RedisUnavailable("connection lost"), drop=True)
+    exporter(dispatcher).settle(3, "sent")
+    clock.advance(0)
+    assert dispatcher.stats()["ack_queue"] == 4
+    control.come_back()
+    assert [i for ids in xacks(control)[1:] for i in ids] == [*IDS, b"4-0"]
+    assert streams.pel == {}
+    dispatcher.stop(5.0)
+    clock.advance(2.0)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "WRONGTYPE Operation against a key holding the wrong kind of value",
+        "NOPERM this user has no permissions to run the 'xack' command",
+        "NOGROUP No such key 's' or consumer group 'g'",
+        "Invalid stream ID specified as stream command argument",  # ERR, as txredisapi gives it
+    ],
+)
+def test_an_xack_refused_by_redis_is_counted_lost_not_sent_again(
+    tmp_path: Path, answer: str
+) -> None:
+    dispatcher, streams, control, clock = with_an_xack_on_the_wire(tmp_path)
+    control.fail_on_the_wire(ResponseError(answer), drop=False)
+    clock.advance(RETRY_PAUSE)
+    control.come_back()
+    assert len(xacks(control)) == 1 and set(streams.pel) == set(IDS)
+    stats = dispatcher.stats()
+    assert (stats["acks_lost"], stats["ack_queue"], stats["acked"]) == (3, 0, 0)
+    assert stats["last_error"] == f"XACK refused: {answer}"
+    dispatcher.stop(5.0)
+    clock.advance(2.0)
+
+
+def test_the_drain_sends_again_an_xack_lost_in_flight_once_redis_is_back(
+    tmp_path: Path,
+) -> None:
+    dispatcher, streams, control, clock = with_an_xack_on_the_wire(tmp_path)
+    done: list[object] = []
+    dispatcher.stop(10.0).addCallback(done.append)
+    clock.pump([0.1] * 15)  # the read loop ends; the drain waits for the XACK
+    assert not done and len(xacks(control)) == 1
+    control.fail_on_the_wire(RedisUnavailable("connection lost"), drop=True)
+    clock.pump([0.1] * 20)  # two seconds without a connection
+    assert not done and len(xacks(control)) == 1
+    control.come_back()
+    clock.advance(0)
+    assert done == [None]
+    assert xacks(control)[1:] == [IDS] and streams.pel == {}
+    assert dispatcher.stats()["acks_lost"] == 0 and dispatcher.stats()["acked"] == 3
+    assert clock.getDelayedCalls() == []
+
+
+def test_the_drain_sends_again_after_a_not_now_answer(tmp_path: Path) -> None:
+    dispatcher, streams, control, clock = with_an_xack_on_the_wire(tmp_path)
+    done: list[object] = []
+    dispatcher.stop(10.0).addCallback(done.append)
+    control.hold.add("XACK")
+    control.fail_on_the_wire(ResponseError("LOADING Redis is loading"), drop=False)
+    clock.pump([0.1] * 15)
+    assert len(xacks(control)) == 2  # sent again after RETRY_PAUSE, and held again
+    control.hold.clear()
+    control.fail_on_the_wire(ResponseError("LOADING Redis is loading"), drop=False)
+    clock.pump([0.1] * 15)
+    assert done == [None] and streams.pel == {}
+    assert dispatcher.stats()["acks_lost"] == 0 and dispatcher.stats()["acks_resent"] == 2
+    assert clock.getDelayedCalls() == []
+
+
+def test_acks_the_drain_could_not_send_by_its_deadline_are_counted(tmp_path: Path) -> None:
+    dispatcher, streams, control, clock = with_an_xack_on_the_wire(tmp_path)
+    done: list[object] = []
+    dispatcher.stop(5.0).addCallback(done.append)
+    control.fail_on_the_wire(RedisUnavailable("connection lost"), drop=True)
+    clock.pump([0.1] * 60)  # Redis stays away past the deadline
+    assert done == [None]
+    assert dispatcher.stats()["acks_lost"] == 3 and set(streams.pel) == set(IDS)
+    assert clock.getDelayedCalls() == []
+
+
+def test_an_xack_still_unanswered_at_the_deadline_is_counted(tmp_path: Path) -> None:
+    dispatcher, streams, control, clock = with_an_xack_on_the_wire(tmp_path)
+    done: list[object] = []
+    dispatcher.stop(5.0).addCallback(done.append)
+    clock.pump([0.1] * 60)
+    assert done == [None] and control.stopped
+    assert dispatcher.stats()["acks_lost"] == 3 and set(streams.pel) == set(IDS)
+
+
+def test_entries_whose_xack_failed_are_kept_alive_and_not_delivered_again(
+    tmp_path: Path,
+) -> None:
+    # Redis restarted and still loads its data: the XACK gets LOADING, again and
+    # again, while claim ticks find the entries idle past claim_idle.
+    dispatcher, streams, control, clock = with_an_xack_on_the_wire(tmp_path)
+    control.hold.add("XACK")
+    control.fail_on_the_wire(ResponseError("LOADING Redis is loading"), drop=False)
+    streams.claimable = list(IDS)
+    clock.advance(1.0)  # a claim tick (claim_idle / 3), and the XACK on the wire again
+    assert len(control.on_the_wire) == 1 and set(streams.pel) == set(IDS)
+    assert set(streams.heartbeats) == set(IDS)  # still ours: nobody else claims them
+    assert published(dispatcher) == [0, 1, 2]  # claimed back, not delivered again
+    assert dispatcher.stats()["duplicates_skipped"] == 3
+    control.hold.clear()
+    control.fail_on_the_wire(ResponseError("LOADING Redis is loading"), drop=False)
+    clock.advance(RETRY_PAUSE)
+    assert streams.pel == {} and dispatcher.stats()["acked"] == 3
+    dispatcher.stop(5.0)
+    clock.advance(2.0)

@@ -9,8 +9,8 @@ from pathlib import Path
 import attrs
 import pytest
 
-from llmproxy.config.loader import _converter, load_settings
 from llmproxy.config import reference as config_doc
+from llmproxy.config.loader import _converter, load_settings
 from llmproxy.config.model import ExporterSettings, Settings
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"

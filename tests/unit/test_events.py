@@ -459,3 +459,60 @@ def test_machine_id_is_user_at_host_and_cached() -> None:
     first = machine.machine_id()
     assert re.match(r"^[^@\s]+@[^@\s]+$", first)
     assert machine.machine_id() is first
+
+
+# ---------------------------------------------------------------- answers from the cache
+
+
+def answered_from_cache(record: ExchangeRecord, chunks: list[bytes]) -> ExchangeRecord:
+    """The record of a cache hit as the proxy leaves it: the entry's chunks by reference."""
+    record.first_byte_at = record.ended_at = 0.0005
+    record.status = 200
+    record.response_headers = [(b"content-type", b"text/event-stream")]
+    record.replayed = tuple(chunks)
+    record.cache_status, record.cache_key, record.cache_age = "hit", "openai/anon/POST/ab", 7.0
+    return record
+
+
+def test_a_replayed_body_is_captured_within_the_cap_as_a_relayed_one() -> None:
+    record = answered_from_cache(make_record(), SSE_CHUNKS)
+    cap = len(SSE_CHUNKS[0]) + 10
+    record.capture_replayed(cap)
+    assert record.replayed is None
+    assert record.response_chunks == [(0.0005, SSE_CHUNKS[0]), (0.0005, SSE_CHUNKS[1][:10])]
+    assert record.response_body_size == sum(len(c) for c in SSE_CHUNKS)
+    assert record.response_truncated is True
+    record.capture_replayed(cap)  # taken once: a second call adds nothing
+    assert len(record.response_chunks) == 2
+    body = response_event(record, CaptureSettings(response_body_bytes=cap))["response_body"]
+    assert body["truncated"] is True and body["size"] == record.response_body_size
+
+
+def test_a_replayed_body_within_the_cap_is_whole_and_gives_usage() -> None:
+    record = answered_from_cache(make_record(), SSE_CHUNKS)
+    record.capture_replayed(CAPTURE.response_body_bytes)
+    assert record.response_truncated is False
+    assert [c for _, c in record.response_chunks] == SSE_CHUNKS
+    event = response_event(record, CAPTURE)
+    usage = event["usage"]
+    assert (usage["input_tokens"], usage["output_tokens"], usage["total_tokens"]) == (9, 4, 13)
+    assert response_text(event) == b"".join(SSE_CHUNKS).decode()
+    assert (event["cache_status"], event["cache_key"], event["cache_age_s"]) == (
+        "hit",
+        "openai/anon/POST/ab",
+        7.0,
+    )
+
+
+def test_an_empty_replay_captures_nothing() -> None:
+    record = answered_from_cache(make_record(), [])
+    record.capture_replayed(CAPTURE.response_body_bytes)
+    assert record.response_chunks == [] and record.response_body_size == 0
+    assert record.response_truncated is False
+
+
+def test_events_without_a_cache_carry_no_cache_fields() -> None:
+    record = finish_json(make_record())
+    record.cache_status = None
+    event = response_event(record, CAPTURE)
+    assert (event["cache_status"], event["cache_key"], event["cache_age_s"]) == (None, None, None)

@@ -387,7 +387,9 @@ def records(draw: st.DrawFn) -> ExchangeRecord:
         error=draw(st.none() | st.sampled_from(["gone", f"Incorrect API key provided: {KEY}"])),
         session_id=draw(st.none() | st.just("sess-1")),
         seq=draw(st.none() | st.integers(0, 5)),
-        cache_status=draw(st.none() | st.just("miss")),
+        cache_status=draw(st.none() | st.sampled_from(["miss", "hit", "conditional-hit"])),
+        cache_key=draw(st.none() | st.just("openai/anon/POST/3be9")),
+        cache_age=draw(st.none() | st.floats(0, 1e6, allow_nan=False)),
         environment="prod",
         machine=draw(st.sampled_from(["", "proxy@host1"])),
     )

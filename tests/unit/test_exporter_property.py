@@ -1,12 +1,15 @@
 """Properties of the batching exporter under any sequence of sink answers.
 
-An ``HTTPSink`` talks to a scripted client: each request is answered 2xx, 400,
-429 with Retry-After, 503, connection refused, or never (the sink's timeout), in
-an order hypothesis draws, while the test publishes, answers and advances the
-``Clock`` step by step.  After every step the accounting identity holds; after
-close, every accepted event is in exactly one place (delivered, dead-lettered,
-spooled, or dropped with a reason), none twice, and in order with one batch in
-flight.  A restart on the same spool then delivers what was spooled, in order.
+An ``HTTPSink`` talks to a scripted client: each request is answered 2xx, 2xx
+with some events refused (``Delivered(rejected={index: reason})``: any subset of
+the batch, none and all included), 400, 429 with Retry-After, 503, connection
+refused, or never (the sink's timeout), in an order hypothesis draws, while the
+test publishes, answers and advances the ``Clock`` step by step.  After every step
+the accounting identity holds; after close, every accepted event is in exactly
+one place (delivered, dead-lettered, spooled, or dropped with a reason), none
+twice, and in order with one batch in flight; the dead-letter file holds exactly
+the events the sink refused, each once, with the sink's reason.  A restart on the
+same spool then delivers what was spooled, in order.
 """
 
 from __future__ import annotations
@@ -29,28 +32,43 @@ from llmproxy.config.model import ExporterSettings
 from llmproxy.events.envelope import StoredEvent
 from llmproxy.export.deadletter import DeadLetter
 from llmproxy.export.exporter import BatchingExporter
-from llmproxy.export.sink import EncodedBatch, HTTPSink
+from llmproxy.export.sink import Delivered, EncodedBatch, HTTPSink, Verdict
 from llmproxy.export.spool import Spool
 
-ANSWERS = ("2xx", "400", "429", "503", "refused", "timeout")
-STATUS = {"2xx": 204, "400": 400, "429": 429, "503": 503}
+ANSWERS = ("2xx", "partial", "400", "429", "503", "refused", "timeout")
+STATUS = {"2xx": 204, "partial": 200, "400": 400, "429": 429, "503": 503}
 PARTS = ("sent", "in_flight", "queued", "spooled", "dead_lettered", "dropped")
+WHOLE_BATCH_REFUSED = "HTTP 400: refused for good"
+MASK_BITS = 6  # above the largest batch (batch_size <= 5): 0 refuses none, 63 all
+
+# (kind, mask): for "partial", event ``k`` of the batch is refused when bit
+# ``k % MASK_BITS`` of the mask is set.
+Answer = tuple[str, int]
 
 
 class JsonSink(HTTPSink):
     def encode(self, events: Sequence[dict[str, Any]]) -> EncodedBatch:
         return EncodedBatch(orjson.dumps(list(events)), {"Content-Type": "application/json"})
 
+    def judge(self, status: int, headers: dict[str, str], body: bytes) -> Verdict:
+        # A 2xx with a body lists the events refused for good, by index in the
+        # batch, as APIs with per-event results do.
+        if 200 <= status < 300 and body:
+            rejected = orjson.loads(body)["rejected"]
+            return Delivered(rejected={int(k): reason for k, reason in rejected.items()})
+        return super().judge(status, headers, body)
+
 
 @attrs.define
 class ScriptedClient:
     """A treq-like client whose requests wait until the test answers them."""
 
-    answers: Sequence[str]
+    answers: Sequence[Answer]
     delivered: list[int] = attrs.Factory(list)  # event ids the server accepted, in order
-    pending: list[tuple[Deferred[Any], str, str, dict[str, Any]]] = attrs.Factory(list)
+    refused: dict[int, str] = attrs.Factory(dict)  # event id -> the server's reason
+    pending: list[tuple[Deferred[Any], Answer, str, dict[str, Any]]] = attrs.Factory(list)
     count: int = 0
-    _status: int = 204
+    _answer: Answer = ("2xx", 0)
 
     def request(self, method: str, url: str, **kwargs: Any) -> Deferred[Any]:
         answer = self.answers[self.count % len(self.answers)]
@@ -64,13 +82,13 @@ class ScriptedClient:
         for index, (d, answer, url, kwargs) in enumerate(self.pending):
             if d.called:
                 continue  # cancelled by the sink's timeout or the exporter's deadline
-            if answer == "timeout":
+            if answer[0] == "timeout":
                 continue
             del self.pending[index]
-            if answer == "refused":
+            if answer[0] == "refused":
                 d.errback(net_error.ConnectionRefusedError())
                 return
-            self._status = STATUS[answer]
+            self._answer = answer
             stub = StubTreq(StringStubbingResource(self._serve))
             stub.request("POST", url, **kwargs).chainDeferred(d)
             return
@@ -82,10 +100,22 @@ class ScriptedClient:
     def _serve(
         self, method: bytes, url: str, params: Any, headers: Any, data: bytes
     ) -> tuple[int, dict[str, str], bytes]:
-        if 200 <= self._status < 300:
-            self.delivered.extend(e["i"] for e in orjson.loads(data))
-        extra = {"Retry-After": "2"} if self._status == 429 else {}
-        return self._status, extra, b"refused for good" if self._status == 400 else b""
+        kind, mask = self._answer
+        status = STATUS[kind]
+        ids = [e["i"] for e in orjson.loads(data)]
+        if kind == "partial":
+            rejected = {
+                k: f"event {i} refused" for k, i in enumerate(ids) if mask >> (k % MASK_BITS) & 1
+            }
+            self.delivered.extend(i for k, i in enumerate(ids) if k not in rejected)
+            self.refused.update((ids[k], reason) for k, reason in rejected.items())
+            return status, {}, orjson.dumps({"rejected": {str(k): r for k, r in rejected.items()}})
+        if 200 <= status < 300:
+            self.delivered.extend(ids)
+        if status == 400:
+            self.refused.update((i, WHOLE_BATCH_REFUSED) for i in ids)
+        extra = {"Retry-After": "2"} if status == 429 else {}
+        return status, extra, b"refused for good" if status == 400 else b""
 
 
 def identity(exporter: BatchingExporter) -> dict[str, Any]:
@@ -100,10 +130,10 @@ def spooled_ids(directory: Path) -> list[int]:
     return [e["i"] for seg in spool.segments() for e in spool.read(seg).events]
 
 
-def dead_ids(path: Path) -> list[int]:
+def dead_letters(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
-    return [orjson.loads(line)["event"]["i"] for line in path.read_bytes().splitlines()]
+    return [orjson.loads(line) for line in path.read_bytes().splitlines()]
 
 
 exporter_settings = st.fixed_dictionaries(
@@ -115,6 +145,12 @@ exporter_settings = st.fixed_dictionaries(
         "max_in_flight": st.sampled_from([1, 1, 2, 3]),
     }
 )
+# Which events of a batch a "partial" answer refuses: none, all, or any subset.
+masks = st.one_of(st.sampled_from([0, 2**MASK_BITS - 1]), st.integers(0, 2**MASK_BITS - 1))
+answer = st.sampled_from(
+    # 2xx weighs more, so long runs of deliveries (and replays) happen too
+    ("2xx", "2xx", *ANSWERS)
+).flatmap(lambda kind: st.tuples(st.just(kind), masks if kind == "partial" else st.just(0)))
 publish = st.tuples(st.just("publish"), st.integers(1, 6))
 steps = st.lists(
     st.one_of(
@@ -130,15 +166,14 @@ steps = st.lists(
 @settings(max_examples=500)
 @given(
     config=exporter_settings,
-    # 2xx weighs more, so long runs of deliveries (and replays) happen too
-    answers=st.lists(st.sampled_from(("2xx", "2xx", *ANSWERS)), min_size=1, max_size=12),
+    answers=st.lists(answer, min_size=1, max_size=12),
     script=steps,
     with_spool=st.sampled_from([True, True, False]),
     spool_max_bytes=st.sampled_from([60, 10**9, 10**9]),
 )
 def test_every_accepted_event_ends_in_exactly_one_place(
     config: dict[str, Any],
-    answers: list[str],
+    answers: list[Answer],
     script: list[tuple[str, float]],
     with_spool: bool,
     spool_max_bytes: int,
@@ -189,7 +224,8 @@ def test_every_accepted_event_ends_in_exactly_one_place(
         s = identity(exporter)
         assert (s["in_flight"], s["queued"], s["state"]) == (0, 0, "closed")
         delivered = client.delivered
-        dead_lettered = dead_ids(base / "dead.jsonl")
+        letters = dead_letters(base / "dead.jsonl")
+        dead_lettered = [letter["event"]["i"] for letter in letters]
         spooled = spooled_ids(base / "spool") if with_spool else []
         places = delivered + dead_lettered + spooled
         assert len(places) == len(set(places)), "an event is in two places"
@@ -200,6 +236,12 @@ def test_every_accepted_event_ends_in_exactly_one_place(
             len(spooled),
         )
         assert s["dropped"] == published - len(places)
+        # The dead-letter file holds what the sink refused, each event once, whole,
+        # with the sink's reason: per event for a partial answer, the batch's else.
+        assert {letter["event"]["i"]: letter["reason"] for letter in letters} == client.refused
+        for letter in letters:
+            assert letter["sink"] == "p"
+            assert letter["event"] == {"type": "request", "i": letter["event"]["i"]}
         assert s["accepted"] == published
         if not with_spool:
             assert set(s["dropped_by_reason"]) <= {
@@ -214,7 +256,7 @@ def test_every_accepted_event_ends_in_exactly_one_place(
         if not with_spool:
             return
         # A restart on the same spool, against a sink that takes everything.
-        healthy = ScriptedClient(["2xx"])
+        healthy = ScriptedClient([("2xx", 0)])
         sink2 = JsonSink(name="p", url="http://sink.test/", client=healthy, clock=clock)
         restarted = BatchingExporter(
             attrs.evolve(exporter_config, max_in_flight=1),

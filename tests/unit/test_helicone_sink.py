@@ -16,6 +16,7 @@ from llmproxy.export.sink import Delivered, Rejected, Retry, Sink
 from llmproxy.export.sinks.helicone import HeliconeSink, helicone_request_id, log_body, log_url
 from tests.fakes.helicone import DEFAULT_KEY, FakeHelicone, Hang, Respond, StoredLog
 from tests.unit.test_lunary_sink import (
+    CACHE_KEY,
     OPENAI_REQUEST,
     OPENAI_RESPONSE,
     NoClient,
@@ -25,6 +26,8 @@ from tests.unit.test_lunary_sink import (
     anthropic_stream,
     at_now,
     binary_audio,
+    cache_hit,
+    not_modified,
     openai_json,
     openai_stream,
     plain_text,
@@ -198,6 +201,32 @@ def test_a_stream_is_merged_into_one_response_with_time_to_first_token() -> None
     assert response["usage"] == {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}
     assert log.time_to_first_token == 100
     assert log.request_json["stream"] is True
+
+
+def test_a_cache_hit_is_logged_with_its_reply_and_marked_in_properties() -> None:
+    sink, fake, _ = against_fake()
+    events = [cache_hit(), cache_hit("req-hit-sse", stream=True), not_modified()]
+    assert verdict_of(sink.deliver(events)) == Delivered()
+
+    log = stored(fake, "req-hit")
+    assert log.response_json == OPENAI_RESPONSE  # the upstream's usage, not an estimate
+    assert log.provider_response["status"] == 200
+    assert log.properties["usage"] == "upstream"
+    assert (log.properties["cache-status"], log.properties["cache-key"]) == ("hit", CACHE_KEY)
+    assert log.properties["cache-age"] == "42.5"
+    # No upstream time: the answer took 0.4 ms, first byte included.
+    assert log.timing == {
+        "startTime": {"seconds": 1_795_419_612, "milliseconds": 250},
+        "endTime": {"seconds": 1_795_419_612, "milliseconds": 250},
+    }
+    streamed = stored(fake, "req-hit-sse")
+    assert streamed.response_json["usage"]["completion_tokens"] == 3
+    assert streamed.time_to_first_token == 0
+    revalidated = stored(fake, "req-304")
+    assert revalidated.provider_response["status"] == 304
+    assert revalidated.provider_response["note"] == "no response body was captured"
+    assert "usage" not in revalidated.properties
+    assert revalidated.properties["cache-status"] == "conditional-hit"
 
 
 def test_missing_usage_is_estimated_and_marked() -> None:

@@ -112,8 +112,8 @@ class _RefusingClient:
     def __init__(self) -> None:
         self.urls: list[str] = []
 
-    def request(self, method: str, url: str, **kwargs: Any) -> Deferred[Any]:
-        self.urls.append(url)
+    def request(self, method: str, url: Any, **kwargs: Any) -> Deferred[Any]:
+        self.urls.append(str(url))
         return fail(net_error.ConnectionRefusedError("127.0.0.1:3100"))
 
 
@@ -482,12 +482,13 @@ def test_shortening_never_modifies_the_event() -> None:
 
 
 def test_an_event_of_many_tiny_fields_becomes_an_identifying_stub() -> None:
-    e = event(3)
+    e = event(3, cache_status="hit")
     e.update({f"k{i}": i for i in range(5000)})
 
     got = orjson.loads(_only_line(make_sink(max_line_bytes=2048).encode([e])))
 
     assert got["request_id"] == "req-3"
+    assert got["cache_status"] == "hit"  # a stub still tells an answer from the cache
     assert got["ts_ns"] == e["ts_ns"]
     assert got["loki_truncated"]["fields"] == ["*"]
 

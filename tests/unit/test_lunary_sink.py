@@ -274,6 +274,41 @@ def binary_audio(request_id: str = "req-audio", **kw: Any) -> dict[str, Any]:
     return _finish(record, 200, b"audio/mpeg", [b"\xff\xfb\x90\x00\x00\x01\x02\xfe"])
 
 
+CACHE_KEY = "openai/k-0123456789abcdef/POST/3be9"
+
+
+def cache_hit(request_id: str = "req-hit", *, stream: bool = False, **kw: Any) -> dict[str, Any]:
+    """An exchange answered from the response cache, as the proxy and the capture
+    pump leave it: no upstream call, the entry's chunks replayed at once."""
+    request = {**OPENAI_REQUEST, "stream": True} if stream else OPENAI_REQUEST
+    record = make_record(request_id, body=request, **kw)
+    record.status = 200
+    record.first_byte_at = record.ended_at = 0.0004
+    content_type = b"text/event-stream" if stream else b"application/json"
+    record.response_headers = [(b"content-type", content_type)]
+    record.replayed = tuple(OPENAI_STREAM) if stream else (orjson.dumps(OPENAI_RESPONSE),)
+    record.capture_replayed(CAPTURE.response_body_bytes)
+    record.cache_status, record.cache_key, record.cache_age = "hit", CACHE_KEY, 42.5
+    return response_event(record, CAPTURE)
+
+
+def not_modified(request_id: str = "req-304", **kw: Any) -> dict[str, Any]:
+    """A conditional GET answered 304 from the cache: no body, no usage."""
+    record = make_record(
+        request_id,
+        body=b"",
+        path="/openai/v1/models/gpt-4o-mini",
+        upstream="https://api.openai.com/v1/models/gpt-4o-mini",
+        **kw,
+    )
+    record.method = "GET"
+    record.status = 304
+    record.first_byte_at = record.ended_at = 0.0003
+    record.response_headers = [(b"etag", b'"v1"'), (b"cache-control", b"max-age=60")]
+    record.cache_status, record.cache_key, record.cache_age = "conditional-hit", CACHE_KEY, 3.0
+    return response_event(record, CAPTURE)
+
+
 def request_only(request_id: str = "req-open", **kw: Any) -> dict[str, Any]:
     return request_event(make_record(request_id, **kw), CAPTURE)
 
@@ -418,6 +453,29 @@ def test_metadata_sent_is_top_level_scalars_without_nulls() -> None:
     assert metadata["outcome"] == "timeout"
     assert "status" not in metadata and "cache_status" not in metadata
     assert all(isinstance(v, str | int | float | bool) for v in metadata.values())
+
+
+def test_a_cache_hit_is_a_successful_run_marked_in_its_metadata() -> None:
+    sink, fake, _ = against_fake()
+    events = [cache_hit(), cache_hit("req-hit-sse", stream=True), not_modified()]
+    assert verdict_of(sink.deliver(events)) == Delivered()
+
+    run = fake.runs[run_id("req-hit")]
+    assert (run.status, run.name) == ("success", "gpt-4o-mini-2024-07-18")
+    assert run.output == {"role": "assistant", "content": "Hi!"}
+    assert (run.prompt_tokens, run.completion_tokens) == (12, 2)
+    assert run.metadata is not None
+    assert (run.metadata["cacheStatus"], run.metadata["cacheKey"]) == ("hit", CACHE_KEY)
+    assert run.metadata["cacheAgeS"] == 42.5
+    streamed = fake.runs[run_id("req-hit-sse")]
+    assert streamed.output == {"role": "assistant", "content": "Grüß dich"}
+    assert (streamed.prompt_tokens, streamed.completion_tokens) == (12, 3)
+    # A 304 served nothing: a successful run without output or tokens.
+    revalidated = fake.runs[run_id("req-304")]
+    assert revalidated.status == "success" and revalidated.output is None
+    assert revalidated.prompt_tokens is None
+    assert revalidated.metadata is not None
+    assert revalidated.metadata["cacheStatus"] == "conditional-hit"
 
 
 def test_a_stream_is_sent_as_its_merged_reply() -> None:

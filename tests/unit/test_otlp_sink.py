@@ -17,13 +17,16 @@ from llmproxy.export.sink import Delivered, Rejected, Retry, Sink
 from llmproxy.export.sinks.otlp import OTLPSink, operation_name, signal_url, span_ids
 from tests.fakes.otlp import FakeCollector, Hang, Respond, StoredSpan
 from tests.unit.test_lunary_sink import (
+    CACHE_KEY,
     NOW,
     NoClient,
     RefusingClient,
     anthropic_json,
     anthropic_stream,
     at_now,
+    cache_hit,
     make_record,
+    not_modified,
     openai_json,
     openai_stream,
     rate_limited,
@@ -195,6 +198,25 @@ def test_streams_and_anthropic_exchanges_carry_their_facts() -> None:
     assert anthropic.attributes["gen_ai.usage.input_tokens"] == 14  # cache reads included
     assert anthropic.attributes["gen_ai.response.finish_reasons"] == ["end_turn"]
     assert by_id["req-an-sse"].attributes["gen_ai.usage.output_tokens"] == 4
+
+
+def test_a_cache_hit_is_an_ok_span_with_its_usage_and_cache_attributes() -> None:
+    sink, fake, _ = against_fake()
+    assert verdict_of(sink.deliver([cache_hit(), not_modified()])) == Delivered()
+
+    by_id = {s.attributes["llmproxy.request_id"]: s for s in fake.spans}
+    hit = by_id["req-hit"]
+    assert hit.status_code == 0 and "error.type" not in hit.attributes
+    assert hit.end_ns - hit.start_ns == 400_000  # answered in 0.4 ms, no upstream call
+    assert hit.attributes["gen_ai.usage.output_tokens"] == 2
+    assert hit.attributes["llmproxy.cache_status"] == "hit"
+    assert hit.attributes["llmproxy.cache_key"] == CACHE_KEY
+    assert hit.attributes["llmproxy.cache_age_s"] == 42.5
+    revalidated = by_id["req-304"]
+    assert revalidated.status_code == 0 and "error.type" not in revalidated.attributes
+    assert revalidated.attributes["http.response.status_code"] == 304
+    assert revalidated.attributes["llmproxy.cache_status"] == "conditional-hit"
+    assert "gen_ai.usage.output_tokens" not in revalidated.attributes
 
 
 def test_a_failed_exchange_is_an_error_span() -> None:

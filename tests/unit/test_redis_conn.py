@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import pytest
+import txredisapi
+from twisted.internet.defer import CancelledError
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 
 from llmproxy.config.model import RedisSettings
 from llmproxy.redis.connection import (
     RedisConnection,
     RedisUnavailable,
     RedisURL,
+    is_refusal,
     parse_redis_url,
     redis_problems,
 )
@@ -74,3 +78,24 @@ def test_commands_fail_at_once_without_a_connection() -> None:
     assert not connection.usable
     stopped = connection.stop()
     assert stopped.called
+
+
+@pytest.mark.parametrize(
+    ("error", "refused"),
+    [
+        (txredisapi.ResponseError("WRONGTYPE Operation against a key"), True),
+        (txredisapi.ResponseError("NOPERM this user has no permissions"), True),
+        (txredisapi.ResponseError("NOGROUP No such key 's' or consumer group 'g'"), True),
+        (txredisapi.ResponseError("Invalid stream ID specified"), True),  # ERR, stripped
+        (txredisapi.ResponseError("LOADING Redis is loading the dataset in memory"), False),
+        (txredisapi.ResponseError("BUSY Redis is busy running a script"), False),
+        (txredisapi.ResponseError("READONLY You can't write against a read only replica"), False),
+        (txredisapi.ResponseError("MISCONF Redis is configured to save RDB snapshots"), False),
+        (txredisapi.ResponseError("MASTERDOWN Link with MASTER is down"), False),
+        (RedisUnavailable("connection lost"), False),
+        (txredisapi.ConnectionError("Lost connection"), False),
+        (CancelledError(), False),
+    ],
+)
+def test_only_a_definitive_answer_of_redis_is_a_refusal(error: Exception, refused: bool) -> None:
+    assert is_refusal(Failure(error)) is refused

@@ -21,7 +21,9 @@ session events are delivered trivially.  Each exchange maps as follows:
   Helicone prices the model instead of filing it under "custom"),
   ``Helicone-User-Id`` (OpenAI ``user`` / Anthropic ``metadata.user_id``) and
   ``Helicone-Property-*`` (request id, session, route, environment, machine,
-  outcome, and the request's own string ``metadata``).
+  outcome, cache status, key and age, and the request's own string
+  ``metadata``).  Helicone has no field for an answer from our cache (its
+  cache reference names one of its own requests, set by its gateway only).
 - ``providerResponse.json`` is the response object; a stream is merged into the
   object the non-streamed call would have returned.  When the upstream reported
   no usage, an estimate (text length / 4) is injected in the provider's usage
@@ -93,6 +95,8 @@ PROPERTY_FIELDS = (
     ("machine", "Machine"),
     ("outcome", "Outcome"),
     ("cache_status", "Cache-Status"),
+    ("cache_key", "Cache-Key"),
+    ("cache_age_s", "Cache-Age"),
     ("upstream_host", "Upstream-Host"),
 )
 MAX_USER_PROPERTIES = 20

@@ -85,6 +85,7 @@ IDENTITY_FIELDS = (
     "machine",
     "status",
     "outcome",
+    "cache_status",
     "model",
 )
 

@@ -23,6 +23,12 @@ A failed start/end/error fails its canonical event: ``Delivered(rejected=...)``
 with Lunary's error text.  401 (unknown project) and 402 (a key that is not a
 project id) are permanent, like any 4xx; 429 and 5xx are retried.  The key never
 appears in a verdict.
+
+The answer is read up to ``RESULT_BYTES`` per Lunary event sent, beyond the
+sinks' ``ANSWER_LIMIT``: a batch's results are read whole (1000 exchanges are
+2000 events: ~120 KB of results, ~180 KB when every start says its run already
+exists), and a receiver cannot make the daemon hold more than the batch's size
+allows (~1 MB for those 1000).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from twisted.internet.interfaces import IReactorTime
 from llmproxy.capture.events import facts_of, response_text
 from llmproxy.config.model import ExporterSettings
 from llmproxy.export.sink import (
+    ANSWER_LIMIT,
     Delivered,
     EncodedBatch,
     HTTPClient,
@@ -103,6 +110,8 @@ METADATA_FIELDS = (
     "status",
     "outcome",
     "cache_status",
+    "cache_key",
+    "cache_age_s",
     "is_stream",
     "duration_ms",
     "ttfb_ms",
@@ -110,6 +119,9 @@ METADATA_FIELDS = (
     "machine",
 )
 MAX_ERROR_CHARS = 2000
+# The answer read per Lunary event sent: a result is {"id", "success", "error"},
+# ~60 bytes, ~120 with the duplicate-run error; the rest is room for longer errors.
+RESULT_BYTES = 512
 
 
 def ingest_url(endpoint: str) -> str:
@@ -257,7 +269,11 @@ class LunarySink(HTTPSink):
             runs.append(run)
             body.extend(run.events)
         data = orjson.dumps({"events": body}, default=json_default) if runs else b""
-        batch = EncodedBatch(body=data, headers=dict(self._headers))
+        batch = EncodedBatch(
+            body=data,
+            headers=dict(self._headers),
+            answer_limit=ANSWER_LIMIT + RESULT_BYTES * len(body),
+        )
         return _Plan(events, tuple(runs), unencodable, batch)
 
     # -- judge -------------------------------------------------------------------

@@ -441,6 +441,8 @@ def _exchange_attributes(event: dict[str, Any], operation: str) -> list[dict[str
         ("llmproxy.route", "route"),
         ("llmproxy.outcome", "outcome"),
         ("llmproxy.cache_status", "cache_status"),
+        ("llmproxy.cache_key", "cache_key"),
+        ("llmproxy.cache_age_s", "cache_age_s"),
         ("llmproxy.stream", "is_stream"),
         ("llmproxy.ttfb_ms", "ttfb_ms"),
     ):
