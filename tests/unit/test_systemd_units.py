@@ -77,7 +77,7 @@ def test_the_proxy_and_dispatcher_units_share_one_static_user() -> None:
         for path in SERVICES
     }
     assert set(identities) == {
-        "llmproxy.runtime.service",
+        "llmproxy.service",
         "llmproxy-activated.service",
         "llmproxy-dispatcher.service",
     }
