@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         mocks = run.Mocks(
             nginx, workdir, mock_port, sse_port, placement
         )  # (no SSE runs here: sse_port stays unused)
+        stack.enter_context(mocks.stack)  # a redis-server, if a variant starts one
         conf = run.nginx_mock_conf(workdir, mock_port)
         mocks.servers.append(
             stack.enter_context(run.run_nginx("mock", nginx, workdir, conf, mock_port))

@@ -663,9 +663,28 @@ class Mocks:
     sse_port: int
     placement: Placement
     servers: list[Server] = field(default_factory=list)
+    stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    _redis_port: int = 0
 
     def pids(self) -> list[int]:
         return [pid for server in self.servers for pid in server.pids()]
+
+    def redis_url(self) -> str:
+        """A redis-server for the variants with ``[events] bus = redis``, started
+        the first time one asks (loopback, no persistence, placed like the mocks)."""
+        if not self._redis_port:
+            binary = shutil.which("redis-server")
+            if binary is None:
+                raise RuntimeError("redis-server is not installed (scripts/system-deps)")
+            port = free_port()
+            argv = [
+                binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--dir", str(self.workdir),
+            ]  # fmt: skip
+            server = self.stack.enter_context(spawn("redis", argv, self.workdir))
+            self.servers.append(started(server, port_open(port)))
+            self._redis_port = port
+        return f"redis://127.0.0.1:{self._redis_port}/0"
 
 
 def llmproxy_config(
@@ -689,6 +708,8 @@ def llmproxy_config(
         f"upstream = http://127.0.0.1:{mocks.sse_port}",
         "provider = openai",
     ]
+    if any("{REDIS}" in line for line in extra):
+        extra = [line.replace("{REDIS}", mocks.redis_url()) for line in extra]
     lines += [line.replace("{LOKI}", f"http://127.0.0.1:{mocks.mock_port}") for line in extra]
     return "\n".join(lines) + "\n"
 
@@ -738,6 +759,7 @@ LABELS = {
     "llmproxy-file-loki": "llmproxy, file + Loki sinks on",
     "llmproxy-off-2w": "llmproxy, 2 workers, no sinks",
     "llmproxy-file-2w": "llmproxy, 2 workers, file sink on",
+    "llmproxy-redis": "llmproxy, Redis bus (XADD), no local sink",
     "twisted": "Twisted ReverseProxyResource",
     "nginx": "nginx proxy_pass (1 worker)",
 }
@@ -751,6 +773,7 @@ LLMPROXY_VARIANTS: dict[str, list[str]] = {
     "llmproxy-file-loki": [*FILE_SINK, "", "[exporter:loki]", "type = loki", "url = {LOKI}"],
     "llmproxy-off-2w": [],
     "llmproxy-file-2w": FILE_SINK,
+    "llmproxy-redis": ["", "[events]", "bus = redis", "", "[redis]", "url = {REDIS}"],
 }
 WORKERS = {"llmproxy-off-2w": 2, "llmproxy-file-2w": 2}  # [server] workers; others: 1
 
@@ -1400,6 +1423,7 @@ def main(argv: Sequence[str]) -> int:
         with contextlib.ExitStack() as stack:
             mock_port, sse_port = free_port(), free_port()
             mocks = Mocks(nginx, tmp, mock_port, sse_port, placement)
+            stack.enter_context(mocks.stack)  # a redis-server, if a variant starts one
             mock = stack.enter_context(
                 run_nginx("nginx-mock", nginx, tmp, nginx_mock_conf(tmp / "nginx-mock", mock_port),
                           mock_port)
