@@ -85,7 +85,7 @@ class RedisSettings:
     timeout: float = 5.0  # connect and command timeout
     # proxy side
     publish_buffer: int = 10000  # events held in memory waiting for XADD
-    batch_size: int = 500  # XADDs pipelined per round trip
+    batch_size: int = 100  # events per round trip (one EVAL running their XADDs)
     flush_interval: float = 0.1
     spool_dir: Path | None = None  # None: <state_dir>/spool/redis-bus
     spool_max_bytes: int = 1024 * MiB

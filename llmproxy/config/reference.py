@@ -38,7 +38,7 @@ from llmproxy.config.model import (
     Settings,
 )
 
-DOC_PATH = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+DOC_PATH = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 REGENERATE = "python -m llmproxy.config.reference --write"
 
 # Sections in the order of the document: (heading, meaning-table prefix, settings class).
@@ -226,7 +226,10 @@ MEANINGS: dict[str, str] = {
         "Proxy: events held in memory waiting for their `XADD`; past it the oldest batch is "
         "spilled to the spool."
     ),
-    "redis.batch_size": "Proxy: `XADD`s pipelined in one round trip.",
+    "redis.batch_size": (
+        "Proxy: events sent in one round trip (one `EVAL` of a script running their "
+        "`XADD`s); small batches keep each reactor turn, and Redis' own work per batch, short."
+    ),
     "redis.flush_interval": "Proxy: a partial batch is sent after at most this long.",
     "redis.spool_interval": (
         "Proxy: while Redis is unreachable or refusing, what waits in memory goes to the spool "

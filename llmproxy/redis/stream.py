@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import attrs
-from twisted.internet.defer import Deferred, FirstError, gatherResults
+from twisted.internet.defer import Deferred, FirstError, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -44,7 +44,7 @@ from llmproxy.export.bus import MemoryBus
 from llmproxy.export.bus_base import Subscriber
 from llmproxy.export.deadletter import DeadLetter
 from llmproxy.export.exporter import BatchingExporter, RunBlocking, run_here
-from llmproxy.export.sink import Delivered, Retry, Verdict
+from llmproxy.export.sink import Delivered, Rejected, Retry, Verdict
 from llmproxy.export.spool import Spool
 
 log = Logger()
@@ -53,11 +53,15 @@ TARGET = "redis-bus"  # the engine's name for the stream target (logs, spool dir
 ERROR_PAUSE = 1.0  # seconds before a batch Redis refused is sent again
 
 # One round trip per batch: the XADDs run in Redis.  KEYS[1] the stream, ARGV[1]
-# the MAXLEN, then one event per argument.  Returns how many were added.
+# the MAXLEN, ARGV[2] the batch's events, one JSON document a line (JSON as the
+# proxy writes it never holds a raw newline).  One argument rather than one per
+# event: encoding a command costs the client per argument (measured with
+# txredisapi: 2-5 us per 1 KB argument, against one join for the whole batch).
+# Returns how many events were added.
 XADD_SCRIPT = """
 local n = 0
-for i = 2, #ARGV do
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'event', ARGV[i])
+for line in string.gmatch(ARGV[2], '[^\\n]+') do
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'event', line)
   n = n + 1
 end
 return n
@@ -107,8 +111,11 @@ class RedisStreamSink:
         """XADD each line; ``Delivered`` once Redis confirmed them all."""
         settings = self._settings
         if self._scripts:
+            joined = b"\n".join(lines)
+            if joined.count(b"\n") != len(lines) - 1:
+                return succeed(Rejected("an event's JSON holds a raw newline"))
             d = self._client.execute(
-                "EVAL", XADD_SCRIPT, 1, settings.stream, settings.maxlen, *lines
+                "EVAL", XADD_SCRIPT, 1, settings.stream, settings.maxlen, joined
             )
         else:
             d = gatherResults(

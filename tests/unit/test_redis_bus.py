@@ -76,8 +76,8 @@ class FakeRedis:
             todo, self.pending = self.pending[:n], self.pending[n:]
         for args, d in todo:
             if args[0] == "EVAL":
-                assert args[1:5] == (XADD_SCRIPT, 1, "s", 1000)
-                lines = args[5:]
+                assert args[1:5] == (XADD_SCRIPT, 1, "s", 1000) and len(args) == 6
+                lines = args[5].split(b"\n")
                 self.stream.extend(orjson.loads(line) for line in lines)
                 d.callback(len(lines))
             else:
