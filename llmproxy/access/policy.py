@@ -25,7 +25,6 @@ from __future__ import annotations
 import hmac
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Protocol
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
@@ -34,6 +33,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 
+from llmproxy.access.decision import Allow, Deny
 from llmproxy.access.limits import RateLimiter, retry_after_seconds
 from llmproxy.access.tokens import (
     MAX_TOKEN_LENGTH,
@@ -48,8 +48,8 @@ from llmproxy.access.tokens import (
 )
 from llmproxy.capture.record import ExchangeRecord
 from llmproxy.config.model import RouteSettings, Settings
-from llmproxy.proxy.forward import Allow, Deny
-from llmproxy.proxy.router import Target
+from llmproxy.http.router import Target
+from llmproxy.interfaces import Auditor
 
 log = Logger()
 
@@ -59,10 +59,6 @@ CLIENT_CREDENTIAL_HEADERS = frozenset(
 )
 _ALLOW_AS_IS = Allow()
 _WWW_AUTHENTICATE = ((b"www-authenticate", b'Bearer realm="llmproxy"'),)
-
-
-class Auditing(Protocol):
-    def write(self, action: str, **fields: Any) -> None: ...
 
 
 def upstream_auth_header(provider: str, api_key: str) -> tuple[bytes, bytes]:
@@ -101,7 +97,7 @@ class TokenAccess:
         routes: Iterable[RouteSettings],
         tokens: TokenFile,
         usage: UsageLedger,
-        audit: Auditing,
+        audit: Auditor,
         clock: IReactorTime,
         reload_interval: float = 1.0,
         flush_interval: float = 5.0,
@@ -337,7 +333,7 @@ class TokenAccess:
 
 def build_access(
     settings: Settings,
-    audit: Auditing,
+    audit: Auditor,
     clock: IReactorTime,
     *,
     reload_interval: float = 1.0,

@@ -22,11 +22,8 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from llmproxy.proxy.errors import error_body
-
-
-class Auditing(Protocol):
-    def write(self, action: str, **fields: Any) -> None: ...
+from llmproxy.http.errors import error_body
+from llmproxy.interfaces import Auditor
 
 
 class CachePurger(Protocol):
@@ -45,7 +42,7 @@ class AdminResource(Resource):
         stats: Callable[[], dict[str, Any]],
         registry: CollectorRegistry,
         token: str = "",
-        audit: Auditing | None = None,
+        audit: Auditor | None = None,
         cache: CachePurger | None = None,
     ) -> None:
         super().__init__()

@@ -35,7 +35,8 @@ def build_cache(
     if not cache_wanted(settings):
         return None
     from llmproxy.cache.cache import ResponseCache
-    from llmproxy.cache.store import CacheStore, MemoryStore
+    from llmproxy.cache.store import MemoryStore
+    from llmproxy.interfaces import CacheStore
 
     c = settings.cache
     clock = clock or reactor

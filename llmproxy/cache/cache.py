@@ -43,10 +43,10 @@ from llmproxy.cache.policy import (
     vary_matches,
     vary_values,
 )
-from llmproxy.cache.store import CacheStore
 from llmproxy.config.model import CacheSettings
-from llmproxy.proxy.headers import filter_headers
-from llmproxy.proxy.router import Target
+from llmproxy.http.headers import filter_headers
+from llmproxy.http.router import Target
+from llmproxy.interfaces import CacheStore
 
 log = Logger()
 

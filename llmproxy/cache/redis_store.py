@@ -17,25 +17,15 @@ by prefix walks ``SCAN MATCH`` (never ``KEYS``) and deletes in batches.
 from __future__ import annotations
 
 import re
-from typing import Any, Protocol
+from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
 from llmproxy.cache.entry import CachedResponse
+from llmproxy.interfaces import RedisExecutor
 
 _GLOB_SPECIAL = re.compile(rb"([*?\[\]\\])")
-
-
-class RedisExecutor(Protocol):
-    """What this store needs of :class:`llmproxy.redis.connection.RedisConnection`."""
-
-    def start(self) -> None: ...
-
-    def stop(self) -> defer.Deferred[None]: ...
-
-    def execute(self, *args: bytes | str | int | float) -> defer.Deferred[Any]:
-        """One command; fires with its raw reply (``bytes`` stay ``bytes``)."""
 
 
 class RedisStore:

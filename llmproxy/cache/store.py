@@ -10,33 +10,11 @@ while ``clock.seconds() < entry.expires_at``.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Protocol
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
 from llmproxy.cache.entry import CachedResponse
-
-
-class CacheStore(Protocol):
-    kind: str
-
-    def get(self, key: str) -> defer.Deferred[CachedResponse | None]:
-        """The fresh entry under ``key``, or None."""
-
-    def put(self, key: str, entry: CachedResponse) -> defer.Deferred[bool]:
-        """Store ``entry`` until its ``expires_at``; False when it was not kept."""
-
-    def purge(self, *, key: str | None = None, prefix: str | None = None) -> defer.Deferred[int]:
-        """Delete one key, or every key starting with ``prefix`` ('' = all); the count."""
-
-    def stats(self) -> dict[str, int]:
-        """At least ``entries``, ``bytes`` and ``evictions`` (-1 where the store cannot tell)."""
-
-    def start(self) -> None:
-        """Connect, where there is something to connect to (at service start)."""
-
-    def close(self) -> defer.Deferred[None]: ...
 
 
 class MemoryStore:

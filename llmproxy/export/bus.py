@@ -14,7 +14,7 @@ import attrs
 from twisted.logger import Logger
 
 from llmproxy.events.envelope import Envelope
-from llmproxy.export.bus_base import Subscriber
+from llmproxy.interfaces import Subscriber
 
 log = Logger()
 

@@ -85,7 +85,7 @@ import contextlib
 import random as _random
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import attrs
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
@@ -97,8 +97,9 @@ from twisted.python.failure import Failure
 from llmproxy.config.model import ExporterSettings
 from llmproxy.events.envelope import Envelope, StoredEvent
 from llmproxy.export.deadletter import DeadLetter
-from llmproxy.export.sink import Delivered, Rejected, ReopenableSink, Retry, Sink, Verdict
+from llmproxy.export.sink import Delivered, Rejected, Retry, Verdict
 from llmproxy.export.spool import PendingSegment, Segment, Spool
+from llmproxy.interfaces import LineSink, PreparingSink, ReopenableSink, RunBlocking, Sink
 
 log = Logger()
 
@@ -110,13 +111,6 @@ CLOSED = "closed"
 _Entry = tuple[int, Envelope, int, float]
 
 _T = TypeVar("_T")
-
-
-class RunBlocking(Protocol):
-    """Runs blocking work off the reactor thread; the Deferred fires in the reactor
-    thread with its result (``twisted.internet.threads.deferToThread``)."""
-
-    def __call__(self, work: Callable[[], _T], /) -> Deferred[_T]: ...
 
 
 def run_here(work: Callable[[], _T]) -> Deferred[_T]:
@@ -218,6 +212,8 @@ class BatchingExporter:
     # the event is published (a reactor turn's worth at a time) rather than for a
     # whole batch in the turn that sends it; results by ordinal until batched.
     _prepare: Callable[[dict[str, Any], bytes], Any] | None = attrs.field(init=False, default=None)
+    _preparing: PreparingSink | None = attrs.field(init=False, default=None)
+    _lines: LineSink | None = attrs.field(init=False, default=None)
     _prepared: dict[int, Any] = attrs.field(init=False, factory=dict)
     # counters
     _accepted: int = attrs.field(init=False, default=0)
@@ -237,7 +233,11 @@ class BatchingExporter:
     _last_error_at: float | None = attrs.field(init=False, default=None)
 
     def __attrs_post_init__(self) -> None:
-        self._prepare = getattr(self._sink, "prepare", None)
+        # The sink's declared capabilities (llmproxy.interfaces), looked at once.
+        sink = self._sink
+        self._preparing = sink if isinstance(sink, PreparingSink) else None
+        self._lines = sink if isinstance(sink, LineSink) else None
+        self._prepare = self._preparing.prepare if self._preparing is not None else None
         if self._spool is not None:
             self._recovered = self._accepted = self._spool.event_count
             self._next_ordinal = self._spool.next_ordinal
@@ -540,13 +540,12 @@ class BatchingExporter:
     def _attempt(self, batch: _Batch) -> None:
         batch.timer = None
         batch.attempt += 1
-        deliver_lines = getattr(self._sink, "deliver_lines", None)
-        if self._prepare is not None:  # ... and it prepared them when published
-            deliver_prepared: Callable[..., Any] = self._sink.deliver_prepared  # type: ignore[attr-defined]
+        d: Deferred[Any]
+        if self._preparing is not None:  # ... and it prepared them when published
             prepared = batch.prepared or [None] * len(batch.events)
-            d: Deferred[Any] = maybeDeferred(deliver_prepared, batch.events, batch.lines, prepared)
-        elif deliver_lines is not None:  # the sink writes the events' JSON as it is
-            d = maybeDeferred(deliver_lines, batch.events, batch.lines)
+            d = maybeDeferred(self._preparing.deliver_prepared, batch.events, batch.lines, prepared)
+        elif self._lines is not None:  # the sink writes the events' JSON as it is
+            d = maybeDeferred(self._lines.deliver_lines, batch.events, batch.lines)
         else:
             d = maybeDeferred(self._sink.deliver, batch.events)
         batch.deferred = d

@@ -23,9 +23,10 @@ from twisted.internet.interfaces import IReactorTime
 
 from llmproxy.config.model import ExporterSettings
 from llmproxy.export.deadletter import DeadLetter
-from llmproxy.export.exporter import BatchingExporter, RunBlocking, run_here
+from llmproxy.export.exporter import BatchingExporter, run_here
 from llmproxy.export.sink import HTTPClient, Sink
 from llmproxy.export.spool import Spool
+from llmproxy.interfaces import RunBlocking
 
 
 @attrs.frozen

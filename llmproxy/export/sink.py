@@ -28,8 +28,7 @@ from __future__ import annotations
 
 import email.utils
 from collections.abc import Mapping, Sequence
-from http.cookiejar import CookieJar
-from typing import Any, Protocol, TypeAlias, runtime_checkable
+from typing import Any, TypeAlias
 
 import attrs
 from hyperlink import EncodedURL
@@ -41,6 +40,21 @@ from twisted.web import _newclient
 from twisted.web.http_headers import Headers
 
 from llmproxy.export.http import NoCookies, read_answer
+from llmproxy.interfaces import HTTPClient, ReopenableSink, Sink
+
+__all__ = [
+    "ANSWER_LIMIT",
+    "Delivered",
+    "EncodedBatch",
+    "HTTPClient",
+    "HTTPSink",
+    "Rejected",
+    "ReopenableSink",
+    "Retry",
+    "Sink",
+    "Verdict",
+    "parse_retry_after",
+]
 
 # The most of a sink's answer that is read (decoded bytes), unless its batch says
 # otherwise: enough for any error text or status document a backend sends.
@@ -72,34 +86,6 @@ class Rejected:
 Verdict: TypeAlias = Delivered | Retry | Rejected
 
 
-@runtime_checkable
-class Sink(Protocol):
-    """A backend the exporter delivers batches of canonical event dicts to."""
-
-    @property
-    def name(self) -> str:
-        """The exporter name (``[exporter:NAME]``), used in stats and logs."""
-
-    def deliver(self, events: Sequence[dict[str, Any]]) -> Deferred[Verdict]:
-        """Send one batch; fire with a verdict.  An errback counts as ``Retry``.
-
-        The event dicts are shared with the other sinks' exporters: never mutate them.
-        The exporter may ``cancel()`` the Deferred at its shutdown deadline.
-        """
-
-    def close(self) -> Deferred[None]:
-        """Release resources; called once, after the exporter's final flush."""
-
-
-@runtime_checkable
-class ReopenableSink(Protocol):
-    """A sink writing to files it keeps open: ``reopen`` (SIGHUP after logrotate)
-    closes them once the batches before are done; later batches open the
-    configured paths again."""
-
-    def reopen(self) -> Deferred[None]: ...
-
-
 @attrs.frozen
 class EncodedBatch:
     """One HTTP request body for a batch, with its headers (and URL when not the
@@ -109,22 +95,6 @@ class EncodedBatch:
     headers: dict[str, str]
     url: str | None = None
     answer_limit: int = ANSWER_LIMIT
-
-
-class HTTPClient(Protocol):
-    """The part of treq's ``HTTPClient`` (and ``StubTreq``) the sinks use:
-    :func:`llmproxy.export.http.sink_http_client` in production."""
-
-    def request(
-        self,
-        method: str,
-        url: EncodedURL,
-        *,
-        headers: Headers | None = None,
-        data: bytes | None = None,
-        cookies: CookieJar | None = None,
-        unbuffered: bool = False,
-    ) -> Deferred[Any]: ...
 
 
 # Per request, so treq does not build an empty jar for each (it does unless given one).

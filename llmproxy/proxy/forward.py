@@ -22,9 +22,8 @@ from __future__ import annotations
 import io
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
-import attrs
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol as TwistedProtocol
@@ -37,17 +36,19 @@ from twisted.web.iweb import IBodyProducer
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from llmproxy.access.decision import Allow, Deny, PassthroughAccess
 from llmproxy.capture.record import ExchangeRecord
 from llmproxy.config.model import CaptureSettings, ServerSettings
-from llmproxy.proxy.client import UpstreamPool, UpstreamResponse
-from llmproxy.proxy.errors import error_body
-from llmproxy.proxy.headers import (
+from llmproxy.http.errors import error_body
+from llmproxy.http.headers import (
     filter_headers,
     request_id_from,
     upstream_request_headers,
 )
+from llmproxy.http.router import Refusal, Router, Target
+from llmproxy.interfaces import AccessPolicy, Auditor, EventSink
+from llmproxy.proxy.client import UpstreamPool, UpstreamResponse
 from llmproxy.proxy.metrics import ProxyMetrics
-from llmproxy.proxy.router import Refusal, Router, Target
 
 if TYPE_CHECKING:
     from llmproxy.cache.cache import CacheTicket, ResponseCache
@@ -55,69 +56,6 @@ if TYPE_CHECKING:
 
 _SSE = b"text/event-stream"
 _DONE = Failure(ResponseDone())
-
-
-class EventSink(Protocol):
-    """Where records go: queued for the next reactor turn, where the session
-    tracker and the events take them (llmproxy.capture.pump.CapturePump)."""
-
-    @property
-    def enabled(self) -> bool: ...
-
-    @property
-    def needs_whole_body(self) -> bool:
-        """Whether ``request_started`` needs a body the capture cut short (read
-        back from its temp file): only for a session tracker."""
-
-    def request_started(self, record: ExchangeRecord, body: bytes) -> None:
-        """``body``: the request body; whole when ``needs_whole_body``, else as captured."""
-
-    def request_finished(self, record: ExchangeRecord) -> None: ...
-
-
-class Auditor(Protocol):
-    def refused_host(self, record: ExchangeRecord, reason: str) -> None: ...
-
-
-@attrs.frozen
-class Allow:
-    """Forward the request; rewrite these upstream headers (e.g. inject the route's key)."""
-
-    set_headers: tuple[tuple[bytes, bytes], ...] = ()
-    drop_headers: frozenset[bytes] = frozenset()  # lower-case names
-    # Whose request this is, for the response cache: the proxy token's project.
-    # Empty: the cache hashes the client's own credentials instead.
-    namespace: str = ""
-
-
-@attrs.frozen
-class Deny:
-    """Answer the client with an error; the upstream is never contacted."""
-
-    status: int
-    message: str
-    headers: tuple[tuple[bytes, bytes], ...] = ()
-
-
-ALLOW = Allow()
-
-
-class AccessPolicy(Protocol):
-    """Decides, per request, whether it may go upstream (see llmproxy.access)."""
-
-    def check(self, request: Request, target: Target, record: ExchangeRecord) -> Allow | Deny: ...
-
-    def finished(self, record: ExchangeRecord) -> None: ...
-
-
-class PassthroughAccess:
-    """Every route forwards the client's own credentials; nothing to check."""
-
-    def check(self, request: Request, target: Target, record: ExchangeRecord) -> Allow | Deny:
-        return ALLOW
-
-    def finished(self, record: ExchangeRecord) -> None:
-        pass
 
 
 class ProxyResource(Resource):

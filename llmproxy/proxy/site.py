@@ -11,9 +11,9 @@ from twisted.web import server
 from twisted.web.http import HTTPChannel, Request
 from twisted.web.http_headers import InvalidHeaderName, _nameEncoder
 
-from llmproxy.proxy.errors import error_body
+from llmproxy.http.errors import error_body
+from llmproxy.http.headers import HttpDate
 from llmproxy.proxy.forward import ProxyResource
-from llmproxy.proxy.headers import HttpDate
 
 log = Logger()
 _SERVER = [server.version]

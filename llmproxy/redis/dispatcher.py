@@ -68,7 +68,7 @@ from twisted.python.failure import Failure
 from llmproxy.config.model import ExporterSettings, RedisSettings
 from llmproxy.events.envelope import Envelope, StoredEvent
 from llmproxy.export.deadletter import DeadLetter
-from llmproxy.redis.stream import RedisClient
+from llmproxy.interfaces import RedisClient
 
 log = Logger()
 

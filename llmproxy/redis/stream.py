@@ -30,7 +30,7 @@ from __future__ import annotations
 import random as _random
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred, FirstError, gatherResults, succeed
@@ -41,11 +41,11 @@ from twisted.python.failure import Failure
 from llmproxy.config.model import ExporterSettings, RedisSettings, Settings
 from llmproxy.events.envelope import Envelope
 from llmproxy.export.bus import MemoryBus
-from llmproxy.export.bus_base import Subscriber
 from llmproxy.export.deadletter import DeadLetter
-from llmproxy.export.exporter import BatchingExporter, RunBlocking, run_here
+from llmproxy.export.exporter import BatchingExporter, run_here
 from llmproxy.export.sink import Delivered, Rejected, Retry, Verdict
 from llmproxy.export.spool import Spool
+from llmproxy.interfaces import RedisClient, RunBlocking, Subscriber
 
 log = Logger()
 
@@ -66,25 +66,6 @@ for line in string.gmatch(ARGV[2], '[^\\n]+') do
 end
 return n
 """
-
-
-class RedisClient(Protocol):
-    """What the bus needs from a connection (``RedisConnection``, or a fake)."""
-
-    @property
-    def usable(self) -> bool: ...
-
-    def when_ready(self, callback: Callable[[], object]) -> None: ...
-
-    def start(self) -> None: ...
-
-    def stop(self) -> Deferred[None]: ...
-
-    def abort(self) -> None: ...
-
-    def execute(
-        self, *args: bytes | str | int | float, timeout: float | None = ...
-    ) -> Deferred[Any]: ...
 
 
 @attrs.define(eq=False)

@@ -37,10 +37,10 @@ from llmproxy.capture.pump import CapturePump
 from llmproxy.capture.sessions import SessionTracker
 from llmproxy.config.model import ExporterSettings, Settings
 from llmproxy.events.machine import machine_id
+from llmproxy.http.router import Router
 from llmproxy.proxy.client import UpstreamPool
 from llmproxy.proxy.forward import ProxyResource
 from llmproxy.proxy.metrics import MetricsCollector, ProxyMetrics, make_registry
-from llmproxy.proxy.router import Router
 from llmproxy.proxy.site import ProxySite
 
 if TYPE_CHECKING:

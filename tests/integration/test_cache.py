@@ -28,9 +28,10 @@ from llmproxy.access.tokens import TokenFile
 from llmproxy.cache import build_cache
 from llmproxy.cache.cache import ResponseCache
 from llmproxy.cache.redis_store import RedisStore
-from llmproxy.cache.store import CacheStore, MemoryStore
+from llmproxy.cache.store import MemoryStore
 from llmproxy.cli.cache import add_cache_command
 from llmproxy.config.loader import load_settings
+from llmproxy.interfaces import CacheStore
 from llmproxy.proxy.metrics import MetricsCollector, make_registry
 from llmproxy.redis.connection import RedisConnection, parse_redis_url
 from llmproxy.runtime.service import ProxyService

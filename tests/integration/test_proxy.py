@@ -323,7 +323,7 @@ def no_root(tmp_path: Any) -> Iterator[Running]:
     r = running_fixture(tmp_path)
     env = next(r)
     # Rebuild the router without the catch-all route.
-    from llmproxy.proxy.router import Router
+    from llmproxy.http.router import Router
 
     settings = env.service.settings
     env.service.proxy.router = Router(

@@ -13,13 +13,13 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.web.test.requesthelper import DummyRequest
 
+from llmproxy.access.decision import Allow, Deny
 from llmproxy.access.limits import RateLimiter, TokenBucket, retry_after_seconds
 from llmproxy.access.policy import TokenAccess, build_access, presented_token
 from llmproxy.access.tokens import Token, TokenFile, UsageFile, UsageLedger
 from llmproxy.capture.record import ExchangeRecord
 from llmproxy.config.model import PassthroughSettings, RouteSettings, ServerSettings, Settings
-from llmproxy.proxy.forward import Allow, Deny
-from llmproxy.proxy.router import Router, Target
+from llmproxy.http.router import Router, Target
 
 NOW = 1_800_000_000.0
 OPENAI_KEY = "sk-proj-UPSTREAM-openai-key-0123456789"

@@ -1,4 +1,4 @@
-"""Hop-by-hop filtering and the Date header cache (llmproxy/proxy/headers.py)."""
+"""Hop-by-hop filtering and the Date header cache (llmproxy/http/headers.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.web.http import datetimeToString
 
-from llmproxy.proxy.headers import (
+from llmproxy.http.headers import (
     _NOT_FORWARDED_DOWN,
     _NOT_FORWARDED_UP,
     HttpDate,

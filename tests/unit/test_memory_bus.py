@@ -13,10 +13,10 @@ from twisted.logger import globalLogPublisher
 from llmproxy.config.model import ExporterSettings
 from llmproxy.events.envelope import Envelope, StoredEvent
 from llmproxy.export.bus import MemoryBus
-from llmproxy.export.bus_base import EventBus
 from llmproxy.export.deadletter import DeadLetter
 from llmproxy.export.exporter import BatchingExporter
 from llmproxy.export.sink import Delivered
+from llmproxy.interfaces import EventBus
 
 
 @attrs.define

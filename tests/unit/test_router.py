@@ -7,8 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from llmproxy.config.model import PassthroughSettings, RouteSettings
-from llmproxy.proxy.errors import error_body
-from llmproxy.proxy.router import Refusal, Router, Target
+from llmproxy.http.errors import error_body
+from llmproxy.http.router import Refusal, Router, Target
 
 ROUTES = (
     RouteSettings(name="openai", prefix="/openai", upstream="https://api.openai.com"),
@@ -165,7 +165,7 @@ def test_a_path_resolves_the_same_every_time(paths: list[bytes]) -> None:
 
 
 def test_remembered_paths_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    from llmproxy.proxy import router
+    from llmproxy.http import router
 
     monkeypatch.setattr(router, "_RESOLVED_MAX", 3)
     r = Router(ROUTES, PASS)

@@ -38,7 +38,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import attrs
 import orjson
@@ -49,19 +49,13 @@ from twisted.python.failure import Failure
 
 from llmproxy.export.appendfile import displaced, open_append
 from llmproxy.export.sink import Delivered, Retry, Verdict
+from llmproxy.interfaces import RunBlocking
 
 log = Logger()
 
 FSYNC_POLICIES = ("never", "batch", "always")
 
 _T = TypeVar("_T")
-
-
-class RunBlocking(Protocol):
-    """Runs blocking work off the reactor thread; the Deferred fires in the reactor
-    thread with its result (``twisted.internet.threads.deferToThread``)."""
-
-    def __call__(self, work: Callable[[], _T], /) -> Deferred[_T]: ...
 
 
 def _default_run_blocking() -> RunBlocking:
