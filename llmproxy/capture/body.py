@@ -13,7 +13,9 @@ binary; otherwise base64.
 from __future__ import annotations
 
 import base64
+import functools
 import zlib
+from collections.abc import Sequence
 from typing import Protocol
 
 import attrs
@@ -230,6 +232,7 @@ _BINARY_TYPES = frozenset(
 )
 
 
+@functools.lru_cache(maxsize=256)
 def media_type(content_type: str | None) -> str:
     """``"Application/JSON; charset=utf-8"`` -> ``"application/json"``."""
     if not content_type:
@@ -301,3 +304,17 @@ def capture_body(
         content_encoding=encoding or None,
         decode_error=note,
     )
+
+
+def content_headers(headers: Sequence[tuple[bytes, bytes]]) -> tuple[str | None, str | None]:
+    """``Content-Type`` and ``Content-Encoding`` (first of each), in one pass."""
+    content_type = content_encoding = None
+    for raw_name, raw_value in headers:
+        size = len(raw_name)
+        # Compare lengths first: most headers are neither, and lower() copies.
+        if size == 12:
+            if content_type is None and raw_name.lower() == b"content-type":
+                content_type = raw_value.decode("latin-1")
+        elif size == 16 and content_encoding is None and raw_name.lower() == b"content-encoding":
+            content_encoding = raw_value.decode("latin-1")
+    return content_type, content_encoding

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import codecs
 import functools
-import time
 import types
 import weakref
 from collections.abc import Sequence
@@ -57,6 +56,7 @@ from llmproxy.capture.body import (
     ContentDecoder,
     capture_body,
     content_codings,
+    content_headers,
     is_binary_type,
     media_type,
 )
@@ -64,7 +64,8 @@ from llmproxy.capture.obfuscate import HeaderObfuscator, mask_query, mask_url, s
 from llmproxy.capture.record import ExchangeRecord, Headers
 from llmproxy.config.model import CaptureSettings
 from llmproxy.events.machine import machine_id
-from llmproxy.events.sse import SSEEvent, SSEParser, parse_sse
+from llmproxy.events.sse import SSEEvent, SSEParser, sse_fields, sse_fields_of_text
+from llmproxy.events.time import epoch_ns, rfc3339_ns
 from llmproxy.events.usage import (
     EMPTY_FACTS,
     ResponseFacts,
@@ -165,37 +166,6 @@ converter = _make_converter()
 
 
 # ---------------------------------------------------------------- time
-
-
-@functools.lru_cache(maxsize=1024)
-def _utc_second(second: int) -> str:
-    try:
-        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-    except (OverflowError, OSError, ValueError):
-        return "1970-01-01T00:00:00"
-
-
-# The last stamp made: an exchange's start is asked for twice in a row (its
-# request side, then its session event).
-_last_stamp: tuple[int, str] = (-1, "")
-
-
-def rfc3339_ns(ns: int) -> str:
-    """Epoch nanoseconds -> ``2026-11-23T07:40:12.123456789Z``."""
-    global _last_stamp
-    last = _last_stamp
-    if last[0] == ns:
-        return last[1]
-    second, fraction = divmod(ns, 1_000_000_000)
-    text = f"{_utc_second(second)}.{fraction:09d}Z"
-    _last_stamp = (ns, text)
-    return text
-
-
-def epoch_ns(seconds: float) -> int:
-    # Through microseconds: a float epoch holds no more, and scaling it by 1e9
-    # directly would invent digits past 2**53.
-    return round(seconds * 1_000_000) * 1000
 
 
 def _offset_ns(start_ns: int, offset: float | None) -> int | None:
@@ -339,7 +309,7 @@ def _stream_capture(
 
 
 def _looks_like_json(text: str, content_type: str | None) -> bool:
-    if _media_type(content_type).endswith("json"):
+    if media_type(content_type).endswith("json"):
         return True
     # text[:1] first: lstrip() copies the whole text.
     return text[:1] in ("{", "[") or text.lstrip()[:1] in ("{", "[")
@@ -435,27 +405,8 @@ def build_response_event(
 
 
 @functools.lru_cache(maxsize=256)
-def _media_type(content_type: str | None) -> str:
-    return media_type(content_type)
-
-
-@functools.lru_cache(maxsize=256)
 def _is_binary_type(content_type: str | None) -> bool:
     return is_binary_type(content_type)
-
-
-def _content_headers(headers: Headers) -> tuple[str | None, str | None]:
-    """``Content-Type`` and ``Content-Encoding`` (first of each), in one pass."""
-    content_type = content_encoding = None
-    for raw_name, raw_value in headers:
-        size = len(raw_name)
-        # Compare lengths first: most headers are neither, and lower() copies.
-        if size == 12:
-            if content_type is None and raw_name.lower() == b"content-type":
-                content_type = raw_value.decode("latin-1")
-        elif size == 16 and content_encoding is None and raw_name.lower() == b"content-encoding":
-            content_encoding = raw_value.decode("latin-1")
-    return content_type, content_encoding
 
 
 def _body_dict(body: CapturedBody) -> dict[str, Any]:
@@ -545,7 +496,7 @@ def _request_side_and_json(
     raw = record.request_body
     size = record.request_body_size
     limit = capture.request_body_bytes
-    content_type, content_encoding = _content_headers(headers)
+    content_type, content_encoding = content_headers(headers)
     body = _captured_body_dict(
         raw,
         size=max(size, len(raw)),
@@ -641,53 +592,6 @@ def _request_dict(
     }
 
 
-def _sse_fields(stream: bytes) -> list[tuple[str, str]]:
-    """``[(e.event, e.data) for e in parse_sse(stream)]``, much faster for streams
-    with LF line endings only (nearly all), and without ``SSEEvent`` objects.
-
-    Decoding the whole once equals decoding line by line: a LF never belongs to
-    a UTF-8 sequence, valid or not.  The line rules are ``SSEParser._line``'s.
-    """
-    if b"\r" in stream:
-        return [(event.event, event.data) for event in parse_sse(stream)]
-    return _sse_fields_of_text(stream.decode("utf-8", "replace"))
-
-
-def _sse_fields_of_text(text: str) -> list[tuple[str, str]]:
-    """``_sse_fields`` of a stream already decoded (with "replace"), without CR."""
-    if text[:1] == "\ufeff":
-        text = text[1:]
-    # What follows the last LF is the unterminated line ``close()`` processes;
-    # when empty, processing it is a dispatch, which ``close()`` ends with anyway.
-    lines = text.split("\n")
-    events: list[tuple[str, str]] = []
-    event: str | None = None
-    data: list[str] = []
-    for line in lines:
-        if line[:6] == "data: ":
-            # The usual line, and what the general rule below makes of it, with
-            # one copy of the value instead of two.
-            data.append(line[6:])
-            continue
-        if not line:
-            if data or event is not None:
-                events.append((event or "message", "\n".join(data)))
-            event, data = None, []
-            continue
-        field, colon, value = line.partition(":")
-        if not field:
-            continue  # a comment (keep-alive)
-        if colon and value[:1] == " ":
-            value = value[1:]
-        if field == "data":
-            data.append(value)
-        elif field == "event":
-            event = value
-    if data or event is not None:
-        events.append((event or "message", "\n".join(data)))
-    return events
-
-
 @attrs.frozen
 class _FastStream:
     chunks: list[dict[str, Any]]
@@ -740,16 +644,16 @@ def _fast_stream_capture(
         if tail and out:
             out[-1]["data"] += tail
         if with_events:
-            events = _sse_fields(b"".join([raw for _, raw in chunks]))
+            events = sse_fields(b"".join([raw for _, raw in chunks]))
     elif with_events:
         # The parser is split-invariant: one parse of the whole gives the same
         # events.  Every chunk was valid UTF-8 on its own, so their texts joined
         # are the whole stream decoded: no second join and decode of the bytes.
         text = "".join(texts)
         if "\r" in text:
-            events = _sse_fields(b"".join([raw for _, raw in chunks]))
+            events = sse_fields(b"".join([raw for _, raw in chunks]))
         else:
-            events = _sse_fields_of_text(text)
+            events = sse_fields_of_text(text)
     return _FastStream(
         chunks=out,
         events=events,
@@ -766,7 +670,7 @@ def _response_dict(
     (model, usage, finish reasons), cheaper than the facts: no reply message, no
     merged response object."""
     headers = record.response_headers
-    content_type, content_encoding = _content_headers(headers)
+    content_type, content_encoding = content_headers(headers)
     chunks = record.response_chunks
     if len(chunks) == 1:
         raw = chunks[0][1]
@@ -776,7 +680,7 @@ def _response_dict(
         captured_raw = sum([len(chunk) for _, chunk in chunks])
     size = max(record.response_body_size, captured_raw)
     truncated = record.response_truncated or size > captured_raw
-    is_stream = _media_type(content_type) == "text/event-stream"
+    is_stream = media_type(content_type) == "text/event-stream"
     stream_chunks: list[dict[str, Any]] | None = None
     body: dict[str, Any]
     if is_stream:
@@ -865,13 +769,13 @@ def _response_facts(
 ) -> ResponseFacts:
     """The facts ``build_response_event`` gives with the event, from the record and
     the ``response`` event built from it."""
-    content_type, content_encoding = _content_headers(record.response_headers)
+    content_type, content_encoding = content_headers(record.response_headers)
     if payload["is_stream"]:
         chunks = record.response_chunks
         if content_codings(content_encoding):
             stream = _stream_capture(chunks, content_encoding, capture.response_body_bytes)
             return facts_from_sse(stream.events)
-        return facts_from_sse_fields(_sse_fields(b"".join([raw for _, raw in chunks])))
+        return facts_from_sse_fields(sse_fields(b"".join([raw for _, raw in chunks])))
     text = payload["response_body"]["text"]
     if text is None or not _looks_like_json(text, content_type):
         return EMPTY_FACTS
@@ -890,35 +794,6 @@ def response_event(record: ExchangeRecord, capture: CaptureSettings) -> dict[str
 
 
 # ---------------------------------------------------------------- reading events back
-
-
-def response_text(payload: dict[str, Any]) -> str | None:
-    """The captured response body text of a ``response`` event, stream or not."""
-    chunks = payload.get("response_chunks")
-    if isinstance(chunks, list):
-        return "".join(str(c.get("data", "")) for c in chunks if isinstance(c, dict))
-    body = payload.get("response_body")
-    text = body.get("text") if isinstance(body, dict) else None
-    return text if isinstance(text, str) else None
-
-
-def facts_of(payload: dict[str, Any]) -> ResponseFacts:
-    """Response facts of a ``response`` event dict (e.g. one read back from the spool).
-
-    Sinks that need the reply or the merged response object (Lunary, Helicone,
-    the session tracker) call this; it never raises.
-    """
-    try:
-        text = response_text(payload)
-        if text is None:
-            return EMPTY_FACTS
-        if isinstance(payload.get("response_chunks"), list):
-            parser = SSEParser()
-            data = text.encode("utf-8")
-            return facts_from_sse(parser.feed(data) + parser.close())
-        return facts_from_json(text)
-    except Exception:
-        return EMPTY_FACTS
 
 
 # ---------------------------------------------------------------- the envelope

@@ -77,18 +77,13 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from llmproxy.capture.body import content_codings, decode_content
-from llmproxy.capture.events import (
-    SCHEMA_VERSION,
-    _content_headers,
-    _media_type,
-    _sse_fields,
-    epoch_ns,
-    rfc3339_ns,
-)
+from llmproxy.capture.body import content_codings, content_headers, decode_content, media_type
+from llmproxy.capture.events import SCHEMA_VERSION
 from llmproxy.capture.record import ExchangeRecord, Headers
 from llmproxy.events.envelope import Envelope, StoredEvent
 from llmproxy.events.machine import machine_id
+from llmproxy.events.sse import sse_fields
+from llmproxy.events.time import epoch_ns, rfc3339_ns
 from llmproxy.events.usage import (
     EMPTY_FACTS,
     ResponseFacts,
@@ -418,7 +413,7 @@ def reply_facts(record: ExchangeRecord) -> ResponseFacts:
     """
     # The event builder's own helpers: the tracker reads a reply exactly as the
     # response event does, so the event can take the summary (``reply_summary``).
-    content_type, content_encoding = _content_headers(record.response_headers)
+    content_type, content_encoding = content_headers(record.response_headers)
     chunks = record.response_chunks
     raw = chunks[0][1] if len(chunks) == 1 else b"".join([chunk for _, chunk in chunks])
     if content_encoding and content_codings(content_encoding):
@@ -426,10 +421,10 @@ def reply_facts(record: ExchangeRecord) -> ResponseFacts:
         if decoded.error or decoded.truncated or decoded.incomplete:
             return EMPTY_FACTS
         raw = decoded.data
-    if content_type is not None and _media_type(content_type) == "text/event-stream":
+    if content_type is not None and media_type(content_type) == "text/event-stream":
         # The response event's own splitter: its summary of these very bytes is
         # (model, usage, finish_reasons) of these facts.
-        facts = facts_from_sse_fields(_sse_fields(raw))
+        facts = facts_from_sse_fields(sse_fields(raw))
     else:
         if raw[:1] != b"{" and raw.lstrip()[:1] != b"{":
             return EMPTY_FACTS

@@ -125,3 +125,50 @@ def parse_sse(stream: bytes) -> list[SSEEvent]:
     """All events of a complete stream."""
     parser = SSEParser()
     return parser.feed(stream) + parser.close()
+
+
+def sse_fields(stream: bytes) -> list[tuple[str, str]]:
+    """``[(e.event, e.data) for e in parse_sse(stream)]``, much faster for streams
+    with LF line endings only (nearly all), and without ``SSEEvent`` objects.
+
+    Decoding the whole once equals decoding line by line: a LF never belongs to
+    a UTF-8 sequence, valid or not.  The line rules are ``SSEParser._line``'s.
+    """
+    if b"\r" in stream:
+        return [(event.event, event.data) for event in parse_sse(stream)]
+    return sse_fields_of_text(stream.decode("utf-8", "replace"))
+
+
+def sse_fields_of_text(text: str) -> list[tuple[str, str]]:
+    """``sse_fields`` of a stream already decoded (with "replace"), without CR."""
+    if text[:1] == "\ufeff":
+        text = text[1:]
+    # What follows the last LF is the unterminated line ``close()`` processes;
+    # when empty, processing it is a dispatch, which ``close()`` ends with anyway.
+    lines = text.split("\n")
+    events: list[tuple[str, str]] = []
+    event: str | None = None
+    data: list[str] = []
+    for line in lines:
+        if line[:6] == "data: ":
+            # The usual line, and what the general rule below makes of it, with
+            # one copy of the value instead of two.
+            data.append(line[6:])
+            continue
+        if not line:
+            if data or event is not None:
+                events.append((event or "message", "\n".join(data)))
+            event, data = None, []
+            continue
+        field, colon, value = line.partition(":")
+        if not field:
+            continue  # a comment (keep-alive)
+        if colon and value[:1] == " ":
+            value = value[1:]
+        if field == "data":
+            data.append(value)
+        elif field == "event":
+            event = value
+    if data or event is not None:
+        events.append((event or "message", "\n".join(data)))
+    return events

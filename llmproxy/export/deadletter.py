@@ -13,18 +13,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import attrs
 import orjson
 
-
-def rfc3339(epoch_seconds: float) -> str:
-    """``2026-11-23T07:40:12.123456Z`` for an epoch time."""
-    when = datetime.fromtimestamp(epoch_seconds, UTC)
-    return when.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+from llmproxy.events.time import rfc3339
 
 
 @attrs.define

@@ -13,20 +13,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llmproxy.capture.events import (
-    SCHEMA_VERSION,
-    RecordEnvelope,
-    epoch_ns,
-    facts_of,
-    request_event,
-    response_event,
-    response_text,
-    rfc3339_ns,
-)
+from llmproxy.capture.events import SCHEMA_VERSION, RecordEnvelope, request_event, response_event
 from llmproxy.capture.record import ExchangeRecord
 from llmproxy.config.model import CaptureSettings
 from llmproxy.events import machine
 from llmproxy.events.envelope import Envelope
+from llmproxy.events.facts import facts_of, response_text
+from llmproxy.events.time import epoch_ns, rfc3339_ns
 
 CAPTURE = CaptureSettings()
 STARTED = 1763883612.123456  # 2025-11-23T07:40:12.123456Z

@@ -18,7 +18,6 @@ import orjson
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from llmproxy.capture import events
 from llmproxy.capture.events import (
     RecordEnvelope,
     build_request_event,
@@ -29,7 +28,7 @@ from llmproxy.capture.events import (
 )
 from llmproxy.capture.record import ExchangeRecord
 from llmproxy.config.model import CaptureSettings
-from llmproxy.events.sse import parse_sse
+from llmproxy.events.sse import parse_sse, sse_fields
 from llmproxy.events.usage import (
     facts_from_json,
     facts_from_sse,
@@ -432,7 +431,7 @@ def test_envelopes_equal_the_reference_events_and_facts(
 @given(st.one_of(sse_streams(), st.binary(max_size=80)))
 def test_sse_fields_are_the_parsers_events(stream: bytes) -> None:
     expected = [(event.event, event.data) for event in parse_sse(stream)]
-    assert events._sse_fields(stream) == expected
+    assert sse_fields(stream) == expected
 
 
 @given(st.one_of(chat_streams, sse_streams(), st.binary(max_size=80)))

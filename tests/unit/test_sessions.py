@@ -22,7 +22,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from llmproxy.capture import sessions as sessions_module
-from llmproxy.capture.events import RecordEnvelope, epoch_ns, rfc3339_ns
+from llmproxy.capture.events import RecordEnvelope
 from llmproxy.capture.record import ExchangeRecord
 from llmproxy.capture.sessions import (
     FORK_REASON,
@@ -34,6 +34,7 @@ from llmproxy.capture.sessions import (
 )
 from llmproxy.config.model import CaptureSettings, ExporterSettings
 from llmproxy.events.envelope import Envelope
+from llmproxy.events.time import epoch_ns, rfc3339_ns
 from llmproxy.export.sink import Delivered
 from llmproxy.export.sinks.loki import LokiSink
 from tests.fakes.loki import FakeLoki

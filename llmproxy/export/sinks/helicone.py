@@ -65,8 +65,8 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
-from llmproxy.capture.events import facts_of, response_text
 from llmproxy.config.model import ExporterSettings
+from llmproxy.events.facts import facts_of, response_text
 from llmproxy.events.usage import ResponseFacts
 from llmproxy.export.sink import (
     Delivered,

@@ -44,8 +44,8 @@ import orjson
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 
-from llmproxy.capture.events import facts_of, response_text
 from llmproxy.config.model import ExporterSettings
+from llmproxy.events.facts import facts_of, response_text
 from llmproxy.export.sink import (
     ANSWER_LIMIT,
     Delivered,

@@ -46,7 +46,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from llmproxy.capture.events import rfc3339_ns
+from llmproxy.events.time import rfc3339_ns
 from llmproxy.export.appendfile import displaced, open_append
 from llmproxy.export.sink import Delivered, Retry, Verdict
 
