@@ -102,7 +102,7 @@ def run(n: int, turn: int, state_dir: Path) -> tuple[float, dict[str, Any]]:
             exporter.stats()
     clock.advance(1.0)  # the flush timer sends the last partial batch
     elapsed = time.process_time() - started
-    exporter.close(1.0)
+    exporter.stop(1.0)
     clock.advance(1.0)
     stats = exporter.stats()
     assert sink.events == n == stats["sent"], stats

@@ -27,6 +27,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import attrs
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -151,7 +152,7 @@ class TokenAccess:
         flusher.clock = self._clock
         flusher.start(self._flush_interval, now=False).addErrback(self._flush_failed)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float) -> Deferred[None]:
         """Stop flushing and write the exact counts (call it after the last exchange)."""
         if self._flusher is not None:
             if self._flusher.running:
@@ -159,6 +160,7 @@ class TokenAccess:
             self._flusher = None
         if self._loaded:
             self._usage.close()
+        return succeed(None)
 
     def reload(self) -> None:
         """Re-read the token file now (SIGHUP)."""
@@ -338,13 +340,16 @@ def build_access(
     *,
     reload_interval: float = 1.0,
     flush_interval: float = 5.0,
+    tokens_dir: Path | None = None,
 ) -> TokenAccess:
     """The access policy for ``settings``: call ``start()`` when the service
-    starts and ``stop()`` after the last exchange of the drain."""
+    starts and ``stop(timeout)`` after the last exchange of the drain.  The tokens
+    are read from ``tokens_dir`` (default ``state_dir``: a worker reads the
+    master's), the usage counts kept under ``state_dir``."""
     state_dir: Path = settings.server.state_dir
     return TokenAccess(
         routes=settings.routes,
-        tokens=TokenFile.in_state_dir(state_dir),
+        tokens=TokenFile.in_state_dir(tokens_dir or state_dir),
         usage=UsageLedger(UsageFile.in_state_dir(state_dir)),
         audit=audit,
         clock=clock,

@@ -205,7 +205,8 @@ class ResponseCache:
     def start(self) -> None:
         self.store.start()
 
-    def close(self) -> defer.Deferred[None]:
+    def stop(self, timeout: float) -> defer.Deferred[None]:
+        """Close the store (a Redis connection; memory is just dropped)."""
         return self.store.close()
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, Protocol
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
@@ -146,12 +147,16 @@ class CapturePump:
                 pass
             publish(envelope)
 
-    def close(self) -> None:
+    def start(self) -> None:
+        """Nothing to start: records are handled in the turn after they come."""
+
+    def stop(self, timeout: float) -> Deferred[None]:
         """Stop the timer and handle what is queued: nothing is left behind."""
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
         self.flush()
+        return succeed(None)
 
     def pending(self) -> int:
         return len(self._queue)

@@ -548,7 +548,7 @@ class SessionTracker:
             self._loop.clock = self._clock
             self._loop.start(self._flush_interval, now=False)
 
-    def close(self) -> Deferred[None]:
+    def stop(self, timeout: float) -> Deferred[None]:
         """Stop flushing, let a running compaction end, write what is buffered and
         close the journal (in the reactor thread).  Idempotent; never fails."""
         if self._closing is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from llmproxy.events.envelope import Envelope
@@ -35,6 +36,13 @@ class MemoryBus:
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
         self._subscribers = tuple(s for s in self._subscribers if s is not subscriber)
+
+    def start(self) -> None:
+        """Nothing to start (``Lifecycle``, like the Redis bus)."""
+
+    def stop(self, timeout: float) -> Deferred[None]:
+        """Nothing to stop: the subscribers (exporters) stop on their own."""
+        return succeed(None)
 
     def publish(self, envelope: Envelope) -> None:
         self._published += 1

@@ -892,11 +892,11 @@ class BatchingExporter:
 
     # -- shutdown -------------------------------------------------------------------
 
-    def close(self, timeout: float) -> Deferred[None]:
+    def stop(self, timeout: float) -> Deferred[None]:
         """Stop intake, flush, wait for deliveries; at ``timeout`` seconds spool the rest.
 
-        Idempotent: every call returns a Deferred that fires when the first close is
-        done, by the deadline even if the sink never answers.
+        Idempotent: every call returns a Deferred that fires when the first stop is
+        done, by the deadline even if the sink never answers (``Lifecycle``).
         """
         if self._close_fired:
             return succeed(None)

@@ -47,7 +47,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone, ResponseFailed
+from twisted.web.client import HTTPConnectionPool, ResponseDone, ResponseFailed
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
@@ -66,6 +66,14 @@ __all__ = [
 # The most a gzip answer is inflated by at a time, between checks that its
 # reader still wants more: what one answer can hold beyond the reader's bound.
 INFLATE_STEP = 16 * 1024
+
+
+def quiet_pool(reactor: Any, *, persistent: bool) -> HTTPConnectionPool:
+    """An ``HTTPConnectionPool`` whose connections do not log "Starting factory"
+    each time one opens (the pool offers no switch: its factory's ``noisy``)."""
+    pool = HTTPConnectionPool(reactor, persistent=persistent)
+    pool._factory.noisy = False  # type: ignore[attr-defined]
+    return pool
 
 
 def sink_http_client(agent: IAgent) -> HTTPClient:

@@ -557,9 +557,12 @@ class UpstreamPool:
     def idle_count(self) -> int:
         return sum(len(v) for v in self._idle.values())
 
-    def close(self) -> defer.Deferred[None]:
+    def start(self) -> None:
+        """Connections are opened as requests need them."""
+
+    def stop(self, timeout: float) -> defer.Deferred[None]:
         """Close idle connections now; busy ones close when their exchange ends.
-        Fires once every connection is gone."""
+        Fires once every connection is gone (the caller bounds the wait)."""
         if self._sweep is not None and self._sweep.active():
             self._sweep.cancel()
         self._sweep = None

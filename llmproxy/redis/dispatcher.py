@@ -91,7 +91,7 @@ class DispatchExporter(Protocol):
 
     def start(self) -> None: ...
 
-    def close(self, timeout: float) -> Deferred[None]: ...
+    def stop(self, timeout: float) -> Deferred[None]: ...
 
     def stats(self) -> dict[str, Any]: ...
 
@@ -287,7 +287,7 @@ class Dispatcher:
                 self._reader.abort()
                 await self._within(loop_done, 1.0)
         reserve = min(2.0, left() * 0.2)  # for the last ACKs
-        await self._exporter.close(max(0.1, left() - reserve))
+        await self._exporter.stop(max(0.1, left() - reserve))
         await self._send_last_acks(left)
         # An XACK still on the wire at the deadline may or may not be applied.
         unacknowledged = len(self._to_ack) + len(self._acking_ids)

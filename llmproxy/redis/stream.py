@@ -220,9 +220,9 @@ class RedisBus:
         self._client.start()
         self._exporter.start()
 
-    def close(self, timeout: float) -> Deferred[None]:
+    def stop(self, timeout: float) -> Deferred[None]:
         """Send what is queued; at ``timeout`` spool the rest; close the connection."""
-        return self._exporter.close(timeout)
+        return self._exporter.stop(timeout)
 
     def stats(self) -> dict[str, Any]:
         """The engine's accounting, under the bus's names (module docstring)."""

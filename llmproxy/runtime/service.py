@@ -17,6 +17,7 @@ import random
 import signal
 import socket
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -26,7 +27,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent
 from twisted.web.server import Site
 
 from llmproxy.access.audit import AuditLog
@@ -37,14 +38,19 @@ from llmproxy.capture.pump import CapturePump
 from llmproxy.capture.sessions import SessionTracker
 from llmproxy.config.model import ExporterSettings, Settings
 from llmproxy.events.machine import machine_id
+from llmproxy.export.bus import MemoryBus
+from llmproxy.export.http import quiet_pool
 from llmproxy.http.router import Router
 from llmproxy.proxy.client import UpstreamPool
 from llmproxy.proxy.forward import ProxyResource
 from llmproxy.proxy.metrics import MetricsCollector, ProxyMetrics, make_registry
 from llmproxy.proxy.site import ProxySite
+from llmproxy.runtime.lifecycle import StopStage, run_stages
 
 if TYPE_CHECKING:
-    from llmproxy.export.sink import HTTPClient
+    from llmproxy.export.exporter import BatchingExporter
+    from llmproxy.interfaces import HTTPClient, Lifecycle
+    from llmproxy.redis.stream import RedisBus
 
 log = Logger()
 
@@ -113,6 +119,14 @@ def refuse_reload(audit: AuditLog, source: str, problems: Sequence[str]) -> None
     audit.write("config_reload", source=source, outcome="refused", problems=list(problems))
 
 
+def _reopen_failed(failure: Failure, name: str) -> None:
+    log.warn(
+        "exporter {name}: reopening its files failed: {why}",
+        name=name,
+        why=failure.getErrorMessage(),
+    )
+
+
 class _Holding:
     """Stands in for an exporter while it is being replaced on reload."""
 
@@ -126,9 +140,14 @@ class _Holding:
 class ProxyService(Service):
     name = "llmproxy"
 
-    def __init__(self, settings: Settings, reactor: Any, config_path: str | None = None) -> None:
-        from llmproxy.export.bus import MemoryBus
-
+    def __init__(
+        self,
+        settings: Settings,
+        reactor: Any,
+        config_path: str | None = None,
+        *,
+        tokens_dir: Path | None = None,
+    ) -> None:
         self.settings = settings
         self.config_path = config_path
         self.reactor = reactor
@@ -143,8 +162,8 @@ class ProxyService(Service):
             idle_timeout=server.pool_idle_timeout,
         )
         self.audit = AuditLog(settings.audit_path)
-        self.access = build_access(settings, self.audit, reactor)
-        self.bus: Any
+        self.access = build_access(settings, self.audit, reactor, tokens_dir=tokens_dir)
+        self.bus: MemoryBus | RedisBus
         if settings.events.bus == "redis":
             from llmproxy.redis.stream import build_redis_bus
 
@@ -162,9 +181,8 @@ class ProxyService(Service):
         )
         # The response cache, when [cache] enabled or a route says cache = on.
         self.cache = build_cache(settings, reactor)
-        self.exporters: list[Any] = []
-        self._export_pool = HTTPConnectionPool(reactor, persistent=True)
-        self._export_pool._factory.noisy = False  # type: ignore[attr-defined]
+        self.exporters: list[BatchingExporter] = []
+        self._export_pool = quiet_pool(reactor, persistent=True)
         self._http_client: HTTPClient | None = None
         self.proxy = ProxyResource(
             router=Router(settings.routes, settings.passthrough),
@@ -245,13 +263,8 @@ class ProxyService(Service):
         super().startService()
         if self.port is None:
             self.privilegedStartService()
-        self.access.start()
-        if self.cache is not None:
-            self.cache.start()  # Redis: connects in the background; bypasses until then
-        if hasattr(self.bus, "start"):
-            self.bus.start()  # Redis: connects, replays its spool when Redis answers
-        if self.sessions is not None:
-            self.sessions.start()
+        for component in self._components():
+            component.start()
         self._start_exporters()
         # A config reload re-reads the token file too (TokenAccess.set_routes).
         self._previous_sighup = install_sighup(self.reactor, self.reload)
@@ -268,6 +281,17 @@ class ProxyService(Service):
             n=len(self.exporters),
         )
 
+    def _components(self) -> list[Lifecycle]:
+        """What runs for the service's life, in start order (the drain stops them
+        in the order of ``stop_stages``)."""
+        components: list[Lifecycle] = [self.access, self.upstream, self.capture]
+        if self.cache is not None:
+            components.append(self.cache)  # Redis: connects in the background
+        components.append(self.bus)  # Redis: connects, replays its spool when Redis answers
+        if self.sessions is not None:
+            components.append(self.sessions)
+        return components
+
     def _start_exporters(self) -> None:
         if not self.settings.exporters:
             return
@@ -283,7 +307,7 @@ class ProxyService(Service):
             self.bus.subscribe(exporter)
             exporter.start()
 
-    def _build_exporter(self, es: ExporterSettings) -> Any:
+    def _build_exporter(self, es: ExporterSettings) -> BatchingExporter:
         from llmproxy.export.http import sink_http_client
         from llmproxy.export.registry import build_exporter
 
@@ -326,13 +350,7 @@ class ProxyService(Service):
         file and sessions sinks; the others have none), once the batches they
         are writing are done."""
         for exporter in self.exporters:
-            exporter.reopen().addErrback(
-                lambda failure, name=exporter.name: log.warn(
-                    "exporter {name}: reopening its files failed: {why}",
-                    name=name,
-                    why=failure.getErrorMessage(),
-                )
-            )
+            exporter.reopen().addErrback(_reopen_failed, exporter.name)
 
     def load_settings(self) -> Settings:
         """The settings a reload applies (a worker process maps its own paths:
@@ -411,7 +429,7 @@ class ProxyService(Service):
             if current is not None:
                 self.bus.unsubscribe(current)
                 self.exporters.remove(current)
-                closing.append(current.close(min(10.0, self.settings.server.drain_timeout)))
+                closing.append(current.stop(min(10.0, self.settings.server.drain_timeout)))
             if name in after:
                 holding[name] = _Holding()
                 self.bus.subscribe(holding[name])
@@ -465,12 +483,32 @@ class ProxyService(Service):
             super().stopService()
         return self._stopping
 
+    def stop_stages(self) -> list[StopStage]:
+        """The drain, in order; each stage gets what is left of ``drain_timeout``."""
+        stages = [
+            StopStage("listener closed", self._stop_listening),
+            StopStage("exchanges finished or aborted", self._finish_exchanges),
+            StopStage("token usage written", self.access.stop),
+            # What the last exchanges queued: through the tracker and onto the bus.
+            StopStage("records handed to the bus", self.capture.stop),
+        ]
+        if self.sessions is not None:
+            # After the last exchange: its state is journaled; before the
+            # exporters stop: its session_start/fork entries are exported.
+            stages.append(StopStage("session state journaled", self.sessions.stop))
+        stages.append(StopStage("events delivered or spooled", self._stop_delivery))
+        if self.cache is not None:
+            stages.append(StopStage("response cache closed", self.cache.stop))
+        stages += [
+            StopStage("connection pools closed", self._stop_pools),
+            StopStage("admin listener closed", self._stop_admin),
+        ]
+        return stages
+
     async def _drain(self) -> None:
         clock = self.reactor
         total = self.settings.server.drain_timeout
         start = clock.seconds()
-        # Keep a slice of the deadline for the exporters' final flush.
-        reserve = min(5.0, total * 0.25)
         self.ready = False
         self.draining = True
         restore_sighup(self._previous_sighup)
@@ -481,9 +519,21 @@ class ProxyService(Service):
         log.info(
             "draining: {n} exchanges in flight, deadline {t:g}s", n=len(self.proxy.open), t=total
         )
-        if self.port is not None:
-            await defer.maybeDeferred(self.port.stopListening)
-        await self._wait_for_exchanges(total - reserve)
+        await run_stages(self.stop_stages(), total - (clock.seconds() - start), clock)
+        self.audit.close()
+        log.info("drained in {t:.3f}s", t=clock.seconds() - start)
+
+    def _stop_listening(self, left: float) -> defer.Deferred[None] | None:
+        if self.port is None:
+            return None
+        stopped: defer.Deferred[None] | None = self.port.stopListening()
+        return stopped
+
+    async def _finish_exchanges(self, left: float) -> None:
+        """In-flight exchanges may finish until a slice of the deadline is left for
+        the exporters' final flush; the rest are aborted and recorded as such."""
+        reserve = min(5.0, self.settings.server.drain_timeout * 0.25)
+        await self._wait_for_exchanges(left - reserve)
         aborted = list(self.proxy.open)
         for exchange in aborted:
             if exchange.record is not None:
@@ -491,51 +541,30 @@ class ProxyService(Service):
             exchange.abort()
         # Aborted connections report their loss a reactor turn later; only then do
         # those exchanges end and queue their events, which must reach the
-        # exporters before they close (else each would be spooled on its own).
+        # exporters before they stop (else each would be spooled on its own).
         turns = 0
         while self.proxy.open and turns < 100:
-            await task.deferLater(clock, 0, lambda: None)
+            await task.deferLater(self.reactor, 0, lambda: None)
             turns += 1
-        log.info(
-            "drain: exchanges done at {t:.3f}s ({n} aborted at the deadline)",
-            t=clock.seconds() - start,
-            n=len(aborted),
+        if aborted:
+            log.info("drain: {n} exchanges aborted at the deadline", n=len(aborted))
+
+    def _stop_delivery(self, left: float) -> defer.Deferred[Any]:
+        stops = [e.stop(left) for e in self.exporters]
+        stops.append(self.bus.stop(left))
+        return defer.DeferredList(stops, consumeErrors=True)
+
+    def _stop_pools(self, left: float) -> defer.Deferred[Any]:
+        return defer.DeferredList(
+            [self.upstream.stop(left), self._export_pool.closeCachedConnections()],
+            consumeErrors=True,
         )
-        self.access.stop()
-        # What the last exchanges queued: through the tracker and onto the bus now.
-        self.capture.close()
-        if self.sessions is not None:
-            # After the last exchange: its state is journaled; before the
-            # exporters close: its session_start/fork entries are exported.
-            await self.sessions.close()
-        left = max(0.1, total - (clock.seconds() - start))
-        closes = [e.close(left) for e in self.exporters]
-        if hasattr(self.bus, "close"):
-            closes.append(self.bus.close(left))
-        log.info(
-            "drain: session state and events handed over at {t:.3f}s", t=clock.seconds() - start
-        )
-        if closes:
-            await defer.DeferredList(closes, consumeErrors=True)
-        log.info("drain: exporters closed at {t:.3f}s", t=clock.seconds() - start)
-        if self.cache is not None:
-            # After the last exchange; a Redis connection closes, memory is just dropped.
-            closing = self.cache.close()
-            closing.addTimeout(max(0.1, total - (clock.seconds() - start)), clock)
-            try:
-                await closing
-            except defer.TimeoutError:
-                log.warn("the cache's Redis connection did not close in time")
-        for d in (self.upstream.close(), self._export_pool.closeCachedConnections()):
-            d.addTimeout(max(0.1, total - (clock.seconds() - start)), clock)
-            try:
-                await d
-            except defer.TimeoutError:
-                log.warn("upstream connections did not close in time")
-        if self.admin_port is not None:
-            await defer.maybeDeferred(self.admin_port.stopListening)
-        self.audit.close()
-        log.info("drained in {t:.3f}s", t=clock.seconds() - start)
+
+    def _stop_admin(self, left: float) -> defer.Deferred[None] | None:
+        if self.admin_port is None:
+            return None
+        stopped: defer.Deferred[None] | None = self.admin_port.stopListening()
+        return stopped
 
     async def _wait_for_exchanges(self, budget: float) -> None:
         if not self.proxy.open or budget <= 0:

@@ -44,7 +44,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.protocol import ProcessProtocol as _ProcessProtocol
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, readBody
+from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory
 from twisted.web.server import NOT_DONE_YET, Request, Site
@@ -53,6 +53,7 @@ from zope.interface import implementer
 from llmproxy.access.audit import AuditLog
 from llmproxy.admin.resource import AdminResource
 from llmproxy.config.model import Settings
+from llmproxy.export.http import quiet_pool
 from llmproxy.proxy.metrics import MetricsCollector, make_registry
 from llmproxy.runtime.service import (
     install_sighup,
@@ -324,8 +325,7 @@ class Supervisor(Service):
         self._announced = False
         self._stopping: defer.Deferred[None] | None = None
         self._previous_sighup: Any = None
-        self._pool = HTTPConnectionPool(reactor, persistent=False)
-        self._pool._factory.noisy = False  # type: ignore[attr-defined]
+        self._pool = quiet_pool(reactor, persistent=False)
         self._agent = Agent.usingEndpointFactory(
             reactor, _WorkerSockets(reactor, self.state_dir), pool=self._pool
         )

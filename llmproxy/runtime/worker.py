@@ -81,25 +81,14 @@ class WorkerService(ProxyService):
         family: int,
         config_path: str | None,
     ) -> None:
-        from llmproxy.access.policy import TokenAccess
-        from llmproxy.access.tokens import TokenFile, UsageFile, UsageLedger
-
         self.index = index
         self.shared_state_dir = shared_state_dir
         self._snapshot = snapshot
         self._listen_fd = listen_fd
         self._family = family
-        super().__init__(settings, reactor, config_path=config_path)
         # The tokens are the master's (``llmproxy token`` writes them there);
         # the usage counts are this worker's own.
-        self.access = TokenAccess(
-            routes=settings.routes,
-            tokens=TokenFile.in_state_dir(shared_state_dir),
-            usage=UsageLedger(UsageFile.in_state_dir(settings.server.state_dir)),
-            audit=self.audit,
-            clock=reactor,
-        )
-        self.proxy.access = self.access
+        super().__init__(settings, reactor, config_path=config_path, tokens_dir=shared_state_dir)
 
     def load_settings(self) -> Settings:
         from llmproxy.config.loader import load_settings

@@ -121,7 +121,7 @@ def _start(tmp_path: Path, server: str = "") -> Secured:
 
 def _stop(s: Secured) -> None:
     stop(s.env)
-    s.access.stop()
+    s.access.stop(0)
     globalLogPublisher.removeObserver(s.log_observer)
 
 

@@ -198,7 +198,7 @@ def _start(
 
 def _stop(c: Cached) -> None:
     stop(c.env)
-    pytest_twisted.blockon(c.cache.close())
+    pytest_twisted.blockon(c.cache.stop(0))
     if c.redis is not None:
         c.redis.stop()
 

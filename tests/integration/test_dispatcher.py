@@ -149,7 +149,7 @@ async def test_dispatchers_of_one_group_share_the_entries(
         await a.stop(5.0)
         if b is not None:
             await b.stop(5.0)
-        await bus.close(5.0)
+        await bus.stop(5.0)
         await running.stop()
 
 
@@ -174,7 +174,7 @@ async def test_every_group_gets_every_entry(tmp_path: Path, redis: RedisServer) 
     finally:
         await one.stop(5.0)
         await two.stop(5.0)
-        await bus.close(5.0)
+        await bus.stop(5.0)
 
 
 def spawn_dispatcher(
@@ -225,7 +225,7 @@ async def test_a_killed_dispatchers_pending_entries_are_claimed_and_delivered(
         kill(transport)
         if b is not None:
             await b.stop(5.0)
-        await bus.close(5.0)
+        await bus.stop(5.0)
         await running.stop()
 
 
@@ -271,7 +271,7 @@ async def test_sigterm_drains_and_what_was_not_delivered_stays_pending(
         kill(transport)
         if stuck is not None:
             kill(stuck)
-        await bus.close(5.0)
+        await bus.stop(5.0)
         await running.stop()
 
 
@@ -455,7 +455,7 @@ async def test_trimming_before_the_group_read_is_detected_and_counted(
     for n in range(1000):
         bus.publish(event(n))
     await wait_until(lambda: bus.stats()["published"] == 1000)
-    await bus.close(5.0)
+    await bus.stop(5.0)
     info = info_pairs(redis.command("XINFO", "STREAM", STREAM))
     kept, first = info["length"], orjson.loads(info["first-entry"][1][1])["n"]
     assert kept < 1000 and first == 1000 - kept
@@ -470,6 +470,6 @@ async def test_trimming_before_the_group_read_is_detected_and_counted(
         bus2.publish(event(1000))
         await wait_until(lambda: len(numbers_in(out)) == kept + 1)
         assert d.stats()["missed_trimmed"] == 1000 - kept
-        await bus2.close(5.0)
+        await bus2.stop(5.0)
     finally:
         await d.stop(5.0)

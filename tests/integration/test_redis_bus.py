@@ -55,7 +55,7 @@ async def test_events_reach_the_stream_in_order(tmp_path: Path, redis: RedisServ
         assert bus.stats()["batches"] >= 20  # pipelined batches of batch_size
         assert balanced(bus)
     finally:
-        await bus.close(5.0)
+        await bus.stop(5.0)
     assert bus.stats()["state"] == "closed"
 
 
@@ -67,7 +67,7 @@ async def test_maxlen_bounds_the_stream(tmp_path: Path, redis: RedisServer) -> N
             bus.publish(StoredEvent({"type": "request", "n": n}))
         await wait_until(lambda: bus.stats()["published"] == 2000)
     finally:
-        await bus.close(5.0)
+        await bus.stop(5.0)
     length = redis.command("XLEN", "events")
     assert 100 <= length < 400  # MAXLEN ~ trims whole nodes (100 entries each)
     assert stream_events(redis, "events")[-1]["n"] == 1999
@@ -95,7 +95,7 @@ async def test_an_outage_spools_and_the_events_follow_when_redis_returns(
         assert bus.stats()["spooled"] == 0 and bus.stats()["dropped"] == 0
         assert balanced(bus)
     finally:
-        await bus.close(5.0)
+        await bus.stop(5.0)
 
 
 @pytest_twisted.ensureDeferred
@@ -106,7 +106,7 @@ async def test_redis_down_at_start_and_close_spools_for_the_next_run(
     bus = make_bus(tmp_path, redis)
     for n in range(10):
         bus.publish(StoredEvent({"type": "request", "n": n}))
-    await bus.close(2.0)
+    await bus.stop(2.0)
     assert bus.stats()["spooled"] == 10
     redis.start()
     again = make_bus(tmp_path, redis)
@@ -116,7 +116,7 @@ async def test_redis_down_at_start_and_close_spools_for_the_next_run(
         await wait_until(lambda: again.stats()["published"] == 11)
         assert [e["n"] for e in stream_events(redis, "events")] == list(range(11))
     finally:
-        await again.close(5.0)
+        await again.stop(5.0)
 
 
 @pytest_twisted.ensureDeferred

@@ -56,7 +56,7 @@ class Proxy:
         await self.env.service.stopService()
         await self.env.upstream.stop()
         if self.owns_tracker:
-            self.tracker.close()
+            self.tracker.stop(0)
 
 
 def boot(tmp_path: Path) -> Proxy:
@@ -81,7 +81,7 @@ def proxies(tmp_path: Path) -> Iterator[list[Proxy]]:
             proxy.stopped = True
             stop(proxy.env)
             if proxy.owns_tracker:
-                proxy.tracker.close()
+                proxy.tracker.stop(0)
 
 
 @pytest.fixture

@@ -96,7 +96,7 @@ def world(tmp_path: Path) -> Iterator[World]:
         clock, audit, TokenFile.in_state_dir(tmp_path), UsageFile.in_state_dir(tmp_path), access
     )
     yield w
-    access.stop()
+    access.stop(0)
 
 
 def make(world: World, **kw: Any) -> tuple[str, Token]:
@@ -239,7 +239,7 @@ def test_rate_limited_requests_do_not_spend_the_quota(world: World) -> None:
     world.bearer(secret)
     for _ in range(5):
         denied(world.bearer(secret), 429)
-    world.access.stop()
+    world.access.stop(0)
     assert world.usage.read() == {token.id: 1}
 
 
@@ -299,14 +299,14 @@ def test_counts_are_flushed_on_the_clock_and_exactly_on_stop(world: World) -> No
     world.clock.advance(5)
     assert world.usage.read() == {token.id: 2}
     world.bearer(secret)
-    world.access.stop()
+    world.access.stop(0)
     assert world.usage.read() == {token.id: 3}
 
 
 def test_quota_counts_survive_a_restart(world: World, tmp_path: Path) -> None:
     secret, _ = make(world, max_requests=2)
     world.bearer(secret)
-    world.access.stop()
+    world.access.stop(0)
     settings = Settings(server=ServerSettings(state_dir=tmp_path), routes=ROUTES)
     again = build_access(settings, world.audit, world.clock)
     again.start()
@@ -321,11 +321,11 @@ def test_a_policy_never_started_still_honours_persisted_counts(
     secret, token = make(world, max_requests=2)
     world.bearer(secret)
     world.bearer(secret)
-    world.access.stop()
+    world.access.stop(0)
     settings = Settings(server=ServerSettings(state_dir=tmp_path), routes=ROUTES)
     world.access = build_access(settings, world.audit, world.clock)  # no start()
     assert denied(world.bearer(secret), 403)
-    world.access.stop()
+    world.access.stop(0)
     assert world.usage.read() == {token.id: 2}
 
 
@@ -335,7 +335,7 @@ def test_no_token_routes_means_no_files_and_no_timers(tmp_path: Path) -> None:
     access = build_access(settings, FakeAudit(), clock)
     access.start()
     assert clock.getDelayedCalls() == []
-    access.stop()
+    access.stop(0)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -350,7 +350,7 @@ def test_the_ledger_is_the_one_given(tmp_path: Path) -> None:
         clock=Clock(),
     )
     access.start()
-    access.stop()
+    access.stop(0)
     assert UsageFile(tmp_path / "u.json").read() == {}
 
 

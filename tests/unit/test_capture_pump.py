@@ -194,7 +194,7 @@ def test_close_handles_what_is_queued_and_leaves_no_timer() -> None:
     a = record("a")
     pump.request_started(a, b"")
     pump.request_finished(a)
-    pump.close()
+    pump.stop(0)
     assert bus.kinds() == [("request", "a"), ("response", "a")]
     assert clock.getDelayedCalls() == []
 

@@ -222,7 +222,7 @@ class FakeExporter:
     def start(self) -> None:
         self.started = True
 
-    def close(self, timeout: float) -> Deferred[None]:
+    def stop(self, timeout: float) -> Deferred[None]:
         self.closed.append(timeout)
         return succeed(None)
 

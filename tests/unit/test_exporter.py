@@ -733,7 +733,7 @@ def test_spool_replayed_oldest_first_after_restart(tmp_path: Path) -> None:
     first = make(tmp_path, batch_size=2)
     first.publish(1, 2, 3, 4, 5)
     first.clock.advance(0)
-    first.exporter.close(timeout=1.0)
+    first.exporter.stop(1.0)
     first.clock.advance(1.0)
     assert first.spooled_ids() == [1, 2, 3, 4, 5]
 
@@ -821,7 +821,7 @@ def test_spool_full_discards_the_oldest_and_counts_them(tmp_path: Path) -> None:
 def test_close_flushes_what_is_queued_and_waits_for_deliveries(tmp_path: Path) -> None:
     h = make(tmp_path, batch_size=2)
     h.publish(1, 2, 3)
-    done = h.exporter.close(timeout=10.0)
+    done = h.exporter.stop(10.0)
     assert h.sink.batches() == [[1, 2]]
     assert not done.called
     h.sink.answer(Delivered())
@@ -839,7 +839,7 @@ def test_close_spools_undelivered_at_deadline(tmp_path: Path) -> None:
     h.clock.advance(0)
     h.sink.answer(Retry("HTTP 503"))  # 1, 2 wait in backoff; 3, 4 in flight
     h.publish(5)
-    done = h.exporter.close(timeout=0.5)
+    done = h.exporter.stop(0.5)
     h.clock.advance(0.5)
     assert done.called
     assert h.spooled_ids() == [1, 2, 3, 4, 5]
@@ -851,7 +851,7 @@ def test_close_fires_by_the_deadline_even_if_the_sink_never_answers(tmp_path: Pa
     h = make(tmp_path)
     h.publish(1)
     h.clock.advance(1.0)
-    done = h.exporter.close(timeout=3.0)
+    done = h.exporter.stop(3.0)
     h.clock.advance(2.9)
     assert not done.called
     h.clock.advance(0.1)
@@ -862,7 +862,7 @@ def test_close_fires_by_the_deadline_even_if_the_sink_never_answers(tmp_path: Pa
 def test_close_fires_by_the_deadline_even_if_sink_close_never_answers(tmp_path: Path) -> None:
     sink = FakeSink(close_result=Deferred())
     h = make(tmp_path, sink=sink)
-    done = h.exporter.close(timeout=2.0)
+    done = h.exporter.stop(2.0)
     assert not done.called
     h.clock.advance(2.0)
     assert done.called
@@ -874,7 +874,7 @@ def test_close_leaves_no_delayed_call_behind(tmp_path: Path) -> None:
     h.publish(1, 2, 3)
     h.clock.advance(0)
     h.sink.answer(Retry("HTTP 503"))
-    h.exporter.close(timeout=5.0)
+    h.exporter.stop(5.0)
     h.clock.advance(5.0)
     assert h.clock.getDelayedCalls() == []
 
@@ -883,12 +883,12 @@ def test_close_is_idempotent(tmp_path: Path) -> None:
     h = make(tmp_path)
     h.publish(1)
     h.clock.advance(1.0)
-    first = h.exporter.close(timeout=5.0)
-    second = h.exporter.close(timeout=100.0)
+    first = h.exporter.stop(5.0)
+    second = h.exporter.stop(100.0)
     assert not first.called and not second.called
     h.sink.answer(Delivered())
     assert first.called and second.called
-    assert h.exporter.close(timeout=1.0).called
+    assert h.exporter.stop(1.0).called
     assert h.sink.closed == 1
 
 
@@ -897,7 +897,7 @@ def test_close_without_spool_drops_the_undelivered_with_a_reason(tmp_path: Path)
     h.publish(1, 2)
     h.clock.advance(1.0)
     h.publish(3)
-    h.exporter.close(timeout=1.0)
+    h.exporter.stop(1.0)
     h.clock.advance(1.0)
     assert h.stats()["dropped_by_reason"] == {"shutdown_no_spool": 3}
 
@@ -905,13 +905,13 @@ def test_close_without_spool_drops_the_undelivered_with_a_reason(tmp_path: Path)
 def test_close_before_start_spools_the_queue_at_once(tmp_path: Path) -> None:
     h = make(tmp_path, start=False)
     h.publish(1)
-    assert h.exporter.close(timeout=5.0).called
+    assert h.exporter.stop(5.0).called
     assert h.spooled_ids() == [1]
 
 
 def test_publish_after_close_goes_to_the_spool_and_is_counted(tmp_path: Path) -> None:
     h = make(tmp_path)
-    h.exporter.close(timeout=1.0)
+    h.exporter.stop(1.0)
     h.publish(1)
     assert h.spooled_ids() == [1]
     s = h.stats()
@@ -920,7 +920,7 @@ def test_publish_after_close_goes_to_the_spool_and_is_counted(tmp_path: Path) ->
 
 def test_publish_after_close_without_spool_is_dropped_as_closed(tmp_path: Path) -> None:
     h = make(tmp_path, spool=False)
-    h.exporter.close(timeout=1.0)
+    h.exporter.stop(1.0)
     h.publish(1)
     assert h.stats()["dropped_by_reason"] == {"closed": 1}
 
@@ -929,7 +929,7 @@ def test_publish_during_the_drain_is_spooled_when_it_ends(tmp_path: Path) -> Non
     h = make(tmp_path)
     h.publish(1)
     h.clock.advance(1.0)
-    done = h.exporter.close(timeout=5.0)
+    done = h.exporter.stop(5.0)
     h.publish(2)
     assert h.stats()["queued"] == 1
     h.sink.answer(Delivered())
@@ -944,7 +944,7 @@ def test_close_replays_older_spool_segments_before_the_queue(tmp_path: Path) -> 
     h.clock.advance(1.0)
     h.sink.answer(Retry("HTTP 503"))  # 1 is spooled, the exporter pauses
     h.publish(2)
-    done = h.exporter.close(timeout=10.0)
+    done = h.exporter.stop(10.0)
     h.clock.advance(1.0)  # the pause ends: the oldest goes first
     assert h.sink.answer(Delivered()) == [1]
     assert h.sink.answer(Delivered()) == [2]

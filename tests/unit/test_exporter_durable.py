@@ -328,7 +328,7 @@ def test_close_waits_for_a_write_under_way_after_the_drain(tmp_path: Path) -> No
     r.publish(*range(10))
     r.clock.advance(0)
     r.sink.answer(Retry("HTTP 503"))  # its durable write is held
-    closed = r.exporter.close(5.0)
+    closed = r.exporter.stop(5.0)
     r.clock.advance(1.0)
     r.sink.answer(Delivered())  # the retry during the drain delivers it
     assert not closed.called  # the write is still under way
@@ -343,7 +343,7 @@ def test_at_the_deadline_a_batch_being_written_lands_in_the_spool(tmp_path: Path
     r.publish(*range(10))
     r.clock.advance(0)
     r.sink.answer(Retry("HTTP 503"))
-    closed = r.exporter.close(0.5)
+    closed = r.exporter.stop(0.5)
     r.clock.advance(0.5)  # the deadline: the batch is settled, its write still held
     assert closed.called  # by the deadline, whatever is under way
     assert r.stats()["spooling"] == 10
@@ -357,7 +357,7 @@ def test_close_fires_at_the_deadline_even_if_a_write_never_ends(tmp_path: Path) 
     r.publish(*range(10))
     r.clock.advance(0)
     r.sink.answer(Retry("HTTP 503"))
-    closed = r.exporter.close(5.0)
+    closed = r.exporter.stop(5.0)
     r.clock.advance(5.0)
     assert closed.called
 

@@ -211,7 +211,7 @@ def test_every_accepted_event_ends_in_exactly_one_place(
                 clock.advance(amount)
             identity(exporter)
 
-        done = exporter.close(timeout=10.0)
+        done = exporter.stop(10.0)
         for _ in range(30):
             if done.called:
                 break
@@ -273,6 +273,6 @@ def test_every_accepted_event_ends_in_exactly_one_place(
             identity(restarted)
         assert healthy.delivered == spooled
         assert identity(restarted)["spooled"] == 0
-        closed = restarted.close(timeout=1.0)
+        closed = restarted.stop(1.0)
         clock.advance(1.0)
         assert closed.called

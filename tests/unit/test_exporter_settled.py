@@ -100,7 +100,7 @@ def test_what_is_left_at_the_drain_deadline_is_reported(tmp_path: Path) -> None:
     for i in range(3):
         exporter.publish(ev(i))
     clock.advance(0)
-    exporter.close(5.0)
+    exporter.stop(5.0)
     clock.advance(5.0)
     assert sorted(reports) == [(0, "dropped"), (1, "dropped"), (2, "dropped")]
     exporter.publish(ev(3))
@@ -151,7 +151,7 @@ def test_every_event_is_reported_exactly_once_when_all_settle(actions: list[str]
             elif sink.pending:
                 verdict = {"ok": Delivered(), "retry": Retry("503"), "reject": Rejected("400")}
                 sink.answer(verdict[action])
-        exporter.close(10.0)
+        exporter.stop(10.0)
         clock.pump([1.0] * 12)
         # Once each: an event replayed from the spool was reported "spooled" already.
         assert sorted(i for i, _ in reports) == list(range(published))

@@ -236,7 +236,7 @@ def test_exporter_with_a_file_sink_writes_published_events(
     for i in range(5):
         exporter.publish(StoredEvent(event(i)))
     clock.advance(1.0)
-    closed = exporter.close(timeout=5.0)
+    closed = exporter.stop(5.0)
     assert closed.called
     assert lines_of(tmp_path / "events.jsonl") == [event(i) for i in range(5)]
     assert exporter.stats()["sent"] == 5
@@ -592,7 +592,7 @@ def test_exporter_reopen_reaches_the_file_sink(
     for i in range(2, 4):
         exporter.publish(StoredEvent(event(i)))
     clock.advance(0)
-    assert exporter.close(timeout=5.0).called
+    assert exporter.stop(5.0).called
     assert lines_of(tmp_path / "events.jsonl.1") == [event(0), event(1)]
     assert lines_of(path) == [event(2), event(3)]
     assert exporter.stats()["sent"] == 4
@@ -628,4 +628,4 @@ def test_exporter_reopen_is_a_no_op_for_a_sink_without_files(tmp_path: Path) -> 
     exporter.publish(StoredEvent(event(1)))
     clock.advance(0)
     assert sink.batches == [1]
-    assert exporter.close(timeout=1.0).called
+    assert exporter.stop(1.0).called

@@ -131,5 +131,5 @@ def test_a_stalled_sink_does_not_stall_another(tmp_path: Path) -> None:
     assert stalled.calls == 1
     assert slow.stats()["dropped_by_reason"]["buffer_full"] > 0
     for e in (slow, fast):
-        e.close(timeout=1.0)
+        e.stop(1.0)
     clock.advance(1.0)

@@ -363,11 +363,11 @@ def test_close_flushes_what_is_queued_then_closes_the_connection(tmp_path: Path)
     bus, redis, _clock, _ = make(tmp_path)
     bus.publish(event(0))
     done: list[object] = []
-    bus.close(5.0).addCallback(done.append)
+    bus.stop(5.0).addCallback(done.append)
     assert numbers(redis) == [0]
     assert done == [None] and redis.stopped
     assert bus.stats()["state"] == "closed"
-    assert bus.close(5.0).called  # idempotent
+    assert bus.stop(5.0).called  # idempotent
 
 
 def test_close_spools_the_batch_in_flight_at_the_deadline(tmp_path: Path) -> None:
@@ -376,8 +376,8 @@ def test_close_spools_the_batch_in_flight_at_the_deadline(tmp_path: Path) -> Non
     for n in range(4):
         bus.publish(event(n))
     done: list[object] = []
-    bus.close(2.0).addCallback(done.append)
-    second = bus.close(2.0)
+    bus.stop(2.0).addCallback(done.append)
+    second = bus.stop(2.0)
     assert not done and not second.called
     clock.advance(2.0)
     assert done == [None] and second.called
@@ -395,7 +395,7 @@ def test_close_spools_the_queue_behind_older_spooled_events(tmp_path: Path) -> N
     clock.advance(0.1)
     redis.usable = True  # back, but nobody told the bus yet
     bus.publish(event(1))
-    bus.close(0.05)
+    bus.stop(0.05)
     clock.advance(0.05)
     assert spool is not None and spool.event_count + bus.stats()["published"] == 2
     assert on_disk(tmp_path) == sorted(set(range(2)) - set(numbers(redis)))
@@ -405,12 +405,12 @@ def test_close_spools_the_queue_behind_older_spooled_events(tmp_path: Path) -> N
 
 def test_publish_after_close_is_spooled_or_counted(tmp_path: Path) -> None:
     bus, _redis, _clock, spool = make(tmp_path)
-    bus.close(1.0)
+    bus.stop(1.0)
     bus.publish(event(0))
     assert spool is not None and spool.event_count == 1
     assert bus.stats()["after_close"] == 1
     bare, _, _, _ = make(tmp_path / "bare", spool=False)
-    bare.close(1.0)
+    bare.stop(1.0)
     bare.publish(event(0))
     assert bare.stats()["dropped_by_reason"] == {"closed": 1}
     assert balanced(bus) and balanced(bare)

@@ -69,7 +69,7 @@ def test_file_is_a_registered_sink_type() -> None:
 
 def test_exporter_spools_and_dead_letters_under_state_dir_by_default(tmp_path: Path) -> None:
     exporter = build(tmp_path, spool_max_bytes=1000)
-    exporter.close(timeout=1.0)
+    exporter.stop(1.0)
     exporter.publish(StoredEvent({"type": "request", "i": 1}))  # after close: spooled
     assert [s.count for s in Spool(tmp_path / "spool" / "main", 10**6).segments()] == [1]
     assert exporter.dead_letter.path == tmp_path / "deadletter" / "main.jsonl"
@@ -77,7 +77,7 @@ def test_exporter_spools_and_dead_letters_under_state_dir_by_default(tmp_path: P
 
 def test_configured_spool_and_dead_letter_paths_are_used(tmp_path: Path) -> None:
     exporter = build(tmp_path, spool_dir=Path("q"), dead_letter_path=Path("/x/dl.jsonl"))
-    exporter.close(timeout=1.0)
+    exporter.stop(1.0)
     exporter.publish(StoredEvent({"type": "request", "i": 1}))
     assert (tmp_path / "q").is_dir()
     assert exporter.dead_letter.path == Path("/x/dl.jsonl")
@@ -85,7 +85,7 @@ def test_configured_spool_and_dead_letter_paths_are_used(tmp_path: Path) -> None
 
 def test_spool_max_bytes_zero_disables_the_spool(tmp_path: Path) -> None:
     exporter = build(tmp_path, spool_max_bytes=0)
-    exporter.close(timeout=1.0)
+    exporter.stop(1.0)
     exporter.publish(StoredEvent({"type": "request", "i": 1}))
     assert exporter.stats()["dropped_by_reason"] == {"closed": 1}
     assert not (tmp_path / "spool").exists()

@@ -309,7 +309,7 @@ def harness(store: Path | None = None, max_states: int = 1000, **kw: Any) -> Har
 def h() -> Iterator[Harness]:
     running = harness()
     yield running
-    running.tracker.close()
+    running.tracker.stop(0)
 
 
 # ---------------------------------------------------------------- clients as SDKs behave
@@ -911,7 +911,7 @@ def test_a_conversation_continues_after_a_restart(tmp_path: Path) -> None:
     client = ChatClient(first)
     before = [client.say("Hi, I'm planning a garden.", "Nice! What will you grow?")]
     before.append(client.say("Tomatoes and basil.", "A classic pair."))
-    first.tracker.close()
+    first.tracker.stop(0)
 
     second = harness(store)
     client.h = second
@@ -923,7 +923,7 @@ def test_a_conversation_continues_after_a_restart(tmp_path: Path) -> None:
     (fork,) = second.events("fork")
     assert (fork["parent_session"], fork["from_seq"]) == (before[0].session_id, 1)
     assert branch.seq == 2
-    second.tracker.close()
+    second.tracker.stop(0)
 
 
 def test_a_client_id_session_counts_on_after_a_restart(tmp_path: Path) -> None:
@@ -932,11 +932,11 @@ def test_a_client_id_session_counts_on_after_a_restart(tmp_path: Path) -> None:
     first = harness(store)
     first.exchange("/v1/chat/completions", body, openai_json("Hello"))
     first.exchange("/v1/chat/completions", body, openai_json("Hello"))
-    first.tracker.close()
+    first.tracker.stop(0)
     second = harness(store)
     record = second.exchange("/v1/chat/completions", body, openai_json("Hello"))
     assert (record.session_id, record.seq) == ("s-1", 3)
-    second.tracker.close()
+    second.tracker.stop(0)
 
 
 def test_the_journal_is_written_on_the_clock_not_on_the_request_path(tmp_path: Path) -> None:
@@ -949,7 +949,7 @@ def test_the_journal_is_written_on_the_clock_not_on_the_request_path(tmp_path: P
     assert {"k", "s", "q"} <= lines[0].keys() or {"h", "n", "l"} <= lines[0].keys()
     assert any(line.get("s") == "sess-0001" and line.get("q") == 1 for line in lines)
     assert any(line.get("h") == "sess-0001" for line in lines)
-    running.tracker.close()
+    running.tracker.stop(0)
 
 
 def test_the_journal_is_compacted_and_reloads_the_same_states(
@@ -965,7 +965,7 @@ def test_the_journal_is_compacted_and_reloads_the_same_states(
             running.clock.advance(1.0)
     stats = running.tracker.stats()
     assert stats["states"] == 5 and stats["sessions"] == 5
-    running.tracker.close()
+    running.tracker.stop(0)
     lines = store.read_bytes().splitlines()
     assert len(lines) <= 2 * (stats["states"] + stats["sessions"]) + 12
     reloaded = harness(store, max_states=5)
@@ -975,7 +975,7 @@ def test_the_journal_is_compacted_and_reloads_the_same_states(
     clients[-1].h = reloaded
     record = clients[-1].say("one more", "ok")
     assert (record.session_id, record.seq) == ("sess-0012", 4)
-    reloaded.tracker.close()
+    reloaded.tracker.stop(0)
 
 
 class ManualThreads:
@@ -1025,8 +1025,8 @@ def test_compaction_runs_in_the_thread_and_changes_meanwhile_wait_for_it(
     reloaded = harness(store, max_states=3)
     assert reloaded.tracker._states == running.tracker._states
     assert reloaded.tracker._sessions == running.tracker._sessions
-    running.tracker.close()
-    reloaded.tracker.close()
+    running.tracker.stop(0)
+    reloaded.tracker.stop(0)
 
 
 def test_close_waits_for_a_running_compaction(
@@ -1044,13 +1044,13 @@ def test_close_waits_for_a_running_compaction(
             break
     assert threads.jobs
     last = ChatClient(running).say("last", "one")
-    closed = running.tracker.close()
+    closed = running.tracker.stop(0)
     assert not closed.called
     threads.run_all()
     assert closed.called
     reloaded = harness(store, max_states=2)
     assert reloaded.tracker._sessions.get(str(last.session_id)) is not None
-    reloaded.tracker.close()
+    reloaded.tracker.stop(0)
 
 
 def test_a_failed_compaction_is_retried_and_never_breaks_proxying(
@@ -1078,10 +1078,10 @@ def test_a_failed_compaction_is_retried_and_never_breaks_proxying(
         threads.run_all()
     assert client.say("again", "ok").seq == 6
     assert failures == [] and writes  # it failed once, then compacted
-    running.tracker.close()
+    running.tracker.stop(0)
     reloaded = harness(store, max_states=2)
     assert reloaded.tracker._states == running.tracker._states
-    reloaded.tracker.close()
+    reloaded.tracker.stop(0)
 
 
 def test_a_torn_journal_line_is_skipped(tmp_path: Path) -> None:
@@ -1089,13 +1089,13 @@ def test_a_torn_journal_line_is_skipped(tmp_path: Path) -> None:
     first = harness(store)
     client = ChatClient(first)
     client.say("Hi", "Hello!")
-    first.tracker.close()
+    first.tracker.stop(0)
     with store.open("ab") as f:
         f.write(b'{"k": "ab12", "s": "x", "q"')  # a crash mid-write
     second = harness(store)
     client.h = second
     assert client.say("Again", "Hi again").seq == 2
-    second.tracker.close()
+    second.tracker.stop(0)
 
 
 def test_an_unwritable_state_file_never_breaks_proxying(tmp_path: Path) -> None:
@@ -1107,7 +1107,7 @@ def test_an_unwritable_state_file_never_breaks_proxying(tmp_path: Path) -> None:
     running.clock.advance(1.0)
     second = client.say("Still there?", "Yes.")
     running.clock.advance(1.0)
-    running.tracker.close()
+    running.tracker.stop(0)
     assert ids([first, second]) == [("sess-0001", 1), ("sess-0001", 2)]
 
 
@@ -1131,13 +1131,13 @@ def test_a_removed_state_directory_is_made_again_and_the_journal_rewritten(
     running.clock.advance(1.0)
     # Written whole from memory, not only what changed since the removal.
     assert journal_sessions(store) == {"sess-0001", "sess-0002"}
-    running.tracker.close()
+    running.tracker.stop(0)
     reloaded = harness(store)
     first.h = reloaded
     record = first.say("Go on", "Going on.")
     assert (record.session_id, record.seq) == ("sess-0001", 2)
     assert reloaded.published == []  # known after the restart: no session_start
-    reloaded.tracker.close()
+    reloaded.tracker.stop(0)
 
 
 @pytest.mark.parametrize("how", ["moved", "unlinked"])
@@ -1155,7 +1155,7 @@ def test_a_journal_moved_or_deleted_under_the_tracker_is_written_again(
     ChatClient(running).say("Another", "Conversation.")
     running.clock.advance(1.0)
     assert journal_sessions(store) == {"sess-0001", "sess-0002"}
-    running.tracker.close()
+    running.tracker.stop(0)
 
 
 def test_a_journal_deleted_before_the_first_append_is_written_again(tmp_path: Path) -> None:
@@ -1164,7 +1164,7 @@ def test_a_journal_deleted_before_the_first_append_is_written_again(tmp_path: Pa
     client = ChatClient(running)
     client.say("Hi", "Hello!")
     running.clock.advance(1.0)
-    running.tracker.close()
+    running.tracker.stop(0)
     again = harness(store)  # loaded: no descriptor open until the next append
     store.unlink()
     client.h = again
@@ -1172,19 +1172,19 @@ def test_a_journal_deleted_before_the_first_append_is_written_again(tmp_path: Pa
     again.clock.advance(1.0)
     live = again.tracker.stats()
     assert len(store.read_bytes().splitlines()) == live["states"] + live["sessions"]
-    again.tracker.close()
+    again.tracker.stop(0)
     third = harness(store)
     client.h = third
     record = client.say("And more", "Yes.")
     assert (record.session_id, record.seq) == ("sess-0001", 3)
-    third.tracker.close()
+    third.tracker.stop(0)
 
 
 def test_no_state_file_means_memory_only(tmp_path: Path) -> None:
     running = harness(None)
     ChatClient(running).say("Hi", "Hello!")
     running.clock.advance(5)
-    running.tracker.close()
+    running.tracker.stop(0)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -1201,14 +1201,14 @@ def test_states_are_bounded_lru(h: Harness) -> None:
     assert b.say("b2", "B2").session_id == "sess-0002"
     forgotten = a.say("a2", "A2")
     assert (forgotten.session_id, forgotten.seq) == ("sess-0004", 1)
-    small.tracker.close()
+    small.tracker.stop(0)
 
 
 def test_close_is_idempotent_and_stops_the_flush_loop(tmp_path: Path) -> None:
     running = harness(tmp_path / "s.jsonl")
     assert running.clock.getDelayedCalls()
-    running.tracker.close()
-    running.tracker.close()
+    running.tracker.stop(0)
+    running.tracker.stop(0)
     assert running.clock.getDelayedCalls() == []
 
 

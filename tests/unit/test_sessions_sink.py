@@ -376,7 +376,7 @@ def test_a_tracked_conversation_becomes_seed_001_session_files(tmp_path: Path) -
     turn(messages, "What's 2+2?", "4.")
     turn(messages, "And 3+3?", "6.")
     fork = turn(messages[:2], "What's 2+3?", "5.")
-    tracker.close()
+    tracker.stop(0)
 
     sink = make_sink(tmp_path, clock)
     assert verdict_of(sink.deliver([e.payload() for e in published])) == Delivered()

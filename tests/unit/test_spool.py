@@ -283,7 +283,7 @@ def test_segments_vanished_with_the_directory_are_counted_lost_and_the_rest_deli
     assert stats["spooled"] == 0 and spool.segments() == []
     parts = ("sent", "in_flight", "queued", "spooled", "dead_lettered", "dropped")
     assert stats["accepted"] == sum(stats[k] for k in parts) == 8
-    assert exporter.close(timeout=1.0).called
+    assert exporter.stop(1.0).called
     assert clock.getDelayedCalls() == []
 
 

@@ -937,7 +937,7 @@ def test_body_taken_after_the_connection_broke() -> None:
 
 def test_close_with_nothing_open_fires_at_once() -> None:
     up = Upstream()
-    d = up.pool.close()
+    d = up.pool.stop(5.0)
     assert d.called
 
 
@@ -945,7 +945,7 @@ def test_close_closes_idle_connections_and_cancels_the_sweep() -> None:
     up = Upstream()
     up.fetch(EMPTY_200)
     assert len(up.clock.getDelayedCalls()) == 1
-    d = up.pool.close()
+    d = up.pool.stop(5.0)
     assert up.clock.getDelayedCalls() == []
     assert up.transport().closes == ["lose"]
     assert not d.called
@@ -960,7 +960,7 @@ def test_close_waits_for_busy_exchanges() -> None:
     first_call = up.request()  # takes the pooled connection
     second_call = up.request()  # dials a second one
     first, second = up.endpoint.conns
-    d = up.pool.close()
+    d = up.pool.stop(5.0)
     assert up.transport(first).closes == [] and up.transport(second).closes == []
     first.dataReceived(EMPTY_200)
     first_call.response.deliverBody(Body())
@@ -984,7 +984,7 @@ def test_close_waits_for_busy_exchanges() -> None:
 def test_close_fires_when_a_busy_connection_breaks() -> None:
     up = Upstream()
     call = up.request()
-    d = up.pool.close()
+    d = up.pool.stop(5.0)
     assert not d.called
     lose(up.conn)
     assert call.failure.check(UpstreamError)
