@@ -858,14 +858,14 @@ class DispatcherService(Service):
         self.drain_timeout = drain_timeout
 
     def startService(self) -> None:
-        from llmproxy.runtime.service import sd_notify
+        from llmproxy.runtime.system import sd_notify
 
         super().startService()
         self.dispatcher.start()
         sd_notify("READY=1")
 
     def stopService(self) -> Deferred[None]:
-        from llmproxy.runtime.service import sd_notify
+        from llmproxy.runtime.system import sd_notify
 
         super().stopService()
         sd_notify("STOPPING=1")

@@ -12,17 +12,14 @@ pool closes.  The whole stop fires by ``drain_timeout``.
 from __future__ import annotations
 
 import gc
-import os
 import random
-import signal
-import socket
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet import defer, endpoints, task, threads
+from twisted.internet import defer, task, threads
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -46,6 +43,7 @@ from llmproxy.proxy.forward import ProxyResource
 from llmproxy.proxy.metrics import MetricsCollector, ProxyMetrics, make_registry
 from llmproxy.proxy.site import ProxySite
 from llmproxy.runtime.lifecycle import StopStage, run_stages
+from llmproxy.runtime.system import install_sighup, listen_now, restore_sighup, sd_notify
 
 if TYPE_CHECKING:
     from llmproxy.export.exporter import BatchingExporter
@@ -55,61 +53,9 @@ if TYPE_CHECKING:
 log = Logger()
 
 
-def sd_notify(state: str) -> None:
-    """Tell systemd (or a test) about our state; a no-op without NOTIFY_SOCKET."""
-    addr = os.environ.get("NOTIFY_SOCKET")
-    if not addr:
-        return
-    if addr.startswith("@"):
-        addr = "\0" + addr[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-            s.connect(addr)
-            s.sendall(state.encode())
-    except OSError as e:
-        log.warn("sd_notify failed: {err}", err=str(e))
-
-
 def _events_wanted(settings: Settings) -> bool:
     """Capture and events cost CPU on the request path: only when someone reads them."""
     return bool(settings.exporters) or settings.events.bus == "redis"
-
-
-def listen_now(reactor: Any, description: str, factory: Any) -> IListeningPort:
-    """Listen on an endpoint string at start-up, synchronously: a bind error (or an
-    endpoint that cannot listen at once) fails start-up with the reason."""
-    endpoint = endpoints.serverFromString(reactor, description)
-    result: list[Any] = []
-    endpoint.listen(factory).addBoth(result.append)
-    if not result:
-        raise RuntimeError(f"listening on {description} did not complete at start")
-    if isinstance(result[0], Failure):
-        raise RuntimeError(f"cannot listen on {description}: {result[0].value}")
-    port: IListeningPort = result[0]
-    log.info(
-        "listening on {desc} (port {port})",
-        desc=description,
-        port=getattr(port.getHost(), "port", "-"),
-    )
-    return port
-
-
-def install_sighup(reactor: Any, reload: Callable[[], object]) -> Any:
-    """Run ``reload`` in the reactor thread on each SIGHUP; return the handler it
-    replaced, for :func:`restore_sighup` (None where there is no SIGHUP)."""
-    if not hasattr(signal, "SIGHUP"):
-        return None
-
-    def on_hup(signum: int, frame: Any) -> None:
-        reactor.callFromThread(reload)
-
-    return signal.signal(signal.SIGHUP, on_hup)
-
-
-def restore_sighup(previous: Any) -> None:
-    """Put back the handler :func:`install_sighup` replaced (at the drain)."""
-    if previous is not None:
-        signal.signal(signal.SIGHUP, previous)
 
 
 def refuse_reload(audit: AuditLog, source: str, problems: Sequence[str]) -> None:

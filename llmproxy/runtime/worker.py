@@ -33,7 +33,7 @@ from zope.interface import implementer
 from llmproxy.config.loader import map_paths
 from llmproxy.config.model import Settings
 from llmproxy.runtime.service import ProxyService
-from llmproxy.runtime.supervisor import _FAMILIES, CONTROL_FD, LISTEN_FD, admin_socket_path
+from llmproxy.runtime.system import CONTROL_FD, FAMILIES, LISTEN_FD, admin_socket_path
 
 EX_USAGE = 64
 EX_SOFTWARE = 70
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="the config the master validated")
     parser.add_argument("--source", default="", help="the config file, for messages")
     parser.add_argument("--index", type=int, required=True)
-    parser.add_argument("--family", choices=sorted(_FAMILIES), required=True)
+    parser.add_argument("--family", choices=sorted(FAMILIES), required=True)
     args = parser.parse_args(argv)
 
     from twisted.logger import Logger
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         shared_state_dir=base.server.state_dir,
         snapshot=args.config,
         listen_fd=LISTEN_FD,
-        family=_FAMILIES[args.family],
+        family=FAMILIES[args.family],
         config_path=args.source or None,
     )
     try:

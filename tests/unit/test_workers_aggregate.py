@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from llmproxy.config.loader import ConfigError, load_settings
 from llmproxy.proxy.metrics import MetricsCollector, ProxyMetrics, make_registry
-from llmproxy.runtime.supervisor import (
+from llmproxy.runtime.aggregate import (
     combine_rule,
     monotonic_families,
     parse_families,
