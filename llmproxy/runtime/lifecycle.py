@@ -1,7 +1,8 @@
 """The drain as a declared list of stop stages, run in order within one deadline
 (tests: tests/unit/test_lifecycle.py, tests/integration/test_daemon.py).
 
-A root service (``runtime.service.ProxyService``) declares its ``StopStage``s;
+A process's root service (``RootService``: the proxy, ``runtime.service.ProxyService``,
+or the workers' master, ``runtime.supervisor.Supervisor``) declares its ``StopStage``s;
 ``run_stages`` runs them one after the other, giving each what is left of the
 deadline, logs when each is done, and never waits past the deadline: a stage
 that has not finished by then is left behind (its Deferred is not cancelled;
@@ -16,14 +17,19 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from llmproxy.access.audit import AuditLog
+from llmproxy.config.model import Settings
+from llmproxy.runtime.system import restore_sighup, sd_notify
+
 log = Logger()
 
-__all__ = ["StopStage", "run_stages", "within"]
+__all__ = ["RootService", "StopStage", "run_stages", "within"]
 
 
 @attrs.frozen
@@ -34,7 +40,7 @@ class StopStage:
     run: Callable[[float], Deferred[Any] | Coroutine[Any, Any, None] | None]
 
 
-def within(d: Deferred[object], seconds: float, clock: IReactorTime) -> Deferred[bool]:
+def within(d: Deferred[Any], seconds: float, clock: IReactorTime) -> Deferred[bool]:
     """Fires with True when ``d`` fires within ``seconds``, else with False at
     ``seconds`` (``d`` itself is left alone: not cancelled, its result untouched)."""
     waiter: Deferred[bool] = Deferred()
@@ -76,3 +82,47 @@ async def run_stages(stages: Sequence[StopStage], timeout: float, clock: IReacto
             log.warn("drain: {stage} did not finish by the deadline", stage=stage.name)
         done: float = clock.seconds()  # type: ignore[misc]
         log.info("drain: {stage} done at {t:.3f}s", stage=stage.name, t=done - start)
+
+
+class RootService(Service):
+    """The root of a process: ready or draining, and on SIGTERM a drain through
+    ``stop_stages()`` within ``drain_timeout`` (plus ``extra_drain_time``), with
+    systemd told ``STOPPING=1`` and the audit log closed last.  Subclasses set
+    ``settings``, ``reactor``, ``audit`` and ``_previous_sighup`` (what
+    ``install_sighup`` replaced) and declare their stages."""
+
+    settings: Settings
+    reactor: Any
+    audit: AuditLog
+    ready: bool = False
+    draining: bool = False
+    extra_drain_time: float = 0.0  # past drain_timeout, for what the stages do after it
+    _stopping: Deferred[None] | None = None
+    _previous_sighup: Any = None
+
+    def stop_stages(self) -> list[StopStage]:
+        raise NotImplementedError
+
+    async def before_drain(self) -> None:
+        """What must end before the stages run (a reload in progress)."""
+
+    def stopService(self) -> Deferred[None]:
+        if self._stopping is None:
+            self._stopping = ensureDeferred(self._drain())
+            super().stopService()
+        return self._stopping
+
+    async def _drain(self) -> None:
+        clock = self.reactor
+        total = self.settings.server.drain_timeout + self.extra_drain_time
+        start: float = clock.seconds()
+        self.ready = False
+        self.draining = True
+        restore_sighup(self._previous_sighup)
+        self._previous_sighup = None
+        await self.before_drain()
+        sd_notify("STOPPING=1")
+        log.info("draining: deadline {t:g}s", t=total)
+        await run_stages(self.stop_stages(), total - (clock.seconds() - start), clock)
+        self.audit.close()
+        log.info("drained in {t:.3f}s", t=clock.seconds() - start)

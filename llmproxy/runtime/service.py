@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
-from twisted.application.service import Service
 from twisted.internet import defer, task, threads
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
@@ -42,8 +41,8 @@ from llmproxy.proxy.client import UpstreamPool
 from llmproxy.proxy.forward import ProxyResource
 from llmproxy.proxy.metrics import MetricsCollector, ProxyMetrics, make_registry
 from llmproxy.proxy.site import ProxySite
-from llmproxy.runtime.lifecycle import StopStage, run_stages
-from llmproxy.runtime.system import install_sighup, listen_now, restore_sighup, sd_notify
+from llmproxy.runtime.lifecycle import RootService, StopStage
+from llmproxy.runtime.system import install_sighup, listen_now, sd_notify
 
 if TYPE_CHECKING:
     from llmproxy.export.exporter import BatchingExporter
@@ -83,7 +82,7 @@ class _Holding:
         self.envelopes.append(envelope)
 
 
-class ProxyService(Service):
+class ProxyService(RootService):
     name = "llmproxy"
 
     def __init__(
@@ -168,9 +167,7 @@ class ProxyService(Service):
         self.admin_site.log = lambda request: None  # type: ignore[method-assign]
         self.port: IListeningPort | None = None
         self.admin_port: IListeningPort | None = None
-        self._stopping: defer.Deferred[None] | None = None
         self._reloading: defer.Deferred[bool] | None = None
-        self._previous_sighup: Any = None
 
     def _in_thread(self, work: Callable[[], Any]) -> defer.Deferred[Any]:
         """Blocking work (disk writes) off the reactor thread, in its thread pool."""
@@ -423,12 +420,6 @@ class ProxyService(Service):
 
     # -- stop ---------------------------------------------------------------
 
-    def stopService(self) -> defer.Deferred[None]:
-        if self._stopping is None:
-            self._stopping = defer.ensureDeferred(self._drain())
-            super().stopService()
-        return self._stopping
-
     def stop_stages(self) -> list[StopStage]:
         """The drain, in order; each stage gets what is left of ``drain_timeout``."""
         stages = [
@@ -451,23 +442,10 @@ class ProxyService(Service):
         ]
         return stages
 
-    async def _drain(self) -> None:
-        clock = self.reactor
-        total = self.settings.server.drain_timeout
-        start = clock.seconds()
-        self.ready = False
-        self.draining = True
-        restore_sighup(self._previous_sighup)
-        self._previous_sighup = None
+    async def before_drain(self) -> None:
         if self._reloading is not None:
             await self._reloading
-        sd_notify("STOPPING=1")
-        log.info(
-            "draining: {n} exchanges in flight, deadline {t:g}s", n=len(self.proxy.open), t=total
-        )
-        await run_stages(self.stop_stages(), total - (clock.seconds() - start), clock)
-        self.audit.close()
-        log.info("drained in {t:.3f}s", t=clock.seconds() - start)
+        log.info("draining: {n} exchanges in flight", n=len(self.proxy.open))
 
     def _stop_listening(self, left: float) -> defer.Deferred[None] | None:
         if self.port is None:

@@ -35,7 +35,6 @@ from urllib.parse import urlencode
 import attrs
 import orjson
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from twisted.application.service import Service
 from twisted.internet import abstract, defer, endpoints
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.interfaces import IDelayedCall, IListeningPort
@@ -55,6 +54,7 @@ from llmproxy.config.model import Settings
 from llmproxy.export.http import quiet_pool
 from llmproxy.proxy.metrics import MetricsCollector, make_registry
 from llmproxy.runtime.aggregate import monotonic_families, parse_families, sum_families, sum_stats
+from llmproxy.runtime.lifecycle import RootService, StopStage, within
 from llmproxy.runtime.service import refuse_reload
 from llmproxy.runtime.system import (
     CONTROL_FD,
@@ -63,7 +63,6 @@ from llmproxy.runtime.system import (
     admin_socket_path,
     install_sighup,
     listen_now,
-    restore_sighup,
     sd_notify,
     snapshot_path,
 )
@@ -72,6 +71,7 @@ log = Logger()
 
 FETCH_TIMEOUT = 1.0  # a worker that does not answer /stats or /metrics by then is "down"
 STOP_GRACE = 1.0  # past drain_timeout, before stragglers are killed
+KILL_WAIT = 2.0  # for the killed stragglers to be reaped
 BACKOFF_MIN = 0.5
 BACKOFF_MAX = 30.0
 BACKOFF_RESET_AFTER = 60.0  # a worker that ran this long restarts after BACKOFF_MIN again
@@ -195,7 +195,7 @@ class SupervisorAdmin(AdminResource):
         return NOT_DONE_YET
 
 
-class Supervisor(Service):
+class Supervisor(RootService):
     """The twistd service when ``workers > 1`` (see the module docstring)."""
 
     name = "llmproxy"
@@ -208,8 +208,7 @@ class Supervisor(Service):
         self.config_path = config_path
         self.count = settings.server.workers
         self.state_dir = settings.server.state_dir
-        self.ready = False
-        self.draining = False
+        self.extra_drain_time = STOP_GRACE + KILL_WAIT
         self.audit = AuditLog(settings.audit_path)
         self.workers = [
             WorkerHandle(index=i, log=Logger(namespace=f"worker-{i}")) for i in range(self.count)
@@ -221,8 +220,6 @@ class Supervisor(Service):
         self.admin_port: IListeningPort | None = None
         self._retired: list[Metric] = []  # counters of workers that exited
         self._announced = False
-        self._stopping: defer.Deferred[None] | None = None
-        self._previous_sighup: Any = None
         self._pool = quiet_pool(reactor, persistent=False)
         self._agent = Agent.usingEndpointFactory(
             reactor, _WorkerSockets(reactor, self.state_dir), pool=self._pool
@@ -570,21 +567,18 @@ class Supervisor(Service):
 
     # -- stop -----------------------------------------------------------------
 
-    def stopService(self) -> defer.Deferred[None]:
-        if self._stopping is None:
-            self._stopping = defer.ensureDeferred(self._drain())
-            super().stopService()
-        return self._stopping
+    def stop_stages(self) -> list[StopStage]:
+        """SIGTERM: no restarts, every worker drains within ``drain_timeout`` (the
+        stragglers are killed ``STOP_GRACE`` later), then the admin listener and
+        the pool close."""
+        return [
+            StopStage("restarts cancelled, the master's sockets closed", self._stop_listening),
+            StopStage("workers drained", self._stop_workers),
+            StopStage("admin listener closed", self._stop_admin),
+            StopStage("connection pool closed", lambda left: self._pool.closeCachedConnections()),
+        ]
 
-    async def _drain(self) -> None:
-        clock = self.reactor
-        total = self.settings.server.drain_timeout
-        start = clock.seconds()
-        self.ready = False
-        self.draining = True
-        restore_sighup(self._previous_sighup)
-        self._previous_sighup = None
-        sd_notify("STOPPING=1")
+    def _stop_listening(self, left: float) -> defer.Deferred[None] | None:
         for h in self.workers:
             if h.restart_call is not None and h.restart_call.active():
                 h.restart_call.cancel()
@@ -593,52 +587,37 @@ class Supervisor(Service):
         for s in self._sockets:
             s.close()
         self._sockets = []
-        if self._shared_port is not None:
-            await defer.maybeDeferred(self._shared_port.stopListening)
+        if self._shared_port is None:
+            return None
+        stopped: defer.Deferred[None] | None = self._shared_port.stopListening()
+        return stopped
+
+    async def _stop_workers(self, left: float) -> None:
         running = [h for h in self.workers if h.process is not None]
-        log.info("stopping {n} workers: drain deadline {t:g}s", n=len(running), t=total)
+        log.info("stopping {n} workers", n=len(running))
         for h in running:
             with contextlib.suppress(Exception):
                 h.process.signalProcess("TERM")
         waits = [h.ended for h in running if h.ended is not None]
-        if waits:
-            # The workers' own Deferreds are never cancelled (their processEnded
-            # fires them); a gate of our own carries the deadline.
-            await _until(defer.DeferredList(waits), total + STOP_GRACE, clock)
-            late = [h for h in self.workers if h.process is not None]
-            for h in late:
-                log.warn(
-                    "worker {i} (pid {pid}) did not stop by the deadline: killed",
-                    i=h.index,
-                    pid=h.pid,
-                )
-                with contextlib.suppress(Exception):
-                    h.process.signalProcess("KILL")
-            if late:
-                last = defer.DeferredList([h.ended for h in late if h.ended is not None])
-                await _until(last, 2.0, clock)
-        if self.admin_port is not None:
-            await defer.maybeDeferred(self.admin_port.stopListening)
-        await self._pool.closeCachedConnections()
-        self.audit.close()
-        log.info("drained in {t:.3f}s", t=clock.seconds() - start)
+        if not waits:
+            return
+        clock = self.reactor
+        # The workers' own Deferreds are never cancelled (their processEnded
+        # fires them); the deadline is a gate of our own.
+        await within(defer.DeferredList(waits), left - KILL_WAIT, clock)
+        late = [h for h in self.workers if h.process is not None]
+        for h in late:
+            log.warn(
+                "worker {i} (pid {pid}) did not stop by the deadline: killed", i=h.index, pid=h.pid
+            )
+            with contextlib.suppress(Exception):
+                h.process.signalProcess("KILL")
+        if late:
+            last = defer.DeferredList([h.ended for h in late if h.ended is not None])
+            await within(last, KILL_WAIT, clock)
 
-
-async def _until(d: defer.Deferred[Any], seconds: float, clock: Any) -> bool:
-    """Wait for ``d`` at most ``seconds``; whether it fired.  ``d`` itself is never
-    cancelled (a timeout on a DeferredList would cancel what it holds, and a
-    cancelled DeferredList fires with results rather than failing)."""
-    gate: defer.Deferred[None] = defer.Deferred()
-
-    def opened(result: object) -> object:
-        if not gate.called:
-            gate.callback(None)
-        return result
-
-    d.addBoth(opened)
-    gate.addTimeout(seconds, clock)
-    try:
-        await gate
-    except defer.TimeoutError:
-        return False
-    return True
+    def _stop_admin(self, left: float) -> defer.Deferred[None] | None:
+        if self.admin_port is None:
+            return None
+        stopped: defer.Deferred[None] | None = self.admin_port.stopListening()
+        return stopped
