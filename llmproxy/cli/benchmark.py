@@ -58,7 +58,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IResponse
 from zope.interface import implementer
 
-from llmproxy.cli.main import positive_int
+from llmproxy.cli.args import Subcommands, positive_int
 from llmproxy.export.http import BytesBody
 
 OVERHEAD_HEADER = b"x-llmproxy-overhead-ms"
@@ -1023,8 +1023,8 @@ def _report(bench: Benchmark, rec: Recorder, out: IO[str], err: IO[str], output:
 # -- the command line ---------------------------------------------------------------------
 
 
-def add_benchmark_command(sub: Any) -> None:
-    """Register ``llmproxy benchmark`` on the CLI's subparsers."""
+def add_benchmark_command(sub: Subcommands) -> None:
+    """Register ``llmproxy benchmark``."""
     p = sub.add_parser(
         "benchmark",
         help="load a deployment; report throughput, latency and the proxy's overhead",

@@ -20,7 +20,10 @@ from urllib.parse import urlencode, urlsplit
 
 import orjson
 
+from llmproxy.cli.args import Subcommands
 from llmproxy.config.loader import ConfigError, load_settings
+
+__all__ = ["add_cache_command", "admin_url_for", "post_purge", "split_endpoint"]
 
 
 def split_endpoint(description: str) -> list[str]:
@@ -136,7 +139,8 @@ def _purge(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_cache_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_cache_command(sub: Subcommands) -> None:
+    """Register ``llmproxy cache`` (purge)."""
     cache = sub.add_parser("cache", help="manage the response cache of a running proxy")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True)
     p = cache_sub.add_parser(

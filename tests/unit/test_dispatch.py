@@ -1,5 +1,6 @@
 """The dispatcher's pure parts: trimming arithmetic from XINFO replies, reply
-parsing, and how flags, environment and config become a plan."""
+parsing (llmproxy/redis/dispatcher.py), and how flags, environment and config become
+a plan for ``llmproxy dispatcher`` (llmproxy/cli/dispatcher.py)."""
 
 from __future__ import annotations
 
@@ -12,15 +13,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from llmproxy.cli.dispatcher import DispatcherConfigError, add_dispatcher_command, dispatcher_plan
 from llmproxy.config.model import ExporterSettings, RedisSettings
 from llmproxy.redis.dispatcher import (
     UNLIMITED_RETRIES,
-    DispatcherConfigError,
     GroupState,
     _stream_entries,
-    add_dispatcher_command,
     dispatch_exporter_settings,
-    dispatcher_plan,
     parse_group_state,
     trimmed_unread,
 )
