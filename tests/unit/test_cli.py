@@ -137,6 +137,19 @@ def test_positive_duration_refuses_the_rest(text: str) -> None:
         positive_duration(text)
 
 
+@pytest.mark.parametrize("timeout", ["inf", "nan", "0", "-1", "soon"])
+def test_cache_purge_refuses_a_timeout_it_cannot_wait(
+    timeout: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before the check, inf crashed with OverflowError from the socket and 0 made
+    # the socket non-blocking ("cannot reach ...: Operation now in progress").
+    argv = ["cache", "purge", "--all", "--admin-url", "http://127.0.0.1:9", "--timeout", timeout]
+    code, out, err = run_main(argv, capsys)
+    assert (code, out) == (2, "")
+    assert "argument --timeout:" in err
+    assert "Traceback" not in err and "cannot reach" not in err
+
+
 # -- the import graph --------------------------------------------------------------------
 
 
