@@ -131,7 +131,7 @@ def write_config(tmp_path: Path, extra: str = "") -> Path:
     return path
 
 
-def test_seed_flags_make_a_file_sink_with_the_seed_defaults(tmp_path: Path) -> None:
+def test_without_exporter_the_sink_is_a_file_with_the_command_defaults(tmp_path: Path) -> None:
     config = write_config(tmp_path)
     plan = dispatcher_plan(parse(["--config", str(config), "--endpoint", "out.jsonl"]), {})
     assert plan.exporter.type == "file"
@@ -208,7 +208,7 @@ def test_the_redis_settings_are_documented() -> None:
     assert "## [redis]" in doc and "LLM_PROXY_EVENT_BUS" in doc
 
 
-def test_the_seed_event_bus_variable_selects_the_bus() -> None:
+def test_the_llm_proxy_event_bus_variable_selects_the_bus() -> None:
     from llmproxy.config.loader import load_settings
 
     assert load_settings(text="", env={"LLM_PROXY_EVENT_BUS": "redis"}).events.bus == "redis"
