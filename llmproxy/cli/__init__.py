@@ -1,2 +1,6 @@
-"""The ``llmproxy`` command (``llmproxy.cli.main``): one module per subcommand, and
-the argument types they share (tests: tests/unit/cli/)."""
+"""The ``llmproxy`` command: one module per subcommand (check_config, token,
+dispatcher, cache, benchmark, plugin_cache), the argument types they share (args),
+and the top parser that puts them together (main; tests: tests/unit/test_cli.py).
+
+Entry points only: nothing outside this package imports it, and nothing in it
+imports ``main`` but ``__main__`` (``python -m llmproxy.cli``)."""

@@ -20,7 +20,10 @@ from urllib.parse import urlencode, urlsplit
 
 import orjson
 
+from llmproxy.cli.args import Subcommands, positive_seconds
 from llmproxy.config.loader import ConfigError, load_settings
+
+__all__ = ["add_cache_command", "admin_url_for", "post_purge", "split_endpoint"]
 
 
 def split_endpoint(description: str) -> list[str]:
@@ -136,7 +139,8 @@ def _purge(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_cache_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_cache_command(sub: Subcommands) -> None:
+    """Register ``llmproxy cache`` (purge)."""
     cache = sub.add_parser("cache", help="manage the response cache of a running proxy")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True)
     p = cache_sub.add_parser(
@@ -155,5 +159,7 @@ def add_cache_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="ini file (admin_listen, admin_token; default: embedded)",
     )
     p.add_argument("--admin-url", default=None, help="http://HOST:PORT or unix:PATH of the admin")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the proxy")
+    p.add_argument(
+        "--timeout", type=positive_seconds, default=30.0, help="seconds to wait for the proxy"
+    )
     p.set_defaults(func=_purge)

@@ -24,6 +24,19 @@ import attrs
 from twisted.logger import ILogObserver
 from zope.interface import implementer
 
+from llmproxy.cli.args import Subcommands
+
+__all__ = [
+    "CACHE_NAME",
+    "TAPNAME",
+    "PluginCacheError",
+    "PluginDir",
+    "add_plugin_cache_command",
+    "plugin_dirs",
+    "regenerate",
+    "stale_reason",
+]
+
 TAPNAME = "llmproxy"
 CACHE_NAME = "dropin.cache"
 
@@ -148,15 +161,7 @@ def regenerate() -> list[Path]:
     return [d.cache for d in dirs]
 
 
-def add_plugin_cache_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "plugin-cache",
-        help="write twistd's plugin cache (run once at install time, as the installation's owner)",
-    )
-    p.set_defaults(func=lambda args: main())
-
-
-def main() -> int:
+def _plugin_cache_command(args: argparse.Namespace) -> int:
     try:
         paths = regenerate()
     except PluginCacheError as e:
@@ -173,5 +178,10 @@ def main() -> int:
     return 0
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+def add_plugin_cache_command(sub: Subcommands) -> None:
+    """Register ``llmproxy plugin-cache``."""
+    p = sub.add_parser(
+        "plugin-cache",
+        help="write twistd's plugin cache (run once at install time, as the installation's owner)",
+    )
+    p.set_defaults(func=_plugin_cache_command)

@@ -1,5 +1,7 @@
-"""``llmproxy dispatcher``: Redis stream to a sink, at least once (tests:
-tests/unit/test_dispatch.py, tests/integration/test_dispatcher.py).
+"""The dispatcher of the Redis bus: Redis stream to a sink, at least once (tests:
+tests/unit/test_dispatch.py, tests/unit/test_dispatcher_loop.py,
+tests/integration/test_dispatcher.py).  The ``llmproxy dispatcher`` command that
+runs one as a process is llmproxy/cli/dispatcher.py.
 
 One dispatcher is one consumer of a consumer group on the proxy's stream
 (llmproxy/redis/stream.py).  Dispatchers in one group share the entries; each group
@@ -51,14 +53,12 @@ Order is kept per dispatcher (``max_in_flight = 1``), not across dispatchers.
 from __future__ import annotations
 
 import random as _random
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import attrs
 import orjson
-from twisted.application.service import Service
 from twisted.internet.defer import Deferred, FirstError, gatherResults, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
@@ -69,6 +69,22 @@ from llmproxy.config.model import ExporterSettings, RedisSettings
 from llmproxy.events.envelope import Envelope, StoredEvent
 from llmproxy.export.deadletter import DeadLetter
 from llmproxy.interfaces import RedisClient
+
+__all__ = [
+    "ACK_CHUNK",
+    "RETRY_PAUSE",
+    "SETTLED_ACK",
+    "UNLIMITED_RETRIES",
+    "DispatchExporter",
+    "Dispatcher",
+    "ExporterFactory",
+    "GroupState",
+    "Settled",
+    "build_dispatcher",
+    "dispatch_exporter_settings",
+    "parse_group_state",
+    "trimmed_unread",
+]
 
 log = Logger()
 
@@ -786,7 +802,7 @@ def _stream_entries(reply: Any) -> list[Any]:
     return [e for e in first[1] if isinstance(e, list) and e]
 
 
-# -- building one from settings, the service, and the command ---------------------------
+# -- building one from settings ----------------------------------------------------------
 
 
 def dispatch_exporter_settings(settings: ExporterSettings) -> ExporterSettings:
@@ -806,17 +822,16 @@ def build_dispatcher(
     """A dispatcher with real connections and the exporter for ``exporter``.
 
     Raises ``ValueError`` for sink settings the sink refuses."""
-    from twisted.web.client import Agent, HTTPConnectionPool
+    from twisted.web.client import Agent
 
     from llmproxy.export.exporter import BatchingExporter
-    from llmproxy.export.http import sink_http_client
+    from llmproxy.export.http import quiet_pool, sink_http_client
     from llmproxy.export.registry import build_sink
     from llmproxy.redis.connection import RedisConnection, default_consumer_name, parse_redis_url
 
     name = consumer or redis.consumer or default_consumer_name()
     settings = dispatch_exporter_settings(exporter)
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool._factory.noisy = False  # type: ignore[attr-defined]
+    pool = quiet_pool(reactor, persistent=True)
     client = sink_http_client(Agent(reactor, pool=pool))
     sink = build_sink(settings, clock=reactor, http_client=client, state_dir=state_dir)
     dead_letter = settings.dead_letter_path or Path("deadletter") / f"{settings.name}.jsonl"
@@ -846,225 +861,3 @@ def build_dispatcher(
         read_count=settings.batch_size,
         cleanup=pool.closeCachedConnections,
     )
-
-
-class DispatcherService(Service):
-    """The dispatcher as a twisted service: READY=1 once started, a drain on stop."""
-
-    name = "llmproxy-dispatcher"
-
-    def __init__(self, dispatcher: Dispatcher, drain_timeout: float) -> None:
-        self.dispatcher = dispatcher
-        self.drain_timeout = drain_timeout
-
-    def startService(self) -> None:
-        from llmproxy.runtime.system import sd_notify
-
-        super().startService()
-        self.dispatcher.start()
-        sd_notify("READY=1")
-
-    def stopService(self) -> Deferred[None]:
-        from llmproxy.runtime.system import sd_notify
-
-        super().stopService()
-        sd_notify("STOPPING=1")
-        return self.dispatcher.stop(self.drain_timeout)
-
-
-def run(dispatcher: Dispatcher, drain_timeout: float, reactor: Any, describe: str) -> int:
-    """Run ``dispatcher`` on ``reactor`` until SIGTERM/SIGINT, then drain; 0 when clean."""
-    import signal
-
-    from twisted.logger import globalLogBeginner, textFileLogObserver
-
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
-    service = DispatcherService(dispatcher, drain_timeout)
-
-    def on_hup(signum: int, frame: Any) -> None:
-        # systemd's ExecReload: nothing to re-read (restart to change settings);
-        # report instead of dying from the default SIGHUP action.
-        reactor.callFromThread(
-            lambda: log.info("dispatcher stats: {stats}", stats=_stats_line(dispatcher))
-        )
-
-    signal.signal(signal.SIGHUP, on_hup)
-
-    def begin() -> None:
-        service.startService()
-        log.info("dispatcher ready: {describe}", describe=describe)
-
-    reactor.callWhenRunning(begin)
-    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
-    reactor.run()
-    return 0
-
-
-def _stats_line(dispatcher: Dispatcher) -> str:
-    return orjson.dumps(dispatcher.stats()).decode()
-
-
-# -- the command line --------------------------------------------------------------------
-
-SERVICES = ("file", "loki", "lunary", "helicone", "otlp")
-
-
-class DispatcherConfigError(Exception):
-    """Bad flags or config for ``llmproxy dispatcher``: one problem per line."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = problems
-
-
-@attrs.frozen
-class DispatcherPlan:
-    """Everything ``llmproxy dispatcher`` resolved from flags, config and environment."""
-
-    redis: RedisSettings
-    exporter: ExporterSettings
-    state_dir: Path
-    drain_timeout: float
-
-    def describe(self) -> str:
-        from llmproxy.redis.connection import parse_redis_url
-
-        r = self.redis
-        return (
-            f"{parse_redis_url(r.url).safe} stream {r.stream} group {r.group} "
-            f"-> {self.exporter.type} sink {self.exporter.name!r}"
-        )
-
-
-def _positive_seconds(text: str) -> float:
-    import argparse
-
-    from llmproxy.config.loader import parse_duration
-
-    try:
-        value = parse_duration(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be greater than 0")
-    return value
-
-
-def add_dispatcher_command(sub: Any) -> None:
-    """Register ``llmproxy dispatcher`` on the CLI's subparsers."""
-    from llmproxy.cli.main import positive_int
-
-    p = sub.add_parser(
-        "dispatcher",
-        help="deliver events from the Redis bus to a sink, at least once",
-        description="Consume the proxy's Redis stream as one consumer of a group and "
-        "deliver every entry to a sink; entries are acknowledged once delivered or "
-        "dead-lettered. SIGTERM drains.",
-    )
-    p.add_argument("--service", choices=SERVICES, default=None, help="the sink (default: file)")
-    p.add_argument(
-        "--exporter", metavar="NAME", default=None, help="use [exporter:NAME] of --config as sink"
-    )
-    p.add_argument(
-        "--endpoint",
-        default=None,
-        help="sink URL, or the file path for file (default: $LLM_PROXY_ENDPOINT)",
-    )
-    p.add_argument("--api-key", default=None, help="sink API key (default: $LLM_PROXY_API_KEY)")
-    p.add_argument("--batch-size", type=positive_int, default=None, help="events per batch")
-    p.add_argument("--buffer", type=positive_int, default=None, help="entries held unsettled")
-    p.add_argument("--config", "-c", default=None, help="ini file: [redis], [server], exporters")
-    p.add_argument("--redis-url", default=None, help="overrides [redis] url")
-    p.add_argument("--stream", default=None, help="overrides [redis] stream")
-    p.add_argument("--group", default=None, help="overrides [redis] group")
-    p.add_argument("--consumer", default=None, help="overrides [redis] consumer")
-    p.add_argument("--claim-idle", type=_positive_seconds, default=None, help="seconds")
-    p.add_argument("--drain-timeout", type=_positive_seconds, default=None, help="seconds")
-    p.set_defaults(func=_dispatcher_command)
-
-
-def dispatcher_plan(args: Any, env: dict[str, str] | Any) -> DispatcherPlan:
-    """Resolve flags > environment > config file > defaults; ``DispatcherConfigError``
-    lists every problem."""
-    from llmproxy.config.loader import ConfigError, load_settings
-    from llmproxy.redis.connection import redis_problems
-
-    try:
-        settings = load_settings(args.config, env)
-    except ConfigError as e:
-        raise DispatcherConfigError(e.problems) from None
-    overrides = {
-        key: value
-        for key, value in (
-            ("url", args.redis_url),
-            ("stream", args.stream),
-            ("group", args.group),
-            ("consumer", args.consumer),
-            ("claim_idle", args.claim_idle),
-        )
-        if value is not None
-    }
-    redis = attrs.evolve(settings.redis, **overrides)
-    problems = [f"redis.{p}" for p in redis_problems(redis)]
-    endpoint = args.endpoint if args.endpoint is not None else env.get("LLM_PROXY_ENDPOINT")
-    api_key = args.api_key if args.api_key is not None else env.get("LLM_PROXY_API_KEY")
-    state_dir = settings.server.state_dir
-    if args.exporter is not None:
-        found = [e for e in settings.exporters if e.name == args.exporter]
-        if not found:
-            names = ", ".join(e.name for e in settings.exporters) or "none"
-            problems.append(f"--exporter: no enabled [exporter:{args.exporter}] (have: {names})")
-            raise DispatcherConfigError(problems)
-        exporter = found[0]
-        if args.service is not None and args.service != exporter.type:
-            problems.append(f"--service {args.service} contradicts exporter type {exporter.type}")
-    else:
-        service = args.service or "file"
-        # seed 002's defaults: --buffer 1000, --batch-size 100
-        exporter = ExporterSettings(name=service, type=service, buffer=1000, batch_size=100)
-    changes: dict[str, Any] = {}
-    if args.batch_size is not None:
-        changes["batch_size"] = args.batch_size
-    if args.buffer is not None:
-        changes["buffer"] = args.buffer
-    if endpoint:
-        if exporter.type == "file":
-            path = Path(endpoint).expanduser()
-            changes["path"] = path if path.is_absolute() else state_dir / path
-        elif exporter.type == "loki":
-            changes["url"] = endpoint
-        else:
-            changes["endpoint"] = endpoint
-    if api_key:
-        if exporter.type == "loki":
-            changes["bearer_token"] = api_key
-        elif exporter.type != "file":
-            changes["api_key"] = api_key
-    exporter = attrs.evolve(exporter, **changes)
-    if exporter.type == "loki" and not exporter.url:
-        problems.append("--endpoint: the Loki push URL is required for --service loki")
-    if problems:
-        raise DispatcherConfigError(problems)
-    drain = args.drain_timeout if args.drain_timeout is not None else settings.server.drain_timeout
-    return DispatcherPlan(redis, exporter, state_dir, drain)
-
-
-def _dispatcher_command(args: Any) -> int:
-    import os
-
-    try:
-        plan = dispatcher_plan(args, dict(os.environ))
-    except DispatcherConfigError as e:
-        for line in e.problems:
-            print(line, file=sys.stderr)
-        return 64
-    from twisted.internet import reactor
-
-    try:
-        dispatcher = build_dispatcher(
-            plan.redis, plan.exporter, reactor=reactor, state_dir=plan.state_dir
-        )
-    except ValueError as e:
-        print(e, file=sys.stderr)
-        return 64
-    return run(dispatcher, plan.drain_timeout, reactor, plan.describe())

@@ -45,7 +45,7 @@ async def benchmark(*argv: str) -> tuple[str, str, int]:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("LLMPROXY_")}
     d = getProcessOutputAndValue(
         sys.executable,
-        ["-m", "llmproxy.cli.main", "benchmark", *argv],
+        ["-m", "llmproxy.cli", "benchmark", *argv],
         env=environ,
         reactor=reactor,
     )
@@ -202,7 +202,7 @@ class _Collect(protocol.ProcessProtocol):
 @pytest_twisted.ensureDeferred
 async def test_ctrl_c_stops_the_run_cleanly(env: Running) -> None:
     proto = _Collect()
-    argv = [sys.executable, "-m", "llmproxy.cli.main", "benchmark", "--base-url", env.base]
+    argv = [sys.executable, "-m", "llmproxy.cli", "benchmark", "--base-url", env.base]
     argv += ["--endpoint", "/hang", "-n", "100", "-c", "3", "--no-progress"]
     environ = {k: v for k, v in os.environ.items() if not k.startswith("LLMPROXY_")}
     transport = reactor.spawnProcess(proto, sys.executable, argv, env=environ)  # type: ignore[attr-defined]

@@ -70,7 +70,7 @@ def _probe(site: Path, cwd: Path) -> tuple[dict[str, Any], str]:
 
 def _plugin_cache(cwd: Path, *paths: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-S", "-m", "llmproxy.cli.main", "plugin-cache"],
+        [sys.executable, "-S", "-m", "llmproxy.cli", "plugin-cache"],
         cwd=cwd, env=_env(*paths), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
 

@@ -1,6 +1,7 @@
 """``llmproxy benchmark``'s pure parts: percentiles, the summary, the status table, the
 overhead split, cache outcomes, request bodies, argument checks and the masking of
-credentials in ``--debug`` output (llmproxy/cli/benchmark.py)."""
+credentials in ``--debug`` output (llmproxy/cli/benchmark.py, llmproxy/cli/benchmark_report.py,
+llmproxy/cli/loadgen.py)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,10 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
 from llmproxy.cli import benchmark as bench
-from llmproxy.cli.benchmark import Percentiles, Recorder, Sample
+from llmproxy.cli import benchmark_report as report
+from llmproxy.cli import loadgen
+from llmproxy.cli.benchmark_report import Percentiles
+from llmproxy.cli.loadgen import Recorder, Sample
 from llmproxy.cli.main import build_parser
 
 URL = "http://127.0.0.1:8080/v1/chat/completions"
@@ -30,8 +34,8 @@ def parse(*argv: str) -> argparse.Namespace:
     return build_parser().parse_args(["benchmark", *argv])
 
 
-def summary_of(rec: Recorder, elapsed: float = 2.0, **kw: object) -> bench.Summary:
-    return bench.summarize(
+def summary_of(rec: Recorder, elapsed: float = 2.0, **kw: object) -> report.Summary:
+    return report.summarize(
         rec,
         url=URL,
         planned=kw.pop("planned", rec.finished),  # type: ignore[arg-type]
@@ -54,16 +58,16 @@ def test_percentiles_are_nearest_rank_over_1_to_100() -> None:
 
 
 def test_percentile_of_few_values_is_a_measured_one() -> None:
-    assert bench.percentile([1.0, 2.0, 3.0], 50) == 2.0
-    assert bench.percentile([1.0, 2.0, 3.0], 99) == 3.0
-    assert bench.percentile([7.0], 1) == 7.0
-    assert bench.percentile([1.0, 10.0], 50) == 1.0
+    assert report.percentile([1.0, 2.0, 3.0], 50) == 2.0
+    assert report.percentile([1.0, 2.0, 3.0], 99) == 3.0
+    assert report.percentile([7.0], 1) == 7.0
+    assert report.percentile([1.0, 10.0], 50) == 1.0
 
 
 def test_percentiles_of_nothing_is_none_and_percentile_refuses() -> None:
     assert Percentiles.of([]) is None
     with pytest.raises(ValueError):
-        bench.percentile([], 50)
+        report.percentile([], 50)
 
 
 @given(st.lists(st.floats(min_value=0, max_value=1e6), min_size=1, max_size=300))
@@ -114,7 +118,7 @@ def test_overhead_split_is_latency_minus_overhead_per_response() -> None:
     assert s.upstream.p50 == pytest.approx(4.5)
     assert s.upstream.max == pytest.approx(9.0)
     assert s.upstream.mean == pytest.approx(0.9 * 5.5)
-    text = bench.format_summary(s)
+    text = report.format_summary(s)
     assert "proxy overhead: mean 0.550 ms, p50 0.500 ms, p99 1.000 ms; 10.0%" in text
     assert "upstream+network: mean 4.950 ms, p50 4.500 ms, p99 9.000 ms" in text
     assert "(7 cache hits never reached the upstream" in text
@@ -125,7 +129,7 @@ def test_without_the_overhead_header_the_split_is_not_invented() -> None:
     rec.overheads.clear()
     s = summary_of(rec)
     assert s.overhead is None and s.upstream is None
-    text = bench.format_summary(s)
+    text = report.format_summary(s)
     assert "no X-LLMProxy-Overhead-Ms header" in text
     assert "upstream+network" not in text
     assert summary_json(s)["overhead_ms"] is None
@@ -134,16 +138,16 @@ def test_without_the_overhead_header_the_split_is_not_invented() -> None:
 def test_overhead_header_on_some_responses_says_how_many() -> None:
     rec = recorder()
     del rec.overheads[5:]
-    text = bench.format_summary(summary_of(rec))
+    text = report.format_summary(summary_of(rec))
     assert "(header on 5 of 10 responses)" in text
 
 
-def summary_json(s: bench.Summary) -> dict[str, object]:
-    return orjson.loads(orjson.dumps(bench.summary_json(s)))  # type: ignore[no-any-return]
+def summary_json(s: report.Summary) -> dict[str, object]:
+    return orjson.loads(orjson.dumps(report.summary_json(s)))  # type: ignore[no-any-return]
 
 
 def test_status_table_lists_codes_then_failures() -> None:
-    text = bench.format_summary(summary_of(recorder()))
+    text = report.format_summary(summary_of(recorder()))
     table = text.split("status     count\n", 1)[1].split("\n\n", 1)[0].splitlines()
     assert [line.split() for line in table] == [
         ["200", "8"],
@@ -154,7 +158,7 @@ def test_status_table_lists_codes_then_failures() -> None:
 
 
 def test_summary_text_has_throughput_percentiles_and_cache() -> None:
-    text = bench.format_summary(summary_of(recorder()))
+    text = report.format_summary(summary_of(recorder()))
     assert f"14 requests to {URL}, concurrency 4" in text
     assert "throughput      5.0 req/s (10 responses, 4 failed)" in text
     assert "received        4.0 KiB" in text
@@ -173,7 +177,7 @@ def test_stream_summary_reports_first_byte_and_events() -> None:
     s = summary_of(rec, stream=True)
     assert s.ttfb is not None and s.ttfb.p50 == 2.5
     assert s.events_per_stream == 5.0
-    text = bench.format_summary(s)
+    text = report.format_summary(s)
     assert "first byte" in text
     assert "events/stream   5.0" in text
     assert "(1 responses were not text/event-stream)" in text
@@ -182,13 +186,15 @@ def test_stream_summary_reports_first_byte_and_events() -> None:
 def test_hit_ratio_is_never_rounded_up_to_all() -> None:
     rec = recorder()
     rec.cache = Counter({"hit": 1999, "stored": 1, "bypass": 5})
-    assert "hit ratio 99.9%" in bench.format_summary(summary_of(rec))
+    assert "hit ratio 99.9%" in report.format_summary(summary_of(rec))
 
 
 def test_no_cache_headers_said_plainly() -> None:
     rec = recorder()
     rec.cache.clear()
-    assert "cache: no X-PROXY-CACHE or Cache-Status header" in bench.format_summary(summary_of(rec))
+    assert "cache: no X-PROXY-CACHE or Cache-Status header" in report.format_summary(
+        summary_of(rec)
+    )
 
 
 def test_summary_json_is_plain_data() -> None:
@@ -205,13 +211,13 @@ def test_summary_with_no_responses() -> None:
     rec = Recorder(errors=Counter({"timeout": 3}))
     s = summary_of(rec)
     assert s.latency is None and s.throughput == 0.0
-    text = bench.format_summary(s)
+    text = report.format_summary(s)
     assert "latency: no responses" in text
     assert "proxy overhead: no responses" in text
 
 
 def test_interrupted_summary_says_so() -> None:
-    text = bench.format_summary(summary_of(recorder(), planned=100, interrupted=True))
+    text = report.format_summary(summary_of(recorder(), planned=100, interrupted=True))
     assert "interrupted: 14 of 100 requests finished" in text
 
 
@@ -234,7 +240,7 @@ def test_interrupted_summary_says_so() -> None:
     ],
 )
 def test_cache_outcome(x_cache: bytes | None, status: bytes | None, expected: str | None) -> None:
-    assert bench.cache_outcome(x_cache, status) == expected
+    assert loadgen.cache_outcome(x_cache, status) == expected
 
 
 @pytest.mark.parametrize(
@@ -251,7 +257,7 @@ def test_cache_outcome(x_cache: bytes | None, status: bytes | None, expected: st
     ],
 )
 def test_parse_overhead(values: list[bytes] | None, expected: float | None) -> None:
-    assert bench.parse_overhead(values) == expected
+    assert loadgen.parse_overhead(values) == expected
 
 
 @pytest.mark.parametrize(
@@ -269,31 +275,31 @@ def test_parse_overhead(values: list[bytes] | None, expected: float | None) -> N
     ],
 )
 def test_error_kinds(exc: BaseException, kind: str) -> None:
-    assert bench.error_kind(exc) == kind
+    assert loadgen.error_kind(exc) == kind
 
 
 def test_describe_error_names_the_wrapped_reason() -> None:
     exc = ResponseNeverReceived([Failure(ierror.ConnectionLost("reset by peer"))])
-    assert "reset by peer" in bench.describe_error(exc)
+    assert "reset by peer" in loadgen.describe_error(exc)
 
 
 # -- progress ----------------------------------------------------------------------------
 
 
 def test_progress_line_with_bar() -> None:
-    line = bench.progress_line(50, 100, 2, 2.0, width=10)
+    line = report.progress_line(50, 100, 2, 2.0, width=10)
     assert line == "[#####-----]  50/100   50%  2.0s  25 req/s  2 failed  eta 2s"
 
 
 def test_progress_line_plain_and_done() -> None:
-    line = bench.progress_line(100, 100, 0, 4.0, bar=False)
+    line = report.progress_line(100, 100, 0, 4.0, bar=False)
     assert line == "100/100  100%  4.0s  25 req/s  0 failed"
-    assert bench.progress_line(0, 10, 0, 0.0, bar=False) == "0/10    0%  0.0s  0 req/s  0 failed"
+    assert report.progress_line(0, 10, 0, 0.0, bar=False) == "0/10    0%  0.0s  0 req/s  0 failed"
 
 
 def progress_for(tty: bool) -> tuple[bench.Progress, io.StringIO, Clock]:
     clock = Clock()
-    b = bench.Benchmark(clock, bench.make_plan(parse("--base-url", "http://h:1", "-n", "8")))
+    b = loadgen.Benchmark(clock, bench.make_plan(parse("--base-url", "http://h:1", "-n", "8")))
     b.rec.latencies.extend([0.001] * 3)
     b.rec.errors["timeout"] += 1
     out = io.StringIO()
@@ -355,7 +361,7 @@ def sample(**kw: object) -> Sample:
 
 
 def test_debug_sample_masks_the_token_everywhere() -> None:
-    text = bench.format_sample(sample(), [TOKEN, "sk-ant-other-secret"])
+    text = report.format_sample(sample(), [TOKEN, "sk-ant-other-secret"])
     assert TOKEN not in text
     assert "sk-ant-other-secret" not in text
     assert "> Authorization: Bearer ****" in text
@@ -365,7 +371,7 @@ def test_debug_sample_masks_the_token_everywhere() -> None:
 
 
 def test_debug_sample_shows_status_line_headers_and_body() -> None:
-    text = bench.format_sample(sample(), [TOKEN])
+    text = report.format_sample(sample(), [TOKEN])
     lines = text.splitlines()
     assert lines[0] == f"> POST {URL}"
     assert "< HTTP/1.1 200 OK" in lines
@@ -375,21 +381,21 @@ def test_debug_sample_shows_status_line_headers_and_body() -> None:
 
 def test_debug_sample_clips_a_long_body() -> None:
     body = b"x" * 5000
-    text = bench.format_sample(sample(body=body[:2000], body_size=5000), [], limit=100)
+    text = report.format_sample(sample(body=body[:2000], body_size=5000), [], limit=100)
     assert "x" * 100 in text and "x" * 101 not in text
     assert "[... 4900 more bytes]" in text
 
 
 def test_debug_sample_of_a_failed_request() -> None:
-    text = bench.format_sample(sample(error="timeout (deadline)"), [TOKEN])
+    text = report.format_sample(sample(error="timeout (deadline)"), [TOKEN])
     assert "< no response: timeout (deadline)" in text
     assert "HTTP/1.1" not in text
 
 
 def test_masked_header_keeps_only_the_scheme() -> None:
-    assert bench.masked_header("authorization", "Bearer abc") == "Bearer ****"
-    assert bench.masked_header("Cookie", "a=b; c=d") == "****"
-    assert bench.masked_header("Accept", "text/plain") == "text/plain"
+    assert report.masked_header("authorization", "Bearer abc") == "Bearer ****"
+    assert report.masked_header("Cookie", "a=b; c=d") == "****"
+    assert report.masked_header("Accept", "text/plain") == "text/plain"
 
 
 def test_credential_headers_become_secrets() -> None:
@@ -541,8 +547,8 @@ def test_https_urls_get_a_tls_endpoint() -> None:
     from twisted.web.client import URI
 
     url = "https://api.example.com/v1/chat/completions"
-    tls = bench._OneEndpoint(reactor, url, 5.0).endpointForURI(URI.fromBytes(url.encode()))
-    plain = bench._OneEndpoint(reactor, "http://h:81/x", 5.0).endpointForURI(
+    tls = loadgen._OneEndpoint(reactor, url, 5.0).endpointForURI(URI.fromBytes(url.encode()))
+    plain = loadgen._OneEndpoint(reactor, "http://h:81/x", 5.0).endpointForURI(
         URI.fromBytes(b"http://h:81/x")
     )
     assert isinstance(plain, HostnameEndpoint)

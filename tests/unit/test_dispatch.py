@@ -1,5 +1,6 @@
 """The dispatcher's pure parts: trimming arithmetic from XINFO replies, reply
-parsing, and how flags, environment and config become a plan."""
+parsing (llmproxy/redis/dispatcher.py), and how flags, environment and config become
+a plan for ``llmproxy dispatcher`` (llmproxy/cli/dispatcher.py)."""
 
 from __future__ import annotations
 
@@ -12,15 +13,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from llmproxy.cli.dispatcher import DispatcherConfigError, add_dispatcher_command, dispatcher_plan
 from llmproxy.config.model import ExporterSettings, RedisSettings
 from llmproxy.redis.dispatcher import (
     UNLIMITED_RETRIES,
-    DispatcherConfigError,
     GroupState,
     _stream_entries,
-    add_dispatcher_command,
     dispatch_exporter_settings,
-    dispatcher_plan,
     parse_group_state,
     trimmed_unread,
 )
@@ -132,7 +131,7 @@ def write_config(tmp_path: Path, extra: str = "") -> Path:
     return path
 
 
-def test_seed_flags_make_a_file_sink_with_the_seed_defaults(tmp_path: Path) -> None:
+def test_without_exporter_the_sink_is_a_file_with_the_command_defaults(tmp_path: Path) -> None:
     config = write_config(tmp_path)
     plan = dispatcher_plan(parse(["--config", str(config), "--endpoint", "out.jsonl"]), {})
     assert plan.exporter.type == "file"
@@ -209,7 +208,7 @@ def test_the_redis_settings_are_documented() -> None:
     assert "## [redis]" in doc and "LLM_PROXY_EVENT_BUS" in doc
 
 
-def test_the_seed_event_bus_variable_selects_the_bus() -> None:
+def test_the_llm_proxy_event_bus_variable_selects_the_bus() -> None:
     from llmproxy.config.loader import load_settings
 
     assert load_settings(text="", env={"LLM_PROXY_EVENT_BUS": "redis"}).events.bus == "redis"

@@ -25,6 +25,7 @@ from llmproxy.access.tokens import (
     lease_size,
 )
 from llmproxy.cli import main as cli
+from llmproxy.cli.token import parse_expiry
 
 NOW = 1_800_000_000.0
 
@@ -351,10 +352,10 @@ def test_cli_rejects_bad_quota_values(tmp_path: Path, bad: str) -> None:
     ],
 )
 def test_parse_expiry(text: str, expected: float | None) -> None:
-    assert cli.parse_expiry(text, NOW) == expected
+    assert parse_expiry(text, NOW) == expected
 
 
 @pytest.mark.parametrize("text", ["0d", "yesterday", "2020-01-01", "5y"])
 def test_parse_expiry_refuses_the_past_and_nonsense(text: str) -> None:
     with pytest.raises(Exception, match="--expires"):
-        cli.parse_expiry(text, NOW)
+        parse_expiry(text, NOW)

@@ -1,0 +1,225 @@
+"""``llmproxy token``: create, list and revoke proxy tokens (tests:
+tests/unit/test_tokens.py, tests/integration/test_access.py).
+
+The tokens live in the token file of ``[server] state_dir`` (llmproxy/access/tokens.py);
+a running proxy re-reads it within a second, so no restart is needed.  ``create``
+prints the secret once, on stdout, and everything else on stderr, so
+``TOKEN=$(llmproxy token create ...)`` captures only the token.  Creating and
+revoking write an audit line with the OS user as the actor.  The commands read the
+config without resolving secrets: they need the state directory, not the provider
+keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import re
+import sys
+import time
+from datetime import UTC, datetime
+
+import orjson
+
+from llmproxy.cli.args import Subcommands, positive_int
+from llmproxy.config.loader import ConfigError, load_settings
+from llmproxy.config.model import Settings
+
+__all__ = ["add_token_command", "parse_expiry", "project_name"]
+
+_SPAN_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_expiry(text: str, now: float) -> float | None:
+    """``30d``, ``12h``, ``90m``, ``2w``, seconds, an ISO date/time (UTC), or ``never``."""
+    value = text.strip().lower()
+    if value in ("never", "none", ""):
+        return None
+    m = re.fullmatch(r"(\d+)\s*([smhdw]?)", value)
+    if m:
+        span = int(m.group(1)) * _SPAN_UNITS[m.group(2)]
+        if span <= 0:
+            raise argparse.ArgumentTypeError("--expires must be in the future")
+        return now + span
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--expires: {text!r} is not a span (30d, 12h, 90m, 2w), a date, or never"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    if when.timestamp() <= now:
+        raise argparse.ArgumentTypeError("--expires must be in the future")
+    return when.timestamp()
+
+
+def project_name(text: str) -> str:
+    """argparse type for ``--project``: 1-128 letters, digits and ``. _ : @ / -``."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}", text):
+        raise argparse.ArgumentTypeError(
+            "project names are 1-128 letters, digits and . _ : @ / - (starting with a letter "
+            "or digit)"
+        )
+    return text
+
+
+def _token_settings(args: argparse.Namespace) -> Settings | None:
+    try:
+        # The token commands need the state directory, not the provider keys.
+        return load_settings(args.config, resolve_secrets=False)
+    except ConfigError as e:
+        for line in e.problems:
+            print(line, file=sys.stderr)
+        return None
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%MZ")
+
+
+def _actor() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "-"
+
+
+def _token_create(args: argparse.Namespace) -> int:
+    from llmproxy.access.audit import AuditLog
+    from llmproxy.access.tokens import TokenFile
+
+    settings = _token_settings(args)
+    if settings is None:
+        return 1
+    now = time.time()
+    try:
+        expires = parse_expiry(args.expires, now) if args.expires else None
+    except argparse.ArgumentTypeError as e:
+        print(e, file=sys.stderr)
+        return 2
+    secret, token = TokenFile.in_state_dir(settings.server.state_dir).create(
+        args.project, now, expires=expires, max_requests=args.max_requests, rpm=args.rpm
+    )
+    audit = AuditLog(settings.audit_path)
+    audit.write(
+        "token_created",
+        token_id=token.id,
+        project=token.project,
+        expires=token.expires,
+        max_requests=token.max_requests,
+        rpm=token.rpm,
+        actor=_actor(),
+        outcome="ok",
+    )
+    audit.close()
+    print(secret)
+    print(
+        f"created {token.id} for project {token.project} (expires {_when(token.expires)}, "
+        f"quota {token.max_requests or '-'}, rpm {token.rpm or '-'}). The token above is "
+        "shown only this once: store it now.",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _token_list(args: argparse.Namespace) -> int:
+    from llmproxy.access.tokens import TokenFile, TokenFileError, UsageFile
+
+    settings = _token_settings(args)
+    if settings is None:
+        return 1
+    state_dir = settings.server.state_dir
+    try:
+        tokens = TokenFile.in_state_dir(state_dir).read()
+        used = UsageFile.in_state_dir(state_dir).read()
+    except TokenFileError as e:
+        print(e, file=sys.stderr)
+        return 1
+    now = time.time()
+    rows = [
+        {
+            "id": t.id,
+            "project": t.project,
+            "state": t.state(now),
+            "created": _when(t.created),
+            "expires": _when(t.expires),
+            "used": used.get(t.id, 0),
+            "max_requests": t.max_requests,
+            "rpm": t.rpm,
+        }
+        for t in tokens
+    ]
+    if args.json:
+        print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
+        return 0
+    header = ("ID", "PROJECT", "STATE", "CREATED", "EXPIRES", "USED", "QUOTA", "RPM")
+    table = [header] + [
+        (
+            str(r["id"]),
+            str(r["project"]),
+            str(r["state"]),
+            str(r["created"]),
+            str(r["expires"]),
+            str(r["used"]),
+            str(r["max_requests"] or "-"),
+            str(r["rpm"] or "-"),
+        )
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def _token_revoke(args: argparse.Namespace) -> int:
+    from llmproxy.access.audit import AuditLog
+    from llmproxy.access.tokens import TokenFile, UnknownToken
+
+    settings = _token_settings(args)
+    if settings is None:
+        return 1
+    try:
+        token, changed = TokenFile.in_state_dir(settings.server.state_dir).revoke(
+            args.id, time.time()
+        )
+    except UnknownToken:
+        print(f"no token with id {args.id} (see: llmproxy token list)", file=sys.stderr)
+        return 1
+    if not changed:
+        print(f"{token.id} was already revoked")
+        return 0
+    audit = AuditLog(settings.audit_path)
+    audit.write(
+        "token_revoked", token_id=token.id, project=token.project, actor=_actor(), outcome="ok"
+    )
+    audit.close()
+    print(f"revoked {token.id} (project {token.project}); a running proxy refuses it within 1s")
+    return 0
+
+
+def add_token_command(sub: Subcommands) -> None:
+    """Register ``llmproxy token`` (create, list, revoke)."""
+    token = sub.add_parser("token", help="create, list and revoke proxy tokens")
+    token_sub = token.add_subparsers(dest="token_command", required=True)
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument(
+        "--config", "-c", default=None, help="ini file (for state_dir; default: the embedded one)"
+    )
+    p = token_sub.add_parser(
+        "create", parents=[config], help="create a token and print it (only this once)"
+    )
+    p.add_argument("--project", required=True, type=project_name, help="who the token is for")
+    p.add_argument("--expires", default=None, help="30d, 12h, 2w, an ISO date, or never")
+    p.add_argument("--max-requests", type=positive_int, default=None, help="request quota")
+    p.add_argument("--rpm", type=positive_int, default=None, help="requests per minute")
+    p.set_defaults(func=_token_create)
+    p = token_sub.add_parser("list", parents=[config], help="ids, projects, expiry and usage")
+    p.add_argument("--json", action="store_true", help="JSON instead of a table")
+    p.set_defaults(func=_token_list)
+    p = token_sub.add_parser("revoke", parents=[config], help="revoke a token by id")
+    p.add_argument("id", help="the token id (tok_...), as token list shows it")
+    p.set_defaults(func=_token_revoke)
