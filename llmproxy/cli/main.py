@@ -17,8 +17,10 @@ from llmproxy.config.model import Settings
 
 
 def _check_config(args: argparse.Namespace) -> int:
+    from llmproxy.runtime.checks import load_checked
+
     try:
-        settings = load_settings(args.path)
+        settings = load_checked(args.path)
     except ConfigError as e:
         for line in e.problems:
             print(line, file=sys.stderr)

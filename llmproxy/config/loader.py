@@ -2,8 +2,10 @@
 
 Every problem is collected, not just the first, and reported as one line
 ``section.key: reason`` (``where`` names the file or the environment variable).
-The same function serves ``llmproxy check-config`` and daemon start-up, so both
-fail the same way.
+This package checks what the settings say, not what the subsystems make of them:
+the Redis URL, the cache's bounds and each sink's own rules are checked by those
+packages, all together in :mod:`llmproxy.runtime.checks`, which is what daemon
+start-up, reload and ``llmproxy check-config`` call, so they fail the same way.
 """
 
 from __future__ import annotations
@@ -63,11 +65,22 @@ _SEED_LOKI_KEYS = {
 
 
 class ConfigError(Exception):
-    """One or more problems, each ``section.key: reason``."""
+    """One or more problems, each ``section.key: reason``.
 
-    def __init__(self, problems: list[str]) -> None:
+    ``settings`` holds the settings as far as they could be read (a bad value left
+    at its default), so that further checks (:mod:`llmproxy.runtime.checks`) can
+    still report their own problems in the same run; never use them to run anything.
+    """
+
+    def __init__(self, problems: list[str], settings: Settings | None = None) -> None:
         super().__init__("\n".join(problems))
         self.problems = problems
+        self.settings = settings
+
+
+def subject(problem: str) -> str:
+    """The ``section.key`` (or ``section``) a problem line is about."""
+    return problem.split(": ", 1)[0]
 
 
 def default_config_text() -> str:
@@ -316,7 +329,7 @@ def _check_url(url: str) -> str | None:
     return None
 
 
-def _validate(settings: Settings, problems: list[str], check_sinks: bool = True) -> None:
+def _validate(settings: Settings, problems: list[str]) -> None:
     s = settings.server
     for key in ("listen", "admin_listen"):
         value = getattr(s, key)
@@ -370,12 +383,6 @@ def _validate(settings: Settings, problems: list[str], check_sinks: bool = True)
             problems.append(f"passthrough.allowed_hosts: {host!r} is not a lower-case host[:port]")
     if settings.events.bus not in ("memory", "redis"):
         problems.append("events.bus: must be memory or redis")
-    from llmproxy.redis.connection import redis_problems
-
-    problems.extend(f"redis.{problem}" for problem in redis_problems(settings.redis))
-    from llmproxy.cache import cache_problems
-
-    problems.extend(cache_problems(settings))
     for key in ("max_states", "flush_interval"):
         if getattr(settings.sessions, key) <= 0:
             problems.append(f"sessions.{key}: must be greater than 0")
@@ -406,35 +413,6 @@ def _validate(settings: Settings, problems: list[str], check_sinks: bool = True)
             problems.append(f"{sec}.backoff_max: must be >= backoff_min > 0")
         if e.max_retries < 0:
             problems.append(f"{sec}.max_retries: must be 0 or more")
-        if (
-            check_sinks
-            and e.type in EXPORTER_TYPES
-            and not any(p.startswith(sec) for p in problems)
-        ):
-            why = _check_sink(e, settings.server.state_dir)
-            if why:
-                problems.append(why)
-
-
-def _check_sink(settings: ExporterSettings, state_dir: Path) -> str | None:
-    """Build the sink once (no I/O happens at construction) to surface the sink's
-    own checks, e.g. Loki label names, at load time rather than after listening."""
-    from twisted.internet.task import Clock
-
-    from llmproxy.export.registry import SINK_FACTORIES, build_sink
-
-    if settings.type not in SINK_FACTORIES:
-        return f"exporter:{settings.name}.type: {settings.type!r} is not available yet"
-    try:
-        build_sink(settings, clock=Clock(), http_client=_NoClient(), state_dir=state_dir)
-    except ValueError as e:
-        return str(e)
-    return None
-
-
-class _NoClient:
-    def request(self, method: str, url: Any, **kwargs: Any) -> Any:
-        raise RuntimeError("configuration check only")
 
 
 def resolve_secret(value: str, env: Mapping[str, str], base: Path) -> str:
@@ -569,10 +547,9 @@ def load_settings(
         settings = attrs.evolve(settings, audit_path=audit_path)
     if resolve_secrets:
         settings = _resolve_secrets(settings, env, problems)
-    # Sinks check their keys (e.g. Lunary's project id): only once they are resolved.
-    _validate(settings, problems, check_sinks=resolve_secrets)
+    _validate(settings, problems)
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(problems, settings)
     return resolve_paths(settings)
 
 

@@ -986,11 +986,12 @@ def add_dispatcher_command(sub: Any) -> None:
 def dispatcher_plan(args: Any, env: dict[str, str] | Any) -> DispatcherPlan:
     """Resolve flags > environment > config file > defaults; ``DispatcherConfigError``
     lists every problem."""
-    from llmproxy.config.loader import ConfigError, load_settings
+    from llmproxy.config.loader import ConfigError
     from llmproxy.redis.connection import redis_problems
+    from llmproxy.runtime.checks import load_checked
 
     try:
-        settings = load_settings(args.config, env)
+        settings = load_checked(args.config, env)
     except ConfigError as e:
         raise DispatcherConfigError(e.problems) from None
     overrides = {

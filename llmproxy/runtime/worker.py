@@ -102,9 +102,9 @@ class WorkerService(ProxyService):
         self.proxy.access = self.access
 
     def load_settings(self) -> Settings:
-        from llmproxy.config.loader import load_settings
+        from llmproxy.runtime.checks import load_checked
 
-        return worker_settings(load_settings(self._snapshot), self.index)
+        return worker_settings(load_checked(self._snapshot), self.index)
 
     def privilegedStartService(self) -> None:
         self.port = self.reactor.adoptStreamPort(self._listen_fd, self._family, self.site)
@@ -193,10 +193,11 @@ def main(argv: list[str] | None = None) -> int:
 
     log = Logger(namespace="llmproxy.runtime.worker")
     globalLogBeginner.beginLoggingTo([LineLog(1)], redirectStandardIO=False)
-    from llmproxy.config.loader import ConfigError, load_settings
+    from llmproxy.config.loader import ConfigError
+    from llmproxy.runtime.checks import load_checked
 
     try:
-        base = load_settings(args.config)
+        base = load_checked(args.config)
     except ConfigError as e:
         for problem in e.problems:
             log.error("bad configuration: {problem}", problem=problem)
