@@ -939,7 +939,7 @@ class DispatcherPlan:
 def _positive_seconds(text: str) -> float:
     import argparse
 
-    from llmproxy.config.loader import parse_duration
+    from llmproxy.config.converter import parse_duration
 
     try:
         value = parse_duration(text)
