@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import types
 import typing
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -266,7 +267,7 @@ def _as_written_hook(tp: Any) -> Callable[[Any, Any], Any]:
 
 def _is_optional(tp: Any) -> bool:
     args = typing.get_args(tp)
-    return typing.get_origin(tp) in (typing.Union, type(int | None)) and type(None) in args
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args
 
 
 def _optional_hook_factory(converter: cattrs.Converter) -> Callable[[Any], Any]:
