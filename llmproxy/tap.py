@@ -13,7 +13,8 @@ import sys
 from twisted.application.service import IService
 from twisted.python import usage
 
-from llmproxy.config.loader import ConfigError, load_settings
+from llmproxy.config.loader import ConfigError
+from llmproxy.runtime.checks import load_checked
 
 EX_USAGE = 64
 
@@ -32,7 +33,7 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         try:
-            self["settings"] = load_settings(self["config"])
+            self["settings"] = load_checked(self["config"])
         except ConfigError as e:
             for line in e.problems:
                 print(f"llmproxy: {line}", file=sys.stderr)

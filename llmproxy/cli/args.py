@@ -12,7 +12,7 @@ import argparse
 import math
 from typing import TypeAlias
 
-from llmproxy.config.loader import parse_duration
+from llmproxy.config.converter import parse_duration
 
 __all__ = ["Subcommands", "positive_duration", "positive_int", "positive_seconds"]
 

@@ -14,14 +14,15 @@ import argparse
 import sys
 
 from llmproxy.cli.args import Subcommands
-from llmproxy.config.loader import ConfigError, load_settings
+from llmproxy.config.loader import ConfigError
+from llmproxy.runtime.checks import load_checked
 
 __all__ = ["add_check_config_command"]
 
 
 def _check_config(args: argparse.Namespace) -> int:
     try:
-        settings = load_settings(args.path)
+        settings = load_checked(args.path)
     except ConfigError as e:
         for line in e.problems:
             print(line, file=sys.stderr)

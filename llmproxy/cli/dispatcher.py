@@ -34,10 +34,11 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 
 from llmproxy.cli.args import Subcommands, positive_duration, positive_int
-from llmproxy.config.loader import ConfigError, load_settings
+from llmproxy.config.loader import ConfigError
 from llmproxy.config.model import ExporterSettings, RedisSettings
 from llmproxy.redis.connection import parse_redis_url, redis_problems
 from llmproxy.redis.dispatcher import Dispatcher, build_dispatcher
+from llmproxy.runtime.checks import load_checked
 
 __all__ = [
     "SERVICES",
@@ -83,7 +84,7 @@ def dispatcher_plan(args: argparse.Namespace, env: Mapping[str, str]) -> Dispatc
     """Resolve flags > environment > config file > defaults; ``DispatcherConfigError``
     lists every problem."""
     try:
-        settings = load_settings(args.config, env)
+        settings = load_checked(args.config, env)
     except ConfigError as e:
         raise DispatcherConfigError(e.problems) from None
     overrides = {

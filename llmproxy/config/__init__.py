@@ -1,2 +1,11 @@
-"""The configuration: the settings model, the ini loader, the generated reference and
-the embedded default (tests: tests/unit/config/)."""
+"""The configuration: the settings model (each key's type, default and meaning in its
+field), the cattrs converter that structures the ini file and the environment into it,
+the loader that reports every problem as ``section.key: reason (where)``, the generated
+reference (docs/configuration.md) and the embedded default
+(tests: tests/unit/test_config.py, tests/unit/test_docs.py).
+
+Nothing here imports the rest of llmproxy: the subsystems' own checks of the settings
+are run by :mod:`llmproxy.runtime.checks`.
+"""
+
+__all__: list[str] = []

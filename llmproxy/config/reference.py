@@ -1,16 +1,17 @@
 """The configuration reference, generated from the settings model (tests: tests/unit/test_docs.py).
 
 ``docs/configuration.md`` is this module's output: every section and key of
-:mod:`llmproxy.config.model`, with its type and default as a user writes them in the
-ini file, and its meaning from :data:`MEANINGS`.  A key added to the settings
-without a meaning here fails the test, and so does a stale document.  Regenerate
+:mod:`llmproxy.config.model`, read from the model itself -- its type as a user
+writes it in the ini file (from the field's type: ``Duration``, ``Size``,
+``OneOf`` words, lists...), its default, and its meaning (from the field's
+metadata, :func:`llmproxy.config.model.setting`).  A key added to the settings
+without a meaning fails the test, and so does a stale document.  Regenerate
 with::
 
     python -m llmproxy.config.reference --write        # or: ... > docs/configuration.md
 
-Types and defaults are derived the way :mod:`llmproxy.config.loader` parses them: an
-``int`` named ``*bytes`` is a size (``64KiB``), a ``float`` a duration, a tuple of
-strings a comma-separated list, of pairs a ``k=v`` list.
+This module holds only the document's layout and prose: the order of the sections,
+the grouping of exporter keys by sink type, the notes between the tables.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from typing import Any
 import attrs
 
 from llmproxy.config.model import (
+    SIZE,
     CacheSettings,
     CaptureSettings,
     EventsSettings,
@@ -36,12 +37,35 @@ from llmproxy.config.model import (
     ServerSettings,
     SessionSettings,
     Settings,
+    ini_keys,
+    kind_of,
+    meaning,
+    one_of,
+    shown_default,
 )
+
+__all__ = [
+    "DOC_PATH",
+    "EXPORTER_GROUPS",
+    "REGENERATE",
+    "SECTIONS",
+    "KeyDoc",
+    "all_rows",
+    "audit_rows",
+    "exporter_groups",
+    "format_default",
+    "format_size",
+    "main",
+    "render",
+    "section_rows",
+    "type_name",
+    "undocumented",
+]
 
 DOC_PATH = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 REGENERATE = "python -m llmproxy.config.reference --write"
 
-# Sections in the order of the document: (heading, meaning-table prefix, settings class).
+# Sections in the order of the document: (heading, row prefix, settings class).
 SECTIONS: tuple[tuple[str, str, type], ...] = (
     ("[server]", "server", ServerSettings),
     ("[route:NAME]", "route", RouteSettings),
@@ -53,7 +77,9 @@ SECTIONS: tuple[tuple[str, str, type], ...] = (
     ("[cache]", "cache", CacheSettings),
 )
 
-# [exporter:NAME] keys by sink type; every other field is common to all sinks.
+# [exporter:NAME] keys by sink type, in the document's order; every other field is
+# common to all sinks.  A key's meaning for a group is the model's ``doc_for`` entry
+# of that group, else its ``doc``.
 EXPORTER_GROUPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("`file`:", "file", ("path", "fsync", "rotate_bytes", "rotate_keep")),
     (
@@ -72,362 +98,12 @@ EXPORTER_GROUPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
         ),
     ),
     ("`lunary`, `helicone`, `otlp`:", "http", ("endpoint", "api_key", "headers")),
-    ("`sessions` (seed 001's session log; see operations, \"Session log\"):", "sessions",
-     ("log_dir", "fsync")),
-)  # fmt: skip
-
-# -- one line of meaning per key ------------------------------------------------------
-# "section.key"; exporter keys are "exporter.key" (common) or "exporter[GROUP].key".
-
-MEANINGS: dict[str, str] = {
-    # [server]
-    "server.listen": (
-        "Where the proxy listens: a Twisted server endpoint string (`tcp:PORT:interface=ADDR`, "
-        "`unix:/path`, `systemd:domain=INET:index=0` for socket activation)."
-    ),
-    "server.admin_listen": (
-        "The admin listener (`/health`, `/ready`, `/stats`, `/metrics`); `off` disables it. "
-        "Keep it on loopback or protect it with `admin_token`."
-    ),
-    "server.admin_token": (
-        "When set, admin requests need `Authorization: Bearer <token>` (compared in constant time)."
-    ),
-    "server.workers": (
-        "Processes serving the proxy listener; `auto` = number of CPU cores. Changes need "
-        "a restart."
-    ),
-    "server.state_dir": (
-        "Spools, dead-letter files, the audit log, tokens, session state and the default "
-        "event file live here."
-    ),
-    "server.environment": ("Recorded in every event and used as the Loki `environment` label."),
-    "server.drain_timeout": (
-        "On SIGTERM: in-flight exchanges may finish, then exporters flush, all within this; "
-        "the rest is aborted and spooled. Keep the unit's `TimeoutStopSec` above it."
-    ),
-    "server.max_body_bytes": ("Request bodies above this get 413, checked while the body arrives."),
-    "server.connect_timeout": (
-        "Connecting to the upstream; a timeout gives 504, a refused connection 502."
-    ),
-    "server.first_byte_timeout": (
-        "From sending the request to the upstream's response headers; 504 past it."
-    ),
-    "server.idle_timeout": (
-        "The longest gap between two body chunks from the upstream (ends the stream), and "
-        "the idle timeout of client connections (between requests, or a client that stops "
-        "sending mid-request): the connection is closed."
-    ),
-    "server.max_connections": "Client connections past this are answered 503 and closed.",
-    "server.max_header_count": (
-        "Request headers per request; past it the client gets 431 (JSON error) and the "
-        "connection closes."
-    ),
-    "server.max_header_bytes": (
-        "Request line plus all headers; past it 431 and the connection closes (at least `1KiB`)."
-    ),
-    "server.pool_size": "Persistent upstream connections kept per host.",
-    "server.pool_idle_timeout": (
-        "How long an idle pooled upstream connection is kept; keep it below the upstream's "
-        "keep-alive timeout."
-    ),
-    "server.access_log": (
-        "Twisted's per-request access log line. Off by default: it costs more than "
-        "proxying, and the events carry the same facts."
-    ),
-    # [route:NAME]
-    "route.prefix": (
-        "Requests whose path starts with this (whole segments) use the route; the rest of "
-        "the path is appended to `upstream`. `/` serves plain `/v1/...`. Longest prefix wins."
-    ),
-    "route.upstream": ("Base URL, `https://` or `http://`, may carry a base path and port."),
-    "route.provider": "How events parse bodies and usage.",
-    "route.auth": (
-        "`passthrough` forwards the client's own credentials. `token`: clients must present "
-        "a proxy token (`Authorization: Bearer llmp_...`, or `x-api-key: llmp_...` for "
-        "Anthropic-style clients); their credential headers are dropped and `api_key` is "
-        'sent upstream instead. See operations, "Tokens and the audit log".'
-    ),
-    "route.api_key": (
-        "The provider key sent upstream on an `auth = token` route (required there): as "
-        "`Authorization: Bearer <key>` for `openai`, as `x-api-key: <key>` for `anthropic`. "
-        "Accepts `env:NAME` and `file:PATH` (see Secrets). Resolved at start-up: a missing "
-        "variable or file is a `route:NAME.api_key: ...` problem. Never logged, never in "
-        "events."
-    ),
-    "route.cache": (
-        "The response cache on this route. `default`: cached when `[cache] enabled`; GET "
-        "and HEAD are looked up, POST only when the client opts in (`Cache-Control: public, "
-        "max-age=N`). `on`: cached even with `enabled = false`, and POST bodies (chat "
-        "completions) are cached without the client's opt-in. `off`: never cached, no cache "
-        'headers. See operations, "Response cache".'
-    ),
-    "route.cache_ttl": (
-        "This route's default TTL for cached responses, used when neither the response "
-        "(`s-maxage`, `max-age`) nor the client's opt-in says; empty: `[cache] default_ttl`."
-    ),
-    # [passthrough]
-    "passthrough.enabled": "Turn the transparent form on or off.",
-    "passthrough.allowed_hosts": (
-        "Hosts reachable over https, compared exactly (lower case, `host[:port]`)."
-    ),
-    "passthrough.allowed_http_hosts": (
-        "Hosts reachable over plain http (local model servers, tests)."
-    ),
-    # [capture]
-    "capture.request_body_bytes": (
-        "How much of each request body the events keep (the true size is recorded too)."
-    ),
-    "capture.response_body_bytes": ("How much of each response body (or stream) the events keep."),
-    "capture.redact_headers": (
-        "Extra header names to obfuscate in events, beside `authorization`, `x-api-key`, "
-        "`api-key`, `cookie`, `set-cookie`, `proxy-authorization`."
-    ),
-    # [events]
-    "events.bus": (
-        "The event bus; `memory` fans events out to every exporter of this process; "
-        "`redis` publishes them to a Redis stream that `llmproxy dispatcher` processes "
-        "deliver (see [redis]). Seed 002's `LLM_PROXY_EVENT_BUS` sets it too "
-        "(`LLMPROXY_EVENTS_BUS` wins)."
-    ),
-    # [redis]
-    "redis.url": (
-        "`redis://[[user]:password@]host[:port][/db]`, `rediss://` for TLS, or "
-        "`unix:///path/redis.sock?db=N`. Never logged with its password."
-    ),
-    "redis.stream": "The stream key.",
-    "redis.maxlen": (
-        "Retention: each `XADD` trims to about this many entries (`MAXLEN ~`). Size it "
-        "above the worst dispatcher outage times the event rate: entries trimmed before a "
-        "group read them are lost (counted and logged by the dispatcher)."
-    ),
-    "redis.group": (
-        "The dispatchers' consumer group. Dispatchers of one group share the entries; every "
-        "group gets every entry. A new group starts at the oldest retained entry."
-    ),
-    "redis.claim_idle": (
-        "An entry pending this long on one consumer (a dead dispatcher) is claimed by "
-        "another. Live dispatchers refresh what they hold every `claim_idle / 3`, so a slow "
-        "sink is not taken for a dead consumer."
-    ),
-    "redis.consumer": (
-        "The dispatcher's consumer name; empty: `<hostname>-<pid>`. A stable name (one per "
-        "instance) lets a restarted dispatcher take its own pending entries back at once "
-        "instead of after `claim_idle`."
-    ),
-    "redis.block": (
-        "How long one blocking `XREADGROUP` waits for new entries (and so the longest a "
-        "drain waits for the read in progress)."
-    ),
-    "redis.timeout": (
-        "Connect and command timeout; a command without a reply in time drops the "
-        "connection (it reconnects with backoff up to 2 s)."
-    ),
-    "redis.publish_buffer": (
-        "Proxy: events held in memory waiting for their `XADD`; past it the oldest batch is "
-        "spilled to the spool."
-    ),
-    "redis.batch_size": (
-        "Proxy: events sent in one round trip (one `EVAL` of a script running their "
-        "`XADD`s); small batches keep each reactor turn, and Redis' own work per batch, short."
-    ),
-    "redis.flush_interval": "Proxy: a partial batch is sent after at most this long.",
-    "redis.spool_interval": (
-        "Proxy: while Redis is unreachable or refusing, what waits in memory goes to the spool "
-        "this often (a `kill -9` during the outage loses at most this long's events)."
-    ),
-    "redis.spool_dir": (
-        "Proxy: where events wait while Redis is unreachable (replayed oldest first when it "
-        "returns, and after a restart)."
-    ),
-    "redis.spool_max_bytes": (
-        "Proxy: the spool's bound; past it the oldest spooled events are discarded and counted."
-    ),
-    # [sessions]
-    "sessions.enabled": (
-        "Track sessions. On by default: every sink gets `session_id`/`seq` (Loki lines, "
-        "Lunary, OTLP), not only a `sessions` exporter. It costs one JSON parse and one hash "
-        "pass over the messages per conversation request, and nothing when no exporter is "
-        "configured (events are off then)."
-    ),
-    "sessions.max_states": (
-        "Conversation states (and, separately, sessions) kept in memory, least recently used "
-        "first out. About 260 bytes a state (26 MB at the default). A conversation whose "
-        "state was forgotten starts a new session on its next turn."
-    ),
-    "sessions.state_file": (
-        "The tracker's journal, so conversations continue across restarts; appended once per "
-        "`flush_interval`, compacted in a background thread when it holds over twice the live "
-        "entries. Empty: memory only. Kept outside the `sessions` exporter's `log_dir`, so "
-        "pruning old session logs never deletes it. Losing it only costs continuity."
-    ),
-    "sessions.flush_interval": (
-        "How often the journal is appended to. A crash loses at most this much tracking."
-    ),
-    # [cache]
-    "cache.enabled": (
-        "Cache routes that say `cache = default`. Routes with `cache = on` are cached either "
-        "way; with neither, no cache is built and the request path is unchanged."
-    ),
-    "cache.store": (
-        "`memory`: per process, bounded by `max_bytes` (least recently used first out). "
-        "`redis`: one cache shared by every process and host, entries expire in Redis with "
-        "their TTL."
-    ),
-    "cache.max_bytes": (
-        "The memory store's bound: body, headers and about 128 bytes of bookkeeping per "
-        "entry. Not used by the Redis store (bound Redis with `maxmemory` and "
-        "`maxmemory-policy volatile-lru` or `allkeys-lru`)."
-    ),
-    "cache.max_object_bytes": (
-        "The largest response stored (checked from `Content-Length`, and again while the "
-        "body arrives), and the largest request body looked up (larger ones are a bypass)."
-    ),
-    "cache.default_ttl": (
-        "TTL when neither the response, the client's opt-in nor the route's `cache_ttl` says."
-    ),
-    "cache.lock_timeout": (
-        "Concurrent identical misses wait for the first one's response at most this long, "
-        "then go upstream themselves."
-    ),
-    "cache.redis_url": (
-        "The Redis of the `redis` store, like `[redis] url` "
-        "(`redis://[[user]:password@]host[:port][/db]`, `rediss://`, `unix:///path?db=N`); "
-        "empty: `[redis] url`."
-    ),
-    "cache.redis_prefix": ("Prefix of every cache key in Redis; purging never touches other keys."),
-    "cache.redis_timeout": (
-        "Deadline of each Redis command (and of connecting): a Redis that is slow or down "
-        "turns lookups into bypasses, never into waiting requests."
-    ),
-    # [audit]
-    "audit.path": (
-        "The audit log (JSONL, one fsynced line per security decision): auth failures, quota "
-        "and rate-limit denials, refused upstream hosts, token creation and revocation, token "
-        'reloads, config reloads, cache purges, admin access denied. See operations, "Tokens '
-        'and the audit log".'
-    ),
-    # [exporter:NAME], common
-    "exporter.type": "The sink.",
-    "exporter.enabled": "A disabled exporter is skipped.",
-    "exporter.buffer": "Events held in memory waiting for a batch.",
-    "exporter.buffer_bytes": "The same bound in (estimated) bytes.",
-    "exporter.batch_size": (
-        "A batch is sent when it has this many events (encoding a batch is one reactor turn, "
-        "so smaller batches keep the p99 down)..."
-    ),
-    "exporter.batch_bytes": "...or this many bytes of encoded events...",
-    "exporter.flush_interval": "...or this much time has passed.",
-    "exporter.max_in_flight": "Batches being delivered at once; 1 keeps order.",
-    "exporter.timeout": "One delivery attempt.",
-    "exporter.max_retries": (
-        "Retries (408, 429, 5xx, connection errors, timeouts) before the batch goes to the spool."
-    ),
-    "exporter.backoff_min": (
-        "Exponential backoff with full jitter between `backoff_min` and `backoff_max`, "
-        "honouring `Retry-After`."
-    ),
-    "exporter.backoff_max": "The longest wait between two attempts (see `backoff_min`).",
-    "exporter.spool_dir": (
-        "The disk spool for batches that could not be delivered; replayed oldest first."
-    ),
-    "exporter.spool_max_bytes": (
-        "Past this the oldest spooled batches are discarded (and counted); `0` disables the "
-        "spool (undeliverable batches are dropped and counted)."
-    ),
-    "exporter.spool_interval": (
-        "While the sink is failing (a retry pending, or it is down), what waits in memory is "
-        "written to the spool this often, in batch-sized segments, off the reactor thread: a "
-        "`kill -9` during an outage loses at most the events of the last interval. A healthy "
-        "sink never touches the disk."
-    ),
-    "exporter.dead_letter_path": (
-        "Events a sink refused permanently (e.g. HTTP 400), with the reason."
-    ),
-    # file
-    "exporter[file].path": "JSONL, one event a line, appended.",
-    "exporter[file].fsync": "When to fsync.",
-    "exporter[file].rotate_bytes": "Rotate to `path.1`, `path.2`, ... past this size.",
-    "exporter[file].rotate_keep": "Rotated files kept.",
-    # loki
-    "exporter[loki].url": (
-        "Loki's base URL (`/loki/api/v1/push` is appended unless the URL ends with it)."
-    ),
-    "exporter[loki].tenant": "Sent as `X-Scope-OrgID`.",
-    "exporter[loki].username": "Basic auth user (with `password`).",
-    "exporter[loki].password": "Basic auth password; accepts `env:NAME` and `file:PATH`.",
-    "exporter[loki].bearer_token": (
-        "Bearer auth (instead of basic); accepts `env:NAME` and `file:PATH`."
-    ),
-    "exporter[loki].labels": (
-        "Static extra labels, low-cardinality only (`team=platform, region=eu`). The sink "
-        "sets `app` (`llmproxy`, may be overridden here) and, from each event, `provider`, "
-        "`environment`, `machine` and `log_type` (not allowed here)."
-    ),
-    "exporter[loki].max_line_bytes": (
-        "Lines over this are shortened by truncating body fields (never by cutting JSON); "
-        "at least `1KiB`."
-    ),
-    "exporter[loki].gzip": "Gzip the push body.",
-    "exporter[loki].structured_metadata": (
-        "Send `request_id`, `session_id` and `route` as Loki structured metadata."
-    ),
-    # lunary / helicone / otlp
-    "exporter[http].endpoint": (
-        "lunary: `https://api.lunary.ai` (`/v1/runs/ingest` is appended); helicone: "
-        "`https://api.worker.helicone.ai/custom/v1/log` (a bare host gets `/custom/v1/log`; "
-        "give the EU or self-hosted URL in full); otlp: `http://localhost:4318` — a base URL "
-        "sends traces to `/v1/traces`, an endpoint ending in `/v1/logs` sends log records "
-        "instead (two sections for both)."
-    ),
-    "exporter[http].api_key": (
-        "Sent as `Authorization: Bearer`. Lunary: required, the project id (a UUID). "
-        "Helicone: required. OTLP: optional (unless `headers` sets `Authorization`). Accepts "
-        "`env:NAME` and `file:PATH`."
-    ),
-    "exporter[http].headers": (
-        "Extra headers on every request (collector auth, Helicone properties)."
-    ),
-    # sessions
-    "exporter[sessions].log_dir": (
-        "One JSONL file per session: `{log_dir}/{upstream_host}/{YYYY-MM-DD}/{session_id}.jsonl`."
-    ),
-    "exporter[sessions].fsync": ("`batch` and `always` fsync each file a batch wrote, once."),
-}
-
-# Where the derived type is too vague: enumerations, URLs, endpoints.
-TYPES: dict[str, str] = {
-    "server.listen": "endpoint",
-    "server.admin_listen": "endpoint",
-    "server.workers": "int \\| `auto`",
-    "route.prefix": "URL path",
-    "route.upstream": "URL",
-    "route.provider": "`openai` \\| `anthropic`",
-    "route.auth": "`passthrough` \\| `token`",
-    "route.cache": "`on` \\| `off` \\| `default`",
-    "events.bus": "`memory` \\| `redis`",
-    "redis.url": "URL",
-    "cache.store": "`memory` \\| `redis`",
-    "cache.redis_url": "URL",
-    "exporter.type": ("`file` \\| `loki` \\| `sessions` \\| `lunary` \\| `helicone` \\| `otlp`"),
-    "exporter[file].fsync": "`never` \\| `batch` \\| `always`",
-    "exporter[sessions].fsync": "`never` \\| `batch` \\| `always`",
-    "exporter[loki].url": "URL",
-    "exporter[http].endpoint": "URL",
-}
-
-# Where the settings' default (None, empty) stands for a computed one.
-DEFAULTS: dict[str, str] = {
-    "route.prefix": "required",
-    "route.upstream": "required",
-    "exporter.type": "required",
-    "redis.spool_dir": "`spool/redis-bus`",
-    "exporter.spool_dir": "`spool/NAME`",
-    "exporter.dead_letter_path": "`deadletter/NAME.jsonl`",
-    "exporter[file].path": "`events.jsonl`",
-    "exporter[loki].url": "required",
-    "exporter[http].endpoint": "see meaning",
-    "exporter[sessions].log_dir": "`sessions`",
-}
+    (
+        '`sessions` (the session log of the Go llm-proxy; see operations, "Session log"):',
+        "sessions",
+        ("log_dir", "fsync"),
+    ),
+)
 
 # -- fixed prose ----------------------------------------------------------------------
 
@@ -572,15 +248,16 @@ Only events with a session id are written (conversation requests, see
 }
 
 OUTRO = """\
-## Seed-compatible aliases
+## The Go llm-proxy's settings
 
-A `[loki]` section with `enabled`, `url`, `batch_size`, `batch_wait`,
-`retry_max`, `environment`, and the environment variables
-`LLM_PROXY_LOKI_ENABLED`, `LLM_PROXY_LOKI_URL`, `LLM_PROXY_LOKI_BATCH_SIZE`,
-`LLM_PROXY_LOKI_BATCH_WAIT`, `LLM_PROXY_LOKI_RETRY_MAX`,
-`LLM_PROXY_LOKI_ENVIRONMENT` make an exporter named `loki` (`batch_wait` →
-`flush_interval`, `retry_max` → `max_retries`, `environment` →
-`server.environment`). `LLM_PROXY_EVENT_BUS` sets `[events] bus`.
+The legacy `[loki]` section of the Go llm-proxy, with `enabled`, `url`,
+`batch_size`, `batch_wait`, `retry_max`, `environment`, and its environment
+variables `LLM_PROXY_LOKI_ENABLED`, `LLM_PROXY_LOKI_URL`,
+`LLM_PROXY_LOKI_BATCH_SIZE`, `LLM_PROXY_LOKI_BATCH_WAIT`,
+`LLM_PROXY_LOKI_RETRY_MAX`, `LLM_PROXY_LOKI_ENVIRONMENT` make an exporter named
+`loki` (`batch_wait` → `flush_interval`, `retry_max` → `max_retries`,
+`environment` → `server.environment`). Its `LLM_PROXY_EVENT_BUS` variable sets
+`[events] bus`.
 """
 
 # -- derivation -----------------------------------------------------------------------
@@ -593,48 +270,42 @@ class KeyDoc:
     """One row of the reference."""
 
     key: str  # as written in the ini file
-    ref: str  # the MEANINGS key
+    ref: str  # "section.key"; exporter keys "exporter.key" or "exporter[GROUP].key"
     type: str
     default: str
     meaning: str
-
-
-def fields_of(cls: type) -> list[attrs.Attribute[Any]]:
-    """The ini keys of a settings class (``name`` is the section's suffix), with
-    resolved types."""
-    hints = typing.get_type_hints(cls)
-    return [f.evolve(type=hints[f.name]) for f in attrs.fields(cls) if f.name != "name"]  # type: ignore[arg-type]
-
-
-def _is_size(name: str, tp: Any) -> bool:
-    return tp is int and name.endswith("bytes")
+    computed_default: bool = False  # the default shown stands for a computed one
 
 
 def _optional(tp: Any) -> Any:
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if type(None) in typing.get_args(tp) and len(args) == 1:
+        return args[0]
     return tp
 
 
-def type_name(name: str, tp: Any) -> str:
-    """The type as a user writes it, the way llmproxy.config.loader parses it."""
+def type_name(tp: Any) -> str:
+    """The type as a user writes it, the way llmproxy.config.converter reads it."""
     tp = _optional(tp)
+    kind = kind_of(tp)
+    if kind is not None:
+        return kind.shown_as
+    words = one_of(tp)
+    if words is not None:
+        return " | ".join(f"`{w}`" for w in words)
     if tp is bool:
         return "bool"
     if tp is int:
-        return "size" if _is_size(name, tp) else "int"
-    if tp is float:
-        return "duration"
+        return "int"
     if tp is Path:
         return "path"
     if tp is str:
         return "string"
-    if typing.get_origin(tp) is tuple:
-        args = typing.get_args(tp)
-        return "list" if args and args[0] is str else "`k=v` list"
-    raise TypeError(f"no documented type for {name}: {tp!r}")
+    if tp == tuple[str, ...]:
+        return "list"
+    if tp == tuple[tuple[str, str], ...]:
+        return "`k=v` list"
+    raise TypeError(f"no documented type for {tp!r}")
 
 
 def format_size(n: int) -> str:
@@ -644,7 +315,7 @@ def format_size(n: int) -> str:
     return str(n)
 
 
-def format_default(name: str, tp: Any, value: Any) -> str:
+def format_default(tp: Any, value: Any) -> str:
     """The default as a user writes it (empty for none)."""
     if value is attrs.NOTHING:
         return "required"
@@ -652,7 +323,7 @@ def format_default(name: str, tp: Any, value: Any) -> str:
         return "empty"
     if isinstance(value, bool):
         text = "true" if value else "false"
-    elif isinstance(value, int) and _is_size(name, _optional(tp)):
+    elif isinstance(value, int) and kind_of(_optional(tp)) is SIZE:
         text = format_size(value)
     elif isinstance(value, float):
         text = str(value).removesuffix(".0")
@@ -665,37 +336,34 @@ def format_default(name: str, tp: Any, value: Any) -> str:
     return f"`{text}`"
 
 
-def _row(f: attrs.Attribute[Any], ref: str) -> KeyDoc:
-    default: Any = f.default
-    if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
-        default = default.factory()
+def _row(f: attrs.Attribute[Any], ref: str, key: str, group: str = "") -> KeyDoc:
+    shown = shown_default(f)
     return KeyDoc(
-        key=f.name,
+        key=key,
         ref=ref,
-        type=TYPES.get(ref) or type_name(f.name, f.type),
-        default=DEFAULTS.get(ref) or format_default(f.name, f.type, default),
-        meaning=MEANINGS.get(ref, ""),
+        type=type_name(f.type),
+        default=shown if shown is not None else format_default(f.type, f.default),
+        meaning=meaning(f, group),
+        computed_default=shown is not None,
     )
 
 
 def section_rows(prefix: str, cls: type) -> list[KeyDoc]:
-    return [_row(f, f"{prefix}.{f.name}") for f in fields_of(cls)]
+    return [_row(f, f"{prefix}.{name}", name) for name, f in ini_keys(cls).items()]
 
 
 def audit_rows() -> list[KeyDoc]:
-    f = next(a for a in attrs.fields(Settings) if a.name == "audit_path")
-    hints = typing.get_type_hints(Settings)
-    return [_row(f.evolve(name="path", type=hints["audit_path"]), "audit.path")]  # type: ignore[arg-type]
+    return [_row(attrs.fields(Settings).audit_path, "audit.path", "path")]
 
 
 def exporter_groups() -> list[tuple[str, str, list[KeyDoc]]]:
     """(title, group id, rows): the common keys first, then per sink type."""
-    by_name = {f.name: f for f in fields_of(ExporterSettings)}
+    by_name = ini_keys(ExporterSettings)
     grouped = {name for _, _, names in EXPORTER_GROUPS for name in names}
-    common = [_row(f, f"exporter.{n}") for n, f in by_name.items() if n not in grouped]
+    common = [_row(f, f"exporter.{n}", n) for n, f in by_name.items() if n not in grouped]
     out = [("", "exporter", common)]
     for title, group, names in EXPORTER_GROUPS:
-        rows = [_row(by_name[n], f"exporter[{group}].{n}") for n in names if n in by_name]
+        rows = [_row(by_name[n], f"exporter[{group}].{n}", n, group) for n in names]
         out.append((title, f"exporter[{group}]", rows))
     return out
 
@@ -710,15 +378,9 @@ def all_rows() -> list[KeyDoc]:
     return rows
 
 
-def undocumented() -> list[str]:
-    """Settings keys without a meaning (the test requires none)."""
-    return [r.ref for r in all_rows() if not r.meaning.strip()]
-
-
-def unused_meanings() -> list[str]:
-    """Meanings for keys the settings no longer have."""
-    refs = {r.ref for r in all_rows()}
-    return sorted(set(MEANINGS) - refs)
+def undocumented(rows: list[KeyDoc] | None = None) -> list[str]:
+    """Keys without a meaning (the test requires none)."""
+    return [r.ref for r in (all_rows() if rows is None else rows) if not r.meaning.strip()]
 
 
 # -- rendering ------------------------------------------------------------------------
@@ -732,7 +394,7 @@ def _cell(text: str) -> str:
 def _table(rows: list[KeyDoc]) -> str:
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| `{r.key}` | {r.type} | {r.default} | {_cell(r.meaning)} |")
+        lines.append(f"| `{r.key}` | {_cell(r.type)} | {r.default} | {_cell(r.meaning)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -770,7 +432,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     missing = undocumented()
     if missing:
-        print(f"keys without a meaning in {__file__}: {', '.join(missing)}", file=sys.stderr)
+        print(
+            f"keys without a meaning (setting(..., doc=...) in llmproxy/config/model.py): "
+            f"{', '.join(missing)}",
+            file=sys.stderr,
+        )
         return 1
     text = render()
     if args.check:

@@ -298,9 +298,9 @@ class ProxyService(RootService):
     def load_settings(self) -> Settings:
         """The settings a reload applies (a worker process maps its own paths:
         llmproxy/runtime/worker.py).  Raises ConfigError."""
-        from llmproxy.config.loader import load_settings
+        from llmproxy.runtime.checks import load_checked
 
-        return load_settings(self.config_path)
+        return load_checked(self.config_path)
 
     async def _reload(self) -> bool:
         from llmproxy.config.loader import ConfigError

@@ -536,7 +536,8 @@ class Supervisor(RootService):
     def reload(self) -> bool:
         """Validate the config file; a good one becomes the workers' config and
         each worker is told to reload.  A bad one is refused, logged and audited."""
-        from llmproxy.config.loader import ConfigError, load_settings
+        from llmproxy.config.loader import ConfigError
+        from llmproxy.runtime.checks import load_checked
 
         if self.draining:
             return False
@@ -547,7 +548,7 @@ class Supervisor(RootService):
             problems = [f"{source}: cannot read ({e})"]
         else:
             try:
-                new = load_settings(self.config_path, text=text)
+                new = load_checked(self.config_path, text=text)
                 problems = []
             except ConfigError as e:
                 problems = e.problems

@@ -91,9 +91,9 @@ class WorkerService(ProxyService):
         super().__init__(settings, reactor, config_path=config_path, tokens_dir=shared_state_dir)
 
     def load_settings(self) -> Settings:
-        from llmproxy.config.loader import load_settings
+        from llmproxy.runtime.checks import load_checked
 
-        return worker_settings(load_settings(self._snapshot), self.index)
+        return worker_settings(load_checked(self._snapshot), self.index)
 
     def privilegedStartService(self) -> None:
         self.port = self.reactor.adoptStreamPort(self._listen_fd, self._family, self.site)
@@ -182,10 +182,11 @@ def main(argv: list[str] | None = None) -> int:
 
     log = Logger(namespace="llmproxy.runtime.worker")
     globalLogBeginner.beginLoggingTo([LineLog(1)], redirectStandardIO=False)
-    from llmproxy.config.loader import ConfigError, load_settings
+    from llmproxy.config.loader import ConfigError
+    from llmproxy.runtime.checks import load_checked
 
     try:
-        base = load_settings(args.config)
+        base = load_checked(args.config)
     except ConfigError as e:
         for problem in e.problems:
             log.error("bad configuration: {problem}", problem=problem)

@@ -307,9 +307,11 @@ def test_the_memory_store_gets_max_bytes() -> None:
 )
 def test_bad_cache_settings_are_named(text: str, problem: str) -> None:
     from llmproxy.config.loader import ConfigError
+    from llmproxy.runtime.checks import load_checked
 
+    base = "[route:a]\nprefix = /a\nupstream = http://127.0.0.1:1\n"
     with pytest.raises(ConfigError) as e:
-        _settings(text)
+        load_checked(text=base + text, env={})
     assert any(p.startswith(problem) for p in e.value.problems), e.value.problems
 
 

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
+import attrs
 import pytest
 
-from llmproxy.config.loader import ConfigError, load_settings, parse_duration, parse_size
+from llmproxy.config.converter import ini_converter, parse_duration, parse_size
+from llmproxy.config.loader import ConfigError, load_settings
+from llmproxy.config.model import (
+    ExporterSettings,
+    RouteSettings,
+    ServerSettings,
+    Settings,
+    kind_of,
+)
 
 GOOD = """
 [server]
@@ -198,3 +208,310 @@ def test_missing_exporter_secret_is_a_problem_naming_the_key() -> None:
 def test_a_value_continued_onto_an_indented_line_is_refused() -> None:
     found = problems("[exporter:e]\ntype = file\npath = events.jsonl\n  fsync = never\n")
     assert len(found) == 1 and found[0].startswith("exporter:e.path: spans several lines")
+
+
+# -- the cattrs path: each hook, good and bad values ------------------------------------
+
+ROUTE = "[route:a]\nprefix = /a\nupstream = https://api.example\n"
+
+
+def loaded(text: str, env: dict[str, str] | None = None) -> Settings:
+    return load_settings(text=text, env=env or {}, resolve_secrets=False)
+
+
+@pytest.mark.parametrize(
+    ("key", "text", "value"),
+    [
+        ("drain_timeout", "1.5", 1.5),
+        ("drain_timeout", "500ms", 0.5),
+        ("drain_timeout", "2m", 120.0),
+        ("drain_timeout", " 3s ", 3.0),
+        ("max_body_bytes", "64KiB", 65536),
+        ("max_body_bytes", "1MiB", 1048576),
+        ("max_body_bytes", "2kb", 2000),
+        ("access_log", "yes", True),
+        ("access_log", "Off", False),
+        ("max_connections", "12", 12),
+        ("workers", "3", 3),
+        ("listen", "unix:/tmp/llmproxy.sock", "unix:/tmp/llmproxy.sock"),
+        ("admin_listen", "off", "off"),
+        ("state_dir", "/srv/llmproxy", Path("/srv/llmproxy")),
+        ("environment", "  staging  ", "staging"),
+    ],
+)
+def test_server_values_are_structured_by_their_type(key: str, text: str, value: object) -> None:
+    settings = loaded(f"[server]\n{key} = {text}\n")
+    assert getattr(settings.server, key) == value
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        (
+            "drain_timeout = later",
+            "server.drain_timeout: not a duration: 'later' "
+            "(seconds, or with a suffix like 500ms, 5s) (<text>)",
+        ),
+        (
+            "drain_timeout = 5 days",
+            "server.drain_timeout: not a duration: '5 days' "
+            "(seconds, or with a suffix like 500ms, 5s) (<text>)",
+        ),
+        (
+            "max_body_bytes = lots",
+            "server.max_body_bytes: not a size: 'lots' "
+            "(bytes, or with a suffix like 64KiB, 1MiB) (<text>)",
+        ),
+        (
+            "access_log = perhaps",
+            "server.access_log: not a boolean: 'perhaps' "
+            "(true/false, yes/no, on/off, 1/0) (<text>)",
+        ),
+        ("max_connections = many", "server.max_connections: not an integer: 'many' (<text>)"),
+        ("workers = lots", "server.workers: not a number of processes or auto: 'lots' (<text>)"),
+        (
+            "listen = systemd:domain=INET",
+            "server.listen: systemd endpoints need domain= and index= or name= (<text>)",
+        ),
+        ("colour = blue", "server.colour: unknown key (<text>)"),
+    ],
+)
+def test_a_bad_server_value_is_one_line_with_key_reason_and_where(line: str, problem: str) -> None:
+    assert problems(f"[server]\n{line}\n") == [problem]
+
+
+def test_a_bad_endpoint_says_what_twisted_made_of_it() -> None:
+    (line,) = problems("[server]\nadmin_listen = tcp:nope\n")
+    assert line.startswith("server.admin_listen: not a valid endpoint (ValueError: ")
+    assert line.endswith(" (<text>)")
+
+
+@pytest.mark.parametrize(
+    ("upstream", "reason"),
+    [
+        ("ftp://api.example", "must be an http:// or https:// URL"),
+        ("https://", "has no host"),
+        (
+            "https://user:pw@api.example",
+            "must not carry credentials (use the api_key or auth keys)",
+        ),
+        ("https://api.example/?x=1", "must not have a query or fragment"),
+        ("https://api.example:99999", "has a bad port"),
+    ],
+)
+def test_urls_are_http_base_urls(upstream: str, reason: str) -> None:
+    found = problems(f"[route:a]\nprefix = /a\nupstream = {upstream}\n")
+    assert found == [f"route:a.upstream: {reason} (<text>)"]
+    assert "user:pw" not in found[0]
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ("provider = mistral", "route:a.provider: must be one of openai, anthropic (<text>)"),
+        ("auth = basic", "route:a.auth: must be one of passthrough, token (<text>)"),
+        ("cache = sometimes", "route:a.cache: must be one of on, off, default (<text>)"),
+        (
+            "cache_ttl = a while",
+            "route:a.cache_ttl: not a duration: 'a while' "
+            "(seconds, or with a suffix like 500ms, 5s) (<text>)",
+        ),
+        ("name = other", "route:a.name: unknown key (<text>)"),
+    ],
+)
+def test_a_bad_route_value_names_the_route(line: str, problem: str) -> None:
+    assert problems(ROUTE + line + "\n") == [problem]
+
+
+def test_a_prefix_is_a_url_path() -> None:
+    assert problems("[route:a]\nprefix = a\nupstream = https://api.example\n") == [
+        "route:a.prefix: must start with '/' (<text>)"
+    ]
+
+
+def test_an_optional_value_left_empty_is_none() -> None:
+    s = loaded(ROUTE + "cache_ttl =\n[sessions]\nstate_file =\n[audit]\npath =\n")
+    assert s.routes[0].cache_ttl is None
+    assert s.sessions.state_file is None
+    assert s.audit_path is None
+    assert loaded(ROUTE + "cache_ttl = 30s\n").routes[0].cache_ttl == 30.0
+
+
+def test_lists_are_comma_separated_or_one_item_a_line() -> None:
+    s = loaded(
+        "[passthrough]\nallowed_hosts = a.example, b.example,\n"
+        "allowed_http_hosts =\n  127.0.0.1:8000\n  localhost:11434\n"
+    )
+    assert s.passthrough.allowed_hosts == ("a.example", "b.example")
+    assert s.passthrough.allowed_http_hosts == ("127.0.0.1:8000", "localhost:11434")
+
+
+def test_pairs_are_name_value_items() -> None:
+    s = loaded(
+        "[exporter:l]\ntype = loki\nurl = http://loki:3100\nlabels = team=platform, region:eu\n"
+    )
+    assert s.exporters[0].labels == (("team", "platform"), ("region", "eu"))
+    assert problems("[exporter:l]\ntype = file\nheaders = a=1, b\n") == [
+        "exporter:l.headers: expected name=value pairs, got 'b' (<text>)"
+    ]
+
+
+def test_an_exporter_type_outside_the_list_says_which_are_allowed() -> None:
+    assert problems("[exporter:x]\ntype = carrier-pigeon\n") == [
+        "exporter:x.type: must be one of file, loki, sessions, lunary, helicone, otlp (<text>)"
+    ]
+    assert problems("[exporter:x]\npath = x.jsonl\n") == [
+        "exporter:x.type: missing (one of file, loki, sessions, lunary, helicone, otlp)"
+    ]
+
+
+def test_an_unknown_audit_key_is_named_with_where() -> None:
+    assert problems("[audit]\npath = audit.jsonl\nrotate = daily\n") == [
+        "audit.rotate: unknown key (<text>)"
+    ]
+
+
+def test_every_problem_of_a_file_comes_at_once_in_file_order() -> None:
+    found = problems(
+        "[server]\ncolour = blue\ndrain_timeout = later\n"
+        "[route:a]\nprovider = mistral\nprefix = a\n"
+        "[exporter:e]\ntype = file\nbatch_size = 0\nfsync = sometimes\n"
+        "[mystery]\n"
+    )
+    assert found == [
+        "server.colour: unknown key (<text>)",
+        "server.drain_timeout: not a duration: 'later' "
+        "(seconds, or with a suffix like 500ms, 5s) (<text>)",
+        "route:a.provider: must be one of openai, anthropic (<text>)",
+        "route:a.prefix: must start with '/' (<text>)",
+        "route:a.upstream: missing",
+        "exporter:e.fsync: must be one of never, batch, always (<text>)",
+        "[mystery]: unknown section",
+        "exporter:e.batch_size: must be greater than 0",
+    ]
+
+
+def test_a_section_with_a_bad_required_value_is_still_checked_across_keys() -> None:
+    found = problems(
+        "[route:a]\nprefix = /x\nupstream = ftp://a.example\n"
+        "[route:b]\nprefix = /x\nupstream = https://b.example\n"
+    )
+    assert found == [
+        "route:a.upstream: must be an http:// or https:// URL (<text>)",
+        "route:b.prefix: same prefix as route:a",
+    ]
+
+
+def test_the_error_carries_the_settings_as_far_as_they_were_read() -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_settings(
+            text="[server]\ndrain_timeout = later\nenvironment = staging\n" + ROUTE, env={}
+        )
+    partial = exc.value.settings
+    assert partial is not None
+    assert partial.server.environment == "staging"
+    assert partial.server.drain_timeout == ServerSettings().drain_timeout
+    assert [r.name for r in partial.routes] == ["a"]
+
+
+# -- the environment -------------------------------------------------------------------
+
+
+def test_a_bad_environment_value_names_the_variable_as_where() -> None:
+    found = problems(
+        ROUTE,
+        env={
+            "LLMPROXY_ROUTE_A_UPSTREAM": "ftp://elsewhere",
+            "LLMPROXY_EXPORTER_NEW_BATCH_SIZE": "ten",
+        },
+    )
+    assert found == [
+        "route:a.upstream: must be an http:// or https:// URL ($LLMPROXY_ROUTE_A_UPSTREAM)",
+        "exporter:new.batch_size: not an integer: 'ten' ($LLMPROXY_EXPORTER_NEW_BATCH_SIZE)",
+        "exporter:new.type: missing (one of file, loki, sessions, lunary, helicone, otlp)",
+    ]
+
+
+def test_an_unknown_key_from_the_environment_names_the_variable() -> None:
+    assert problems("", env={"LLMPROXY_SERVER_COLOUR": "blue"}) == [
+        "server.colour: unknown key ($LLMPROXY_SERVER_COLOUR)"
+    ]
+
+
+def test_legacy_loki_values_say_what_the_user_wrote() -> None:
+    found = problems(
+        "[loki]\nurl = http://loki:3100\nbatch_wait = soon\nflavour = x\n",
+        env={"LLM_PROXY_LOKI_RETRY_MAX": "often"},
+    )
+    assert found == [
+        "exporter:loki.flush_interval: not a duration: 'soon' "
+        "(seconds, or with a suffix like 500ms, 5s) ([loki] batch_wait in <text>)",
+        "exporter:loki.flavour: unknown key ([loki] flavour in <text>)",
+        "exporter:loki.max_retries: not an integer: 'often' ($LLM_PROXY_LOKI_RETRY_MAX)",
+    ]
+
+
+def test_the_go_proxy_event_bus_variable_loses_to_ours() -> None:
+    env = {"LLM_PROXY_EVENT_BUS": "redis"}
+    assert loaded("", env=env).events.bus == "redis"
+    assert loaded("", env={**env, "LLMPROXY_EVENTS_BUS": "memory"}).events.bus == "memory"
+    assert problems("", env={"LLM_PROXY_EVENT_BUS": "kafka"}) == [
+        "events.bus: must be one of memory, redis ($LLM_PROXY_EVENT_BUS)"
+    ]
+
+
+# -- secrets ---------------------------------------------------------------------------
+
+SECRET = "sk-canary-5f3c9e"
+
+
+def test_a_secret_value_is_never_in_a_problem_or_the_repr(tmp_path: Path) -> None:
+    (tmp_path / "pw").write_text(SECRET)
+    text = (
+        f"[server]\nstate_dir = {tmp_path}\n"
+        "[route:a]\nprefix = /a\nupstream = https://api.example\nauth = token\n"
+        f"api_key = {SECRET}\n  {SECRET}\n"
+        "[exporter:l]\ntype = loki\nurl = http://loki:3100\nusername = u\n"
+        "password = file:pw\nbearer_token = env:NOT_SET\n"
+        f"[exporter:o]\ntype = otlp\napi_key = {SECRET} x\n"
+    )
+    found = problems(text)
+    assert found == [
+        "route:a.api_key: spans several lines (is the next line indented?) (<text>)",
+        "exporter:l.bearer_token: environment variable NOT_SET is not set or empty",
+    ]
+    assert not any(SECRET in line for line in found)
+    settings = load_settings(text=text.replace(f"\n  {SECRET}", ""), env={"NOT_SET": SECRET})
+    assert settings.exporters[0].password == SECRET
+    assert SECRET not in repr(settings)
+
+
+def test_a_bad_character_in_a_secret_is_named_without_the_secret() -> None:
+    found = problems(ROUTE + "auth = token\napi_key = env:K\n", env={"K": f"{SECRET}\x00"})
+    assert found == ["route:a.api_key: contains spaces, control or non-ASCII characters"]
+
+
+# -- the seams -------------------------------------------------------------------------
+
+
+def test_the_config_package_imports_nothing_else_of_llmproxy() -> None:
+    package = Path(__file__).resolve().parents[2] / "llmproxy" / "config"
+    for module in package.glob("*.py"):
+        tree = ast.parse(module.read_text("utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            for name in names:
+                if name.startswith("llmproxy"):
+                    assert name.startswith("llmproxy.config"), (module.name, name)
+
+
+def test_every_kind_in_the_model_has_a_hook() -> None:
+    for cls in (ServerSettings, RouteSettings, ExporterSettings, Settings):
+        for field in attrs.fields(cls):
+            if kind_of(field.type) is not None:
+                ini_converter.get_structure_hook(field.type)  # raises for a Kind without one

@@ -10,8 +10,9 @@ import attrs
 import pytest
 
 from llmproxy.config import reference as config_doc
-from llmproxy.config.loader import _converter, load_settings
-from llmproxy.config.model import ExporterSettings, Settings
+from llmproxy.config.converter import structure_value
+from llmproxy.config.loader import load_settings
+from llmproxy.config.model import Duration, ExporterSettings, Settings, setting
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 
@@ -24,10 +25,9 @@ def test_configuration_md_is_the_generated_reference() -> None:
 
 def test_every_settings_key_has_a_meaning() -> None:
     assert config_doc.undocumented() == [], (
-        "add a one-line meaning to MEANINGS in llmproxy/config/reference.py for each key, then "
+        "give each key its meaning, setting(..., doc=...) in llmproxy/config/model.py, then "
         f"run `{config_doc.REGENERATE}`"
     )
-    assert config_doc.unused_meanings() == []
 
 
 def test_every_settings_section_is_in_the_reference() -> None:
@@ -54,22 +54,22 @@ def test_every_exporter_group_names_real_keys() -> None:
 def test_every_key_appears_as_a_row_of_its_section() -> None:
     text = DOC.read_text("utf-8")
     for row in config_doc.all_rows():
-        assert f"| `{row.key}` | {row.type} | {row.default} |" in text, row.ref
+        shown_type = row.type.replace("|", "\\|")  # a bare | would end the cell
+        assert f"| `{row.key}` | {shown_type} | {row.default} |" in text, row.ref
 
 
 @pytest.mark.parametrize("row", config_doc.all_rows(), ids=lambda r: r.ref)
 def test_each_default_as_written_parses_back_to_the_settings_default(
     row: config_doc.KeyDoc,
 ) -> None:
-    """The default column is what a user writes: fed to the loader's own parser it
+    """The default column is what a user writes: fed to the loader's own converter it
     gives the settings' default (sizes as 64KiB, durations as seconds, lists...)."""
-    if row.ref in config_doc.DEFAULTS:
+    if row.computed_default or row.default == "required":
         return  # computed defaults (spool/NAME, ...) and required keys
     section, _, key = row.ref.partition(".")
     cls, field = _field_of(section, key)
-    hints = typing.get_type_hints(cls)
     text = "" if row.default == "empty" else row.default.strip("`")
-    assert _converter(field, hints[field])(text) == _default(cls, field)
+    assert structure_value(text, attrs.fields_dict(cls)[field].type) == _default(cls, field)
 
 
 def _field_of(section: str, key: str) -> tuple[type, str]:
@@ -90,9 +90,9 @@ def test_sizes_and_durations_render_as_users_write_them() -> None:
     assert config_doc.format_size(1024**3) == "1GiB"
     assert config_doc.format_size(256 * 1024) == "256KiB"
     assert config_doc.format_size(1000) == "1000"
-    assert config_doc.format_default("drain_timeout", float, 30.0) == "`30`"
-    assert config_doc.format_default("flush_interval", float, 0.1) == "`0.1`"
-    assert config_doc.format_default("labels", tuple[tuple[str, str], ...], ()) == "empty"
+    assert config_doc.format_default(Duration, 30.0) == "`30`"
+    assert config_doc.format_default(Duration, 0.1) == "`0.1`"
+    assert config_doc.format_default(tuple[tuple[str, str], ...], ()) == "empty"
 
 
 def test_the_example_in_the_reference_loads(tmp_path: Path) -> None:
@@ -119,8 +119,25 @@ def test_the_generator_writes_and_checks(
 
 
 def test_a_key_without_a_meaning_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
-    meanings = dict(config_doc.MEANINGS)
-    del meanings["server.listen"]
-    monkeypatch.setattr(config_doc, "MEANINGS", meanings)
-    assert config_doc.undocumented() == ["server.listen"]
+    @attrs.frozen
+    class Section:
+        documented: int = setting(1, doc="Has a meaning.")
+        bare: int = 2
+
+    rows = config_doc.section_rows("extra", Section)
+    assert config_doc.undocumented(rows) == ["extra.bare"]
+    monkeypatch.setattr(config_doc, "all_rows", lambda: [*rows])
     assert config_doc.main([]) == 1
+
+
+def test_a_setting_without_its_meaning_is_refused_where_it_is_declared() -> None:
+    with pytest.raises(ValueError, match="needs its meaning"):
+        setting(1, doc=" ")
+
+
+def test_every_type_in_the_model_has_a_name_in_the_reference() -> None:
+    names = {row.type for row in config_doc.all_rows()}
+    assert {"duration", "size", "endpoint", "URL", "URL path", "int | `auto`"} <= names
+    assert "`openai` | `anthropic`" in names
+    with pytest.raises(TypeError, match="no documented type"):
+        config_doc.type_name(dict[str, int])

@@ -527,9 +527,10 @@ def test_accounting_holds_and_every_event_reaches_the_stream_in_order(
 @pytest.mark.parametrize("bad", ["http://x", "redis://", "redis://h:99999/0", "redis://h/x"])
 def test_bad_redis_urls_are_config_problems(bad: str) -> None:
     from llmproxy.config.loader import ConfigError
+    from llmproxy.runtime.checks import load_checked
 
     with pytest.raises(ConfigError) as e:
-        load_settings(text=f"[redis]\nurl = {bad}\n", env={})
+        load_checked(text=f"[redis]\nurl = {bad}\n", env={})
     assert any(p.startswith("redis.url:") for p in e.value.problems)
 
 

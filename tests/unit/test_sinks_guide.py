@@ -14,8 +14,8 @@ import pytest_twisted
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
 
-from llmproxy.config.loader import EXPORTER_TYPES, load_settings
-from llmproxy.config.model import ExporterSettings, Settings
+from llmproxy.config.loader import load_settings
+from llmproxy.config.model import EXPORTER_TYPES, ExporterSettings, Settings
 from llmproxy.export.registry import build_exporter, build_sink
 from llmproxy.export.sink import Delivered
 from llmproxy.export.sinks.lunary import run_id

@@ -1,0 +1,67 @@
+"""The subsystems' checks after loading: llmproxy/runtime/checks.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmproxy.config.loader import ConfigError, load_settings
+from llmproxy.runtime.checks import check_settings, load_checked
+
+LOKI = "[exporter:l]\ntype = loki\nurl = http://loki:3100\n"
+
+
+def problems(text: str, env: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as exc:
+        load_checked(text=text, env=env or {})
+    return exc.value.problems
+
+
+def test_the_embedded_default_passes_every_check() -> None:
+    assert check_settings(load_settings(env={})) == []
+    assert load_checked(env={}).source == "<embedded default>"
+
+
+def test_each_subsystem_reports_its_own_problems() -> None:
+    found = problems(
+        "[redis]\nurl = http://redis.example\n[cache]\nmax_bytes = 1KiB\n"
+        + LOKI
+        + "labels = __name__=x\n"
+    )
+    assert found == [
+        "redis.url: must start with redis://, rediss:// or unix://",
+        "cache.max_object_bytes: must not exceed max_bytes",
+        "exporter:l: loki label name '__name__' is reserved (names starting with __)",
+    ]
+
+
+def test_the_loader_does_not_run_the_subsystems_checks() -> None:
+    settings = load_settings(text="[redis]\nurl = http://redis.example\n", env={})
+    assert settings.redis.url == "http://redis.example"
+
+
+def test_the_subsystems_still_check_when_the_file_has_problems() -> None:
+    found = problems("[server]\ndrain_timeout = later\n[redis]\nurl = http://redis.example\n")
+    assert found == [
+        "server.drain_timeout: not a duration: 'later' "
+        "(seconds, or with a suffix like 500ms, 5s) (<text>)",
+        "redis.url: must start with redis://, rediss:// or unix://",
+    ]
+
+
+def test_a_sink_is_not_built_from_a_section_the_loader_already_faulted() -> None:
+    # The batch size stands at its default in what the loader read: building the sink
+    # from that would judge values the user did not write.
+    found = problems(LOKI + "labels = __name__=x\nbatch_size = many\n")
+    assert found == ["exporter:l.batch_size: not an integer: 'many' (<text>)"]
+
+
+def test_a_sink_problem_never_quotes_a_secret() -> None:
+    secret = "pw-canary-71e2"
+    found = problems(LOKI + "password = env:LOKI_PW\n", env={"LOKI_PW": secret})
+    assert found == ["exporter:l: password is set but username is not"]
+    assert not any(secret in line for line in found)
+
+
+def test_a_good_file_loads_checked() -> None:
+    settings = load_checked(text=LOKI + "labels = team=platform\n", env={})
+    assert [(e.name, e.type) for e in settings.exporters] == [("l", "loki")]
