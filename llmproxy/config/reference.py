@@ -349,7 +349,10 @@ MEANINGS: dict[str, str] = {
     "exporter[loki].url": (
         "Loki's base URL (`/loki/api/v1/push` is appended unless the URL ends with it)."
     ),
-    "exporter[loki].tenant": "Sent as `X-Scope-OrgID`.",
+    "exporter[loki].tenant": (
+        "Sent as `X-Scope-OrgID`; Loki's tenant-id rule: `A-Z a-z 0-9 ! - _ . * ' ( )`, "
+        "at most 150, not `.` or `..`."
+    ),
     "exporter[loki].username": "Basic auth user (with `password`).",
     "exporter[loki].password": "Basic auth password; accepts `env:NAME` and `file:PATH`.",
     "exporter[loki].bearer_token": (
@@ -371,8 +374,10 @@ MEANINGS: dict[str, str] = {
     # lunary / helicone / otlp
     "exporter[http].endpoint": (
         "lunary: `https://api.lunary.ai` (`/v1/runs/ingest` is appended); helicone: "
-        "`https://api.worker.helicone.ai/custom/v1/log` (a bare host gets `/custom/v1/log`; "
-        "give the EU or self-hosted URL in full); otlp: `http://localhost:4318` — a base URL "
+        "`https://api.worker.helicone.ai` (the worker's base URL, or one of its log URLs: "
+        "each exchange goes to `/oai/v1/log`, `/anthropic/v1/log` or `/custom/v1/log` by its "
+        "provider; a self-hosted jawn's `/v1/trace/custom/v1/log` is used as given); "
+        "otlp: `http://localhost:4318` — a base URL "
         "sends traces to `/v1/traces`, an endpoint ending in `/v1/logs` sends log records "
         "instead (two sections for both)."
     ),
