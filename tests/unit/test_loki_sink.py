@@ -897,7 +897,7 @@ def test_the_stream_limit_is_retried_and_the_stored_part_shows_once() -> None:
 
 def test_a_streams_own_rate_limit_is_retried() -> None:
     limits = LokiLimits(per_stream_rate_limit=512, per_stream_rate_limit_burst=1024)
-    sink, fake, clock = against_fake(limits=limits, gzip=False)
+    sink, fake, _ = against_fake(limits=limits, gzip=False)
     batch = [event(i, body="x" * 300) for i in range(4)]
 
     verdict = verdict_of(sink.deliver(batch))

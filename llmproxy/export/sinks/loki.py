@@ -72,6 +72,11 @@ MAX_LABEL_VALUE_BYTES = 2048
 MIN_LINE_BYTES = 1024
 
 APP = "llmproxy"
+# The start of a 400's reason (module docstring).
+PARTLY_REFUSED = (
+    "Loki refused some entries of this batch and stored the others; it does not say which "
+    "(HTTP 400)"
+)
 # dskit's tenant.ValidTenantID (vendor/github.com/grafana/dskit/tenant/tenant.go).
 TENANT_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!-_.*'()")
 MAX_TENANT_BYTES = 150
@@ -366,10 +371,7 @@ class LokiSink(HTTPSink):
             # Loki stored the valid entries and refused the rest for good: retrying
             # could not help.  Its answer does not say which entries (see the module
             # docstring), so the batch goes to the dead-letter file with Loki's text.
-            return Rejected(
-                "Loki refused some entries of this batch and stored the others; it does not "
-                f"say which (HTTP 400): {text}"
-            )
+            return Rejected(f"{PARTLY_REFUSED}: {text}")
         verdict = super().judge(status, headers, body)
         if isinstance(verdict, Retry):
             return Retry(f"HTTP {status}: {text}" if text else verdict.reason, verdict.after)
