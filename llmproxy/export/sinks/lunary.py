@@ -272,7 +272,8 @@ class LunarySink(HTTPSink):
 
     @property
     def nul_replaced(self) -> int:
-        """NUL characters replaced so far (see the module docstring)."""
+        """NUL characters replaced in what was sent so far (a batch sent again
+        counts again; see the module docstring)."""
         return self._nul_replaced
 
     # -- deliver -----------------------------------------------------------------
