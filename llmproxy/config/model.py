@@ -596,7 +596,13 @@ class ExporterSettings:
         doc="Loki's base URL (`/loki/api/v1/push` is appended unless the URL ends with it).",
         shown_default="required",
     )
-    tenant: str = setting("", doc="Sent as `X-Scope-OrgID`.")
+    tenant: str = setting(
+        "",
+        doc=(
+            "Sent as `X-Scope-OrgID`; Loki's tenant-id rule: `A-Z a-z 0-9 ! - _ . * ' ( )`, "
+            "at most 150, not `.` or `..`."
+        ),
+    )
     username: str = setting("", doc="Basic auth user (with `password`).")
     password: Secret = setting(
         "", doc="Basic auth password; accepts `env:NAME` and `file:PATH`.", repr=False
@@ -630,8 +636,10 @@ class ExporterSettings:
     endpoint: HttpUrl = setting(
         "",
         doc="lunary: `https://api.lunary.ai` (`/v1/runs/ingest` is appended); helicone: "
-        "`https://api.worker.helicone.ai/custom/v1/log` (a bare host gets `/custom/v1/log`; "
-        "give the EU or self-hosted URL in full); otlp: `http://localhost:4318` — a base URL "
+        "`https://api.worker.helicone.ai` (the worker's base URL, or one of its log URLs: "
+        "each exchange goes to `/oai/v1/log`, `/anthropic/v1/log` or `/custom/v1/log` by its "
+        "provider; a self-hosted jawn's `/v1/trace/custom/v1/log` is used as given); "
+        "otlp: `http://localhost:4318` — a base URL "
         "sends traces to `/v1/traces`, an endpoint ending in `/v1/logs` sends log records "
         "instead (two sections for both).",
         shown_default="see meaning",

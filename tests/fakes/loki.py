@@ -1,7 +1,18 @@
 """A faithful fake of Grafana Loki's push endpoint (tests: tests/fakes/test_fake_loki.py).
 
 ``FakeLoki`` is a twisted.web resource implementing ``POST /loki/api/v1/push`` the
-way Loki's distributor does, from Loki's public docs and source:
+way Loki does, from its public docs and its source (repository grafana/loki:
+``pkg/distributor/http.go``, ``pkg/distributor/distributor.go``,
+``pkg/distributor/validator.go``, ``pkg/validation/validate.go``,
+``pkg/validation/limits.go``, ``pkg/loghttp/push/push.go``,
+``pkg/ingester/instance.go``, ``pkg/ingester/stream.go``, and the tenant rule of
+``vendor/github.com/grafana/dskit/tenant/tenant.go``):
+
+- ``X-Scope-OrgID`` names the tenant (``fake`` when absent, as with
+  ``auth_enabled: false``; with ``require_tenant`` a missing one is 401 ``no org
+  id``).  A tenant id outside dskit's rule — the characters ``A-Z a-z 0-9 ! - _
+  . * ' ( )``, at most 150 of them, not ``.`` or ``..`` — is **400** with
+  dskit's message (``tenant ID 'x' contains unsupported character '/'``).
 
 - Body: ``Content-Type: application/json`` (anything else is Loki's default,
   snappy protobuf, which this fake does not implement: 400), optionally
@@ -12,7 +23,9 @@ way Loki's distributor does, from Loki's public docs and source:
   {labels}, "values": [[ts, line] | [ts, line, {metadata}]]}]}``; ``ts`` a JSON
   string of a base-10 int64 of epoch nanoseconds ("you must send the timestamp as
   a string and not a number, otherwise the endpoint will return a 400"), ``line``
-  a string, metadata an object of string values, label values strings.
+  a string, metadata an object of string values, label values strings.  A push
+  without any stream (``{"streams": []}``, ``{}``) is **422** ``error at least
+  one valid stream is required for ingestion``.
 - Per stream (a bad stream is dropped, the others kept): at least one label
   (``missing_labels``), names matching ``[a-zA-Z_][a-zA-Z0-9_]*``
   (``invalid_labels``), at most ``max_label_names_per_series`` (15 since Loki
@@ -24,19 +37,29 @@ way Loki's distributor does, from Loki's public docs and source:
 - After validation, the tenant's ingestion rate limiter (token bucket of
   ``ingestion_rate_mb`` = 4 MiB/s refill and ``ingestion_burst_size_mb`` = 6 MiB,
   counted on line + metadata bytes of the valid entries): when it refuses, the
-  answer is 429 and *nothing* is stored.  Stock Loki sends no ``Retry-After``;
-  this fake adds one by default (when the bucket will have refilled), since our
-  sink honours it — turn it off with ``retry_after=False``.
-- Then the valid entries are stored and the answer is 204, or 400 with the
-  validation errors (one per line, Loki's own message formats) when some entries
-  were dropped: Loki keeps the rest.
-- In the ingester: identical (timestamp, line) pairs in a stream are stored once;
-  out-of-order entries are accepted (``unordered_writes``) unless older than
-  ``max_chunk_age / 2`` (1 h) behind the newest entry of their stream.
-- ``X-Scope-OrgID`` names the tenant (``fake`` when absent, as with
-  ``auth_enabled: false``); with ``require_tenant`` a missing one is 401
-  ``no org id``.  Loki has no authentication of its own; ``expected_authorization``
-  models the gateway in front of it (401 when the header differs).
+  answer is **429** and *nothing* is stored.  Loki sends no ``Retry-After``
+  (nor does this fake, unless a test asks with ``retry_after=True``).
+- Then the ingester, stream by stream (``instance.Push``): a stream that does
+  not exist yet is refused when the tenant already has
+  ``max_global_streams_per_user`` (5000) streams; a stream whose entries exceed
+  its own rate limiter (``per_stream_rate_limit`` 3 MB/s, burst 15 MB; with
+  ``shard_streams`` on, Loki's default, the whole stream's entries at once) is
+  refused.  The other streams of the push are stored, and the answer is **429**
+  (``maximum active stream limit exceeded when trying to create stream ...``, or
+  ``entry with timestamp ... ignored, reason: 'Per stream rate limit exceeded
+  ...'``, ``user '...', total ignored: N out of M for stream: {...}``).
+- Otherwise the valid entries are stored and the answer is 204, or **400** with
+  the validation errors when some entries were dropped (Loki keeps the rest).
+  The text is Loki's ``GroupedErrors``: identical messages counted (``2 errors
+  like: ...``), different ones joined by ``; ``.  It names the stream (its
+  labels) and, for timestamp errors, the entry's time to the second — never
+  which entries of a stream were refused.
+- In the ingester: identical (timestamp, line) pairs in a stream are stored once
+  (as a query would show them); out-of-order entries are accepted
+  (``unordered_writes``) unless older than ``max_chunk_age / 2`` (1 h) behind the
+  newest entry of their stream.
+- Loki has no authentication of its own; ``expected_authorization`` models the
+  gateway in front of it (401 when the header differs).
 
 For tests it records every request (headers, tenant, encoding, status), stores
 entries per stream, and plays scripted failures first (``fail_next``): a status
@@ -79,6 +102,10 @@ LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
 INT64 = 1 << 63
 MiB = 1 << 20
 DEFAULT_TENANT = "fake"  # Loki's single-tenant id is "fake" too
+# dskit's tenant.ValidTenantID.
+TENANT_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!-_.*'()")
+MAX_TENANT_ID_LENGTH = 150
+MISSING_STREAMS = "error at least one valid stream is required for ingestion"
 
 
 @attrs.frozen
@@ -98,6 +125,9 @@ class LokiLimits:
     max_structured_metadata_size: int = 64 * 1024
     max_structured_metadata_entries_count: int = 128
     max_chunk_age: float = 2 * 3600.0
+    max_global_streams_per_user: int = 5000
+    per_stream_rate_limit: float = 3 * MiB
+    per_stream_rate_limit_burst: float = 15 * MiB
 
 
 @attrs.frozen
@@ -161,7 +191,7 @@ class FakeLoki(ScriptedResource):
         *,
         clock: IReactorTime | None = None,
         limits: LokiLimits | None = None,
-        retry_after: bool = True,
+        retry_after: bool = False,
         require_tenant: bool = False,
         expected_authorization: str | None = None,
     ) -> None:
@@ -173,6 +203,7 @@ class FakeLoki(ScriptedResource):
         self._streams: dict[tuple[str, frozenset[tuple[str, str]]], _Stream] = {}
         self._arrival = 0
         self._buckets: dict[str, _TokenBucket] = {}
+        self._stream_buckets: dict[tuple[str, frozenset[tuple[str, str]]], _TokenBucket] = {}
         self.duplicates_dropped = 0
 
     # -- test helpers -------------------------------------------------------------
@@ -257,6 +288,9 @@ class FakeLoki(ScriptedResource):
             if self._require_tenant:
                 return 401, "no org id", {}
             tenant = DEFAULT_TENANT
+        problem = tenant_id_error(tenant)
+        if problem is not None:
+            return 400, problem, {}
         if (
             self._expected_authorization is not None
             and headers.get("authorization") != self._expected_authorization
@@ -266,6 +300,8 @@ class FakeLoki(ScriptedResource):
             streams = _parse(headers, body)
         except _InvalidPush as e:
             return 400, str(e), {}
+        if not streams:
+            return 422, MISSING_STREAMS, {}
         now_ns = int(self.now() * 1e9)
         errors: list[str] = []
         accepted: list[tuple[dict[str, str], list[tuple[int, str, dict[str, str]]]]] = []
@@ -289,7 +325,7 @@ class FakeLoki(ScriptedResource):
                 )
             if good:
                 accepted.append((labels, good))
-        validation = "\n".join(errors)
+        validation = _grouped(errors)
         if not accepted:
             return (400, validation, {}) if errors else (204, "", {})
         bucket = self._bucket(tenant)
@@ -297,7 +333,7 @@ class FakeLoki(ScriptedResource):
         if not bucket.allow(now, size):
             lines = sum(len(v) for _, v in accepted)
             reply = (
-                f"Ingestion rate limit exceeded for user {tenant} (limit: {int(bucket.rate)} "
+                f"ingestion rate limit exceeded for user {tenant} (limit: {int(bucket.rate)} "
                 f"bytes/sec) while attempting to ingest '{lines}' lines totaling '{size}' "
                 "bytes, reduce log volume or contact your Loki administrator to see if the "
                 "limit can be increased"
@@ -307,11 +343,59 @@ class FakeLoki(ScriptedResource):
             if self._retry_after and wait is not None:
                 extra["Retry-After"] = str(max(1, math.ceil(wait)))
             return 429, reply, extra
+        limited: list[str] = []
         for labels, good in accepted:
+            refusal = self._ingester_limits(tenant, labels, good)
+            if refusal is not None:
+                limited.append(refusal)
+                continue
             errors.extend(self._store(tenant, labels, good))
+        if limited:
+            # The ingester's error wins over the distributor's validation errors.
+            return 429, limited[-1], {}
         if errors:
-            return 400, "\n".join(errors), {}
+            return 400, _grouped(errors), {}
         return 204, "", {}
+
+    def _ingester_limits(
+        self, tenant: str, labels: dict[str, str], good: list[tuple[int, str, dict[str, str]]]
+    ) -> str | None:
+        """The stream-count and per-stream rate limits: Loki's 429 text, or None."""
+        key = (tenant, frozenset(labels.items()))
+        limits = self.limits
+        text = _labels_string(labels)
+        if key not in self._streams:
+            count = sum(1 for t, _ in self._streams if t == tenant)
+            if limits.max_global_streams_per_user and count >= limits.max_global_streams_per_user:
+                return (
+                    f"maximum active stream limit exceeded when trying to create stream {text}, "
+                    "reduce the number of active streams (reduce labels or reduce label values), "
+                    "or contact your Loki administrator to see if the limit can be increased, "
+                    f"user: '{tenant}'"
+                )
+        bucket = self._stream_buckets.get(key)
+        now = self.now()
+        if bucket is None:
+            burst = limits.per_stream_rate_limit_burst
+            bucket = _TokenBucket(limits.per_stream_rate_limit, burst, burst, now)
+            self._stream_buckets[key] = bucket
+        sizes = [
+            len(line.encode()) + sum(len(k) + len(v) for k, v in m.items()) for _, line, m in good
+        ]
+        if bucket.allow(now, sum(sizes)):
+            return None
+        lines = [
+            f"entry with timestamp {_go_time(ts)} ignored, reason: 'Per stream rate limit "
+            f"exceeded (limit: {_byte_size(limits.per_stream_rate_limit)}/sec) while attempting "
+            f"to ingest for stream '{text}' totaling {_byte_size(n)}, consider splitting a stream "
+            "via additional labels or contact your Loki administrator to see if the limit can be "
+            "increased',\n"
+            for (ts, _, _), n in zip(good, sizes, strict=True)
+        ]
+        return (
+            "".join(lines)
+            + f"user '{tenant}', total ignored: {len(good)} out of {len(good)} for stream: {text}"
+        )
 
     def _bucket(self, tenant: str) -> _TokenBucket:
         bucket = self._buckets.get(tenant)
@@ -329,7 +413,7 @@ class FakeLoki(ScriptedResource):
         for name in labels:
             if not LABEL_NAME.match(name):
                 return (
-                    f"Error parsing labels '{text}' with error: "
+                    f"error parsing labels '{text}' with error: "
                     f"invalid label name {name!r}: must match [a-zA-Z_][a-zA-Z0-9_]*"
                 )
         if len(labels) > limits.max_label_names_per_series:
@@ -360,7 +444,7 @@ class FakeLoki(ScriptedResource):
         length = len(line.encode("utf-8"))
         if limits.max_line_size and length > limits.max_line_size:
             return (
-                f"Max entry size '{limits.max_line_size}' bytes exceeded for stream '{text}' "
+                f"max entry size '{limits.max_line_size}' bytes exceeded for stream '{text}' "
                 f"while adding an entry with length '{length}' bytes"
             )
         if meta:
@@ -368,18 +452,22 @@ class FakeLoki(ScriptedResource):
                 return (
                     f"stream '{text}' includes structured metadata, but this feature is "
                     "disallowed. Please see `limits_config.allow_structured_metadata` or "
-                    "contact your Loki administrator to enable it."
+                    "contact your Loki administrator to enable it"
                 )
             meta_size = sum(len(k.encode()) + len(v.encode()) for k, v in meta.items())
             if meta_size > limits.max_structured_metadata_size:
                 return (
                     f"stream '{text}' has structured metadata too large: '{meta_size}' bytes, "
-                    f"limit: '{limits.max_structured_metadata_size}' bytes."
+                    f"limit: '{limits.max_structured_metadata_size}' bytes. Please see "
+                    "`limits_config.max_structured_metadata_size` or contact your Loki "
+                    "administrator to increase it"
                 )
             if len(meta) > limits.max_structured_metadata_entries_count:
                 return (
                     f"stream '{text}' has too many structured metadata labels: '{len(meta)}', "
-                    f"limit: '{limits.max_structured_metadata_entries_count}'."
+                    f"limit: '{limits.max_structured_metadata_entries_count}'. Please see "
+                    "`limits_config.max_structured_metadata_entries_count` or contact your "
+                    "Loki administrator to increase it"
                 )
         return None
 
@@ -409,6 +497,46 @@ class FakeLoki(ScriptedResource):
             entry = StoredEntry(stream.labels, ts, line, meta, tenant)
             stream.entries.append((ts, self._arrival, entry))
         return errors
+
+
+def tenant_id_error(tenant: str) -> str | None:
+    """dskit's ``tenant.TenantID`` for one tenant: its error text, or None."""
+    for char in tenant:
+        if char not in TENANT_CHARS:
+            return f"tenant ID '{tenant}' contains unsupported character '{char}'"
+    if len(tenant.encode()) > MAX_TENANT_ID_LENGTH:
+        return f"tenant ID is too long: max {MAX_TENANT_ID_LENGTH} characters"
+    if tenant in (".", ".."):
+        return "tenant ID is '.' or '..'"
+    return None
+
+
+def _grouped(errors: list[str]) -> str:
+    """Loki's ``GroupedErrors``: identical messages counted, the rest joined."""
+    counts: dict[str, int] = {}
+    for error in errors:
+        counts[error] = counts.get(error, 0) + 1
+    many = len(counts) > 1
+    return "; ".join(
+        f"{n} errors like: {error}" if many or n > 1 else error for error, n in counts.items()
+    )
+
+
+def _go_time(ts_ns: int) -> str:
+    """Go's ``time.Time.String()`` in UTC."""
+    whole = datetime.fromtimestamp(ts_ns // 1_000_000_000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+    fraction = f"{ts_ns % 1_000_000_000:09d}".rstrip("0")
+    return f"{whole}{'.' + fraction if fraction else ''} +0000 UTC"
+
+
+def _byte_size(n: float) -> str:
+    """dskit's ``flagext.ByteSize.String()`` (go-humanize IBytes)."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
 
 
 @attrs.define

@@ -3,8 +3,9 @@
 ``FakeLunary`` is a twisted.web resource implementing ``POST /v1/runs/ingest``
 the way Lunary's backend does, from its public API reference
 (docs.lunary.ai, "Ingest run events", "Sending Events via the Lunary API") and
-its source (``packages/backend/src/api/v1/runs/ingest.ts``, ``utils/ingest.ts``,
-``api/v1/auth/utils.ts``, ``utils/ratelimit.ts``, ``utils/errors.ts``):
+its source (repository lunary-ai/lunary: ``packages/backend/src/api/v1/runs/
+ingest.ts``, ``packages/backend/src/utils/ingest.ts``, ``api/v1/auth/utils.ts``,
+``utils/ratelimit.ts``, ``utils/errors.ts``):
 
 - Authentication: the bearer token of ``Authorization: Bearer <key>`` *is* the
   project id (the project's public key).  A missing token or one that is not a
@@ -31,18 +32,31 @@ its source (``packages/backend/src/api/v1/runs/ingest.ts``, ``utils/ingest.ts``,
   ``Run with this ID already exists in the database.``  ``end`` sets the output,
   token usage (``tokensUsage.prompt``/``completion``), status ``success`` and
   merges metadata; ``error`` sets status ``error`` and the ``error`` object.
+- Postgres refuses ``\\u0000`` in text and jsonb: an event carrying a NUL
+  character fails, alone, with Postgres's message (``unsupported Unicode
+  escape sequence`` for the jsonb columns ``input``, ``output``, ``params``,
+  ``metadata``, ``error``; ``invalid byte sequence for encoding "UTF8": 0x00``
+  for the text columns ``name``, ``tags`` and the user id).  A start that fails
+  leaves no run.
+- An ``llm`` ``end`` whose run does not exist makes Lunary wait **5 seconds**
+  (``registerRunEvent``: "Retrying insertion (end event) in 5s in case start
+  event not inserted yet") and look again; events are taken one at a time, so
+  every such end delays the whole answer by 5 s (on the fake's clock; counted in
+  ``waits``).  A request whose client left meanwhile is still processed, as
+  Lunary does, and its answer dropped.
 
 Where the real server is lax the fake is strict, so sink bugs show (each is a
 failed per-event result, never a silent drop): an ``end`` or ``error`` whose
-``start`` was never seen fails with ``end before start`` (Lunary's own code fails
-an ``end`` for an unknown run with a TypeError, and silently updates nothing for
-an ``error``); events missing ``type`` (or with one outside Lunary's enum),
+``start`` was never seen fails with ``end before start`` (after its 5-second
+wait, Lunary answers such an ``end`` with success and stores nothing, and updates
+nothing for an ``error``); events missing ``type`` (or with one outside Lunary's enum),
 ``event``, ``runId`` or a parseable ``timestamp`` fail; event kinds this fake does
 not model (feedback, chat, log...) fail.
 
-For tests it records every request, stores runs by id, and plays scripted
+For tests it records every request, stores runs by id, plays scripted
 answers first (``fail_next``: a status such as 402, 429 with ``Retry-After``,
-500; a hang; a connection reset).  Use it in memory with
+500; a hang; a connection reset), and can make the start of chosen runs fail
+(``fail_starts``, as a database error would).  Use it in memory with
 ``treq.testing.StubTreq(fake)`` or on a real port with :func:`listen_fake_lunary`.
 """
 
@@ -53,14 +67,15 @@ import math
 import re
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 from typing import Any
 
 import attrs
 import orjson
 from twisted.internet.interfaces import IReactorTime
-from twisted.web.server import Request
+from twisted.python.failure import Failure
+from twisted.web.server import NOT_DONE_YET, Request
 
 from tests.fakes._http import (
     Hang,
@@ -96,6 +111,9 @@ RATE_LIMIT = 150
 RATE_WINDOW = 60.0
 SLOW_DOWN = "Sometimes You Just Have to Slow Down."
 DUPLICATE = "Run with this ID already exists in the database."
+END_WAIT = 5.0  # seconds: registerRunEvent's wait before an end whose run is missing
+JSONB_NUL = "unsupported Unicode escape sequence"
+TEXT_NUL = 'invalid byte sequence for encoding "UTF8": 0x00'
 
 
 @attrs.define
@@ -143,6 +161,12 @@ class FakeLunary(ScriptedResource):
         self.runs: dict[str, StoredRun] = {}
         self.bodies: list[Any] = []  # every parsed body, as received
         self.last_results: list[dict[str, Any]] = []
+        self.waits = 0  # 5-second waits for an end whose run was missing
+        self._failing_starts: dict[str, str] = {}
+
+    def fail_starts(self, *run_ids: str, error: str = "connection to database lost") -> None:
+        """The ``start`` of these runs fails with ``error`` (each time it is sent)."""
+        self._failing_starts.update(dict.fromkeys(run_ids, error))
 
     # -- test helpers -------------------------------------------------------------
 
@@ -171,9 +195,9 @@ class FakeLunary(ScriptedResource):
                 self.requests.append(ReceivedRequest(method, path, headers, len(body), None, ""))
                 return self._stall(request, action)
             if action.store:
-                status, _ = self._ingest(headers, body)
-                if status != 200:
-                    raise AssertionError(f"Respond(store=True) but the ingest failed: {status}")
+                stored = self._ingest(headers, body)
+                if not isinstance(stored, tuple) or stored[0] != 200:
+                    raise AssertionError(f"Respond(store=True) but the ingest failed: {stored}")
             text = action.body.decode("utf-8", "replace")
             self.requests.append(
                 ReceivedRequest(method, path, headers, len(body), action.status, text)
@@ -185,8 +209,20 @@ class FakeLunary(ScriptedResource):
         limited = self._rate_limited()
         if limited is not None:
             return answer(429, SLOW_DOWN, {"Retry-After": str(limited)})
-        status, reply = self._ingest(headers, body)
-        return answer(status, reply)
+        result = self._ingest(headers, body)
+        if isinstance(result, tuple):
+            return answer(*result)
+        gone: list[Failure] = []
+        request.notifyFinish().addErrback(gone.append)
+
+        def later(done: tuple[int, Any]) -> None:
+            if gone or request.finished:
+                return  # the client left: Lunary still did the work; nobody reads it
+            request.write(answer(*done))
+            request.finish()  # type: ignore[no-untyped-call]
+
+        result.append(later)
+        return NOT_DONE_YET
 
     def _rate_limited(self) -> int | None:
         """koa-ratelimit's fixed window: seconds to wait, or None when allowed."""
@@ -201,8 +237,11 @@ class FakeLunary(ScriptedResource):
             return None
         return max(1, math.ceil(self._window_end - now))
 
-    def _ingest(self, headers: Mapping[str, str], body: bytes) -> tuple[int, Any]:
-        """The route handler: (status, reply)."""
+    def _ingest(
+        self, headers: Mapping[str, str], body: bytes
+    ) -> tuple[int, Any] | list[Callable[[tuple[int, Any]], None]]:
+        """The route handler: (status, reply), or when it has to wait, a list the
+        caller appends its callback to, called with (status, reply) later."""
         media = headers.get("content-type", "").split(";", 1)[0].strip().lower()
         doc: Any = {}
         if media == "application/json" or media.endswith("+json"):
@@ -225,31 +264,73 @@ class FakeLunary(ScriptedResource):
             # answers error.status || 500.
             return 500, {"message": "Missing events payload."}
         batch = events if isinstance(events, list) else [events]
-        results = [self._one(raw) for raw in sorted(batch, key=_sort_key)]
-        self.last_results = results
-        return 200, {"results": results}
+        pending = iter(sorted(batch, key=_sort_key))
+        results: list[dict[str, Any]] = []
+        waiters: list[Callable[[tuple[int, Any]], None]] = []
+        if self._run(pending, results, waiters):
+            self.last_results = results
+            return 200, {"results": results}
+        return waiters
 
-    def _one(self, raw: Any) -> dict[str, Any]:
-        if isinstance(raw, list) and len(raw) == 1:
-            raw = raw[0]
-        sent_id = raw.get("runId") if isinstance(raw, dict) else None
-        result: dict[str, Any] = {} if sent_id is None else {"id": sent_id}
+    def _run(
+        self,
+        pending: Iterator[Any],
+        results: list[dict[str, Any]],
+        waiters: list[Callable[[tuple[int, Any]], None]],
+    ) -> bool:
+        """Take the events one by one; False when an end has to wait first (the
+        rest is taken, and ``waiters`` told, once the wait is over)."""
+        for raw in pending:
+            if isinstance(raw, list) and len(raw) == 1:
+                raw = raw[0]
+            sent_id = raw.get("runId") if isinstance(raw, dict) else None
+            result: dict[str, Any] = {} if sent_id is None else {"id": sent_id}
+            results.append(result)
+            try:
+                event = _clean(raw)
+            except _EventError as e:
+                result.update(success=False, error=str(e))
+                continue
+            if _waits(event) and event["runId"] not in self.runs:
+                self.waits += 1
+
+                def resume(event: dict[str, Any] = event, result: dict[str, Any] = result) -> None:
+                    self._settle(event, result)
+                    if self._run(pending, results, waiters):
+                        self.last_results = results
+                        for waiter in waiters:
+                            waiter((200, {"results": results}))
+
+                self._call_later(END_WAIT, resume)
+                return False
+            self._settle(event, result)
+        return True
+
+    def _settle(self, event: dict[str, Any], result: dict[str, Any]) -> None:
         try:
-            self._register(_clean(raw))
+            self._register(event)
         except _EventError as e:
             result.update(success=False, error=str(e))
         else:
             result["success"] = True
-        return result
+
+    def _call_later(self, delay: float, call: Callable[[], None]) -> None:
+        clock = self._clock
+        if clock is None:
+            from twisted.internet import reactor as clock
+        clock.callLater(delay, call)  # type: ignore[attr-defined]
 
     def _register(self, event: dict[str, Any]) -> None:
         name = event["event"]
         rid = event["runId"]
         if event["type"] == "log":
             raise _EventError("log events are not modelled by this fake")
+        _refuse_nul(event)
         if name == "start":
             if rid in self.runs:
                 raise _EventError(DUPLICATE)
+            if rid in self._failing_starts:
+                raise _EventError(self._failing_starts[rid])
             self.runs[rid] = StoredRun(
                 id=rid,
                 type=event["type"],
@@ -266,7 +347,10 @@ class FakeLunary(ScriptedResource):
             raise _EventError(f"event {name!r} is not modelled by this fake")
         run = self.runs.get(rid)
         if run is None:
-            raise _EventError(f"end before start: no run {rid} (its start was never received)")
+            raise _EventError(
+                f"end before start: no run {rid} (its start was never stored; Lunary waits "
+                "5 s, then answers success and stores nothing)"
+            )
         run.ended_at = event["timestamp"]
         if name == "error":
             run.status = "error"
@@ -283,6 +367,39 @@ class FakeLunary(ScriptedResource):
             run.metadata = {**(run.metadata or {}), **metadata}
         if event.get("input") is not None:
             run.input = event["input"]
+
+
+def _waits(event: dict[str, Any]) -> bool:
+    """``registerRunEvent`` waits 5 s before an ``llm`` end whose run is missing."""
+    return event["event"] == "end" and event["type"] == "llm"
+
+
+# The columns an event's fields are written to, by the kind of event.
+_TEXT_FIELDS = {"start": ("name", "tags", "userId")}
+_JSONB_FIELDS = {
+    "start": ("input", "params", "extra", "metadata"),
+    "end": ("output", "input", "metadata"),
+    "error": ("error",),
+}
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
+def _refuse_nul(event: dict[str, Any]) -> None:
+    """Postgres's refusal of NUL in text and jsonb (see the module docstring)."""
+    name = event["event"]
+    if any(_has_nul(event.get(f)) for f in _TEXT_FIELDS.get(name, ())):
+        raise _EventError(TEXT_NUL)
+    if any(_has_nul(event.get(f)) for f in _JSONB_FIELDS.get(name, ())):
+        raise _EventError(JSONB_NUL)
 
 
 # -- cleanEvent ----------------------------------------------------------------------

@@ -12,8 +12,11 @@ the proto definitions (``trace/v1/trace.proto``, ``logs/v1/logs.proto``,
   used; the body is limited to 20 MiB after decompression (the recommended
   default): **413**, which clients must not retry.
 - JSON Protobuf encoding with OTLP's deviations: ``traceId``/``spanId``/
-  ``parentSpanId`` are case-insensitive *hex* strings of 32/16 characters (a
-  base64 id has the wrong length and is refused); enum fields (``kind``,
+  ``parentSpanId`` are *hex* strings, parsed the way the Collector parses them
+  (open-telemetry/opentelemetry-collector ``pdata/internal/data/bytesid.go``,
+  ``unmarshalJSON``): any length other than 32/16 characters is ``invalid
+  length for ID`` (so a base64 id, 24/12 characters, is refused), then
+  ``hex.Decode`` (either case; anything else is refused); enum fields (``kind``,
   ``status.code``, ``severityNumber``) must be JSON integers, never names; keys
   are lowerCamelCase and unknown keys are ignored (so a snake_case ``trace_id``
   counts as missing).  Proto3 JSON mapping otherwise: 64-bit integers

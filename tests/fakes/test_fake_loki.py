@@ -181,7 +181,7 @@ def test_a_bad_label_name_drops_its_stream_and_keeps_the_others(
     status, _, text = _post(stub, body)
 
     assert status == 400
-    assert "Error parsing labels" in text
+    assert "error parsing labels" in text
     assert [e.line for e in fake.entries()] == ["good stream"]
 
 
@@ -222,7 +222,7 @@ def test_a_line_over_256kib_drops_that_entry_and_keeps_the_rest(
     status, _, text = _post(stub, body, gzipped=True)
 
     assert status == 400
-    assert f"Max entry size '{limit}' bytes exceeded" in text
+    assert f"max entry size '{limit}' bytes exceeded" in text
     assert f"length '{limit + 1}' bytes" in text
     assert [len(e.line) for e in fake.entries()] == [limit, 5]
 
@@ -332,7 +332,7 @@ def _limited(clock: Clock, **kw: Any) -> FakeLoki:
     )
 
 
-def test_over_the_ingestion_rate_is_429_with_retry_after_and_nothing_stored(
+def test_over_the_ingestion_rate_is_429_without_retry_after_and_nothing_stored(
     clock: Clock,
 ) -> None:
     fake = _limited(clock)
@@ -342,13 +342,21 @@ def test_over_the_ingestion_rate_is_429_with_retry_after_and_nothing_stored(
     status, headers, text = _post(stub, _push((LABELS, [[_ts(1), "b" * 1500]])))
 
     assert status == 429
-    assert "Ingestion rate limit exceeded for user fake (limit: 1024 bytes/sec)" in text
-    assert headers["retry-after"] == "1"  # 548 bytes left, 952 missing at 1024/s
+    assert "ingestion rate limit exceeded for user fake (limit: 1024 bytes/sec)" in text
+    assert "retry-after" not in headers  # Loki sends none
     assert [e.line[0] for e in fake.entries()] == ["a"]
 
 
+def test_a_test_may_ask_for_retry_after(clock: Clock) -> None:
+    fake = _limited(clock, retry_after=True)
+    stub = StubTreq(fake)
+    assert _post(stub, _push((LABELS, [[_ts(), "a" * 1500]])))[0] == 204
+    status, headers, _ = _post(stub, _push((LABELS, [[_ts(1), "b" * 1500]])))
+    assert (status, headers["retry-after"]) == (429, "1")  # 952 bytes missing at 1024/s
+
+
 def test_after_retry_after_seconds_the_same_push_is_accepted(clock: Clock) -> None:
-    fake = _limited(clock)
+    fake = _limited(clock, retry_after=True)
     stub = StubTreq(fake)
     _post(stub, _push((LABELS, [[_ts(), "a" * 2000]])))
     status, headers, _ = _post(stub, _push((LABELS, [[_ts(1), "b" * 2000]])))
@@ -360,7 +368,7 @@ def test_after_retry_after_seconds_the_same_push_is_accepted(clock: Clock) -> No
 
 
 def test_a_push_bigger_than_the_burst_is_429_without_retry_after(clock: Clock) -> None:
-    fake = _limited(clock)
+    fake = _limited(clock, retry_after=True)
 
     status, headers, _ = _post(StubTreq(fake), _push((LABELS, [[_ts(), "a" * 3000]])))
 
@@ -368,8 +376,8 @@ def test_a_push_bigger_than_the_burst_is_429_without_retry_after(clock: Clock) -
     assert "retry-after" not in headers  # it would never pass
 
 
-def test_retry_after_can_be_turned_off_like_stock_loki(clock: Clock) -> None:
-    fake = _limited(clock, retry_after=False)
+def test_stock_loki_sends_no_retry_after(clock: Clock) -> None:
+    fake = _limited(clock)
     stub = StubTreq(fake)
     _post(stub, _push((LABELS, [[_ts(), "a" * 2000]])))
 
@@ -548,3 +556,103 @@ def _tick(reactor: Any) -> Deferred[None]:
     d: Deferred[None] = Deferred()
     reactor.callLater(0, d.callback, None)
     return d
+
+
+# -- stricter, as Loki is (issue 18) -----------------------------------------------------
+
+
+@pytest.mark.parametrize("body", [{"streams": []}, {}, {"streams": None}])
+def test_a_push_without_streams_is_422(body: Any, fake: FakeLoki, stub: StubTreq) -> None:
+    status, _, text = _post(stub, body)
+    assert (status, text.strip()) == (
+        422,
+        "error at least one valid stream is required for ingestion",
+    )
+
+
+def test_a_stream_without_entries_is_no_error(fake: FakeLoki, stub: StubTreq) -> None:
+    assert _post(stub, _push((LABELS, [])))[0] == 204
+
+
+@pytest.mark.parametrize(
+    ("tenant", "message"),
+    [
+        ("team/a", "tenant ID 'team/a' contains unsupported character '/'"),
+        ("a b", "tenant ID 'a b' contains unsupported character ' '"),
+        ("a|b", "tenant ID 'a|b' contains unsupported character '|'"),
+        ("x" * 151, "tenant ID is too long: max 150 characters"),
+        (".", "tenant ID is '.' or '..'"),
+        ("..", "tenant ID is '.' or '..'"),
+    ],
+)
+def test_a_tenant_outside_dskits_rule_is_400(
+    tenant: str, message: str, fake: FakeLoki, stub: StubTreq
+) -> None:
+    status, _, text = _post(stub, _push((LABELS, [[_ts(), "x"]])), {"X-Scope-OrgID": tenant})
+    assert (status, text.strip()) == (400, message)
+    assert fake.entries() == []
+
+
+@pytest.mark.parametrize("tenant", ["x" * 150, "a.b", "Team_1-(prod)*'!"])
+def test_a_tenant_within_the_rule_is_accepted(tenant: str, fake: FakeLoki, stub: StubTreq) -> None:
+    assert _post(stub, _push((LABELS, [[_ts(), "x"]])), {"X-Scope-OrgID": tenant})[0] == 204
+
+
+def test_identical_validation_errors_are_grouped_with_a_count(
+    fake: FakeLoki, stub: StubTreq
+) -> None:
+    old = _ts(-8 * 24 * 3600)
+    body = _push((LABELS, [[old, "a"], [old, "b"], [_ts(), "kept"], [_ts(3600), "new"]]))
+    status, _, text = _post(stub, body)
+    assert status == 400
+    parts = text.strip().split("; ")
+    assert len(parts) == 2
+    assert parts[0].startswith('2 errors like: entry for stream \'{app="llmproxy"')
+    assert "has timestamp too old" in parts[0]
+    assert parts[1].startswith("1 errors like: ") and "has timestamp too new" in parts[1]
+    assert [e.line for e in fake.entries()] == ["kept"]
+
+
+def test_the_stream_limit_refuses_new_streams_with_429_and_keeps_the_rest(clock: Clock) -> None:
+    fake = FakeLoki(clock=clock, limits=LokiLimits(max_global_streams_per_user=2))
+    stub = StubTreq(fake)
+    first, second, third = ({"app": "a", "n": str(i)} for i in range(3))
+    assert _post(stub, _push((first, [[_ts(), "1"]]), (second, [[_ts(), "2"]])))[0] == 204
+
+    status, headers, text = _post(stub, _push((first, [[_ts(1), "1b"]]), (third, [[_ts(), "3"]])))
+
+    assert status == 429 and "retry-after" not in headers
+    assert text.startswith("maximum active stream limit exceeded when trying to create stream")
+    assert '{app="a", n="2"}' in text and "user: 'fake'" in text
+    assert sorted(e.line for e in fake.entries()) == ["1", "1b", "2"]  # the known stream kept
+    # Another tenant has its own count.
+    assert _post(stub, _push((third, [[_ts(), "3"]])), {"X-Scope-OrgID": "other"})[0] == 204
+
+
+def test_the_per_stream_rate_limit_refuses_that_stream_with_429(clock: Clock) -> None:
+    limits = LokiLimits(per_stream_rate_limit=1024, per_stream_rate_limit_burst=2048)
+    fake = FakeLoki(clock=clock, limits=limits)
+    stub = StubTreq(fake)
+    busy, quiet = {"app": "busy"}, {"app": "quiet"}
+    body = _push((busy, [[_ts(), "a" * 1500], [_ts(1), "b" * 1500]]), (quiet, [[_ts(), "q"]]))
+
+    status, _, text = _post(stub, body)
+
+    assert status == 429
+    assert "Per stream rate limit exceeded (limit: 1.0 KiB/sec)" in text
+    assert text.strip().endswith(
+        "user 'fake', total ignored: 2 out of 2 for stream: {app=\"busy\"}"
+    )
+    assert [e.line for e in fake.entries()] == ["q"]  # the other stream was stored
+    clock.advance(3)  # the bucket refills at 1 KiB/s
+    assert _post(stub, _push((busy, [[_ts(), "a" * 1500]])))[0] == 204
+
+
+def test_an_ingester_429_wins_over_validation_errors(clock: Clock) -> None:
+    fake = FakeLoki(clock=clock, limits=LokiLimits(max_global_streams_per_user=1))
+    stub = StubTreq(fake)
+    old = _ts(-8 * 24 * 3600)
+    body = _push(({"app": "a"}, [[_ts(), "kept"], [old, "old"]]), ({"app": "b"}, [[_ts(), "x"]]))
+    status, _, text = _post(stub, body)
+    assert status == 429 and "maximum active stream limit" in text
+    assert [e.line for e in fake.entries()] == ["kept"]

@@ -66,6 +66,29 @@ def _post(
     return response.code, got, parsed
 
 
+def _post_waiting(
+    stub: StubTreq, clock: Clock, body: Any, waits: int
+) -> tuple[int, Mapping[str, str], Any]:
+    """``_post`` for a request Lunary answers only after ``waits`` 5-second waits."""
+    sent = {"Content-Type": "application/json", "Authorization": f"Bearer {DEFAULT_KEY}"}
+    d = stub.request("POST", URL, data=orjson.dumps(body), headers=sent)
+    stub.flush()
+    out: list[Any] = []
+    d.addBoth(out.append)
+    for _ in range(waits):
+        assert out == [], "answered before the wait was over"
+        clock.advance(4.999)
+        stub.flush()
+        assert out == [], "answered before the wait was over"
+        clock.advance(0.001)
+        stub.flush()
+    assert out, "no answer after the waits"
+    if isinstance(out[0], Failure):
+        out[0].raiseException()
+    response = out[0]
+    return response.code, {}, orjson.loads(_fired(treq.content(response)))
+
+
 def start(run: str = RUN, ts: str = "2026-11-23T07:40:12.000Z", **extra: Any) -> dict[str, Any]:
     return {
         "type": "llm",
@@ -165,10 +188,12 @@ def test_an_unknown_project_key_is_401(fake: FakeLunary, stub: StubTreq) -> None
     assert fake.runs == {}
 
 
-def test_an_end_whose_start_was_never_seen_fails_that_event(
-    fake: FakeLunary, stub: StubTreq
+def test_an_end_whose_start_was_never_seen_fails_that_event_after_five_seconds(
+    fake: FakeLunary, stub: StubTreq, clock: Clock
 ) -> None:
-    status, _, reply = _post(stub, {"events": [start(OTHER_RUN), end(RUN)]})
+    status, _, reply = _post_waiting(stub, clock, {"events": [start(OTHER_RUN), end(RUN)]}, 1)
+
+    assert fake.waits == 1
 
     assert status == 200
     assert reply["results"][0] == {"id": OTHER_RUN, "success": True}
@@ -214,10 +239,11 @@ def test_events_are_processed_in_timestamp_order(fake: FakeLunary, stub: StubTre
     assert fake.runs[RUN].status == "success"
 
 
-def test_an_end_timestamped_before_its_start_fails(fake: FakeLunary, stub: StubTreq) -> None:
-    reply = _post(
-        stub, {"events": [start(ts="2026-11-23T07:40:13Z"), end(ts="2026-11-23T07:40:12Z")]}
-    )
+def test_an_end_timestamped_before_its_start_fails(
+    fake: FakeLunary, stub: StubTreq, clock: Clock
+) -> None:
+    body = {"events": [start(ts="2026-11-23T07:40:13Z"), end(ts="2026-11-23T07:40:12Z")]}
+    reply = _post_waiting(stub, clock, body, 1)
 
     results = reply[2]["results"]
     assert results[0]["success"] is False and "end before start" in results[0]["error"]
@@ -367,3 +393,75 @@ def test_it_serves_on_a_real_port() -> Any:
     finally:
         yield running.stop()
         yield pool.closeCachedConnections()
+
+
+# -- stricter, as Lunary is (issue 18) ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("event", "error"),
+    [
+        (
+            start(input=[{"role": "user", "content": "a\x00b"}]),
+            "unsupported Unicode escape sequence",
+        ),
+        (start(name="gpt\x004o"), 'invalid byte sequence for encoding "UTF8": 0x00'),
+        (start(userId="bob\x00"), 'invalid byte sequence for encoding "UTF8": 0x00'),
+        (start(metadata={"k": "v\x00"}), "unsupported Unicode escape sequence"),
+        (start(params={"stop": ["\x00"]}), "unsupported Unicode escape sequence"),
+    ],
+)
+def test_a_nul_character_fails_that_start(
+    event: dict[str, Any], error: str, fake: FakeLunary, stub: StubTreq
+) -> None:
+    reply = _post(stub, {"events": [event, start(OTHER_RUN)]})[2]
+
+    assert reply["results"][0] == {"id": RUN, "success": False, "error": error}
+    assert reply["results"][1]["success"] is True
+    assert list(fake.runs) == [OTHER_RUN]
+
+
+def test_a_nul_in_the_output_fails_that_end(fake: FakeLunary, stub: StubTreq) -> None:
+    bad = end(output={"role": "assistant", "content": "\x00"})
+    reply = _post(stub, {"events": [start(), bad]})[2]
+
+    assert reply["results"][1]["success"] is False
+    assert reply["results"][1]["error"] == "unsupported Unicode escape sequence"
+    assert fake.runs[RUN].status == "started"
+
+
+def test_each_end_of_a_failed_start_waits_five_seconds_one_after_the_other(
+    fake: FakeLunary, stub: StubTreq, clock: Clock
+) -> None:
+    fake.fail_starts(RUN, OTHER_RUN)
+    body = {"events": [start(), start(OTHER_RUN), end(), end(OTHER_RUN)]}
+
+    status, _, reply = _post_waiting(stub, clock, body, 2)
+
+    assert status == 200 and fake.waits == 2
+    assert [r["success"] for r in reply["results"]] == [False, False, False, False]
+    assert reply["results"][0]["error"] == "connection to database lost"
+    assert fake.runs == {}
+
+
+def test_an_error_event_never_waits(fake: FakeLunary, stub: StubTreq) -> None:
+    fake.fail_starts(RUN)
+    error = {**end(), "event": "error", "error": {"message": "boom"}}
+    reply = _post(stub, {"events": [start(), error]})[2]
+    assert fake.waits == 0
+    assert reply["results"][1]["success"] is False
+
+
+def test_a_client_that_leaves_during_the_wait_does_not_stop_the_ingestion(
+    fake: FakeLunary, stub: StubTreq, clock: Clock
+) -> None:
+    fake.fail_starts(RUN)
+    body = {"events": [start(), end(), start(OTHER_RUN), end(OTHER_RUN)]}
+    sent = {"Content-Type": "application/json", "Authorization": f"Bearer {DEFAULT_KEY}"}
+    d = stub.request("POST", URL, data=orjson.dumps(body), headers=sent)
+    stub.flush()
+    d.cancel()
+    d.addErrback(lambda _: None)
+    clock.advance(5)
+    stub.flush()
+    assert fake.runs[OTHER_RUN].status == "success"  # Lunary went on after the wait

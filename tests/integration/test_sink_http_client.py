@@ -33,7 +33,7 @@ from twisted.web.http_headers import Headers
 from llmproxy.config.model import ExporterSettings
 from llmproxy.export.http import INFLATE_STEP, GunzipAgent, read_answer, sink_http_client
 from llmproxy.export.sink import ANSWER_LIMIT, Delivered, HTTPClient, Rejected, Retry
-from llmproxy.export.sinks.loki import LokiSink
+from llmproxy.export.sinks.loki import PARTLY_REFUSED, LokiSink
 from llmproxy.export.sinks.lunary import LunarySink
 from tests.fakes.loki import (
     Endless,
@@ -165,7 +165,7 @@ async def test_a_gzip_refusal_is_read_as_text(wire: _Wire) -> None:
     )
     verdict = await _deliver(wire.sink(), _events(1))
     assert wire.fake.requests[0].headers["accept-encoding"] == "gzip"
-    assert verdict == Rejected(f"Loki refused entries (HTTP 400): {text.decode()}")
+    assert verdict == Rejected(f"{PARTLY_REFUSED}: {text.decode()}")
     assert wire.gunzip.inflated == len(text)
 
 
@@ -230,7 +230,7 @@ async def test_a_huge_refusal_is_judged_on_its_start(wire: _Wire) -> None:
     text = b"line too long " * 100_000  # 1.4 MB
     wire.fake.fail_next(Respond(400, body=text))
     verdict = await _deliver(wire.sink(), _events(1))
-    assert verdict == Rejected(f"Loki refused entries (HTTP 400): {text[:500].decode().strip()}")
+    assert verdict == Rejected(f"{PARTLY_REFUSED}: {text[:500].decode().strip()}")
     assert wire.idle_connections() == 0
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+import orjson
 import pytest
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred
@@ -13,8 +14,23 @@ from twisted.internet.task import Clock
 
 from llmproxy.config.model import ExporterSettings
 from llmproxy.export.sink import Delivered, Rejected, Retry, Sink
-from llmproxy.export.sinks.helicone import HeliconeSink, helicone_request_id, log_body, log_url
-from tests.fakes.helicone import DEFAULT_KEY, FakeHelicone, Hang, Respond, StoredLog
+from llmproxy.export.sinks.helicone import (
+    HeliconeSink,
+    SessionTree,
+    helicone_request_id,
+    log_body,
+    log_url,
+    log_urls,
+)
+from tests.fakes.helicone import (
+    DEFAULT_KEY,
+    FakeHelicone,
+    Hang,
+    HeliconeUsage,
+    Respond,
+    StoredLog,
+    read_response,
+)
 from tests.unit.test_lunary_sink import (
     CACHE_KEY,
     OPENAI_REQUEST,
@@ -39,7 +55,7 @@ from tests.unit.test_lunary_sink import (
 )
 from tests.unit.test_lunary_sink import _finish as finish
 
-EU = "https://eu.api.worker.helicone.ai/custom/v1/log"
+EU = "https://eu.api.worker.helicone.ai"
 OK = Respond(200, b"ok", store=True)  # a scripted answer that stores the log, as Helicone would
 
 
@@ -103,26 +119,43 @@ def stored(fake: FakeHelicone, request_id: str) -> StoredLog:
 def test_it_is_a_sink_posting_to_the_us_worker_by_default() -> None:
     sink = HeliconeSink.from_settings(settings(), client=NoClient(), clock=at_now())
     assert isinstance(sink, Sink)
+    assert sink.urls == {
+        "OPENAI": "https://api.worker.helicone.ai/oai/v1/log",
+        "ANTHROPIC": "https://api.worker.helicone.ai/anthropic/v1/log",
+        "CUSTOM": "https://api.worker.helicone.ai/custom/v1/log",
+    }
     assert sink.url == "https://api.worker.helicone.ai/custom/v1/log"
 
 
 @pytest.mark.parametrize(
-    ("endpoint", "url"),
+    "endpoint",
     [
-        (EU, EU),
-        ("https://eu.api.worker.helicone.ai", EU),
-        (
-            "http://localhost:8585/v1/trace/custom/v1/log",
-            "http://localhost:8585/v1/trace/custom/v1/log",
-        ),
+        EU,
+        EU + "/",
+        EU + "/custom/v1/log",  # the manual logger's URL, as Helicone's docs give it
+        EU + "/oai/v1/log",
+        EU + "/anthropic/v1/log",
     ],
 )
-def test_the_endpoint_is_configurable(endpoint: str, url: str) -> None:
-    assert log_url(endpoint) == url
-    sink = HeliconeSink.from_settings(
-        settings(endpoint=endpoint), client=NoClient(), clock=at_now()
-    )
-    assert sink.url == url
+def test_a_worker_endpoint_gives_one_log_route_per_provider(endpoint: str) -> None:
+    assert log_urls(endpoint) == {
+        "OPENAI": EU + "/oai/v1/log",
+        "ANTHROPIC": EU + "/anthropic/v1/log",
+        "CUSTOM": EU + "/custom/v1/log",
+    }
+    assert log_url(endpoint) == EU + "/custom/v1/log"
+
+
+def test_a_path_before_the_routes_is_kept() -> None:
+    urls = log_urls("https://gw.example/helicone/anthropic/v1/log")
+    assert urls["OPENAI"] == "https://gw.example/helicone/oai/v1/log"
+    assert urls["CUSTOM"] == "https://gw.example/helicone/custom/v1/log"
+
+
+@pytest.mark.parametrize("route", ["/v1/trace/custom/v1/log", "/v1/trace/custom/log"])
+def test_a_self_hosted_jawn_route_takes_every_provider(route: str) -> None:
+    url = "http://localhost:8585" + route
+    assert set(log_urls(url).values()) == {url}
 
 
 @pytest.mark.parametrize(
@@ -166,13 +199,15 @@ def test_an_openai_exchange_is_logged_with_its_request_response_and_timing() -> 
     }
 
 
-def test_meta_carries_the_provider_the_ids_and_properties() -> None:
+def test_meta_carries_the_ids_sessions_and_properties() -> None:
     sink, fake, _ = against_fake()
     verdict_of(sink.deliver([openai_json()]))
 
     log = stored(fake, "req-oa-json")
-    assert log.provider == "openai"
+    assert log.provider == "OPENAI"
+    assert "helicone-provider" not in log.meta  # Helicone reads it nowhere
     assert log.user_id == "alice"
+    assert log.session == ("sess-1", "/sess-1", "openai")
     assert log.meta["helicone-request-id"] == helicone_request_id("req-oa-json")
     assert log.properties == {
         "request-id": "req-oa-json",
@@ -187,20 +222,44 @@ def test_meta_carries_the_provider_the_ids_and_properties() -> None:
         # The request's own metadata (OpenAI's stored-completion tags).
         "team": "search",
         "ticket": "T-9",
+        # The Sessions headers, which Helicone files as properties too.
+        "Helicone-Session-Id": "sess-1",
+        "Helicone-Session-Path": "/sess-1",
+        "Helicone-Session-Name": "openai",
     }
 
 
-def test_a_stream_is_merged_into_one_response_with_time_to_first_token() -> None:
+def test_a_stream_goes_as_its_text_so_helicone_counts_its_tokens() -> None:
     sink, fake, _ = against_fake()
-    verdict_of(sink.deliver([openai_stream()]))
+    event = openai_stream()
+    verdict_of(sink.deliver([event]))
 
     log = stored(fake, "req-oa-sse")
-    response = log.response_json
-    assert response["object"] == "chat.completion"
-    assert response["choices"][0]["message"] == {"role": "assistant", "content": "Grüß dich"}
-    assert response["usage"] == {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}
+    assert log.is_stream and log.request_json["stream"] is True
+    assert log.response_json == {}
+    assert log.response_body == "".join(c["data"] for c in event["response_chunks"])
+    assert log.usage == HeliconeUsage(prompt_tokens=12, completion_tokens=3)
+    assert log.cost_inputs == ("OPENAI", "gpt-4o-mini", log.usage)
+    assert log.properties["usage"] == "upstream"
     assert log.time_to_first_token == 100
-    assert log.request_json["stream"] is True
+
+
+def test_a_stream_sent_as_merged_json_would_get_no_tokens() -> None:
+    """Why the text: Helicone's stream processors return at once on a JSON body."""
+    clock = at_now()
+    fake = FakeHelicone(clock=clock)
+    doc = log_body(openai_stream())
+    doc["providerResponse"] = {**doc["providerResponse"], "json": OPENAI_RESPONSE}
+    del doc["providerResponse"]["textBody"]
+    response = verdict_of(
+        StubTreq(fake).post(
+            "https://api.worker.helicone.ai/oai/v1/log",
+            json=doc,
+            headers={"Authorization": f"Bearer {DEFAULT_KEY}"},
+        )
+    )
+    assert response.code == 200
+    assert fake.logs[0].usage is None and fake.logs[0].cost_inputs is None
 
 
 def test_a_cache_hit_is_logged_with_its_reply_and_marked_in_properties() -> None:
@@ -220,7 +279,7 @@ def test_a_cache_hit_is_logged_with_its_reply_and_marked_in_properties() -> None
         "endTime": {"seconds": 1_795_419_612, "milliseconds": 250},
     }
     streamed = stored(fake, "req-hit-sse")
-    assert streamed.response_json["usage"]["completion_tokens"] == 3
+    assert streamed.usage == HeliconeUsage(prompt_tokens=12, completion_tokens=3)
     assert streamed.time_to_first_token == 0
     revalidated = stored(fake, "req-304")
     assert revalidated.provider_response["status"] == 304
@@ -229,33 +288,77 @@ def test_a_cache_hit_is_logged_with_its_reply_and_marked_in_properties() -> None
     assert revalidated.properties["cache-status"] == "conditional-hit"
 
 
-def test_missing_usage_is_estimated_and_marked() -> None:
+def test_missing_usage_in_a_stream_is_estimated_in_a_line_helicone_reads() -> None:
     sink, fake, _ = against_fake()
-    verdict_of(sink.deliver([openai_stream(usage=False)]))
+    event = openai_stream(usage=False)
+    verdict_of(sink.deliver([event]))
 
     log = stored(fake, "req-oa-sse")
+    text = "".join(c["data"] for c in event["response_chunks"])
+    assert log.response_body.startswith(text)
+    added = log.response_body[len(text) :]
+    assert added.startswith("data: {") and added.endswith("\n\n")
+    line = orjson.loads(added[len("data: ") :])
+    assert line["llmproxy_usage_estimated"] is True
     # "Be brief." + "Say hi" = 15 characters, "Grüß dich" = 9, at 4 per token.
-    assert log.response_json["usage"] == {
-        "prompt_tokens": 4,
-        "completion_tokens": 3,
-        "total_tokens": 7,
-    }
-    assert log.response_json["llmproxy_usage_estimated"] is True
+    assert log.usage == HeliconeUsage(prompt_tokens=4, completion_tokens=3)
     assert log.properties["usage"] == "estimated"
 
 
-def test_an_anthropic_exchange_is_logged_as_anthropic() -> None:
+def test_without_the_added_line_helicone_would_count_minus_one() -> None:
+    event = openai_stream(usage=False)
+    text = "".join(c["data"] for c in event["response_chunks"])
+    assert read_response("OPENAI", True, text, "gpt-4o-mini")[1] == HeliconeUsage(-1, -1)
+
+
+def test_a_stream_cut_at_the_capture_cap_still_gets_a_usage_line() -> None:
+    event = openai_stream(usage=False)
+    event["response_chunks"][-1]["data"] = 'data: {"id": "chatcmpl-2", "obj'  # cut
+    body = log_body(event)["providerResponse"]["textBody"]
+    assert '{"id": "chatcmpl-2", "obj\n\ndata: {' in body
+    assert read_response("OPENAI", True, body, "gpt-4o-mini")[1] == HeliconeUsage(4, 3)
+
+
+def test_missing_usage_in_json_is_estimated_and_marked() -> None:
+    event = openai_json()
+    event["response_body"]["text"] = orjson.dumps(
+        {k: v for k, v in OPENAI_RESPONSE.items() if k != "usage"}
+    ).decode()
+    response = log_body(event)["providerResponse"]["json"]
+    assert response["usage"] == {"prompt_tokens": 4, "completion_tokens": 1, "total_tokens": 5}
+    assert response["llmproxy_usage_estimated"] is True
+
+
+def test_an_anthropic_exchange_is_logged_under_anthropic_and_priced() -> None:
     sink, fake, _ = against_fake()
     verdict_of(sink.deliver([anthropic_json(), anthropic_stream()]))
 
     plain = stored(fake, "req-an-json")
-    assert plain.provider == "anthropic"
+    assert fake.requests[0].path == "/anthropic/v1/log"
+    assert plain.provider == "ANTHROPIC"
     assert plain.user_id == "bob"
-    assert plain.response_json["usage"]["cache_read_input_tokens"] == 4
-    merged = stored(fake, "req-an-sse").response_json
-    assert merged["type"] == "message"
-    assert merged["content"] == [{"type": "text", "text": "Hello"}]
-    assert merged["usage"] == {"input_tokens": 10, "output_tokens": 4}
+    assert plain.usage == HeliconeUsage(10, 3, cache_read_tokens=4)
+    assert plain.cost_inputs == ("ANTHROPIC", "claude-sonnet-4-5", plain.usage)
+    streamed = stored(fake, "req-an-sse")
+    assert streamed.provider == "ANTHROPIC"
+    assert streamed.response_json == {}
+    assert streamed.processed[0]["id"] == "msg_2"
+    assert streamed.usage == HeliconeUsage(10, 4)
+    assert streamed.cost_inputs == ("ANTHROPIC", "claude-sonnet-4-5", streamed.usage)
+
+
+def test_each_provider_is_posted_to_its_own_route() -> None:
+    sink, fake, _ = against_fake()
+    verdict_of(sink.deliver([openai_json(), anthropic_json(), plain_text()]))
+
+    assert [r.path for r in fake.requests] == [
+        "/oai/v1/log",
+        "/anthropic/v1/log",
+        "/oai/v1/log",  # a plain-text answer on the openai route: still OpenAI
+    ]
+    other = openai_json("req-other", provider="vllm", upstream="http://10.0.0.9:8000/v1/x")
+    other["response_body"]["text"] = '{"answer": 42}'
+    assert log_body(other)["provider"] == "CUSTOM"
 
 
 def test_anthropic_usage_is_estimated_in_anthropics_shape() -> None:
@@ -269,11 +372,77 @@ def test_anthropic_usage_is_estimated_in_anthropics_shape() -> None:
 
 
 def test_the_provider_is_detected_from_the_host_when_the_route_does_not_say() -> None:
-    event = openai_json()
+    event = anthropic_json()
     event["provider"] = ""
-    assert log_body(event)["providerRequest"]["meta"]["Helicone-Provider"] == "openai"
-    event["upstream_host"] = "llm.internal"
-    assert log_body(event)["providerRequest"]["meta"]["Helicone-Provider"] == "openai"  # body shape
+    assert log_body(event)["provider"] == "ANTHROPIC"
+    event["upstream_host"] = "llm.internal:8443"
+    assert log_body(event)["provider"] == "ANTHROPIC"  # body shape
+
+
+def test_a_self_hosted_jawn_reads_the_provider_from_the_body() -> None:
+    clock = at_now()
+    fake = FakeHelicone(clock=clock)
+    url = "http://localhost:8585/v1/trace/custom/v1/log"
+    sink = HeliconeSink.from_settings(settings(endpoint=url), client=StubTreq(fake), clock=clock)
+    verdict_of(sink.deliver([openai_json(), anthropic_json()]))
+    assert {r.path for r in fake.requests} == {"/v1/trace/custom/v1/log"}
+    assert [log.provider for log in fake.logs] == ["OPENAI", "ANTHROPIC"]
+
+
+# -- sessions ----------------------------------------------------------------------------
+
+
+def fork_event(child: str, parent: str) -> dict[str, Any]:
+    return {"type": "fork", "session_id": child, "parent_session": parent, "from_seq": 1}
+
+
+def test_a_fork_is_a_branch_of_its_conversations_helicone_session() -> None:
+    sink, fake, _ = against_fake()
+    forked = openai_json("req-fork")
+    forked["session_id"] = "sess-2"
+    deeper = openai_json("req-fork-2")
+    deeper["session_id"] = "sess-3"
+    batch = [fork_event("sess-2", "sess-1"), forked, fork_event("sess-3", "sess-2"), deeper]
+    verdict_of(sink.deliver([openai_json(), *batch]))
+
+    assert stored(fake, "req-oa-json").session == ("sess-1", "/sess-1", "openai")
+    assert stored(fake, "req-fork").session == ("sess-1", "/sess-1/sess-2", "openai")
+    assert stored(fake, "req-fork-2").session == ("sess-1", "/sess-1/sess-2/sess-3", "openai")
+    # llmproxy's own session id stays a property.
+    assert stored(fake, "req-fork").properties["session-id"] == "sess-2"
+
+
+def test_a_fork_learnt_in_an_earlier_batch_is_remembered() -> None:
+    sink, fake, _ = against_fake()
+    verdict_of(sink.deliver([fork_event("sess-2", "sess-1")]))
+    forked = openai_json("req-fork")
+    forked["session_id"] = "sess-2"
+    verdict_of(sink.deliver([forked]))
+    assert stored(fake, "req-fork").session[:2] == ("sess-1", "/sess-1/sess-2")
+
+
+def test_the_session_tree_is_bounded() -> None:
+    tree = SessionTree(limit=2)
+    for child, parent in (("b", "a"), ("c", "b"), ("d", "c")):
+        tree.learn(fork_event(child, parent))
+    assert tree.chain("d") == ["b", "c", "d"]  # "b"'s parent was forgotten
+
+
+def test_the_session_tree_never_loops() -> None:
+    tree = SessionTree()
+    tree.learn(fork_event("b", "a"))
+    tree.learn(fork_event("a", "b"))  # a cycle (the tracker never makes one)
+    assert tree.chain("a") == ["b", "a"]
+    for i in range(100):
+        tree.learn(fork_event(f"s{i + 1}", f"s{i}"))
+    assert len(tree.chain("s100")) == 32
+
+
+def test_an_exchange_without_a_session_has_no_session_headers() -> None:
+    event = openai_json()
+    event["session_id"] = None
+    meta = log_body(event)["providerRequest"]["meta"]
+    assert not any(name.startswith("Helicone-Session") for name in meta)
 
 
 def test_an_error_response_is_logged_as_is_without_invented_usage() -> None:

@@ -18,9 +18,11 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
+from llmproxy.config.loader import ConfigError
 from llmproxy.config.model import ExporterSettings
 from llmproxy.export.sink import Delivered, EncodedBatch, Rejected, Retry, Sink, Verdict
 from llmproxy.export.sinks.loki import LokiSink, push_url, shorten_line
+from llmproxy.runtime.checks import load_checked
 from tests.fakes.loki import FakeLoki, Hang, LokiLimits, Respond
 
 NOW = 1_795_419_612  # 2026-11-23T07:40:12Z
@@ -186,6 +188,49 @@ def test_reserved_and_per_event_label_names_are_refused() -> None:
 def test_more_labels_than_loki_allows_is_a_config_error() -> None:
     with pytest.raises(ValueError, match="limit is 15"):
         make_sink(labels=tuple((f"l{i}", "v") for i in range(11)))  # + app + 4 per event
+
+
+@pytest.mark.parametrize(
+    ("tenant", "message"),
+    [
+        ("team/a", r"tenant 'team/a' has characters Loki refuses \('/'\)"),
+        ("a b|c", r"has characters Loki refuses \(' ', '\|'\)"),
+        ("x" * 151, "longer than Loki's 150 characters"),
+        (".", r"'\.' and '\.\.' are not tenant ids"),
+        ("..", r"'\.' and '\.\.' are not tenant ids"),
+    ],
+)
+def test_a_tenant_loki_would_refuse_is_a_config_error(tenant: str, message: str) -> None:
+    with pytest.raises(ValueError, match=f"exporter:loki: .*{message}"):
+        make_sink(tenant=tenant)
+
+
+@pytest.mark.parametrize("tenant", ["x" * 150, "platform", "a.b", "Team_1-(prod)*'!"])
+def test_a_tenant_within_lokis_rule_is_pushed_as_is(tenant: str) -> None:
+    sink, fake, _ = against_fake(tenant=tenant)
+    assert verdict_of(sink.deliver([event()])) == Delivered()
+    assert fake.requests[-1].tenant == tenant
+
+
+def test_a_bad_tenant_is_a_problem_line_when_the_config_loads(tmp_path: Any) -> None:
+    ini = tmp_path / "llmproxy.ini"
+    ini.write_text(
+        f"[server]\nstate_dir = {tmp_path}\n\n"
+        "[exporter:logs]\ntype = loki\nurl = http://loki:3100\ntenant = team/a\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_checked(ini, env={})
+    assert any(
+        p.startswith("exporter:logs: tenant 'team/a' has characters Loki refuses")
+        for p in caught.value.problems
+    ), caught.value.problems
+
+
+def test_an_empty_batch_is_not_pushed() -> None:
+    sink, fake, _ = against_fake()
+    assert verdict_of(sink.deliver([])) == Delivered()
+    assert verdict_of(sink.deliver_lines([], [])) == Delivered()
+    assert fake.request_count == 0
 
 
 def test_basic_and_bearer_together_are_a_config_error() -> None:
@@ -650,7 +695,7 @@ def test_a_400_is_rejected_with_lokis_text_and_not_retried() -> None:
     assert len(fake.entries()) == 1  # Loki kept the good entry
 
 
-def test_a_429_is_retried_after_retry_after_seconds() -> None:
+def test_a_429_without_retry_after_is_retried_on_the_exporters_backoff() -> None:
     # 1 KiB/s, 4 KiB burst; a batch of 10 events is about 2.6 KB.
     tiny = LokiLimits(ingestion_rate_mb=1 / 1024, ingestion_burst_size_mb=4 / 1024)
     sink, fake, _ = against_fake(limits=tiny, gzip=False)
@@ -659,8 +704,8 @@ def test_a_429_is_retried_after_retry_after_seconds() -> None:
     verdict = verdict_of(sink.deliver([event(i) for i in range(10, 20)]))
 
     assert isinstance(verdict, Retry)
-    assert verdict.after is not None and verdict.after >= 1
-    assert "Ingestion rate limit exceeded" in verdict.reason
+    assert verdict.after is None  # Loki sends no Retry-After
+    assert "ingestion rate limit exceeded" in verdict.reason
     assert len(fake.entries()) == 10
 
 
@@ -835,3 +880,29 @@ def test_a_real_canonical_stream_event_reaches_loki_shortened_and_obfuscated() -
     assert line["request_body"]["text"] == '{"model": "gpt-4o", "stream": true}'
     assert CANARY not in stored.line
     assert stored.ts_ns == payload["ts_ns"]
+
+
+def test_the_stream_limit_is_retried_and_the_stored_part_shows_once() -> None:
+    sink, fake, _ = against_fake(limits=LokiLimits(max_global_streams_per_user=1))
+    batch = [event(0), event(1, type="response"), event(2), event(3, type="response")]
+
+    verdict = verdict_of(sink.deliver(batch))
+
+    assert isinstance(verdict, Retry) and verdict.after is None
+    assert "maximum active stream limit exceeded" in verdict.reason
+    assert len(fake.entries()) == 2  # Loki stored the stream it already had room for
+    fake.limits = LokiLimits()  # the operator raised the limit
+    assert verdict_of(sink.deliver(batch)) == Delivered()
+    assert sorted(e.json()["request_id"] for e in fake.entries()) == [f"req-{i}" for i in range(4)]
+
+
+def test_a_streams_own_rate_limit_is_retried() -> None:
+    limits = LokiLimits(per_stream_rate_limit=512, per_stream_rate_limit_burst=1024)
+    sink, fake, _ = against_fake(limits=limits, gzip=False)
+    batch = [event(i, body="x" * 300) for i in range(4)]
+
+    verdict = verdict_of(sink.deliver(batch))
+
+    assert isinstance(verdict, Retry)
+    assert "Per stream rate limit exceeded" in verdict.reason
+    assert fake.entries() == []

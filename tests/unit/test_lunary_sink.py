@@ -719,3 +719,138 @@ def test_the_key_never_appears_in_a_verdict(status: int) -> None:
 
     assert reasons and all(DEFAULT_KEY not in r and "gw-token-123456" not in r for r in reasons)
     assert "***" in reasons[0]
+
+
+# -- NUL characters, and starts that fail ----------------------------------------------------
+
+
+def with_nul(request_id: str = "req-nul") -> dict[str, Any]:
+    """An exchange whose prompt, user and reply hold NUL characters (raw and as JSON escapes)."""
+    request = {**OPENAI_REQUEST, "user": "al\u0000ice"}
+    request["messages"] = [{"role": "user", "content": "pasted\u0000binary\u0000"}]
+    reply = {**OPENAI_RESPONSE}
+    reply["choices"] = [
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": "ok\u0000"},
+            "finish_reason": "stop",
+        }
+    ]
+    record = make_record(request_id, body=request)
+    return _finish(record, 200, b"application/json", [orjson.dumps(reply)])
+
+
+def test_nul_characters_are_replaced_and_counted_so_the_run_is_stored() -> None:
+    sink, fake, _ = against_fake()
+
+    verdict = verdict_of(sink.deliver([with_nul(), openai_json()]))
+
+    assert verdict == Delivered()
+    run = fake.runs[run_id("req-nul")]
+    assert run.status == "success"
+    assert run.input[-1]["content"] == "pasted\ufffdbinary\ufffd"
+    assert run.user_id == "al\ufffdice"
+    assert run.output["content"] == "ok\ufffd"
+    assert run.metadata is not None and run.metadata["nulReplaced"] == 4
+    assert sink.nul_replaced == 4
+    assert "nulReplaced" not in (fake.runs[run_id("req-oa-json")].metadata or {})
+
+
+def test_without_the_replacement_lunary_would_fail_the_run() -> None:
+    """What the replacement prevents: the fake refuses NUL as Postgres does."""
+    clock = at_now()
+    fake = FakeLunary(clock=clock)
+    event = with_nul()
+    request = orjson.loads(event["request_body"]["text"])
+    start = {
+        "type": "llm",
+        "event": "start",
+        "runId": run_id("req-nul"),
+        "timestamp": "2026-11-23T07:40:12.250Z",
+        "input": request["messages"],
+    }
+    answer = verdict_of(
+        StubTreq(fake).post(
+            "https://api.lunary.ai/v1/runs/ingest",
+            json={"events": [start]},
+            headers={"Authorization": f"Bearer {DEFAULT_KEY}"},
+        )
+    )
+    assert answer.code == 200
+    assert fake.last_results[0]["error"] == "unsupported Unicode escape sequence"
+
+
+def test_a_nul_in_a_stream_and_in_an_error_is_replaced_too() -> None:
+    stream = openai_stream("req-nul-sse")
+    stream["response_chunks"][0]["data"] = stream["response_chunks"][0]["data"].replace(
+        "Gr", "G\\u0000r"
+    )
+    failed = timed_out("req-nul-err")
+    failed["error"] = "upstream said \u0000"
+    sink, fake, _ = against_fake()
+
+    assert verdict_of(sink.deliver([stream, failed])) == Delivered()
+    assert fake.runs[run_id("req-nul-sse")].output["content"] == "G\ufffdrüß dich"
+    assert fake.runs[run_id("req-nul-err")].error["message"].endswith("\ufffd")
+
+
+def test_a_batch_that_times_out_is_sent_again_in_two_steps_so_lunary_never_waits() -> None:
+    sink, fake, clock = against_fake(timeout=10.0)
+    batch = [openai_json("ok-1"), openai_json("bad-1"), openai_json("bad-2"), openai_json("bad-3")]
+    fake.fail_starts(*(run_id(f"bad-{i}") for i in (1, 2, 3)))
+    first = sink.deliver(batch)
+
+    clock.advance(10.0)  # three failed starts: Lunary would answer after 15 s
+
+    assert verdict_of(first) == Retry("timed out after 10s")
+    assert fake.waits == 2  # the third is still to come: Lunary goes on without us
+    again = sink.deliver(batch)
+    verdict = verdict_of(again)  # at once: no wait in either step
+
+    assert isinstance(verdict, Delivered)
+    assert verdict.rejected == dict.fromkeys((1, 2, 3), "connection to database lost")
+    assert [[e["event"] for e in body["events"]] for body in fake.bodies[1:]] == [
+        ["start"] * 4,
+        ["end"],
+    ]
+    assert fake.runs[run_id("ok-1")].status == "success"
+    clock.advance(5.0)
+    assert fake.waits == 3  # only the first attempt's ends ever waited
+
+
+def test_after_the_two_steps_the_runs_go_back_to_one_request() -> None:
+    sink, fake, clock = against_fake(timeout=1.0)
+    fake.fail_next(Hang())
+    batch = [openai_json()]
+    sink.deliver(batch)
+    clock.advance(1.0)
+    assert verdict_of(sink.deliver(batch)) == Delivered()
+    assert len(fake.bodies) == 2  # starts, then ends
+    verdict_of(sink.deliver(batch))  # sent once more (a replay): one request again
+    assert len(fake.bodies) == 3
+
+
+def test_a_retry_lunary_answered_is_sent_again_in_one_request() -> None:
+    sink, fake, _ = against_fake()
+    fake.fail_next(503)
+    batch = [openai_json(), anthropic_json()]
+    assert verdict_of(sink.deliver(batch)) == Retry("HTTP 503")
+    assert verdict_of(sink.deliver(batch)) == Delivered()
+    assert len(fake.bodies) == 1  # the 503 was scripted: only the second reached the handler
+    assert len(fake.bodies[0]["events"]) == 4
+
+
+def test_a_failure_in_the_second_step_retries_the_batch_in_two_steps_again() -> None:
+    sink, fake, clock = against_fake(timeout=1.0)
+    fake.fail_next(Hang())
+    batch = [openai_json()]
+    sink.deliver(batch)
+    clock.advance(1.0)
+    rid = run_id("req-oa-json")
+    started = orjson.dumps({"results": [{"id": rid, "success": True}]})
+    fake.fail_next(Respond(200, started, store=True), Respond(502))
+
+    assert verdict_of(sink.deliver(batch)) == Retry("HTTP 502")
+    assert verdict_of(sink.deliver(batch)) == Delivered()  # the start: already there
+    assert [e["event"] for e in fake.bodies[-1]["events"]] == ["end"]
+    assert fake.runs[rid].status == "success"

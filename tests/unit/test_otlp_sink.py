@@ -24,6 +24,7 @@ from tests.unit.test_lunary_sink import (
     anthropic_json,
     anthropic_stream,
     at_now,
+    binary_audio,
     cache_hit,
     make_record,
     not_modified,
@@ -119,11 +120,32 @@ def test_bad_settings_are_config_errors(kw: dict[str, Any], message: str) -> Non
         ("/openai/v1/embeddings", "embeddings"),
         ("/anthropic/v1/messages", "chat"),
         ("/v1/responses", "chat"),
-        ("/v1/audio/speech", "speech"),
+        ("/v1beta/models/gemini-2.5-pro:generateContent", "generate_content"),
+        ("/v1beta/models/gemini-2.5-pro:streamGenerateContent?alt=sse", "generate_content"),
+        ("/v1beta/models/text-embedding-004:embedContent", "embeddings"),
     ],
 )
 def test_the_operation_name_comes_from_the_path(path: str, operation: str) -> None:
     assert operation_name(path) == operation
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/v1/audio/speech", "/v1/models", "/anthropic/v1/messages/count_tokens", "/v1/files", "/"],
+)
+def test_an_unknown_endpoint_has_no_invented_operation_name(path: str) -> None:
+    assert operation_name(path) is None
+
+
+def test_a_span_of_an_unknown_endpoint_is_named_by_its_method_without_an_operation() -> None:
+    sink, fake, _ = against_fake()
+    verdict_of(sink.deliver([binary_audio(), not_modified()]))
+    by_id = {s.attributes["llmproxy.request_id"]: s for s in fake.spans}
+    speech = by_id["req-audio"]
+    assert speech.name == "POST"
+    assert "gen_ai.operation.name" not in speech.attributes
+    assert speech.attributes["gen_ai.provider.name"] == "openai"
+    assert by_id["req-304"].name == "GET"
 
 
 # -- spans -------------------------------------------------------------------------------
@@ -142,7 +164,11 @@ def test_an_exchange_becomes_one_client_span_with_genai_attributes() -> None:
     assert span.attributes == {
         "gen_ai.operation.name": "chat",
         "gen_ai.provider.name": "openai",
+        "gen_ai.system": "openai",  # deprecated, for older backends
         "gen_ai.request.model": "gpt-4o-mini",
+        "gen_ai.request.max_tokens": 64,
+        "gen_ai.request.temperature": 0.2,
+        "gen_ai.response.id": "chatcmpl-1",
         "gen_ai.response.model": "gpt-4o-mini-2024-07-18",
         "gen_ai.usage.input_tokens": 12,
         "gen_ai.usage.output_tokens": 2,
@@ -151,6 +177,7 @@ def test_an_exchange_becomes_one_client_span_with_genai_attributes() -> None:
         "http.request.method": "POST",
         "http.response.status_code": 200,
         "server.address": "api.openai.com",
+        "server.port": 443,
         "client.address": "10.0.0.7",
         "llmproxy.request_id": "req-oa-json",
         "llmproxy.session_id": "sess-1",
@@ -192,12 +219,45 @@ def test_streams_and_anthropic_exchanges_carry_their_facts() -> None:
     by_id = {s.attributes["llmproxy.request_id"]: s for s in fake.spans}
     stream = by_id["req-oa-sse"].attributes
     assert (stream["gen_ai.usage.output_tokens"], stream["llmproxy.stream"]) == (3, True)
+    assert stream["gen_ai.response.id"] == "chatcmpl-2"
+    assert stream["gen_ai.response.time_to_first_chunk"] == 0.1  # seconds
     anthropic = by_id["req-an-json"]
     assert anthropic.name == "chat claude-sonnet-4-5"
     assert anthropic.attributes["gen_ai.provider.name"] == "anthropic"
     assert anthropic.attributes["gen_ai.usage.input_tokens"] == 14  # cache reads included
+    assert anthropic.attributes["gen_ai.usage.cache_read.input_tokens"] == 4
+    assert anthropic.attributes["gen_ai.request.max_tokens"] == 256
+    assert anthropic.attributes["gen_ai.response.id"] == "msg_1"
     assert anthropic.attributes["gen_ai.response.finish_reasons"] == ["end_turn"]
-    assert by_id["req-an-sse"].attributes["gen_ai.usage.output_tokens"] == 4
+    assert "gen_ai.response.time_to_first_chunk" not in anthropic.attributes
+    anthropic_sse = by_id["req-an-sse"].attributes
+    assert anthropic_sse["gen_ai.usage.output_tokens"] == 4
+    assert anthropic_sse["gen_ai.response.id"] == "msg_2"
+
+
+def test_cache_writes_and_the_upstream_port_are_attributes() -> None:
+    event = anthropic_json()
+    event["upstream_url"] = "http://10.1.2.3:8080/v1/messages"
+    event["usage"] = {**event["usage"], "cache_creation_tokens": 7}
+    sink, fake, _ = against_fake()
+    verdict_of(sink.deliver([event]))
+    attributes = only_span(fake).attributes
+    assert attributes["gen_ai.usage.cache_creation.input_tokens"] == 7
+    assert (attributes["server.address"], attributes["server.port"]) == ("10.1.2.3", 8080)
+
+
+def test_request_parameters_of_each_api_are_read() -> None:
+    responses = openai_json(
+        "req-resp",
+        body={"model": "gpt-4.1", "input": "hi", "max_output_tokens": 99, "top_p": 1},
+        path="/openai/v1/responses",
+    )
+    sink, fake, _ = against_fake()
+    verdict_of(sink.deliver([responses]))
+    attributes = only_span(fake).attributes
+    assert attributes["gen_ai.request.max_tokens"] == 99
+    assert attributes["gen_ai.request.top_p"] == 1.0
+    assert "gen_ai.request.temperature" not in attributes
 
 
 def test_a_cache_hit_is_an_ok_span_with_its_usage_and_cache_attributes() -> None:

@@ -153,11 +153,13 @@ async def test_the_lunary_example_ingests_a_run(tmp_path: Path) -> None:
 async def test_the_helicone_example_logs_the_exchange(tmp_path: Path) -> None:
     for e, settings in _examples("helicone", tmp_path):
         clock = at_now()
-        path = re.sub(r"^https?://[^/]+", "", e.endpoint).encode()
-        fake = fake_helicone.FakeHelicone(clock=clock, api_key=e.api_key, path=path)
+        path = re.sub(r"^https?://[^/]+", "", e.endpoint)
+        prefix = re.sub(r"/(custom|oai|anthropic)/v1/log/?$", "", path).encode()
+        fake = fake_helicone.FakeHelicone(clock=clock, api_key=e.api_key, prefix=prefix)
         await _deliver(e, settings.server.state_dir, StubTreq(fake), clock)
         assert len(fake.logs) == 1
-        assert fake.logs[0].provider == "openai"
+        assert fake.logs[0].provider == "OPENAI"
+        assert fake.logs[0].cost_inputs is not None
 
 
 @pytest_twisted.ensureDeferred

@@ -1,36 +1,62 @@
 """The Helicone sink (tests: tests/unit/test_helicone_sink.py).
 
-Helicone's manual ("custom") logger takes one exchange per request:
-``POST https://api.worker.helicone.ai/custom/v1/log`` (configurable, e.g. the EU
-worker ``https://eu.api.worker.helicone.ai/custom/v1/log`` or a self-hosted one)
-with ``Authorization: Bearer <Helicone API key>`` and the body::
+Helicone's async logger takes one exchange per request, ``POST`` to the worker
+(``https://api.worker.helicone.ai`` by default; the EU worker
+``https://eu.api.worker.helicone.ai`` or a self-hosted one) with
+``Authorization: Bearer <Helicone API key>`` and the body::
 
     {"providerRequest":  {"url": ..., "json": {request}, "meta": {Helicone-* headers}},
-     "providerResponse": {"status": ..., "headers": {...}, "json": {response}},
+     "providerResponse": {"status": ..., "headers": {...}, "json": {response},
+                          "textBody": "<raw stream>"?},
      "timing": {"startTime": {"seconds", "milliseconds"},
-                "endTime": {"seconds", "milliseconds"}, "timeToFirstToken": ms}}
+                "endTime": {"seconds", "milliseconds"}, "timeToFirstToken": ms},
+     "provider": "OPENAI" | "ANTHROPIC" | "CUSTOM"}
+
+The worker fixes the provider by the URL, nothing else (Helicone's
+``worker/src/routers/api/apiRouter.ts``): an OpenAI exchange goes to
+``/oai/v1/log``, an Anthropic one to ``/anthropic/v1/log``, anything else to
+``/custom/v1/log``.  Only OpenAI and Anthropic logs are priced and get model
+analytics; a ``CUSTOM`` log gets neither.  The provider is the route's
+(``provider = openai``/``anthropic``), else the upstream host's
+(``api.openai.com``, ``api.anthropic.com``), else the response's shape.  A
+self-hosted jawn takes every log at ``/v1/trace/custom/v1/log`` and reads the
+top-level ``provider`` field instead, so it is always sent.
 
 Only ``response`` events are sent (they are self-contained); ``request`` and
-session events are delivered trivially.  Each exchange maps as follows:
+session events are delivered trivially (a ``fork`` is remembered, see
+sessions).  Each exchange maps as follows:
 
 - ``providerRequest.json`` is the request body as the client sent it;
   ``url`` the upstream URL (masked); ``meta`` is read by Helicone as the
   request's headers: ``Helicone-Request-Id`` (a UUID derived from the request id,
-  so a log sent twice is the same Helicone request), ``Helicone-Provider``
-  (``openai``/``anthropic``, detected from the route, the host or the body, so
-  Helicone prices the model instead of filing it under "custom"),
-  ``Helicone-User-Id`` (OpenAI ``user`` / Anthropic ``metadata.user_id``) and
-  ``Helicone-Property-*`` (request id, session, route, environment, machine,
-  outcome, cache status, key and age, and the request's own string
-  ``metadata``).  Helicone has no field for an answer from our cache (its
-  cache reference names one of its own requests, set by its gateway only).
-- ``providerResponse.json`` is the response object; a stream is merged into the
-  object the non-streamed call would have returned.  When the upstream reported
-  no usage, an estimate (text length / 4) is injected in the provider's usage
-  shape and marked (``llmproxy_usage_estimated`` in the json and the
-  ``Helicone-Property-Usage`` meta).  A body that is not a JSON object goes as
-  ``textBody`` (binary ones as ``base64``), with ``json`` an empty object and a
-  ``note`` saying why.
+  so a log sent twice is the same Helicone request), ``Helicone-User-Id``
+  (OpenAI ``user`` / Anthropic ``metadata.user_id``), the session headers, and
+  ``Helicone-Property-*`` (request id, session, seq, route, environment,
+  machine, outcome, cache status, key and age, upstream host, and the request's
+  own string ``metadata``).  Helicone has no field for an answer from our cache
+  (its cache reference names one of its own requests, set by its gateway only).
+- Sessions: Helicone's Sessions view reads ``Helicone-Session-Id``,
+  ``Helicone-Session-Path`` and ``Helicone-Session-Name``.  A conversation and
+  the forks made from it are one Helicone session: the id is the conversation's
+  first session id, the path the chain of session ids down to the exchange's
+  own (``/<root>`` for the conversation, ``/<root>/<fork>`` for a fork of it;
+  learnt from the ``fork`` events the tracker publishes before the fork's
+  exchanges, kept for the last ``remember`` sessions), the name the route.
+- ``providerResponse``: for a JSON answer, ``json`` is the response object.
+  For a stream (the request said ``"stream": true`` and the answer was SSE),
+  ``textBody`` is the stream's text as the client got it (up to the capture cap)
+  and ``json`` is empty: Helicone's stream processors read token counts from the
+  stream and return early, with none, on a JSON body.  When the upstream
+  reported no usage Helicone can read (an OpenAI chat stream without
+  ``stream_options.include_usage``, a Responses stream, whose usage Helicone's
+  OpenAI stream processor does not look for), one ``data:`` line carrying it in
+  the shape that processor reads is added at the end: the upstream's usage when
+  there was one, else an estimate (text length / 4), marked
+  ``llmproxy_usage_estimated``.  A JSON answer without usage gets the same
+  estimate in the provider's usage shape, with the same mark; the
+  ``Helicone-Property-Usage`` meta says ``upstream`` or ``estimated``.  A body
+  that is not JSON goes as ``textBody`` (binary ones as ``base64``), with
+  ``json`` an empty object and a ``note`` saying why.
 - ``timing`` is the real start and end of the exchange; for streams,
   ``timeToFirstToken`` is the time to the upstream's first byte, in ms.
 
@@ -80,11 +106,20 @@ from llmproxy.export.sink import (
 from llmproxy.export.sinks import _exchange
 from llmproxy.export.sinks._exchange import exchange_ns, json_default, message_of
 
-DEFAULT_ENDPOINT = "https://api.worker.helicone.ai/custom/v1/log"
-LOG_PATH = "/custom/v1/log"
+__all__ = ["HeliconeSink", "helicone_request_id", "log_body", "log_url", "log_urls"]
+
+DEFAULT_ENDPOINT = "https://api.worker.helicone.ai"
+# The worker's log routes, by the provider each one files its logs under.
+WORKER_PATHS = {
+    "OPENAI": "/oai/v1/log",
+    "ANTHROPIC": "/anthropic/v1/log",
+    "CUSTOM": "/custom/v1/log",
+}
+# A self-hosted jawn's: the provider is read from the body.
+JAWN_PATHS = ("/v1/trace/custom/v1/log", "/v1/trace/custom/log")
+HELICONE_PROVIDERS = {"openai": "OPENAI", "anthropic": "ANTHROPIC"}
 # Fixed forever: changing it would make every re-sent log a new Helicone request.
 REQUEST_ID_NAMESPACE = uuid.UUID("0b5c1f4e-3d2a-5e8f-a6b7-c9d0e1f2a3b4")
-PROVIDERS = ("openai", "anthropic")
 # Event fields sent as Helicone-Property-<Name>.
 PROPERTY_FIELDS = (
     ("request_id", "Request-Id"),
@@ -100,19 +135,43 @@ PROPERTY_FIELDS = (
     ("upstream_host", "Upstream-Host"),
 )
 MAX_USER_PROPERTIES = 20
+# Forks of forks: a session path never grows past this many ids (and a cycle of
+# remembered parents, which the tracker never makes, cannot loop).
+MAX_SESSION_DEPTH = 32
 _PROPERTY_NAME = re.compile(r"[^A-Za-z0-9_-]+")
 # Request keys whose strings are the prompt (for the usage estimate).
 PROMPT_KEYS = ("messages", "system", "instructions", "input", "prompt")
 CHARS_PER_TOKEN = 4
+# Helicone reads an Anthropic stream with these model names in them (or any
+# stream of an Anthropic log) with its Anthropic stream processor.
+CLAUDE = "claude"
+
+
+def log_urls(endpoint: str) -> dict[str, str]:
+    """The log URL of each Helicone provider (``OPENAI``, ``ANTHROPIC``,
+    ``CUSTOM``) for an endpoint.
+
+    A bare worker URL, or one ending in any of its log routes, gives the three
+    routes under the same base (a path before the route is kept: a gateway in
+    front).  A self-hosted jawn's ``/v1/trace/custom/v1/log`` (or
+    ``/v1/trace/custom/log``) is used as given for all three: jawn reads the
+    provider from the body.
+    """
+    parts = urlsplit(endpoint)
+    path = parts.path.rstrip("/")
+    if path.endswith(JAWN_PATHS):
+        return dict.fromkeys(WORKER_PATHS, endpoint)
+    for route in WORKER_PATHS.values():
+        if path.endswith(route):
+            path = path[: -len(route)]
+            break
+    base = parts._replace(path=path, query="", fragment="").geturl()
+    return {provider: base + route for provider, route in WORKER_PATHS.items()}
 
 
 def log_url(endpoint: str) -> str:
-    """The log URL: an endpoint with a path is used as given (self-hosted
-    deployments mount it elsewhere); a bare host gets ``/custom/v1/log``."""
-    parts = urlsplit(endpoint)
-    if parts.path in ("", "/"):
-        return endpoint.rstrip("/") + LOG_PATH
-    return endpoint
+    """The ``CUSTOM`` log URL of an endpoint (see :func:`log_urls`)."""
+    return log_urls(endpoint)["CUSTOM"]
 
 
 def helicone_request_id(request_id: str) -> str:
@@ -170,6 +229,35 @@ class _BatchOutcome:
         return Delivered(rejected=dict(self.rejected))
 
 
+@attrs.define
+class SessionTree:
+    """Which session each fork was made from: the last ``limit`` forks seen."""
+
+    limit: int = 65536
+    _parents: OrderedDict[str, str] = attrs.field(factory=OrderedDict, init=False)
+
+    def learn(self, event: dict[str, Any]) -> None:
+        """Remember the parent of a ``fork`` event's session."""
+        child, parent = event.get("session_id"), event.get("parent_session")
+        if isinstance(child, str) and child and isinstance(parent, str) and parent:
+            self._parents[child] = parent
+            self._parents.move_to_end(child)
+            while len(self._parents) > self.limit:
+                self._parents.popitem(last=False)
+
+    def chain(self, session: str) -> list[str]:
+        """The session ids from the conversation's first session down to ``session``."""
+        chain = [session]
+        seen = {session}
+        parent = self._parents.get(session)
+        while parent is not None and parent not in seen and len(chain) < MAX_SESSION_DEPTH:
+            chain.append(parent)
+            seen.add(parent)
+            parent = self._parents.get(parent)
+        chain.reverse()
+        return chain
+
+
 @attrs.define(kw_only=True)
 class HeliconeSink(HTTPSink):
     """Logs exchanges to Helicone, one POST each.  Build it with :meth:`from_settings`."""
@@ -178,20 +266,29 @@ class HeliconeSink(HTTPSink):
     _extra_headers: tuple[tuple[str, str], ...] = attrs.field(default=(), repr=False)
     # POSTs of one batch in flight at once.
     _concurrency: int = 4
-    # How many settled events are remembered, so a retried batch skips them.
+    # How many settled events (and forked sessions) are remembered.
     _remember: int = 65536
+    _urls_by_provider: dict[str, str] = attrs.field(factory=dict, init=False, repr=False)
     _headers: dict[str, str] = attrs.field(factory=dict, init=False, repr=False)
     _secrets: tuple[str, ...] = attrs.field(default=(), init=False, repr=False)
     _settled: OrderedDict[tuple[Any, ...], _Settled] = attrs.field(
         factory=OrderedDict, init=False, repr=False
     )
+    _sessions: SessionTree = attrs.field(init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         if self._concurrency < 1:
             raise ValueError("helicone concurrency must be at least 1")
-        self.url = log_url(self.url)
+        self._urls_by_provider = log_urls(self.url)
+        self.url = self._urls_by_provider["CUSTOM"]
         self._headers = _exchange.bearer_headers(self._api_key, self._extra_headers)
         self._secrets = _exchange.secrets_to_mask((self._api_key,), self._extra_headers)
+        self._sessions = SessionTree(self._remember)
+
+    @property
+    def urls(self) -> dict[str, str]:
+        """The log URL of each Helicone provider."""
+        return dict(self._urls_by_provider)
 
     @classmethod
     def from_settings(
@@ -199,8 +296,8 @@ class HeliconeSink(HTTPSink):
     ) -> HeliconeSink:
         """A sink for one ``[exporter:NAME]`` section of ``type = helicone``.
 
-        ``endpoint`` defaults to the US worker's log URL; ``api_key`` (required)
-        is a Helicone API key; ``headers`` are extra HTTP headers on every POST.
+        ``endpoint`` defaults to the US worker; ``api_key`` (required) is a
+        Helicone API key; ``headers`` are extra HTTP headers on every POST.
         """
         where = f"exporter:{settings.name}"
         endpoint = settings.endpoint or DEFAULT_ENDPOINT
@@ -227,7 +324,10 @@ class HeliconeSink(HTTPSink):
         outcome = _BatchOutcome()
         pending: list[tuple[int, tuple[Any, ...], dict[str, Any]]] = []
         for index, event in enumerate(events):
-            if event.get("type") != "response":
+            kind = event.get("type")
+            if kind == "fork":
+                self._sessions.learn(event)
+            if kind != "response":
                 continue
             key = _key_of(event)
             earlier = self._settled.get(key) if key[0] else None
@@ -293,11 +393,15 @@ class HeliconeSink(HTTPSink):
     # -- encode ------------------------------------------------------------------
 
     def encode(self, events: Sequence[dict[str, Any]]) -> EncodedBatch:
-        """The log of one exchange (Helicone takes one per request)."""
+        """The log of one exchange (Helicone takes one per request), to the URL
+        of its provider."""
         if len(events) != 1:
             raise ValueError("a Helicone log carries exactly one exchange")
-        body = orjson.dumps(log_body(events[0]), default=json_default)
-        return EncodedBatch(body=body, headers=dict(self._headers))
+        doc = log_body(events[0], self._sessions)
+        body = orjson.dumps(doc, default=json_default)
+        return EncodedBatch(
+            body=body, headers=dict(self._headers), url=self._urls_by_provider[doc["provider"]]
+        )
 
     # -- judge -------------------------------------------------------------------
 
@@ -337,21 +441,21 @@ def _key_of(event: dict[str, Any]) -> tuple[Any, ...]:
 # -- the log body ----------------------------------------------------------------------
 
 
-def log_body(event: dict[str, Any]) -> dict[str, Any]:
-    """Helicone's ``HeliconeAsyncLogRequest`` for one ``response`` event."""
+def log_body(event: dict[str, Any], sessions: SessionTree | None = None) -> dict[str, Any]:
+    """Helicone's ``HeliconeAsyncLogRequest`` for one ``response`` event, with the
+    Helicone provider it is filed under (``provider``, also the URL's)."""
     request_id = event.get("request_id")
     if not isinstance(request_id, str) or not request_id:
         raise ValueError("no request_id")
     request = _exchange.request_json(event)
     facts = facts_of(event)
-    provider = _provider_of(event, facts)
-    response, estimated = _response_part(event, request, facts)
+    provider = HELICONE_PROVIDERS.get(_provider_of(event, facts) or "", "CUSTOM")
+    response, estimated = _response_part(event, request, facts, provider)
     meta: dict[str, str] = {"Helicone-Request-Id": helicone_request_id(request_id)}
-    if provider:
-        meta["Helicone-Provider"] = provider
     user = _user_of(request)
     if user:
         meta["Helicone-User-Id"] = user
+    meta.update(_session_meta(event, sessions or SessionTree()))
     for field, name in PROPERTY_FIELDS:
         value = event.get(field)
         if value is not None and value != "":
@@ -384,11 +488,24 @@ def log_body(event: dict[str, Any]) -> dict[str, Any]:
         },
         "providerResponse": response,
         "timing": timing,
+        "provider": provider,
     }
 
 
+def _session_meta(event: dict[str, Any], sessions: SessionTree) -> dict[str, str]:
+    """The Sessions headers: a conversation and its forks are one Helicone session."""
+    session = event.get("session_id")
+    if not isinstance(session, str) or not session:
+        return {}
+    chain = sessions.chain(session)
+    meta = {"Helicone-Session-Id": chain[0], "Helicone-Session-Path": "/" + "/".join(chain)}
+    route = event.get("route")
+    meta["Helicone-Session-Name"] = route if isinstance(route, str) and route else "llmproxy"
+    return meta
+
+
 def _response_part(
-    event: dict[str, Any], request: dict[str, Any] | None, facts: ResponseFacts
+    event: dict[str, Any], request: dict[str, Any] | None, facts: ResponseFacts, provider: str
 ) -> tuple[dict[str, Any], bool | None]:
     """``providerResponse``, and whether its usage is estimated (None: no usage)."""
     status = event.get("status")
@@ -397,6 +514,9 @@ def _response_part(
         "status": status if isinstance(status, int) and not isinstance(status, bool) else 0,
         "headers": _flat_headers(event.get("response_headers")),
     }
+    ok = event.get("outcome") == "ok" and isinstance(status, int) and status < 400
+    if isinstance(event.get("response_chunks"), list) and _streamed(request):
+        return _stream_part(part, event, request, facts, provider, ok)
     merged = facts.merged_json
     if merged is None:
         part["json"] = {}
@@ -414,7 +534,6 @@ def _response_part(
         return part, None
     merged = dict(merged)
     estimated: bool | None = None
-    ok = event.get("outcome") == "ok" and isinstance(status, int) and status < 400
     if facts.usage is not None:
         estimated = False
     elif ok:
@@ -425,10 +544,75 @@ def _response_part(
     return part, estimated
 
 
+def _streamed(request: dict[str, Any] | None) -> bool:
+    """Helicone reads the answer as a stream: ``providerRequest.json.stream == true``."""
+    return request is not None and request.get("stream") is True
+
+
+def _stream_part(
+    part: dict[str, Any],
+    event: dict[str, Any],
+    request: dict[str, Any] | None,
+    facts: ResponseFacts,
+    provider: str,
+    ok: bool,
+) -> tuple[dict[str, Any], bool | None]:
+    """A stream as its text, so Helicone's stream processors read it (see the
+    module docstring), with a usage line added where they would find none."""
+    text = response_text(event) or ""
+    part["json"] = {}
+    part["textBody"] = text
+    model = str((request or {}).get("model") or "")
+    if provider == "ANTHROPIC" or CLAUDE in model:
+        # Helicone's Anthropic stream processor reads message_start and
+        # message_delta; an Anthropic stream always carries them.
+        return part, (False if facts.usage is not None else None)
+    if _has_usage_line(text):
+        return part, False
+    usage = facts.usage
+    if usage is not None and usage.input_tokens is not None and usage.output_tokens is not None:
+        prompt, completion, estimated = usage.input_tokens, usage.output_tokens, False
+    elif ok:
+        prompt = _tokens(_prompt_chars(request))
+        completion = _tokens(sum(len(s) for s in _strings(facts.assistant_message)))
+        estimated = True
+    else:
+        return part, None
+    line = {
+        "object": "llmproxy.usage",
+        "usage": {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        },
+        "llmproxy_usage_estimated": estimated,
+    }
+    separator = (
+        "" if not text or text.endswith("\n\n") else ("\n" if text.endswith("\n") else "\n\n")
+    )
+    part["textBody"] = f"{text}{separator}data: {orjson.dumps(line).decode()}\n\n"
+    return part, estimated
+
+
+def _has_usage_line(text: str) -> bool:
+    """A ``data:`` line of the stream whose object has a top-level ``usage``, as
+    Helicone's OpenAI stream processor looks for (it comes last, so from the end)."""
+    for line in reversed(text.split("\n")):
+        if '"usage"' not in line or not line.startswith("data:"):
+            continue
+        try:
+            obj = orjson.loads(line[5:])
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(obj, dict) and obj.get("usage"):
+            return True
+    return False
+
+
 def _estimated_usage(
     merged: dict[str, Any], request: dict[str, Any] | None, facts: ResponseFacts
 ) -> dict[str, int]:
-    prompt = _tokens(sum(len(s) for key in PROMPT_KEYS for s in _strings((request or {}).get(key))))
+    prompt = _tokens(_prompt_chars(request))
     completion = _tokens(sum(len(s) for s in _strings(facts.assistant_message)))
     if merged.get("type") == "message":  # Anthropic
         return {"input_tokens": prompt, "output_tokens": completion}
@@ -443,6 +627,10 @@ def _estimated_usage(
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
     }
+
+
+def _prompt_chars(request: dict[str, Any] | None) -> int:
+    return sum(len(s) for key in PROMPT_KEYS for s in _strings((request or {}).get(key)))
 
 
 def _tokens(chars: int) -> int:
@@ -466,10 +654,10 @@ def _strings(value: Any) -> list[str]:
 
 def _provider_of(event: dict[str, Any], facts: ResponseFacts) -> str | None:
     provider = event.get("provider")
-    if provider in PROVIDERS:
+    if provider in HELICONE_PROVIDERS:
         return str(provider)
-    host = str(event.get("upstream_host") or "")
-    for name in PROVIDERS:
+    host = str(event.get("upstream_host") or "").split(":")[0]
+    for name in HELICONE_PROVIDERS:
         if host == f"api.{name}.com" or host.endswith(f".{name}.com"):
             return name
     merged = facts.merged_json or {}

@@ -14,9 +14,22 @@ line is the canonical event as JSON.  A line over ``max_line_bytes`` (Loki's
 truncating its bulky fields (bodies, then stream chunks, then headers) and
 re-encoding: the line stays valid JSON, marked as truncated, never cut mid-way.
 
-Loki answers 204.  A 400 means Loki refused some entries for good (it keeps the
-valid rest of the batch), so it is not retried; 429 and 5xx are retried,
-honouring ``Retry-After``.
+Loki answers 204.  A 400 means Loki refused some entries for good and stored
+the valid rest of the batch, so it is not retried.  Its text
+(``pkg/util/errors.GroupedErrors`` in grafana/loki) counts identical messages
+and names streams, and for timestamp errors the second of the entry, never the
+entries themselves; so the whole batch is dead-lettered, with Loki's text, and
+the dead-letter file may hold entries that Loki also kept.  429 (the tenant's
+ingestion rate, a stream's own rate, the stream limit; the last two store the
+rest of the push, which a retry sends again and Loki shows once) and 5xx are
+retried, honouring ``Retry-After`` (Loki sends none: the exporter's backoff
+applies).
+
+``tenant`` (``X-Scope-OrgID``) must be a tenant id Loki takes (dskit's
+``tenant.ValidTenantID``: the characters ``A-Z a-z 0-9 ! - _ . * ' ( )``, at
+most 150, not ``.`` or ``..``); anything else is a configuration error, as Loki
+would answer 400 to every push.  An empty batch is not sent (Loki answers 422
+to a push without streams).
 """
 
 from __future__ import annotations
@@ -32,7 +45,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import attrs
 import orjson
 from isal import isal_zlib
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 
 from llmproxy.config.model import ExporterSettings
@@ -59,6 +72,14 @@ MAX_LABEL_VALUE_BYTES = 2048
 MIN_LINE_BYTES = 1024
 
 APP = "llmproxy"
+# The start of a 400's reason (module docstring).
+PARTLY_REFUSED = (
+    "Loki refused some entries of this batch and stored the others; it does not say which "
+    "(HTTP 400)"
+)
+# dskit's tenant.ValidTenantID (vendor/github.com/grafana/dskit/tenant/tenant.go).
+TENANT_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!-_.*'()")
+MAX_TENANT_BYTES = 150
 # The per-event labels; a static label may not take these names, or every stream
 # of the batch would collapse into one with a wrong value.
 EVENT_LABELS = ("provider", "environment", "machine", "log_type")
@@ -97,6 +118,21 @@ def push_url(url: str) -> str:
     if base.endswith(PUSH_PATH):
         return base
     return base + PUSH_PATH
+
+
+def check_tenant(tenant: str) -> None:
+    """Refuse a tenant id Loki would refuse (``ValueError`` saying why)."""
+    bad = sorted({c for c in tenant if c not in TENANT_CHARS})
+    if bad:
+        shown = ", ".join(repr(c) for c in bad)
+        raise ValueError(
+            f"tenant {tenant!r} has characters Loki refuses ({shown}); a tenant id is made "
+            "of A-Z a-z 0-9 ! - _ . * ' ( )"
+        )
+    if len(tenant.encode()) > MAX_TENANT_BYTES:
+        raise ValueError(f"tenant is longer than Loki's {MAX_TENANT_BYTES} characters")
+    if tenant in (".", ".."):
+        raise ValueError(f"tenant {tenant!r} is refused by Loki ('.' and '..' are not tenant ids)")
 
 
 def _check_label(name: str, value: str) -> None:
@@ -143,6 +179,8 @@ class LokiSink(HTTPSink):
 
     def __attrs_post_init__(self) -> None:
         self.url = push_url(self.url)
+        if self._tenant:
+            check_tenant(self._tenant)
         if self._max_line_bytes < MIN_LINE_BYTES:
             raise ValueError(f"loki max_line_bytes must be at least {MIN_LINE_BYTES}")
         base = {"app": APP}
@@ -263,6 +301,11 @@ class LokiSink(HTTPSink):
                 entry.append(meta)
         return key, ts, orjson.dumps(entry)
 
+    def deliver(self, events: Sequence[dict[str, Any]]) -> Deferred[Verdict]:
+        if not events:
+            return succeed(Delivered())  # Loki answers 422 to a push without streams
+        return super().deliver(events)
+
     def deliver_lines(
         self, events: Sequence[dict[str, Any]], lines: Sequence[bytes]
     ) -> Deferred[Verdict]:
@@ -277,6 +320,8 @@ class LokiSink(HTTPSink):
     ) -> Deferred[Verdict]:
         """``deliver`` with what :meth:`prepare` gave for each event (None: not
         prepared yet, e.g. replayed from the spool)."""
+        if not events:
+            return succeed(Delivered())
         try:
             batch = self._assemble(
                 [
@@ -324,8 +369,9 @@ class LokiSink(HTTPSink):
         text = self._redact(body.decode("utf-8", errors="replace").strip()[:500])
         if status == 400:
             # Loki stored the valid entries and refused the rest for good: retrying
-            # could not help, so the batch goes to the dead-letter file with Loki's text.
-            return Rejected(f"Loki refused entries (HTTP 400): {text}")
+            # could not help.  Its answer does not say which entries (see the module
+            # docstring), so the batch goes to the dead-letter file with Loki's text.
+            return Rejected(f"{PARTLY_REFUSED}: {text}")
         verdict = super().judge(status, headers, body)
         if isinstance(verdict, Retry):
             return Retry(f"HTTP {status}: {text}" if text else verdict.reason, verdict.after)

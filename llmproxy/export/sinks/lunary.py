@@ -29,12 +29,31 @@ sinks' ``ANSWER_LIMIT``: a batch's results are read whole (1000 exchanges are
 2000 events: ~120 KB of results, ~180 KB when every start says its run already
 exists), and a receiver cannot make the daemon hold more than the batch's size
 allows (~1 MB for those 1000).
+
+NUL characters.  Postgres refuses ``\\u0000`` in text and jsonb, and Lunary
+stores input, output and metadata in jsonb: one NUL in a prompt would fail its
+start, and so its run.  Every NUL in what is sent (input, output, params,
+metadata, user id, error text; keys included) is replaced by U+FFFD; the run's
+metadata says how many (``nul_replaced``), and :attr:`LunarySink.nul_replaced`
+counts them all.
+
+A start that fails.  Lunary takes a batch's events one at a time, and before an
+``llm`` ``end`` whose run it does not have, it waits 5 s and looks again
+(``registerRunEvent`` in lunary-ai/lunary ``packages/backend/src/api/v1/runs/
+ingest.ts``): each run whose start failed delays the answer by 5 s, so a batch
+with a few of them can outlast ``timeout``, and sent again the same way, would
+time out again, for ever.  So a batch whose attempt got no answer (a timeout, a
+connection lost) is sent again in two steps: its starts, then the ends (or
+errors) of the runs Lunary stored or already had.  Lunary never waits in either
+step; a run whose start failed is dead-lettered with the start's error.  This
+costs one more request only for such a retried batch.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -43,6 +62,7 @@ import attrs
 import orjson
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 
 from llmproxy.config.model import ExporterSettings
 from llmproxy.events.facts import facts_of, response_text
@@ -65,6 +85,8 @@ from llmproxy.export.sinks._exchange import (
     nonempty_str,
     request_json,
 )
+
+log = Logger()
 
 DEFAULT_ENDPOINT = "https://api.lunary.ai"
 INGEST_PATH = "/v1/runs/ingest"
@@ -122,6 +144,10 @@ MAX_ERROR_CHARS = 2000
 # The answer read per Lunary event sent: a result is {"id", "success", "error"},
 # ~60 bytes, ~120 with the duplicate-run error; the rest is room for longer errors.
 RESULT_BYTES = 512
+# What a NUL character becomes: Postgres refuses NUL in text and jsonb.
+NUL_REPLACEMENT = "\ufffd"
+# Run ids of batches sent again in two steps, at most this many remembered.
+MAX_SPLIT_RUNS = 65536
 
 
 def ingest_url(endpoint: str) -> str:
@@ -137,11 +163,13 @@ def run_id(request_id: str) -> str:
 
 @attrs.frozen
 class _Run:
-    """One exchange of the batch, as the Lunary events it becomes."""
+    """One exchange of the batch, as the Lunary events it becomes (a start, then
+    an end or an error), and the NUL characters replaced in them."""
 
     index: int
     run_id: str
     events: tuple[dict[str, Any], ...]
+    nul_replaced: int = 0
 
 
 @attrs.frozen
@@ -181,6 +209,12 @@ class _RunResults(Delivered):
     seen: frozenset[str] = frozenset()
 
 
+@attrs.frozen
+class _AnsweredRetry(Retry):
+    """A retryable HTTP answer (429, 5xx): Lunary did not take the batch, so it
+    is sent again as it was.  Only a retry without an answer splits the batch."""
+
+
 @attrs.define(kw_only=True)
 class LunarySink(HTTPSink):
     """Sends exchanges to Lunary as ``llm`` runs.  Build it with :meth:`from_settings`."""
@@ -189,6 +223,9 @@ class LunarySink(HTTPSink):
     _extra_headers: tuple[tuple[str, str], ...] = attrs.field(default=(), repr=False)
     _headers: dict[str, str] = attrs.field(factory=dict, init=False, repr=False)
     _secrets: tuple[str, ...] = attrs.field(default=(), init=False, repr=False)
+    # Run ids whose batch got no answer: sent again in two steps (module docstring).
+    _split: OrderedDict[str, None] = attrs.field(factory=OrderedDict, init=False, repr=False)
+    _nul_replaced: int = attrs.field(default=0, init=False)
 
     def __attrs_post_init__(self) -> None:
         self.url = ingest_url(self.url)
@@ -233,6 +270,12 @@ class LunarySink(HTTPSink):
             extra_headers=tuple(settings.headers),
         )
 
+    @property
+    def nul_replaced(self) -> int:
+        """NUL characters replaced in what was sent so far (a batch sent again
+        counts again; see the module docstring)."""
+        return self._nul_replaced
+
     # -- deliver -----------------------------------------------------------------
 
     def deliver(self, events: Sequence[dict[str, Any]]) -> Deferred[Verdict]:
@@ -242,9 +285,71 @@ class LunarySink(HTTPSink):
             return fail()  # a bug here, not in one event: the exporter logs and retries
         if not plan.runs:
             return succeed(Delivered(rejected=dict(plan.unencodable)))
+        self._count_nul(plan)
+        if any(run.run_id in self._split for run in plan.runs):
+            return self._deliver_in_two_steps(plan)
         d = super().deliver(_PlannedBatch(plan))
+        d.addCallback(self._after_one_request, plan)
         d.addCallback(plan.verdict)
         return d
+
+    def _after_one_request(self, verdict: Verdict, plan: _Plan) -> Verdict:
+        if isinstance(verdict, _AnsweredRetry):
+            return Retry(verdict.reason, verdict.after)
+        if isinstance(verdict, Retry):
+            # No answer: Lunary may still be working through it, waiting 5 s per
+            # run whose start failed.  The next attempt goes in two steps.
+            for run in plan.runs:
+                self._split[run.run_id] = None
+                self._split.move_to_end(run.run_id)
+            while len(self._split) > MAX_SPLIT_RUNS:
+                self._split.popitem(last=False)
+        return verdict
+
+    def _deliver_in_two_steps(self, plan: _Plan) -> Deferred[Verdict]:
+        """The starts, then the ends and errors of the runs Lunary has: no end
+        ever names a missing run, so Lunary never waits."""
+        d = self.post(self._encoded([run.events[0] for run in plan.runs]))
+
+        def after_starts(verdict: Verdict) -> Verdict | Deferred[Verdict]:
+            if not isinstance(verdict, _RunResults):
+                return _plain(verdict)
+            stored = [
+                run
+                for run in plan.runs
+                if run.run_id in verdict.seen and run.run_id not in verdict.failures
+            ]
+            if not stored:
+                return finish(verdict)
+            second = self.post(self._encoded([event for run in stored for event in run.events[1:]]))
+            return second.addCallback(after_ends, verdict)
+
+        def after_ends(verdict: Verdict, starts: _RunResults) -> Verdict:
+            if not isinstance(verdict, _RunResults):
+                return _plain(verdict)
+            failures = dict(starts.failures)
+            for rid, error in verdict.failures.items():
+                failures[rid] = f"{failures[rid]}; {error}" if rid in failures else error
+            return finish(_RunResults(failures=failures, seen=starts.seen))
+
+        def finish(results: _RunResults) -> Verdict:
+            for run in plan.runs:
+                self._split.pop(run.run_id, None)
+            return plan.verdict(results)
+
+        d.addCallback(after_starts)
+        return d
+
+    def _count_nul(self, plan: _Plan) -> None:
+        replaced = sum(run.nul_replaced for run in plan.runs)
+        if replaced:
+            if not self._nul_replaced:
+                log.info(
+                    "exporter {name}: replaced NUL characters (Postgres refuses them) in what "
+                    "goes to Lunary; each run's metadata nul_replaced says how many",
+                    name=self.name,
+                )
+            self._nul_replaced += replaced
 
     # -- encode ------------------------------------------------------------------
 
@@ -268,13 +373,16 @@ class LunarySink(HTTPSink):
                 continue
             runs.append(run)
             body.extend(run.events)
-        data = orjson.dumps({"events": body}, default=json_default) if runs else b""
-        batch = EncodedBatch(
-            body=data,
+        batch = self._encoded(body) if runs else EncodedBatch(body=b"", headers={})
+        return _Plan(events, tuple(runs), unencodable, batch)
+
+    def _encoded(self, body: list[dict[str, Any]]) -> EncodedBatch:
+        """One ingest request for these Lunary events."""
+        return EncodedBatch(
+            body=orjson.dumps({"events": body}, default=json_default),
             headers=dict(self._headers),
             answer_limit=ANSWER_LIMIT + RESULT_BYTES * len(body),
         )
-        return _Plan(events, tuple(runs), unencodable, batch)
 
     # -- judge -------------------------------------------------------------------
 
@@ -288,7 +396,8 @@ class LunarySink(HTTPSink):
             return Rejected(f"HTTP {status}: {message} (check api_key: the project's public key)")
         verdict = super().judge(status, headers, body)
         if isinstance(verdict, Retry):
-            return Retry(f"HTTP {status}: {message}" if message else verdict.reason, verdict.after)
+            reason = f"HTTP {status}: {message}" if message else verdict.reason
+            return _AnsweredRetry(reason, verdict.after)
         if isinstance(verdict, Rejected):
             return Rejected(f"HTTP {status}: {message}")
         return verdict
@@ -327,6 +436,13 @@ class LunarySink(HTTPSink):
             if secret in text:
                 text = text.replace(secret, "***")
         return text
+
+
+def _plain(verdict: Verdict) -> Verdict:
+    """A verdict as the exporter sees it (no private subclass)."""
+    if isinstance(verdict, _AnsweredRetry):
+        return Retry(verdict.reason, verdict.after)
+    return verdict
 
 
 # -- building the Lunary events --------------------------------------------------------
@@ -376,7 +492,47 @@ def _run_of(index: int, event: dict[str, Any]) -> _Run:
         usage = _tokens_usage(event.get("usage"))
         if usage:
             end["tokensUsage"] = usage
-    return _Run(index, rid, (start, end))
+    if not _may_hold_nul(event):
+        return _Run(index, rid, (start, end))
+    start, in_start = _without_nul(start)
+    end, in_end = _without_nul(end)
+    if in_start + in_end:
+        start["metadata"] = {**start["metadata"], "nul_replaced": in_start + in_end}
+    return _Run(index, rid, (start, end), in_start + in_end)
+
+
+def _may_hold_nul(event: dict[str, Any]) -> bool:
+    """Whether the captured texts hold a NUL, raw or as a JSON escape (a cheap
+    look at the few strings everything sent comes from)."""
+    texts = [event.get("error")]
+    for field in ("request_body", "response_body"):
+        body = event.get(field)
+        texts.append(body.get("text") if isinstance(body, dict) else None)
+    chunks = event.get("response_chunks")
+    if isinstance(chunks, list):
+        texts.extend(c.get("data") for c in chunks if isinstance(c, dict))
+    return any(isinstance(t, str) and ("\x00" in t or "\\u0000" in t) for t in texts)
+
+
+def _without_nul(value: Any) -> tuple[Any, int]:
+    """``value`` with every NUL (in strings and keys) replaced, and how many were."""
+    if isinstance(value, str):
+        n = value.count("\x00")
+        return (value.replace("\x00", NUL_REPLACEMENT), n) if n else (value, 0)
+    if isinstance(value, dict):
+        out: dict[Any, Any] = {}
+        total = 0
+        for key, item in value.items():
+            key, n_key = _without_nul(key)
+            item, n_item = _without_nul(item)
+            out[key] = item
+            total += n_key + n_item
+        return (out, total) if total else (value, 0)
+    if isinstance(value, list):
+        items = [_without_nul(item) for item in value]
+        total = sum(n for _, n in items)
+        return ([item for item, _ in items], total) if total else (value, 0)
+    return value, 0
 
 
 def _text_of(content: Any) -> Any:

@@ -13,18 +13,39 @@ base64); enums as integers (``kind`` 3 = CLIENT, status ``code`` 2 = ERROR);
 64-bit integers (times in unix nanoseconds, ``intValue``) as decimal strings;
 ``Content-Type: application/json``; no empty envelopes.
 
-Spans follow the OpenTelemetry GenAI semantic conventions: name
+Spans follow the OpenTelemetry GenAI semantic conventions (the attribute
+registry, open-telemetry/semantic-conventions ``docs/registry/attributes/
+gen-ai.md``, now kept in open-telemetry/semantic-conventions-genai): name
 ``{gen_ai.operation.name} {gen_ai.request.model}``, kind CLIENT, the exchange's
-real start and end, ``gen_ai.operation.name`` (``chat``, ``text_completion``,
-``embeddings``… from the path), ``gen_ai.provider.name``,
-``gen_ai.request.model``, ``gen_ai.response.model``,
-``gen_ai.usage.input_tokens``/``output_tokens``,
-``gen_ai.response.finish_reasons``, ``gen_ai.conversation.id`` (the session),
-``error.type`` and status ERROR when the exchange failed (outcome not ``ok`` or
-HTTP status 400 and up), plus ``http.request.method``,
-``http.response.status_code``, ``server.address`` and ``llmproxy.*`` (request and
-session id, route, outcome…).  The resource says ``service.name=llmproxy``,
-``host.name`` and ``deployment.environment.name``.
+real start and end, and:
+
+- ``gen_ai.operation.name``, one of the registry's well-known values, from the
+  path: ``chat`` (``/chat/completions``, ``/messages``, ``/responses``),
+  ``text_completion`` (``/completions``), ``embeddings`` (``/embeddings``,
+  ``:embedContent``), ``generate_content`` (``:generateContent``).  Any other
+  endpoint (models lists, token counting, files, audio...) is not a GenAI
+  operation: its span has no operation name and is named by the HTTP method;
+- ``gen_ai.provider.name`` (the route's provider) and, for backends that still
+  read it, the deprecated ``gen_ai.system`` with the same value;
+- ``gen_ai.request.model``, ``gen_ai.request.max_tokens`` (``max_tokens``,
+  ``max_completion_tokens`` or ``max_output_tokens``),
+  ``gen_ai.request.temperature``, ``gen_ai.request.top_p``;
+- ``gen_ai.response.id``, ``gen_ai.response.model``,
+  ``gen_ai.response.finish_reasons``, and for streams
+  ``gen_ai.response.time_to_first_chunk`` (seconds to the upstream's first byte);
+- ``gen_ai.usage.input_tokens`` (all input tokens, cached ones included, as the
+  registry asks), ``gen_ai.usage.output_tokens``,
+  ``gen_ai.usage.cache_read.input_tokens``,
+  ``gen_ai.usage.cache_creation.input_tokens``;
+- ``gen_ai.conversation.id`` (the session);
+- ``error.type`` and status ERROR when the exchange failed (outcome not ``ok``
+  or HTTP status 400 and up);
+- ``http.request.method``, ``http.response.status_code``, ``server.address``
+  and ``server.port`` (the upstream's), ``client.address``, and ``llmproxy.*``
+  (request and session id, route, outcome, cache status...).
+
+The resource says ``service.name=llmproxy``, ``host.name`` and
+``deployment.environment.name``.
 
 Ids are deterministic, so a span sent twice is the same span: the span id comes
 from the request id; the trace id too, unless the client sent a W3C
@@ -60,6 +81,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from llmproxy.config.model import ExporterSettings
+from llmproxy.events.facts import facts_of
 from llmproxy.export.sink import (
     Delivered,
     EncodedBatch,
@@ -71,7 +93,12 @@ from llmproxy.export.sink import (
     parse_retry_after,
 )
 from llmproxy.export.sinks import _exchange
-from llmproxy.export.sinks._exchange import PlannedBatch, exchange_ns, nonempty_str
+from llmproxy.export.sinks._exchange import (
+    PlannedBatch,
+    exchange_ns,
+    nonempty_str,
+    request_json,
+)
 
 log = Logger()
 
@@ -145,8 +172,9 @@ def _traceparent(headers: Any) -> tuple[str, str] | None:
     return trace, parent
 
 
-def operation_name(path: str) -> str:
-    """``gen_ai.operation.name`` from the request path."""
+def operation_name(path: str) -> str | None:
+    """``gen_ai.operation.name`` from the request path: a well-known value of the
+    semantic conventions, or None for an endpoint that is no GenAI operation."""
     p = path.split("?", 1)[0].rstrip("/")
     if p.endswith("/chat/completions"):
         return "chat"
@@ -157,7 +185,11 @@ def operation_name(path: str) -> str:
     if p.endswith(("/messages", "/responses")):
         return "chat"
     last = p.rsplit("/", 1)[-1]
-    return last or "chat"
+    if last.endswith((":generateContent", ":streamGenerateContent")):
+        return "generate_content"
+    if last.endswith((":embedContent", ":batchEmbedContents")):
+        return "embeddings"
+    return None
 
 
 @attrs.frozen
@@ -346,10 +378,15 @@ def _span(event: dict[str, Any]) -> dict[str, Any]:
     attributes = _exchange_attributes(event, operation)
     status = event.get("status")
     error = _error_type(event)
+    if operation is None:
+        # Not a GenAI operation: an HTTP client span, named by its method.
+        name = nonempty_str(event.get("method")) or "HTTP"
+    else:
+        name = f"{operation} {model}" if model else operation
     span: dict[str, Any] = {
         "traceId": trace_id,
         "spanId": span_id,
-        "name": f"{operation} {model}" if model else operation,
+        "name": name,
         "kind": SPAN_KIND_CLIENT,
         "startTimeUnixNano": str(start_ns),
         "endTimeUnixNano": str(end_ns),
@@ -403,23 +440,29 @@ def _log_record(event: dict[str, Any], now_ns: int) -> dict[str, Any]:
     }
 
 
-def _exchange_attributes(event: dict[str, Any], operation: str) -> list[dict[str, Any]]:
-    attributes = [_kv("gen_ai.operation.name", operation)]
+def _exchange_attributes(event: dict[str, Any], operation: str | None) -> list[dict[str, Any]]:
+    attributes = [] if operation is None else [_kv("gen_ai.operation.name", operation)]
     provider = nonempty_str(event.get("provider"))
     if provider:
         attributes.append(_kv("gen_ai.provider.name", provider))
-    for key, field in (
-        ("gen_ai.request.model", "request_model"),
-        ("gen_ai.response.model", "response_model"),
-    ):
-        value = nonempty_str(event.get(field))
-        if value:
-            attributes.append(_kv(key, value))
+        attributes.append(_kv("gen_ai.system", provider))  # deprecated; older backends
+    model = nonempty_str(event.get("request_model"))
+    if model:
+        attributes.append(_kv("gen_ai.request.model", model))
+    attributes.extend(_request_parameters(request_json(event)))
+    response_id = _response_id(event)
+    if response_id:
+        attributes.append(_kv("gen_ai.response.id", response_id))
+    model = nonempty_str(event.get("response_model"))
+    if model:
+        attributes.append(_kv("gen_ai.response.model", model))
     usage = event.get("usage")
     if isinstance(usage, dict):
         for key, field in (
             ("gen_ai.usage.input_tokens", "input_tokens"),
             ("gen_ai.usage.output_tokens", "output_tokens"),
+            ("gen_ai.usage.cache_read.input_tokens", "cache_read_tokens"),
+            ("gen_ai.usage.cache_creation.input_tokens", "cache_creation_tokens"),
         ):
             value = usage.get(field)
             if isinstance(value, int) and not isinstance(value, bool):
@@ -427,13 +470,20 @@ def _exchange_attributes(event: dict[str, Any], operation: str) -> list[dict[str
     reasons = event.get("finish_reasons")
     if isinstance(reasons, list) and reasons:
         attributes.append(_kv("gen_ai.response.finish_reasons", [str(r) for r in reasons]))
+    ttfb = event.get("ttfb_ms")
+    if event.get("is_stream") and isinstance(ttfb, int | float) and not isinstance(ttfb, bool):
+        attributes.append(_kv("gen_ai.response.time_to_first_chunk", ttfb / 1000.0))
     session = nonempty_str(event.get("session_id"))
     if session:
         attributes.append(_kv("gen_ai.conversation.id", session))
+    address, port = _server(event)
+    if address:
+        attributes.append(_kv("server.address", address))
+        if port is not None:
+            attributes.append(_kv("server.port", port))
     for key, field in (
         ("http.request.method", "method"),
         ("http.response.status_code", "status"),
-        ("server.address", "upstream_host"),
         ("client.address", "client_addr"),
         ("llmproxy.request_id", "request_id"),
         ("llmproxy.session_id", "session_id"),
@@ -450,6 +500,54 @@ def _exchange_attributes(event: dict[str, Any], operation: str) -> list[dict[str
         if value is not None and value != "":
             attributes.append(_kv(key, value))
     return attributes
+
+
+def _request_parameters(request: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """``gen_ai.request.max_tokens``, ``temperature`` and ``top_p`` from the request body."""
+    if request is None:
+        return []
+    out = []
+    for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
+        value = request.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            out.append(_kv("gen_ai.request.max_tokens", value))
+            break
+    for key in ("temperature", "top_p"):
+        value = request.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            out.append(_kv(f"gen_ai.request.{key}", float(value)))
+    return out
+
+
+def _response_id(event: dict[str, Any]) -> str | None:
+    """``gen_ai.response.id``: the ``id`` of the response object (``chatcmpl-...``,
+    ``msg_...``, ``resp_...``), streams included."""
+    if event.get("type") != "response":
+        return None
+    merged = facts_of(event).merged_json
+    value = merged.get("id") if merged is not None else None
+    return value if isinstance(value, str) and value else None
+
+
+def _server(event: dict[str, Any]) -> tuple[str | None, int | None]:
+    """``server.address`` and ``server.port``: the upstream's host and port."""
+    url = event.get("upstream_url")
+    if isinstance(url, str) and url:
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError:
+            parts, port = None, None
+        if parts is not None and parts.hostname:
+            default = {"https": 443, "http": 80}.get(parts.scheme)
+            return parts.hostname, port if port is not None else default
+    host = nonempty_str(event.get("upstream_host"))
+    if host is None:
+        return None, None
+    name, _, port_text = host.rpartition(":")
+    if name and port_text.isdigit() and (":" not in name or name.startswith("[")):
+        return name.strip("[]"), int(port_text)
+    return host, None
 
 
 def _error_type(event: dict[str, Any]) -> str | None:
