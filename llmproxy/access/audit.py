@@ -1,5 +1,5 @@
 """The audit log: security decisions, one fsynced JSON line each
-(tests: tests/unit/test_audit.py).
+(tests: tests/unit/access/test_audit.py).
 
 Separate from the instrumentation events: it is for the operator's security
 review, so it is written synchronously and durably, and never carries secrets.

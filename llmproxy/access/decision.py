@@ -1,6 +1,6 @@
 """What access control answers for one request: forward it (``Allow``, with the
 upstream headers to set or drop) or answer it (``Deny``)
-(tests: tests/unit/test_access_policy.py).
+(tests: tests/unit/access/test_policy.py).
 
 The proxy (llmproxy/proxy/forward.py) asks an ``AccessPolicy``
 (llmproxy.interfaces) and acts on the answer; ``PassthroughAccess`` is the

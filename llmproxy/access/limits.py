@@ -1,5 +1,5 @@
 """Per-token request rate limits: a token bucket per token on the injected clock
-(tests: tests/unit/test_access_policy.py).
+(tests: tests/unit/access/test_policy.py).
 
 ``rpm = N`` allows a burst of up to N requests at once and N per minute
 sustained: the bucket holds N and refills at N/60 per second.  A request that

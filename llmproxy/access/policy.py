@@ -1,5 +1,5 @@
 """Per-route access: proxy tokens in, the route's provider key out
-(tests: tests/unit/test_access_policy.py, tests/integration/test_access.py).
+(tests: tests/unit/access/test_policy.py, tests/integration/test_access.py).
 
 A route with ``auth = passthrough`` (and the transparent form) forwards the
 client's own credentials untouched.  A route with ``auth = token`` wants a proxy

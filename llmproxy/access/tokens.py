@@ -1,4 +1,4 @@
-"""The proxy-token store (tests: tests/unit/test_tokens.py).
+"""The proxy-token store (tests: tests/unit/access/test_tokens.py).
 
 Two files under ``server.state_dir``:
 

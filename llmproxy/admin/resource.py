@@ -1,5 +1,5 @@
 """The admin listener: /health, /ready, /stats, /metrics, POST /cache/purge
-(tests: tests/integration/test_admin.py, tests/unit/test_admin_audit.py,
+(tests: tests/integration/test_admin.py, tests/unit/admin/test_resource.py,
 tests/integration/test_cache.py).
 
 With ``server.admin_token`` set, every request needs ``Authorization: Bearer

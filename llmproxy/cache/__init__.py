@@ -1,5 +1,5 @@
-"""The HTTP response cache (tests: tests/unit/test_cache_policy.py,
-tests/unit/test_cache_store.py, tests/integration/test_cache.py).
+"""The HTTP response cache (tests: tests/unit/cache/test_policy.py,
+tests/unit/cache/test_store.py, tests/integration/test_cache.py).
 
 ``policy`` says what may be cached and under which key, ``entry`` is one stored
 response, ``store`` and ``redis_store`` keep entries, ``coalesce`` merges

@@ -1,4 +1,4 @@
-"""Concurrent identical misses share one upstream call (tests: tests/unit/test_cache_coalesce.py).
+"""Concurrent identical misses share one upstream call (tests: tests/unit/cache/test_coalesce.py).
 
 The first miss for a key leads: :meth:`InFlight.join` returns None and the
 caller goes upstream.  Later misses for the same key follow: they get a

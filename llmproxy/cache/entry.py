@@ -1,4 +1,4 @@
-"""One stored response and its byte form for shared stores (tests: tests/unit/test_cache_store.py).
+"""One stored response and its byte form for shared stores (tests: tests/unit/cache/test_store.py).
 
 A :class:`CachedResponse` is what a hit replays: status, the headers the client
 got (hop-by-hop fields, ``Set-Cookie`` and ``Age`` already dropped), the body

@@ -1,5 +1,5 @@
 """What the response cache may serve and store, for how long, and under which key
-(tests: tests/unit/test_cache_policy.py).
+(tests: tests/unit/cache/test_policy.py).
 
 Pure functions over methods, headers and bytes; nothing here touches a store,
 a clock or a socket.

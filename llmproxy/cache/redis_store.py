@@ -1,5 +1,5 @@
 """The Redis store: cached responses shared by every proxy process and host
-(tests: tests/unit/test_cache_store.py, tests/integration/test_cache.py).
+(tests: tests/unit/cache/test_store.py, tests/integration/test_cache.py).
 
 Each entry is one Redis string under ``prefix + key`` holding
 :meth:`CachedResponse.encode`, written with ``SET ... PX`` so Redis drops it

@@ -1,5 +1,5 @@
 """Where cached responses live: the store protocol and the in-memory LRU store
-(tests: tests/unit/test_cache_store.py).
+(tests: tests/unit/cache/test_store.py).
 
 Every store answers with Deferreds so the proxy treats a local dict and Redis
 alike; the memory store's Deferreds have already fired, so a hit costs no

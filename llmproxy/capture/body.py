@@ -1,4 +1,4 @@
-"""Turning captured body bytes into what an event carries (tests: tests/unit/test_body.py).
+"""Turning captured body bytes into what an event carries (tests: tests/unit/capture/test_body.py).
 
 Content-Encoding is undone *for capture only* (the client always gets the bytes
 the upstream sent): gzip, deflate (zlib-wrapped or raw, as servers disagree),

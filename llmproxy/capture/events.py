@@ -1,4 +1,5 @@
-"""The canonical event model (tests: tests/unit/test_events.py, test_events_fast.py).
+"""The canonical event model
+(tests: tests/unit/capture/test_events.py, tests/unit/capture/test_events_reference.py).
 
 An :class:`~llmproxy.capture.record.ExchangeRecord` becomes two events:
 
@@ -20,7 +21,7 @@ them, and the cattrs ``converter`` unstructures them into JSON-ready dicts
 (strings, ints, floats, bools, None, lists, dicts).  That is the reference form.
 The hot path (:func:`request_event`, :func:`response_event` and the envelope)
 builds the very same dicts directly, with the same keys in the same order, at a
-fraction of the cost (tests/unit/test_events_fast.py asserts both agree on
+fraction of the cost (tests/unit/capture/test_events_reference.py asserts both agree on
 arbitrary records).  Timestamps are RFC 3339 UTC strings with nanoseconds
 (``2026-11-23T07:40:12.123456789Z``), ``ts``/``ts_ns`` is the event time: the
 arrival for ``request``, the end for ``response``.

@@ -1,4 +1,4 @@
-"""Masking secrets in headers, URLs and free text (tests: tests/unit/test_obfuscate.py).
+"""Masking secrets in headers, URLs and free text (tests: tests/unit/capture/test_obfuscate.py).
 
 The rule, everywhere: keep a short *public* prefix (an auth scheme word such as
 ``Bearer ``, then a key-format prefix such as ``sk-proj-``) and the last four

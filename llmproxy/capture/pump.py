@@ -1,5 +1,5 @@
 """From captured exchanges to events, one reactor turn after the request path
-(tests: tests/unit/test_capture_pump.py, tests/integration/test_sessions_e2e.py).
+(tests: tests/unit/capture/test_pump.py, tests/integration/test_sessions_e2e.py).
 
 The proxy only queues: ``request_started(record, body)`` when a request goes
 upstream or is answered from the response cache, ``request_finished(record)``

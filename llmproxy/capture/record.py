@@ -1,4 +1,4 @@
-"""What the request path records about one exchange (tests: tests/unit/test_events.py).
+"""What the request path records about one exchange (tests: tests/unit/capture/test_events.py).
 
 The proxy fills an ``ExchangeRecord`` while it forwards: plain assignments and
 list appends, nothing else.  Everything that costs (header obfuscation, body

@@ -1,5 +1,5 @@
 """The session tracker: which conversation a request belongs to, and where a
-conversation forks (tests: tests/unit/test_sessions.py).
+conversation forks (tests: tests/unit/capture/test_sessions.py).
 
 The proxy calls :meth:`SessionTracker.assign` for every request right before it
 publishes the ``request`` event, and :meth:`SessionTracker.finished` when the

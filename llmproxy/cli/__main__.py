@@ -1,5 +1,5 @@
 """``python -m llmproxy.cli``: the ``llmproxy`` command without its console script
-(tests: tests/unit/test_cli.py)."""
+(tests: tests/unit/cli/test_main.py)."""
 
 import sys
 

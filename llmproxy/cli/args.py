@@ -1,4 +1,4 @@
-"""Argument types the ``llmproxy`` subcommands share (tests: tests/unit/test_cli.py).
+"""Argument types the ``llmproxy`` subcommands share (tests: tests/unit/cli/test_main.py).
 
 Each is an argparse ``type=``: it turns one command-line word into a value or
 raises ``argparse.ArgumentTypeError``, which argparse prints as

@@ -1,5 +1,5 @@
 """``llmproxy benchmark``: load a deployment and say where the time goes (tests:
-tests/unit/test_bench.py, tests/integration/test_bench_cli.py).
+tests/unit/cli/test_benchmark.py, tests/integration/test_bench_cli.py).
 
 It sends ``--requests`` POSTs with a JSON body, at most ``--concurrency`` in
 flight over as many kept-alive connections, to ``--base-url`` + ``--endpoint``,

@@ -1,5 +1,5 @@
 """The figures and the report of one ``llmproxy benchmark`` run, all pure functions
-(tests: tests/unit/test_bench.py).
+(tests: tests/unit/cli/test_benchmark.py).
 
 ``summarize`` turns a ``Recorder`` (llmproxy/cli/loadgen.py) into a ``Summary``:
 latency percentiles, the split between the proxy's own overhead (the

@@ -1,5 +1,5 @@
 """``llmproxy cache purge``: ask the running proxy to purge cached responses
-(tests: tests/integration/test_cache.py, tests/unit/test_cache_policy.py).
+(tests: tests/integration/test_cache.py, tests/unit/cache/test_policy.py).
 
 It calls the admin endpoint (``POST /cache/purge``) rather than touching a store
 itself: the memory store lives inside the proxy process and only the proxy can

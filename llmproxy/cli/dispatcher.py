@@ -1,5 +1,5 @@
 """``llmproxy dispatcher``: run one dispatcher of the Redis bus as a process (tests:
-tests/unit/test_dispatch.py, tests/integration/test_dispatcher.py).
+tests/unit/cli/test_dispatcher.py, tests/integration/test_dispatcher.py).
 
 The dispatcher itself (reading the stream as one consumer of a group, delivering
 to a sink, acknowledging, claiming, the drain) is llmproxy/redis/dispatcher.py.

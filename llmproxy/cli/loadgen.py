@@ -1,5 +1,5 @@
 """The load generator of ``llmproxy benchmark``: sends a run's requests and records
-what came back (tests: tests/unit/test_bench.py, tests/integration/test_bench_cli.py).
+what came back (tests: tests/unit/cli/test_benchmark.py, tests/integration/test_bench_cli.py).
 
 A ``Plan`` says what to send: ``requests`` POSTs of a JSON body to one URL, at most
 ``concurrency`` in flight over as many kept-alive connections.  ``Benchmark`` sends

@@ -1,5 +1,5 @@
 """The top of the ``llmproxy`` command: its parser, ``--version``, and the dispatch to a
-subcommand (tests: tests/unit/test_cli.py).
+subcommand (tests: tests/unit/cli/test_main.py).
 
 Each subcommand lives in its own module of this package and registers itself with
 an ``add_*_command`` function; this module only puts them together.  It is the

@@ -1,5 +1,5 @@
 """``llmproxy token``: create, list and revoke proxy tokens (tests:
-tests/unit/test_tokens.py, tests/integration/test_access.py).
+tests/unit/access/test_tokens.py, tests/integration/test_access.py).
 
 The tokens live in the token file of ``[server] state_dir`` (llmproxy/access/tokens.py);
 a running proxy re-reads it within a second, so no restart is needed.  ``create``

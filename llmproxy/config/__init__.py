@@ -2,7 +2,7 @@
 field), the cattrs converter that structures the ini file and the environment into it,
 the loader that reports every problem as ``section.key: reason (where)``, the generated
 reference (docs/configuration.md) and the embedded default
-(tests: tests/unit/test_config.py, tests/unit/test_docs.py).
+(tests: tests/unit/config/test_loader.py, tests/unit/config/test_reference.py).
 
 Nothing here imports the rest of llmproxy: the subsystems' own checks of the settings
 are run by :mod:`llmproxy.runtime.checks`.

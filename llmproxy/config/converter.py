@@ -1,5 +1,5 @@
 """The cattrs converter that turns ini text into the settings model (tests:
-tests/unit/test_config.py).
+tests/unit/config/test_loader.py).
 
 Every value of an ini file (or of an ``LLMPROXY_*`` variable) is a string; the
 model's field types say what it becomes.  One structure hook per type: durations

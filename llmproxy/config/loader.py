@@ -1,4 +1,5 @@
-"""Load the ini file and the environment into :class:`Settings` (tests: tests/unit/test_config.py).
+"""Load the ini file and the environment into :class:`Settings`
+(tests: tests/unit/config/test_loader.py).
 
 The file and the ``LLMPROXY_<SECTION>_<KEY>`` variables become one tree of strings,
 which the cattrs converter of :mod:`llmproxy.config.converter` structures into the

@@ -1,5 +1,5 @@
 """Typed settings: what the ini file becomes, with each key's documentation
-(tests: tests/unit/test_config.py, tests/unit/test_docs.py).
+(tests: tests/unit/config/test_loader.py, tests/unit/config/test_reference.py).
 
 Each attrs class is one ini section; field names are the ini keys.  A field's type
 says how its text is read (``Duration`` is float seconds written ``1.5``, ``500ms``

@@ -1,4 +1,5 @@
-"""The configuration reference, generated from the settings model (tests: tests/unit/test_docs.py).
+"""The configuration reference, generated from the settings model
+(tests: tests/unit/config/test_reference.py).
 
 ``docs/configuration.md`` is this module's output: every section and key of
 :mod:`llmproxy.config.model`, read from the model itself -- its type as a user

@@ -1,4 +1,4 @@
-"""What the bus hands to an exporter (tests: tests/unit/test_exporter.py).
+"""What the bus hands to an exporter (tests: tests/unit/export/test_exporter.py).
 
 An *envelope* carries one canonical event.  Its ``size_hint`` is known at publish
 time without encoding, so the exporter can bound its buffer in bytes cheaply; the

@@ -1,7 +1,7 @@
 """Reading a response event back: its captured reply text and the facts of it
 (model, usage, finish reasons, the merged reply), for the sinks and the session
 tracker that start from an event dict, e.g. one read back from the spool or Redis
-(tests: tests/unit/test_events.py)."""
+(tests: tests/unit/capture/test_events.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The machine id every event carries (tests: tests/unit/test_events.py).
+"""The machine id every event carries (tests: tests/unit/capture/test_events.py).
 
 ``user@host`` of the proxy process, as seed 001 records it.  Worked out once
 and cached; it never fails -- an unknown part is ``unknown``, because a missing

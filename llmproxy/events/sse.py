@@ -1,4 +1,4 @@
-"""An incremental server-sent events parser (tests: tests/unit/test_sse.py).
+"""An incremental server-sent events parser (tests: tests/unit/events/test_sse.py).
 
 Follows the WHATWG "event stream interpretation" rules closely enough for
 capture: lines end in CRLF, LF or CR; ``:`` starts a comment; ``data`` lines of

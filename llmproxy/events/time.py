@@ -1,5 +1,5 @@
 """Event timestamps: RFC 3339 in UTC with nanoseconds, and epoch nanoseconds
-(tests: tests/unit/test_events.py)."""
+(tests: tests/unit/capture/test_events.py)."""
 
 from __future__ import annotations
 

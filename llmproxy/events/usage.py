@@ -1,4 +1,4 @@
-"""Token usage and response facts from LLM responses (tests: tests/unit/test_usage.py).
+"""Token usage and response facts from LLM responses (tests: tests/unit/events/test_usage.py).
 
 Understands, from JSON bodies and SSE streams alike:
 

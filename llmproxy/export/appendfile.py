@@ -1,4 +1,4 @@
-"""Append-only files that follow their path (tests: tests/unit/test_appendfile.py).
+"""Append-only files that follow their path (tests: tests/unit/export/test_appendfile.py).
 
 A daemon that keeps a log file open writes, by default, wherever the descriptor
 points: after logrotate moves the file aside (without ``copytruncate``) or

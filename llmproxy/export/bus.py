@@ -1,4 +1,4 @@
-"""The in-memory event bus, the default (tests: tests/unit/test_memory_bus.py).
+"""The in-memory event bus, the default (tests: tests/unit/export/test_bus.py).
 
 A plain fan-out: ``publish`` calls every subscriber's ``publish`` in turn.  Each
 subscriber buffers on its own (the exporters' bounded buffers), so one slow sink

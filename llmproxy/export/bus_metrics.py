@@ -1,4 +1,4 @@
-"""Event bus stats as Prometheus metric families (tests: tests/unit/test_redis_bus.py).
+"""Event bus stats as Prometheus metric families (tests: tests/unit/redis/test_stream.py).
 
 Read from ``MemoryBus.stats()`` or ``RedisBus.stats()`` (the delivery engine's
 counts under the bus's names) at scrape time; a key a bus does not report is left

@@ -1,4 +1,4 @@
-"""The dead-letter file: events a sink refused for good (tests: tests/unit/test_spool.py).
+"""The dead-letter file: events a sink refused for good (tests: tests/unit/export/test_spool.py).
 
 Append-only JSONL, one line per event:
 ``{"ts": <RFC 3339 UTC>, "sink": <name>, "reason": <text>, "event": {...}}``.

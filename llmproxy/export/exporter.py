@@ -1,4 +1,4 @@
-"""The batching exporter core: the one delivery engine (tests: tests/unit/test_exporter.py,
+"""The batching exporter core: the one delivery engine (tests: tests/unit/export/test_exporter.py,
 test_exporter_property.py, test_exporter_durable.py).
 
 One ``BatchingExporter`` per target: a sink (file, Loki, ...) or the Redis stream

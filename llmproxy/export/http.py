@@ -1,5 +1,5 @@
 """The HTTP sinks' client: treq over the pooled Agent, tuned, with answers read
-within a bound (tests: tests/unit/test_export_http.py,
+within a bound (tests: tests/unit/export/test_http.py,
 tests/integration/test_sink_http_client.py).
 
 treq's ``HTTPClient`` sends the sinks' batches (``sink_http_client``), tuned

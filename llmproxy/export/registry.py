@@ -1,4 +1,5 @@
-"""From an ``[exporter:NAME]`` section to a running exporter (tests: tests/unit/test_registry.py).
+"""From an ``[exporter:NAME]`` section to a running exporter
+(tests: tests/unit/export/test_registry.py).
 
 ``build_sink`` dispatches on ``type``; a new backend registers one factory in
 ``SINK_FACTORIES``.  ``build_exporter`` adds the core around the sink, with the

@@ -1,5 +1,5 @@
-"""Where batches go, and how a sink says how it went (tests: tests/unit/test_exporter.py,
-tests/unit/test_export_http.py).
+"""Where batches go, and how a sink says how it went (tests: tests/unit/export/test_exporter.py,
+tests/unit/export/test_http.py).
 
 A sink is an encoder and a judge, nothing more (ARCHITECTURE.md, "The seam that
 keeps sinks small").  It answers every batch with a *verdict*:

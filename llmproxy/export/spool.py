@@ -1,4 +1,5 @@
-"""A bounded disk spool of undelivered batches, one per sink (tests: tests/unit/test_spool.py).
+"""A bounded disk spool of undelivered batches, one per sink
+(tests: tests/unit/export/test_spool.py).
 
 The spool is a directory of *segments*, one batch per file, each line the JSON of
 one event.  A segment's name carries what the exporter needs without reading it:

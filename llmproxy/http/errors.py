@@ -1,4 +1,5 @@
-"""Errors the proxy itself answers, in the OpenAI error shape (tests: tests/unit/test_router.py).
+"""Errors the proxy itself answers, in the OpenAI error shape
+(tests: tests/unit/http/test_router.py).
 
 ``{"error": {"message": ..., "type": ..., "code": ...}}`` so that OpenAI and
 Anthropic SDKs show the message instead of a parse error.

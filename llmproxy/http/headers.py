@@ -1,5 +1,5 @@
 """Header handling between client and upstream, per RFC 9110 section 7.6.1
-(tests: tests/unit/test_headers.py)."""
+(tests: tests/unit/http/test_headers.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Which upstream a request path goes to (tests: tests/unit/test_router.py).
+"""Which upstream a request path goes to (tests: tests/unit/http/test_router.py).
 
 Two forms: named routes (longest prefix wins; ``prefix = /`` serves plain
 ``/v1/...``) and the transparent ``/{provider}/{host}/{rest}`` form, which only

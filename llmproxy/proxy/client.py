@@ -1,5 +1,5 @@
 """The upstream HTTP/1.1 client of the request path (tests:
-tests/unit/test_upstream_client.py, tests/integration/test_proxy.py).
+tests/unit/proxy/test_client.py, tests/integration/test_proxy.py).
 
 Twisted's ``Agent`` is general and correct, and it cost about half of the
 proxy's CPU per request: URI objects, a pool keyed through endpoint factories,

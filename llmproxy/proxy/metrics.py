@@ -1,4 +1,5 @@
-"""Request metrics kept as plain numbers on the hot path (tests: tests/unit/test_metrics.py).
+"""Request metrics kept as plain numbers on the hot path
+(tests: tests/integration/test_admin.py, tests/unit/runtime/test_aggregate.py).
 
 prometheus_client's own metric objects take a lock per update; the request path
 only adds to dicts and lists here, and :class:`MetricsCollector` turns them into

@@ -1,4 +1,4 @@
-"""One supervised connection to Redis (tests: tests/unit/test_redis_conn.py,
+"""One supervised connection to Redis (tests: tests/unit/redis/test_connection.py,
 tests/integration/test_redis_bus.py).
 
 The wire protocol (RESP framing and parsing, with hiredis's C parser) is

@@ -1,5 +1,5 @@
 """The dispatcher of the Redis bus: Redis stream to a sink, at least once (tests:
-tests/unit/test_dispatch.py, tests/unit/test_dispatcher_loop.py,
+tests/unit/cli/test_dispatcher.py, tests/unit/redis/test_dispatcher.py,
 tests/integration/test_dispatcher.py).  The ``llmproxy dispatcher`` command that
 runs one as a process is llmproxy/cli/dispatcher.py.
 

@@ -1,5 +1,5 @@
 """The Redis Streams bus, the proxy's side: a target of the one delivery engine
-(tests: tests/unit/test_redis_bus.py, tests/integration/test_redis_bus.py).
+(tests: tests/unit/redis/test_stream.py, tests/integration/test_redis_bus.py).
 
 With ``[events] bus = redis`` the bus is the in-memory fan-out
 (llmproxy/export/bus.py) with one more subscriber: a ``BatchingExporter``

@@ -1,5 +1,5 @@
 """One view of N workers: their /stats documents and /metrics families combined
-key by key, for the master's admin listener (tests: tests/unit/test_workers_aggregate.py)."""
+key by key, for the master's admin listener (tests: tests/unit/runtime/test_aggregate.py)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Every subsystem's own check of the settings, after the config package's
-(tests: tests/unit/test_checks.py).
+(tests: tests/unit/runtime/test_checks.py).
 
 :mod:`llmproxy.config` checks what the settings say (types, bounds, required
 keys) and imports nothing else of llmproxy.  What a subsystem makes of them is

@@ -1,5 +1,5 @@
 """The drain as a declared list of stop stages, run in order within one deadline
-(tests: tests/unit/test_lifecycle.py, tests/integration/test_daemon.py).
+(tests: tests/unit/runtime/test_lifecycle.py, tests/integration/test_daemon.py).
 
 A process's root service (``RootService``: the proxy, ``runtime.service.ProxyService``,
 or the workers' master, ``runtime.supervisor.Supervisor``) declares its ``StopStage``s;

@@ -1,6 +1,6 @@
 """``[server] workers = N``: the master process that runs N worker processes on
 one listening port (tests: tests/integration/test_workers.py,
-tests/unit/test_workers_aggregate.py; the worker side is llmproxy/runtime/worker.py;
+tests/unit/runtime/test_aggregate.py; the worker side is llmproxy/runtime/worker.py;
 docs/workers.md).
 
 The master (the twistd process) binds the proxy's ``listen`` endpoint and never

@@ -1,6 +1,6 @@
 """One worker process of ``[server] workers = N``: ``python -m llmproxy.runtime.worker``,
 started by the master in llmproxy/runtime/supervisor.py (tests:
-tests/integration/test_workers.py, tests/unit/test_workers_aggregate.py).
+tests/integration/test_workers.py, tests/unit/runtime/test_aggregate.py).
 
 A worker is a whole ProxyService with three differences:
 

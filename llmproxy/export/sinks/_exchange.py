@@ -1,5 +1,5 @@
-"""Helpers shared by the HTTP sinks (tests: tests/unit/test_lunary_sink.py,
-test_helicone_sink.py, test_otlp_sink.py)."""
+"""Helpers shared by the HTTP sinks (tests: tests/unit/export/sinks/test_lunary.py,
+tests/unit/export/sinks/test_helicone.py, tests/unit/export/sinks/test_otlp.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The JSONL file sink, the embedded default (tests: tests/unit/test_file_sink.py).
+"""The JSONL file sink, the embedded default (tests: tests/unit/export/sinks/test_file.py).
 
 One event a line, appended.  ``fsync``: ``never`` (the OS flushes when it likes),
 ``batch`` (once per delivered batch) or ``always`` (after each line).  Size-based

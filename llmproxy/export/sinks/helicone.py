@@ -1,4 +1,4 @@
-"""The Helicone sink (tests: tests/unit/test_helicone_sink.py).
+"""The Helicone sink (tests: tests/unit/export/sinks/test_helicone.py).
 
 Helicone's async logger takes one exchange per request, ``POST`` to the worker
 (``https://api.worker.helicone.ai`` by default; the EU worker

@@ -1,4 +1,4 @@
-"""The Grafana Loki sink (tests: tests/unit/test_loki_sink.py).
+"""The Grafana Loki sink (tests: tests/unit/export/sinks/test_loki.py).
 
 One batch becomes one ``POST /loki/api/v1/push`` with a JSON body (gzipped by
 default)::

@@ -1,4 +1,4 @@
-"""The Lunary sink (tests: tests/unit/test_lunary_sink.py).
+"""The Lunary sink (tests: tests/unit/export/sinks/test_lunary.py).
 
 One batch becomes one ``POST {endpoint}/v1/runs/ingest`` with
 ``Authorization: Bearer <project public key>`` and the body

@@ -1,4 +1,4 @@
-"""The OpenTelemetry (OTLP/HTTP JSON) sink (tests: tests/unit/test_otlp_sink.py).
+"""The OpenTelemetry (OTLP/HTTP JSON) sink (tests: tests/unit/export/sinks/test_otlp.py).
 
 ``endpoint`` is the collector's base URL (``http://collector:4318``, the OTLP/HTTP
 default port).  By default each batch is one ``POST {endpoint}/v1/traces`` with

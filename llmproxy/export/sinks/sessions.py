@@ -1,4 +1,4 @@
-"""The session log sink, seed 001's file layout (tests: tests/unit/test_sessions_sink.py).
+"""The session log sink, seed 001's file layout (tests: tests/unit/export/sinks/test_sessions.py).
 
 Every event with a ``session_id`` is appended to
 ``{log_dir}/{upstream_host}/{YYYY-MM-DD}/{session_id}.jsonl``: the

@@ -14,7 +14,7 @@ from llmproxy.config.converter import structure_value
 from llmproxy.config.loader import load_settings
 from llmproxy.config.model import Duration, ExporterSettings, Settings, setting
 
-DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
+DOC = Path(__file__).resolve().parents[3] / "docs" / "configuration.md"
 
 
 def test_configuration_md_is_the_generated_reference() -> None:

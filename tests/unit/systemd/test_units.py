@@ -9,7 +9,7 @@ import pytest
 
 from llmproxy.config.model import ServerSettings
 
-UNITS = Path(__file__).resolve().parents[2] / "systemd"
+UNITS = Path(__file__).resolve().parents[3] / "systemd"
 SERVICES = sorted(UNITS.glob("*.service"))
 SYSUSERS = UNITS / "llmproxy.sysusers"
 

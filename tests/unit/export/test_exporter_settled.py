@@ -17,7 +17,7 @@ from llmproxy.export.deadletter import DeadLetter
 from llmproxy.export.exporter import BatchingExporter
 from llmproxy.export.sink import Delivered, Rejected, Retry
 from llmproxy.export.spool import Spool
-from tests.unit.test_exporter import FakeSink
+from tests.unit.export.test_exporter import FakeSink
 
 
 def ev(i: int) -> StoredEvent:

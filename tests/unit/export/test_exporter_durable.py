@@ -24,7 +24,7 @@ from llmproxy.export.deadletter import DeadLetter
 from llmproxy.export.exporter import BatchingExporter
 from llmproxy.export.sink import Delivered, Retry
 from llmproxy.export.spool import PendingSegment, Spool
-from tests.unit.test_exporter import FakeSink, ev, ids
+from tests.unit.export.test_exporter import FakeSink, ev, ids
 
 _T = TypeVar("_T")
 

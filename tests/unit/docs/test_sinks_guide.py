@@ -23,9 +23,9 @@ from tests.fakes import helicone as fake_helicone
 from tests.fakes import lunary as fake_lunary
 from tests.fakes.loki import FakeLoki
 from tests.fakes.otlp import FakeCollector
-from tests.unit.test_lunary_sink import at_now, openai_json
+from tests.unit.export.sinks.test_lunary import at_now, openai_json
 
-GUIDE = Path(__file__).resolve().parents[2] / "docs" / "sinks.md"
+GUIDE = Path(__file__).resolve().parents[3] / "docs" / "sinks.md"
 BLOCKS = re.findall(r"```ini\n(.*?)```", GUIDE.read_text("utf-8"), re.S)
 # Values for the env:NAME secrets the examples reference: what the fakes accept.
 SECRETS = {

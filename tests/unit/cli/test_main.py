@@ -20,7 +20,7 @@ import pytest
 from llmproxy.cli.args import positive_duration, positive_int, positive_seconds
 from llmproxy.cli.main import main
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 PACKAGE = ROOT / "llmproxy"
 CLI = PACKAGE / "cli"
 SUBCOMMANDS = ("check-config", "token", "dispatcher", "cache", "benchmark", "plugin-cache")

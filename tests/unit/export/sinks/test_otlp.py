@@ -16,7 +16,7 @@ from llmproxy.config.model import ExporterSettings
 from llmproxy.export.sink import Delivered, Rejected, Retry, Sink
 from llmproxy.export.sinks.otlp import OTLPSink, operation_name, signal_url, span_ids
 from tests.fakes.otlp import FakeCollector, Hang, Respond, StoredSpan
-from tests.unit.test_lunary_sink import (
+from tests.unit.export.sinks.test_lunary import (
     CACHE_KEY,
     NOW,
     NoClient,
@@ -36,7 +36,7 @@ from tests.unit.test_lunary_sink import (
     timed_out,
     verdict_of,
 )
-from tests.unit.test_lunary_sink import _finish as finish
+from tests.unit.export.sinks.test_lunary import _finish as finish
 
 START_NS = 1_795_419_612_250_000_000
 END_NS = 1_795_419_612_750_000_000

@@ -202,7 +202,7 @@ def test_the_cli_exits_64_on_bad_flags(tmp_path: Path, capsys: pytest.CaptureFix
 
 
 def test_the_redis_settings_are_documented() -> None:
-    doc = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
+    doc = (Path(__file__).resolve().parents[3] / "docs" / "configuration.md").read_text()
     missing = [f.name for f in attrs.fields(RedisSettings) if f"`{f.name}`" not in doc]
     assert missing == []
     assert "## [redis]" in doc and "LLM_PROXY_EVENT_BUS" in doc

@@ -31,7 +31,7 @@ from tests.fakes.helicone import (
     StoredLog,
     read_response,
 )
-from tests.unit.test_lunary_sink import (
+from tests.unit.export.sinks.test_lunary import (
     CACHE_KEY,
     OPENAI_REQUEST,
     OPENAI_RESPONSE,
@@ -53,7 +53,7 @@ from tests.unit.test_lunary_sink import (
     timed_out,
     verdict_of,
 )
-from tests.unit.test_lunary_sink import _finish as finish
+from tests.unit.export.sinks.test_lunary import _finish as finish
 
 EU = "https://eu.api.worker.helicone.ai"
 OK = Respond(200, b"ok", store=True)  # a scripted answer that stores the log, as Helicone would
