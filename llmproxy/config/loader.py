@@ -369,6 +369,8 @@ def _validate(settings: Settings, problems: list[str]) -> None:
         problems.append("server.max_header_bytes: must be at least 1KiB")
     if s.workers < 1:
         problems.append("server.workers: must be at least 1")
+    if s.metrics_projects < 0:
+        problems.append("server.metrics_projects: must be 0 or more")
     prefixes: dict[str, str] = {}
     for r in settings.routes:
         sec = f"route:{r.name}"

@@ -57,6 +57,19 @@ def _events_wanted(settings: Settings) -> bool:
     return bool(settings.exporters) or settings.events.bus == "redis"
 
 
+def counted(n: int, noun: str) -> str:
+    """``1 route``, ``2 routes``, ``0 routes``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def ready_summary(settings: Settings, exporters: int) -> str:
+    """What the start-up line says is serving: routes and exporters, counted and named."""
+    routes = counted(len(settings.routes), "route")
+    if settings.routes:
+        routes += " (" + ", ".join(r.name for r in settings.routes) + ")"
+    return f"{routes}, {counted(exporters, 'exporter')}"
+
+
 def refuse_reload(audit: AuditLog, source: str, problems: Sequence[str]) -> None:
     """A config that failed validation on reload: logged, audited, not applied."""
     for problem in problems:
@@ -96,7 +109,7 @@ class ProxyService(RootService):
         self.settings = settings
         self.config_path = config_path
         self.reactor = reactor
-        self.metrics = ProxyMetrics()
+        self.metrics = ProxyMetrics(max_projects=settings.server.metrics_projects)
         self.ready = False
         self.draining = False
         server = settings.server
@@ -123,6 +136,7 @@ class ProxyService(RootService):
             reactor,
             enabled=_events_wanted(settings),
             sessions=self.sessions,
+            usage=self.metrics.usage,
         )
         # The response cache, when [cache] enabled or a route says cache = on.
         self.cache = build_cache(settings, reactor)
@@ -159,6 +173,7 @@ class ProxyService(RootService):
             stats=self.stats,
             registry=self.registry,
             token=server.admin_token,
+            probes_public=server.probes_public,
             audit=self.audit,
             cache=self.cache,
         )
@@ -218,11 +233,7 @@ class ProxyService(RootService):
         gc.freeze()
         self.ready = True
         sd_notify("READY=1")
-        log.info(
-            "llmproxy ready: {routes} routes, {n} exporters",
-            routes=len(self.settings.routes),
-            n=len(self.exporters),
-        )
+        log.info("llmproxy ready: {what}", what=ready_summary(self.settings, len(self.exporters)))
 
     def _components(self) -> list[Lifecycle]:
         """What runs for the service's life, in start order (the drain stops them

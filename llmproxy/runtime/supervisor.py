@@ -235,6 +235,7 @@ class Supervisor(RootService):
                 stats=self.stats,
                 registry=self.registry,
                 token=token,
+                probes_public=settings.server.probes_public,
                 audit=self.audit,
                 cache=_PurgeAll(self) if cache_wanted(settings) else None,
             )

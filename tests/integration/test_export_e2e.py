@@ -109,7 +109,7 @@ class Env:
             )
             await resp.content()
             assert resp.code == 200
-            ids.append(resp.headers.getRawHeaders(b"x-request-id")[0].decode())
+            ids.append(resp.headers.getRawHeaders(b"x-llmproxy-request-id")[0].decode())
         return ids
 
     def loki_ids(self, log_type: str) -> list[str]:

@@ -87,7 +87,7 @@ class Daemon:
             for resp in await defer.gatherResults(batch):
                 assert resp.code == 200
                 await resp.content()
-                ids.append(resp.headers.getRawHeaders(b"x-request-id")[0].decode())
+                ids.append(resp.headers.getRawHeaders(b"x-llmproxy-request-id")[0].decode())
         return ids
 
     async def stats(self) -> dict[str, Any]:
