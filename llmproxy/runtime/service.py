@@ -207,15 +207,13 @@ class ProxyService(RootService):
 
     # -- start --------------------------------------------------------------
 
-    def privilegedStartService(self) -> None:
+    def open_listeners(self) -> None:
         server = self.settings.server
-        self.port = self._listen(server.listen, self.site)
+        self.port = listen_now(self.reactor, server.listen, self.site, "server.listen")
         if server.admin_listen not in ("", "off", "none"):
-            self.admin_port = self._listen(server.admin_listen, self.admin_site)
-        super().privilegedStartService()
-
-    def _listen(self, description: str, factory: Any) -> IListeningPort:
-        return listen_now(self.reactor, description, factory)
+            self.admin_port = listen_now(
+                self.reactor, server.admin_listen, self.admin_site, "server.admin_listen"
+            )
 
     def startService(self) -> None:
         super().startService()

@@ -404,7 +404,7 @@ def test_check_config_on_workers(tmp_path: Path, value: str, problem: str | None
     if problem is None:
         assert res.returncode == 0, res.stderr
     else:
-        assert res.returncode == 1
+        assert res.returncode == 64
         assert any(line.startswith(problem) for line in res.stderr.splitlines()), res.stderr
 
 
