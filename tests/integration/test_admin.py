@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from llmproxy.access.tokens import TokenFile
 from tests.integration.harness import Running, running_fixture, wait_until
+from tests.integration.stats_jq import run_documented_jq
 
 pytestmark = pytest.mark.integration
 
@@ -56,6 +57,22 @@ async def test_stats_count_requests_by_route_status_and_outcome(env: Running) ->
     assert routes["-"]["by_outcome"] == {"rejected": 1}
     assert stats["proxy"]["requests_total"] == 3
     assert stats["proxy"]["open_requests"] == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_documented_jq_reads_one_processs_stats(billed: tuple[Running, str]) -> None:
+    env, _ = billed
+    stats = await (await env.client.get(env.admin + "/stats")).json()
+    assert run_documented_jq(stats) == {
+        "events": {
+            "sent": 0,
+            "spooled": 0,
+            "dropped": 0,
+            "failing": False,
+            "last_error": None,
+            "last_error_at": None,
+        }
+    }
 
 
 @pytest_twisted.ensureDeferred
