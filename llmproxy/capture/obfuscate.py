@@ -5,7 +5,7 @@ The rule, everywhere: keep a short *public* prefix (an auth scheme word such as
 characters of the secret; everything else becomes ``****``.  A secret shorter than
 16 characters (after the public prefix) shows none of itself.  So at most 4 (never
 more than 8) characters of any secret reach an event, a log line or an error
-message -- unlike seed 001, whose rule leaks most of a JWT.
+message -- unlike the Go llm-proxy's rule, which leaks most of a JWT.
 """
 
 from __future__ import annotations
