@@ -1,5 +1,5 @@
 """The root service: ordered start, ordered drain within the deadline
-(tests: tests/integration/test_daemon.py).
+(tests: tests/integration/test_daemon.py, tests/unit/runtime/test_service.py).
 
 Start: bind the proxy and admin listeners (a bind error fails start-up), start
 the exporters, tell systemd READY=1.  Stop (SIGTERM): /ready turns 503 and
