@@ -16,6 +16,8 @@ from twisted.python import usage
 from llmproxy.config.loader import ConfigError
 from llmproxy.runtime.checks import load_checked
 
+__all__ = ["EX_USAGE", "Options", "makeService"]
+
 EX_USAGE = 64
 
 

@@ -25,6 +25,8 @@ from twisted.web.server import NOT_DONE_YET, Request
 from llmproxy.http.errors import error_body
 from llmproxy.interfaces import Auditor
 
+__all__ = ["AdminResource", "CachePurger"]
+
 
 class CachePurger(Protocol):
     def purge(

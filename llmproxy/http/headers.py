@@ -10,6 +10,14 @@ from collections.abc import Callable, Sequence
 
 from twisted.web.http import datetimeToString
 
+__all__ = [
+    "HOP_BY_HOP",
+    "HttpDate",
+    "filter_headers",
+    "request_id_from",
+    "upstream_request_headers",
+]
+
 # Connection-specific fields never forwarded, in either direction.  Names are
 # lower-case bytes, as Twisted's Headers.getAllRawHeaders() yields them... in
 # canonical case, so everything is compared lower-cased.

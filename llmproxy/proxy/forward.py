@@ -54,6 +54,8 @@ if TYPE_CHECKING:
     from llmproxy.cache.cache import CacheTicket, ResponseCache
     from llmproxy.cache.entry import CachedResponse
 
+__all__ = ["Exchange", "ProxyResource"]
+
 _SSE = b"text/event-stream"
 _DONE = Failure(ResponseDone())
 

@@ -35,6 +35,16 @@ from llmproxy.config.model import Settings
 from llmproxy.runtime.service import ProxyService
 from llmproxy.runtime.system import CONTROL_FD, FAMILIES, LISTEN_FD, admin_socket_path
 
+__all__ = [
+    "EX_SOFTWARE",
+    "EX_USAGE",
+    "Lifeline",
+    "LineLog",
+    "WorkerService",
+    "main",
+    "worker_settings",
+]
+
 EX_USAGE = 64
 EX_SOFTWARE = 70
 

@@ -103,8 +103,8 @@ from llmproxy.export.sink import (
     Retry,
     Verdict,
 )
-from llmproxy.export.sinks import _exchange
-from llmproxy.export.sinks._exchange import exchange_ns, json_default, message_of
+from llmproxy.export.sinks import exchange
+from llmproxy.export.sinks.exchange import exchange_ns, json_default, message_of
 
 __all__ = ["HeliconeSink", "helicone_request_id", "log_body", "log_url", "log_urls"]
 
@@ -281,8 +281,8 @@ class HeliconeSink(HTTPSink):
             raise ValueError("helicone concurrency must be at least 1")
         self._urls_by_provider = log_urls(self.url)
         self.url = self._urls_by_provider["CUSTOM"]
-        self._headers = _exchange.bearer_headers(self._api_key, self._extra_headers)
-        self._secrets = _exchange.secrets_to_mask((self._api_key,), self._extra_headers)
+        self._headers = exchange.bearer_headers(self._api_key, self._extra_headers)
+        self._secrets = exchange.secrets_to_mask((self._api_key,), self._extra_headers)
         self._sessions = SessionTree(self._remember)
 
     @property
@@ -447,7 +447,7 @@ def log_body(event: dict[str, Any], sessions: SessionTree | None = None) -> dict
     request_id = event.get("request_id")
     if not isinstance(request_id, str) or not request_id:
         raise ValueError("no request_id")
-    request = _exchange.request_json(event)
+    request = exchange.request_json(event)
     facts = facts_of(event)
     provider = HELICONE_PROVIDERS.get(_provider_of(event, facts) or "", "CUSTOM")
     response, estimated = _response_part(event, request, facts, provider)

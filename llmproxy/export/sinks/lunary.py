@@ -76,8 +76,8 @@ from llmproxy.export.sink import (
     Retry,
     Verdict,
 )
-from llmproxy.export.sinks import _exchange
-from llmproxy.export.sinks._exchange import (
+from llmproxy.export.sinks import exchange
+from llmproxy.export.sinks.exchange import (
     PlannedBatch,
     exchange_ns,
     json_default,
@@ -85,6 +85,22 @@ from llmproxy.export.sinks._exchange import (
     nonempty_str,
     request_json,
 )
+
+__all__ = [
+    "DEFAULT_ENDPOINT",
+    "DUPLICATE_RUN",
+    "INGEST_PATH",
+    "MAX_ERROR_CHARS",
+    "MAX_SPLIT_RUNS",
+    "METADATA_FIELDS",
+    "NUL_REPLACEMENT",
+    "PARAM_KEYS",
+    "RESULT_BYTES",
+    "RUN_ID_NAMESPACE",
+    "LunarySink",
+    "ingest_url",
+    "run_id",
+]
 
 log = Logger()
 
@@ -229,8 +245,8 @@ class LunarySink(HTTPSink):
 
     def __attrs_post_init__(self) -> None:
         self.url = ingest_url(self.url)
-        self._headers = _exchange.bearer_headers(self._api_key, self._extra_headers)
-        self._secrets = _exchange.secrets_to_mask((self._api_key,), self._extra_headers)
+        self._headers = exchange.bearer_headers(self._api_key, self._extra_headers)
+        self._secrets = exchange.secrets_to_mask((self._api_key,), self._extra_headers)
 
     @classmethod
     def from_settings(

@@ -92,13 +92,29 @@ from llmproxy.export.sink import (
     Verdict,
     parse_retry_after,
 )
-from llmproxy.export.sinks import _exchange
-from llmproxy.export.sinks._exchange import (
+from llmproxy.export.sinks import exchange
+from llmproxy.export.sinks.exchange import (
     PlannedBatch,
     exchange_ns,
     nonempty_str,
     request_json,
 )
+
+__all__ = [
+    "DEFAULT_ENDPOINT",
+    "LOGS_PATH",
+    "MAX_STATUS_MESSAGE",
+    "RETRYABLE",
+    "SCOPE_NAME",
+    "SERVICE_NAME",
+    "SPAN_KIND_CLIENT",
+    "STATUS_CODE_ERROR",
+    "TRACES_PATH",
+    "OTLPSink",
+    "operation_name",
+    "signal_url",
+    "span_ids",
+]
 
 log = Logger()
 
@@ -231,7 +247,7 @@ class OTLPSink(HTTPSink):
             headers["Authorization"] = self._authorization
         headers.update(self._extra_headers)
         self._headers = headers
-        self._secrets = _exchange.secrets_to_mask(
+        self._secrets = exchange.secrets_to_mask(
             (self._authorization, self._authorization.partition(" ")[2]), self._extra_headers
         )
 

@@ -10,6 +10,19 @@ from typing import Any, Generic, Protocol, TypeVar, overload
 
 import orjson
 
+__all__ = [
+    "P",
+    "PlannedBatch",
+    "bearer_headers",
+    "exchange_ns",
+    "json_default",
+    "message_of",
+    "nonempty_str",
+    "parse_ns",
+    "request_json",
+    "secrets_to_mask",
+]
+
 
 class _HasSource(Protocol):
     @property
