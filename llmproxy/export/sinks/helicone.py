@@ -102,6 +102,7 @@ from llmproxy.export.sink import (
     Rejected,
     Retry,
     Verdict,
+    checked_endpoint,
 )
 from llmproxy.export.sinks import exchange
 from llmproxy.export.sinks.exchange import exchange_ns, json_default, message_of
@@ -300,12 +301,9 @@ class HeliconeSink(HTTPSink):
         Helicone API key; ``headers`` are extra HTTP headers on every POST.
         """
         where = f"exporter:{settings.name}"
-        endpoint = settings.endpoint or DEFAULT_ENDPOINT
-        parts = urlsplit(endpoint)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"{where}: endpoint must be an http(s) URL of Helicone's log API")
-        if parts.username is not None or parts.password is not None:
-            raise ValueError(f"{where}: endpoint must not carry credentials (use api_key)")
+        endpoint = checked_endpoint(
+            where, settings.endpoint or DEFAULT_ENDPOINT, "Helicone's log API", "api_key"
+        )
         if not settings.api_key:
             raise ValueError(f"{where}: api_key (a Helicone API key) is required")
         return cls(

@@ -56,7 +56,6 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
-from urllib.parse import urlsplit
 
 import attrs
 import orjson
@@ -75,6 +74,7 @@ from llmproxy.export.sink import (
     Rejected,
     Retry,
     Verdict,
+    checked_endpoint,
 )
 from llmproxy.export.sinks import exchange
 from llmproxy.export.sinks.exchange import (
@@ -260,12 +260,9 @@ class LunarySink(HTTPSink):
         HTTP headers (a gateway in front of a self-hosted Lunary).
         """
         where = f"exporter:{settings.name}"
-        endpoint = settings.endpoint or DEFAULT_ENDPOINT
-        parts = urlsplit(endpoint)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"{where}: endpoint must be an http(s) URL of the Lunary API")
-        if parts.username is not None or parts.password is not None:
-            raise ValueError(f"{where}: endpoint must not carry credentials (use api_key)")
+        endpoint = checked_endpoint(
+            where, settings.endpoint or DEFAULT_ENDPOINT, "the Lunary API", "api_key"
+        )
         if not settings.api_key:
             raise ValueError(f"{where}: api_key (the Lunary project's public key) is required")
         try:

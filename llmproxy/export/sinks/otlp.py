@@ -90,6 +90,7 @@ from llmproxy.export.sink import (
     Rejected,
     Retry,
     Verdict,
+    checked_endpoint,
     parse_retry_after,
 )
 from llmproxy.export.sinks import exchange
@@ -262,12 +263,9 @@ class OTLPSink(HTTPSink):
     ) -> OTLPSink:
         """A sink for one ``[exporter:NAME]`` section of ``type = otlp``."""
         where = f"exporter:{settings.name}"
-        endpoint = settings.endpoint or DEFAULT_ENDPOINT
-        parts = urlsplit(endpoint)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"{where}: endpoint must be an http(s) URL of an OTLP/HTTP receiver")
-        if parts.username is not None or parts.password is not None:
-            raise ValueError(f"{where}: endpoint must not carry credentials (use headers)")
+        endpoint = checked_endpoint(
+            where, settings.endpoint or DEFAULT_ENDPOINT, "an OTLP/HTTP receiver", "headers"
+        )
         for name, _ in settings.headers:
             if not name or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
                 raise ValueError(f"{where}: headers: {name!r} is not a valid header name")
