@@ -21,6 +21,7 @@ __all__ = [
     "parse_ns",
     "request_json",
     "secrets_to_mask",
+    "user_of",
 ]
 
 
@@ -66,6 +67,22 @@ def request_json(event: dict[str, Any]) -> dict[str, Any] | None:
     except orjson.JSONDecodeError:
         return None  # cut at the capture cap
     return obj if isinstance(obj, dict) else None
+
+
+def user_of(request: dict[str, Any] | None) -> str | None:
+    """Who the client said the request is for: OpenAI's ``user``, or Anthropic's
+    ``metadata.user_id``."""
+    if request is None:
+        return None
+    user = request.get("user")
+    if isinstance(user, str) and user:
+        return user
+    metadata = request.get("metadata")
+    if isinstance(metadata, dict):
+        user = metadata.get("user_id")
+        if isinstance(user, str) and user:
+            return user
+    return None
 
 
 def message_of(text: str, keys: tuple[str, ...] = ("message", "error")) -> str:

@@ -450,7 +450,7 @@ def log_body(event: dict[str, Any], sessions: SessionTree | None = None) -> dict
     provider = HELICONE_PROVIDERS.get(_provider_of(event, facts) or "", "CUSTOM")
     response, estimated = _response_part(event, request, facts, provider)
     meta: dict[str, str] = {"Helicone-Request-Id": helicone_request_id(request_id)}
-    user = _user_of(request)
+    user = exchange.user_of(request)
     if user:
         meta["Helicone-User-Id"] = user
     meta.update(_session_meta(event, sessions or SessionTree()))
@@ -663,20 +663,6 @@ def _provider_of(event: dict[str, Any], facts: ResponseFacts) -> str | None:
         return "anthropic"
     if str(merged.get("object", "")).startswith(("chat.completion", "text_completion", "response")):
         return "openai"
-    return None
-
-
-def _user_of(request: dict[str, Any] | None) -> str | None:
-    if request is None:
-        return None
-    user = request.get("user")
-    if isinstance(user, str) and user:
-        return user
-    metadata = request.get("metadata")
-    if isinstance(metadata, dict):
-        user = metadata.get("user_id")
-        if isinstance(user, str) and user:
-            return user
     return None
 
 

@@ -486,7 +486,7 @@ def _run_of(index: int, event: dict[str, Any]) -> _Run:
         params = {k: request[k] for k in PARAM_KEYS if k in request}
         if params:
             start["params"] = params
-        user = _user_of(request)
+        user = exchange.user_of(request)
         if user:
             start["userId"] = user
     status = event.get("status")
@@ -611,18 +611,6 @@ def _tokens_usage(usage: Any) -> dict[str, int]:
         if isinstance(value, int) and not isinstance(value, bool):
             out[theirs] = value
     return out
-
-
-def _user_of(request: dict[str, Any]) -> str | None:
-    user = request.get("user")
-    if isinstance(user, str) and user:
-        return user
-    metadata = request.get("metadata")
-    if isinstance(metadata, dict):
-        user = metadata.get("user_id")
-        if isinstance(user, str) and user:
-            return user
-    return None
 
 
 def _tags_of(event: dict[str, Any]) -> list[str]:
