@@ -21,6 +21,8 @@ from llmproxy.config.loader import ConfigError
 from llmproxy.runtime.checks import load_checked
 from llmproxy.runtime.exits import EX_CONFIG
 
+__all__ = ["Options", "makeService"]
+
 
 class Options(usage.Options):
     synopsis = "[--config PATH]"

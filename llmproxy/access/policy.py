@@ -52,6 +52,15 @@ from llmproxy.config.model import RouteSettings, Settings
 from llmproxy.http.router import Target
 from llmproxy.interfaces import Auditor
 
+__all__ = [
+    "CLIENT_CREDENTIAL_HEADERS",
+    "TokenAccess",
+    "build_access",
+    "client_address",
+    "presented_token",
+    "upstream_auth_header",
+]
+
 log = Logger()
 
 # What a client may authenticate with; none of it goes upstream on a token route.

@@ -29,6 +29,8 @@ from twisted.web.server import NOT_DONE_YET, Request
 from llmproxy.http.errors import error_body
 from llmproxy.interfaces import Auditor
 
+__all__ = ["AdminResource", "CachePurger"]
+
 _PROBES = (b"/health", b"/ready")
 
 

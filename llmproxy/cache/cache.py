@@ -48,6 +48,14 @@ from llmproxy.http.headers import PROXY_REQUEST_ID, filter_headers
 from llmproxy.http.router import Target
 from llmproxy.interfaces import CacheStore
 
+__all__ = [
+    "CACHE_STATUS",
+    "X_CACHE",
+    "X_CACHE_KEY",
+    "CacheTicket",
+    "ResponseCache",
+]
+
 log = Logger()
 
 X_CACHE = b"x-proxy-cache"

@@ -81,6 +81,21 @@ from llmproxy.events.usage import (
 )
 from llmproxy.http.headers import upstream_request_id
 
+__all__ = [
+    "EVENT_KINDS",
+    "SCHEMA_VERSION",
+    "JSONHeaders",
+    "RecordEnvelope",
+    "RequestEvent",
+    "ResponseEvent",
+    "build_request_event",
+    "build_response_event",
+    "converter",
+    "prepare_request",
+    "request_event",
+    "response_event",
+]
+
 SCHEMA_VERSION = 1
 EVENT_KINDS = ("request", "response")
 

@@ -18,6 +18,20 @@ import attrs
 
 from llmproxy.capture.record import Headers
 
+__all__ = [
+    "ALWAYS_MASKED",
+    "MASK",
+    "HeaderObfuscator",
+    "is_secret_header",
+    "mask_cookie",
+    "mask_query",
+    "mask_secret",
+    "mask_set_cookie",
+    "mask_url",
+    "obfuscate_headers",
+    "scrub_text",
+]
+
 MASK = "****"
 # Tail shown for long secrets; short ones (below _MIN_LEN_FOR_TAIL) show nothing.
 _TAIL = 4

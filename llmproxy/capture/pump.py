@@ -42,6 +42,8 @@ from llmproxy.capture.record import ExchangeRecord
 from llmproxy.capture.sessions import SessionTracker
 from llmproxy.config.model import CaptureSettings
 
+__all__ = ["CapturePump", "Publisher", "Tracker"]
+
 log = Logger()
 
 

@@ -16,6 +16,8 @@ from typing import Any
 
 import attrs
 
+__all__ = ["ExchangeRecord", "Headers"]
+
 Headers = list[tuple[bytes, bytes]]
 
 

@@ -54,6 +54,8 @@ __all__ = [
     "CACHE_OPT_IN",
     "DEFAULT_BODY",
     "DEFAULT_ENDPOINT",
+    "DEFAULT_REQUESTS",
+    "UNLIMITED",
     "Progress",
     "add_benchmark_command",
     "base_url",

@@ -19,6 +19,18 @@ from collections.abc import Callable, Sequence
 from twisted.web.http import datetimeToString
 from twisted.web.http_headers import Headers
 
+__all__ = [
+    "HOP_BY_HOP",
+    "PROXY_REQUEST_ID",
+    "UPSTREAM_REQUEST_ID_HEADERS",
+    "HttpDate",
+    "client_request_id",
+    "filter_headers",
+    "request_id_from",
+    "upstream_request_headers",
+    "upstream_request_id",
+]
+
 # Connection-specific fields never forwarded, in either direction.  Names are
 # lower-case bytes, as Twisted's Headers.getAllRawHeaders() yields them... in
 # canonical case, so everything is compared lower-cased.

@@ -55,6 +55,8 @@ if TYPE_CHECKING:
     from llmproxy.cache.cache import CacheTicket, ResponseCache
     from llmproxy.cache.entry import CachedResponse
 
+__all__ = ["Exchange", "ProxyResource", "answered_outcome"]
+
 _SSE = b"text/event-stream"
 _DONE = Failure(ResponseDone())
 

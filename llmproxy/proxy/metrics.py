@@ -37,6 +37,17 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import CollectorRegistry
 
+__all__ = [
+    "LATENCY_BUCKETS",
+    "OTHER_PROJECTS",
+    "OVERHEAD_BUCKETS",
+    "Histogram",
+    "MetricsCollector",
+    "ProjectLabels",
+    "ProxyMetrics",
+    "make_registry",
+]
+
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
     30.0, 60.0, 120.0, 300.0,

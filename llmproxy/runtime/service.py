@@ -49,6 +49,8 @@ if TYPE_CHECKING:
     from llmproxy.interfaces import HTTPClient, Lifecycle
     from llmproxy.redis.stream import RedisBus
 
+__all__ = ["ProxyService", "counted", "ready_summary", "refuse_reload"]
+
 log = Logger()
 
 

@@ -68,6 +68,18 @@ from llmproxy.runtime.system import (
     snapshot_path,
 )
 
+__all__ = [
+    "BACKOFF_MAX",
+    "BACKOFF_MIN",
+    "BACKOFF_RESET_AFTER",
+    "FETCH_TIMEOUT",
+    "KILL_WAIT",
+    "STOP_GRACE",
+    "Supervisor",
+    "SupervisorAdmin",
+    "WorkerHandle",
+]
+
 log = Logger()
 
 FETCH_TIMEOUT = 1.0  # a worker that does not answer /stats or /metrics by then is "down"

@@ -36,6 +36,14 @@ from llmproxy.runtime.exits import EX_CONFIG, EX_SOFTWARE
 from llmproxy.runtime.service import ProxyService
 from llmproxy.runtime.system import CONTROL_FD, FAMILIES, LISTEN_FD, admin_socket_path
 
+__all__ = [
+    "Lifeline",
+    "LineLog",
+    "WorkerService",
+    "main",
+    "worker_settings",
+]
+
 
 def worker_settings(settings: Settings, index: int) -> Settings:
     """``settings`` (paths already absolute) for worker ``index``: what lived

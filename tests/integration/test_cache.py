@@ -35,10 +35,10 @@ from llmproxy.interfaces import CacheStore
 from llmproxy.proxy.metrics import MetricsCollector, make_registry
 from llmproxy.redis.connection import RedisConnection, parse_redis_url
 from llmproxy.runtime.service import ProxyService
+from llmproxy.testing import RecordingEventSink
 from tests.fakes.upstream import FakeUpstream
 from tests.integration.harness import (
     Collect,
-    RecordedEvents,
     Running,
     config_text,
     raw_request,
@@ -106,7 +106,7 @@ class Cached:
     env: Running
     cache: ResponseCache
     clock: task.Clock
-    events: RecordedEvents
+    events: RecordingEventSink
     redis: RedisServer | None
     tokens: TokenFile
 
@@ -159,7 +159,7 @@ def _start(
         text=config_text(port, str(state), extra), env={"CACHE_TEST_UPSTREAM_KEY": UPSTREAM_KEY}
     )
     service = ProxyService(settings, reactor)
-    events = RecordedEvents()
+    events = RecordingEventSink()
     service.proxy.events = events
     service.startService()
     assert service.port is not None and service.admin_port is not None

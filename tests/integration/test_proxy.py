@@ -15,8 +15,9 @@ from twisted.internet import defer, reactor, task
 from twisted.web.client import Agent, FileBodyProducer
 from twisted.web.iweb import UNKNOWN_LENGTH
 
+from llmproxy.testing import RecordingEventSink
 from tests.fakes.upstream import CHAT_COMPLETION, sse_chunks
-from tests.integration.harness import Collect, RecordedEvents, Running, raw_request, running_fixture
+from tests.integration.harness import Collect, Running, raw_request, running_fixture
 
 pytestmark = pytest.mark.integration
 
@@ -405,25 +406,12 @@ async def test_connect_timeout_gives_504(env: Running) -> None:
     assert stats["routes"]["mock"]["by_outcome"] == {"timeout": 1}
 
 
-class _Bodies(RecordedEvents):
-    """Keeps the body each started record was handed with."""
-
-    def __init__(self, whole: bool) -> None:
-        super().__init__()
-        self.needs_whole_body = whole
-        self.bodies: list[bytes] = []
-
-    def request_started(self, record: Any, body: bytes) -> None:
-        super().request_started(record, body)
-        self.bodies.append(body)
-
-
 @pytest.mark.parametrize("whole", [False, True])
 @pytest_twisted.ensureDeferred
 async def test_a_long_body_is_read_back_whole_only_for_the_session_tracker(
     env: Running, whole: bool
 ) -> None:
-    events = env.service.proxy.events = _Bodies(whole)  # type: ignore[assignment]
+    events = env.service.proxy.events = RecordingEventSink(needs_whole_body=whole)  # type: ignore[assignment]
     cap = env.service.settings.capture.request_body_bytes
     body = json.dumps({"messages": [{"role": "user", "content": "x" * (3 * cap)}]}).encode()
     resp = await env.client.post(env.url("/mock/v1/chat/completions"), data=body)

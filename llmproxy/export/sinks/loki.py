@@ -58,7 +58,30 @@ from llmproxy.export.sink import (
     Retry,
     Verdict,
 )
-from llmproxy.export.sinks._exchange import json_default, parse_ns
+from llmproxy.export.sinks.exchange import json_default, parse_ns
+
+__all__ = [
+    "APP",
+    "BODY_KEYS",
+    "CHUNK_KEYS",
+    "EVENT_LABELS",
+    "HEADER_KEYS",
+    "IDENTITY_FIELDS",
+    "LABEL_NAME",
+    "MAX_LABEL_NAMES",
+    "MAX_LABEL_VALUE_BYTES",
+    "MAX_TENANT_BYTES",
+    "METADATA_FIELDS",
+    "MIN_LINE_BYTES",
+    "PARTLY_REFUSED",
+    "PUSH_PATH",
+    "TENANT_CHARS",
+    "TRUNCATION_MARK",
+    "LokiSink",
+    "check_tenant",
+    "push_url",
+    "shorten_line",
+]
 
 PUSH_PATH = "/loki/api/v1/push"
 

@@ -91,15 +91,32 @@ from llmproxy.export.sink import (
     Rejected,
     Retry,
     Verdict,
+    checked_endpoint,
     parse_retry_after,
 )
-from llmproxy.export.sinks import _exchange
-from llmproxy.export.sinks._exchange import (
+from llmproxy.export.sinks import exchange
+from llmproxy.export.sinks.exchange import (
     PlannedBatch,
     exchange_ns,
     nonempty_str,
     request_json,
 )
+
+__all__ = [
+    "DEFAULT_ENDPOINT",
+    "LOGS_PATH",
+    "MAX_STATUS_MESSAGE",
+    "RETRYABLE",
+    "SCOPE_NAME",
+    "SERVICE_NAME",
+    "SPAN_KIND_CLIENT",
+    "STATUS_CODE_ERROR",
+    "TRACES_PATH",
+    "OTLPSink",
+    "operation_name",
+    "signal_url",
+    "span_ids",
+]
 
 log = Logger()
 
@@ -232,7 +249,7 @@ class OTLPSink(HTTPSink):
             headers["Authorization"] = self._authorization
         headers.update(self._extra_headers)
         self._headers = headers
-        self._secrets = _exchange.secrets_to_mask(
+        self._secrets = exchange.secrets_to_mask(
             (self._authorization, self._authorization.partition(" ")[2]), self._extra_headers
         )
 
@@ -247,12 +264,9 @@ class OTLPSink(HTTPSink):
     ) -> OTLPSink:
         """A sink for one ``[exporter:NAME]`` section of ``type = otlp``."""
         where = f"exporter:{settings.name}"
-        endpoint = settings.endpoint or DEFAULT_ENDPOINT
-        parts = urlsplit(endpoint)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"{where}: endpoint must be an http(s) URL of an OTLP/HTTP receiver")
-        if parts.username is not None or parts.password is not None:
-            raise ValueError(f"{where}: endpoint must not carry credentials (use headers)")
+        endpoint = checked_endpoint(
+            where, settings.endpoint or DEFAULT_ENDPOINT, "an OTLP/HTTP receiver", "headers"
+        )
         for name, _ in settings.headers:
             if not name or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
                 raise ValueError(f"{where}: headers: {name!r} is not a valid header name")

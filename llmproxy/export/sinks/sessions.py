@@ -52,6 +52,13 @@ from llmproxy.events.time import rfc3339_ns
 from llmproxy.export.appendfile import displaced, open_append
 from llmproxy.export.sink import Delivered, Retry, Verdict
 
+__all__ = [
+    "MAX_STEM",
+    "SessionsSink",
+    "safe_name",
+    "session_entry",
+]
+
 log = Logger()
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
@@ -85,7 +92,7 @@ def _day(event: dict[str, Any]) -> str | None:
 
 
 def session_entry(event: dict[str, Any]) -> dict[str, Any]:
-    """The Go llm-proxy's entry: the event's fields plus ``_meta``."""
+    """A session log entry: the event's fields plus ``_meta`` (the Go llm-proxy's)."""
     entry = dict(event)
     entry["_meta"] = {
         "ts": event.get("ts"),

@@ -134,7 +134,7 @@ def test_systemd_endpoints_are_accepted_without_listen_fds() -> None:
     assert problems("[server]\nlisten = systemd:domain=INET\n")[0].startswith("server.listen")
 
 
-def test_seed_loki_section_and_env_aliases_make_a_loki_exporter() -> None:
+def test_the_go_proxys_loki_section_and_env_aliases_make_a_loki_exporter() -> None:
     s = load_settings(
         text="[loki]\nenabled = true\nurl = http://loki:3100\nbatch_wait = 2s\nretry_max = 4\n",
         env={"LLM_PROXY_LOKI_BATCH_SIZE": "50", "LLM_PROXY_LOKI_ENVIRONMENT": "staging"},
@@ -145,7 +145,7 @@ def test_seed_loki_section_and_env_aliases_make_a_loki_exporter() -> None:
     assert s.server.environment == "staging"
 
 
-def test_seed_loki_disabled_gives_no_exporter() -> None:
+def test_the_go_proxys_loki_section_disabled_gives_no_exporter() -> None:
     s = load_settings(
         text="", env={"LLM_PROXY_LOKI_ENABLED": "false", "LLM_PROXY_LOKI_URL": "http://l"}
     )
