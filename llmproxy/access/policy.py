@@ -229,6 +229,9 @@ class TokenAccess:
                 token_id=id_for(digest) if digest else "-",
                 headers=_WWW_AUTHENTICATE,
             )
+        # Attribution: the events and metrics say whose request this was, let through or not.
+        record.token_id = token.id
+        record.project = token.project
         state = token.state(now)
         if state != "active":
             return self._deny(

@@ -39,6 +39,7 @@ from llmproxy.config.model import EXPORTER_TYPES, ExporterSettings, RedisSetting
 from llmproxy.redis.connection import parse_redis_url, redis_problems
 from llmproxy.redis.dispatcher import Dispatcher, build_dispatcher
 from llmproxy.runtime.checks import load_checked
+from llmproxy.runtime.exits import EX_CONFIG
 
 __all__ = [
     "SERVICES",
@@ -205,7 +206,7 @@ def _dispatcher_command(args: argparse.Namespace) -> int:
     except DispatcherConfigError as e:
         for line in e.problems:
             print(line, file=sys.stderr)
-        return 64
+        return EX_CONFIG
     from twisted.internet import reactor
 
     try:
@@ -214,7 +215,7 @@ def _dispatcher_command(args: argparse.Namespace) -> int:
         )
     except ValueError as e:
         print(e, file=sys.stderr)
-        return 64
+        return EX_CONFIG
     return run(dispatcher, plan.drain_timeout, reactor, plan.describe())
 
 

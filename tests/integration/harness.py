@@ -75,6 +75,8 @@ def start(
 ) -> Running:
     upstream = FakeUpstream(reactor)
     port = upstream.listen()
+    # ``{upstream_port}`` in ``extra``: a route of its own to the upstream.
+    extra = extra.replace("{upstream_port}", str(port))
     settings = load_settings(
         text=config_text(port, str(tmp_path / "state"), extra, server), env=env or {}
     )

@@ -220,7 +220,7 @@ async def test_missing_unknown_revoked_and_expired_tokens_get_401(secured: Secur
         error = _error(resp)
         assert error["type"] == "authentication_error"
         assert resp.headers.getRawHeaders(b"www-authenticate") == [b'Bearer realm="llmproxy"']
-        assert resp.headers.getRawHeaders(b"x-request-id")
+        assert resp.headers.getRawHeaders(b"x-llmproxy-request-id")
     assert secured.env.upstream.requests == []
     failures = [a for a in secured.audit() if a["action"] == "auth_failed"]
     assert [a["reason"] for a in failures] == [reason for _, reason in cases]

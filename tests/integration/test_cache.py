@@ -242,7 +242,7 @@ async def test_a_get_is_stored_then_answered_from_the_cache(cached: Cached) -> N
     assert second.h("cache-status") == "llmproxy; hit; ttl=53"
     assert second.h("age") == "7"
     assert second.h("content-type") == "application/json"
-    assert second.h("x-request-id") not in (None, first.h("x-request-id"))
+    assert second.h("x-llmproxy-request-id") not in (None, first.h("x-llmproxy-request-id"))
     # The upstream's cookie went to the client that caused it, never to others.
     assert first.h("set-cookie") is not None and second.h("set-cookie") is None
     assert cached.calls == 1

@@ -134,19 +134,60 @@ async def test_upstream_connections_are_kept_alive_and_reused(env: Running) -> N
 @pytest_twisted.ensureDeferred
 async def test_request_id_is_kept_when_sane(env: Running) -> None:
     resp = await env.client.get(env.url("/echo-headers"), headers={"X-Request-ID": "abc-123"})
-    assert resp.headers.getRawHeaders(b"x-request-id") == [b"abc-123"]
+    assert resp.headers.getRawHeaders(b"x-llmproxy-request-id") == [b"abc-123"]
     seen = await resp.json()
     assert seen["x-request-id"] == ["abc-123"]
+    assert "x-llmproxy-request-id" not in seen
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_proxys_own_request_id_header_wins_over_x_request_id(env: Running) -> None:
+    resp = await env.client.get(
+        env.url("/echo-headers"),
+        headers={"X-LLMProxy-Request-ID": "mine-1", "X-Request-ID": "other-2"},
+    )
+    assert resp.headers.getRawHeaders(b"x-llmproxy-request-id") == [b"mine-1"]
+    seen = await resp.json()
+    assert seen["x-request-id"] == ["mine-1"]
 
 
 @pytest_twisted.ensureDeferred
 async def test_request_id_is_generated_when_missing_or_insane(env: Running) -> None:
-    for headers in ({}, {"X-Request-ID": "bad id with spaces"}, {"X-Request-ID": "x" * 300}):
+    for headers in (
+        {},
+        {"X-Request-ID": "bad id with spaces"},
+        {"X-Request-ID": "x" * 300},
+        {"X-LLMProxy-Request-ID": "bad\x01id"},
+    ):
         resp = await env.client.get(env.url("/echo-headers"), headers=headers)
-        (rid,) = resp.headers.getRawHeaders(b"x-request-id")
+        (rid,) = resp.headers.getRawHeaders(b"x-llmproxy-request-id")
         seen = await resp.json()
         assert len(rid) == 32 and int(rid, 16) >= 0
         assert seen["x-request-id"] == [rid.decode()]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_providers_request_id_reaches_the_client_unchanged(env: Running) -> None:
+    # Read as the OpenAI SDK reads it (response.headers.get("x-request-id")) and as the
+    # Anthropic SDK does ("request-id"): the provider's own, for its support.
+    openai = await env.client.post(
+        env.url("/mock/v1/chat/completions"),
+        json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+        headers={"X-Request-ID": "client-chosen"},
+    )
+    await openai.content()
+    n = len(env.upstream.requests)
+    assert openai.headers.getRawHeaders(b"x-request-id") == [b"req_%d" % n]
+    assert openai.headers.getRawHeaders(b"x-llmproxy-request-id") == [b"client-chosen"]
+    anthropic = await env.client.post(
+        env.url("/mock/v1/messages"),
+        json={"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]},
+    )
+    await anthropic.content()
+    assert anthropic.headers.getRawHeaders(b"request-id") == [b"req_%d" % (n + 1)]
+    assert anthropic.headers.getRawHeaders(b"x-request-id") is None
+    (own,) = anthropic.headers.getRawHeaders(b"x-llmproxy-request-id")
+    assert len(own) == 32
 
 
 @pytest_twisted.ensureDeferred

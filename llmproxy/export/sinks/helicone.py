@@ -31,10 +31,11 @@ sessions).  Each exchange maps as follows:
   request's headers: ``Helicone-Request-Id`` (a UUID derived from the request id,
   so a log sent twice is the same Helicone request), ``Helicone-User-Id``
   (OpenAI ``user`` / Anthropic ``metadata.user_id``), the session headers, and
-  ``Helicone-Property-*`` (request id, session, seq, route, environment,
-  machine, outcome, cache status, key and age, upstream host, and the request's
-  own string ``metadata``).  Helicone has no field for an answer from our cache
-  (its cache reference names one of its own requests, set by its gateway only).
+  ``Helicone-Property-*`` (request id and the provider's, session, seq, route,
+  the proxy token's id and project, environment, machine, outcome, cache status,
+  key and age, upstream host, and the request's own string ``metadata``).
+  Helicone has no field for an answer from our cache (its cache reference names
+  one of its own requests, set by its gateway only).
 - Sessions: Helicone's Sessions view reads ``Helicone-Session-Id``,
   ``Helicone-Session-Path`` and ``Helicone-Session-Name``.  A conversation and
   the forks made from it are one Helicone session: the id is the conversation's
@@ -124,9 +125,12 @@ REQUEST_ID_NAMESPACE = uuid.UUID("0b5c1f4e-3d2a-5e8f-a6b7-c9d0e1f2a3b4")
 # Event fields sent as Helicone-Property-<Name>.
 PROPERTY_FIELDS = (
     ("request_id", "Request-Id"),
+    ("upstream_request_id", "Upstream-Request-Id"),
     ("session_id", "Session-Id"),
     ("seq", "Seq"),
     ("route", "Route"),
+    ("token_id", "Token-Id"),
+    ("project", "Project"),
     ("environment", "Environment"),
     ("machine", "Machine"),
     ("outcome", "Outcome"),

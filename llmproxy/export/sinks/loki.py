@@ -106,7 +106,7 @@ MAX_TENANT_BYTES = 150
 # The per-event labels; a static label may not take these names, or every stream
 # of the batch would collapse into one with a wrong value.
 EVENT_LABELS = ("provider", "environment", "machine", "log_type")
-METADATA_FIELDS = ("request_id", "session_id", "route")
+METADATA_FIELDS = ("request_id", "session_id", "route", "token_id", "project")
 
 # What is given up first when a line is too long, in order.  Each tier names the
 # keys whose whole subtree may be shortened.
@@ -124,6 +124,8 @@ IDENTITY_FIELDS = (
     "session_id",
     "seq",
     "route",
+    "token_id",
+    "project",
     "provider",
     "environment",
     "machine",

@@ -138,9 +138,12 @@ PARAM_KEYS = (
 # Event fields copied into Lunary's ``metadata`` (it keeps top-level scalars only).
 METADATA_FIELDS = (
     "request_id",
+    "upstream_request_id",
     "session_id",
     "seq",
     "route",
+    "token_id",
+    "project",
     "provider",
     "upstream_host",
     "method",

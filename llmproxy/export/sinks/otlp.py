@@ -42,7 +42,8 @@ real start and end, and:
   or HTTP status 400 and up);
 - ``http.request.method``, ``http.response.status_code``, ``server.address``
   and ``server.port`` (the upstream's), ``client.address``, and ``llmproxy.*``
-  (request and session id, route, outcome, cache status...).
+  (request id, the provider's ``upstream_request_id``, session id, route, the
+  proxy token's ``token_id`` and ``project``, outcome, cache status...).
 
 The resource says ``service.name=llmproxy``, ``host.name`` and
 ``deployment.environment.name``.
@@ -437,7 +438,7 @@ def _log_record(event: dict[str, Any], now_ns: int) -> dict[str, Any]:
     if kind == "response":
         attributes.extend(_exchange_attributes(event, operation_name(str(event.get("path") or ""))))
     else:
-        for field in ("request_id", "session_id", "route"):
+        for field in ("request_id", "session_id", "route", "token_id", "project"):
             value = event.get(field)
             if value is not None and value != "":
                 attributes.append(_kv(f"llmproxy.{field}", value))
@@ -500,9 +501,12 @@ def _exchange_attributes(event: dict[str, Any], operation: str | None) -> list[d
         ("http.response.status_code", "status"),
         ("client.address", "client_addr"),
         ("llmproxy.request_id", "request_id"),
+        ("llmproxy.upstream_request_id", "upstream_request_id"),
         ("llmproxy.session_id", "session_id"),
         ("llmproxy.seq", "seq"),
         ("llmproxy.route", "route"),
+        ("llmproxy.token_id", "token_id"),
+        ("llmproxy.project", "project"),
         ("llmproxy.outcome", "outcome"),
         ("llmproxy.cache_status", "cache_status"),
         ("llmproxy.cache_key", "cache_key"),

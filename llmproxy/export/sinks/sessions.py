@@ -6,7 +6,8 @@ Every event with a ``session_id`` is appended to
 ``session_start`` or ``fork`` entry the session tracker published, then the
 ``request`` and ``response`` entries of each exchange.  An entry is the
 canonical event (``type`` and all its fields) plus the Go llm-proxy's
-``_meta {ts, machine, host, session, request_id}``.  Events without a session
+``_meta {ts, machine, host, session, request_id}`` (the proxy llmproxy replaces:
+tools that read its session logs read these).  Events without a session
 (non-conversation requests) are skipped.
 
 The date is the day (UTC) the exchange started (``start``, else ``ts``), so an
