@@ -9,7 +9,9 @@ the provider's header instead, so provider keys never leave the server.
 
 Answers, each in the OpenAI error shape and each written to the audit log:
 401 for a missing, unknown, revoked or expired token; 403 when the token's
-request quota is spent; 429 with ``Retry-After`` over its rate limit.
+request quota is spent; 429 ``budget_exceeded`` when its USD or token budget
+for the period is spent (llmproxy/access/budgets.py); 429 with ``Retry-After``
+over its rate limit.
 
 Tokens are found by the SHA-256 digest of what the client sent, so the lookup
 never compares secrets byte by byte: timing can at most reveal something about
@@ -23,8 +25,9 @@ The token file is re-read when it changes: a ``stat`` at most once per
 from __future__ import annotations
 
 import hmac
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
@@ -34,6 +37,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 
+from llmproxy.access.budgets import SpendBook, SpendFile
 from llmproxy.access.decision import Allow, Deny
 from llmproxy.access.limits import RateLimiter, retry_after_seconds
 from llmproxy.access.tokens import (
@@ -111,9 +115,11 @@ class TokenAccess:
         clock: IReactorTime,
         reload_interval: float = 1.0,
         flush_interval: float = 5.0,
+        spend: SpendBook | None = None,
     ) -> None:
         self._tokens = tokens
         self._usage = usage
+        self.spend = spend
         self._audit = audit
         self._clock = clock
         self._reload_interval = reload_interval
@@ -157,7 +163,7 @@ class TokenAccess:
         if not self._inject:
             return
         self._load("start")
-        flusher = self._flusher = LoopingCall(self._usage.flush)
+        flusher = self._flusher = LoopingCall(self._flush)
         flusher.clock = self._clock
         flusher.start(self._flush_interval, now=False).addErrback(self._flush_failed)
 
@@ -169,20 +175,58 @@ class TokenAccess:
             self._flusher = None
         if self._loaded:
             self._usage.close()
+            if self.spend is not None:
+                self.spend.close()
         return succeed(None)
+
+    def _flush(self) -> None:
+        self._usage.flush()
+        if self.spend is not None:
+            self.spend.flush()
 
     def reload(self) -> None:
         """Re-read the token file now (SIGHUP)."""
         if self._inject:
             self._load("sighup")
 
-    def stats(self) -> dict[str, int]:
-        """For ``/stats``: tokens known, denials and reloads since start."""
-        return {
+    def stats(self) -> dict[str, Any]:
+        """For ``/stats``: tokens known, denials and reloads since start, and the
+        spend of each token and project in the current period of its budget."""
+        stats: dict[str, Any] = {
             "tokens": len(self._by_digest),
             "denied": self.denied,
             "reloads": self.reloads,
             "usage_write_errors": self._usage.write_errors,
+        }
+        if self.spend is not None:
+            stats["spend"] = self.spend_stats(self._clock.seconds())
+        return stats
+
+    def spend_stats(self, now: float) -> dict[str, Any]:
+        """Spend per token (in the current window of its period) and per project
+        (this month, UTC)."""
+        assert self.spend is not None
+        by_token: dict[str, Any] = {}
+        by_project: dict[str, dict[str, Any]] = {}
+        for token in self._by_digest.values():
+            usd, tokens = self.spend.spent(token.id, token.period, now)
+            by_token[token.id] = {
+                "project": token.project,
+                "period": token.period,
+                "usd": round(usd, 9),
+                "tokens": tokens,
+                "max_usd": token.max_usd,
+                "max_tokens": token.max_tokens,
+            }
+            month_usd, month_tokens = self.spend.spent(token.id, "month", now)
+            p = by_project.setdefault(token.project, {"usd": 0.0, "tokens": 0})
+            p["usd"] = round(p["usd"] + month_usd, 9)
+            p["tokens"] += month_tokens
+        return {
+            "tokens": by_token,
+            "projects_this_month": by_project,
+            "charged": self.spend.charged,
+            "write_errors": self.spend.write_errors,
         }
 
     def _flush_failed(self, failure: Failure) -> None:
@@ -254,6 +298,12 @@ class TokenAccess:
                 reason="quota",
                 token=token,
             )
+        if self.spend is not None:
+            refusal = self.spend.refusal(token, now)
+            if refusal is not None:
+                return self._budget_spent(
+                    request, record, token, refusal.message(), refusal.retry_after(now)
+                )
         if token.rpm is not None:
             wait = self._limiter.take(token.id, token.rpm, now)
             if wait > 0:
@@ -280,6 +330,41 @@ class TokenAccess:
     def finished(self, record: ExchangeRecord) -> None:
         # Counting happens when a request is let through, whatever the upstream did.
         pass
+
+    def charge(self, record: ExchangeRecord, event: Mapping[str, Any]) -> None:
+        """The capture pump priced an answer (``event``, the response event): count
+        it against its token's budgets."""
+        if self.spend is None or record.token_id is None:
+            return
+        self.spend.charge(
+            record.token_id,
+            record.project or "-",
+            event.get("model"),
+            event.get("usage"),
+            event.get("cost"),
+            record.started_at + (record.ended_at or 0.0),
+        )
+
+    def _budget_spent(
+        self,
+        request: Request,
+        record: ExchangeRecord,
+        token: Token,
+        message: str,
+        retry_after: int | None,
+    ) -> Deny:
+        headers = () if retry_after is None else ((b"retry-after", b"%d" % retry_after),)
+        deny = self._deny(
+            request,
+            record,
+            429,
+            message,
+            action="budget_exceeded",
+            reason="budget",
+            token=token,
+            headers=headers,
+        )
+        return attrs.evolve(deny, code="budget_exceeded")
 
     # -- helpers ----------------------------------------------------------------
 
@@ -318,6 +403,8 @@ class TokenAccess:
             # Counts first, whoever loads first (start() or a request): a quota
             # must never start again from 0.
             self._usage.load()
+            if self.spend is not None:
+                self.spend.load()
         stamp = self._tokens.stamp()
         try:
             tokens = self._tokens.read()
@@ -363,6 +450,7 @@ def build_access(
         routes=settings.routes,
         tokens=TokenFile.in_state_dir(tokens_dir or state_dir),
         usage=UsageLedger(UsageFile.in_state_dir(state_dir)),
+        spend=SpendBook(SpendFile.in_state_dir(state_dir)),
         audit=audit,
         clock=clock,
         reload_interval=reload_interval,

@@ -94,6 +94,10 @@ class Token:
     max_requests: int | None = None  # request quota over the token's life
     rpm: int | None = None  # requests per minute
     revoked: float | None = None  # epoch seconds when revoked
+    # Budgets over ``period`` (day | month | total; llmproxy/access/budgets.py).
+    max_usd: float | None = None
+    max_tokens: int | None = None  # input + output tokens
+    period: str = "total"
 
     def state(self, now: float) -> str:
         """``active``, ``revoked`` or ``expired``."""
@@ -131,6 +135,9 @@ class Token:
         if not isinstance(project, str):
             raise TokenFileError("token without a project")
         created = number("created")
+        period = data.get("period", "total")
+        if period not in ("day", "month", "total"):
+            raise TokenFileError("token field 'period' is not day, month or total")
         return cls(
             id=id_for(digest),
             sha256=digest,
@@ -140,6 +147,9 @@ class Token:
             max_requests=count("max_requests"),
             rpm=count("rpm"),
             revoked=number("revoked"),
+            max_usd=number("max_usd"),
+            max_tokens=count("max_tokens"),
+            period=period,
         )
 
 
@@ -212,6 +222,9 @@ class TokenFile:
         expires: float | None = None,
         max_requests: int | None = None,
         rpm: int | None = None,
+        max_usd: float | None = None,
+        max_tokens: int | None = None,
+        period: str = "total",
     ) -> tuple[str, Token]:
         """A new token: returns the secret (to show once) and what is stored."""
         with self._locked():
@@ -230,6 +243,9 @@ class TokenFile:
                 expires=expires,
                 max_requests=max_requests,
                 rpm=rpm,
+                max_usd=max_usd,
+                max_tokens=max_tokens,
+                period=period,
             )
             tokens.append(token)
             self._write(tokens)

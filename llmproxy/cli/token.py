@@ -25,7 +25,7 @@ from llmproxy.cli.args import Subcommands, positive_int
 from llmproxy.config.loader import ConfigError, load_settings
 from llmproxy.config.model import Settings
 
-__all__ = ["add_token_command", "parse_expiry", "project_name"]
+__all__ = ["add_token_command", "parse_expiry", "project_name", "usd_amount"]
 
 _SPAN_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -62,6 +62,17 @@ def project_name(text: str) -> str:
             "or digit)"
         )
     return text
+
+
+def usd_amount(text: str) -> float:
+    """argparse type for ``--max-usd``: a positive number of US dollars."""
+    try:
+        value = float(text.strip().lstrip("$"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an amount of USD") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError("--max-usd must be greater than 0")
+    return value
 
 
 def _token_settings(args: argparse.Namespace) -> Settings | None:
@@ -101,7 +112,14 @@ def _token_create(args: argparse.Namespace) -> int:
         print(e, file=sys.stderr)
         return 2
     secret, token = TokenFile.in_state_dir(settings.server.state_dir).create(
-        args.project, now, expires=expires, max_requests=args.max_requests, rpm=args.rpm
+        args.project,
+        now,
+        expires=expires,
+        max_requests=args.max_requests,
+        rpm=args.rpm,
+        max_usd=args.max_usd,
+        max_tokens=args.max_tokens,
+        period=args.period,
     )
     audit = AuditLog(settings.audit_path)
     audit.write(
@@ -111,6 +129,9 @@ def _token_create(args: argparse.Namespace) -> int:
         expires=token.expires,
         max_requests=token.max_requests,
         rpm=token.rpm,
+        max_usd=token.max_usd,
+        max_tokens=token.max_tokens,
+        period=token.period,
         actor=_actor(),
         outcome="ok",
     )
@@ -118,14 +139,25 @@ def _token_create(args: argparse.Namespace) -> int:
     print(secret)
     print(
         f"created {token.id} for project {token.project} (expires {_when(token.expires)}, "
-        f"quota {token.max_requests or '-'}, rpm {token.rpm or '-'}). The token above is "
+        f"quota {token.max_requests or '-'}, rpm {token.rpm or '-'}, budget "
+        f"{_budget(token.max_usd, token.max_tokens)} per {token.period}). The token above is "
         "shown only this once: store it now.",
         file=sys.stderr,
     )
     return 0
 
 
+def _budget(max_usd: float | None, max_tokens: int | None) -> str:
+    parts = []
+    if max_usd is not None:
+        parts.append(f"${max_usd:g}")
+    if max_tokens is not None:
+        parts.append(f"{max_tokens} tokens")
+    return " + ".join(parts) or "-"
+
+
 def _token_list(args: argparse.Namespace) -> int:
+    from llmproxy.access.budgets import NANO, read_spend, spent_by_token
     from llmproxy.access.tokens import TokenFile, TokenFileError, UsageFile
 
     settings = _token_settings(args)
@@ -135,6 +167,7 @@ def _token_list(args: argparse.Namespace) -> int:
     try:
         tokens = TokenFile.in_state_dir(state_dir).read()
         used = UsageFile.in_state_dir(state_dir).read()
+        spend = spent_by_token(read_spend(state_dir), time.time())
     except TokenFileError as e:
         print(e, file=sys.stderr)
         return 1
@@ -149,13 +182,32 @@ def _token_list(args: argparse.Namespace) -> int:
             "used": used.get(t.id, 0),
             "max_requests": t.max_requests,
             "rpm": t.rpm,
+            "period": t.period,
+            "spent_usd": spend.get((t.id, t.period), (0, 0))[0] / NANO,
+            "spent_tokens": spend.get((t.id, t.period), (0, 0))[1],
+            "max_usd": t.max_usd,
+            "max_tokens": t.max_tokens,
         }
         for t in tokens
     ]
     if args.json:
         print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
         return 0
-    header = ("ID", "PROJECT", "STATE", "CREATED", "EXPIRES", "USED", "QUOTA", "RPM")
+    header = (
+        "ID",
+        "PROJECT",
+        "STATE",
+        "CREATED",
+        "EXPIRES",
+        "USED",
+        "QUOTA",
+        "RPM",
+        "PERIOD",
+        "SPENT_USD",
+        "MAX_USD",
+        "SPENT_TOKENS",
+        "MAX_TOKENS",
+    )
     table = [header] + [
         (
             str(r["id"]),
@@ -166,6 +218,11 @@ def _token_list(args: argparse.Namespace) -> int:
             str(r["used"]),
             str(r["max_requests"] or "-"),
             str(r["rpm"] or "-"),
+            str(r["period"]),
+            f"{r['spent_usd']:.6f}",
+            "-" if r["max_usd"] is None else f"{r['max_usd']:g}",
+            str(r["spent_tokens"]),
+            str(r["max_tokens"] or "-"),
         )
         for r in rows
     ]
@@ -216,8 +273,25 @@ def add_token_command(sub: Subcommands) -> None:
     p.add_argument("--expires", default=None, help="30d, 12h, 2w, an ISO date, or never")
     p.add_argument("--max-requests", type=positive_int, default=None, help="request quota")
     p.add_argument("--rpm", type=positive_int, default=None, help="requests per minute")
+    p.add_argument(
+        "--max-usd", type=usd_amount, default=None, help="USD budget per period (see --period)"
+    )
+    p.add_argument(
+        "--max-tokens",
+        type=positive_int,
+        default=None,
+        help="token budget (input + output) per period",
+    )
+    p.add_argument(
+        "--period",
+        choices=("day", "month", "total"),
+        default="total",
+        help="the budgets' period: a UTC day, a UTC month, or the token's life (default)",
+    )
     p.set_defaults(func=_token_create)
-    p = token_sub.add_parser("list", parents=[config], help="ids, projects, expiry and usage")
+    p = token_sub.add_parser(
+        "list", parents=[config], help="ids, projects, expiry, usage and spend this period"
+    )
     p.add_argument("--json", action="store_true", help="JSON instead of a table")
     p.set_defaults(func=_token_list)
     p = token_sub.add_parser("revoke", parents=[config], help="revoke a token by id")

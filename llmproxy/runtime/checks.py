@@ -24,6 +24,7 @@ from llmproxy.cache import cache_problems
 from llmproxy.config.loader import load_settings
 from llmproxy.config.model import ExporterSettings, Settings
 from llmproxy.export.registry import build_sink
+from llmproxy.pricing import price_problems
 from llmproxy.redis.connection import redis_problems
 
 __all__ = ["check_settings", "load_checked", "sink_problem"]
@@ -33,6 +34,7 @@ def check_settings(settings: Settings) -> list[str]:
     """The subsystems' problems with ``settings``, as ``section.key: reason`` lines."""
     problems = [f"redis.{problem}" for problem in redis_problems(settings.redis)]
     problems.extend(cache_problems(settings))
+    problems.extend(price_problems(settings))
     for exporter in settings.exporters:
         why = sink_problem(exporter, settings)
         if why:
