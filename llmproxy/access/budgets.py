@@ -17,7 +17,7 @@ is whole again at the next one) or ``total`` (the token's life).
 Counts are whole numbers (cost in nano-USD), kept per token and window under
 keys ``budget:<token id>:usd|tokens:<window>`` (window ``2026-12-07``,
 ``2026-12`` or ``total``), the key scheme of the shared counters of
-llmproxy/state (issue 16): :class:`SpendCounters` is the seam a Redis-backed
+llmproxy/state (issue 16): :class:`llmproxy.interfaces.SpendCounters` is the seam a Redis-backed
 counter plugs into, so that with ``[state] store = redis`` the budgets hold
 across workers and hosts.  With local state (today's), counts are per process,
 as request quotas are.
@@ -35,7 +35,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import attrs
 import orjson
@@ -43,6 +43,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from llmproxy.access.tokens import Token, TokenFileError, write_atomically
+from llmproxy.interfaces import SpendCounters
 
 __all__ = [
     "NANO",
@@ -51,7 +52,6 @@ __all__ = [
     "BudgetRefusal",
     "LocalSpendCounters",
     "SpendBook",
-    "SpendCounters",
     "SpendFile",
     "SpendRow",
     "Window",
@@ -99,20 +99,8 @@ def budget_key(token_id: str, unit: str, window_key: str) -> str:
     return f"budget:{token_id}:{unit}:{window_key}"
 
 
-class SpendCounters(Protocol):
-    """Whole-number counters that vanish at ``expire_at``: the shape of
-    llmproxy/state's counters (``LocalCounters``, ``RedisCounters``), so the
-    shared ones plug in with ``[state] store = redis``."""
-
-    def add(
-        self, key: str, amount: int, now: float, expire_at: float | None = None
-    ) -> Deferred[int]: ...
-
-    def read(self, keys: Sequence[str], now: float) -> Deferred[list[int]]: ...
-
-
 class LocalSpendCounters:
-    """:class:`SpendCounters` in this process's memory, also readable at once
+    """:class:`llmproxy.interfaces.SpendCounters` in this process's memory, also readable at once
     (:meth:`value`) for the request path."""
 
     def __init__(self) -> None:
@@ -254,9 +242,13 @@ class SpendBook:
     """Spend per token: the budget counters (request path) and the per-model
     rows (reports), persisted in a :class:`SpendFile`."""
 
-    def __init__(self, file: SpendFile, counters: LocalSpendCounters | None = None) -> None:
+    def __init__(self, file: SpendFile, shared: SpendCounters | None = None) -> None:
         self._file = file
-        self.counters = counters or LocalSpendCounters()
+        self.counters = LocalSpendCounters()
+        # Counters every process shares ([state] store = redis): charges are added
+        # there too, and :meth:`shared_refusal` / :meth:`budget_checks` read them.
+        self.shared = shared
+        self.shared_errors = 0
         self._rows: dict[tuple[str, str, str, str], SpendRow] = {}
         self._dirty = False
         self.write_errors = 0
@@ -301,18 +293,9 @@ class SpendBook:
         """Why ``token`` may not go on now, or None."""
         if token.max_usd is None and token.max_tokens is None:
             return None
-        w = window(token.period, now)
-        if token.max_usd is not None:
-            spent = self.counters.value(budget_key(token.id, "usd", w.key), now)
-            if spent >= round(token.max_usd * NANO):
-                return BudgetRefusal("usd", spent / NANO, token.max_usd, token.period, w.resets_at)
-        if token.max_tokens is not None:
-            used = self.counters.value(budget_key(token.id, "tokens", w.key), now)
-            if used >= token.max_tokens:
-                return BudgetRefusal(
-                    "tokens", float(used), float(token.max_tokens), token.period, w.resets_at
-                )
-        return None
+        checks = self.budget_checks(token, now)
+        value = self.counters.value
+        return self.refusal_of(token, now, [value(key, now) for key, _, _ in checks])
 
     # -- after the exchange ------------------------------------------------------
 
@@ -347,6 +330,56 @@ class SpendBook:
         self._count(token_id, usd_nanos, tokens, now)
         self._dirty = True
         self.charged += 1
+        shared = self.shared
+        if shared is not None:
+            for period in PERIODS:
+                w = window(period, now)
+                for unit, amount in (("usd", usd_nanos), ("tokens", tokens)):
+                    if amount:
+                        shared.add(
+                            budget_key(token_id, unit, w.key), amount, now, w.resets_at
+                        ).addErrback(self._shared_failed)
+
+    def _shared_failed(self, failure: Any) -> None:
+        self.shared_errors += 1
+        log.warn("token spend not added to the shared counters: {err}", err=str(failure.value))
+
+    # -- shared state (issue 16's counters) ------------------------------------------
+
+    def budget_checks(self, token: Token, now: float) -> list[tuple[str, int, float | None]]:
+        """``(key, limit, expire_at)`` per budget of ``token``: what a shared
+        admission checks with ``add = 0`` (admitted while ``used < limit``), in the
+        order :meth:`refusal_of` reads their counts."""
+        w = window(token.period, now)
+        checks = []
+        if token.max_usd is not None:
+            checks.append(
+                (budget_key(token.id, "usd", w.key), round(token.max_usd * NANO), w.resets_at)
+            )
+        if token.max_tokens is not None:
+            checks.append((budget_key(token.id, "tokens", w.key), token.max_tokens, w.resets_at))
+        return checks
+
+    def refusal_of(self, token: Token, now: float, counts: Sequence[int]) -> BudgetRefusal | None:
+        """The refusal the counts of :meth:`budget_checks`' keys call for, or None."""
+        w = window(token.period, now)
+        for (key, limit, _), used in zip(self.budget_checks(token, now), counts, strict=True):
+            if used >= limit:
+                if key.split(":")[2] == "usd":
+                    assert token.max_usd is not None
+                    return BudgetRefusal(
+                        "usd", used / NANO, token.max_usd, token.period, w.resets_at
+                    )
+                return BudgetRefusal("tokens", float(used), float(limit), token.period, w.resets_at)
+        return None
+
+    def shared_refusal(self, token: Token, now: float) -> Deferred[BudgetRefusal | None]:
+        """:meth:`refusal` against the shared counters (one read)."""
+        checks = self.budget_checks(token, now)
+        if self.shared is None or not checks:
+            return succeed(self.refusal(token, now))
+        d = self.shared.read([key for key, _, _ in checks], now)
+        return d.addCallback(lambda counts: self.refusal_of(token, now, counts))
 
     # -- reports --------------------------------------------------------------------
 

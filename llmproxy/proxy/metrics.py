@@ -23,7 +23,7 @@ with usage but no price (a model in no price table) are counted by model.
 Exchanges without a proxy token count under the project ``-``.
 The label set is bounded: the first ``max_projects`` projects seen keep their
 name for the life of the process, the rest are counted as ``other``; models
-likewise (the first ``max_models``).  (Not the
+likewise (the first ``max_models``, by default as many as projects).  (Not the
 top N by volume: a project moving in or out of the top would make its series
 and ``other`` go backwards, which counters must never do.)
 """
@@ -121,10 +121,11 @@ class ProjectLabels:
 class ProxyMetrics:
     """Counters for the proxy listener; one instance per process."""
 
-    def __init__(self, max_projects: int = 50, max_models: int = 50) -> None:
+    def __init__(self, max_projects: int = 50, max_models: int | None = None) -> None:
         self.requests: dict[tuple[str, int, str], int] = {}
         self.project_label = ProjectLabels(max_projects)
-        self.model_label = ProjectLabels(max_models)
+        # Models are bounded as projects are (server.metrics_projects), unless told.
+        self.model_label = ProjectLabels(max_projects if max_models is None else max_models)
         # (project, model) -> USD; (project, model, kind) -> tokens; model -> answers
         self.cost_usd: dict[tuple[str, str], float] = {}
         self.model_tokens: dict[tuple[str, str, str], int] = {}

@@ -234,7 +234,7 @@ def test_windows_and_keys() -> None:
 
 def test_token_file_keeps_budgets_and_rejects_a_bad_period(tmp_path: Path) -> None:
     tokens = TokenFile.in_state_dir(tmp_path)
-    _, token = tokens.create("p", NOW, max_usd=2.5, max_tokens=1000, period="month")
+    tokens.create("p", NOW, max_usd=2.5, max_tokens=1000, period="month")
     (read,) = tokens.read()
     assert (read.max_usd, read.max_tokens, read.period) == (2.5, 1000, "month")
     doc = orjson.loads(tokens.path.read_bytes())
@@ -307,3 +307,46 @@ def test_cli_refuses_a_bad_usd_budget(
         cli.main(["token", "create", "--config", config, "--project", "p", "--max-usd", bad])
     assert e.value.code == 2
     assert "--max-usd" in capsys.readouterr().err
+
+
+class SharedCounters:
+    """Counters another process shares: in memory here, behind the same
+    interface the Redis-backed ones of the shared state have."""
+
+    def __init__(self) -> None:
+        from llmproxy.access.budgets import LocalSpendCounters
+
+        self.inner = LocalSpendCounters()
+        self.adds: list[tuple[str, int, float | None]] = []
+
+    def add(self, key: str, amount: int, now: float, expire_at: float | None = None) -> Any:
+        self.adds.append((key, amount, expire_at))
+        return self.inner.add(key, amount, now, expire_at)
+
+    def read(self, keys: Any, now: float) -> Any:
+        return self.inner.read(keys, now)
+
+
+def test_charges_go_to_the_shared_counters_and_refusals_read_them(tmp_path: Path) -> None:
+    """The seam for ``[state] store = redis``: two books (two processes) sharing
+    counters refuse a token the other one spent."""
+    from llmproxy.interfaces import SpendCounters
+
+    shared = SharedCounters()
+    assert isinstance(shared, SpendCounters)
+    one = SpendBook(SpendFile(tmp_path / "a.json"), shared=shared)
+    two = SpendBook(SpendFile(tmp_path / "b.json"), shared=shared)
+    token = Token("tok_1", "0" * 64, "p", NOW, max_usd=0.01, max_tokens=10_000, period="month")
+    one.charge(
+        token.id, "p", "gpt-4o", {"input_tokens": 5, "output_tokens": 5}, {"total": 0.011}, NOW
+    )
+    assert ("budget:tok_1:usd:2027-03", 11_000_000, window("month", NOW).resets_at) in shared.adds
+    assert two.refusal(token, NOW) is None  # its own memory knows nothing
+    out: list[Any] = []
+    two.shared_refusal(token, NOW).addCallback(out.append)
+    (refusal,) = out
+    assert refusal is not None and refusal.unit == "usd" and refusal.spent == pytest.approx(0.011)
+    assert two.budget_checks(token, NOW) == [
+        ("budget:tok_1:usd:2027-03", 10_000_000, window("month", NOW).resets_at),
+        ("budget:tok_1:tokens:2027-03", 10_000, window("month", NOW).resets_at),
+    ]

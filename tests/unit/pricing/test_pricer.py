@@ -130,7 +130,7 @@ def test_rates_are_exact_decimals_of_the_table() -> None:
     """The rates are measured with genai-prices' own arithmetic: in Decimal, equal
     to the digit."""
     snapshot = data_snapshot.get_snapshot()
-    provider, model = snapshot.find_provider_model("gpt-4o", None, "openai", None)
+    _, model = snapshot.find_provider_model("gpt-4o", None, "openai", None)
     rates = tiered_rates_of(model.get_prices(datetime.fromtimestamp(NOW, UTC)))
     assert not hasattr(rates, "bands")
     calc = calc_price(
