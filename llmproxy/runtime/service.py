@@ -420,7 +420,7 @@ class ProxyService(RootService):
         }
 
     def _bus_families(self) -> Iterator[Any]:
-        from llmproxy.export.bus_metrics import bus_families
+        from llmproxy.export.metrics import bus_families
 
         yield from bus_families(self.bus.stats())
 
