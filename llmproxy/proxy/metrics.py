@@ -238,48 +238,27 @@ class ProxyMetrics:
         }
 
     def families(self) -> Iterator[Metric]:
-        req = CounterMetricFamily(
-            "llmproxy_requests", "Proxied requests", labels=["route", "status", "outcome"]
-        )
-        for (route, status, outcome), n in sorted(self.requests.items()):
-            req.add_metric([route, str(status), outcome], n)
-        yield req
-        preq = CounterMetricFamily(
-            "llmproxy_project_requests",
-            "Requests made with a proxy token, by its project (the first N projects; the rest "
-            "as other)",
-            labels=["project", "outcome"],
-        )
-        for (project, outcome), n in sorted(self.project_requests.items()):
-            preq.add_metric([project, outcome], n)
-        yield preq
-        ptok = CounterMetricFamily(
-            "llmproxy_project_tokens",
-            "Tokens the answers to a project's requests used, by kind (from the response "
-            "usage; counted when events are on)",
-            labels=["project", "kind"],
-        )
-        for (project, kind), n in sorted(self.project_tokens.items()):
-            ptok.add_metric([project, kind], n)
-        yield ptok
-        mtok = CounterMetricFamily(
-            "llmproxy_model_tokens",
-            "Tokens the answers used, by project, model and kind (the first N of each; the "
-            "rest as other; '-': no proxy token)",
-            labels=["project", "model", "kind"],
-        )
-        for (project, model, kind), n in sorted(self.model_tokens.items()):
-            mtok.add_metric([project, model, kind], n)
-        yield mtok
-        cost = CounterMetricFamily(
-            "llmproxy_cost_usd",
-            "What the answers cost in USD, by project and model (genai-prices or the ini's "
-            "prices; cache hits cost 0)",
-            labels=["project", "model"],
-        )
-        for (project, model), usd in sorted(self.cost_usd.items()):
-            cost.add_metric([project, model], usd)
-        yield cost
+        counters: tuple[tuple[str, str, list[str], Mapping[Any, float]], ...] = (
+            ("llmproxy_requests", "Proxied requests", ["route", "status", "outcome"],
+             self.requests),
+            ("llmproxy_project_requests", "Requests made with a proxy token, by its project "
+             "(the first N projects; the rest as other)", ["project", "outcome"],
+             self.project_requests),
+            ("llmproxy_project_tokens", "Tokens the answers to a project's requests used, by "
+             "kind (from the response usage; counted when events are on)", ["project", "kind"],
+             self.project_tokens),
+            ("llmproxy_model_tokens", "Tokens the answers used, by project, model and kind (the "
+             "first N of each; the rest as other; '-': no proxy token)",
+             ["project", "model", "kind"], self.model_tokens),
+            ("llmproxy_cost_usd", "What the answers cost in USD, by project and model "
+             "(genai-prices or the ini's prices; cache hits cost 0)", ["project", "model"],
+             self.cost_usd),
+        )  # fmt: skip
+        for name, doc, labels, counts in counters:
+            counter = CounterMetricFamily(name, doc, labels=labels)
+            for key, n in sorted(counts.items()):
+                counter.add_metric([str(part) for part in key], n)
+            yield counter
         unknown = CounterMetricFamily(
             "llmproxy_cost_unknown",
             "Answers with token usage but no price (a model in no price table), by model",

@@ -18,6 +18,7 @@ TIERS = {
     "config": 0,
     "interfaces": 0,
     "pricing": 0,
+    "deferreds": 0,
     "export": 1,
     "redis": 1,
     "capture": 2,
