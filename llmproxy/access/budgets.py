@@ -339,7 +339,8 @@ class SpendBook:
     ) -> None:
         """Count an answer of ``token_id`` (its event's usage and cost)."""
         tokens = 0
-        if usage is not None:
+        hit = cost is not None and cost.get("source") == "cache"
+        if usage is not None and not hit:
             for field in ("input_tokens", "output_tokens"):
                 n = usage.get(field)
                 if type(n) is int and n > 0:

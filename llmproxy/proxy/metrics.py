@@ -220,14 +220,14 @@ class ProxyMetrics:
         for (project, kind), n in sorted(self.project_tokens.items()):
             p = by_project.setdefault(project, {"requests": 0, "by_outcome": {}, "tokens": {}})
             p["tokens"][kind] = n
-        cost: dict[str, dict[str, float]] = {}
+        cost: dict[str, dict[str, dict[str, float]]] = {}
         for (project, model), usd in sorted(self.cost_usd.items()):
-            cost.setdefault(project, {})[model] = round(usd, 9)
+            cost.setdefault(project, {})[model] = {"usd": round(usd, 9)}
         return {
             "requests_total": sum(self.requests.values()),
             "routes": by_route,
             "projects": by_project,
-            "cost_usd": cost,
+            "cost": cost,
             "cost_unknown": dict(sorted(self.cost_unknown.items())),
             "open_requests": self.open_requests,
             "open_streams": self.open_streams,

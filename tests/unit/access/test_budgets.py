@@ -350,3 +350,17 @@ def test_charges_go_to_the_shared_counters_and_refusals_read_them(tmp_path: Path
         ("budget:tok_1:usd:2027-03", 10_000_000, window("month", NOW).resets_at),
         ("budget:tok_1:tokens:2027-03", 10_000, window("month", NOW).resets_at),
     ]
+
+
+def test_answers_from_the_cache_count_towards_no_budget(world: World) -> None:
+    secret, token = make(world, max_tokens=150)
+    record_usage = {"input_tokens": 90, "output_tokens": 10}
+    for _ in range(3):
+        assert world.access.spend is not None
+        world.access.spend.charge(
+            token.id, token.project, "gpt-4o", record_usage, {"total": 0.0, "source": "cache"}, NOW
+        )
+    assert isinstance(world.bearer(secret), Allow)
+    assert world.access.spend.spent(token.id, "total", NOW) == (0.0, 0)
+    (row,) = world.access.spend.rows()
+    assert row.requests == 3

@@ -170,7 +170,10 @@ def test_cost_and_tokens_by_project_and_model_and_unpriced_answers_by_model() ->
     assert tokens[(("kind", "input"), ("model", "gpt-4o"), ("project", "team-a"))] == 101.0
     assert tokens[(("kind", "cache_read"), ("model", "gpt-4o"), ("project", "team-a"))] == 7.0
     assert tokens[(("kind", "output"), ("model", "gpt-4o"), ("project", "-"))] == 3.0
-    assert metrics.snapshot()["cost_usd"] == {"-": {"gpt-4o": 0.125}, "team-a": {"gpt-4o": 0.75}}
+    assert metrics.snapshot()["cost"] == {
+        "-": {"gpt-4o": {"usd": 0.125}},
+        "team-a": {"gpt-4o": {"usd": 0.75}},
+    }
 
 
 def test_models_past_the_bound_are_counted_as_other() -> None:
