@@ -1,9 +1,11 @@
-"""The admin listener: /health, /ready, /stats, /metrics, POST /cache/purge
+"""The admin listener's resource: /health, /ready, /stats, /metrics, POST /cache/purge
 (tests: tests/integration/test_admin.py, tests/unit/admin/test_resource.py,
-tests/integration/test_cache.py).
+tests/integration/test_cache.py).  Its site and limits: llmproxy/admin/site.py.
 
 With ``server.admin_token`` set, every request needs ``Authorization: Bearer
 <token>`` (compared in constant time); each refusal is written to the audit log.
+The site checks it as soon as the headers are in, before any body is read; the
+resource checks it again (for any other site it is served by).
 ``POST /cache/purge?key=K`` (or ``prefix=P``, or ``all=1``) deletes cached
 responses, answers ``{"purged": N}`` and is written to the audit log.
 """
@@ -53,21 +55,37 @@ class AdminResource(Resource):
         self._audit = audit
         self.cache = cache
 
+    @property
+    def needs_token(self) -> bool:
+        return bool(self._token)
+
+    def token_matches(self, authorization: bytes | None) -> bool:
+        """Whether an ``Authorization`` value carries the admin token (constant time)."""
+        return hmac.compare_digest(authorization or b"", b"Bearer " + self._token)
+
+    def audit_denied(self, client: str, method: bytes, path: bytes, sent: bool) -> None:
+        """Write a refusal to the audit log: whether a token was sent, never any of it."""
+        if self._audit is not None:
+            self._audit.write(
+                "admin_denied",
+                client=client,
+                method=method.decode("latin-1"),
+                path=path.decode("latin-1")[:500],
+                status=401,
+                outcome="denied",
+                reason="wrong_token" if sent else "missing",
+            )
+
     def render(self, request: Request) -> bytes | int:
         if self._token and not self._authorized(request):
-            if self._audit is not None:
-                peer = request.getClientAddress()
-                host = getattr(peer, "host", None)
-                self._audit.write(
-                    "admin_denied",
-                    client=f"{host}:{getattr(peer, 'port', '')}" if host else "-",
-                    method=request.method.decode("latin-1"),
-                    path=request.path.decode("latin-1")[:500],
-                    status=401,
-                    outcome="denied",
-                    # Whether a token was sent at all; never any of it.
-                    reason="wrong_token" if request.getHeader(b"authorization") else "missing",
-                )
+            peer = request.getClientAddress()
+            host = getattr(peer, "host", None)
+            self.audit_denied(
+                f"{host}:{getattr(peer, 'port', '')}" if host else "-",
+                request.method,
+                request.path,
+                bool(request.getHeader(b"authorization")),
+            )
             request.setHeader(b"www-authenticate", b'Bearer realm="llmproxy-admin"')
             return self._json(request, 401, error_body(401, "admin token required"))
         path = request.path.rstrip(b"/") or b"/"
@@ -134,8 +152,7 @@ class AdminResource(Resource):
         request.finish()
 
     def _authorized(self, request: Request) -> bool:
-        got = request.getHeader(b"authorization") or b""
-        return hmac.compare_digest(got, b"Bearer " + self._token)
+        return self.token_matches(request.getHeader(b"authorization"))
 
     @staticmethod
     def _json(request: Request, status: int, body: bytes) -> bytes:

@@ -323,7 +323,7 @@ def resolve_secret(value: str, env: Mapping[str, str], base: Path) -> str:
 
 
 def _resolve_secrets(settings: Settings, env: Mapping[str, str], problems: list[str]) -> Settings:
-    """Every ``Secret`` key of the routes and exporters, resolved."""
+    """Every ``Secret`` key of ``[server]``, the routes and the exporters, resolved."""
     base = settings.server.state_dir.expanduser().absolute()
 
     def resolved(item: Any, section: str) -> Any:
@@ -349,7 +349,8 @@ def _resolve_secrets(settings: Settings, env: Mapping[str, str], problems: list[
             )
         routes.append(route)
     exporters = tuple(resolved(e, f"exporter:{e.name}") for e in settings.exporters)
-    return attrs.evolve(settings, routes=tuple(routes), exporters=exporters)
+    server = resolved(settings.server, "server")
+    return attrs.evolve(settings, server=server, routes=tuple(routes), exporters=exporters)
 
 
 # -- checks across keys -------------------------------------------------------------
