@@ -31,11 +31,11 @@ from llmproxy.http.channel import ChannelLimits, LimitedChannel, LimitedSite
 
 __all__ = [
     "ADMIN_IDLE_TIMEOUT",
-    "ADMIN_MIN_BODY_RATE",
     "ADMIN_MAX_BODY_BYTES",
     "ADMIN_MAX_CONNECTIONS",
     "ADMIN_MAX_HEADER_BYTES",
     "ADMIN_MAX_HEADER_COUNT",
+    "ADMIN_MIN_BODY_RATE",
     "AdminSite",
 ]
 
