@@ -58,6 +58,12 @@ class ExchangeRecord:
     replayed: tuple[bytes, ...] | None = None
     environment: str = ""
     machine: str = ""  # user@host
+    # Whose request this is: the proxy token's project ('' on a passthrough
+    # route, where the client's credentials say it); sessions are kept per tenant.
+    tenant: str = ""
+    # Values the proxy itself sent upstream that no event may show (the provider
+    # key a token route injects): masked wherever an upstream echoes them.
+    masked: tuple[str, ...] = ()
     # (model, usage, finish_reasons) of a JSON response body, when the session
     # tracker parsed it already: the response event reuses them (capture/events.py).
     reply_summary: tuple[Any, ...] | None = None

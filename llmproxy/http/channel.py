@@ -137,7 +137,8 @@ class LimitedSite(server.Site):
     def __init__(
         self, resource: object, *, clock: IReactorTime, limits: ChannelLimits, **kw: object
     ) -> None:
-        super().__init__(resource, **kw)  # type: ignore[arg-type]
+        # The same clock for Twisted's own timers (idle timeout, abort).
+        super().__init__(resource, reactor=clock, **kw)  # type: ignore[arg-type]
         self.channel_watch = ChannelWatch(clock, limits)
 
     @property

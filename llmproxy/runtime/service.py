@@ -187,6 +187,7 @@ class ProxyService(RootService):
             self.reactor,
             flush_interval=cfg.flush_interval,
             run_in_thread=self._in_thread,
+            max_body_bytes=cfg.max_body_bytes,
         )
 
     # -- start --------------------------------------------------------------
@@ -398,6 +399,7 @@ class ProxyService(RootService):
             "capture": {
                 "queued": self.capture.pending(),
                 "handled": self.capture.flushed,
+                "turns_yielded": self.capture.yielded,
                 "errors": self.capture.errors,
             },
             "cache": self.cache.stats() if self.cache is not None else None,

@@ -35,7 +35,7 @@ class RecordedEvents:
     """Stands in for the capture pump: keeps the records the proxy hands over."""
 
     enabled = True
-    needs_whole_body = False
+    whole_body_bytes = 0
 
     def __init__(self) -> None:
         self.started: list[ExchangeRecord] = []

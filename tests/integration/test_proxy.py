@@ -367,9 +367,9 @@ async def test_connect_timeout_gives_504(env: Running) -> None:
 class _Bodies(RecordedEvents):
     """Keeps the body each started record was handed with."""
 
-    def __init__(self, whole: bool) -> None:
+    def __init__(self, whole_body_bytes: int) -> None:
         super().__init__()
-        self.needs_whole_body = whole
+        self.whole_body_bytes = whole_body_bytes
         self.bodies: list[bytes] = []
 
     def request_started(self, record: Any, body: bytes) -> None:
@@ -377,16 +377,17 @@ class _Bodies(RecordedEvents):
         self.bodies.append(body)
 
 
-@pytest.mark.parametrize("whole", [False, True])
+@pytest.mark.parametrize("bound", ["none", "above", "below"])
 @pytest_twisted.ensureDeferred
-async def test_a_long_body_is_read_back_whole_only_for_the_session_tracker(
-    env: Running, whole: bool
+async def test_a_long_body_is_read_back_whole_only_for_the_session_tracker_within_its_bound(
+    env: Running, bound: str
 ) -> None:
-    events = env.service.proxy.events = _Bodies(whole)  # type: ignore[assignment]
     cap = env.service.settings.capture.request_body_bytes
     body = json.dumps({"messages": [{"role": "user", "content": "x" * (3 * cap)}]}).encode()
+    whole_body_bytes = {"none": 0, "above": len(body), "below": len(body) - 1}[bound]
+    events = env.service.proxy.events = _Bodies(whole_body_bytes)  # type: ignore[assignment]
     resp = await env.client.post(env.url("/mock/v1/chat/completions"), data=body)
     assert resp.code == 200
     await resp.content()
     assert env.upstream.requests[-1]["body"] == body  # the upstream always gets it all
-    assert events.bodies == [body if whole else body[:cap]]
+    assert events.bodies == [body if bound == "above" else body[:cap]]
