@@ -29,6 +29,8 @@ from llmproxy.capture.obfuscate import scrub_text
 from llmproxy.capture.record import ExchangeRecord
 from llmproxy.export.appendfile import displaced, open_append
 
+__all__ = ["AuditLog"]
+
 log = Logger()
 
 

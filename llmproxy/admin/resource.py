@@ -4,8 +4,11 @@ tests/integration/test_cache.py).  Its site and limits: llmproxy/admin/site.py.
 
 With ``server.admin_token`` set, every request needs ``Authorization: Bearer
 <token>`` (compared in constant time); each refusal is written to the audit log.
-The site checks it as soon as the headers are in, before any body is read; the
-resource checks it again (for any other site it is served by).
+The probes, ``GET /health`` and ``GET /ready``, are the exception while
+``server.probes_public`` is on (the default): a load balancer or a Kubernetes
+probe carries no secret, and they tell nothing but whether the process runs and
+serves.  The site checks the token as soon as the headers are in, before any
+body is read; the resource checks it again (for any other site it is served by).
 ``POST /cache/purge?key=K`` (or ``prefix=P``, or ``all=1``) deletes cached
 responses, answers ``{"purged": N}`` and is written to the audit log.
 """
@@ -27,6 +30,10 @@ from twisted.web.server import NOT_DONE_YET, Request
 from llmproxy.http.errors import error_body
 from llmproxy.interfaces import Auditor
 
+__all__ = ["AdminResource", "CachePurger"]
+
+_PROBES = (b"/health", b"/ready")
+
 
 class CachePurger(Protocol):
     def purge(
@@ -44,6 +51,7 @@ class AdminResource(Resource):
         stats: Callable[[], dict[str, Any]],
         registry: CollectorRegistry,
         token: str = "",
+        probes_public: bool = True,
         audit: Auditor | None = None,
         cache: CachePurger | None = None,
     ) -> None:
@@ -52,6 +60,7 @@ class AdminResource(Resource):
         self._stats = stats
         self._registry = registry
         self._token = token.encode()
+        self._probes_public = probes_public
         self._audit = audit
         self.cache = cache
 
@@ -77,7 +86,8 @@ class AdminResource(Resource):
             )
 
     def render(self, request: Request) -> bytes | int:
-        if self._token and not self._authorized(request):
+        path = request.path.rstrip(b"/") or b"/"
+        if self._token and not (self.is_public(request.method, path) or self._authorized(request)):
             peer = request.getClientAddress()
             host = getattr(peer, "host", None)
             self.audit_denied(
@@ -88,7 +98,6 @@ class AdminResource(Resource):
             )
             request.setHeader(b"www-authenticate", b'Bearer realm="llmproxy-admin"')
             return self._json(request, 401, error_body(401, "admin token required"))
-        path = request.path.rstrip(b"/") or b"/"
         if path == b"/health":
             return self._json(request, 200, b'{"status":"ok"}')
         if path == b"/ready":
@@ -150,6 +159,11 @@ class AdminResource(Resource):
             return
         request.write(self._json(request, status, body))
         request.finish()
+
+    def is_public(self, method: bytes, path: bytes) -> bool:
+        """Whether this request is a probe that needs no token (``probes_public``);
+        ``path``: without its query and trailing slash."""
+        return self._probes_public and path in _PROBES and method in (b"GET", b"HEAD")
 
     def _authorized(self, request: Request) -> bool:
         return self.token_matches(request.getHeader(b"authorization"))

@@ -11,7 +11,8 @@ needs.  Here, whatever the proxy's own limits:
 - the request head must arrive within ``server.header_timeout`` and be at most
   :data:`ADMIN_MAX_HEADER_BYTES` in :data:`ADMIN_MAX_HEADER_COUNT` headers (431);
 - with ``admin_token`` set, a request without it is answered 401 (and audited)
-  as soon as its headers are in: no byte of its body is read;
+  as soon as its headers are in: no byte of its body is read (the probes too
+  with ``probes_public = false``);
 - bodies over :data:`ADMIN_MAX_BODY_BYTES` get 413 (``POST /cache/purge`` takes
   its arguments in the query; no admin endpoint needs a body), and a body must
   average :data:`ADMIN_MIN_BODY_RATE` bytes a second after ``header_timeout`` (408);
@@ -58,14 +59,19 @@ class _AdminRequest(server.Request):
         site: AdminSite = channel.site  # type: ignore[attr-defined]
         resource = site.admin
         if resource.needs_token:
+            command: bytes = getattr(channel, "_command", b"-")
+            path: bytes = getattr(channel, "_path", b"-").partition(b"?")[0]
             sent = self.requestHeaders.getRawHeaders(b"authorization")
-            if not resource.token_matches(sent[0] if sent else None):
+            if not (
+                resource.is_public(command, path.rstrip(b"/") or b"/")
+                or resource.token_matches(sent[0] if sent else None)
+            ):
                 peer = channel.getPeer()
                 host = getattr(peer, "host", None)
                 resource.audit_denied(
                     f"{host}:{getattr(peer, 'port', '')}" if host else "-",
-                    getattr(channel, "_command", b"-"),
-                    getattr(channel, "_path", b"-").partition(b"?")[0],
+                    command,
+                    path,
                     bool(sent),
                 )
                 self._refuse("admin_token", 401, "admin token required", _WWW_AUTHENTICATE)

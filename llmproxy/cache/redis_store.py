@@ -25,6 +25,8 @@ from twisted.internet.interfaces import IReactorTime
 from llmproxy.cache.entry import CachedResponse
 from llmproxy.interfaces import RedisExecutor
 
+__all__ = ["RedisStore"]
+
 _GLOB_SPECIAL = re.compile(rb"([*?\[\]\\])")
 
 

@@ -87,6 +87,22 @@ from llmproxy.events.usage import (
     summary_from_sse_fields,
     usage_dict,
 )
+from llmproxy.http.headers import upstream_request_id
+
+__all__ = [
+    "EVENT_KINDS",
+    "SCHEMA_VERSION",
+    "JSONHeaders",
+    "RecordEnvelope",
+    "RequestEvent",
+    "ResponseEvent",
+    "build_request_event",
+    "build_response_event",
+    "converter",
+    "prepare_request",
+    "request_event",
+    "response_event",
+]
 
 SCHEMA_VERSION = 1
 EVENT_KINDS = ("request", "response")
@@ -119,6 +135,9 @@ class RequestEvent:
     client_addr: str
     machine: str
     environment: str
+    # The proxy token's public id and its project, when one was presented.
+    token_id: str | None
+    project: str | None
     request_headers: JSONHeaders
     request_body: CapturedBody
 
@@ -132,6 +151,9 @@ class ResponseEvent(RequestEvent):
     status: int | None
     outcome: str
     error: str | None
+    # The provider's id of its answer (x-request-id, else request-id); request_id is
+    # the proxy's own (X-LLMProxy-Request-ID).
+    upstream_request_id: str | None
     # hit | conditional-hit | miss | stored | bypass; None: the route is not cached.
     cache_status: str | None
     cache_key: str | None  # the cache key, when one was derived
@@ -267,6 +289,8 @@ def _request_side(record: ExchangeRecord, capture: CaptureSettings) -> _RequestS
         "client_addr": record.client_addr,
         "machine": record.machine or machine_id(),
         "environment": record.environment,
+        "token_id": record.token_id,
+        "project": record.project,
         "request_headers": obfuscator.obfuscate(headers),
         "request_body": body,
     }
@@ -398,6 +422,7 @@ def build_response_event(
         status=record.status,
         outcome=record.outcome,
         error=None if record.error is None else scrub_text(mask_values(record.error, masked)),
+        upstream_request_id=_masked_id(upstream_request_id(headers), masked),
         cache_status=record.cache_status,
         cache_key=record.cache_key,
         cache_age_s=_age(record.cache_age),
@@ -426,6 +451,11 @@ def _mask_injected(
         chunks = [{**c, "data": mask_values(c["data"], masked)} for c in chunks]
     _mask_header_values(headers, masked)
     return body, chunks
+
+
+def _masked_id(request_id: str | None, masked: tuple[str, ...]) -> str | None:
+    """The provider's request id, with an echoed injected key masked as in its headers."""
+    return mask_values(request_id, masked) if masked and request_id else request_id
 
 
 def _mask_header_values(headers: JSONHeaders, masked: tuple[str, ...]) -> None:
@@ -519,7 +549,7 @@ class _SharedRequestSide:
     headers: JSONHeaders
     body: dict[str, Any]
     # The request event with no session: both events start as a copy of it (a
-    # dict copy is several times cheaper than building its 23 entries again).
+    # dict copy is several times cheaper than building its 25 entries again).
     request: dict[str, Any] = attrs.field(init=False)
 
 
@@ -630,6 +660,8 @@ def _request_dict(
         "client_addr": record.client_addr,
         "machine": side.machine,
         "environment": record.environment,
+        "token_id": record.token_id,
+        "project": record.project,
         "request_headers": side.headers,
         "request_body": side.body,
     }
@@ -795,6 +827,7 @@ def _response_dict(
     event["outcome"] = record.outcome
     masked = record.masked
     event["error"] = None if error is None else scrub_text(mask_values(error, masked))
+    event["upstream_request_id"] = _masked_id(upstream_request_id(headers), masked)
     event["cache_status"] = record.cache_status
     event["cache_key"] = record.cache_key
     age = record.cache_age

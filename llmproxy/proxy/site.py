@@ -24,6 +24,8 @@ from llmproxy.http.channel import ChannelLimits, LimitedChannel, LimitedSite
 from llmproxy.http.headers import HttpDate, request_id_from
 from llmproxy.proxy.forward import ProxyResource
 
+__all__ = ["ProxyRequest", "ProxySite"]
+
 log = Logger()
 _SERVER = [server.version]
 _date = HttpDate()

@@ -32,7 +32,9 @@ class Purger:
         return defer.succeed(0)
 
 
-def make(token: str = ADMIN_TOKEN) -> tuple[Clock, AdminSite, FakeAudit, Purger, list[str]]:
+def make(
+    token: str = ADMIN_TOKEN, probes_public: bool = True
+) -> tuple[Clock, AdminSite, FakeAudit, Purger, list[str]]:
     clock, audit, purger = Clock(), FakeAudit(), Purger()
     hits: list[str] = []
     resource = AdminResource(
@@ -40,6 +42,7 @@ def make(token: str = ADMIN_TOKEN) -> tuple[Clock, AdminSite, FakeAudit, Purger,
         stats=lambda: {},
         registry=CollectorRegistry(),
         token=token,
+        probes_public=probes_public,
         audit=audit,
         cache=purger,
     )
@@ -125,6 +128,30 @@ def test_without_an_admin_token_requests_are_served_as_before() -> None:
     channel, transport = connect(site)
     channel.dataReceived(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
     assert status(transport) == 200 and transport.value().endswith(b'{"status":"ok"}')
+
+
+def test_the_public_probes_pass_the_early_check_without_the_token_and_nothing_else() -> None:
+    _clock, site, audit, purger, hits = make()
+    for port, request in enumerate((b"GET /health", b"HEAD /ready/", b"GET /ready?x=1")):
+        channel, transport = connect(site, 50000 + port)
+        channel.dataReceived(request + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status(transport) == 200, request
+    # Not a probe: another method, or another path, still needs the token first.
+    for port, request in enumerate((b"POST /health", b"GET /stats", b"GET /health/x")):
+        channel, transport = connect(site, 50010 + port)
+        channel.dataReceived(request + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 9999999\r\n\r\n")
+        assert status(transport) == 401 and transport.disconnecting, request
+    assert purger.calls == 0
+    assert [a["path"] for a in audit.lines] == ["/health", "/stats", "/health/x"]
+    assert hits == ["admin_token"] * 3
+
+
+def test_with_probes_public_off_the_probes_need_the_token_too() -> None:
+    _clock, site, audit, _purger, _hits = make(probes_public=False)
+    channel, transport = connect(site)
+    channel.dataReceived(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status(transport) == 401
+    assert [a["reason"] for a in audit.lines] == ["missing"]
 
 
 def test_a_partial_head_is_cut_at_the_header_deadline() -> None:

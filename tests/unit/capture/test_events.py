@@ -167,7 +167,33 @@ def test_request_event_fields() -> None:
     assert (event["machine"], event["environment"]) == ("proxy@host1", "prod")
     assert event["request_body"]["text"] == REQUEST_BODY.decode()
     assert event["request_body"]["size"] == len(REQUEST_BODY)
+    assert (event["token_id"], event["project"]) == (None, None)  # no proxy token
     assert "status" not in event and "response_body" not in event
+
+
+def test_both_events_say_which_proxy_token_and_project_made_the_request() -> None:
+    record = make_record()
+    record.token_id, record.project = "tok_0123456789ab", "team-a"
+    for event in (request_event(record, CAPTURE), response_event(record, CAPTURE)):
+        assert (event["token_id"], event["project"]) == ("tok_0123456789ab", "team-a")
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ([(b"X-Request-Id", b"req_openai")], "req_openai"),  # OpenAI's
+        ([(b"request-id", b"req_anthropic")], "req_anthropic"),  # Anthropic's
+        ([(b"request-id", b"second"), (b"x-request-id", b"first")], "first"),
+        ([(b"content-type", b"application/json")], None),
+    ],
+)
+def test_the_response_event_keeps_the_providers_request_id_beside_the_proxys(
+    headers: list[tuple[bytes, bytes]], expected: str | None
+) -> None:
+    record = make_record()
+    record.response_headers = headers
+    event = response_event(record, CAPTURE)
+    assert (event["request_id"], event["upstream_request_id"]) == ("req-1", expected)
 
 
 def test_request_event_headers_are_obfuscated() -> None:
@@ -547,6 +573,17 @@ def test_body_keys_userinfo_and_the_injected_key_are_masked_in_both_builders() -
         }
         assert event["response_headers"]["x-echo"] == "sk-proj-****5aEu"
         assert event["model"] == "gpt-4o"
+
+
+def test_an_injected_key_echoed_as_the_provider_request_id_is_masked() -> None:
+    record = finish_json(make_record(masked=(ROUTE_KEY,)))
+    record.response_headers.append((b"X-Request-ID", f"req-{ROUTE_KEY}".encode()))
+    for event in _both_builders(record):
+        assert ROUTE_KEY[8:30] not in json.dumps(event)
+        assert event["upstream_request_id"] == "req-sk-proj-****5aEu"
+    plain = finish_json(make_record())
+    plain.response_headers.append((b"X-Request-ID", b"req_abc123"))
+    assert [e["upstream_request_id"] for e in _both_builders(plain)] == ["req_abc123"] * 2
 
 
 def test_an_injected_key_echoed_in_a_stream_is_masked_in_every_chunk() -> None:
