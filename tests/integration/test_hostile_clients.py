@@ -78,8 +78,12 @@ class Daemon:
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 
-    async def raw(self, data: bytes = b"", port: int | None = None) -> RawClient:
-        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port or self.port)
+    async def raw(
+        self, data: bytes = b"", port: int | None = None, source: str | None = None
+    ) -> RawClient:
+        """A connection, from ``source`` (another loopback address) when given."""
+        bind = None if source is None else (source, 0)
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port or self.port, bindAddress=bind)
         client = await connectProtocol(endpoint, RawClient())
         if data:
             client.transport.write(data)  # type: ignore[union-attr]
@@ -236,6 +240,30 @@ async def test_slowloris_heads_are_cut_by_the_deadline_and_a_normal_client_is_th
     metrics = await d.metrics()
     assert 'llmproxy_limit_rejections_total{limit="header_timeout"} 12.0' in metrics
     assert 'llmproxy_limit_rejections_total{limit="max_connections"} 1.0' in metrics
+
+
+@pytest_twisted.ensureDeferred
+async def test_while_one_address_drips_heads_a_client_at_another_is_served(boot: Any) -> None:
+    d = await boot("header_timeout = 2\nmax_connections = 20\nmax_connections_per_client = 10")
+    slow = [await d.raw(b"GET /v1/models HTTP/1.1\r\n") for _ in range(15)]
+    # Past its ten, the dripping address is refused at once: 429, not a slot each.
+    await defer.gatherResults([c.closed for c in slow[10:]])
+    assert [c.status for c in slow[10:]] == [429] * 5
+    normal = await d.raw(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+        % (len(json.dumps(CHAT)), json.dumps(CHAT).encode()),
+        source="127.0.0.2",
+    )
+    await normal.closed
+    assert normal.status == 200
+    await defer.gatherResults([c.closed for c in slow[:10]])
+    assert [c.status for c in slow[:10]] == [408] * 10
+    stats = await d.stats()
+    assert stats["proxy"]["limit_rejections"] == {
+        "server.header_timeout": 10,
+        "server.max_connections_per_client": 5,
+    }
 
 
 @pytest_twisted.ensureDeferred
