@@ -70,7 +70,7 @@ class Publisher(Protocol):
 
 
 _FINISHED = None  # the queue entry's body for an ended exchange
-# CPU time one reactor turn spends on queued records before it lets the reactor
+# Time (perf_counter) one reactor turn spends on queued records before it lets the reactor
 # serve the requests that arrived meanwhile; the rest waits one turn.
 TURN_BUDGET = 0.005
 
@@ -128,7 +128,7 @@ class CapturePump:
 
     def flush(self, budget: float | None = None) -> None:
         """Handle what is queued now (also at the drain, before the tracker and the
-        exporters close): everything, or with a ``budget`` (seconds of CPU time)
+        exporters close): everything, or with a ``budget`` (seconds, by perf_counter)
         what fits in it, the rest in the next reactor turn."""
         deadline = None if budget is None else time.perf_counter() + budget
         queue = self._queue

@@ -590,7 +590,8 @@ class SessionTracker:
     # None: in the reactor thread (tests; ~0.1 s per 100k states).
     _run_in_thread: Callable[[Callable[[], int]], Deferred[int]] | None = None
     # Conversation bodies above this are not parsed or fingerprinted (see
-    # [sessions] max_body_bytes): the work per request on the reactor is bounded.
+    # [sessions] max_body_bytes): the work per request on the reactor is bounded
+    # (parse, reduce and hash: ~4 ms at 1 MiB, ~8 ms at 2 MiB on the 2-core CI VM).
     max_body_bytes: int = 2 * 1024 * 1024
     _states: OrderedDict[StateKey, tuple[str, int]] = attrs.field(init=False, factory=OrderedDict)
     _sessions: OrderedDict[str, _Head] = attrs.field(init=False, factory=OrderedDict)
