@@ -98,6 +98,10 @@ class Token:
     max_usd: float | None = None
     max_tokens: int | None = None  # input + output tokens
     period: str = "total"
+    # Upstream paths (prefixes or globs) and methods the token may use; empty: all
+    # (within the route's own allowed_paths / allowed_methods).
+    allowed_paths: tuple[str, ...] = ()
+    allowed_methods: tuple[str, ...] = ()
 
     def state(self, now: float) -> str:
         """``active``, ``revoked`` or ``expired``."""
@@ -108,7 +112,10 @@ class Token:
         return "active"
 
     def to_json(self) -> dict[str, Any]:
-        return attrs.asdict(self)
+        data = attrs.asdict(self)
+        data["allowed_paths"] = list(self.allowed_paths)
+        data["allowed_methods"] = list(self.allowed_methods)
+        return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Token:
@@ -119,6 +126,12 @@ class Token:
             if isinstance(v, bool) or not isinstance(v, int | float):
                 raise TokenFileError(f"token field {key!r} is not a number")
             return float(v)
+
+        def strings(key: str) -> tuple[str, ...]:
+            v = data.get(key) or []
+            if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+                raise TokenFileError(f"token field {key!r} is not a list of strings")
+            return tuple(v)
 
         def count(key: str) -> int | None:
             v = data.get(key)
@@ -150,6 +163,8 @@ class Token:
             max_usd=number("max_usd"),
             max_tokens=count("max_tokens"),
             period=period,
+            allowed_paths=strings("allowed_paths"),
+            allowed_methods=strings("allowed_methods"),
         )
 
 
@@ -225,6 +240,8 @@ class TokenFile:
         max_usd: float | None = None,
         max_tokens: int | None = None,
         period: str = "total",
+        allowed_paths: tuple[str, ...] = (),
+        allowed_methods: tuple[str, ...] = (),
     ) -> tuple[str, Token]:
         """A new token: returns the secret (to show once) and what is stored."""
         with self._locked():
@@ -246,6 +263,8 @@ class TokenFile:
                 max_usd=max_usd,
                 max_tokens=max_tokens,
                 period=period,
+                allowed_paths=allowed_paths,
+                allowed_methods=allowed_methods,
             )
             tokens.append(token)
             self._write(tokens)

@@ -111,6 +111,12 @@ def _token_create(args: argparse.Namespace) -> int:
     except argparse.ArgumentTypeError as e:
         print(e, file=sys.stderr)
         return 2
+    paths = tuple(args.allow_path or ())
+    bad = [p for p in paths if not p.startswith("/")]
+    if bad:
+        print(f"--allow-path: {bad[0]!r} is not an absolute path (/v1/...)", file=sys.stderr)
+        return 2
+    methods = tuple(m.upper() for m in args.allow_method or ())
     secret, token = TokenFile.in_state_dir(settings.server.state_dir).create(
         args.project,
         now,
@@ -120,6 +126,8 @@ def _token_create(args: argparse.Namespace) -> int:
         max_usd=args.max_usd,
         max_tokens=args.max_tokens,
         period=args.period,
+        allowed_paths=paths,
+        allowed_methods=methods,
     )
     audit = AuditLog(settings.audit_path)
     audit.write(
@@ -132,6 +140,8 @@ def _token_create(args: argparse.Namespace) -> int:
         max_usd=token.max_usd,
         max_tokens=token.max_tokens,
         period=token.period,
+        allowed_paths=list(token.allowed_paths),
+        allowed_methods=list(token.allowed_methods),
         actor=_actor(),
         outcome="ok",
     )
@@ -187,6 +197,8 @@ def _token_list(args: argparse.Namespace) -> int:
             "spent_tokens": spend.get((t.id, t.period), (0, 0))[1],
             "max_usd": t.max_usd,
             "max_tokens": t.max_tokens,
+            "allowed_paths": list(t.allowed_paths),
+            "allowed_methods": list(t.allowed_methods),
         }
         for t in tokens
     ]
@@ -287,6 +299,19 @@ def add_token_command(sub: Subcommands) -> None:
         choices=("day", "month", "total"),
         default="total",
         help="the budgets' period: a UTC day, a UTC month, or the token's life (default)",
+    )
+    p.add_argument(
+        "--allow-path",
+        action="append",
+        metavar="PATH",
+        help="an upstream path the token may use (a prefix, or a glob with *): repeat for "
+        "more; default: every path the route serves",
+    )
+    p.add_argument(
+        "--allow-method",
+        action="append",
+        metavar="METHOD",
+        help="an HTTP method the token may use (repeat for more); default: all",
     )
     p.set_defaults(func=_token_create)
     p = token_sub.add_parser(

@@ -309,6 +309,8 @@ def test_cli_list_shows_ids_projects_expiry_and_usage_never_secrets(
         "spent_tokens": 0,
         "max_usd": None,
         "max_tokens": None,
+        "allowed_paths": [],
+        "allowed_methods": [],
     }
 
 
