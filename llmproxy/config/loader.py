@@ -46,6 +46,7 @@ from llmproxy.config.model import (
     ServerSettings,
     SessionSettings,
     Settings,
+    StateSettings,
     ini_keys,
     kind_of,
 )
@@ -70,6 +71,7 @@ _SECTIONS: dict[str, type] = {
     "redis": RedisSettings,
     "sessions": SessionSettings,
     "cache": CacheSettings,
+    "state": StateSettings,
 }
 # The named sections: [kind:NAME] -> (the Settings field holding them, their class).
 _NAMED: dict[str, tuple[str, type]] = {

@@ -38,6 +38,7 @@ from llmproxy.config.model import (
     ServerSettings,
     SessionSettings,
     Settings,
+    StateSettings,
     ini_keys,
     kind_of,
     meaning,
@@ -76,6 +77,7 @@ SECTIONS: tuple[tuple[str, str, type], ...] = (
     ("[redis]", "redis", RedisSettings),
     ("[sessions]", "sessions", SessionSettings),
     ("[cache]", "cache", CacheSettings),
+    ("[state]", "state", StateSettings),
 )
 
 # [exporter:NAME] keys by sink type, in the document's order; every other field is
@@ -222,6 +224,12 @@ cache is an exchange like any other: it is recorded as `request` and `response`
 events (`cache_status` `hit` or `conditional-hit`, with `cache_key` and
 `cache_age_s`; see sinks.md, "Answers from the cache"). Changes take effect
 at the next restart; the routes' `cache` and `cache_ttl` apply on reload.
+""",
+    "state": """\
+What the proxy processes share: with `store = redis`, `[server] workers = N` and
+several hosts on one Redis behave as one proxy for token quotas, rate limits,
+the token set and sessions (see workers.md, "One truth across workers and
+hosts"). Changes take effect at the next restart.
 """,
     "exporter": """\
 One section per sink; several of one type may run at once. Events go to every
