@@ -233,8 +233,9 @@ class TokenAccess:
     # -- the request path -------------------------------------------------------
 
     def check(
-        self, request: Request, target: Target, record: ExchangeRecord
+        self, request: Request, target: Target, record: ExchangeRecord, refreshed: bool = False
     ) -> Allow | Deny | Deferred[Allow | Deny]:
+        """``refreshed``: the shared token set was read again for this request."""
         route = target.settings
         if route is None:
             return _ALLOW_AS_IS
@@ -271,6 +272,12 @@ class TokenAccess:
         digest = digest_of(secret) if len(secret) <= MAX_TOKEN_LENGTH else ""
         token = self._by_digest.get(digest)
         if token is None or not hmac.compare_digest(token.sha256, digest):
+            if shared is not None and digest and not refreshed:
+                # Perhaps created a moment ago: read the shared set (one short
+                # round trip, shared by every request waiting for it) and look again.
+                return shared.poll().addCallback(
+                    lambda _: self.check(request, target, record, refreshed=True)
+                )
             return self._deny(
                 request,
                 record,

@@ -67,8 +67,6 @@ log = Logger()
 
 POLL_INTERVAL = 0.5
 FLUSH_INTERVAL = 1.0
-# The token set counts as current while a poll succeeded this recently.
-FRESH_FOR = 4 * POLL_INTERVAL + 0.5
 # Requests that come before the first read of the token set wait this long for it.
 START_GRACE = 3.0
 
@@ -149,7 +147,7 @@ class SharedTokens:
         self._poll_waiters: list[Deferred[None]] = []
         self._hooked = False
         self._imported = False
-        self._last_poll_ok = -1e18
+        self._poll_failing = False
         self.loaded = False
         self._poller: LoopingCall | None = None
         self._flusher: LoopingCall | None = None
@@ -198,12 +196,11 @@ class SharedTokens:
     # -- the token set -------------------------------------------------------------
 
     def current(self) -> bool:
-        """Whether the token set is known and recent (Redis answered lately)."""
-        return (
-            self.loaded
-            and self.state.usable
-            and self._clock.seconds() - self._last_poll_ok <= FRESH_FOR
-        )
+        """Whether the token set is known and Redis answers its polls.  (Not
+        judged by the time since the last poll: a process too busy to poll on
+        time still has a connection that answers; a hung one is dropped at the
+        command deadline and is not usable.)"""
+        return self.loaded and not self._poll_failing and self.state.usable
 
     def _connected(self) -> None:
         if self._poller is None:
@@ -265,7 +262,7 @@ class SharedTokens:
         if not self._imported:
             await self._import()
         snapshot = await self.state.tokens.changed_since(self._version)
-        self._last_poll_ok = self._clock.seconds()
+        self._poll_failing = False
         self.state.health.succeeded("access")
         if snapshot is None:
             return
@@ -281,6 +278,7 @@ class SharedTokens:
 
     def _poll_failed(self, failure: Failure) -> None:
         self.polls_failed += 1
+        self._poll_failing = True
         self.state.health.failed("access", None, failure.getErrorMessage())
 
     async def _import(self) -> None:

@@ -56,7 +56,7 @@ def build_cache(
         store = RedisStore(redis=connection, clock=clock, prefix=c.redis_prefix)
     else:
         store = MemoryStore(clock=clock, max_bytes=c.max_bytes)
-    return ResponseCache(settings=c, store=store, clock=clock, health=health)
+    return ResponseCache(settings=c, store=store, clock=clock, health=health, timer=reactor)
 
 
 def cache_problems(settings: Settings) -> list[str]:

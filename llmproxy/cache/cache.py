@@ -83,10 +83,13 @@ class ResponseCache:
         store: CacheStore,
         clock: IReactorTime,
         health: StateHealth | None = None,
+        timer: IReactorTime | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.clock = clock
+        # Paces the look for another process's entry (default: the clock).
+        self.timer = timer or clock
         # A store shared with other processes: misses coalesce across them.
         self.locking = store if isinstance(store, LockingStore) else None
         self.health = health
@@ -625,7 +628,7 @@ class _RemoteWait:
         cache = ticket._cache
         self._store = store
         self._key = ticket.key
-        self._clock = cache.clock
+        self._clock = cache.timer
         self._deadline = cache.clock.seconds() + cache.settings.lock_timeout
         self._delay = REMOTE_POLL_FIRST
         self._timer: Any = None

@@ -460,6 +460,7 @@ class _Pending:
     fingerprints: Fingerprints | None  # None: the session's id came from the client
     responses: bool  # a Responses API request: remember its response id
     op: AssignOp | None  # shared state: the assignment (session_id and seq once decided)
+    fresh: bool = False  # shared state: a session started here, unknown to Redis yet
 
 
 @attrs.define(slots=True, eq=False)
@@ -699,6 +700,17 @@ class SessionTracker:
             result = self._decide_locally(lookups, client, "")
             self._assigned(record, result, client, source, prints, responses)
             return None
+        if not lookups and client is None:
+            # A first turn (no history, no client id) starts a new session
+            # whatever any process knows: decided here, nothing to wait for.  Redis
+            # learns of the session with its first recorded state, whose record
+            # makes the session's head there.
+            result = self._decide_locally((), None, "")
+            self._assigned(record, result, None, source, prints, responses)
+            if prints is not None or responses:
+                entry = _Pending(result[0], result[1], prints, responses, None, fresh=True)
+                self._add_pending(record, entry)
+            return None
         op = AssignOp(lookups, client, self._new_id())
         waiting: Deferred[None] = Deferred()
         self._deciding[op] = _Deciding(record, source, prints, responses, waiting)
@@ -717,7 +729,7 @@ class SessionTracker:
             else:
                 target = op.target()
                 if target is not None:
-                    self._record_locally(op.keys, *target)
+                    self._record_locally(op.keys, *target, fresh=op.fresh)
 
     def _decide_locally(
         self, lookups: Sequence[StateKey], client: str | None, new_id: str
@@ -923,21 +935,26 @@ class SessionTracker:
             if self._shared is None:
                 self._record_locally(keys, pending.session_id, pending.seq)
             else:
-                self._queue(RecordOp(keys, pending.session_id, pending.seq))
+                self._queue(RecordOp(keys, pending.session_id, pending.seq, fresh=pending.fresh))
             return
         if op.result is not None:
             self._queue(RecordOp(keys, op.result[0], op.result[1]))
         else:
             self._queue(RecordOp(keys, assign=op))
 
-    def _record_locally(self, keys: Sequence[StateKey], session_id: str, seq: int) -> None:
+    def _record_locally(
+        self, keys: Sequence[StateKey], session_id: str, seq: int, fresh: bool = False
+    ) -> None:
         """A :class:`RecordOp` on this process's maps."""
         for key in keys:
             self._remember(key, session_id, seq)
         self._counts["states_recorded"] += 1
         head = self._sessions.get(session_id)
-        if head is not None and seq > head[_STATE]:
-            self._set_head(session_id, (head[_LAST], seq))
+        if head is not None:
+            if seq > head[_STATE]:
+                self._set_head(session_id, (head[_LAST], seq))
+        elif fresh:
+            self._set_head(session_id, (seq, seq))
 
     # -- the maps -------------------------------------------------------------
 

@@ -17,7 +17,10 @@ does to them is one of two operations:
   :data:`Assigned`, is ``(session, seq, kind, from_seq, parent, head_state)``
   with ``kind`` ``start``, ``continue`` or ``fork``;
 - :class:`RecordOp`: a reply ended well: record its state keys at the request's
-  session and seq, and move the session's latest state up to that seq.
+  session and seq, and move the session's latest state up to that seq.  A first
+  turn (no history, no client id) always starts a new session, so a process
+  decides it on its own and sends no assignment; its record, ``fresh``, makes
+  the session's head where there is none.
 
 The tracker applies them to its own maps (one process) or sends them here
 (``[state] store = redis``): :meth:`RedisSessionState.apply` runs a batch of
@@ -63,6 +66,9 @@ class RecordOp:
     seq: int = 0
     # Whose session: an assignment (its result, or the same batch's decision).
     assign: AssignOp | None = None
+    # A session a process started on its own (a first turn): its head is made
+    # here if the shared state has none yet.
+    fresh: bool = False
 
     def target(self) -> tuple[str, int] | None:
         """The session and seq to record at, when known here."""
@@ -149,7 +155,11 @@ for i, op in ipairs(ops) do
       redis.call('SET', P .. 's:' .. key, value, 'PX', ttl)
     end
     local last, st = head(sid)
-    if last and seq > st then set_head(sid, last, seq) end
+    if last then
+      if seq > st then set_head(sid, last, seq) end
+    elseif op.f then
+      set_head(sid, seq, seq)
+    end
     results[i] = 0
   end
 end
@@ -182,6 +192,8 @@ class RedisSessionState:
                     one["c"] = op.client
             else:
                 one = {"r": [state_key_text(k) for k in op.keys]}
+                if op.fresh:
+                    one["f"] = 1
                 known = op.target()
                 if known is not None:
                     one["s"], one["q"] = known

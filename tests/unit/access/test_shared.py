@@ -171,14 +171,26 @@ def denied(decision: Allow | Deny, status: int) -> Deny:
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_new_token_is_known_everywhere_on_the_next_poll(cluster: Cluster) -> None:
+async def test_a_new_token_is_usable_at_once_everywhere(cluster: Cluster) -> None:
     a, b = await cluster.proxy(), await cluster.proxy()
     secret, _ = await cluster.create()
-    denied(await a.ask(secret), 401)  # not polled yet
-    await cluster.refresh()
-    assert isinstance(await a.ask(secret), Allow)
+    # Not polled yet: an unknown token reads the shared set again before a 401.
+    pending = a.check(secret)
+    assert isinstance(pending, defer.Deferred)
+    assert isinstance(await pending, Allow)
     assert isinstance(await b.ask(secret), Allow)
     assert a.access.stats()["tokens"] == 1
+    assert isinstance(a.check(secret), Allow)  # known now: no round trip
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unknown_token_is_401_after_one_more_read(cluster: Cluster) -> None:
+    a = await cluster.proxy()
+    reloads = a.access.stats()["reloads"]
+    d = denied(await a.ask("llmp_" + "B" * 43), 401)
+    assert d.message == "invalid proxy token"
+    assert a.audit.lines[-1]["reason"] == "unknown"
+    assert a.access.stats()["reloads"] == reloads  # nothing changed: nothing reloaded
 
 
 @pytest_twisted.ensureDeferred
@@ -386,3 +398,45 @@ async def _usable(state: SharedState) -> None:
         ready: defer.Deferred[None] = defer.Deferred()
         state.redis.when_ready(lambda: None if ready.called else ready.callback(None))
         await ready
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failing_poll_makes_the_token_set_not_current(
+    cluster: Cluster, redis: RedisServer
+) -> None:
+    a = await cluster.proxy()
+    secret, _ = await cluster.create()
+    await cluster.refresh()
+    version = redis.command("GET", "t:tokens:version")
+    redis.command("DEL", "t:tokens:version")
+    redis.command("HSET", "t:tokens:version", "x", "y")  # a poll now gets WRONGTYPE
+    await cluster.refresh()
+    denied(await a.ask(secret), 503)
+    assert a.access.stats()["polls_failed"] >= 1
+    redis.command("DEL", "t:tokens:version")
+    redis.command("SET", "t:tokens:version", version)
+    await cluster.refresh()
+    assert isinstance(await a.ask(secret), Allow)
+
+
+@pytest_twisted.ensureDeferred
+async def test_fail_open_without_redis_from_the_start_serves_the_token_file(
+    redis: RedisServer, tmp_path: Path
+) -> None:
+    cluster = Cluster(redis, tmp_path)
+    secret, _ = TokenFile.in_state_dir(tmp_path / "proxy-0").create("proj-file", NOW)
+    redis_port = redis.port
+    redis.port = 1  # nothing listens there
+    try:
+        a = await cluster.proxy(fail_open=True, wait=False)
+    finally:
+        redis.port = redis_port
+    try:
+        pending = a.check(secret)
+        assert isinstance(pending, defer.Deferred)
+        cluster.clock.advance(START_GRACE)
+        assert isinstance(await pending, Allow)
+        assert a.access.stats()["uncounted"] == 1
+        denied(await a.ask("llmp_" + "C" * 43), 401)
+    finally:
+        await cluster.close()

@@ -43,7 +43,10 @@ def operations(draw: Any) -> list[tuple[str, Any]]:
     return steps
 
 
-def build(steps: list[tuple[str, Any]], ids: Any) -> list[AssignOp | RecordOp]:
+def build(steps: list[tuple[str, Any]], ids: Any, shared: bool) -> list[AssignOp | RecordOp]:
+    """The operations of ``steps``.  A first turn (no lookups, no client id) is
+    decided by its process alone: the shared state gets no assignment for it, its
+    records are ``fresh`` (as llmproxy/capture/sessions.py sends them)."""
     ops: list[AssignOp | RecordOp] = []
     assigns: list[AssignOp] = []
     for kind, value in steps:
@@ -51,10 +54,15 @@ def build(steps: list[tuple[str, Any]], ids: Any) -> list[AssignOp | RecordOp]:
             lookups, client = value
             op = AssignOp(lookups, client, next(ids))
             assigns.append(op)
-            ops.append(op)
+            if not (shared and not lookups and client is None):
+                ops.append(op)
         else:
             which, keys = value
-            ops.append(RecordOp(keys, assign=assigns[which]))
+            op = assigns[which]
+            if not op.lookups and op.client is None:
+                ops.append(RecordOp(keys, op.new_id, 1, fresh=True))
+            else:
+                ops.append(RecordOp(keys, assign=op))
     return ops
 
 
@@ -65,16 +73,20 @@ async def test_redis_decides_as_the_local_maps_do(
     steps: list[tuple[str, Any]], split: int, shared: SharedState, redis: RedisServer
 ) -> None:
     redis.command("FLUSHALL")
-    local_ops = build(steps, (f"s{n}" for n in itertools.count()))
+    local_ops = build(steps, (f"s{n}" for n in itertools.count()), shared=False)
     here = tracker()
     here.apply_locally(local_ops)
-    shared_ops = build(steps, (f"s{n}" for n in itertools.count()))
+    shared_ops = build(steps, (f"s{n}" for n in itertools.count()), shared=True)
     # In two batches: a record may name an assignment of an earlier batch.
     await shared.sessions.apply(shared_ops[:split])
     if shared_ops[split:]:
         await shared.sessions.apply(shared_ops[split:])
     got = [op.result for op in shared_ops if isinstance(op, AssignOp)]
-    expected = [op.result for op in local_ops if isinstance(op, AssignOp)]
+    expected = [
+        op.result
+        for op in local_ops
+        if isinstance(op, AssignOp) and (op.lookups or op.client is not None)
+    ]
     assert got == expected
 
 
