@@ -146,6 +146,8 @@ class SharedTokens:
         self._polling: Deferred[None] | None = None
         self._poll_waiters: list[Deferred[None]] = []
         self._hooked = False
+        # token id -> (the token, its counter checks, its bucket): the same each time.
+        self._asks: dict[str, tuple[Token, tuple[CounterCheck, ...], BucketTake | None]] = {}
         self._imported = False
         self._poll_failing = False
         self.loaded = False
@@ -273,6 +275,7 @@ class SharedTokens:
         trigger = "start" if not self.loaded else "shared_change"
         self._version = snapshot.version
         self.loaded = True
+        self._asks.clear()
         self._on_tokens(tokens, trigger)
         self._release_waiting()
 
@@ -316,9 +319,12 @@ class SharedTokens:
         if token.max_requests is None and token.rpm is None:
             self.count_later(token.id)
             return None
-        checks = (CounterCheck(quota_key(token.id), token.max_requests),)
-        bucket = None if token.rpm is None else BucketTake(rate_key(token.id), token.rpm)
-        return self.state.counters.admit(checks, bucket, now)
+        asks = self._asks.get(token.id)
+        if asks is None or asks[0] is not token:
+            checks = (CounterCheck(quota_key(token.id), token.max_requests),)
+            bucket = None if token.rpm is None else BucketTake(rate_key(token.id), token.rpm)
+            asks = self._asks[token.id] = (token, checks, bucket)
+        return self.state.counters.admit(asks[1], asks[2], now)
 
     def count_later(self, token_id: str) -> None:
         self._uncounted[token_id] = self._uncounted.get(token_id, 0) + 1

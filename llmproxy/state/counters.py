@@ -60,7 +60,7 @@ __all__ = [
 BUCKET_TTL_MS = 61_000  # (the ADMIT script's PEXPIRE)
 
 
-@attrs.frozen
+@attrs.frozen(cache_hash=True)
 class CounterCheck:
     key: str
     limit: int | None = None  # None: count only
@@ -68,7 +68,7 @@ class CounterCheck:
     expire_at: float | None = None  # epoch seconds: the counter vanishes then
 
 
-@attrs.frozen
+@attrs.frozen(cache_hash=True)
 class BucketTake:
     key: str
     per_minute: int
@@ -173,9 +173,10 @@ class LocalCounters:
 
 
 # KEYS: per admission its counter keys, then its bucket key (if any).
-# ARGV[1]: the number of admissions; then per admission: now, the number of
-# counters, per counter (limit or '', add, expire_at in ms or ''), has_bucket
-# ('1' or '0'), per_minute.
+# ARGV: per admission one word list: now, the number of counters, per counter
+# its limit ('-': none), add and expire_at in ms ('-': none), then the bucket's
+# per_minute ('-': no bucket).  (One argument per admission: Redis' argument
+# parsing, and ours, cost per argument.)
 # Reply, per admission: {0, count...} admitted (counts after the add); {1, index,
 # count...} refused by a limit; {2, "wait seconds", count...} refused by the bucket
 # (counts as found).
@@ -183,20 +184,21 @@ ADMIT = Script(
     "admit",
     b"""
 local out = {}
-local a = 2
 local k = 1
-for i = 1, tonumber(ARGV[1]) do
-  local now = tonumber(ARGV[a])
-  local n = tonumber(ARGV[a + 1])
-  a = a + 2
+for i = 1, #ARGV do
+  local w = {}
+  for word in string.gmatch(ARGV[i], '%S+') do w[#w + 1] = word end
+  local now = tonumber(w[1])
+  local n = tonumber(w[2])
+  local a = 3
   local keys, limits, adds, expires, values = {}, {}, {}, {}, {}
   local refused = nil
   for j = 1, n do
     keys[j] = KEYS[k]
     k = k + 1
-    limits[j] = tonumber(ARGV[a])
-    adds[j] = tonumber(ARGV[a + 1])
-    expires[j] = tonumber(ARGV[a + 2])
+    limits[j] = tonumber(w[a])
+    adds[j] = tonumber(w[a + 1])
+    expires[j] = tonumber(w[a + 2])
     a = a + 3
     local used = tonumber(redis.call('GET', keys[j]) or '0') or 0
     values[j] = used
@@ -206,11 +208,9 @@ for i = 1, tonumber(ARGV[1]) do
       end
     end
   end
-  local has_bucket = ARGV[a] == '1'
-  local per_minute = tonumber(ARGV[a + 1])
-  a = a + 2
+  local per_minute = tonumber(w[a])
   local bucket = nil
-  if has_bucket then
+  if per_minute ~= nil then
     bucket = KEYS[k]
     k = k + 1
   end
@@ -220,7 +220,7 @@ for i = 1, tonumber(ARGV[1]) do
     out[i] = r
   else
     local level, wait = 0, 0
-    if has_bucket then
+    if bucket then
       local h = redis.call('HMGET', bucket, 'level', 'stamp', 'rpm')
       level = tonumber(h[1])
       local stamp = tonumber(h[2])
@@ -239,7 +239,7 @@ for i = 1, tonumber(ARGV[1]) do
       for j = 1, n do r[j + 2] = values[j] end
       out[i] = r
     else
-      if has_bucket then
+      if bucket then
         redis.call('HSET', bucket, 'level', string.format('%.9f', level - 1),
           'stamp', string.format('%.6f', now), 'rpm', per_minute)
         redis.call('PEXPIRE', bucket, 61000)
@@ -298,9 +298,8 @@ return #KEYS
 
 @attrs.define(slots=True, eq=False)
 class _Asked:
-    checks: Sequence[CounterCheck]
-    bucket: BucketTake | None
-    now: float
+    keys: tuple[bytes, ...]
+    spec: bytes  # the ADMIT argument
     answer: Deferred[Admission]
 
 
@@ -314,6 +313,11 @@ class RedisCounters:
         self._prefix = prefix
         self._asked: list[_Asked] = []
         self._call: IDelayedCall | None = None
+        # (checks, bucket) -> their keys and the ADMIT words after "now": a token
+        # asks the same each time.
+        self._specs: dict[
+            tuple[tuple[CounterCheck, ...], BucketTake | None], tuple[tuple[bytes, ...], bytes]
+        ] = {}
         self.batches = 0
         self.admissions = 0
 
@@ -323,38 +327,48 @@ class RedisCounters:
     def admit(
         self, checks: Sequence[CounterCheck], bucket: BucketTake | None, now: float
     ) -> Deferred[Admission]:
+        frozen = checks if isinstance(checks, tuple) else tuple(checks)
+        specs = self._specs
+        found = specs.get((frozen, bucket))
+        if found is None:
+            if len(specs) > 10_000:
+                specs.clear()  # tokens come and go; the live ones are made again
+            found = specs[(frozen, bucket)] = self._spec(frozen, bucket)
+        keys, tail = found
         d: Deferred[Admission] = Deferred()
-        self._asked.append(_Asked(checks, bucket, now, d))
+        self._asked.append(_Asked(keys, b"%.6f%b" % (now, tail), d))
         if self._call is None:
             self._call = self._clock.callLater(0, self._send)
         return d
+
+    def _spec(
+        self, checks: Sequence[CounterCheck], bucket: BucketTake | None
+    ) -> tuple[tuple[bytes, ...], bytes]:
+        prefix = self._prefix
+        keys = [(prefix + c.key).encode() for c in checks]
+        words = [b" %d" % len(checks)]
+        for c in checks:
+            limit = b"-" if c.limit is None else b"%d" % c.limit
+            expire = b"-" if c.expire_at is None else b"%d" % int(c.expire_at * 1000)
+            words.append(b" %b %d %b" % (limit, c.add, expire))
+        if bucket is None:
+            words.append(b" -")
+        else:
+            keys.append((prefix + bucket.key).encode())
+            words.append(b" %d" % bucket.per_minute)
+        return tuple(keys), b"".join(words)
 
     def _send(self) -> None:
         self._call = None
         asked, self._asked = self._asked, []
         if not asked:
             return
-        prefix = self._prefix
-        keys: list[str] = []
-        args: list[bytes | str | int | float] = [len(asked)]
+        keys: list[bytes] = []
         for one in asked:
-            args.append(_number(one.now))
-            args.append(len(one.checks))
-            for check in one.checks:
-                keys.append(prefix + check.key)
-                args.append("" if check.limit is None else check.limit)
-                args.append(check.add)
-                args.append("" if check.expire_at is None else int(check.expire_at * 1000))
-            if one.bucket is None:
-                args.append("0")
-                args.append(0)
-            else:
-                keys.append(prefix + one.bucket.key)
-                args.append("1")
-                args.append(one.bucket.per_minute)
+            keys.extend(one.keys)
         self.batches += 1
         self.admissions += len(asked)
-        ADMIT.run(self._redis, keys, args).addCallbacks(
+        ADMIT.run(self._redis, keys, [one.spec for one in asked]).addCallbacks(
             self._answered, self._failed, callbackArgs=(asked,), errbackArgs=(asked,)
         )
 
@@ -391,10 +405,6 @@ class RedisCounters:
             return succeed([])
         d = self._redis.execute(b"MGET", *(self._prefix + k for k in keys))
         return d.addCallback(lambda values: [int(v) if v is not None else 0 for v in values])
-
-
-def _number(value: float) -> str:
-    return f"{value:.6f}"
 
 
 def _admission(answer: Sequence[Any]) -> Admission:
