@@ -328,3 +328,50 @@ async def test_redis_killed_and_restarted_under_load(setup: Setup) -> None:
         output = daemon.proc.output
         assert b"shared state (access): Redis unavailable" in output
         assert b"shared state (access): Redis answers again" in output
+
+
+# -- the token commands against Redis --------------------------------------------------
+
+
+def _token_command(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    argv = [str(BIN / "llmproxy"), "token", *args, "--config", str(cfg)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMPROXY_")}
+    return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
+
+
+@pytest_twisted.ensureDeferred
+async def test_token_commands_import_the_file_and_say_what_went_wrong(tmp_path: Path) -> None:
+    with running_redis(tmp_path / "redis") as redis:
+        cfg = config(tmp_path / "p", 1, redis.url)
+        # A token created with store = local, before the switch to Redis.
+        local = cfg.parent / "local.ini"
+        local.write_text(cfg.read_text().replace("store = redis", "store = local"))
+        created = await threads.deferToThread(
+            _token_command, local, "create", "--project", "old", "--max-requests", "5"
+        )
+        assert created.returncode == 0, created.stderr
+        listed = await threads.deferToThread(_token_command, cfg, "list", "--json")
+        assert listed.returncode == 0, listed.stderr
+        (row,) = json.loads(listed.stdout)
+        assert (row["project"], row["state"], row["max_requests"]) == ("old", "active", 5)
+        assert redis.command("HLEN", "llmproxy:state:tokens") == 1
+        unknown = await threads.deferToThread(_token_command, cfg, "revoke", "tok_000000000000")
+        assert unknown.returncode == 1 and "no token with id tok_000000000000" in unknown.stderr
+        revoked = await threads.deferToThread(_token_command, cfg, "revoke", row["id"])
+        assert revoked.returncode == 0 and "revoked" in revoked.stdout
+        again = await threads.deferToThread(_token_command, cfg, "revoke", row["id"])
+        assert again.returncode == 0 and "already revoked" in again.stdout
+        # The file still says active: the import never lifts a revocation.
+        (row,) = json.loads(
+            (await threads.deferToThread(_token_command, cfg, "list", "--json")).stdout
+        )
+        assert row["state"] == "revoked"
+        audit = [
+            json.loads(line)
+            for line in (cfg.parent / "state" / "audit.jsonl").read_text().splitlines()
+        ]
+        assert [a["action"] for a in audit] == ["token_created", "token_revoked"]
+    # Redis gone: one clear line, exit 1, no traceback.
+    down = await threads.deferToThread(_token_command, cfg, "list")
+    assert down.returncode == 1
+    assert "does not answer" in down.stderr and "Traceback" not in down.stderr

@@ -65,3 +65,19 @@ def test_a_sink_problem_never_quotes_a_secret() -> None:
 def test_a_good_file_loads_checked() -> None:
     settings = load_checked(text=LOKI + "labels = team=platform\n", env={})
     assert [(e.name, e.type) for e in settings.exporters] == [("l", "loki")]
+
+
+def test_the_shared_state_section_is_checked() -> None:
+    found = problems("[state]\nstore = redis\ntimeout = 0\nsession_ttl = 0\nprefix = has space\n")
+    assert found == [
+        "state.timeout: must be greater than 0",
+        "state.session_ttl: must be greater than 0",
+        "state.prefix: must be a non-empty name without spaces",
+    ]
+    assert "state.store" in problems("[state]\nstore = etcd\n")[0]
+    assert "state.on_unavailable" in problems("[state]\non_unavailable = maybe\n")[0]
+    settings = load_checked(
+        text="[state]\nstore = redis\non_unavailable = fail_open\n[redis]\nurl = redis://r:6380/2\n",
+        env={},
+    )
+    assert (settings.state.store, settings.state.on_unavailable) == ("redis", "fail_open")
