@@ -478,7 +478,8 @@ class CacheSettings:
     lock_timeout: Duration = setting(
         30.0,
         doc="Concurrent identical misses wait for the first one's response at most this "
-        "long, then go upstream themselves.",
+        "long, then go upstream themselves (with `store = redis`, across processes too: "
+        "also how long the first one's lock key lives).",
     )
     redis_url: RedisUrl = setting(
         "",
