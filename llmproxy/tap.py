@@ -3,7 +3,11 @@
 
 The config is loaded and checked in ``postOptions``, so a bad file stops
 twistd (and twist) before anything listens: one line per problem on stderr and
-exit code 64 (EX_USAGE), which the systemd unit lists as not to be restarted.
+exit code 64 (``EX_CONFIG``); a listener that cannot be opened stops it with one
+line and exit code 69 (``EX_CANNOT_LISTEN``, llmproxy/runtime/exits.py).  The
+systemd units list both as not to be restarted, and since systemd decides that
+from the main process's exit status alone, this check is what they rely on (no
+``ExecStartPre=``).
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ from twisted.python import usage
 
 from llmproxy.config.loader import ConfigError
 from llmproxy.runtime.checks import load_checked
+from llmproxy.runtime.exits import EX_CONFIG
 
-EX_USAGE = 64
+__all__ = ["Options", "makeService"]
 
 
 class Options(usage.Options):
@@ -38,7 +43,7 @@ class Options(usage.Options):
             for line in e.problems:
                 print(f"llmproxy: {line}", file=sys.stderr)
             print("llmproxy: bad configuration, not starting", file=sys.stderr)
-            raise SystemExit(EX_USAGE) from None
+            raise SystemExit(EX_CONFIG) from None
 
 
 def makeService(options: Options) -> IService:

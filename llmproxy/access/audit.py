@@ -26,6 +26,8 @@ from twisted.logger import Logger
 from llmproxy.capture.record import ExchangeRecord
 from llmproxy.export.appendfile import displaced, open_append
 
+__all__ = ["AuditLog"]
+
 log = Logger()
 
 

@@ -13,6 +13,8 @@ import math
 
 import attrs
 
+__all__ = ["RateLimiter", "TokenBucket", "retry_after_seconds"]
+
 
 @attrs.define
 class TokenBucket:

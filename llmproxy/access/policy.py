@@ -63,6 +63,15 @@ from llmproxy.interfaces import Auditor
 from llmproxy.state import SharedState
 from llmproxy.state.counters import Admission
 
+__all__ = [
+    "CLIENT_CREDENTIAL_HEADERS",
+    "TokenAccess",
+    "build_access",
+    "client_address",
+    "presented_token",
+    "upstream_auth_header",
+]
+
 log = Logger()
 
 # What a client may authenticate with; none of it goes upstream on a token route.
@@ -290,6 +299,9 @@ class TokenAccess:
                 token_id=id_for(digest) if digest else "-",
                 headers=_WWW_AUTHENTICATE,
             )
+        # Attribution: the events and metrics say whose request this was, let through or not.
+        record.token_id = token.id
+        record.project = token.project
         state = token.state(now)
         if state != "active":
             return self._deny(

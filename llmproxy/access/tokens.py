@@ -30,6 +30,26 @@ import attrs
 import orjson
 from twisted.logger import Logger
 
+__all__ = [
+    "MAX_TOKEN_LENGTH",
+    "TOKENS_FILE",
+    "TOKEN_PREFIX",
+    "USAGE_FILE",
+    "Stamp",
+    "Token",
+    "TokenFile",
+    "TokenFileError",
+    "UnknownToken",
+    "UsageFile",
+    "UsageLedger",
+    "UsageStore",
+    "digest_of",
+    "id_for",
+    "lease_size",
+    "new_secret",
+    "write_atomically",
+]
+
 log = Logger()
 
 TOKEN_PREFIX = "llmp_"

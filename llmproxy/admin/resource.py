@@ -4,6 +4,10 @@ tests/integration/test_cache.py).
 
 With ``server.admin_token`` set, every request needs ``Authorization: Bearer
 <token>`` (compared in constant time); each refusal is written to the audit log.
+The probes, ``GET /health`` and ``GET /ready``, are the exception while
+``server.probes_public`` is on (the default): a load balancer or a Kubernetes
+probe carries no secret, and they tell nothing but whether the process runs and
+serves.
 ``POST /cache/purge?key=K`` (or ``prefix=P``, or ``all=1``) deletes cached
 responses, answers ``{"purged": N}`` and is written to the audit log.
 """
@@ -25,6 +29,10 @@ from twisted.web.server import NOT_DONE_YET, Request
 from llmproxy.http.errors import error_body
 from llmproxy.interfaces import Auditor
 
+__all__ = ["AdminResource", "CachePurger"]
+
+_PROBES = (b"/health", b"/ready")
+
 
 class CachePurger(Protocol):
     def purge(
@@ -42,6 +50,7 @@ class AdminResource(Resource):
         stats: Callable[[], dict[str, Any]],
         registry: CollectorRegistry,
         token: str = "",
+        probes_public: bool = True,
         audit: Auditor | None = None,
         cache: CachePurger | None = None,
     ) -> None:
@@ -50,11 +59,13 @@ class AdminResource(Resource):
         self._stats = stats
         self._registry = registry
         self._token = token.encode()
+        self._probes_public = probes_public
         self._audit = audit
         self.cache = cache
 
     def render(self, request: Request) -> bytes | int:
-        if self._token and not self._authorized(request):
+        path = request.path.rstrip(b"/") or b"/"
+        if self._token and not (self._is_public(request, path) or self._authorized(request)):
             if self._audit is not None:
                 peer = request.getClientAddress()
                 host = getattr(peer, "host", None)
@@ -70,7 +81,6 @@ class AdminResource(Resource):
                 )
             request.setHeader(b"www-authenticate", b'Bearer realm="llmproxy-admin"')
             return self._json(request, 401, error_body(401, "admin token required"))
-        path = request.path.rstrip(b"/") or b"/"
         if path == b"/health":
             return self._json(request, 200, b'{"status":"ok"}')
         if path == b"/ready":
@@ -132,6 +142,9 @@ class AdminResource(Resource):
             return
         request.write(self._json(request, status, body))
         request.finish()
+
+    def _is_public(self, request: Request, path: bytes) -> bool:
+        return self._probes_public and path in _PROBES and request.method in (b"GET", b"HEAD")
 
     def _authorized(self, request: Request) -> bool:
         got = request.getHeader(b"authorization") or b""

@@ -53,10 +53,18 @@ from llmproxy.cache.policy import (
     vary_values,
 )
 from llmproxy.config.model import CacheSettings
-from llmproxy.http.headers import filter_headers
+from llmproxy.http.headers import PROXY_REQUEST_ID, filter_headers
 from llmproxy.http.router import Target
 from llmproxy.interfaces import CacheStore, LockingStore
 from llmproxy.state.health import StateHealth
+
+__all__ = [
+    "CACHE_STATUS",
+    "X_CACHE",
+    "X_CACHE_KEY",
+    "CacheTicket",
+    "ResponseCache",
+]
 
 log = Logger()
 
@@ -461,7 +469,7 @@ class CacheTicket:
         ttl = max(0, int(entry.expires_at - now))
         age = self.age = entry.age_at(now)
         out.setRawHeaders(b"age", [b"%d" % int(age)])
-        out.setRawHeaders(b"x-request-id", [request_id])
+        out.setRawHeaders(PROXY_REQUEST_ID, [request_id])
         out.setRawHeaders(b"x-llmproxy-overhead-ms", [overhead_ms])
         out.setRawHeaders(X_CACHE, [self.status.encode()])
         out.setRawHeaders(X_CACHE_KEY, [self.key.encode()])

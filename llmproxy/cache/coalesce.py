@@ -20,6 +20,8 @@ from typing import Generic, TypeVar
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
+__all__ = ["InFlight", "T"]
+
 T = TypeVar("T")
 
 

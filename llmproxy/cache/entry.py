@@ -17,6 +17,8 @@ import struct
 import attrs
 import orjson
 
+__all__ = ["ENTRY_OVERHEAD", "CachedResponse", "Pairs"]
+
 _MAGIC = b"LPC1"
 _HEAD = struct.Struct(">4sI")
 # Per-entry bookkeeping counted against max_bytes beside headers and body.

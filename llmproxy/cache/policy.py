@@ -41,6 +41,27 @@ from urllib.parse import quote
 import attrs
 from twisted.web.http_headers import Headers
 
+__all__ = [
+    "ACCEPT_HEADERS",
+    "CACHEABLE_METHODS",
+    "CREDENTIAL_HEADERS",
+    "SCOPE_HEADERS",
+    "Namespace",
+    "RequestPlan",
+    "Storability",
+    "cache_key",
+    "delta_seconds",
+    "http_date",
+    "judge_response",
+    "namespace_for",
+    "not_modified",
+    "parse_cache_control",
+    "plan_request",
+    "sorted_query",
+    "vary_matches",
+    "vary_values",
+]
+
 CACHEABLE_METHODS = frozenset({b"GET", b"HEAD"})
 # Headers whose value decides who is asking: hashed into the namespace.  A
 # cookie only when there is none of these (SDKs keep the upstream's load

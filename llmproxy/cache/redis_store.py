@@ -34,6 +34,8 @@ from llmproxy.cache.entry import CachedResponse
 from llmproxy.interfaces import RedisExecutor
 from llmproxy.state.scripts import Script
 
+__all__ = ["RedisStore"]
+
 _GLOB_SPECIAL = re.compile(rb"([*?\[\]\\])")
 
 # KEYS[1]: the lock; ARGV[1]: the holder's token.  Deletes it only if it is still theirs.

@@ -16,6 +16,8 @@ from twisted.internet.interfaces import IReactorTime
 
 from llmproxy.cache.entry import CachedResponse
 
+__all__ = ["MemoryStore"]
+
 
 class MemoryStore:
     """A dict in least-recently-used order, bounded by the bytes its entries are charged.

@@ -21,6 +21,19 @@ from typing import Protocol
 import attrs
 import brotli  # type: ignore[import-untyped]
 
+__all__ = [
+    "CapturedBody",
+    "ContentDecoder",
+    "DecodedBytes",
+    "capture_body",
+    "content_codings",
+    "content_headers",
+    "decode_content",
+    "is_binary_type",
+    "media_type",
+    "utf8_text",
+]
+
 
 @attrs.frozen
 class CapturedBody:

@@ -79,6 +79,22 @@ from llmproxy.events.usage import (
     summary_from_sse_fields,
     usage_dict,
 )
+from llmproxy.http.headers import upstream_request_id
+
+__all__ = [
+    "EVENT_KINDS",
+    "SCHEMA_VERSION",
+    "JSONHeaders",
+    "RecordEnvelope",
+    "RequestEvent",
+    "ResponseEvent",
+    "build_request_event",
+    "build_response_event",
+    "converter",
+    "prepare_request",
+    "request_event",
+    "response_event",
+]
 
 SCHEMA_VERSION = 1
 EVENT_KINDS = ("request", "response")
@@ -111,6 +127,9 @@ class RequestEvent:
     client_addr: str
     machine: str
     environment: str
+    # The proxy token's public id and its project, when one was presented.
+    token_id: str | None
+    project: str | None
     request_headers: JSONHeaders
     request_body: CapturedBody
 
@@ -124,6 +143,9 @@ class ResponseEvent(RequestEvent):
     status: int | None
     outcome: str
     error: str | None
+    # The provider's id of its answer (x-request-id, else request-id); request_id is
+    # the proxy's own (X-LLMProxy-Request-ID).
+    upstream_request_id: str | None
     # hit | conditional-hit | miss | stored | bypass; None: the route is not cached.
     cache_status: str | None
     cache_key: str | None  # the cache key, when one was derived
@@ -257,6 +279,8 @@ def _request_side(record: ExchangeRecord, capture: CaptureSettings) -> _RequestS
         "client_addr": record.client_addr,
         "machine": record.machine or machine_id(),
         "environment": record.environment,
+        "token_id": record.token_id,
+        "project": record.project,
         "request_headers": obfuscator.obfuscate(headers),
         "request_body": body,
     }
@@ -384,6 +408,7 @@ def build_response_event(
         status=record.status,
         outcome=record.outcome,
         error=None if record.error is None else scrub_text(record.error),
+        upstream_request_id=upstream_request_id(headers),
         cache_status=record.cache_status,
         cache_key=record.cache_key,
         cache_age_s=_age(record.cache_age),
@@ -480,7 +505,7 @@ class _SharedRequestSide:
     headers: JSONHeaders
     body: dict[str, Any]
     # The request event with no session: both events start as a copy of it (a
-    # dict copy is several times cheaper than building its 23 entries again).
+    # dict copy is several times cheaper than building its 25 entries again).
     request: dict[str, Any] = attrs.field(init=False)
 
 
@@ -588,6 +613,8 @@ def _request_dict(
         "client_addr": record.client_addr,
         "machine": side.machine,
         "environment": record.environment,
+        "token_id": record.token_id,
+        "project": record.project,
         "request_headers": side.headers,
         "request_body": side.body,
     }
@@ -752,6 +779,7 @@ def _response_dict(
     event["status"] = record.status
     event["outcome"] = record.outcome
     event["error"] = None if error is None else scrub_text(error)
+    event["upstream_request_id"] = upstream_request_id(headers)
     event["cache_status"] = record.cache_status
     event["cache_key"] = record.cache_key
     age = record.cache_age

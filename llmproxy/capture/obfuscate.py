@@ -5,7 +5,7 @@ The rule, everywhere: keep a short *public* prefix (an auth scheme word such as
 characters of the secret; everything else becomes ``****``.  A secret shorter than
 16 characters (after the public prefix) shows none of itself.  So at most 4 (never
 more than 8) characters of any secret reach an event, a log line or an error
-message -- unlike seed 001, whose rule leaks most of a JWT.
+message -- unlike the Go llm-proxy's rule, which leaks most of a JWT.
 """
 
 from __future__ import annotations
@@ -17,6 +17,20 @@ from collections.abc import Iterable
 import attrs
 
 from llmproxy.capture.record import Headers
+
+__all__ = [
+    "ALWAYS_MASKED",
+    "MASK",
+    "HeaderObfuscator",
+    "is_secret_header",
+    "mask_cookie",
+    "mask_query",
+    "mask_secret",
+    "mask_set_cookie",
+    "mask_url",
+    "obfuscate_headers",
+    "scrub_text",
+]
 
 MASK = "****"
 # Tail shown for long secrets; short ones (below _MIN_LEN_FOR_TAIL) show nothing.

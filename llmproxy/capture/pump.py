@@ -18,6 +18,10 @@ turn's worth at a time, each turn does only what the turn before brought in.
 Exporters then find the JSON ready (``Envelope.json()`` memoises it) and their
 batches are only collected and written.
 
+The tokens an answer used are counted per project here too (``usage``, the
+proxy metrics' :meth:`~llmproxy.proxy.metrics.ProxyMetrics.usage`), read from the
+response event just built: no second parse of the body.
+
 Order is kept: a request's start is handled before its end, and requests in the
 order they went upstream, so the tracker sees turns of a conversation in the
 order they happened.
@@ -32,6 +36,7 @@ its operations reach Redis in the order of the queue.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, succeed
@@ -42,6 +47,8 @@ from llmproxy.capture.events import RecordEnvelope, prepare_request
 from llmproxy.capture.record import ExchangeRecord
 from llmproxy.capture.sessions import SessionTracker
 from llmproxy.config.model import CaptureSettings
+
+__all__ = ["CapturePump", "Publisher", "Tracker"]
 
 log = Logger()
 
@@ -73,8 +80,10 @@ class CapturePump:
         *,
         enabled: bool,
         sessions: Tracker | None = None,
+        usage: Callable[[str, dict[str, Any]], None] | None = None,
     ) -> None:
         self.bus = bus
+        self.usage = usage
         self.capture = capture
         self.sessions = sessions
         self.enabled = enabled
@@ -175,10 +184,15 @@ class CapturePump:
             return
         # Encoded once, here, for every exporter; one that fails is counted by
         # each exporter (encode_failed) when it takes the event.
-        try:  # noqa: SIM105 - not contextlib.suppress: a context manager per event costs
+        try:
             envelope.json()
         except Exception:
             pass
+        else:
+            if kind == "response" and record.project is not None and self.usage is not None:
+                tokens = envelope.payload()["usage"]
+                if tokens is not None:
+                    self.usage(record.project, tokens)
         self.bus.publish(envelope)
 
     def start(self) -> None:

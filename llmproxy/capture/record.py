@@ -16,6 +16,8 @@ from typing import Any
 
 import attrs
 
+__all__ = ["ExchangeRecord", "Headers"]
+
 Headers = list[tuple[bytes, bytes]]
 
 
@@ -46,7 +48,9 @@ class ExchangeRecord:
     response_chunks: list[tuple[float, bytes]] = attrs.Factory(list)
     response_body_size: int = 0  # true size of everything received
     response_truncated: bool = False
-    outcome: str = "ok"  # ok | upstream_error | timeout | client_disconnected | rejected
+    # ok | client_error | upstream_rate_limited | upstream_error | timeout |
+    # client_disconnected | rejected (llmproxy/proxy/metrics.py says what each means)
+    outcome: str = "ok"
     error: str | None = None  # short human-readable reason when outcome != ok
     session_id: str | None = None
     seq: int | None = None
@@ -58,6 +62,10 @@ class ExchangeRecord:
     replayed: tuple[bytes, ...] | None = None
     environment: str = ""
     machine: str = ""  # user@host
+    # Who asked, when a proxy token was presented (set by the access policy): the
+    # token's public id (tok_..., never the secret) and its project.
+    token_id: str | None = None
+    project: str | None = None
     # (model, usage, finish_reasons) of a JSON response body, when the session
     # tracker parsed it already: the response event reuses them (capture/events.py).
     reply_summary: tuple[Any, ...] | None = None

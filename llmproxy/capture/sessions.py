@@ -95,6 +95,25 @@ from llmproxy.interfaces import SharedSessionState
 from llmproxy.state.health import StateHealth
 from llmproxy.state.sessions import Assigned, AssignOp, RecordOp, StateKey
 
+__all__ = [
+    "COMPACT_SLACK",
+    "CONVERSATION_SUFFIXES",
+    "FORK_REASON",
+    "MAX_PENDING",
+    "REPLY_DECODE_LIMIT",
+    "SESSION_ID",
+    "Fingerprints",
+    "SessionTracker",
+    "StateKey",
+    "client_id",
+    "conversation_kind",
+    "conversation_messages",
+    "fingerprint",
+    "reduce_message",
+    "reduce_responses_input",
+    "reply_facts",
+]
+
 log = Logger()
 
 SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,255}")

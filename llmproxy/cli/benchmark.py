@@ -14,9 +14,12 @@ shows its progress on stderr and ends with the report and the exit code
 and their rendering llmproxy/cli/benchmark_report.py.
 
 - Bodies: ``--json`` (inline or ``@file``, a JSON object) or a small OpenAI chat
-  completion.  Without ``--cache`` each body is unique, so no cache can answer;
-  with ``--cache`` every body is the same and the request opts in to caching
-  (``Cache-Control: public, max-age=300``, llmproxy/cache/policy.py).
+  completion, the same for every request.  Without ``--cache`` each request says
+  ``Cache-Control: no-store``, so no cache answers it; with ``--cache`` it opts in
+  to caching (``Cache-Control: public, max-age=300``, llmproxy/cache/policy.py).
+  Every request of a run has the same ``X-Session-ID``: one session per run.
+- ``--requests`` or ``--duration`` (seconds of sending; ``--requests`` is then a
+  cap) say when the run ends.
 - ``--stream`` sets ``"stream": true`` and reads each event stream to its end;
   the time to the first body byte (the first event) is reported beside the total.
 - Credentials (``--token``, credential headers given with ``-H``) are masked in
@@ -26,6 +29,7 @@ and their rendering llmproxy/cli/benchmark_report.py.
 from __future__ import annotations
 
 import argparse
+import secrets as secrets_module
 import sys
 import time
 from typing import IO, Any
@@ -50,6 +54,8 @@ __all__ = [
     "CACHE_OPT_IN",
     "DEFAULT_BODY",
     "DEFAULT_ENDPOINT",
+    "DEFAULT_REQUESTS",
+    "UNLIMITED",
     "Progress",
     "add_benchmark_command",
     "base_url",
@@ -62,6 +68,10 @@ __all__ = [
 ]
 
 CACHE_OPT_IN = b"public, max-age=300"
+DEFAULT_REQUESTS = 100
+# --duration without --requests: no cap but the clock (a run of 10**12 requests ends
+# by its duration long before).
+UNLIMITED = 10**12
 DEFAULT_ENDPOINT = "/v1/chat/completions"
 DEFAULT_BODY: dict[str, Any] = {
     "model": "gpt-4o-mini",
@@ -144,15 +154,17 @@ def token_arg(text: str) -> str:
 def make_plan(args: argparse.Namespace) -> Plan:
     """The run the flags ask for; credentials given in flags become its ``secrets``."""
     url = args.base_url + args.endpoint
+    run_id = secrets_module.token_hex(4)
     headers: list[tuple[str, str]] = [
         ("Content-Type", "application/json"),
         ("User-Agent", "llmproxy-benchmark"),
+        # One session for the whole run in the proxy's session log (not one per request).
+        ("X-Session-ID", f"llmproxy-bench-{run_id}"),
     ]
     secrets = [args.token] if args.token else []
     if args.token:
         headers.append(("Authorization", f"Bearer {args.token}"))
-    if args.cache:
-        headers.append(("Cache-Control", CACHE_OPT_IN.decode()))
+    headers.append(("Cache-Control", CACHE_OPT_IN.decode() if args.cache else "no-store"))
     for name, value in args.header or ():
         headers = [(n, v) for n, v in headers if n.lower() != name.lower()]
         headers.append((name, value))
@@ -160,10 +172,13 @@ def make_plan(args: argparse.Namespace) -> Plan:
             scheme, sep, credential = value.partition(" ")
             secrets.append(credential.strip() if sep and scheme.isalpha() else value)
     template = args.json if args.json is not None else dict(DEFAULT_BODY)
+    requests = args.requests
+    if requests is None:
+        requests = UNLIMITED if args.duration is not None else DEFAULT_REQUESTS
     return Plan(
         url=url,
-        requests=args.requests,
-        concurrency=min(args.concurrency, args.requests),
+        requests=requests,
+        concurrency=min(args.concurrency, requests),
         template=template,
         headers=tuple(headers),
         secrets=tuple(s for s in secrets if s),
@@ -172,6 +187,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
         debug=args.debug,
         timeout=args.timeout,
         connect_timeout=args.connect_timeout,
+        duration=args.duration,
+        run_id=run_id,
     )
 
 
@@ -199,6 +216,7 @@ class Progress:
             b.rec.failed,
             time.perf_counter() - b.started,
             bar=self.tty,
+            duration=b.plan.duration,
         )
         self.out.write(f"\r{line}\x1b[K" if self.tty else line + "\n")
         self.out.flush()
@@ -259,7 +277,9 @@ def _report(bench: Benchmark, rec: Recorder, out: IO[str], err: IO[str], output:
     summary = summarize(
         rec,
         url=plan.url,
-        planned=plan.requests,
+        # A timed run planned as many as it sent.
+        planned=plan.requests if plan.duration is None else bench.issued,
+        duration=plan.duration,
         concurrency=plan.concurrency,
         elapsed=bench.ended - bench.started,
         stream=plan.stream,
@@ -296,7 +316,8 @@ def add_benchmark_command(sub: Subcommands) -> None:
     p = sub.add_parser(
         "benchmark",
         help="load a deployment; report throughput, latency and the proxy's overhead",
-        description="Send --requests POSTs, at most --concurrency at a time, to "
+        description="Send --requests POSTs (or send for --duration seconds), at most "
+        "--concurrency at a time, to "
         "--base-url + --endpoint and report throughput, latency percentiles, the status "
         "codes, cache outcomes and the proxy's own overhead (X-LLMProxy-Overhead-Ms) "
         "against upstream time. See docs/benchmarking.md.",
@@ -325,7 +346,19 @@ def add_benchmark_command(sub: Subcommands) -> None:
         help="an extra request header (repeatable)",
     )
     p.add_argument(
-        "--requests", "-n", type=positive_int, default=100, help="how many (default 100)"
+        "--requests",
+        "-n",
+        type=positive_int,
+        default=None,
+        help=f"how many (default {DEFAULT_REQUESTS}; with --duration: at most this many)",
+    )
+    p.add_argument(
+        "--duration",
+        "-d",
+        type=positive_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="send for this long instead of a number of requests (in-flight ones finish)",
     )
     p.add_argument(
         "--concurrency", "-c", type=positive_int, default=10, help="in flight at most (default 10)"

@@ -117,6 +117,7 @@ class Summary:
     events_per_stream: float | None
     not_sse: int
     interrupted: bool = False
+    duration: float | None = None  # --duration: seconds of sending asked for
 
     @property
     def finished(self) -> int:
@@ -146,6 +147,7 @@ def summarize(
     stream: bool = False,
     cache_mode: bool = False,
     interrupted: bool = False,
+    duration: float | None = None,
 ) -> Summary:
     """Turn what was recorded into the figures (all times in ms)."""
     ms = 1000.0
@@ -170,6 +172,7 @@ def summarize(
         events_per_stream=(rec.events / rec.responses) if stream and rec.responses else None,
         not_sse=rec.not_sse,
         interrupted=interrupted,
+        duration=duration,
     )
 
 
@@ -194,10 +197,12 @@ def format_summary(s: Summary) -> str:
     """The human-readable report."""
     lines: list[str] = []
     mode = "stream" if s.stream else "json"
-    bodies = "identical, cacheable" if s.cache_mode else "unique"
+    bodies = "cacheable" if s.cache_mode else "no-store"
+    how_many = f"{s.planned} requests"
+    if s.duration is not None:
+        how_many = f"{s.duration:g} s of requests ({s.planned} sent)"
     lines.append(
-        f"llmproxy benchmark: {s.planned} requests to {s.url}, concurrency {s.concurrency} "
-        f"({mode}, {bodies} bodies)"
+        f"llmproxy benchmark: {how_many} to {s.url}, concurrency {s.concurrency} ({mode}, {bodies})"
     )
     if s.interrupted:
         lines.append(f"interrupted: {s.finished} of {s.planned} requests finished")
@@ -290,6 +295,7 @@ def summary_json(s: Summary) -> dict[str, Any]:
     return {
         "url": s.url,
         "requests": s.planned,
+        "duration_s": s.duration,
         "concurrency": s.concurrency,
         "stream": s.stream,
         "cache_mode": s.cache_mode,
@@ -314,18 +320,31 @@ def summary_json(s: Summary) -> dict[str, Any]:
 
 
 def progress_line(
-    done: int, total: int, failed: int, elapsed: float, width: int = 30, bar: bool = True
+    done: int,
+    total: int,
+    failed: int,
+    elapsed: float,
+    width: int = 30,
+    bar: bool = True,
+    duration: float | None = None,
 ) -> str:
-    """``[#####-----]  512/1000  51%  2.0s  256 req/s  0 failed  eta 2s``."""
-    frac = done / total if total else 1.0
+    """``[#####-----]  512/1000  51%  2.0s  256 req/s  0 failed  eta 2s``; a timed run
+    (``duration``) counts its seconds: ``[###---]  512 done  40%  2.0s/5s  ...``."""
     rate = done / elapsed if elapsed > 0 else 0.0
-    eta = f"eta {math.ceil((total - done) / rate)}s" if rate > 0 and done < total else ""
+    if duration is not None:
+        frac = min(1.0, elapsed / duration)
+        left = math.ceil(duration - elapsed) if elapsed < duration else 0
+        count, clock, eta = f"{done} done", f"{elapsed:.1f}s/{duration:g}s", f"eta {left}s"
+    else:
+        frac = done / total if total else 1.0
+        count, clock = f"{done}/{total}", f"{elapsed:.1f}s"
+        eta = f"eta {math.ceil((total - done) / rate)}s" if rate > 0 and done < total else ""
     head = ""
     if bar:
         filled = int(frac * width)
         head = "[" + "#" * filled + "-" * (width - filled) + "]  "
     return (
-        f"{head}{done}/{total}  {100 * frac:3.0f}%  {elapsed:.1f}s  {rate:.0f} req/s  "
+        f"{head}{count}  {100 * frac:3.0f}%  {clock}  {rate:.0f} req/s  "
         f"{failed} failed  {eta}".rstrip()
     )
 

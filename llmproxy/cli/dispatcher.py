@@ -35,10 +35,11 @@ from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 
 from llmproxy.cli.args import Subcommands, positive_duration, positive_int
 from llmproxy.config.loader import ConfigError
-from llmproxy.config.model import ExporterSettings, RedisSettings
+from llmproxy.config.model import EXPORTER_TYPES, ExporterSettings, RedisSettings
 from llmproxy.redis.connection import parse_redis_url, redis_problems
 from llmproxy.redis.dispatcher import Dispatcher, build_dispatcher
 from llmproxy.runtime.checks import load_checked
+from llmproxy.runtime.exits import EX_CONFIG
 
 __all__ = [
     "SERVICES",
@@ -52,7 +53,7 @@ __all__ = [
 
 log = Logger()
 
-SERVICES = ("file", "loki", "lunary", "helicone", "otlp")
+SERVICES = EXPORTER_TYPES  # every sink type, as the ini has them
 
 
 class DispatcherConfigError(Exception):
@@ -123,9 +124,10 @@ def dispatcher_plan(args: argparse.Namespace, env: Mapping[str, str]) -> Dispatc
     if args.buffer is not None:
         changes["buffer"] = args.buffer
     if endpoint:
-        if exporter.type == "file":
+        if exporter.type in ("file", "sessions"):
             path = Path(endpoint).expanduser()
-            changes["path"] = path if path.is_absolute() else state_dir / path
+            key = "path" if exporter.type == "file" else "log_dir"
+            changes[key] = path if path.is_absolute() else state_dir / path
         elif exporter.type == "loki":
             changes["url"] = endpoint
         else:
@@ -133,7 +135,7 @@ def dispatcher_plan(args: argparse.Namespace, env: Mapping[str, str]) -> Dispatc
     if api_key:
         if exporter.type == "loki":
             changes["bearer_token"] = api_key
-        elif exporter.type != "file":
+        elif exporter.type not in ("file", "sessions"):
             changes["api_key"] = api_key
     exporter = attrs.evolve(exporter, **changes)
     if exporter.type == "loki" and not exporter.url:
@@ -204,7 +206,7 @@ def _dispatcher_command(args: argparse.Namespace) -> int:
     except DispatcherConfigError as e:
         for line in e.problems:
             print(line, file=sys.stderr)
-        return 64
+        return EX_CONFIG
     from twisted.internet import reactor
 
     try:
@@ -213,7 +215,7 @@ def _dispatcher_command(args: argparse.Namespace) -> int:
         )
     except ValueError as e:
         print(e, file=sys.stderr)
-        return 64
+        return EX_CONFIG
     return run(dispatcher, plan.drain_timeout, reactor, plan.describe())
 
 

@@ -1,17 +1,20 @@
 """The load generator of ``llmproxy benchmark``: sends a run's requests and records
 what came back (tests: tests/unit/cli/test_benchmark.py, tests/integration/test_bench_cli.py).
 
-A ``Plan`` says what to send: ``requests`` POSTs of a JSON body to one URL, at most
-``concurrency`` in flight over as many kept-alive connections.  ``Benchmark`` sends
+A ``Plan`` says what to send: ``requests`` POSTs of a JSON body to one URL (or as
+many as ``duration`` seconds allow), at most ``concurrency`` in flight over as
+many kept-alive connections.  ``Benchmark`` sends
 them on a reactor, one worker per connection, and appends each response's
 figures to a ``Recorder``: latency, time to first byte (a streamed body's first
 event), the ``X-LLMProxy-Overhead-Ms`` header, the status, the cache outcome, the
 bytes and SSE events read, or why the request failed.  The figures and the report
 are llmproxy/cli/benchmark_report.py; the command is llmproxy/cli/benchmark.py.
 
-- Bodies: without ``cache`` each body carries a nonce (OpenAI's ``user``,
-  Anthropic's ``metadata.user_id`` on ``/messages`` endpoints), so no cache can
-  answer; with ``cache`` every body is the same.
+- Bodies are the same for every request.  Without ``cache`` each request says
+  ``Cache-Control: no-store``, so no cache answers or keeps it; with ``cache`` it
+  opts in to caching instead.  Every request of a run carries the same
+  ``X-Session-ID`` (``llmproxy-bench-<run>``): the proxy's session log keeps a
+  run as one session (a nonce in ``user``, as before, made one per request).
 - A run stops early when the first wave of requests cannot even connect (the
   address is wrong or down), and ``interrupt`` (Ctrl-C) stops sending and cancels
   what is in flight without counting it as failed.
@@ -95,29 +98,23 @@ class Plan:
     debug: bool = False
     timeout: float = 60.0
     connect_timeout: float = 10.0
+    # Seconds to keep sending for (None: until ``requests`` were sent); no request
+    # starts after it, those in flight finish.
+    duration: float | None = None
     run_id: str = attrs.Factory(lambda: _secrets.token_hex(4))
 
-    @property
-    def nonce_in_metadata(self) -> bool:
-        """Anthropic's Messages API has no ``user`` field: its nonce goes in metadata."""
-        return urlsplit(self.url).path.rstrip("/").endswith("/messages")
-
     def body(self, i: int) -> bytes:
-        """The body of request ``i``: the same every time with ``cache``, else unique."""
+        """The body of request ``i``: the template (with ``"stream": true`` for streams)."""
         body = dict(self.template)
         if self.stream:
             body["stream"] = True
-        if not self.cache:
-            nonce = f"llmproxy-bench-{self.run_id}-{i}"
-            if self.nonce_in_metadata:
-                metadata = body.get("metadata")
-                body["metadata"] = {
-                    **(metadata if isinstance(metadata, dict) else {}),
-                    "user_id": nonce,
-                }
-            else:
-                body["user"] = nonce
         return orjson.dumps(body)
+
+    def wants_more(self, issued: int, elapsed: float) -> bool:
+        """Whether another request starts, ``issued`` sent and ``elapsed`` seconds in."""
+        if issued >= self.requests:
+            return False
+        return self.duration is None or elapsed < self.duration
 
     def raw_headers(self) -> Headers:
         h = Headers()
@@ -350,7 +347,11 @@ class Benchmark:
 
     async def _loop(self) -> None:
         plan = self.plan
-        while self.issued < plan.requests and not (self.interrupted or self._aborted):
+        clock = self.reactor
+        start = clock.seconds()
+        while plan.wants_more(self.issued, clock.seconds() - start) and not (
+            self.interrupted or self._aborted
+        ):
             i = self.issued
             self.issued += 1
             await self._one(i)

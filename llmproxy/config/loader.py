@@ -5,8 +5,10 @@ The file and the ``LLMPROXY_<SECTION>_<KEY>`` variables become one tree of strin
 which the cattrs converter of :mod:`llmproxy.config.converter` structures into the
 settings model; then ``env:NAME`` / ``file:PATH`` secrets are resolved and the
 checks that span keys run.  Every problem is collected, not just the first, and
-reported as one line ``section.key: reason (where)`` (``where`` names the file or
-the environment variable).
+reported as one line ``section.key: reason (where)``, every one of them the same
+way: ``where`` is the file (or ``$LLMPROXY_...`` variable) that set the key, else
+the one that holds its section, else the file read.  A problem about a place
+itself (the file cannot be read, a variable names no key) names it first instead.
 
 This package checks what the settings say, not what the subsystems make of them:
 the Redis URL, the cache's bounds and each sink's own rules are checked by those
@@ -213,14 +215,14 @@ def _tree(sections: Sections, where: str, problems: list[tuple[tuple[int, int], 
             field, _ = _NAMED[kind]
             if "name" in strings:  # the section's suffix is its name
                 order = list(values).index("name")
-                problems.append(((index, order), f"{name}.name: unknown key ({values['name'][1]})"))
+                problems.append(((index, order), f"{name}.name: unknown key"))
                 del strings["name"]
             raw.setdefault(field, []).append({**strings, "name": sub})
             items[field].append(name)
         elif kind == "audit" and not sub:
-            for order, (key, (_, source)) in enumerate(values.items()):
+            for order, key in enumerate(values):
                 if key != "path":
-                    problems.append(((index, order), f"audit.{key}: unknown key ({source})"))
+                    problems.append(((index, order), f"audit.{key}: unknown key"))
             if "path" in strings:
                 raw["audit_path"] = strings["path"]
         else:
@@ -258,8 +260,7 @@ def _structure(
         section, key = _locate(failed.path, tree)
         values = sections.get(section, {})
         label = section if key is None else f"{section}.{key}"
-        source = values[key][1] if key in values else None
-        line = f"{label}: {failed.reason}" + (f" ({source})" if source else "")
+        line = f"{label}: {failed.reason}"
         position = list(values).index(key) if key in values else len(values)
         problems.append(((order.get(section, len(order)), position), line))
     try:
@@ -371,6 +372,8 @@ def _validate(settings: Settings, problems: list[str]) -> None:
         problems.append("server.max_header_bytes: must be at least 1KiB")
     if s.workers < 1:
         problems.append("server.workers: must be at least 1")
+    if s.metrics_projects < 0:
+        problems.append("server.metrics_projects: must be 0 or more")
     prefixes: dict[str, str] = {}
     for r in settings.routes:
         sec = f"route:{r.name}"
@@ -423,13 +426,19 @@ def load_settings(
     *,
     text: str | None = None,
     resolve_secrets: bool = True,
+    checks: Callable[[Settings], list[str]] | None = None,
 ) -> Settings:
     """Read ``path`` (or ``text``, or the embedded default) plus ``env``.
 
     ``resolve_secrets=False`` leaves ``env:``/``file:`` values as written: for
     commands (``llmproxy token``) that need the state directory, not the keys.
-    Raises :class:`ConfigError` listing every problem.  The subsystems' own checks
-    are :func:`llmproxy.runtime.checks.load_checked`'s.
+    ``checks`` are more checks of the settings (the subsystems' own,
+    :func:`llmproxy.runtime.checks.load_checked` passes them), whose problem lines
+    are placed like the loader's.  When the file itself has problems, they still
+    check what could be read, leaving out what the loader already reported: a line
+    about a key it named, and an exporter section it named (its sink would only
+    see the defaults standing in for the bad values).
+    Raises :class:`ConfigError` listing every problem.
     """
     env = os.environ if env is None else env
     problems: list[str] = []
@@ -465,8 +474,52 @@ def load_settings(
     reported = {subject(line) for line in problems}
     problems.extend(line for line in later if subject(line) not in reported)
     if problems:
-        raise ConfigError(problems, settings)
-    return resolve_paths(settings)
+        if checks is not None:
+            problems.extend(_checks_despite(checks, settings, problems))
+        raise ConfigError(_placed(problems, sections, where), settings)
+    resolved = resolve_paths(settings)
+    more = checks(resolved) if checks is not None else []
+    if more:
+        raise ConfigError(_placed(more, sections, where), resolved)
+    return resolved
+
+
+def _checks_despite(
+    checks: Callable[[Settings], list[str]], settings: Settings, problems: list[str]
+) -> list[str]:
+    """What ``checks`` find in settings the loader already found problems in."""
+    reported = {subject(line) for line in problems}
+    named = {name.split(".", 1)[0] for name in reported}
+    unnamed = tuple(e for e in settings.exporters if f"exporter:{e.name}" not in named)
+    partial = attrs.evolve(settings, exporters=unnamed)
+    return [line for line in checks(partial) if subject(line) not in reported]
+
+
+def _placed(problems: list[str], sections: Sections, where: str) -> list[str]:
+    """Each problem line with where it comes from (the module docstring)."""
+    places = {where}
+    places.update(source for values in sections.values() for _, source in values.values())
+    out = []
+    for line in problems:
+        about = subject(line)
+        if about in places or about.isupper():  # the file itself, an LLMPROXY_ variable
+            out.append(line)
+            continue
+        if about.startswith("[") and about.endswith("]"):
+            section, key = about[1:-1], ""
+        elif "." in about:
+            section, _, key = about.rpartition(".")
+        else:
+            section, key = about, ""
+        values = sections.get(section, {})
+        if key in values:
+            source = values[key][1]
+        elif values:
+            source = next(iter(values.values()))[1]
+        else:
+            source = where
+        out.append(f"{line} ({source})")
+    return out
 
 
 # -- paths --------------------------------------------------------------------------

@@ -215,8 +215,22 @@ class ServerSettings:
     admin_token: str = setting(
         "",
         doc="When set, admin requests need `Authorization: Bearer <token>` (compared in "
-        "constant time).",
+        "constant time), but for the probes while `probes_public` is on.",
         repr=False,
+    )
+    probes_public: bool = setting(
+        True,
+        doc="`/health` and `/ready` answer without `admin_token`, so a load balancer or a "
+        "Kubernetes probe needs no secret (they say only whether the process runs and "
+        "serves); everything else on the admin listener stays behind the token. `false`: "
+        "the probes need the token too.",
+    )
+    metrics_projects: int = setting(
+        50,
+        doc="How many proxy-token projects get their own `project` label in `/metrics` "
+        "(`llmproxy_project_requests_total`, `llmproxy_project_tokens_total`): the first "
+        "N seen keep their name for the life of the process, later ones count as `other`. "
+        "Bounds the series a scrape carries; `0` counts every project as `other`.",
     )
     workers: Workers = setting(
         1,
@@ -662,7 +676,9 @@ class ExporterSettings:
     )
     gzip: bool = setting(True, doc="Gzip the push body.")
     structured_metadata: bool = setting(
-        False, doc="Send `request_id`, `session_id` and `route` as Loki structured metadata."
+        False,
+        doc="Send `request_id`, `session_id`, `route`, and the proxy token's `token_id` and "
+        "`project` (when one was used) as Loki structured metadata.",
     )
     # sessions
     log_dir: Path | None = setting(

@@ -118,8 +118,9 @@ INTRO = """\
 
 llmproxy reads one ini file (`--config PATH`; without it, the embedded default
 `llmproxy/config/default.ini`). `llmproxy check-config PATH` validates a file (and the
-environment) and prints one line per problem, `section.key: reason (where)`; the
-daemon refuses to start with the same lines and exit code 64.
+environment) and prints one line per problem, `section.key: reason (where)`, `where`
+being the file or the `$LLMPROXY_...` variable that set the key, with exit code 64;
+the daemon refuses to start with the same lines and the same code.
 
 ## Types
 

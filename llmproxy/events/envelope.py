@@ -14,6 +14,8 @@ from typing import Any, Protocol, runtime_checkable
 import attrs
 import orjson
 
+__all__ = ["Envelope", "StoredEvent"]
+
 
 @runtime_checkable
 class Envelope(Protocol):

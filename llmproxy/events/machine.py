@@ -1,6 +1,6 @@
 """The machine id every event carries (tests: tests/unit/capture/test_events.py).
 
-``user@host`` of the proxy process, as seed 001 records it.  Worked out once
+``user@host`` of the proxy process, as the Go llm-proxy records it.  Worked out once
 and cached; it never fails -- an unknown part is ``unknown``, because a missing
 passwd entry in a container must not stop the proxy from recording.
 """
@@ -11,6 +11,8 @@ import functools
 import getpass
 import os
 import socket
+
+__all__ = ["machine_id"]
 
 
 def _user() -> str:

@@ -17,6 +17,14 @@ from __future__ import annotations
 
 import attrs
 
+__all__ = [
+    "SSEEvent",
+    "SSEParser",
+    "parse_sse",
+    "sse_fields",
+    "sse_fields_of_text",
+]
+
 _BOM = b"\xef\xbb\xbf"
 
 

@@ -33,6 +33,22 @@ import orjson
 
 from llmproxy.events.sse import SSEEvent
 
+__all__ = [
+    "EMPTY_FACTS",
+    "ResponseFacts",
+    "Usage",
+    "anthropic_usage",
+    "facts_from_json",
+    "facts_from_sse",
+    "facts_from_sse_fields",
+    "model_from_prefix",
+    "openai_usage",
+    "request_model",
+    "summary_from_json",
+    "summary_from_sse_fields",
+    "usage_dict",
+]
+
 
 @attrs.frozen
 class Usage:

@@ -17,6 +17,8 @@ from twisted.logger import Logger
 from llmproxy.events.envelope import Envelope
 from llmproxy.interfaces import Subscriber
 
+__all__ = ["MemoryBus"]
+
 log = Logger()
 
 

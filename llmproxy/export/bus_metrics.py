@@ -12,6 +12,8 @@ from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+__all__ = ["bus_families"]
+
 _COUNTERS = (
     ("accepted", "Events published on the bus (Redis bus: plus recovered from its spool)"),
     ("published", "Events handed on (memory bus: to subscribers; Redis bus: XADD confirmed)"),

@@ -21,6 +21,8 @@ import orjson
 
 from llmproxy.events.time import rfc3339
 
+__all__ = ["DeadLetter"]
+
 
 @attrs.define
 class DeadLetter:

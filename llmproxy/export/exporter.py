@@ -101,6 +101,14 @@ from llmproxy.export.sink import Delivered, Rejected, Retry, Verdict
 from llmproxy.export.spool import PendingSegment, Segment, Spool
 from llmproxy.interfaces import LineSink, PreparingSink, ReopenableSink, RunBlocking, Sink
 
+__all__ = [
+    "CLOSED",
+    "CLOSING",
+    "RUNNING",
+    "BatchingExporter",
+    "run_here",
+]
+
 log = Logger()
 
 RUNNING = "running"

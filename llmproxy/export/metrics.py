@@ -11,6 +11,8 @@ from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+__all__ = ["exporter_families"]
+
 _COUNTERS = (
     ("accepted", "Events accepted by the exporter"),
     ("sent", "Events delivered to the sink"),

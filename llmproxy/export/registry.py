@@ -22,12 +22,20 @@ from pathlib import Path
 import attrs
 from twisted.internet.interfaces import IReactorTime
 
-from llmproxy.config.model import ExporterSettings
+from llmproxy.config.model import EXPORTER_TYPES, ExporterSettings
 from llmproxy.export.deadletter import DeadLetter
 from llmproxy.export.exporter import BatchingExporter, run_here
 from llmproxy.export.sink import HTTPClient, Sink
 from llmproxy.export.spool import Spool
 from llmproxy.interfaces import RunBlocking
+
+__all__ = [
+    "SINK_FACTORIES",
+    "SinkContext",
+    "SinkFactory",
+    "build_exporter",
+    "build_sink",
+]
 
 
 @attrs.frozen
@@ -99,8 +107,10 @@ def _build_sessions_sink(settings: ExporterSettings, context: SinkContext) -> Si
     )
 
 
-# One entry per ``type =`` value.  Factories import their module lazily, so a
-# backend that is not configured costs nothing at start.
+# One factory per ``type =`` value of the settings model (``EXPORTER_TYPES``, the
+# one list of sink types: the ini, the docs and ``llmproxy dispatcher --service``
+# all read it).  Factories import their module lazily, so a backend that is not
+# configured costs nothing at start.
 SINK_FACTORIES: dict[str, SinkFactory] = {
     "file": _build_file_sink,
     "loki": _build_loki_sink,
@@ -109,6 +119,8 @@ SINK_FACTORIES: dict[str, SinkFactory] = {
     "helicone": _build_helicone_sink,
     "otlp": _build_otlp_sink,
 }
+if set(SINK_FACTORIES) != set(EXPORTER_TYPES):  # pragma: no cover - a programming error
+    raise RuntimeError(f"sink factories {sorted(SINK_FACTORIES)} != types {EXPORTER_TYPES}")
 
 
 def build_sink(

@@ -29,6 +29,7 @@ from __future__ import annotations
 import email.utils
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeAlias
+from urllib.parse import urlsplit
 
 import attrs
 from hyperlink import EncodedURL
@@ -53,6 +54,7 @@ __all__ = [
     "Retry",
     "Sink",
     "Verdict",
+    "checked_endpoint",
     "parse_retry_after",
 ]
 
@@ -99,6 +101,18 @@ class EncodedBatch:
 
 # Per request, so treq does not build an empty jar for each (it does unless given one).
 _NO_COOKIES = NoCookies()
+
+
+def checked_endpoint(where: str, endpoint: str, what: str, instead: str = "api_key") -> str:
+    """``endpoint`` when it is an http(s) URL without credentials; else ``ValueError``
+    saying so (``where``: ``exporter:NAME``; ``what``: the service's API, for the
+    message; ``instead``: where credentials belong)."""
+    parts = urlsplit(endpoint)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{where}: endpoint must be an http(s) URL of {what}")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"{where}: endpoint must not carry credentials (use {instead})")
+    return endpoint
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:

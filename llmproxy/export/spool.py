@@ -42,6 +42,13 @@ from typing import Any
 import attrs
 import orjson
 
+__all__ = [
+    "PendingSegment",
+    "Segment",
+    "SegmentContents",
+    "Spool",
+]
+
 _SEGMENT_NAME = re.compile(r"^(\d+)-(\d+)-(\d+)\.jsonl$")
 _TEMP_PREFIX = ".tmp-"
 

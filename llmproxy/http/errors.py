@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import orjson
 
+__all__ = ["error_body"]
+
 _TYPES = {
     400: ("invalid_request_error", "bad_request"),
     401: ("authentication_error", "invalid_proxy_token"),

@@ -1,5 +1,13 @@
 """Header handling between client and upstream, per RFC 9110 section 7.6.1
-(tests: tests/unit/http/test_headers.py)."""
+(tests: tests/unit/http/test_headers.py).
+
+Request ids: the proxy's own id for an exchange goes to the client as
+``X-LLMProxy-Request-ID`` (taken from the client's ``X-LLMProxy-Request-ID`` or,
+as before, ``X-Request-ID`` when sane, else made up) and upstream as
+``X-Request-ID``.  The provider's ids (OpenAI's ``x-request-id``, Anthropic's
+``request-id``) reach the client unchanged: an SDK reports them, and they are
+what the provider's support asks for.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +17,19 @@ import time
 from collections.abc import Callable, Sequence
 
 from twisted.web.http import datetimeToString
+from twisted.web.http_headers import Headers
+
+__all__ = [
+    "HOP_BY_HOP",
+    "PROXY_REQUEST_ID",
+    "UPSTREAM_REQUEST_ID_HEADERS",
+    "HttpDate",
+    "client_request_id",
+    "filter_headers",
+    "request_id_from",
+    "upstream_request_headers",
+    "upstream_request_id",
+]
 
 # Connection-specific fields never forwarded, in either direction.  Names are
 # lower-case bytes, as Twisted's Headers.getAllRawHeaders() yields them... in
@@ -26,9 +47,14 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
+# The proxy's own id of an exchange, in both directions with the client.
+PROXY_REQUEST_ID = b"x-llmproxy-request-id"
+# Where providers put theirs, in the order they are looked for (OpenAI, Anthropic).
+UPSTREAM_REQUEST_ID_HEADERS = (b"x-request-id", b"request-id")
 # Set by the proxy for the upstream, or recomputed by Twisted.
-_NOT_FORWARDED_UP = HOP_BY_HOP | {b"host", b"content-length", b"x-request-id"}
-_NOT_FORWARDED_DOWN = HOP_BY_HOP | {b"x-request-id", b"date", b"server"}
+_NOT_FORWARDED_UP = HOP_BY_HOP | {b"host", b"content-length", b"x-request-id", PROXY_REQUEST_ID}
+# (The upstream's x-request-id goes through; the proxy's own id is set after copying.)
+_NOT_FORWARDED_DOWN = HOP_BY_HOP | {PROXY_REQUEST_ID, b"date", b"server"}
 _REQUEST_ID_RE = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
 
 
@@ -78,10 +104,33 @@ def upstream_request_headers(
 
 
 def request_id_from(value: bytes | None) -> str:
-    """Keep a sane client X-Request-ID, else make one (32 hex chars)."""
+    """Keep a sane client-supplied request id, else make one (32 hex chars)."""
     if value is not None and _REQUEST_ID_RE.match(value):
         return value.decode("ascii")
     return os.urandom(16).hex()
+
+
+def client_request_id(headers: Headers) -> str:
+    """The exchange's id: the client's ``X-LLMProxy-Request-ID``, else its
+    ``X-Request-ID`` (each when sane), else a new one."""
+    for name in (PROXY_REQUEST_ID, b"x-request-id"):
+        values = headers.getRawHeaders(name)
+        if values and _REQUEST_ID_RE.match(values[0]):
+            return values[0].decode("ascii")
+    return os.urandom(16).hex()
+
+
+def upstream_request_id(headers: Sequence[tuple[bytes, bytes]]) -> str | None:
+    """The provider's id of a response (``x-request-id``, else ``request-id``), as sent."""
+    found: dict[bytes, bytes] = {}
+    for name, value in headers:
+        low = name.lower()
+        if low in UPSTREAM_REQUEST_ID_HEADERS and low not in found:
+            found[low] = value
+    for name in UPSTREAM_REQUEST_ID_HEADERS:
+        if name in found:
+            return found[name].decode("latin-1")[:200]
+    return None
 
 
 class HttpDate:

@@ -16,6 +16,13 @@ import attrs
 
 from llmproxy.config.model import PassthroughSettings, RouteSettings
 
+__all__ = [
+    "PROVIDERS",
+    "Refusal",
+    "Router",
+    "Target",
+]
+
 PROVIDERS = frozenset({"openai", "anthropic"})
 _DOT_SEGMENT = re.compile(rb"(^|/)\.{1,2}(/|$)|%2e|%2f|%5c|\\", re.IGNORECASE)
 # Paths remembered with their Target (see Router.resolve); past this, start over.

@@ -45,6 +45,17 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
+__all__ = [
+    "EndpointFactory",
+    "Origin",
+    "ResponseBodyCut",
+    "UpstreamConnection",
+    "UpstreamError",
+    "UpstreamPool",
+    "UpstreamResponse",
+    "split_url",
+]
+
 _DONE = Failure(ResponseDone())
 _DATA_LOSS = Failure(PotentialDataLoss())
 _BODYLESS_METHODS = frozenset({b"GET", b"HEAD", b"DELETE", b"OPTIONS", b"TRACE", b"CONNECT"})

@@ -42,8 +42,9 @@ from llmproxy.capture.record import ExchangeRecord
 from llmproxy.config.model import CaptureSettings, ServerSettings
 from llmproxy.http.errors import error_body
 from llmproxy.http.headers import (
+    PROXY_REQUEST_ID,
+    client_request_id,
     filter_headers,
-    request_id_from,
     upstream_request_headers,
 )
 from llmproxy.http.router import Refusal, Router, Target
@@ -54,6 +55,8 @@ from llmproxy.proxy.metrics import ProxyMetrics
 if TYPE_CHECKING:
     from llmproxy.cache.cache import CacheTicket, ResponseCache
     from llmproxy.cache.entry import CachedResponse
+
+__all__ = ["Exchange", "ProxyResource", "answered_outcome"]
 
 log = Logger()
 
@@ -101,12 +104,12 @@ class ProxyResource(Resource):
 
     def reject_early(self, request: Request, status: int, message: str) -> None:
         """Answer before the body was read (413) and close: nothing reached render."""
-        rid = request_id_from(request.getHeader(b"x-request-id"))
+        rid = client_request_id(request.requestHeaders)
         body = error_body(status, message)
         reason = http.RESPONSES.get(status, b"Error")
         request.channel.transport.write(  # type: ignore[union-attr]
             b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-            b"X-Request-ID: %s\r\nConnection: close\r\n\r\n%s"
+            b"X-LLMProxy-Request-ID: %s\r\nConnection: close\r\n\r\n%s"
             % (status, reason, len(body), rid.encode(), body)
         )
         request.channel.loseConnection()  # type: ignore[union-attr]
@@ -227,7 +230,7 @@ class Exchange:
         self._t0 = time.perf_counter()
         uri = request.uri
         path, _, query = uri.partition(b"?")
-        rid = request_id_from(request.requestHeaders.getRawHeaders(b"x-request-id", (None,))[0])
+        rid = client_request_id(request.requestHeaders)
         target = proxy.router.resolve(path)
         content = request.content
         if isinstance(content, io.BytesIO):
@@ -494,7 +497,8 @@ class Exchange:
         if response.length is not None and request.method != b"HEAD":
             # (A HEAD response's Content-Length is the GET body's: keep the upstream's.)
             out.setRawHeaders(b"content-length", [b"%d" % response.length])
-        out.setRawHeaders(b"x-request-id", [record.request_id.encode()])
+        # The upstream's own x-request-id / request-id went through above.
+        out.setRawHeaders(PROXY_REQUEST_ID, [record.request_id.encode()])
         if self._cache is not None:
             self._cache.on_response(response.code, raw, response.length, out)
         # What the proxy added before the client sees a byte: routing, header
@@ -582,7 +586,7 @@ class Exchange:
                 self.alive = False
                 self.request.loseConnection()
         if clean:
-            self.finish_record("ok", None)
+            self.finish_record(answered_outcome(self.record.status if self.record else None), None)
         elif self._timed_out:
             self.finish_record("timeout", self._timed_out)
         elif self.record is not None and self.record.outcome == "client_disconnected":
@@ -626,7 +630,7 @@ class Exchange:
             h.setRawHeaders(b"content-type", [b"application/json"])
             h.setRawHeaders(b"content-length", [b"%d" % len(body)])
             if self.record is not None:
-                h.setRawHeaders(b"x-request-id", [self.record.request_id.encode()])
+                h.setRawHeaders(PROXY_REQUEST_ID, [self.record.request_id.encode()])
             request.write(body)
             self.alive = False
             request.finish()
@@ -663,6 +667,7 @@ class Exchange:
             record.first_byte_at,
             self.bytes_in,
             self.bytes_out,
+            project=record.project,
         )
         proxy.access.finished(record)
         ticket = self._cache
@@ -683,6 +688,21 @@ class Exchange:
         if self.alive:
             self.alive = False
             self.request.channel.transport.abortConnection()  # type: ignore[union-attr]
+
+
+def answered_outcome(status: int | None) -> str:
+    """The outcome of an exchange whose answer reached the client whole: ``ok``
+    for 1xx-3xx, ``client_error`` for a 4xx the upstream gave (the request was
+    refused there), ``upstream_rate_limited`` for its 429, ``upstream_error``
+    for its 5xx.  Dashboards and alerts count every outcome but ``ok`` and
+    ``cache_hit`` as an error (docs/operations.md, "Reading /stats and /metrics")."""
+    if status is None or status < 400:
+        return "ok"
+    if status == 429:
+        return "upstream_rate_limited"
+    if status >= 500:
+        return "upstream_error"
+    return "client_error"
 
 
 def _reason(failure: Failure) -> str:

@@ -1,11 +1,26 @@
 """Request metrics kept as plain numbers on the hot path
-(tests: tests/integration/test_admin.py, tests/unit/runtime/test_aggregate.py).
+(tests: tests/unit/proxy/test_metrics.py, tests/integration/test_admin.py,
+tests/unit/runtime/test_aggregate.py, tests/integration/test_alert_rules.py).
 
 prometheus_client's own metric objects take a lock per update; the request path
 only adds to dicts and lists here, and :class:`MetricsCollector` turns them into
 metric families (prometheus_client writes the exposition format) when
 ``/metrics`` is scraped.  ``snapshot()`` gives the same numbers as JSON for
 ``/stats``.
+
+Outcomes (the ``outcome`` label) tell how an exchange ended, whatever the
+status: ``ok``, ``cache_hit``, ``client_error`` (the upstream's 4xx),
+``upstream_rate_limited`` (its 429), ``upstream_error`` (its 5xx, or a failed or
+cut upstream), ``timeout``, ``client_disconnected``, ``rejected`` (the proxy
+refused).  Every one but ``ok`` and ``cache_hit`` is an error for the
+dashboards and alerts.
+
+Requests made with a proxy token are counted by project too, and so are the
+tokens their answers used (:meth:`ProxyMetrics.usage`, from the capture pump).
+The label set is bounded: the first ``max_projects`` projects seen keep their
+name for the life of the process, the rest are counted as ``other``.  (Not the
+top N by volume: a project moving in or out of the top would make its series
+and ``other`` go backwards, which counters must never do.)
 """
 
 from __future__ import annotations
@@ -21,6 +36,17 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import CollectorRegistry
+
+__all__ = [
+    "LATENCY_BUCKETS",
+    "OTHER_PROJECTS",
+    "OVERHEAD_BUCKETS",
+    "Histogram",
+    "MetricsCollector",
+    "ProjectLabels",
+    "ProxyMetrics",
+    "make_registry",
+]
 
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -54,11 +80,44 @@ class Histogram:
         return out
 
 
+OTHER_PROJECTS = "other"
+# usage_dict keys -> the kind label of llmproxy_project_tokens_total
+_TOKEN_KINDS = (
+    ("input_tokens", "input"),
+    ("output_tokens", "output"),
+    ("cache_read_tokens", "cache_read"),
+    ("cache_creation_tokens", "cache_creation"),
+)
+
+
+class ProjectLabels:
+    """Project name -> its label value: the first ``limit`` names seen are their
+    own label, any later one is ``other``."""
+
+    __slots__ = ("_labels", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._labels: dict[str, str] = {}
+
+    def __call__(self, project: str) -> str:
+        label = self._labels.get(project)
+        if label is None:
+            label = project if len(self._labels) < self.limit else OTHER_PROJECTS
+            # Remembered either way: a name is judged once, so its label never changes.
+            if len(self._labels) < 10 * self.limit + 1000:
+                self._labels[project] = label
+        return label
+
+
 class ProxyMetrics:
     """Counters for the proxy listener; one instance per process."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_projects: int = 50) -> None:
         self.requests: dict[tuple[str, int, str], int] = {}
+        self.project_label = ProjectLabels(max_projects)
+        self.project_requests: dict[tuple[str, str], int] = {}
+        self.project_tokens: dict[tuple[str, str], int] = {}
         self.latency: dict[str, Histogram] = {}
         self.ttfb: dict[str, Histogram] = {}
         self.overhead = Histogram(OVERHEAD_BUCKETS)
@@ -77,9 +136,14 @@ class ProxyMetrics:
         ttfb: float | None,
         bytes_in: int,
         bytes_out: int,
+        *,
+        project: str | None = None,
     ) -> None:
         key = (route, status, outcome)
         self.requests[key] = self.requests.get(key, 0) + 1
+        if project is not None:
+            pkey = (self.project_label(project), outcome)
+            self.project_requests[pkey] = self.project_requests.get(pkey, 0) + 1
         h = self.latency.get(route)
         if h is None:
             h = self.latency[route] = Histogram(LATENCY_BUCKETS)
@@ -92,6 +156,16 @@ class ProxyMetrics:
         self.bytes_in += bytes_in
         self.bytes_out += bytes_out
 
+    def usage(self, project: str, usage: dict[str, Any]) -> None:
+        """Add the tokens one answer of ``project`` used (a ``usage`` dict of an event)."""
+        label = self.project_label(project)
+        tokens = self.project_tokens
+        for field, kind in _TOKEN_KINDS:
+            n = usage.get(field)
+            if type(n) is int and n > 0:
+                key = (label, kind)
+                tokens[key] = tokens.get(key, 0) + n
+
     def snapshot(self) -> dict[str, Any]:
         by_route: dict[str, dict[str, Any]] = {}
         for (route, status, outcome), n in sorted(self.requests.items()):
@@ -103,9 +177,18 @@ class ProxyMetrics:
             by_route.setdefault(route, {})["mean_latency_ms"] = round(
                 1000 * h.total / max(h.count, 1), 3
             )
+        by_project: dict[str, dict[str, Any]] = {}
+        for (project, outcome), n in sorted(self.project_requests.items()):
+            p = by_project.setdefault(project, {"requests": 0, "by_outcome": {}, "tokens": {}})
+            p["requests"] += n
+            p["by_outcome"][outcome] = n
+        for (project, kind), n in sorted(self.project_tokens.items()):
+            p = by_project.setdefault(project, {"requests": 0, "by_outcome": {}, "tokens": {}})
+            p["tokens"][kind] = n
         return {
             "requests_total": sum(self.requests.values()),
             "routes": by_route,
+            "projects": by_project,
             "open_requests": self.open_requests,
             "open_streams": self.open_streams,
             "connections": self.connections,
@@ -121,6 +204,24 @@ class ProxyMetrics:
         for (route, status, outcome), n in sorted(self.requests.items()):
             req.add_metric([route, str(status), outcome], n)
         yield req
+        preq = CounterMetricFamily(
+            "llmproxy_project_requests",
+            "Requests made with a proxy token, by its project (the first N projects; the rest "
+            "as other)",
+            labels=["project", "outcome"],
+        )
+        for (project, outcome), n in sorted(self.project_requests.items()):
+            preq.add_metric([project, outcome], n)
+        yield preq
+        ptok = CounterMetricFamily(
+            "llmproxy_project_tokens",
+            "Tokens the answers to a project's requests used, by kind (from the response "
+            "usage; counted when events are on)",
+            labels=["project", "kind"],
+        )
+        for (project, kind), n in sorted(self.project_tokens.items()):
+            ptok.add_metric([project, kind], n)
+        yield ptok
         for name, doc, hists in (
             ("llmproxy_request_duration_seconds", "Whole exchange duration", self.latency),
             ("llmproxy_ttfb_seconds", "Time to upstream response headers", self.ttfb),

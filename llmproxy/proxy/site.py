@@ -15,6 +15,8 @@ from llmproxy.http.errors import error_body
 from llmproxy.http.headers import HttpDate
 from llmproxy.proxy.forward import ProxyResource
 
+__all__ = ["ProxyRequest", "ProxySite"]
+
 log = Logger()
 _SERVER = [server.version]
 _date = HttpDate()

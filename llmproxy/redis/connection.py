@@ -39,6 +39,19 @@ from zope.interface import implementer
 
 from llmproxy.config.model import RedisSettings
 
+__all__ = [
+    "REDIS_SCHEMES",
+    "TRANSIENT_ERROR_CODES",
+    "RedisConnection",
+    "RedisURL",
+    "RedisUnavailable",
+    "default_consumer_name",
+    "is_refusal",
+    "is_response_error",
+    "parse_redis_url",
+    "redis_problems",
+]
+
 log = Logger()
 
 REDIS_SCHEMES = ("redis", "rediss", "unix")

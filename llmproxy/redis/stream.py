@@ -47,6 +47,16 @@ from llmproxy.export.sink import Delivered, Rejected, Retry, Verdict
 from llmproxy.export.spool import Spool
 from llmproxy.interfaces import RedisClient, RunBlocking, Subscriber
 
+__all__ = [
+    "ERROR_PAUSE",
+    "TARGET",
+    "XADD_SCRIPT",
+    "RedisBus",
+    "RedisStreamSink",
+    "build_redis_bus",
+    "target_settings",
+]
+
 log = Logger()
 
 TARGET = "redis-bus"  # the engine's name for the stream target (logs, spool directory)

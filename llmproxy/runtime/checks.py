@@ -19,11 +19,10 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-import attrs
 from twisted.internet.task import Clock
 
 from llmproxy.cache import cache_problems
-from llmproxy.config.loader import ConfigError, load_settings, subject
+from llmproxy.config.loader import load_settings
 from llmproxy.config.model import ExporterSettings, Settings
 from llmproxy.export.registry import build_sink
 from llmproxy.redis.connection import redis_problems
@@ -69,26 +68,8 @@ def load_checked(
     *,
     text: str | None = None,
 ) -> Settings:
-    """:func:`~llmproxy.config.loader.load_settings`, then :func:`check_settings`;
-    raises :class:`~llmproxy.config.loader.ConfigError` with every problem of both.
-
-    When the file itself has problems, the subsystems still check what could be
-    read, leaving out what the loader already reported: a line about a key it named,
-    and the sink of an exporter section it named (the sink would only see the
-    defaults standing in for the bad values).
-    """
-    try:
-        settings = load_settings(path, env, text=text)
-    except ConfigError as e:
-        if e.settings is None:
-            raise
-        reported = {subject(line) for line in e.problems}
-        sections = {name.split(".", 1)[0] for name in reported}
-        unnamed = tuple(x for x in e.settings.exporters if f"exporter:{x.name}" not in sections)
-        partial = attrs.evolve(e.settings, exporters=unnamed)
-        more = [line for line in check_settings(partial) if subject(line) not in reported]
-        raise ConfigError([*e.problems, *more], e.settings) from None
-    problems = check_settings(settings)
-    if problems:
-        raise ConfigError(problems, settings)
-    return settings
+    """:func:`~llmproxy.config.loader.load_settings` with :func:`check_settings`;
+    raises :class:`~llmproxy.config.loader.ConfigError` with every problem of both,
+    each line saying where it comes from.  When the file itself has problems, the
+    subsystems still check what could be read (``load_settings`` says how)."""
+    return load_settings(path, env, text=text, checks=check_settings)

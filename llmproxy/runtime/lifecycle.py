@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 
 from llmproxy.access.audit import AuditLog
 from llmproxy.config.model import Settings
+from llmproxy.runtime.exits import ListenError, exit_cannot_listen
 from llmproxy.runtime.system import restore_sighup, sd_notify
 
 log = Logger()
@@ -102,6 +103,19 @@ class RootService(Service):
 
     def stop_stages(self) -> list[StopStage]:
         raise NotImplementedError
+
+    def open_listeners(self) -> None:
+        """Bind what the process serves, before privileges are dropped; raises
+        :class:`~llmproxy.runtime.exits.ListenError`."""
+
+    def privilegedStartService(self) -> None:
+        try:
+            self.open_listeners()
+        except ListenError as e:
+            # One line and EX_CANNOT_LISTEN, which the units do not restart on
+            # (was: a 25-line traceback, exit 1, restarted every 2 s).
+            exit_cannot_listen(e)
+        super().privilegedStartService()
 
     async def before_drain(self) -> None:
         """What must end before the stages run (a reload in progress)."""

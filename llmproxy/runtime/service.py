@@ -1,5 +1,5 @@
 """The root service: ordered start, ordered drain within the deadline
-(tests: tests/integration/test_daemon.py).
+(tests: tests/integration/test_daemon.py, tests/unit/runtime/test_service.py).
 
 Start: bind the proxy and admin listeners (a bind error fails start-up), start
 the exporters, tell systemd READY=1.  Stop (SIGTERM): /ready turns 503 and
@@ -51,12 +51,27 @@ if TYPE_CHECKING:
     from llmproxy.interfaces import HTTPClient, Lifecycle
     from llmproxy.redis.stream import RedisBus
 
+__all__ = ["ProxyService", "counted", "ready_summary", "refuse_reload"]
+
 log = Logger()
 
 
 def _events_wanted(settings: Settings) -> bool:
     """Capture and events cost CPU on the request path: only when someone reads them."""
     return bool(settings.exporters) or settings.events.bus == "redis"
+
+
+def counted(n: int, noun: str) -> str:
+    """``1 route``, ``2 routes``, ``0 routes``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def ready_summary(settings: Settings, exporters: int) -> str:
+    """What the start-up line says is serving: routes and exporters, counted and named."""
+    routes = counted(len(settings.routes), "route")
+    if settings.routes:
+        routes += " (" + ", ".join(r.name for r in settings.routes) + ")"
+    return f"{routes}, {counted(exporters, 'exporter')}"
 
 
 def refuse_reload(audit: AuditLog, source: str, problems: Sequence[str]) -> None:
@@ -98,7 +113,7 @@ class ProxyService(RootService):
         self.settings = settings
         self.config_path = config_path
         self.reactor = reactor
-        self.metrics = ProxyMetrics()
+        self.metrics = ProxyMetrics(max_projects=settings.server.metrics_projects)
         self.ready = False
         self.draining = False
         server = settings.server
@@ -131,6 +146,7 @@ class ProxyService(RootService):
             reactor,
             enabled=_events_wanted(settings),
             sessions=self.sessions,
+            usage=self.metrics.usage,
         )
         # The response cache, when [cache] enabled or a route says cache = on.
         self.cache = build_cache(settings, reactor, health=self.state_health)
@@ -168,6 +184,7 @@ class ProxyService(RootService):
             stats=self.stats,
             registry=self.registry,
             token=server.admin_token,
+            probes_public=server.probes_public,
             audit=self.audit,
             cache=self.cache,
         )
@@ -203,15 +220,13 @@ class ProxyService(RootService):
 
     # -- start --------------------------------------------------------------
 
-    def privilegedStartService(self) -> None:
+    def open_listeners(self) -> None:
         server = self.settings.server
-        self.port = self._listen(server.listen, self.site)
+        self.port = listen_now(self.reactor, server.listen, self.site, "server.listen")
         if server.admin_listen not in ("", "off", "none"):
-            self.admin_port = self._listen(server.admin_listen, self.admin_site)
-        super().privilegedStartService()
-
-    def _listen(self, description: str, factory: Any) -> IListeningPort:
-        return listen_now(self.reactor, description, factory)
+            self.admin_port = listen_now(
+                self.reactor, server.admin_listen, self.admin_site, "server.admin_listen"
+            )
 
     def startService(self) -> None:
         super().startService()
@@ -229,11 +244,7 @@ class ProxyService(RootService):
         gc.freeze()
         self.ready = True
         sd_notify("READY=1")
-        log.info(
-            "llmproxy ready: {routes} routes, {n} exporters",
-            routes=len(self.settings.routes),
-            n=len(self.exporters),
-        )
+        log.info("llmproxy ready: {what}", what=ready_summary(self.settings, len(self.exporters)))
 
     def _components(self) -> list[Lifecycle]:
         """What runs for the service's life, in start order (the drain stops them

@@ -54,6 +54,7 @@ from llmproxy.config.model import Settings
 from llmproxy.export.http import quiet_pool
 from llmproxy.proxy.metrics import MetricsCollector, make_registry
 from llmproxy.runtime.aggregate import monotonic_families, parse_families, sum_families, sum_stats
+from llmproxy.runtime.exits import ListenError
 from llmproxy.runtime.lifecycle import RootService, StopStage, within
 from llmproxy.runtime.service import refuse_reload
 from llmproxy.runtime.system import (
@@ -66,6 +67,18 @@ from llmproxy.runtime.system import (
     sd_notify,
     snapshot_path,
 )
+
+__all__ = [
+    "BACKOFF_MAX",
+    "BACKOFF_MIN",
+    "BACKOFF_RESET_AFTER",
+    "FETCH_TIMEOUT",
+    "KILL_WAIT",
+    "STOP_GRACE",
+    "Supervisor",
+    "SupervisorAdmin",
+    "WorkerHandle",
+]
 
 log = Logger()
 
@@ -235,6 +248,7 @@ class Supervisor(RootService):
                 stats=self.stats,
                 registry=self.registry,
                 token=token,
+                probes_public=settings.server.probes_public,
                 audit=self.audit,
                 cache=_PurgeAll(self) if cache_wanted(settings) else None,
             )
@@ -244,7 +258,7 @@ class Supervisor(RootService):
 
     # -- start --------------------------------------------------------------
 
-    def privilegedStartService(self) -> None:
+    def open_listeners(self) -> None:
         server = self.settings.server
         longest = str(admin_socket_path(self.state_dir, self.count - 1))
         if len(longest.encode()) > _SUN_PATH_MAX:
@@ -254,15 +268,16 @@ class Supervisor(RootService):
             )
         self._bind_proxy(server.listen)
         if server.admin_listen not in ("", "off", "none"):
-            self.admin_port = self._listen(server.admin_listen, self.admin_site)
-        super().privilegedStartService()
+            self.admin_port = listen_now(
+                self.reactor, server.admin_listen, self.admin_site, "server.admin_listen"
+            )
 
     def _bind_proxy(self, description: str) -> None:
         endpoint = endpoints.serverFromString(self.reactor, description)
         if isinstance(endpoint, endpoints._TCPServerEndpoint) and hasattr(socket, "SO_REUSEPORT"):
             self._bind_reuseport(description, endpoint)
             return
-        port = self._listen(description, Factory.forProtocol(Protocol))
+        port = listen_now(self.reactor, description, Factory.forProtocol(Protocol), "server.listen")
         port.stopReading()  # type: ignore[attr-defined]
         self._shared_port = port
         sock = port.socket  # type: ignore[attr-defined]
@@ -289,7 +304,7 @@ class Supervisor(RootService):
             for s in self._sockets:
                 s.close()
             self._sockets = []
-            raise RuntimeError(f"cannot listen on {description}: {e}") from None
+            raise ListenError(description, e.strerror or str(e), "server.listen") from None
         self.listen_fds = [s.fileno() for s in self._sockets]
         log.info(
             "listening on {desc} (port {port}): {n} SO_REUSEPORT sockets",
@@ -297,9 +312,6 @@ class Supervisor(RootService):
             port=number,
             n=self.count,
         )
-
-    def _listen(self, description: str, factory: Any) -> IListeningPort:
-        return listen_now(self.reactor, description, factory)
 
     def startService(self) -> None:
         super().startService()

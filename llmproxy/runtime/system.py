@@ -17,6 +17,8 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from llmproxy.runtime.exits import ListenError
+
 log = Logger()
 
 __all__ = [
@@ -66,16 +68,28 @@ def sd_notify(state: str) -> None:
         log.warn("sd_notify failed: {err}", err=str(e))
 
 
-def listen_now(reactor: Any, description: str, factory: Any) -> IListeningPort:
+def listen_now(reactor: Any, description: str, factory: Any, setting: str = "") -> IListeningPort:
     """Listen on an endpoint string at start-up, synchronously: a bind error (or an
-    endpoint that cannot listen at once) fails start-up with the reason."""
-    endpoint = endpoints.serverFromString(reactor, description)
+    endpoint that cannot listen at once) raises :class:`ListenError` with the
+    reason (``setting``: the config key that named the endpoint)."""
+    try:
+        endpoint = endpoints.serverFromString(reactor, description)
+    except (KeyError, IndexError) as e:  # a systemd: endpoint whose descriptor is missing
+        which = f"named {e.args[0]!r}" if isinstance(e, KeyError) else "at that index"
+        reason = (
+            f"systemd passed no listening socket {which} (LISTEN_FDS, LISTEN_FDNAMES: is the "
+            ".socket unit running, with that FileDescriptorName=?)"
+        )
+        raise ListenError(description, reason, setting) from None
+    except Exception as e:
+        raise ListenError(description, _reason(e), setting) from None
     result: list[Any] = []
     endpoint.listen(factory).addBoth(result.append)
     if not result:
-        raise RuntimeError(f"listening on {description} did not complete at start")
+        raise ListenError(description, "listening did not complete at start", setting)
     if isinstance(result[0], Failure):
-        raise RuntimeError(f"cannot listen on {description}: {result[0].value}")
+        failure: Failure = result[0]
+        raise ListenError(description, _reason(failure.value or Exception()), setting)
     port: IListeningPort = result[0]
     log.info(
         "listening on {desc} (port {port})",
@@ -83,6 +97,15 @@ def listen_now(reactor: Any, description: str, factory: Any) -> IListeningPort:
         port=getattr(port.getHost(), "port", "-"),
     )
     return port
+
+
+def _reason(error: BaseException) -> str:
+    """Twisted's CannotListenError says ``Couldn't listen on ADDR: [Errno 98] Address
+    already in use.``: the errno's words are the reason (the address is said already)."""
+    socket_error = getattr(error, "socketError", None)
+    if isinstance(socket_error, OSError) and socket_error.strerror:
+        return socket_error.strerror
+    return (str(error) or type(error).__name__).rstrip(".")
 
 
 def install_sighup(reactor: Any, reload: Callable[[], object]) -> Any:

@@ -32,11 +32,17 @@ from zope.interface import implementer
 
 from llmproxy.config.loader import map_paths
 from llmproxy.config.model import Settings
+from llmproxy.runtime.exits import EX_CONFIG, EX_SOFTWARE
 from llmproxy.runtime.service import ProxyService
 from llmproxy.runtime.system import CONTROL_FD, FAMILIES, LISTEN_FD, admin_socket_path
 
-EX_USAGE = 64
-EX_SOFTWARE = 70
+__all__ = [
+    "Lifeline",
+    "LineLog",
+    "WorkerService",
+    "main",
+    "worker_settings",
+]
 
 
 def worker_settings(settings: Settings, index: int) -> Settings:
@@ -190,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         for problem in e.problems:
             log.error("bad configuration: {problem}", problem=problem)
-        return EX_USAGE
+        return EX_CONFIG
     settings = worker_settings(base, args.index)
 
     from twisted.internet import reactor

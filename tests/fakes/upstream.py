@@ -1,6 +1,8 @@
 """A real HTTP upstream on 127.0.0.1 for integration tests, shaped like an LLM API.
 
-It counts TCP connections, records the requests it saw, and serves:
+It counts TCP connections, records the requests it saw, and serves (the
+OpenAI-style answers with the provider's ``x-request-id: req_N``, the Anthropic
+ones with ``request-id: req_N``, N counting the requests):
   POST /v1/chat/completions          a JSON chat completion (with usage)
   POST /v1/chat/completions + stream an SSE stream (``"stream": true`` in the body)
   POST /v1/messages                  an Anthropic message answering the last user message
@@ -258,6 +260,11 @@ class FakeUpstream(Resource):
             }
         )
         path = request.path
+        provider_id = b"req_%d" % len(self.requests)
+        if path.endswith(b"/v1/messages"):
+            request.setHeader(b"request-id", provider_id)  # Anthropic's name
+        else:
+            request.setHeader(b"x-request-id", provider_id)  # OpenAI's
         if path == b"/v1/chat/completions" or path.endswith(b"/chat/completions"):
             try:
                 wants_stream = bool(json.loads(body or b"{}").get("stream"))

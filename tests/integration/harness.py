@@ -14,7 +14,6 @@ from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
-from llmproxy.capture.record import ExchangeRecord
 from llmproxy.config.loader import load_settings
 from llmproxy.runtime.service import ProxyService
 from tests.fakes.upstream import FakeUpstream
@@ -29,23 +28,6 @@ async def wait_until(
         if reactor.seconds() > deadline:  # type: ignore[attr-defined]
             raise AssertionError(f"{what} not met within {timeout}s")
         await task.deferLater(reactor, 0.05, lambda: None)
-
-
-class RecordedEvents:
-    """Stands in for the capture pump: keeps the records the proxy hands over."""
-
-    enabled = True
-    needs_whole_body = False
-
-    def __init__(self) -> None:
-        self.started: list[ExchangeRecord] = []
-        self.finished: list[ExchangeRecord] = []
-
-    def request_started(self, record: ExchangeRecord, body: bytes) -> None:
-        self.started.append(record)
-
-    def request_finished(self, record: ExchangeRecord) -> None:
-        self.finished.append(record)
 
 
 @attrs.define
@@ -93,6 +75,8 @@ def start(
 ) -> Running:
     upstream = FakeUpstream(reactor)
     port = upstream.listen()
+    # ``{upstream_port}`` in ``extra``: a route of its own to the upstream.
+    extra = extra.replace("{upstream_port}", str(port))
     settings = load_settings(
         text=config_text(port, str(tmp_path / "state"), extra, server), env=env or {}
     )

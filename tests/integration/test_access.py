@@ -24,8 +24,9 @@ from llmproxy.cli import main as cli
 from llmproxy.config.loader import load_settings
 from llmproxy.config.model import CaptureSettings
 from llmproxy.runtime.service import ProxyService
+from llmproxy.testing import RecordingEventSink
 from tests.fakes.upstream import FakeUpstream
-from tests.integration.harness import RecordedEvents, Running, config_text, stop
+from tests.integration.harness import Running, config_text, stop
 
 pytestmark = pytest.mark.integration
 
@@ -56,7 +57,7 @@ class Secured:
     env: Running
     access: TokenAccess
     tokens: TokenFile
-    events: RecordedEvents
+    events: RecordingEventSink
     config_path: Path
     log_lines: list[str]
     log_observer: Callable[[dict[str, Any]], None]
@@ -100,7 +101,7 @@ def _start(tmp_path: Path, server: str = "") -> Secured:
 
     globalLogPublisher.addObserver(observe)
     service = ProxyService(settings, reactor)
-    events = RecordedEvents()
+    events = RecordingEventSink()
     service.proxy.events = events
     # The service's own policy, but checking the token file on every request so
     # live changes show without waiting for the 1 s reload interval.
@@ -219,7 +220,7 @@ async def test_missing_unknown_revoked_and_expired_tokens_get_401(secured: Secur
         error = _error(resp)
         assert error["type"] == "authentication_error"
         assert resp.headers.getRawHeaders(b"www-authenticate") == [b'Bearer realm="llmproxy"']
-        assert resp.headers.getRawHeaders(b"x-request-id")
+        assert resp.headers.getRawHeaders(b"x-llmproxy-request-id")
     assert secured.env.upstream.requests == []
     failures = [a for a in secured.audit() if a["action"] == "auth_failed"]
     assert [a["reason"] for a in failures] == [reason for _, reason in cases]

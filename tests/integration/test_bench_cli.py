@@ -76,8 +76,9 @@ async def test_every_request_reaches_the_upstream_and_the_overhead_is_split(
     )  # fmt: skip
     seen = chat_requests(env)
     assert len(seen) == 40
-    # Unique bodies (a nonce in "user"), so no cache could have answered.
-    assert len({json.loads(r["body"])["user"] for r in seen}) == 40
+    # No cache may answer or keep them, and the run is one session.
+    assert all(r["headers"]["cache-control"] == ["no-store"] for r in seen)
+    assert len({r["headers"]["x-session-id"][0] for r in seen}) == 1
     assert all(r["headers"]["authorization"] == [f"Bearer {TOKEN}"] for r in seen)
     assert data["responses"] == 40 and data["failed"] == 0
     assert data["statuses"] == {"200": 40}
@@ -134,14 +135,12 @@ async def test_cache_mode_is_answered_by_the_proxy_cache(cached_env: Running) ->
 
 @pytest_twisted.ensureDeferred
 async def test_without_cache_mode_the_cache_never_answers(cached_env: Running) -> None:
-    out, err, code = await benchmark(
-        "--base-url", cached_env.base, "-n", "8", "-c", "2",
-        "-H", "Cache-Control: public, max-age=60",
-    )  # fmt: skip
+    out, err, code = await benchmark("--base-url", cached_env.base, "-n", "8", "-c", "2")
     assert code == 0, err
-    # Opted in to caching, but every body differs: every request is a miss.
+    # The same body every time, but no-store: every request goes upstream.
     assert len(chat_requests(cached_env)) == 8
-    assert "cache: 0 hits (stored 8); hit ratio 0.0%" in out
+    assert "(json, no-store)" in out
+    assert "cache: 0 hits (bypass 8)" in out
 
 
 @pytest_twisted.ensureDeferred
@@ -236,3 +235,37 @@ async def test_bad_arguments_exit_2() -> None:
     _, err, code = await benchmark("--base-url", "localhost:8080")
     assert code == 2
     assert "--base-url" in err and "Traceback" not in err
+
+
+SESSIONS_INI = "\n[exporter:sessions]\ntype = sessions\nflush_interval = 0.05\n"
+
+
+@pytest.fixture
+def logged_env(tmp_path: Any) -> Iterator[Running]:
+    yield from running_fixture(tmp_path, extra=SESSIONS_INI)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_run_is_one_session_in_the_session_log(logged_env: Running) -> None:
+    _, err, code = await benchmark("--base-url", logged_env.base, "-n", "20", "-c", "4")
+    assert code == 0, err
+    logs = logged_env.service.settings.server.state_dir / "sessions"
+
+    def responses() -> dict[str, int]:
+        found: dict[str, int] = {}
+        for path in logs.rglob("*.jsonl"):
+            kinds = [json.loads(line)["type"] for line in path.read_text().splitlines()]
+            found[path.stem] = kinds.count("response")
+        return found
+
+    await wait_until(lambda: sum(responses().values()) == 20, what="20 responses logged")
+    (session,) = responses()  # one file for the run (was one per request)
+    assert session.startswith("llmproxy-bench-")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_timed_run_stops_by_itself_and_reports_what_it_sent(env: Running) -> None:
+    data = await benchmark_json("--base-url", env.base, "--duration", "0.5", "-c", "2")
+    assert data["duration_s"] == 0.5
+    assert data["responses"] >= 1 and data["failed"] == 0
+    assert data["requests"] == data["responses"] == len(chat_requests(env))

@@ -35,10 +35,10 @@ from llmproxy.interfaces import CacheStore
 from llmproxy.proxy.metrics import MetricsCollector, make_registry
 from llmproxy.redis.connection import RedisConnection, parse_redis_url
 from llmproxy.runtime.service import ProxyService
+from llmproxy.testing import RecordingEventSink
 from tests.fakes.upstream import FakeUpstream
 from tests.integration.harness import (
     Collect,
-    RecordedEvents,
     Running,
     config_text,
     raw_request,
@@ -106,7 +106,7 @@ class Cached:
     env: Running
     cache: ResponseCache
     clock: task.Clock
-    events: RecordedEvents
+    events: RecordingEventSink
     redis: RedisServer | None
     tokens: TokenFile
 
@@ -171,7 +171,7 @@ def _start(
         text=config_text(port, str(state), extra), env={"CACHE_TEST_UPSTREAM_KEY": UPSTREAM_KEY}
     )
     service = ProxyService(settings, reactor)
-    events = RecordedEvents()
+    events = RecordingEventSink()
     service.proxy.events = events
     service.startService()
     assert service.port is not None and service.admin_port is not None
@@ -256,7 +256,7 @@ async def test_a_get_is_stored_then_answered_from_the_cache(cached: Cached) -> N
     assert second.h("cache-status") == "llmproxy; hit; ttl=53"
     assert second.h("age") == "7"
     assert second.h("content-type") == "application/json"
-    assert second.h("x-request-id") not in (None, first.h("x-request-id"))
+    assert second.h("x-llmproxy-request-id") not in (None, first.h("x-llmproxy-request-id"))
     # The upstream's cookie went to the client that caused it, never to others.
     assert first.h("set-cookie") is not None and second.h("set-cookie") is None
     assert cached.calls == 1

@@ -179,13 +179,13 @@ async def test_a_miss_then_a_hit_are_two_exchanges_of_one_session(
     assert body2 == body1 and len(daemon.upstream.requests) == 1
     key = hit["x-proxy-cache-key"]
 
-    events = await daemon.exchanges(miss["x-request-id"], hit["x-request-id"])
+    events = await daemon.exchanges(miss["x-llmproxy-request-id"], hit["x-llmproxy-request-id"])
     kinds = [(e["type"], e["request_id"]) for e in events]
     assert kinds == [
-        ("request", miss["x-request-id"]),
-        ("response", miss["x-request-id"]),
-        ("request", hit["x-request-id"]),
-        ("response", hit["x-request-id"]),
+        ("request", miss["x-llmproxy-request-id"]),
+        ("response", miss["x-llmproxy-request-id"]),
+        ("request", hit["x-llmproxy-request-id"]),
+        ("response", hit["x-llmproxy-request-id"]),
     ]
     first, second = events[1], events[3]
     assert (first["cache_status"], first["cache_key"], first["cache_age_s"]) == (
@@ -228,9 +228,14 @@ async def test_a_conditional_hit_is_recorded_as_the_304_it_was(daemon: Daemon) -
     assert revalidated["x-proxy-cache"] == "conditional-hit"
     assert daemon.upstream.cacheable_served == 1
 
-    events = await daemon.exchanges(stored["x-request-id"], revalidated["x-request-id"])
+    events = await daemon.exchanges(
+        stored["x-llmproxy-request-id"], revalidated["x-llmproxy-request-id"]
+    )
     response = events[-1]
-    assert (response["type"], response["request_id"]) == ("response", revalidated["x-request-id"])
+    assert (response["type"], response["request_id"]) == (
+        "response",
+        revalidated["x-llmproxy-request-id"],
+    )
     assert (response["status"], response["outcome"]) == (304, "ok")
     assert response["cache_status"] == "conditional-hit"
     assert response["cache_key"] == revalidated["x-proxy-cache-key"] == stored["x-proxy-cache-key"]

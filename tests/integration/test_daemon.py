@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.web.client import Agent, HTTPConnectionPool
 
+from llmproxy.runtime.exits import EX_CANNOT_LISTEN
 from tests.fakes.upstream import FakeUpstream
 from tests.integration.daemon import BIN, kill, spawn, terminate, write_config
 from tests.integration.harness import Collect, raw_request
@@ -86,6 +88,46 @@ def test_bad_config_fails_before_listening_with_one_line_per_problem(
     assert "listening" not in proc.stdout
 
 
+@pytest.mark.parametrize(
+    ("runner", "which", "workers"),
+    [
+        ("twistd", "listen", 1),
+        ("twist", "listen", 1),
+        ("twistd", "admin_listen", 1),
+        ("twist", "admin_listen", 1),
+        ("twistd", "listen", 2),  # the workers' master binds SO_REUSEPORT sockets itself
+        ("twistd", "admin_listen", 2),
+    ],
+)
+def test_a_port_in_use_fails_start_up_with_one_line_and_exit_code_69(
+    tmp_path: Path, runner: str, which: str, workers: int
+) -> None:
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    port = held.getsockname()[1]
+    cfg = tmp_path / "busy.ini"
+    listen = {"listen": "tcp:0:interface=127.0.0.1", "admin_listen": "tcp:0:interface=127.0.0.1"}
+    listen[which] = f"tcp:{port}:interface=127.0.0.1"
+    lines = "".join(f"{key} = {value}\n" for key, value in listen.items())
+    cfg.write_text(f"[server]\n{lines}workers = {workers}\nstate_dir = {tmp_path / 'state'}\n")
+    argv = [str(BIN / runner)] + (["-n", "--pidfile=", "-l", "-"] if runner == "twistd" else [])
+    try:
+        proc = subprocess.run(
+            [*argv, "llmproxy", "--config", str(cfg)], capture_output=True, text=True, timeout=60
+        )
+    finally:
+        held.close()
+    assert proc.returncode == EX_CANNOT_LISTEN == 69
+    output = proc.stdout + proc.stderr
+    assert "Traceback" not in output
+    (line,) = [x for x in output.splitlines() if "cannot listen" in x]
+    assert line.endswith(
+        f"llmproxy: cannot listen on tcp:{port}:interface=127.0.0.1 (server.{which}): "
+        "Address already in use; not starting (exit code 69)"
+    ), line
+
+
 def test_check_config_accepts_a_good_file_and_names_every_bad_key(tmp_path: Path) -> None:
     good = tmp_path / "good.ini"
     good.write_text(
@@ -106,7 +148,7 @@ def test_check_config_accepts_a_good_file_and_names_every_bad_key(tmp_path: Path
     res = subprocess.run(
         [str(BIN / "llmproxy"), "check-config", str(bad)], capture_output=True, text=True
     )
-    assert res.returncode == 1
+    assert res.returncode == 64  # as the daemon exits on the same file
     lines = res.stderr.strip().splitlines()
     assert any(x.startswith("server.drain_timeout: not a duration") for x in lines), lines
     assert any(x.startswith("server.admin_listen: not a valid endpoint") for x in lines), lines

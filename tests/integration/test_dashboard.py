@@ -1,12 +1,13 @@
-"""docs/grafana/llmproxy-dashboard.json, and the alert rules in docs/operations.md,
-query only what llmproxy exposes: every metric name in their PromQL is a sample
-name of the real service's /metrics, and every Loki stream selector uses only the
-labels the Loki sink sets."""
+"""docs/grafana/llmproxy-dashboard.json, and the alert rules of
+docs/prometheus/llmproxy-alerts.yml, query only what llmproxy exposes: every
+metric name in their PromQL is a sample name of the real service's /metrics, and
+every Loki stream selector uses only the labels the Loki sink sets."""
 
 from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import pytest
 import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
 
+from llmproxy.access.tokens import TokenFile
 from llmproxy.export.sinks.loki import APP, EVENT_LABELS
 from tests.fakes.loki import FakeLoki, RunningFakeLoki, listen_fake_loki
 from tests.integration.harness import Running, running_fixture, wait_until
@@ -22,7 +24,7 @@ from tests.integration.redis_server import RedisServer
 
 pytestmark = pytest.mark.integration
 DASHBOARD = Path(__file__).resolve().parents[2] / "docs" / "grafana" / "llmproxy-dashboard.json"
-OPERATIONS = DASHBOARD.parents[1] / "operations.md"
+RULES = DASHBOARD.parents[1] / "prometheus" / "llmproxy-alerts.yml"
 # Labels Prometheus adds when it scrapes, absent from the exposition itself.
 SCRAPE_LABELS = {"instance", "job"}
 
@@ -91,10 +93,11 @@ def histogram_arguments(expr: str) -> set[str]:
 
 
 def alert_expressions() -> list[tuple[str, str]]:
-    """(alert, expr) of the alerting rules suggested in docs/operations.md."""
-    text = OPERATIONS.read_text("utf-8")
+    """(alert, expr) of the alerting rules file (promtool checks its syntax and
+    semantics: tests/integration/test_alert_rules.py)."""
+    text = RULES.read_text("utf-8")
     out = []
-    for block in re.findall(r"```yaml\n(.*?)```", text, re.S):
+    for block in [text]:
         for rule in re.split(r"\n\s*- alert: ", block)[1:]:
             name = rule.split("\n", 1)[0].strip()
             m = re.search(r"\n(\s*)expr: (.*?)\n\1(?=\w)", rule, re.S)
@@ -187,7 +190,7 @@ def _config(loki_url: str) -> str:
     return f"""
 [route:secure]
 prefix = /secure
-upstream = http://127.0.0.1:1
+upstream = http://127.0.0.1:{{upstream_port}}
 auth = token
 api_key = sk-test-dashboard
 
@@ -228,7 +231,7 @@ async def _chat(proxy: Running, messages: list[dict[str, str]]) -> dict[str, Any
     return reply["choices"][0]["message"]
 
 
-async def _traffic(proxy: Running) -> None:
+async def _traffic(proxy: Running, token: str) -> None:
     first = [{"role": "user", "content": "hi"}]
     reply = await _chat(proxy, first)
     await _chat(proxy, [*first, reply, {"role": "user", "content": "and then?"}])
@@ -239,6 +242,14 @@ async def _traffic(proxy: Running) -> None:
     denied = await proxy.client.get(proxy.url("/secure/v1/models"))  # no proxy token: 401
     await denied.content()
     assert denied.code == 401
+    body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]})
+    billed = await proxy.client.post(  # the project families
+        proxy.url("/secure/v1/chat/completions"),
+        data=body.encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
+    )
+    await billed.content()
+    assert billed.code == 200
 
 
 async def _scrape(proxy: Running) -> dict[str, Any]:
@@ -268,9 +279,12 @@ def loki() -> Iterator[RunningFakeLoki]:
 
 
 @pytest.fixture
-def proxy(tmp_path: Path, loki: RunningFakeLoki) -> Iterator[Running]:
-    """File, Loki and a tiny exporter, the cache and sessions on the memory bus."""
-    yield from running_fixture(tmp_path / "memory", extra=_config(loki.url))
+def proxy(tmp_path: Path, loki: RunningFakeLoki) -> Iterator[tuple[Running, str]]:
+    """File, Loki and a tiny exporter, the cache and sessions on the memory bus, and
+    a proxy token (made before the proxy reads the token file)."""
+    secret, _ = TokenFile.in_state_dir(tmp_path / "memory" / "state").create("dash", time.time())
+    for running in running_fixture(tmp_path / "memory", extra=_config(loki.url)):
+        yield running, secret
 
 
 @pytest.fixture
@@ -283,17 +297,18 @@ def bus_proxy(tmp_path: Path, redis: RedisServer) -> Iterator[Running]:
 
 @pytest_twisted.ensureDeferred
 async def test_every_dashboard_query_names_what_the_service_exposes(
-    proxy: Running, bus_proxy: Running, loki: RunningFakeLoki
+    proxy: tuple[Running, str], bus_proxy: Running, loki: RunningFakeLoki
 ) -> None:
     fake = loki.fake
-    await _traffic(proxy)
+    running, token = proxy
+    await _traffic(running, token)
     await wait_until(
         lambda: (
             bool(fake.entries({"log_type": "fork"}))
             and bool(fake.entries({"log_type": "response"}))
         )
     )
-    families = {**await _scrape(bus_proxy), **await _scrape(proxy)}
+    families = {**await _scrape(bus_proxy), **await _scrape(running)}
 
     samples: dict[str, set[str]] = {}  # sample name -> its label names
     kinds: dict[str, str] = {}

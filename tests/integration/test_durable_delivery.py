@@ -107,7 +107,7 @@ class Rig:
         )
         await resp.content()
         assert resp.code == 200
-        request_id: str = resp.headers.getRawHeaders(b"x-request-id")[0].decode()
+        request_id: str = resp.headers.getRawHeaders(b"x-llmproxy-request-id")[0].decode()
         self.ended.append((request_id, reactor.seconds()))  # type: ignore[attr-defined]
         return request_id
 

@@ -109,7 +109,7 @@ class Env:
             )
             await resp.content()
             assert resp.code == 200
-            ids.append(resp.headers.getRawHeaders(b"x-request-id")[0].decode())
+            ids.append(resp.headers.getRawHeaders(b"x-llmproxy-request-id")[0].decode())
         return ids
 
     def loki_ids(self, log_type: str) -> list[str]:
@@ -174,6 +174,9 @@ async def test_restart_while_sink_is_down_replays_the_spool(env: Env) -> None:
     url = env.start_loki()
     cfg = write_config(env.tmp_path, env.upstream_port, url, loki="max_retries = 1\n")
     await env.start_daemon(cfg)
+    # The start-up log says what it found, before anything is replayed.
+    restarted, _ = env.procs[-1]
+    assert b"exporter loki: %d events recovered from the spool" % len(spooled) in restarted.output
     await wait_until(lambda: len(set(env.loki_ids("response"))) >= 15)
     assert sorted(set(env.loki_ids("response"))) == sorted(ids)
     assert sorted(set(env.loki_ids("request"))) == sorted(ids)

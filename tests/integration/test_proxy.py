@@ -15,8 +15,9 @@ from twisted.internet import defer, reactor, task
 from twisted.web.client import Agent, FileBodyProducer
 from twisted.web.iweb import UNKNOWN_LENGTH
 
+from llmproxy.testing import RecordingEventSink
 from tests.fakes.upstream import CHAT_COMPLETION, sse_chunks
-from tests.integration.harness import Collect, RecordedEvents, Running, raw_request, running_fixture
+from tests.integration.harness import Collect, Running, raw_request, running_fixture
 
 pytestmark = pytest.mark.integration
 
@@ -133,19 +134,60 @@ async def test_upstream_connections_are_kept_alive_and_reused(env: Running) -> N
 @pytest_twisted.ensureDeferred
 async def test_request_id_is_kept_when_sane(env: Running) -> None:
     resp = await env.client.get(env.url("/echo-headers"), headers={"X-Request-ID": "abc-123"})
-    assert resp.headers.getRawHeaders(b"x-request-id") == [b"abc-123"]
+    assert resp.headers.getRawHeaders(b"x-llmproxy-request-id") == [b"abc-123"]
     seen = await resp.json()
     assert seen["x-request-id"] == ["abc-123"]
+    assert "x-llmproxy-request-id" not in seen
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_proxys_own_request_id_header_wins_over_x_request_id(env: Running) -> None:
+    resp = await env.client.get(
+        env.url("/echo-headers"),
+        headers={"X-LLMProxy-Request-ID": "mine-1", "X-Request-ID": "other-2"},
+    )
+    assert resp.headers.getRawHeaders(b"x-llmproxy-request-id") == [b"mine-1"]
+    seen = await resp.json()
+    assert seen["x-request-id"] == ["mine-1"]
 
 
 @pytest_twisted.ensureDeferred
 async def test_request_id_is_generated_when_missing_or_insane(env: Running) -> None:
-    for headers in ({}, {"X-Request-ID": "bad id with spaces"}, {"X-Request-ID": "x" * 300}):
+    for headers in (
+        {},
+        {"X-Request-ID": "bad id with spaces"},
+        {"X-Request-ID": "x" * 300},
+        {"X-LLMProxy-Request-ID": "bad\x01id"},
+    ):
         resp = await env.client.get(env.url("/echo-headers"), headers=headers)
-        (rid,) = resp.headers.getRawHeaders(b"x-request-id")
+        (rid,) = resp.headers.getRawHeaders(b"x-llmproxy-request-id")
         seen = await resp.json()
         assert len(rid) == 32 and int(rid, 16) >= 0
         assert seen["x-request-id"] == [rid.decode()]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_providers_request_id_reaches_the_client_unchanged(env: Running) -> None:
+    # Read as the OpenAI SDK reads it (response.headers.get("x-request-id")) and as the
+    # Anthropic SDK does ("request-id"): the provider's own, for its support.
+    openai = await env.client.post(
+        env.url("/mock/v1/chat/completions"),
+        json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+        headers={"X-Request-ID": "client-chosen"},
+    )
+    await openai.content()
+    n = len(env.upstream.requests)
+    assert openai.headers.getRawHeaders(b"x-request-id") == [b"req_%d" % n]
+    assert openai.headers.getRawHeaders(b"x-llmproxy-request-id") == [b"client-chosen"]
+    anthropic = await env.client.post(
+        env.url("/mock/v1/messages"),
+        json={"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]},
+    )
+    await anthropic.content()
+    assert anthropic.headers.getRawHeaders(b"request-id") == [b"req_%d" % (n + 1)]
+    assert anthropic.headers.getRawHeaders(b"x-request-id") is None
+    (own,) = anthropic.headers.getRawHeaders(b"x-llmproxy-request-id")
+    assert len(own) == 32
 
 
 @pytest_twisted.ensureDeferred
@@ -364,25 +406,12 @@ async def test_connect_timeout_gives_504(env: Running) -> None:
     assert stats["routes"]["mock"]["by_outcome"] == {"timeout": 1}
 
 
-class _Bodies(RecordedEvents):
-    """Keeps the body each started record was handed with."""
-
-    def __init__(self, whole: bool) -> None:
-        super().__init__()
-        self.needs_whole_body = whole
-        self.bodies: list[bytes] = []
-
-    def request_started(self, record: Any, body: bytes) -> None:
-        super().request_started(record, body)
-        self.bodies.append(body)
-
-
 @pytest.mark.parametrize("whole", [False, True])
 @pytest_twisted.ensureDeferred
 async def test_a_long_body_is_read_back_whole_only_for_the_session_tracker(
     env: Running, whole: bool
 ) -> None:
-    events = env.service.proxy.events = _Bodies(whole)  # type: ignore[assignment]
+    events = env.service.proxy.events = RecordingEventSink(needs_whole_body=whole)  # type: ignore[assignment]
     cap = env.service.settings.capture.request_body_bytes
     body = json.dumps({"messages": [{"role": "user", "content": "x" * (3 * cap)}]}).encode()
     resp = await env.client.post(env.url("/mock/v1/chat/completions"), data=body)

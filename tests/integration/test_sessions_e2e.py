@@ -172,7 +172,7 @@ async def post(
     )
     raw: bytes = await response.content()
     assert response.code == 200, raw
-    return raw, response.headers.getRawHeaders("x-request-id")[0]
+    return raw, response.headers.getRawHeaders("x-llmproxy-request-id")[0]
 
 
 # ---------------------------------------------------------------- reading the session log

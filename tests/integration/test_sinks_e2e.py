@@ -6,11 +6,16 @@ conversation, its next turn and a fork of it.
 
 The fakes read what they store as the services do (tests/fakes/*.py docstrings):
 Helicone's provider by route and its stream processors, Lunary's runs, the OTLP
-Collector's id parsing, Loki's limits."""
+Collector's id parsing, Loki's limits.
+
+The OpenAI route takes proxy tokens (``auth = token``): every sink must say which
+token (``token_id``, never the secret) and project made those exchanges, and
+nothing of the kind for the Anthropic ones, made without a token."""
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +27,7 @@ import treq
 from twisted.internet import defer, reactor
 from twisted.web.client import Agent, HTTPConnectionPool
 
+from llmproxy.access.tokens import TokenFile
 from llmproxy.export.sinks.helicone import helicone_request_id
 from llmproxy.export.sinks.lunary import run_id
 from tests.fakes import helicone as fake_helicone
@@ -38,6 +44,9 @@ pytestmark = pytest.mark.integration
 
 OPENAI_REPLY = CHAT_COMPLETION["choices"][0]["message"]["content"]  # type: ignore[index]
 EXCHANGES = 6  # see Conversation.run
+OPENAI = ("turn1", "turn2", "fork", "openai-stream")  # made with the proxy token
+ANTHROPIC = ("anthropic-json", "anthropic-stream")  # made without one
+PROJECT = "team-billing"
 
 
 def write_config(tmp_path: Path, upstream_port: int, exporter: str) -> Path:
@@ -55,6 +64,8 @@ environment = e2e
 prefix = /openai
 upstream = http://127.0.0.1:{upstream_port}
 provider = openai
+auth = token
+api_key = sk-upstream-test-key
 
 [route:anthropic]
 prefix = /anthropic
@@ -77,17 +88,19 @@ class Conversation:
 
     port: int
     client: Any
+    token: str
     ids: dict[str, str] = attrs.Factory(dict)
 
     async def post(self, name: str, path: str, body: dict[str, Any]) -> str:
+        key = self.token if path.startswith("/openai/") else "sk-test-key"
         resp = await self.client.post(
             f"http://127.0.0.1:{self.port}{path}",
             data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json", "Authorization": "Bearer sk-test-key"},
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
         )
         text = (await resp.content()).decode()
         assert resp.code == 200, text
-        self.ids[name] = resp.headers.getRawHeaders(b"x-request-id")[0].decode()
+        self.ids[name] = resp.headers.getRawHeaders(b"x-llmproxy-request-id")[0].decode()
         return text
 
     async def run(self) -> None:
@@ -128,12 +141,15 @@ class Env:
     client: Any
     procs: list[tuple[DaemonProtocol, Any]] = attrs.Factory(list)
     stops: list[Callable[[], Any]] = attrs.Factory(list)
+    token_id: str = ""
 
     async def conversation(self, exporter: str) -> Conversation:
+        secret, token = TokenFile.in_state_dir(self.tmp_path / "state").create(PROJECT, time.time())
+        self.token_id = token.id
         proc, transport = spawn(write_config(self.tmp_path, self.upstream_port, exporter))
         self.procs.append((proc, transport))
         proxy_port, _admin = await proc.ready.addTimeout(30, reactor)
-        talk = Conversation(int(proxy_port), self.client)
+        talk = Conversation(int(proxy_port), self.client, secret)
         await talk.run()
         return talk
 
@@ -213,6 +229,16 @@ async def test_helicone_files_each_exchange_under_its_provider_priced_and_groupe
     assert (fork_id, fork_path) == (conversation, f"/{conversation}/{own}")
     assert logs["openai-stream"].session[0] not in (None, conversation)
     assert logs["anthropic-json"].user_id == "bob"
+    # Who made each exchange, and the provider's own id of it.
+    attribution = {
+        name: (log.properties.get("token-id"), log.properties.get("project"))
+        for name, log in logs.items()
+    }
+    assert attribution == {
+        **{name: (env.token_id, PROJECT) for name in OPENAI},
+        **{name: (None, None) for name in ANTHROPIC},
+    }
+    assert {log.properties["upstream-request-id"][:4] for log in logs.values()} == {"req_"}
 
 
 @pytest_twisted.ensureDeferred
@@ -250,6 +276,16 @@ async def test_lunary_stores_each_exchange_as_a_run_with_its_model_and_tokens(en
     sessions = {n: (r.metadata or {}).get("sessionId") for n, r in runs.items()}
     assert sessions["turn1"] == sessions["turn2"] != sessions["fork"]
     assert fake.waits == 0
+    attribution = {
+        # Lunary camelCases metadata keys, as it does sessionId.
+        name: ((r.metadata or {}).get("tokenId"), (r.metadata or {}).get("project"))
+        for name, r in runs.items()
+    }
+    assert attribution == {
+        **{name: (env.token_id, PROJECT) for name in OPENAI},
+        **{name: (None, None) for name in ANTHROPIC},
+    }
+    assert {r.metadata["upstreamRequestId"][:4] for r in runs.values() if r.metadata} == {"req_"}
 
 
 @pytest_twisted.ensureDeferred
@@ -290,6 +326,16 @@ async def test_otlp_exports_each_exchange_as_a_genai_span(env: Env) -> None:
     conversations = {n: s.attributes["gen_ai.conversation.id"] for n, s in by_name.items()}
     assert conversations["turn1"] == conversations["turn2"] != conversations["fork"]
     assert len({s.trace_id for s in by_name.values()}) == EXCHANGES
+    attribution = {
+        name: (s.attributes.get("llmproxy.token_id"), s.attributes.get("llmproxy.project"))
+        for name, s in by_name.items()
+    }
+    assert attribution == {
+        **{name: (env.token_id, PROJECT) for name in OPENAI},
+        **{name: (None, None) for name in ANTHROPIC},
+    }
+    ids = {s.attributes["llmproxy.upstream_request_id"][:4] for s in by_name.values()}
+    assert ids == {"req_"}
 
 
 @pytest_twisted.ensureDeferred
@@ -328,3 +374,44 @@ async def test_loki_keeps_each_event_labelled_by_provider(env: Env) -> None:
     assert [(f["session_id"], f["parent_session"]) for f in forks] == [
         (sessions["fork"], sessions["turn1"])
     ]
+    # In the line and, for LogQL without parsing it, in the structured metadata.
+    metadata = {
+        e.metadata["request_id"]: (e.metadata.get("token_id"), e.metadata.get("project"))
+        for e in fake.entries({"log_type": "response"}, tenant="team-a")
+    }
+    expected = {
+        **{name: (env.token_id, PROJECT) for name in OPENAI},
+        **{name: (None, None) for name in ANTHROPIC},
+    }
+    assert {name: metadata[rid] for name, rid in talk.ids.items()} == expected
+    in_lines = {n: (line["token_id"], line["project"]) for n, (_, line) in by_name.items()}
+    assert in_lines == expected
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_file_and_sessions_sinks_carry_who_made_each_exchange(env: Env) -> None:
+    events = env.tmp_path / "events.jsonl"
+    logs = env.tmp_path / "sessions"
+    talk = await env.conversation(
+        f"[exporter:file]\ntype = file\npath = {events}\n\n"
+        f"[exporter:sessions]\ntype = sessions\nlog_dir = {logs}"
+    )
+    await env.stop_daemon()
+
+    lines = [json.loads(line) for line in events.read_text().splitlines()]
+    expected = {
+        **{name: (env.token_id, PROJECT) for name in OPENAI},
+        **{name: (None, None) for name in ANTHROPIC},
+    }
+    for kind in ("request", "response"):
+        by_id = {e["request_id"]: e for e in lines if e["type"] == kind}
+        found = {n: (by_id[r]["token_id"], by_id[r]["project"]) for n, r in talk.ids.items()}
+        assert found == expected, kind
+    entries = [
+        json.loads(line)
+        for path in sorted(logs.rglob("*.jsonl"))
+        for line in path.read_text().splitlines()
+    ]
+    responses = {e["request_id"]: e for e in entries if e["type"] == "response"}
+    found = {n: (responses[r]["token_id"], responses[r]["project"]) for n, r in talk.ids.items()}
+    assert found == expected

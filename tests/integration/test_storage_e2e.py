@@ -77,7 +77,7 @@ class Daemon:
             )
             await resp.content()
             assert resp.code == 200
-            request_id = resp.headers.getRawHeaders(b"x-request-id")[0].decode()
+            request_id = resp.headers.getRawHeaders(b"x-llmproxy-request-id")[0].decode()
             self.sent.append(request_id)
             ids.append(request_id)
         return ids

@@ -31,6 +31,7 @@ from tests.integration.daemon import (
     write_config,
 )
 from tests.integration.harness import Collect, raw_request, wait_until
+from tests.integration.stats_jq import run_documented_jq
 
 pytestmark = pytest.mark.integration
 
@@ -87,7 +88,7 @@ class Daemon:
             for resp in await defer.gatherResults(batch):
                 assert resp.code == 200
                 await resp.content()
-                ids.append(resp.headers.getRawHeaders(b"x-request-id")[0].decode())
+                ids.append(resp.headers.getRawHeaders(b"x-llmproxy-request-id")[0].decode())
         return ids
 
     async def stats(self) -> dict[str, Any]:
@@ -144,6 +145,12 @@ async def test_two_workers_serve_one_port_and_the_admin_sums_them(tmp_path: Path
         assert stats["total"]["proxy"]["requests_total"] == 64
         assert stats["total"]["proxy"]["routes"]["root"]["requests"] == 64
         assert stats["workers_up"] == 2 and stats["ready"] is True
+        # The documented jq reads the sums (it broke on the master's document).
+        summary = run_documented_jq(stats)
+        assert set(summary) == {"events"}
+        assert set(summary["events"]) == {
+            "sent", "spooled", "dropped", "failing", "last_error", "last_error_at"
+        }  # fmt: skip
         metrics = await d.metrics()
         assert _requests_total(metrics) == 64
         key = ("llmproxy_request_duration_seconds_count", (("route", "root"),))
@@ -404,7 +411,7 @@ def test_check_config_on_workers(tmp_path: Path, value: str, problem: str | None
     if problem is None:
         assert res.returncode == 0, res.stderr
     else:
-        assert res.returncode == 1
+        assert res.returncode == 64
         assert any(line.startswith(problem) for line in res.stderr.splitlines()), res.stderr
 
 

@@ -51,6 +51,8 @@ from llmproxy.export.appendfile import displaced, open_append
 from llmproxy.export.sink import Delivered, Retry, Verdict
 from llmproxy.interfaces import RunBlocking
 
+__all__ = ["FSYNC_POLICIES", "FileSink"]
+
 log = Logger()
 
 FSYNC_POLICIES = ("never", "batch", "always")

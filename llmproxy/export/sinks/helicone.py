@@ -31,10 +31,11 @@ sessions).  Each exchange maps as follows:
   request's headers: ``Helicone-Request-Id`` (a UUID derived from the request id,
   so a log sent twice is the same Helicone request), ``Helicone-User-Id``
   (OpenAI ``user`` / Anthropic ``metadata.user_id``), the session headers, and
-  ``Helicone-Property-*`` (request id, session, seq, route, environment,
-  machine, outcome, cache status, key and age, upstream host, and the request's
-  own string ``metadata``).  Helicone has no field for an answer from our cache
-  (its cache reference names one of its own requests, set by its gateway only).
+  ``Helicone-Property-*`` (request id and the provider's, session, seq, route,
+  the proxy token's id and project, environment, machine, outcome, cache status,
+  key and age, upstream host, and the request's own string ``metadata``).
+  Helicone has no field for an answer from our cache (its cache reference names
+  one of its own requests, set by its gateway only).
 - Sessions: Helicone's Sessions view reads ``Helicone-Session-Id``,
   ``Helicone-Session-Path`` and ``Helicone-Session-Name``.  A conversation and
   the forks made from it are one Helicone session: the id is the conversation's
@@ -102,9 +103,10 @@ from llmproxy.export.sink import (
     Rejected,
     Retry,
     Verdict,
+    checked_endpoint,
 )
-from llmproxy.export.sinks import _exchange
-from llmproxy.export.sinks._exchange import exchange_ns, json_default, message_of
+from llmproxy.export.sinks import exchange
+from llmproxy.export.sinks.exchange import exchange_ns, json_default, message_of
 
 __all__ = ["HeliconeSink", "helicone_request_id", "log_body", "log_url", "log_urls"]
 
@@ -123,9 +125,12 @@ REQUEST_ID_NAMESPACE = uuid.UUID("0b5c1f4e-3d2a-5e8f-a6b7-c9d0e1f2a3b4")
 # Event fields sent as Helicone-Property-<Name>.
 PROPERTY_FIELDS = (
     ("request_id", "Request-Id"),
+    ("upstream_request_id", "Upstream-Request-Id"),
     ("session_id", "Session-Id"),
     ("seq", "Seq"),
     ("route", "Route"),
+    ("token_id", "Token-Id"),
+    ("project", "Project"),
     ("environment", "Environment"),
     ("machine", "Machine"),
     ("outcome", "Outcome"),
@@ -281,8 +286,8 @@ class HeliconeSink(HTTPSink):
             raise ValueError("helicone concurrency must be at least 1")
         self._urls_by_provider = log_urls(self.url)
         self.url = self._urls_by_provider["CUSTOM"]
-        self._headers = _exchange.bearer_headers(self._api_key, self._extra_headers)
-        self._secrets = _exchange.secrets_to_mask((self._api_key,), self._extra_headers)
+        self._headers = exchange.bearer_headers(self._api_key, self._extra_headers)
+        self._secrets = exchange.secrets_to_mask((self._api_key,), self._extra_headers)
         self._sessions = SessionTree(self._remember)
 
     @property
@@ -300,12 +305,9 @@ class HeliconeSink(HTTPSink):
         Helicone API key; ``headers`` are extra HTTP headers on every POST.
         """
         where = f"exporter:{settings.name}"
-        endpoint = settings.endpoint or DEFAULT_ENDPOINT
-        parts = urlsplit(endpoint)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"{where}: endpoint must be an http(s) URL of Helicone's log API")
-        if parts.username is not None or parts.password is not None:
-            raise ValueError(f"{where}: endpoint must not carry credentials (use api_key)")
+        endpoint = checked_endpoint(
+            where, settings.endpoint or DEFAULT_ENDPOINT, "Helicone's log API", "api_key"
+        )
         if not settings.api_key:
             raise ValueError(f"{where}: api_key (a Helicone API key) is required")
         return cls(
@@ -447,12 +449,12 @@ def log_body(event: dict[str, Any], sessions: SessionTree | None = None) -> dict
     request_id = event.get("request_id")
     if not isinstance(request_id, str) or not request_id:
         raise ValueError("no request_id")
-    request = _exchange.request_json(event)
+    request = exchange.request_json(event)
     facts = facts_of(event)
     provider = HELICONE_PROVIDERS.get(_provider_of(event, facts) or "", "CUSTOM")
     response, estimated = _response_part(event, request, facts, provider)
     meta: dict[str, str] = {"Helicone-Request-Id": helicone_request_id(request_id)}
-    user = _user_of(request)
+    user = exchange.user_of(request)
     if user:
         meta["Helicone-User-Id"] = user
     meta.update(_session_meta(event, sessions or SessionTree()))
@@ -665,20 +667,6 @@ def _provider_of(event: dict[str, Any], facts: ResponseFacts) -> str | None:
         return "anthropic"
     if str(merged.get("object", "")).startswith(("chat.completion", "text_completion", "response")):
         return "openai"
-    return None
-
-
-def _user_of(request: dict[str, Any] | None) -> str | None:
-    if request is None:
-        return None
-    user = request.get("user")
-    if isinstance(user, str) and user:
-        return user
-    metadata = request.get("metadata")
-    if isinstance(metadata, dict):
-        user = metadata.get("user_id")
-        if isinstance(user, str) and user:
-            return user
     return None
 
 

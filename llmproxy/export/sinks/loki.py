@@ -58,7 +58,30 @@ from llmproxy.export.sink import (
     Retry,
     Verdict,
 )
-from llmproxy.export.sinks._exchange import json_default, parse_ns
+from llmproxy.export.sinks.exchange import json_default, parse_ns
+
+__all__ = [
+    "APP",
+    "BODY_KEYS",
+    "CHUNK_KEYS",
+    "EVENT_LABELS",
+    "HEADER_KEYS",
+    "IDENTITY_FIELDS",
+    "LABEL_NAME",
+    "MAX_LABEL_NAMES",
+    "MAX_LABEL_VALUE_BYTES",
+    "MAX_TENANT_BYTES",
+    "METADATA_FIELDS",
+    "MIN_LINE_BYTES",
+    "PARTLY_REFUSED",
+    "PUSH_PATH",
+    "TENANT_CHARS",
+    "TRUNCATION_MARK",
+    "LokiSink",
+    "check_tenant",
+    "push_url",
+    "shorten_line",
+]
 
 PUSH_PATH = "/loki/api/v1/push"
 
@@ -83,7 +106,7 @@ MAX_TENANT_BYTES = 150
 # The per-event labels; a static label may not take these names, or every stream
 # of the batch would collapse into one with a wrong value.
 EVENT_LABELS = ("provider", "environment", "machine", "log_type")
-METADATA_FIELDS = ("request_id", "session_id", "route")
+METADATA_FIELDS = ("request_id", "session_id", "route", "token_id", "project")
 
 # What is given up first when a line is too long, in order.  Each tier names the
 # keys whose whole subtree may be shortened.
@@ -101,6 +124,8 @@ IDENTITY_FIELDS = (
     "session_id",
     "seq",
     "route",
+    "token_id",
+    "project",
     "provider",
     "environment",
     "machine",

@@ -56,7 +56,6 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
-from urllib.parse import urlsplit
 
 import attrs
 import orjson
@@ -75,9 +74,10 @@ from llmproxy.export.sink import (
     Rejected,
     Retry,
     Verdict,
+    checked_endpoint,
 )
-from llmproxy.export.sinks import _exchange
-from llmproxy.export.sinks._exchange import (
+from llmproxy.export.sinks import exchange
+from llmproxy.export.sinks.exchange import (
     PlannedBatch,
     exchange_ns,
     json_default,
@@ -85,6 +85,22 @@ from llmproxy.export.sinks._exchange import (
     nonempty_str,
     request_json,
 )
+
+__all__ = [
+    "DEFAULT_ENDPOINT",
+    "DUPLICATE_RUN",
+    "INGEST_PATH",
+    "MAX_ERROR_CHARS",
+    "MAX_SPLIT_RUNS",
+    "METADATA_FIELDS",
+    "NUL_REPLACEMENT",
+    "PARAM_KEYS",
+    "RESULT_BYTES",
+    "RUN_ID_NAMESPACE",
+    "LunarySink",
+    "ingest_url",
+    "run_id",
+]
 
 log = Logger()
 
@@ -122,9 +138,12 @@ PARAM_KEYS = (
 # Event fields copied into Lunary's ``metadata`` (it keeps top-level scalars only).
 METADATA_FIELDS = (
     "request_id",
+    "upstream_request_id",
     "session_id",
     "seq",
     "route",
+    "token_id",
+    "project",
     "provider",
     "upstream_host",
     "method",
@@ -229,8 +248,8 @@ class LunarySink(HTTPSink):
 
     def __attrs_post_init__(self) -> None:
         self.url = ingest_url(self.url)
-        self._headers = _exchange.bearer_headers(self._api_key, self._extra_headers)
-        self._secrets = _exchange.secrets_to_mask((self._api_key,), self._extra_headers)
+        self._headers = exchange.bearer_headers(self._api_key, self._extra_headers)
+        self._secrets = exchange.secrets_to_mask((self._api_key,), self._extra_headers)
 
     @classmethod
     def from_settings(
@@ -244,12 +263,9 @@ class LunarySink(HTTPSink):
         HTTP headers (a gateway in front of a self-hosted Lunary).
         """
         where = f"exporter:{settings.name}"
-        endpoint = settings.endpoint or DEFAULT_ENDPOINT
-        parts = urlsplit(endpoint)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"{where}: endpoint must be an http(s) URL of the Lunary API")
-        if parts.username is not None or parts.password is not None:
-            raise ValueError(f"{where}: endpoint must not carry credentials (use api_key)")
+        endpoint = checked_endpoint(
+            where, settings.endpoint or DEFAULT_ENDPOINT, "the Lunary API", "api_key"
+        )
         if not settings.api_key:
             raise ValueError(f"{where}: api_key (the Lunary project's public key) is required")
         try:
@@ -473,7 +489,7 @@ def _run_of(index: int, event: dict[str, Any]) -> _Run:
         params = {k: request[k] for k in PARAM_KEYS if k in request}
         if params:
             start["params"] = params
-        user = _user_of(request)
+        user = exchange.user_of(request)
         if user:
             start["userId"] = user
     status = event.get("status")
@@ -598,18 +614,6 @@ def _tokens_usage(usage: Any) -> dict[str, int]:
         if isinstance(value, int) and not isinstance(value, bool):
             out[theirs] = value
     return out
-
-
-def _user_of(request: dict[str, Any]) -> str | None:
-    user = request.get("user")
-    if isinstance(user, str) and user:
-        return user
-    metadata = request.get("metadata")
-    if isinstance(metadata, dict):
-        user = metadata.get("user_id")
-        if isinstance(user, str) and user:
-            return user
-    return None
 
 
 def _tags_of(event: dict[str, Any]) -> list[str]:

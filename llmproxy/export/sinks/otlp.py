@@ -42,7 +42,8 @@ real start and end, and:
   or HTTP status 400 and up);
 - ``http.request.method``, ``http.response.status_code``, ``server.address``
   and ``server.port`` (the upstream's), ``client.address``, and ``llmproxy.*``
-  (request and session id, route, outcome, cache status...).
+  (request id, the provider's ``upstream_request_id``, session id, route, the
+  proxy token's ``token_id`` and ``project``, outcome, cache status...).
 
 The resource says ``service.name=llmproxy``, ``host.name`` and
 ``deployment.environment.name``.
@@ -90,15 +91,32 @@ from llmproxy.export.sink import (
     Rejected,
     Retry,
     Verdict,
+    checked_endpoint,
     parse_retry_after,
 )
-from llmproxy.export.sinks import _exchange
-from llmproxy.export.sinks._exchange import (
+from llmproxy.export.sinks import exchange
+from llmproxy.export.sinks.exchange import (
     PlannedBatch,
     exchange_ns,
     nonempty_str,
     request_json,
 )
+
+__all__ = [
+    "DEFAULT_ENDPOINT",
+    "LOGS_PATH",
+    "MAX_STATUS_MESSAGE",
+    "RETRYABLE",
+    "SCOPE_NAME",
+    "SERVICE_NAME",
+    "SPAN_KIND_CLIENT",
+    "STATUS_CODE_ERROR",
+    "TRACES_PATH",
+    "OTLPSink",
+    "operation_name",
+    "signal_url",
+    "span_ids",
+]
 
 log = Logger()
 
@@ -231,7 +249,7 @@ class OTLPSink(HTTPSink):
             headers["Authorization"] = self._authorization
         headers.update(self._extra_headers)
         self._headers = headers
-        self._secrets = _exchange.secrets_to_mask(
+        self._secrets = exchange.secrets_to_mask(
             (self._authorization, self._authorization.partition(" ")[2]), self._extra_headers
         )
 
@@ -246,12 +264,9 @@ class OTLPSink(HTTPSink):
     ) -> OTLPSink:
         """A sink for one ``[exporter:NAME]`` section of ``type = otlp``."""
         where = f"exporter:{settings.name}"
-        endpoint = settings.endpoint or DEFAULT_ENDPOINT
-        parts = urlsplit(endpoint)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"{where}: endpoint must be an http(s) URL of an OTLP/HTTP receiver")
-        if parts.username is not None or parts.password is not None:
-            raise ValueError(f"{where}: endpoint must not carry credentials (use headers)")
+        endpoint = checked_endpoint(
+            where, settings.endpoint or DEFAULT_ENDPOINT, "an OTLP/HTTP receiver", "headers"
+        )
         for name, _ in settings.headers:
             if not name or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
                 raise ValueError(f"{where}: headers: {name!r} is not a valid header name")
@@ -423,7 +438,7 @@ def _log_record(event: dict[str, Any], now_ns: int) -> dict[str, Any]:
     if kind == "response":
         attributes.extend(_exchange_attributes(event, operation_name(str(event.get("path") or ""))))
     else:
-        for field in ("request_id", "session_id", "route"):
+        for field in ("request_id", "session_id", "route", "token_id", "project"):
             value = event.get(field)
             if value is not None and value != "":
                 attributes.append(_kv(f"llmproxy.{field}", value))
@@ -486,9 +501,12 @@ def _exchange_attributes(event: dict[str, Any], operation: str | None) -> list[d
         ("http.response.status_code", "status"),
         ("client.address", "client_addr"),
         ("llmproxy.request_id", "request_id"),
+        ("llmproxy.upstream_request_id", "upstream_request_id"),
         ("llmproxy.session_id", "session_id"),
         ("llmproxy.seq", "seq"),
         ("llmproxy.route", "route"),
+        ("llmproxy.token_id", "token_id"),
+        ("llmproxy.project", "project"),
         ("llmproxy.outcome", "outcome"),
         ("llmproxy.cache_status", "cache_status"),
         ("llmproxy.cache_key", "cache_key"),

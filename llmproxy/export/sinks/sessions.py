@@ -1,11 +1,13 @@
-"""The session log sink, seed 001's file layout (tests: tests/unit/export/sinks/test_sessions.py).
+"""The session log sink, in the Go llm-proxy's file layout
+(tests: tests/unit/export/sinks/test_sessions.py).
 
 Every event with a ``session_id`` is appended to
 ``{log_dir}/{upstream_host}/{YYYY-MM-DD}/{session_id}.jsonl``: the
 ``session_start`` or ``fork`` entry the session tracker published, then the
 ``request`` and ``response`` entries of each exchange.  An entry is the
-canonical event (``type`` and all its fields) plus seed 001's
-``_meta {ts, machine, host, session, request_id}``.  Events without a session
+canonical event (``type`` and all its fields) plus the Go llm-proxy's
+``_meta {ts, machine, host, session, request_id}`` (the proxy llmproxy replaces:
+tools that read its session logs read these).  Events without a session
 (non-conversation requests) are skipped.
 
 The date is the day (UTC) the exchange started (``start``, else ``ts``), so an
@@ -50,6 +52,13 @@ from llmproxy.events.time import rfc3339_ns
 from llmproxy.export.appendfile import displaced, open_append
 from llmproxy.export.sink import Delivered, Retry, Verdict
 
+__all__ = [
+    "MAX_STEM",
+    "SessionsSink",
+    "safe_name",
+    "session_entry",
+]
+
 log = Logger()
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
@@ -83,7 +92,7 @@ def _day(event: dict[str, Any]) -> str | None:
 
 
 def session_entry(event: dict[str, Any]) -> dict[str, Any]:
-    """Seed 001's entry: the event's fields plus ``_meta``."""
+    """A session log entry: the event's fields plus ``_meta`` (the Go llm-proxy's)."""
     entry = dict(event)
     entry["_meta"] = {
         "ts": event.get("ts"),

@@ -1,4 +1,5 @@
-"""The admin listener's bearer token: refusals are audited, the token never is."""
+"""The admin listener's bearer token: refusals are audited, the token never is; the
+probes answer without it while ``probes_public`` is on."""
 
 from __future__ import annotations
 
@@ -22,18 +23,25 @@ class FakeAudit:
         self.lines.append({"action": action, **fields})
 
 
-def admin(audit: FakeAudit | None) -> AdminResource:
+def admin(audit: FakeAudit | None, probes_public: bool = True, ready: bool = True) -> AdminResource:
     return AdminResource(
-        is_ready=lambda: True,
+        is_ready=lambda: ready,
         stats=lambda: {},
         registry=CollectorRegistry(),
         token=ADMIN_TOKEN,
+        probes_public=probes_public,
         audit=audit,
     )
 
 
-def get(resource: AdminResource, path: bytes, authorization: bytes | None = None) -> DummyRequest:
+def get(
+    resource: AdminResource,
+    path: bytes,
+    authorization: bytes | None = None,
+    method: bytes = b"GET",
+) -> DummyRequest:
     request = DummyRequest([path.lstrip(b"/")])
+    request.method = method
     request.path = path
     request.client = IPv4Address("TCP", "127.0.0.1", 40000)
     if authorization is not None:
@@ -69,3 +77,41 @@ def test_the_right_admin_token_is_not_audited() -> None:
 
 def test_without_an_audit_log_refusals_still_work() -> None:
     assert get(admin(None), b"/stats").responseCode == 401
+
+
+def test_the_probes_answer_without_the_token_and_write_no_audit_line() -> None:
+    audit = FakeAudit()
+    for path, status in ((b"/health", 200), (b"/ready", 200), (b"/health/", 200)):
+        request = get(admin(audit), path)
+        assert request.responseCode == status, path
+    draining = get(admin(audit, ready=False), b"/ready")
+    assert draining.responseCode == 503
+    assert orjson.loads(b"".join(draining.written)) == {"status": "draining"}
+    assert get(admin(audit), b"/health", method=b"HEAD").responseCode == 200
+    assert audit.lines == []
+
+
+def test_everything_but_the_probes_stays_behind_the_token() -> None:
+    audit = FakeAudit()
+    resource = admin(audit)
+    refused = [
+        (b"GET", b"/stats"),
+        (b"GET", b"/metrics"),
+        (b"POST", b"/cache/purge"),
+        (b"POST", b"/health"),  # a probe is a GET (or HEAD)
+        (b"GET", b"/health/x"),
+        (b"GET", b"/healthz"),
+        (b"GET", b"//ready"),
+    ]
+    for method, path in refused:
+        assert get(resource, path, method=method).responseCode == 401, (method, path)
+    assert len(audit.lines) == len(refused)
+
+
+def test_with_probes_public_off_the_probes_need_the_token_too() -> None:
+    audit = FakeAudit()
+    resource = admin(audit, probes_public=False)
+    assert get(resource, b"/health").responseCode == 401
+    assert get(resource, b"/ready").responseCode == 401
+    assert get(resource, b"/ready", b"Bearer " + ADMIN_TOKEN.encode()).responseCode == 200
+    assert [a["path"] for a in audit.lines] == ["/health", "/ready"]

@@ -167,7 +167,33 @@ def test_request_event_fields() -> None:
     assert (event["machine"], event["environment"]) == ("proxy@host1", "prod")
     assert event["request_body"]["text"] == REQUEST_BODY.decode()
     assert event["request_body"]["size"] == len(REQUEST_BODY)
+    assert (event["token_id"], event["project"]) == (None, None)  # no proxy token
     assert "status" not in event and "response_body" not in event
+
+
+def test_both_events_say_which_proxy_token_and_project_made_the_request() -> None:
+    record = make_record()
+    record.token_id, record.project = "tok_0123456789ab", "team-a"
+    for event in (request_event(record, CAPTURE), response_event(record, CAPTURE)):
+        assert (event["token_id"], event["project"]) == ("tok_0123456789ab", "team-a")
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ([(b"X-Request-Id", b"req_openai")], "req_openai"),  # OpenAI's
+        ([(b"request-id", b"req_anthropic")], "req_anthropic"),  # Anthropic's
+        ([(b"request-id", b"second"), (b"x-request-id", b"first")], "first"),
+        ([(b"content-type", b"application/json")], None),
+    ],
+)
+def test_the_response_event_keeps_the_providers_request_id_beside_the_proxys(
+    headers: list[tuple[bytes, bytes]], expected: str | None
+) -> None:
+    record = make_record()
+    record.response_headers = headers
+    event = response_event(record, CAPTURE)
+    assert (event["request_id"], event["upstream_request_id"]) == ("req-1", expected)
 
 
 def test_request_event_headers_are_obfuscated() -> None:

@@ -327,6 +327,8 @@ def records(draw: st.DrawFn) -> ExchangeRecord:
         captured_request = request_body
     kind = draw(st.sampled_from(["json", "sse", "other"]))
     response_headers = draw(headers)
+    for name in draw(st.lists(st.sampled_from([b"x-request-id", b"Request-Id"]), max_size=2)):
+        response_headers.append((name, b"req_" + name[:1]))
     if kind == "json":
         content_type = draw(st.sampled_from([b"application/json", b"text/plain", b""]))
         raw = draw(bodies())
@@ -382,7 +384,9 @@ def records(draw: st.DrawFn) -> ExchangeRecord:
         response_chunks=list(zip(offsets, pieces, strict=True)),
         response_body_size=len(raw) + draw(st.sampled_from([0, 0, 10])),
         response_truncated=draw(st.booleans()),
-        outcome=draw(st.sampled_from(["ok", "upstream_error", "timeout"])),
+        outcome=draw(
+            st.sampled_from(["ok", "client_error", "upstream_rate_limited", "upstream_error"])
+        ),
         error=draw(st.none() | st.sampled_from(["gone", f"Incorrect API key provided: {KEY}"])),
         session_id=draw(st.none() | st.just("sess-1")),
         seq=draw(st.none() | st.integers(0, 5)),
@@ -391,6 +395,8 @@ def records(draw: st.DrawFn) -> ExchangeRecord:
         cache_age=draw(st.none() | st.floats(0, 1e6, allow_nan=False)),
         environment="prod",
         machine=draw(st.sampled_from(["", "proxy@host1"])),
+        token_id=draw(st.none() | st.just("tok_0123456789ab")),
+        project=draw(st.none() | st.sampled_from(["team-a", ""])),
     )
 
 

@@ -74,7 +74,7 @@ def test_a_jwt_shows_four_characters_at_most() -> None:
     masked = mask_secret(f"Bearer {JWT}")
     assert masked == "Bearer ****" + JWT[-4:]
     assert revealed(f"Bearer {JWT}", masked) <= 4
-    # Seed 001's rule showed the whole header and payload segments.
+    # The Go llm-proxy's rule showed the whole header and payload segments.
     assert "eyJ" not in masked
 
 

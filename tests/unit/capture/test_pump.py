@@ -475,3 +475,35 @@ def test_stop_waits_for_the_decisions_outstanding() -> None:
     assert not stopped.called and bus.envelopes == []
     tracker.decide("a")
     assert stopped.called and bus.kinds() == [("request", "a")]
+
+
+def test_the_tokens_of_an_answer_are_counted_for_its_project_from_the_built_event() -> None:
+    clock = Clock()
+    bus = Bus()
+    counted: list[tuple[str, dict[str, Any]]] = []
+    pump = CapturePump(
+        bus,
+        CaptureSettings(),
+        clock,
+        enabled=True,
+        usage=lambda project, tokens: counted.append((project, tokens)),
+    )
+    with_token, without = record("a"), record("b")
+    with_token.token_id, with_token.project = "tok_0123456789ab", "team-a"
+    for rec in (with_token, without):
+        pump.request_started(rec, rec.request_body)
+        finish(rec)
+        pump.request_finished(rec)
+    clock.advance(0)
+    assert counted == [
+        (
+            "team-a",
+            {
+                "input_tokens": 3,
+                "output_tokens": 1,
+                "total_tokens": 4,
+                "cache_read_tokens": None,
+                "cache_creation_tokens": None,
+            },
+        )
+    ]

@@ -423,15 +423,50 @@ def test_plan_repr_has_no_secrets() -> None:
 # -- bodies and headers --------------------------------------------------------------------
 
 
-def test_default_bodies_are_unique_chat_completions() -> None:
+def test_default_bodies_are_chat_completions_no_cache_keeps() -> None:
     plan = bench.make_plan(parse("--base-url", "http://h:1", "-n", "3"))
     bodies = [orjson.loads(plan.body(i)) for i in range(3)]
-    assert len({b["user"] for b in bodies}) == 3
     for b in bodies:
         assert b["model"] == "gpt-4o-mini"
         assert b["messages"][0]["role"] == "user"
-        assert "stream" not in b
+        assert "stream" not in b and "user" not in b
+    # No cache answers or stores them: the same body every time, and no-store.
+    assert ("Cache-Control", "no-store") in plan.headers
     assert ("Cache-Control", "public, max-age=300") not in plan.headers
+
+
+def test_every_request_of_a_run_is_one_session_and_runs_are_apart() -> None:
+    first = bench.make_plan(parse("--base-url", "http://h:1"))
+    second = bench.make_plan(parse("--base-url", "http://h:1"))
+    (one,) = [v for n, v in first.headers if n == "X-Session-ID"]
+    (other,) = [v for n, v in second.headers if n == "X-Session-ID"]
+    assert one.startswith("llmproxy-bench-") and one != other
+    assert first.raw_headers().getRawHeaders(b"x-session-id") == [one.encode()]
+
+
+def test_a_timed_run_sends_until_its_duration_and_a_count_caps_it() -> None:
+    timed = bench.make_plan(parse("--base-url", "http://h:1", "--duration", "2"))
+    assert timed.duration == 2.0
+    assert timed.wants_more(10**6, 1.99)
+    assert not timed.wants_more(0, 2.0)
+    capped = bench.make_plan(parse("--base-url", "http://h:1", "-d", "2", "-n", "5"))
+    assert capped.wants_more(4, 0.5) and not capped.wants_more(5, 0.5)
+    counted = bench.make_plan(parse("--base-url", "http://h:1"))
+    assert counted.requests == 100 and counted.duration is None
+    assert counted.wants_more(99, 1e9) and not counted.wants_more(100, 0.0)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon", "nan"])
+def test_duration_must_be_a_positive_number_of_seconds(value: str) -> None:
+    with pytest.raises(SystemExit):
+        parse("--base-url", "http://h:1", "--duration", value)
+
+
+def test_a_timed_runs_progress_counts_its_seconds() -> None:
+    line = report.progress_line(512, 10**12, 0, 2.0, width=10, duration=5.0)
+    assert line == "[####------]  512 done   40%  2.0s/5s  256 req/s  0 failed  eta 3s"
+    done = report.progress_line(900, 10**12, 1, 5.2, width=10, bar=False, duration=5.0)
+    assert done.startswith("900 done  100%  5.2s/5s")
 
 
 def test_cache_mode_bodies_are_identical_and_opt_in() -> None:
@@ -450,7 +485,7 @@ def test_stream_sets_stream_true_in_a_given_body() -> None:
     assert body["stream"] is True and body["model"] == "m"
 
 
-def test_messages_endpoint_puts_the_nonce_in_metadata() -> None:
+def test_a_messages_body_is_sent_as_given() -> None:
     plan = bench.make_plan(
         parse(
             "--base-url",
@@ -462,10 +497,12 @@ def test_messages_endpoint_puts_the_nonce_in_metadata() -> None:
         )
     )
     assert plan.url == "http://h:1/anthropic/v1/messages"
-    a, b = (orjson.loads(plan.body(i)) for i in (0, 1))
-    assert "user" not in a
-    assert a["metadata"]["k"] == "v"
-    assert a["metadata"]["user_id"] != b["metadata"]["user_id"]
+    assert orjson.loads(plan.body(0)) == {
+        "model": "claude",
+        "max_tokens": 8,
+        "metadata": {"k": "v"},
+    }
+    assert plan.body(0) == plan.body(1)
 
 
 def test_token_and_headers() -> None:

@@ -13,7 +13,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llmproxy.cli.dispatcher import DispatcherConfigError, add_dispatcher_command, dispatcher_plan
+from llmproxy.cli.dispatcher import (
+    SERVICES,
+    DispatcherConfigError,
+    add_dispatcher_command,
+    dispatcher_plan,
+)
 from llmproxy.config.model import ExporterSettings, RedisSettings
 from llmproxy.redis.dispatcher import (
     UNLIMITED_RETRIES,
@@ -140,6 +145,19 @@ def test_without_exporter_the_sink_is_a_file_with_the_command_defaults(tmp_path:
     assert plan.redis.stream == "st" and plan.redis.group == "gr"
     assert plan.drain_timeout == 12
     assert "7000" in plan.describe()
+
+
+def test_every_sink_type_is_a_service_and_sessions_take_a_log_directory(tmp_path: Path) -> None:
+    from llmproxy.config.model import EXPORTER_TYPES
+    from llmproxy.export.registry import SINK_FACTORIES
+
+    assert set(SERVICES) == set(EXPORTER_TYPES) == set(SINK_FACTORIES)
+    config = write_config(tmp_path)
+    argv = ["--config", str(config), "--service", "sessions", "--endpoint", "conversations"]
+    plan = dispatcher_plan(parse(argv), {"LLM_PROXY_API_KEY": "unused"})
+    assert plan.exporter.type == "sessions"
+    assert plan.exporter.log_dir == tmp_path / "state" / "conversations"
+    assert plan.exporter.api_key == ""
 
 
 def test_flags_override_the_config_and_the_environment_fills_gaps(tmp_path: Path) -> None:

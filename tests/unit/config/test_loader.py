@@ -134,7 +134,7 @@ def test_systemd_endpoints_are_accepted_without_listen_fds() -> None:
     assert problems("[server]\nlisten = systemd:domain=INET\n")[0].startswith("server.listen")
 
 
-def test_seed_loki_section_and_env_aliases_make_a_loki_exporter() -> None:
+def test_the_go_proxys_loki_section_and_env_aliases_make_a_loki_exporter() -> None:
     s = load_settings(
         text="[loki]\nenabled = true\nurl = http://loki:3100\nbatch_wait = 2s\nretry_max = 4\n",
         env={"LLM_PROXY_LOKI_BATCH_SIZE": "50", "LLM_PROXY_LOKI_ENVIRONMENT": "staging"},
@@ -145,7 +145,7 @@ def test_seed_loki_section_and_env_aliases_make_a_loki_exporter() -> None:
     assert s.server.environment == "staging"
 
 
-def test_seed_loki_disabled_gives_no_exporter() -> None:
+def test_the_go_proxys_loki_section_disabled_gives_no_exporter() -> None:
     s = load_settings(
         text="", env={"LLM_PROXY_LOKI_ENABLED": "false", "LLM_PROXY_LOKI_URL": "http://l"}
     )
@@ -163,7 +163,7 @@ def test_duplicate_prefixes_are_refused() -> None:
         "[route:a]\nprefix = /x\nupstream = https://a.example\n"
         "[route:b]\nprefix = /x/\nupstream = https://b.example\n"
     )
-    assert found == ["route:b.prefix: same prefix as route:a"]
+    assert found == ["route:b.prefix: same prefix as route:a (<text>)"]
 
 
 @pytest.mark.parametrize(
@@ -202,7 +202,7 @@ def test_exporter_secrets_come_from_the_environment_or_a_file(tmp_path: Path) ->
 
 def test_missing_exporter_secret_is_a_problem_naming_the_key() -> None:
     found = problems("[exporter:o]\ntype = otlp\napi_key = env:NOPE\n")
-    assert found == ["exporter:o.api_key: environment variable NOPE is not set or empty"]
+    assert found == ["exporter:o.api_key: environment variable NOPE is not set or empty (<text>)"]
 
 
 def test_a_value_continued_onto_an_indented_line_is_refused() -> None:
@@ -361,7 +361,7 @@ def test_an_exporter_type_outside_the_list_says_which_are_allowed() -> None:
         "exporter:x.type: must be one of file, loki, sessions, lunary, helicone, otlp (<text>)"
     ]
     assert problems("[exporter:x]\npath = x.jsonl\n") == [
-        "exporter:x.type: missing (one of file, loki, sessions, lunary, helicone, otlp)"
+        "exporter:x.type: missing (one of file, loki, sessions, lunary, helicone, otlp) (<text>)"
     ]
 
 
@@ -384,10 +384,10 @@ def test_every_problem_of_a_file_comes_at_once_in_file_order() -> None:
         "(seconds, or with a suffix like 500ms, 5s) (<text>)",
         "route:a.provider: must be one of openai, anthropic (<text>)",
         "route:a.prefix: must start with '/' (<text>)",
-        "route:a.upstream: missing",
+        "route:a.upstream: missing (<text>)",
         "exporter:e.fsync: must be one of never, batch, always (<text>)",
-        "[mystery]: unknown section",
-        "exporter:e.batch_size: must be greater than 0",
+        "[mystery]: unknown section (<text>)",
+        "exporter:e.batch_size: must be greater than 0 (<text>)",
     ]
 
 
@@ -398,7 +398,7 @@ def test_a_section_with_a_bad_required_value_is_still_checked_across_keys() -> N
     )
     assert found == [
         "route:a.upstream: must be an http:// or https:// URL (<text>)",
-        "route:b.prefix: same prefix as route:a",
+        "route:b.prefix: same prefix as route:a (<text>)",
     ]
 
 
@@ -428,7 +428,9 @@ def test_a_bad_environment_value_names_the_variable_as_where() -> None:
     assert found == [
         "route:a.upstream: must be an http:// or https:// URL ($LLMPROXY_ROUTE_A_UPSTREAM)",
         "exporter:new.batch_size: not an integer: 'ten' ($LLMPROXY_EXPORTER_NEW_BATCH_SIZE)",
-        "exporter:new.type: missing (one of file, loki, sessions, lunary, helicone, otlp)",
+        # Missing: where the section comes from, the variable that made it.
+        "exporter:new.type: missing (one of file, loki, sessions, lunary, helicone, otlp) "
+        "($LLMPROXY_EXPORTER_NEW_BATCH_SIZE)",
     ]
 
 
@@ -478,7 +480,7 @@ def test_a_secret_value_is_never_in_a_problem_or_the_repr(tmp_path: Path) -> Non
     found = problems(text)
     assert found == [
         "route:a.api_key: spans several lines (is the next line indented?) (<text>)",
-        "exporter:l.bearer_token: environment variable NOT_SET is not set or empty",
+        "exporter:l.bearer_token: environment variable NOT_SET is not set or empty (<text>)",
     ]
     assert not any(SECRET in line for line in found)
     settings = load_settings(text=text.replace(f"\n  {SECRET}", ""), env={"NOT_SET": SECRET})
@@ -488,7 +490,7 @@ def test_a_secret_value_is_never_in_a_problem_or_the_repr(tmp_path: Path) -> Non
 
 def test_a_bad_character_in_a_secret_is_named_without_the_secret() -> None:
     found = problems(ROUTE + "auth = token\napi_key = env:K\n", env={"K": f"{SECRET}\x00"})
-    assert found == ["route:a.api_key: contains spaces, control or non-ASCII characters"]
+    assert found == ["route:a.api_key: contains spaces, control or non-ASCII characters (<text>)"]
 
 
 # -- the seams -------------------------------------------------------------------------

@@ -53,13 +53,13 @@ def test_a_literal_api_key_is_taken_as_written(tmp_path: Path) -> None:
 
 def test_missing_variable_or_file_is_a_problem_naming_the_key(tmp_path: Path) -> None:
     assert problems(ini(tmp_path, "auth = token\napi_key = env:NOPE")) == [
-        "route:secure.api_key: environment variable NOPE is not set or empty"
+        "route:secure.api_key: environment variable NOPE is not set or empty (<text>)"
     ]
     (line,) = problems(ini(tmp_path, "auth = token\napi_key = file:missing.key"))
     assert line.startswith("route:secure.api_key: cannot read ") and "missing.key" in line
     (tmp_path / "empty.key").write_text("\n")
     (line,) = problems(ini(tmp_path, "auth = token\napi_key = file:empty.key"))
-    assert line.endswith("empty.key is empty")
+    assert line.endswith("empty.key is empty (<text>)")
 
 
 def test_auth_token_without_api_key_is_a_problem(tmp_path: Path) -> None:
@@ -73,7 +73,7 @@ def test_a_key_that_cannot_be_a_header_value_is_a_problem_without_quoting_it(
     (line,) = problems(
         ini(tmp_path, "auth = token\napi_key = env:K"), env={"K": "sk-abc\r\nX-Evil: 1"}
     )
-    assert line == "route:secure.api_key: contains spaces, control or non-ASCII characters"
+    assert line == "route:secure.api_key: contains spaces, control or non-ASCII characters (<text>)"
 
 
 def test_route_keys_are_not_in_the_settings_repr(tmp_path: Path) -> None:
@@ -97,6 +97,6 @@ def test_header_limits_are_typed_and_checked(tmp_path: Path) -> None:
     )
     assert (s.server.max_header_count, s.server.max_header_bytes) == (50, 8192)
     assert problems(ini(tmp_path, "", "max_header_count = 0\nmax_header_bytes = 100")) == [
-        "server.max_header_count: must be greater than 0",
-        "server.max_header_bytes: must be at least 1KiB",
+        "server.max_header_count: must be greater than 0 (<text>)",
+        "server.max_header_bytes: must be at least 1KiB (<text>)",
     ]

@@ -496,6 +496,31 @@ def test_503_is_retried_with_backoff(tmp_path: Path) -> None:
     assert h.stats()["retries"] == 1
 
 
+def test_after_recovery_failing_clears_and_the_last_error_stays_with_its_time(
+    tmp_path: Path,
+) -> None:
+    clock = Clock()
+    clock.advance(1000.0)
+    server = Server([(503, {}, b""), (204, {}, b"")])
+    h = make(tmp_path, clock=clock, sink=http_sink(clock, server))
+    h.publish(1)
+    clock.advance(1.0)
+    failed = h.stats()
+    assert failed["failing"] is True
+    assert failed["last_error"] is not None and "503" in failed["last_error"]
+    assert failed["last_error_at"] == 1001.0
+    clock.advance(1.0)
+    recovered = h.stats()
+    # The record of the last failure is kept (when did it last go wrong?); failing
+    # says whether it is failing now, and last_success is after last_error_at.
+    assert recovered["failing"] is False
+    assert (recovered["last_error"], recovered["last_error_at"]) == (
+        failed["last_error"],
+        failed["last_error_at"],
+    )
+    assert recovered["last_success"] > recovered["last_error_at"]
+
+
 def test_backoff_doubles_its_ceiling_with_full_jitter(tmp_path: Path) -> None:
     draws = iter([1.0, 1.0, 1.0, 0.5])
     h = make(tmp_path, random=lambda: next(draws), backoff_min=1.0, backoff_max=60.0)

@@ -1,17 +1,42 @@
-"""The systemd units are valid and agree with the daemon's behaviour."""
+"""The systemd units are valid and agree with the daemon's behaviour.
+
+systemd cannot run here, so what it would do is checked from its rules and the
+real commands: the units' own ``ExecStart=`` and ``ExecReload=`` lines are run
+(with llmproxy found on ``PATH`` as the units find it, the config path and the
+state directory pointed at a temporary directory), and their exit statuses are
+compared with what the units tell systemd about them.  The rules relied on
+(systemd.service(5), systemd.unit(5)): ``Restart=on-failure`` restarts on an
+unclean exit status of the main process unless it is listed in
+``RestartPreventExitStatus=``, which is read from the main process only; a
+failing ``ExecStartPre=`` is restarted all the same; a failing ``ExecReload=``
+command fails the reload and the commands after it are not run; more than
+``StartLimitBurst=`` starts within ``StartLimitIntervalSec=`` stop the unit.
+"""
 
 from __future__ import annotations
 
+import os
+import re
+import shlex
+import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from llmproxy.config.model import ServerSettings
+from llmproxy.runtime.exits import EX_CANNOT_LISTEN, EX_CONFIG
 
-UNITS = Path(__file__).resolve().parents[3] / "systemd"
+ROOT = Path(__file__).resolve().parents[3]
+UNITS = ROOT / "systemd"
 SERVICES = sorted(UNITS.glob("*.service"))
 SYSUSERS = UNITS / "llmproxy.sysusers"
+CONFIG = "/etc/llmproxy/llmproxy.ini"
+BIN = Path(sys.executable).parent  # where this checkout's llmproxy and twistd are
+# (Not listen: the socket-activated unit sets it in its environment.)
+BAD_CONFIG = "[server]\ndrain_timeout = soon\n[route:x]\nprefix = /x\n"
+BAD_CONFIG_LINE = "server.drain_timeout: not a duration"
 
 
 def _unit(path: Path) -> dict[str, dict[str, list[str]]]:
@@ -51,8 +76,8 @@ def test_service_units_are_hardened_and_outlast_the_drain(path: Path) -> None:
     service = _unit(path)["Service"]
     assert _one(service, "Type") == "notify"
     assert float(_one(service, "TimeoutStopSec")) > ServerSettings().drain_timeout
-    assert _one(service, "RestartPreventExitStatus") == "64"
-    assert _one(service, "ExecReload").endswith("-HUP $MAINPID")
+    assert str(EX_CONFIG) in _one(service, "RestartPreventExitStatus").split()
+    assert service["ExecReload"][-1].endswith("-HUP $MAINPID")
     for key, value in {
         "NoNewPrivileges": "yes",
         "ProtectSystem": "strict",
@@ -103,8 +128,153 @@ def test_the_sysusers_file_creates_that_user(tmp_path: Path) -> None:
     assert "llmproxy" in groups
 
 
-def test_activated_service_adopts_the_socket_by_name() -> None:
+def test_activated_service_adopts_the_socket_by_name_and_family() -> None:
     service = _unit(UNITS / "llmproxy-activated.service")["Service"]
-    socket = _unit(UNITS / "llmproxy-activated.socket")["Socket"]
-    name = _one(socket, "FileDescriptorName")
-    assert f"LLMPROXY_SERVER_LISTEN=systemd:domain=INET6:name={name}" in service["Environment"]
+    unit = _unit(UNITS / "llmproxy-activated.socket")["Socket"]
+    name = _one(unit, "FileDescriptorName")
+    address = _one(unit, "ListenStream")
+    domain = "INET6" if address.startswith("[") else "INET"
+    assert f"LLMPROXY_SERVER_LISTEN=systemd:domain={domain}:name={name}" in service["Environment"]
+
+
+def test_the_activated_socket_listens_on_loopback_as_every_default_does() -> None:
+    address = _one(_unit(UNITS / "llmproxy-activated.socket")["Socket"], "ListenStream")
+    host, _, port = address.rpartition(":")
+    assert host in ("127.0.0.1", "[::1]"), address
+    assert ServerSettings().listen == f"tcp:{port}:interface=127.0.0.1"
+
+
+# -- what systemd would do with the real commands' exit statuses --------------------------
+
+
+def _environment(service: dict[str, list[str]], tmp_path: Path) -> dict[str, str]:
+    """The unit's environment as its commands get it, for this checkout: PATH finds
+    this venv's llmproxy and twistd first, the state directory is ``tmp_path``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMPROXY_")}
+    for assignment in service.get("Environment", []):
+        key, _, value = assignment.partition("=")
+        env[key] = value
+    env["PATH"] = f"{BIN}:{env['PATH']}"
+    env["LLMPROXY_SERVER_STATE_DIR"] = str(tmp_path / "state")
+    return env
+
+
+def _command(line: str, config: Path, env: dict[str, str]) -> list[str]:
+    """A unit's command line as systemd runs it: ``$VAR``/``${VAR}`` from the
+    environment, the config file swapped for ``config``."""
+    words = shlex.split(line.lstrip("-@:+!"))
+    expanded = [
+        re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: env.get(m.group(1) or m.group(2), ""), w)
+        for w in words
+    ]
+    return [str(config) if w == CONFIG else w for w in expanded]
+
+
+def _run(line: str, config: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        _command(line, config, env), env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def _not_restarted(service: dict[str, list[str]]) -> set[int]:
+    assert _one(service, "Restart") == "on-failure"
+    return {int(code) for code in _one(service, "RestartPreventExitStatus").split()}
+
+
+@pytest.mark.parametrize("path", SERVICES, ids=lambda p: p.name)
+def test_no_unit_checks_the_config_in_exec_start_pre(path: Path) -> None:
+    # A failing ExecStartPre= is restarted every RestartSec= for ever: the main
+    # process checks the config itself and exits with a status systemd reads.
+    assert "ExecStartPre" not in _unit(path)["Service"]
+
+
+@pytest.mark.parametrize("path", SERVICES, ids=lambda p: p.name)
+def test_a_bad_config_stops_the_main_process_with_a_status_that_is_not_restarted(
+    path: Path, tmp_path: Path
+) -> None:
+    service = _unit(path)["Service"]
+    config = tmp_path / "llmproxy.ini"
+    config.write_text(BAD_CONFIG)
+    env = _environment(service, tmp_path)
+    proc = _run(_one(service, "ExecStart"), config, env)
+    assert proc.returncode == EX_CONFIG, proc.stdout + proc.stderr
+    assert proc.returncode in _not_restarted(service)
+    assert BAD_CONFIG_LINE in proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(
+    "path", [UNITS / "llmproxy.service", UNITS / "llmproxy-activated.service"], ids=lambda p: p.name
+)
+def test_a_listener_that_cannot_open_stops_the_main_process_with_one_line_not_restarted(
+    path: Path, tmp_path: Path
+) -> None:
+    service = _unit(path)["Service"]
+    env = _environment(service, tmp_path)
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    config = tmp_path / "llmproxy.ini"
+    # The plain unit: its port is held by another program. The socket-activated one:
+    # started without its socket (LISTEN_FDS unset), as when the .socket unit is not.
+    config.write_text(
+        f"[server]\nlisten = tcp:{held.getsockname()[1]}:interface=127.0.0.1\nadmin_listen = off\n"
+    )
+    try:
+        proc = _run(_one(service, "ExecStart"), config, env)
+    finally:
+        held.close()
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == EX_CANNOT_LISTEN, output
+    assert proc.returncode in _not_restarted(service)
+    assert "Traceback" not in output
+    assert len([line for line in output.splitlines() if "cannot listen on" in line]) == 1
+
+
+@pytest.mark.parametrize(
+    "path", [UNITS / "llmproxy.service", UNITS / "llmproxy-activated.service"], ids=lambda p: p.name
+)
+def test_reload_checks_the_config_before_it_signals_the_daemon(path: Path, tmp_path: Path) -> None:
+    service = _unit(path)["Service"]
+    check, signal = service["ExecReload"]
+    assert signal == "/bin/kill -HUP $MAINPID"
+    env = _environment(service, tmp_path)
+    config = tmp_path / "llmproxy.ini"
+    config.write_text(BAD_CONFIG)
+    refused = _run(check, config, env)
+    # Non-zero: systemd fails the reload here and never runs the kill.
+    assert refused.returncode == EX_CONFIG, refused.stderr
+    assert BAD_CONFIG_LINE in refused.stderr
+    config.write_text("[server]\nlisten = tcp:8080\n")
+    accepted = _run(check, config, env)
+    assert accepted.returncode == 0, accepted.stderr
+
+
+@pytest.mark.parametrize("path", SERVICES, ids=lambda p: p.name)
+def test_a_repeating_failure_trips_the_start_limit(path: Path) -> None:
+    unit = _unit(path)
+    interval = float(_one(unit["Unit"], "StartLimitIntervalSec"))
+    burst = int(_one(unit["Unit"], "StartLimitBurst"))
+    restart_sec = float(_one(unit["Service"], "RestartSec"))
+    # Each failed start takes at least RestartSec=: the limit must be reachable
+    # (systemd's default, 5 starts in 10 s, never is with RestartSec=2).
+    assert burst * restart_sec < interval
+    assert "StartLimitIntervalSec" not in unit["Service"]  # [Unit] only since systemd 230
+
+
+def test_the_units_documentation_is_what_scripts_install_puts_there(tmp_path: Path) -> None:
+    install = (ROOT / "scripts" / "install").read_text()
+    (docdir,) = re.findall(r"^docdir=(\S+)$", install, re.M)
+    assert '"$root/scripts/install-docs" "$docdir"' in install
+    subprocess.run(
+        [str(ROOT / "scripts" / "install-docs"), str(tmp_path / "doc")], check=True, timeout=60
+    )
+    for path in SERVICES:
+        for url in _unit(path)["Unit"]["Documentation"]:
+            assert url.startswith(f"file://{docdir}/"), url
+            installed = tmp_path / "doc" / url.removeprefix(f"file://{docdir}/")
+            assert installed.is_file(), (path.name, url)
+    # The rules file's own header says where to load it from.
+    rules = (ROOT / "docs" / "prometheus" / "llmproxy-alerts.yml").read_text()
+    (named,) = re.findall(r"- (/\S+llmproxy-alerts\.yml)", rules)
+    assert (tmp_path / "doc" / named.removeprefix(f"{docdir}/")).is_file()

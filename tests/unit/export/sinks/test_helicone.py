@@ -211,6 +211,7 @@ def test_meta_carries_the_ids_sessions_and_properties() -> None:
     assert log.meta["helicone-request-id"] == helicone_request_id("req-oa-json")
     assert log.properties == {
         "request-id": "req-oa-json",
+        "upstream-request-id": "up-1",  # the provider's own id of its answer
         "session-id": "sess-1",
         "seq": "2",
         "route": "openai",

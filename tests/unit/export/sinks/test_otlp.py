@@ -180,6 +180,7 @@ def test_an_exchange_becomes_one_client_span_with_genai_attributes() -> None:
         "server.port": 443,
         "client.address": "10.0.0.7",
         "llmproxy.request_id": "req-oa-json",
+        "llmproxy.upstream_request_id": "up-1",
         "llmproxy.session_id": "sess-1",
         "llmproxy.seq": 2,
         "llmproxy.route": "openai",

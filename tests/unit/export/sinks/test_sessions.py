@@ -1,4 +1,4 @@
-"""The session log sink: seed 001's files and entries, descriptor caching,
+"""The session log sink: the Go llm-proxy's files and entries, descriptor caching,
 all-or-nothing batches, and following its paths (moved, deleted, SIGHUP)."""
 
 from __future__ import annotations
@@ -322,7 +322,7 @@ def test_the_registry_builds_it_with_log_dir_under_state_dir(tmp_path: Path) -> 
     assert not (tmp_path / "sessions").exists()  # building a sink does no I/O
 
 
-def test_a_tracked_conversation_becomes_seed_001_session_files(tmp_path: Path) -> None:
+def test_a_tracked_conversation_becomes_session_files_in_the_go_layout(tmp_path: Path) -> None:
     """Tracker -> events -> sink: the parent's file and the fork's file."""
     clock = Clock()
     clock.advance(NOW)

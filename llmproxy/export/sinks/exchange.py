@@ -10,6 +10,20 @@ from typing import Any, Generic, Protocol, TypeVar, overload
 
 import orjson
 
+__all__ = [
+    "P",
+    "PlannedBatch",
+    "bearer_headers",
+    "exchange_ns",
+    "json_default",
+    "message_of",
+    "nonempty_str",
+    "parse_ns",
+    "request_json",
+    "secrets_to_mask",
+    "user_of",
+]
+
 
 class _HasSource(Protocol):
     @property
@@ -53,6 +67,22 @@ def request_json(event: dict[str, Any]) -> dict[str, Any] | None:
     except orjson.JSONDecodeError:
         return None  # cut at the capture cap
     return obj if isinstance(obj, dict) else None
+
+
+def user_of(request: dict[str, Any] | None) -> str | None:
+    """Who the client said the request is for: OpenAI's ``user``, or Anthropic's
+    ``metadata.user_id``."""
+    if request is None:
+        return None
+    user = request.get("user")
+    if isinstance(user, str) and user:
+        return user
+    metadata = request.get("metadata")
+    if isinstance(metadata, dict):
+        user = metadata.get("user_id")
+        if isinstance(user, str) and user:
+            return user
+    return None
 
 
 def message_of(text: str, keys: tuple[str, ...] = ("message", "error")) -> str:
