@@ -1,11 +1,16 @@
 """``[state] store = redis`` end to end: two independent daemons (twistd, each
 ``workers = 2``, each its own state_dir and ports) on one real redis-server behave
-as one proxy: a quota is exact over all four workers, one rate bucket per token, a
-token revoked with the CLI is refused by both, a conversation whose turns
-alternate between the daemons is one session (and an edit sent to the other one
-forks it), and Redis killed and restarted under load leaves them answering by
-the configured policy and recovering on their own
-(llmproxy/state/, llmproxy/access/shared.py, llmproxy/capture/sessions.py)."""
+as one proxy: a quota is exact over all four workers (also when two of them are
+killed with requests in flight), one rate bucket per token, a token revoked with
+the CLI is refused by both (within a second: the poll's timing is proven on a
+Clock in tests/unit/access/test_shared.py), a conversation whose turns alternate
+between the daemons is one session (and an edit sent to the other one forks it),
+identical misses of every worker make one upstream call with the Redis cache
+store, and Redis killed and restarted under load leaves them answering by the
+configured policy (fail_closed: 503; fail_open: let through and counted once
+Redis is back) and recovering on their own
+(llmproxy/state/, llmproxy/access/shared.py, llmproxy/capture/sessions.py,
+llmproxy/cache/cache.py)."""
 
 from __future__ import annotations
 
@@ -33,7 +38,9 @@ pytestmark = pytest.mark.integration
 UPSTREAM_KEY = "sk-proj-SHAREDstate0123456789abcdefWXYZ"
 
 
-def config(directory: Path, upstream_port: int, redis_url: str, extra: str = "") -> Path:
+def config(
+    directory: Path, upstream_port: int, redis_url: str, extra: str = "", state: str = ""
+) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "llmproxy.ini"
     path.write_text(
@@ -59,6 +66,7 @@ provider = openai
 
 [state]
 store = redis
+{state}
 
 [redis]
 url = {redis_url}
@@ -104,13 +112,18 @@ class Setup:
     """A redis-server, an upstream, two daemons, a client opening a connection
     per request (so the kernel spreads them over each daemon's workers)."""
 
-    def __init__(self, tmp_path: Path, redis: RedisServer) -> None:
+    def __init__(
+        self, tmp_path: Path, redis: RedisServer, extra: str = "", state: str = ""
+    ) -> None:
         self.tmp_path = tmp_path
         self.redis = redis
         self.upstream = FakeUpstream(reactor)
         self.port = self.upstream.listen()
         self.daemons = [
-            Daemon(config(tmp_path / name, self.port, redis.url)) for name in ("a", "b")
+            Daemon(
+                config(tmp_path / name, self.port, redis.url, extra.format(port=self.port), state)
+            )
+            for name in ("a", "b")
         ]
         self.pool = HTTPConnectionPool(reactor, persistent=False)
         self.client = treq.client.HTTPClient(Agent(reactor, pool=self.pool))  # type: ignore[attr-defined]
@@ -160,6 +173,43 @@ async def setup(tmp_path: Path) -> AsyncIterator[Setup]:
             await s.close()
 
 
+@pytest_twisted.async_yield_fixture
+async def fail_open(tmp_path: Path) -> AsyncIterator[Setup]:
+    """As ``setup``, with ``[state] on_unavailable = fail_open``."""
+    with running_redis(tmp_path / "redis", persistent=True) as redis:
+        s = Setup(tmp_path, redis, state="on_unavailable = fail_open")
+        try:
+            await s.start()
+            yield s
+        finally:
+            await s.close()
+
+
+CACHED_ROUTE = """
+[cache]
+enabled = true
+store = redis
+lock_timeout = 30
+
+[route:cached]
+prefix = /cached
+upstream = http://127.0.0.1:{port}
+cache = on
+"""
+
+
+@pytest_twisted.async_yield_fixture
+async def cached(tmp_path: Path) -> AsyncIterator[Setup]:
+    """As ``setup``, with a route cached in Redis (``[cache] store = redis``)."""
+    with running_redis(tmp_path / "redis") as redis:
+        s = Setup(tmp_path, redis, extra=CACHED_ROUTE)
+        try:
+            await s.start()
+            yield s
+        finally:
+            await s.close()
+
+
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 
 
@@ -189,6 +239,45 @@ async def test_a_quota_is_exact_over_two_daemons_of_two_workers(setup: Setup) ->
     listed = await setup.cli("list", "--json")
     (row,) = json.loads(listed)
     assert row["used"] == 50 and row["max_requests"] == 50
+
+
+@pytest_twisted.ensureDeferred
+async def test_requests_of_a_worker_killed_mid_request_stay_counted(setup: Setup) -> None:
+    secret = (await setup.cli("create", "--project", "p", "--max-requests", "10")).strip()
+    a, b = setup.daemons
+    headers = {"Authorization": f"Bearer {secret}"}
+    hanging = [
+        defer.ensureDeferred(setup.client.get(a.base + "/secure/hang", headers=headers))
+        for _ in range(6)
+    ]
+    await wait_until(lambda: setup.upstream_calls(b"/hang") == 6, what="six requests upstream")
+    stats = json.loads(await (await setup.client.get(a.admin + "/stats")).content())
+    pids = [w["pid"] for w in stats["workers"].values()]
+    for pid in pids:  # both of a's workers die with their requests in flight
+        os.kill(pid, signal.SIGKILL)
+    results = await defer.DeferredList(hanging, consumeErrors=True)
+    assert not any(ok for ok, _ in results)  # every client saw its connection go
+
+    async def restarted() -> bool:
+        raw = await (await setup.client.get(a.admin + "/stats")).content()
+        now = json.loads(raw)
+        return bool(now["workers_up"] == 2 and now["worker_restarts"] == 2)
+
+    await wait_until_async(lambda: restarted(), True, "a's workers restarted")
+    # The six were counted when let through: four are left, for every process.
+    answers = await defer.gatherResults(
+        [
+            defer.ensureDeferred(
+                setup.post(a if n % 2 else b, "/secure/v1/chat/completions", CHAT, secret)
+            )
+            for n in range(20)
+        ]
+    )
+    codes = [code for code, _, _ in answers]
+    assert codes.count(200) == 4 and codes.count(403) == 16, codes
+    assert setup.upstream_calls(b"/v1/chat/completions") == 4
+    (row,) = json.loads(await setup.cli("list", "--json"))
+    assert row["used"] == 10
 
 
 @pytest_twisted.ensureDeferred
@@ -229,7 +318,7 @@ async def test_a_token_revoked_with_the_cli_is_refused_by_both(setup: Setup) -> 
         await wait_until_async(lambda d=daemon: codes(d), {401}, "the revoked token is refused")
 
 
-async def wait_until_async(ask: Any, want: set[int], what: str, timeout: float = 10.0) -> None:
+async def wait_until_async(ask: Any, want: object, what: str, timeout: float = 10.0) -> None:
     deadline = reactor.seconds() + timeout  # type: ignore[attr-defined]
     while (got := await ask()) != want:
         if reactor.seconds() > deadline:  # type: ignore[attr-defined]
@@ -375,3 +464,138 @@ async def test_token_commands_import_the_file_and_say_what_went_wrong(tmp_path: 
     down = await threads.deferToThread(_token_command, cfg, "list")
     assert down.returncode == 1
     assert "does not answer" in down.stderr and "Traceback" not in down.stderr
+
+
+# -- fail_open: requests pass while Redis is away, counted once it is back --------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_fail_open_under_a_redis_outage(fail_open: Setup) -> None:
+    setup = fail_open
+    secret = (await setup.cli("create", "--project", "p", "--max-requests", "100000")).strip()
+    a, b = setup.daemons
+    codes: list[int] = []
+    running = [True]
+
+    async def load(daemon: Daemon) -> None:
+        while running[0]:
+            code, _, _ = await setup.post(daemon, "/secure/v1/chat/completions", CHAT, secret)
+            codes.append(code)
+
+    def logged(line: bytes) -> bool:
+        return all(line in d.proc.output for d in (a, b))
+
+    loaders = [defer.ensureDeferred(load(d)) for d in (a, b) for _ in range(4)]
+    await wait_until(lambda: codes.count(200) >= 50, what="load under way")
+    process = setup.redis.process
+    assert process is not None
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    setup.redis.process = None
+    await wait_until(
+        lambda: logged(b"shared state (access): Redis unavailable"), what="the outage seen"
+    )
+    at_outage = len(codes)
+    # fail_open: the token routes go on (on the token set last read) ...
+    await wait_until(lambda: len(codes) >= at_outage + 100, what="served while Redis is down")
+    # ... and so do conversations, their sessions decided by each process meanwhile.
+    conversation = await converse(setup, [a, b], "during the outage", turns=3)
+    assert conversation == [200, 200, 200]
+    served_while_down = len(codes)
+    setup.redis.start()  # same port, its append-only file: the counts are back
+    await wait_until(
+        lambda: logged(b"shared state (access): Redis answers again"), what="recovered"
+    )
+    await wait_until(lambda: len(codes) >= served_while_down + 50, what="served after")
+    running[0] = False
+    await defer.gatherResults(loaders)
+    assert set(codes) == {200}, sorted(set(codes))
+    assert setup.upstream_calls(b"/v1/chat/completions") == len(codes) + 3
+
+    # What passed while Redis was away is added to the shared count once it is
+    # back (every second): all of it, and at most one more per loader (an
+    # admission Redis made whose answer the kill lost, then let through).
+    async def used() -> int:
+        (row,) = json.loads(await setup.cli("list", "--json"))
+        return int(row["used"])
+
+    deadline = reactor.seconds() + 20  # type: ignore[attr-defined]
+    while (counted := await used()) < len(codes):
+        assert reactor.seconds() < deadline, f"counted {counted} of {len(codes)}"  # type: ignore[attr-defined]
+        await task.deferLater(reactor, 0.2, lambda: None)
+    assert counted <= len(codes) + len(loaders)
+    # Sessions recovered too, without a restart: a conversation alternating
+    # between the daemons is one session again.
+    assert await converse(setup, [a, b], "after the outage", turns=5) == [200] * 5
+    for daemon in (a, b):
+        stats = json.loads(await (await setup.client.get(daemon.admin + "/stats")).content())
+        assert stats["worker_restarts"] == 0 and stats["workers_up"] == 2
+        state = stats["total"]["state"]["access"]
+        assert state["connected"] == 1 and state["outages"] >= 1
+        assert state.get("unavailable_admitted", 0) > 0 and "unavailable_refused" not in state
+    for daemon in (a, b):
+        await daemon.stop()
+    after = [e for e in session_entries(setup.daemons) if e.get("model") == "after the outage"]
+    assert len({e["session_id"] for e in after}) == 1
+    assert sorted(e["seq"] for e in after if e["type"] == "request") == [1, 2, 3, 4, 5]
+
+
+async def converse(setup: Setup, daemons: list[Daemon], model: str, turns: int) -> list[int]:
+    """A conversation on the open route whose turns alternate between ``daemons``;
+    each turn's status."""
+    messages: list[dict[str, Any]] = []
+    codes = []
+    for turn in range(turns):
+        messages.append({"role": "user", "content": f"{model}: question {turn + 1}"})
+        code, raw, _ = await setup.post(
+            daemons[turn % len(daemons)],
+            "/open/v1/chat/completions",
+            {"model": model, "messages": messages},
+        )
+        codes.append(code)
+        if code == 200:
+            messages.append(json.loads(raw)["choices"][0]["message"])
+    return codes
+
+
+# -- the response cache in Redis: one upstream call for the misses of every process -----
+
+
+@pytest_twisted.ensureDeferred
+async def test_identical_misses_on_four_workers_of_two_daemons_make_one_upstream_call(
+    cached: Setup,
+) -> None:
+    setup = cached
+    path = "/cached/cacheable?cc=max-age%3D60&hold=1"
+    answers = [
+        defer.ensureDeferred(setup.client.get(setup.daemons[n % 2].base + path)) for n in range(50)
+    ]
+
+    async def cache_stats() -> list[dict[str, Any]]:
+        out = []
+        for daemon in setup.daemons:
+            raw = await (await setup.client.get(daemon.admin + "/stats")).content()
+            out += [w["cache"] for w in json.loads(raw)["workers"].values()]
+        return out
+
+    # One request upstream; every other one waits: on its own process's leader,
+    # or (a process's leader) on the lock another process holds.
+    deadline = reactor.seconds() + 30  # type: ignore[attr-defined]
+    while True:
+        workers = await cache_stats()
+        local = sum(w["waiting"] for w in workers)
+        remote = sum(w["remote_waits"] for w in workers)
+        if len(setup.upstream.held) == 1 and local + remote == 49:
+            break
+        assert reactor.seconds() < deadline, (len(setup.upstream.held), local, remote)  # type: ignore[attr-defined]
+        await task.deferLater(reactor, 0.05, lambda: None)
+    assert remote >= 1  # another process waited on the lock, not only the leader's own
+    assert setup.upstream.release_held() == 1
+    responses = await defer.gatherResults(answers)
+    bodies = {await r.content() for r in responses}
+    assert {r.code for r in responses} == {200} and len(bodies) == 1
+    assert setup.upstream.cacheable_served == 1
+    marks = sorted(r.headers.getRawHeaders(b"x-proxy-cache")[0] for r in responses)
+    assert marks == [b"hit"] * 49 + [b"stored"]
+    workers = await cache_stats()
+    assert sum(w["remote_hits"] for w in workers) == remote

@@ -13,7 +13,7 @@ from typing import Any
 import attrs
 import pytest
 import pytest_twisted
-from twisted.internet import defer
+from twisted.internet import defer, reactor, task
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.web.test.requesthelper import DummyRequest
@@ -208,6 +208,35 @@ async def test_a_revoked_token_is_refused_everywhere_on_the_next_poll(cluster: C
     for proxy in (a, b):
         assert denied(await proxy.ask(secret), 401).message == "proxy token revoked"
         assert proxy.audit.actions()[-2:] == ["tokens_reloaded", "auth_failed"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_revocation_reaches_every_process_within_a_second_by_its_own_polls(
+    cluster: Cluster,
+) -> None:
+    a, b = await cluster.proxy(), await cluster.proxy()
+    secret, token = await cluster.create()
+    await cluster.refresh()
+    assert all([isinstance(await p.ask(secret), Allow) for p in (a, b)])
+    before = [p.access.stats()["reloads"] for p in (a, b)]
+    store = await cluster.store()
+    await store.revoke(token.id, cluster.clock.seconds())
+    # Nobody asks for a reload: each process's poll, on its clock, half a second on.
+    assert POLL_INTERVAL <= 0.5
+    cluster.clock.advance(POLL_INTERVAL)
+    await until(
+        lambda: all(p.access.stats()["reloads"] > n for p, n in zip((a, b), before, strict=True))
+    )
+    for proxy in (a, b):
+        assert denied(await proxy.ask(secret), 401).message == "proxy token revoked"
+
+
+async def until(predicate: Any, bound: float = 10.0) -> None:
+    """Wait (on the real reactor: Redis answers there) for what the clock set off."""
+    deadline = reactor.seconds() + bound  # type: ignore[attr-defined]
+    while not predicate():
+        assert reactor.seconds() < deadline, "not within the bound"  # type: ignore[attr-defined]
+        await task.deferLater(reactor, 0.01, lambda: None)
 
 
 @pytest_twisted.ensureDeferred
