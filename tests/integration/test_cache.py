@@ -677,6 +677,33 @@ async def test_a_process_waiting_on_another_goes_upstream_when_it_stores_nothing
     assert second.cache.stats()["remote_hits"] == 0
 
 
+@pytest_twisted.ensureDeferred
+async def test_without_the_lock_each_process_coalesces_on_its_own(
+    two_processes: tuple[Cached, Cached],
+) -> None:
+    first, second = two_processes
+    upstream = first.env.upstream
+    assert first.redis is not None
+    # Redis answers the entries but refuses the lock keys (an ACL without them):
+    # what a lock that fails looks like to the processes.
+    first.redis.command("ACL", "SETUSER", "default", "resetkeys", "~test:cache:*")
+    path = "/mock/cacheable?cc=max-age%3D60&hold=1"
+    answers = [defer.ensureDeferred(c.send(path)) for c in (first, second) for _ in range(10)]
+    await until(
+        lambda: (
+            len(upstream.held) == 2
+            and first.cache.inflight.waiting + second.cache.inflight.waiting == 18
+        )
+    )
+    assert upstream.release_held() == 2
+    done = await defer.gatherResults(answers)
+    assert first.calls == 2  # one per process, never one per request
+    assert {a.code for a in done} == {200}
+    for c in (first, second):
+        stats = c.cache.stats()
+        assert (stats["lock_errors"], stats["remote_waits"], stats["coalesced"]) == (1, 0, 9)
+
+
 # -- memory bound ---------------------------------------------------------------------------
 
 

@@ -383,12 +383,17 @@ async def test_redis_killed_and_restarted_under_load(setup: Setup) -> None:
     secret = (await setup.cli("create", "--project", "p", "--max-requests", "100000")).strip()
     a, b = setup.daemons
     codes: list[int] = []
+    refusals: list[tuple[bytes, Any]] = []
     running = [True]
 
     async def load(daemon: Daemon) -> None:
         while running[0]:
-            code, _, _ = await setup.post(daemon, "/secure/v1/chat/completions", CHAT, secret)
+            code, raw, headers = await setup.post(
+                daemon, "/secure/v1/chat/completions", CHAT, secret
+            )
             codes.append(code)
+            if code == 503:
+                refusals.append((raw, headers))
 
     loaders = [defer.ensureDeferred(load(d)) for d in (a, b) for _ in range(4)]
     await wait_until(lambda: codes.count(200) >= 50, what="load under way")
@@ -398,6 +403,12 @@ async def test_redis_killed_and_restarted_under_load(setup: Setup) -> None:
     process.wait()
     setup.redis.process = None
     await wait_until(lambda: codes.count(503) >= 20, what="503 while Redis is down")
+    # An OpenAI-shaped JSON error that says why, and when to try again.
+    raw, headers = refusals[-1]
+    error = json.loads(raw)["error"]
+    assert "shared state (Redis) does not answer" in error["message"]
+    assert headers.getRawHeaders(b"retry-after") == [b"1"]
+    assert headers.getRawHeaders(b"content-type")[0].startswith(b"application/json")
     served_while_down = codes.count(200)
     setup.redis.start()  # same port, its append-only file: the counts are back
     await wait_until(lambda: codes.count(200) >= served_while_down + 50, what="recovered")
