@@ -35,8 +35,8 @@ from llmproxy.capture.sessions import (
 from llmproxy.config.model import CaptureSettings, ExporterSettings
 from llmproxy.events.envelope import Envelope
 from llmproxy.events.time import epoch_ns, rfc3339_ns
-from llmproxy.export.sink import Delivered
 from llmproxy.export.sinks.loki import LokiSink
+from llmproxy.export.verdict import Delivered
 from llmproxy.state.health import StateHealth
 from tests.fakes.loki import FakeLoki
 
