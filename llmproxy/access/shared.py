@@ -384,11 +384,19 @@ class SharedTokenStore:
         expires: float | None = None,
         max_requests: int | None = None,
         rpm: int | None = None,
+        allowed_paths: tuple[str, ...] = (),
+        allowed_methods: tuple[str, ...] = (),
     ) -> tuple[str, Token]:
         await self._import()
         while True:
             secret, token = new_token(
-                project, now, expires=expires, max_requests=max_requests, rpm=rpm
+                project,
+                now,
+                expires=expires,
+                max_requests=max_requests,
+                rpm=rpm,
+                allowed_paths=allowed_paths,
+                allowed_methods=allowed_methods,
             )
             # A record is never replaced: 0 means the id is taken (a 48-bit clash).
             if await self.state.tokens.add([token_to_registry(token)]):

@@ -66,12 +66,15 @@ class Proxy:
     state_dir: Path
     router: Router = attrs.Factory(lambda: Router(ROUTES, PassthroughSettings()))
 
-    def check(self, secret: str | None) -> Allow | Deny | defer.Deferred[Allow | Deny]:
+    def check(
+        self, secret: str | None, path: bytes = b"/secure/v1/chat/completions"
+    ) -> Allow | Deny | defer.Deferred[Allow | Deny]:
         request = DummyRequest([b""])
+        request.method = b"POST"
         request.client = IPv4Address("TCP", "10.1.2.3", 5555)
         if secret is not None:
             request.requestHeaders.addRawHeader(b"authorization", f"Bearer {secret}".encode())
-        target = self.router.resolve(b"/secure/v1/chat/completions")
+        target = self.router.resolve(path)
         assert isinstance(target, Target)
         record = ExchangeRecord(
             request_id="req-1",
@@ -88,8 +91,10 @@ class Proxy:
         )
         return self.access.check(request, target, record)
 
-    async def ask(self, secret: str | None) -> Allow | Deny:
-        return await defer.maybeDeferred(self.check, secret)
+    async def ask(
+        self, secret: str | None, path: bytes = b"/secure/v1/chat/completions"
+    ) -> Allow | Deny:
+        return await defer.maybeDeferred(self.check, secret, path)
 
     async def stop(self) -> None:
         await self.access.stop(1.0)
@@ -248,6 +253,30 @@ async def test_the_poll_runs_on_the_clock(cluster: Cluster) -> None:
     while a.access.stats()["reloads"] == before:
         await a.access.reload()
     assert isinstance(await a.ask(secret), Allow)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tokens_allowlists_travel_through_redis_and_hold_everywhere(
+    cluster: Cluster,
+) -> None:
+    a, b = await cluster.proxy(), await cluster.proxy()
+    secret, token = await cluster.create(
+        max_requests=5, allowed_paths=("/v1/chat/completions",), allowed_methods=("POST",)
+    )
+    await cluster.refresh()
+    store = await cluster.store()
+    (listed,), _ = await store.list(cluster.clock.seconds())
+    assert (listed.allowed_paths, listed.allowed_methods) == (
+        ("/v1/chat/completions",),
+        ("POST",),
+    )
+    for proxy in (a, b):
+        assert isinstance(await proxy.ask(secret), Allow)
+        refused = denied(await proxy.ask(secret, b"/secure/v1/embeddings"), 403)
+        assert "may not use the path" in refused.message
+    # A refusal by the allowlist spends nothing of the quota.
+    _, used = await store.list(cluster.clock.seconds())
+    assert used == {token.id: 2}
 
 
 @pytest_twisted.ensureDeferred
