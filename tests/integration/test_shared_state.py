@@ -471,6 +471,28 @@ async def test_token_commands_import_the_file_and_say_what_went_wrong(tmp_path: 
             for line in (cfg.parent / "state" / "audit.jsonl").read_text().splitlines()
         ]
         assert [a["action"] for a in audit] == ["token_created", "token_revoked"]
+        # A token made with store = redis keeps its allowlists there.
+        made = await threads.deferToThread(
+            _token_command,
+            cfg,
+            "create",
+            "--project",
+            "new",
+            "--allow-path",
+            "/v1/chat/completions",
+            "--allow-method",
+            "post",
+        )
+        assert made.returncode == 0, made.stderr
+        rows = json.loads(
+            (await threads.deferToThread(_token_command, cfg, "list", "--json")).stdout
+        )
+        (new,) = [r for r in rows if r["project"] == "new"]
+        assert (new["allowed_paths"], new["allowed_methods"]) == (
+            ["/v1/chat/completions"],
+            ["POST"],
+        )
+        assert redis.command("HLEN", "llmproxy:state:tokens") == 2
     # Redis gone: one clear line, exit 1, no traceback.
     down = await threads.deferToThread(_token_command, cfg, "list")
     assert down.returncode == 1
