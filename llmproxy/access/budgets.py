@@ -19,8 +19,11 @@ keys ``budget:<token id>:usd|tokens:<window>`` (window ``2026-12-07``,
 ``2026-12`` or ``total``), the key scheme of the shared counters of
 llmproxy/state (issue 16): :class:`llmproxy.interfaces.SpendCounters` is the seam a Redis-backed
 counter plugs into, so that with ``[state] store = redis`` the budgets hold
-across workers and hosts.  With local state (today's), counts are per process,
-as request quotas are.
+across workers and hosts: with ``[state] store = redis`` the book is given the
+shared state's counters (``shared``), every charge is added there too, and
+llmproxy/access/policy.py reads them (:meth:`SpendBook.shared_refusal`) before
+the shared admission.  With local state, counts are per process, as request
+quotas are.
 
 Spend is also kept per token, project, model and day in ``<state_dir>/
 token-spend.json`` for ``llmproxy spend`` and ``llmproxy token list``: written
