@@ -44,7 +44,7 @@ import fnmatch
 import functools
 import hmac
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote_to_bytes
@@ -314,21 +314,31 @@ class TokenAccess:
         self._started = True
         if self._shared is not None:
             self._shared.start()
+            if self.spend is not None:
+                # The per-model record of this process's spend (reports) is kept
+                # on disk as with local state; the budgets' counts are in Redis.
+                self.spend.load()
+                self._start_flusher(self.spend.flush)
             return
         self._load("start")
-        flusher = self._flusher = LoopingCall(self._flush)
+        self._start_flusher(self._flush)
+
+    def _start_flusher(self, flush: Callable[[], None]) -> None:
+        flusher = self._flusher = LoopingCall(flush)
         flusher.clock = self._clock
         flusher.start(self._flush_interval, now=False).addErrback(self._flush_failed)
 
     def stop(self, timeout: float) -> Deferred[None]:
         """Stop flushing and write the exact counts (call it after the last exchange)."""
         self._started = False
-        if self._shared is not None:
-            return self._shared.stop(timeout)
         if self._flusher is not None:
             if self._flusher.running:
                 self._flusher.stop()
             self._flusher = None
+        if self._shared is not None:
+            if self.spend is not None:
+                self.spend.close()
+            return self._shared.stop(timeout)
         if self._loaded:
             self._usage.close()
             if self.spend is not None:

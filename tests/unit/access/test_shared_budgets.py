@@ -84,3 +84,19 @@ def test_the_shared_keys_are_those_the_local_book_counts(period: str) -> None:
         budget_key("tok_1", "usd", window(period, now).key),
         budget_key("tok_1", "tokens", window(period, now).key),
     ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_with_shared_state_the_spend_record_is_still_written_and_read_back(
+    cluster: Cluster,
+) -> None:
+    from llmproxy.access.budgets import read_spend
+
+    a = await cluster.proxy()
+    _, token = await cluster.create(max_usd=1.0)
+    await cluster.refresh()
+    await charged(a, token, 0.25)
+    await a.stop()
+    cluster.proxies.remove(a)
+    (row,) = read_spend(a.state_dir)
+    assert (row.token_id, row.usd_nanos, row.requests) == (token.id, 250_000_000, 1)
