@@ -262,8 +262,10 @@ class SpendBook:
         self._dirty = False
         self.write_errors = 0
         self.charged = 0
+        self.loaded = False  # a book never loaded must not overwrite the file
 
     def load(self) -> None:
+        self.loaded = True
         try:
             rows = self._file.read()
         except TokenFileError as e:

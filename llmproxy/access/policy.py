@@ -345,6 +345,13 @@ class TokenAccess:
                 self.spend.close()
         return succeed(None)
 
+    def write_spend(self, timeout: float) -> Deferred[None]:
+        """Write the spend record again: the answers the capture pump priced after
+        :meth:`stop` (the last exchanges of the drain) are charged by then."""
+        if self.spend is not None and self.spend.loaded:
+            self.spend.close()
+        return succeed(None)
+
     def _flush(self) -> None:
         self._usage.flush()
         if self.spend is not None:

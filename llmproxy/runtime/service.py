@@ -468,10 +468,11 @@ class ProxyService(RootService):
         stages = [
             StopStage("listener closed", self._stop_listening),
             StopStage("exchanges finished or aborted", self._finish_exchanges),
-            # What the last exchanges queued: through the tracker and onto the bus
-            # (their spend charged to their tokens).
-            StopStage("records handed to the bus", self.capture.stop),
             StopStage("token usage written", self.access.stop),
+            # What the last exchanges queued: through the tracker and onto the bus.
+            StopStage("records handed to the bus", self.capture.stop),
+            # Their spend, charged to their tokens as they were handed over.
+            StopStage("token spend written", self.access.write_spend),
         ]
         if self.sessions is not None:
             # After the last exchange: its state is journaled; before the

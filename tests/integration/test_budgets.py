@@ -147,3 +147,19 @@ async def test_concurrent_requests_overshoot_by_at_most_those_in_flight(env: Run
     )
     assert {code for code, _, _ in again} == {429}
     assert len(env.upstream.requests) == ok
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_drain_writes_the_spend_of_the_last_answers(env: Running) -> None:
+    from llmproxy.access.budgets import read_spend
+
+    secret, token = _token(env, max_usd=BUDGET)
+    code, _, _ = await _chat(env, secret)
+    assert code == 200
+    # Stopped at once: the answer may not be priced yet; the drain prices it
+    # (the capture pump's stage) and writes the spend after.
+    await env.pool.closeCachedConnections()
+    await env.service.stopService()
+    (row,) = read_spend(env.service.settings.server.state_dir)
+    assert (row.token_id, row.requests) == (token.id, 1)
+    assert row.usd_nanos == round(COST * 1e9)
