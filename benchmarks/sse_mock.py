@@ -69,6 +69,45 @@ def build_events(content_chunks: int = 20) -> list[bytes]:
     return frames
 
 
+# The recorded stream the streaming benchmarks use (benchmarks/run.py serves it
+# from nginx; bench_capture.py feeds it to the capture pipeline): a 100-chunk
+# OpenAI chat stream as gpt-4o-mini sends it with
+# ``stream_options: {"include_usage": true}`` (the role chunk, 97 content
+# deltas, the finish chunk and the usage chunk), then ``data: [DONE]``.  17.8 KB.
+RECORDED_ID = "chatcmpl-b01"
+RECORDED_MODEL = "gpt-4o-mini"
+
+
+def recorded_stream() -> list[bytes]:
+    """The frames of the recorded 100-chunk stream (101 with ``[DONE]``)."""
+
+    def chunk(delta: dict[str, str], finish_reason: str | None) -> dict[str, object]:
+        return {
+            "id": RECORDED_ID,
+            "object": "chat.completion.chunk",
+            "created": CREATED,
+            "model": RECORDED_MODEL,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+        }
+
+    payloads: list[object] = [chunk({"role": "assistant", "content": ""}, None)]
+    payloads += [chunk({"content": WORDS[i % len(WORDS)] + " "}, None) for i in range(97)]
+    payloads.append(chunk({}, "stop"))
+    payloads.append(
+        {
+            "id": RECORDED_ID,
+            "object": "chat.completion.chunk",
+            "created": CREATED,
+            "model": RECORDED_MODEL,
+            "choices": [],
+            "usage": {"prompt_tokens": 9, "completion_tokens": 98, "total_tokens": 107},
+        }
+    )
+    frames = [b"data: " + json.dumps(p, separators=(",", ":")).encode() + b"\n\n" for p in payloads]
+    frames.append(b"data: [DONE]\n\n")
+    return frames
+
+
 class CompletionStream(Resource):
     isLeaf = True
 
@@ -136,6 +175,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--chunks", type=int, default=20, help="content chunks per stream")
     parser.add_argument(
+        "--recorded", action="store_true", help="send the recorded 100-chunk stream (17.8 KB)"
+    )
+    parser.add_argument(
         "--gap-ms",
         type=float,
         default=None,
@@ -150,7 +192,8 @@ def main(argv: list[str]) -> int:
     tcp: IReactorTCP = _reactor
     clock: IReactorTime = _reactor
     gap_s = None if args.gap_ms is None else args.gap_ms / 1000.0
-    site = QuietSite(CompletionStream(build_events(args.chunks), gap_s, clock, args.hold))
+    events = recorded_stream() if args.recorded else build_events(args.chunks)
+    site = QuietSite(CompletionStream(events, gap_s, clock, args.hold))
     site.timeOut = None  # held streams are idle by design
     tcp.listenTCP(args.port, site, backlog=args.backlog, interface="127.0.0.1")  # type: ignore[arg-type]
     print(f"sse_mock listening on 127.0.0.1:{args.port}", flush=True)
