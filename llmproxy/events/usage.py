@@ -814,15 +814,139 @@ def summary_from_sse_fields(
         return None, None, ()  # what facts_from_sse_fields' EMPTY_FACTS says
 
 
-def _merge(events: Iterable[tuple[str, str]]) -> _StreamMerger:
+# What ends a JSON string's body or needs decoding in it: a quote, a backslash
+# escape, or a control character (which makes the JSON invalid).
+_NOT_PLAIN = re.compile(r'["\\\x00-\x1f]').search
+# Content chunks tried as a template before giving up on a stream (a template is
+# found in the first content chunk of nearly every OpenAI stream).
+_TEMPLATE_TRIES = 4
+_PROBE = "llmproxy template probe"
+
+
+# A top-level string OpenAI adds to each chunk (random padding, different in every
+# chunk; ``stream_options.include_obfuscation``), which nothing here reads.
+_PADDING_KEY = "obfuscation"
+
+
+@attrs.frozen
+class _ContentTemplate:
+    """A chat chunk's text around its content string: a chunk ``prefix + body +
+    suffix`` whose body is plain (see ``_NOT_PLAIN``) is the template chunk with
+    that content, and adds ``body`` to ``choice`` and nothing else.
+
+    With ``padding``, the suffix holds OpenAI's padding string: the chunk is
+    ``prefix + body + padding + pad + suffix`` with ``pad`` plain too.
+    """
+
+    prefix: str
+    suffix: str
+    choice: _ChatChoice
+    padding: str | None = None
+
+
+def _content_template(
+    data: str, obj: dict[str, Any], merger: _StreamMerger
+) -> _ContentTemplate | bool:
+    """The template of ``data``, a chat chunk the merger has just read (``obj``),
+    when ``data`` is a plain content delta; else False when the chunk is one but
+    its text is no template (a try lost), True when it is no plain content delta.
+
+    Such a chunk changes nothing but its choice's content, which is what makes
+    the template exact: its header keys were taken (or were None) when the
+    merger read it, and the chunks it matches have the same text around the
+    content, hence the same values.  The slot is checked by parsing the template
+    with another content: a key given twice, or a second place that text
+    appears, makes it no template.
+    """
+    if merger.dialect != "chat" or obj.get("usage"):
+        return True
+    choices = obj.get("choices")
+    if type(choices) is not list or len(choices) != 1:
+        return True
+    c = choices[0]
+    if type(c) is not dict or "text" in c or c.get("finish_reason") or c.get("logprobs"):
+        return True
+    index = c.get("index")
+    delta = c.get("delta")
+    if type(index) is not int or type(delta) is not dict or len(delta) != 1:
+        return True
+    content = delta.get("content")
+    choice = merger.choices.get(index)
+    if type(content) is not str or _NOT_PLAIN(content) or choice is None:
+        return True
+    slot = '"content":"' + content + '"'
+    if data.count(slot) != 1:
+        return False
+    at = data.index(slot) + len(slot) - 1 - len(content)
+    prefix, suffix = data[:at], data[at + len(content) :]
+    expected = orjson.loads(data)
+    expected["choices"][0]["delta"]["content"] = _PROBE
+    padding: str | None = None
+    pad = obj.get(_PADDING_KEY)
+    if type(pad) is str and not _NOT_PLAIN(pad):
+        pad_slot = f'"{_PADDING_KEY}":"{pad}"'
+        if suffix.count(pad_slot) != 1:
+            return False
+        cut = suffix.index(pad_slot) + len(pad_slot) - 1 - len(pad)
+        padding, suffix = suffix[:cut], suffix[cut + len(pad) :]
+        expected[_PADDING_KEY] = _PROBE[::-1]
+        text = prefix + _PROBE + padding + _PROBE[::-1] + suffix
+    else:
+        text = prefix + _PROBE + suffix
+    try:
+        probe = orjson.loads(text)
+    except (ValueError, RecursionError):
+        return False
+    if probe != expected:
+        return False
+    return _ContentTemplate(prefix, suffix, choice, padding)
+
+
+def _merge(events: Iterable[tuple[str, str]], templates: bool = True) -> _StreamMerger:
+    """The merger of a stream's events.
+
+    Nearly every event of an OpenAI chat stream is a content delta whose text is
+    that of the one before but for the content: with ``templates``, such a
+    chunk's content is sliced from its text (``_ContentTemplate``) instead of
+    parsing it and reading the object, which is most of the cost of a stream.
+    The result is the same either way (tests/unit/events/test_usage.py).
+    """
     merger = _StreamMerger()
     loads = orjson.loads
     add = merger.add
     openai = merger._openai
     anthropic_delta = merger._anthropic_delta
+    not_plain = _NOT_PLAIN
+    template: _ContentTemplate | None = None
+    tries = _TEMPLATE_TRIES if templates else 0
+    prefix = suffix = padding = ""
+    fixed = 0
+    append: Callable[[str], None] | None = None
     for name, data in events:
         if data[:1] != "{":
             continue  # "[DONE]", keep-alives, and arrays, which add nothing
+        if (
+            append is not None
+            and len(data) >= fixed
+            and data.startswith(prefix)
+            and data.endswith(suffix)
+            and name == "message"
+        ):
+            end = len(data) - len(suffix)
+            if padding:
+                # Neither the body nor the pad may hold a quote, and the padding
+                # text starts with one: its last place is the only one.
+                cut = data.rfind(padding, len(prefix), end)
+                if cut >= 0 and not not_plain(data, cut + len(padding), end):
+                    body = data[len(prefix) : cut]
+                    if not not_plain(body):
+                        append(body)
+                        continue
+            else:
+                body = data[len(prefix) : end]
+                if not not_plain(body):
+                    append(body)
+                    continue
         try:
             obj = loads(data)
         except (ValueError, RecursionError):  # orjson.JSONDecodeError is a ValueError
@@ -831,6 +955,16 @@ def _merge(events: Iterable[tuple[str, str]]) -> _StreamMerger:
         try:
             if name == "message" and "choices" in obj and "type" not in obj:
                 openai(obj)  # a chat chunk (nearly every event): where add() sends it
+                if tries and template is None:
+                    found = _content_template(data, obj, merger)
+                    if found is False:
+                        tries -= 1
+                    elif found is not True:
+                        template = found
+                        prefix, suffix = template.prefix, template.suffix
+                        padding = template.padding or ""
+                        fixed = len(prefix) + len(padding) + len(suffix)
+                        append = template.choice.content.append
             elif name == "content_block_delta" and obj.get("type") == "content_block_delta":
                 anthropic_delta(obj)  # an Anthropic token: where add() sends it
             else:
