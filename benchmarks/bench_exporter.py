@@ -32,7 +32,7 @@ from twisted.internet.task import Clock
 from llmproxy.config.model import ExporterSettings
 from llmproxy.export.deadletter import DeadLetter
 from llmproxy.export.exporter import BatchingExporter
-from llmproxy.export.sink import Delivered, Verdict
+from llmproxy.export.verdict import Delivered, Verdict
 
 EVENT: dict[str, Any] = {
     "schema": 1,

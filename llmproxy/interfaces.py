@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from llmproxy.cache.entry import CachedResponse
     from llmproxy.capture.record import ExchangeRecord
     from llmproxy.events.envelope import Envelope
-    from llmproxy.export.sink import Verdict
+    from llmproxy.export.verdict import Verdict
     from llmproxy.http.router import Target
 
 __all__ = [

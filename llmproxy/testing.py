@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 from twisted.internet.defer import Deferred, succeed
 
-from llmproxy.export.sink import Delivered, Verdict
+from llmproxy.export.verdict import Delivered, Verdict
 
 if TYPE_CHECKING:
     from llmproxy.capture.record import ExchangeRecord

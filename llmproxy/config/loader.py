@@ -36,21 +36,7 @@ from llmproxy.config.converter import (
     ini_converter,
     lenient_converter,
 )
-from llmproxy.config.model import (
-    SECRET,
-    CacheSettings,
-    CaptureSettings,
-    EventsSettings,
-    ExporterSettings,
-    PassthroughSettings,
-    RedisSettings,
-    RouteSettings,
-    ServerSettings,
-    SessionSettings,
-    Settings,
-    ini_keys,
-    kind_of,
-)
+from llmproxy.config.model import NAMED_SECTIONS, SECRET, SECTIONS, Settings, ini_keys, kind_of
 
 __all__ = [
     "LEGACY_LOKI_KEYS",
@@ -63,22 +49,7 @@ __all__ = [
     "subject",
 ]
 
-# The plain sections: [name] -> the Settings field of that name.
-_SECTIONS: dict[str, type] = {
-    "server": ServerSettings,
-    "passthrough": PassthroughSettings,
-    "capture": CaptureSettings,
-    "events": EventsSettings,
-    "redis": RedisSettings,
-    "sessions": SessionSettings,
-    "cache": CacheSettings,
-}
-# The named sections: [kind:NAME] -> (the Settings field holding them, their class).
-_NAMED: dict[str, tuple[str, type]] = {
-    "route": ("routes", RouteSettings),
-    "exporter": ("exporters", ExporterSettings),
-}
-_ITEM_CLASSES = dict(_NAMED.values())
+_ITEM_CLASSES = dict(NAMED_SECTIONS.values())
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # The Go llm-proxy's Loki settings -- a [loki] section and LLM_PROXY_LOKI_* variables --
 # make an exporter named loki; their names -> its keys.
@@ -139,13 +110,13 @@ def _env_overrides(env: Mapping[str, str], sections: Sections) -> None:
 
     A variable that names no section and key goes to the pseudo-section ``env``.
     """
-    named_keys = {kind: set(ini_keys(cls)) for kind, (_, cls) in _NAMED.items()}
-    plain = (*_SECTIONS, "audit")
+    named_keys = {kind: set(ini_keys(cls)) for kind, (_, cls) in NAMED_SECTIONS.items()}
+    plain = (*SECTIONS, "audit")
     for var, value in sorted(env.items()):
         where = f"${var}"
         if var.startswith("LLMPROXY_"):
             rest = var[len("LLMPROXY_") :].lower()
-            kind = next((k for k in _NAMED if rest.startswith(k + "_")), None)
+            kind = next((k for k in NAMED_SECTIONS if rest.startswith(k + "_")), None)
             if kind is not None:
                 tail = rest[len(kind) + 1 :]
                 for key in sorted(named_keys[kind], key=len, reverse=True):
@@ -203,14 +174,14 @@ class _Tree:
 
 def _tree(sections: Sections, where: str, problems: list[tuple[tuple[int, int], str]]) -> _Tree:
     raw: dict[str, Any] = {"source": where}
-    items: dict[str, list[str]] = {field: [] for field, _ in _NAMED.values()}
+    items: dict[str, list[str]] = {field: [] for field, _ in NAMED_SECTIONS.values()}
     for index, (name, values) in enumerate(sections.items()):
         kind, _, sub = name.partition(":")
         strings = {key: value for key, (value, _) in values.items()}
-        if kind in _SECTIONS and not sub:
+        if kind in SECTIONS and not sub:
             raw[kind] = strings
-        elif kind in _NAMED and sub:
-            field, _ = _NAMED[kind]
+        elif kind in NAMED_SECTIONS and sub:
+            field, _ = NAMED_SECTIONS[kind]
             if "name" in strings:  # the section's suffix is its name
                 order = list(values).index("name")
                 problems.append(((index, order), f"{name}.name: unknown key"))
@@ -272,7 +243,7 @@ def _without(raw: dict[str, Any], found: list[Failed]) -> dict[str, Any]:
     exporter (the lenient converter takes them as written); a route or exporter
     missing a required key is left out whole."""
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
-    for list_field, _ in _NAMED.values():
+    for list_field, _ in NAMED_SECTIONS.values():
         out[list_field] = [dict(item) for item in out.get(list_field, [])]
     left_out: dict[str, set[int]] = {}
     for failed in found:

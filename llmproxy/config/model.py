@@ -25,8 +25,10 @@ __all__ = [
     "ENDPOINT",
     "EXPORTER_TYPES",
     "HTTP_URL",
+    "NAMED_SECTIONS",
     "REDIS_URL",
     "SECRET",
+    "SECTIONS",
     "SIZE",
     "SWITCHABLE_ENDPOINT",
     "URL_PATH",
@@ -693,19 +695,25 @@ class Settings:
     source: str = "<defaults>"  # where the settings came from, for messages
 
 
+# The ini's plain sections: [name] -> the Settings field of that name (in the
+# reference's order), and its named ones: [kind:NAME] -> (the Settings field
+# holding them, their class).  The loader and the reference read these.
+SECTIONS: dict[str, type] = {
+    "server": ServerSettings,
+    "passthrough": PassthroughSettings,
+    "capture": CaptureSettings,
+    "events": EventsSettings,
+    "redis": RedisSettings,
+    "sessions": SessionSettings,
+    "cache": CacheSettings,
+}
+NAMED_SECTIONS: dict[str, tuple[str, type]] = {
+    "route": ("routes", RouteSettings),
+    "exporter": ("exporters", ExporterSettings),
+}
+
 # The types above are strings until resolved (PEP 563); resolve them once, keeping
 # the Annotated kinds, so every reader of attrs.fields() sees the same types.
-for _cls in (
-    ServerSettings,
-    RouteSettings,
-    PassthroughSettings,
-    CaptureSettings,
-    EventsSettings,
-    RedisSettings,
-    CacheSettings,
-    SessionSettings,
-    ExporterSettings,
-    Settings,
-):
+for _cls in (*SECTIONS.values(), *(cls for _, cls in NAMED_SECTIONS.values()), Settings):
     attrs.resolve_types(_cls, include_extras=True)
 del _cls

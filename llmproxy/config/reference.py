@@ -26,17 +26,10 @@ from typing import Any
 
 import attrs
 
+from llmproxy.config import model
 from llmproxy.config.model import (
     SIZE,
-    CacheSettings,
-    CaptureSettings,
-    EventsSettings,
     ExporterSettings,
-    PassthroughSettings,
-    RedisSettings,
-    RouteSettings,
-    ServerSettings,
-    SessionSettings,
     Settings,
     ini_keys,
     kind_of,
@@ -68,14 +61,9 @@ REGENERATE = "python -m llmproxy.config.reference --write"
 
 # Sections in the order of the document: (heading, row prefix, settings class).
 SECTIONS: tuple[tuple[str, str, type], ...] = (
-    ("[server]", "server", ServerSettings),
-    ("[route:NAME]", "route", RouteSettings),
-    ("[passthrough]", "passthrough", PassthroughSettings),
-    ("[capture]", "capture", CaptureSettings),
-    ("[events]", "events", EventsSettings),
-    ("[redis]", "redis", RedisSettings),
-    ("[sessions]", "sessions", SessionSettings),
-    ("[cache]", "cache", CacheSettings),
+    ("[server]", "server", model.SECTIONS["server"]),
+    ("[route:NAME]", "route", model.NAMED_SECTIONS["route"][1]),
+    *((f"[{name}]", name, cls) for name, cls in model.SECTIONS.items() if name != "server"),
 )
 
 # [exporter:NAME] keys by sink type, in the document's order; every other field is

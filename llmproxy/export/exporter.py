@@ -97,8 +97,8 @@ from twisted.python.failure import Failure
 from llmproxy.config.model import ExporterSettings
 from llmproxy.events.envelope import Envelope, StoredEvent
 from llmproxy.export.deadletter import DeadLetter
-from llmproxy.export.sink import Delivered, Rejected, Retry, Verdict
 from llmproxy.export.spool import PendingSegment, Segment, Spool
+from llmproxy.export.verdict import Delivered, Rejected, Retry, Verdict
 from llmproxy.interfaces import LineSink, PreparingSink, ReopenableSink, RunBlocking, Sink
 
 __all__ = [

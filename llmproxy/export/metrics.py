@@ -1,7 +1,10 @@
-"""Exporter stats as Prometheus metric families (tests: tests/integration/test_admin.py).
+"""Exporter and event bus stats as Prometheus metric families (tests:
+tests/integration/test_admin.py, tests/unit/redis/test_stream.py).
 
-Reads the dicts from ``BatchingExporter.stats()`` at scrape time, so the
-exporters keep plain counters and nothing is registered twice.
+Reads the dicts from ``BatchingExporter.stats()`` and the bus's ``stats()``
+(``MemoryBus`` or ``RedisBus``: the delivery engine's counts under the bus's
+names) at scrape time, so they keep plain counters and nothing is registered
+twice.  A key a bus does not report is left out.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-__all__ = ["exporter_families"]
+__all__ = ["bus_families", "exporter_families"]
 
 _COUNTERS = (
     ("accepted", "Events accepted by the exporter"),
@@ -36,21 +39,59 @@ _GAUGES = (
 )
 
 
+_BUS_COUNTERS = (
+    ("accepted", "Events published on the bus (Redis bus: plus recovered from its spool)"),
+    ("published", "Events handed on (memory bus: to subscribers; Redis bus: XADD confirmed)"),
+    ("subscriber_errors", "Local subscribers that raised"),
+    ("recovered", "Events found in the Redis bus spool at start"),
+    ("replayed", "Events replayed from the Redis bus spool"),
+    ("batches", "Pipelined XADD batches confirmed"),
+    ("batches_failed", "XADD batches that failed (retried; durable on disk meanwhile)"),
+)
+_BUS_GAUGES = (
+    ("in_flight", "Events in the XADD batch on its way"),
+    ("queued", "Events waiting in memory for XADD (a retried batch included)"),
+    ("spooled", "Events in the Redis bus spool (Redis unreachable or refusing)"),
+    ("spool_bytes", "Bytes in the Redis bus spool"),
+    ("connected", "1 while the Redis connection is usable"),
+    ("last_success", "Unix time of the last confirmed XADD batch"),
+)
+
+
+
 def exporter_families(stats: Mapping[str, Mapping[str, Any]]) -> Iterator[Metric]:
-    for key, doc in _COUNTERS:
-        fam = CounterMetricFamily(f"llmproxy_exporter_{key}", doc, labels=["exporter"])
+    """Every exporter's stats, labelled by its name."""
+    return _families("llmproxy_exporter", "exporter", stats, _COUNTERS, _GAUGES)
+
+
+def bus_families(stats: Mapping[str, Any]) -> Iterator[Metric]:
+    """The bus's stats, labelled by its type."""
+    kind = str(stats.get("type", "memory"))
+    return _families("llmproxy_bus", "bus", {kind: stats}, _BUS_COUNTERS, _BUS_GAUGES)
+
+
+def _families(
+    prefix: str,
+    label: str,
+    stats: Mapping[str, Mapping[str, Any]],
+    counters: tuple[tuple[str, str], ...],
+    gauges: tuple[tuple[str, str], ...],
+) -> Iterator[Metric]:
+    """One family per key that some of ``stats`` (by label value) report, and the
+    drops by reason."""
+    for make, table in ((CounterMetricFamily, counters), (GaugeMetricFamily, gauges)):
+        for key, doc in table:
+            fam = make(f"{prefix}_{key}", doc, labels=[label])
+            reporting = [(name, s) for name, s in sorted(stats.items()) if key in s]
+            for name, s in reporting:
+                fam.add_metric([name], float(s[key] or 0))
+            if reporting:
+                yield fam
+    if any("dropped_by_reason" in s for s in stats.values()):
+        dropped = CounterMetricFamily(
+            f"{prefix}_dropped", "Events dropped, by reason", labels=[label, "reason"]
+        )
         for name, s in sorted(stats.items()):
-            fam.add_metric([name], float(s.get(key) or 0))
-        yield fam
-    dropped = CounterMetricFamily(
-        "llmproxy_exporter_dropped", "Events dropped, by reason", labels=["exporter", "reason"]
-    )
-    for name, s in sorted(stats.items()):
-        for reason, n in sorted((s.get("dropped_by_reason") or {}).items()):
-            dropped.add_metric([name, reason], float(n))
-    yield dropped
-    for key, doc in _GAUGES:
-        fam_g = GaugeMetricFamily(f"llmproxy_exporter_{key}", doc, labels=["exporter"])
-        for name, s in sorted(stats.items()):
-            fam_g.add_metric([name], float(s.get(key) or 0))
-        yield fam_g
+            for reason, n in sorted((s.get("dropped_by_reason") or {}).items()):
+                dropped.add_metric([name, reason], float(n))
+        yield dropped

@@ -25,9 +25,9 @@ from twisted.internet.interfaces import IReactorTime
 from llmproxy.config.model import EXPORTER_TYPES, ExporterSettings
 from llmproxy.export.deadletter import DeadLetter
 from llmproxy.export.exporter import BatchingExporter, run_here
-from llmproxy.export.sink import HTTPClient, Sink
+from llmproxy.export.sink import Sink
 from llmproxy.export.spool import Spool
-from llmproxy.interfaces import RunBlocking
+from llmproxy.interfaces import HTTPClient, RunBlocking
 
 __all__ = [
     "SINK_FACTORIES",

@@ -2,14 +2,8 @@
 tests/unit/export/test_http.py).
 
 A sink is an encoder and a judge, nothing more (ARCHITECTURE.md, "The seam that
-keeps sinks small").  It answers every batch with a *verdict*:
-
-- ``Delivered(rejected={index: reason})`` — the batch arrived; the events listed in
-  ``rejected`` were refused for good (they go to the dead-letter file);
-- ``Retry(reason, after)`` — try the whole batch again later, not before ``after``
-  seconds when the server said so (``Retry-After``);
-- ``Rejected(reason)`` — the whole batch is refused for good (dead-letter file,
-  never retried).
+keeps sinks small").  It answers every batch with a *verdict*
+(:mod:`llmproxy.export.verdict`: ``Delivered``, ``Retry``, ``Rejected``).
 
 Buffering, batching, backoff, the spool, the dead-letter file and accounting live
 once, in :mod:`llmproxy.export.exporter`.  ``HTTPSink`` is the base for HTTP
@@ -27,8 +21,8 @@ of the answer (a 5xx is still ``Retry``, a 400 still ``Rejected`` with its text)
 from __future__ import annotations
 
 import email.utils
-from collections.abc import Mapping, Sequence
-from typing import Any, TypeAlias
+from collections.abc import Sequence
+from typing import Any, Self
 from urllib.parse import urlsplit
 
 import attrs
@@ -40,20 +34,17 @@ from twisted.python.failure import Failure
 from twisted.web import _newclient
 from twisted.web.http_headers import Headers
 
+from llmproxy.config.model import ExporterSettings
 from llmproxy.export.http import NoCookies, read_answer
+from llmproxy.export.verdict import Delivered, Rejected, Retry, Verdict
 from llmproxy.interfaces import HTTPClient, ReopenableSink, Sink
 
 __all__ = [
     "ANSWER_LIMIT",
-    "Delivered",
     "EncodedBatch",
-    "HTTPClient",
     "HTTPSink",
-    "Rejected",
     "ReopenableSink",
-    "Retry",
     "Sink",
-    "Verdict",
     "checked_endpoint",
     "parse_retry_after",
 ]
@@ -61,31 +52,6 @@ __all__ = [
 # The most of a sink's answer that is read (decoded bytes), unless its batch says
 # otherwise: enough for any error text or status document a backend sends.
 ANSWER_LIMIT = 64 * 1024
-
-
-@attrs.frozen
-class Delivered:
-    """The batch arrived.  ``rejected`` maps batch indexes to permanent per-event errors."""
-
-    rejected: Mapping[int, str] = attrs.field(factory=dict)
-
-
-@attrs.frozen
-class Retry:
-    """Send the whole batch again later; ``after`` is the server's Retry-After in seconds."""
-
-    reason: str
-    after: float | None = None
-
-
-@attrs.frozen
-class Rejected:
-    """The whole batch is refused for good: dead-letter it, never retry it."""
-
-    reason: str
-
-
-Verdict: TypeAlias = Delivered | Retry | Rejected
 
 
 @attrs.frozen
@@ -185,6 +151,21 @@ class HTTPSink:
     _clock: IReactorTime
     _timeout: float = 10.0
     _urls: dict[str, EncodedURL] = attrs.field(factory=dict, init=False, repr=False)
+
+    @classmethod
+    def configured(
+        cls,
+        settings: ExporterSettings,
+        url: str,
+        client: HTTPClient,
+        clock: IReactorTime,
+        **own: Any,
+    ) -> Self:
+        """The sink of ``[exporter:NAME]`` posting to ``url``: the fields every HTTP
+        sink takes from its section, plus the subclass's ``own`` (already checked)."""
+        return cls(
+            name=settings.name, url=url, client=client, clock=clock, timeout=settings.timeout, **own
+        )
 
     def encode(self, events: Sequence[dict[str, Any]]) -> EncodedBatch:
         raise NotImplementedError

@@ -26,7 +26,7 @@ and ``other`` go backwards, which counters must never do.)
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client.core import (
@@ -198,30 +198,21 @@ class ProxyMetrics:
         }
 
     def families(self) -> Iterator[Metric]:
-        req = CounterMetricFamily(
-            "llmproxy_requests", "Proxied requests", labels=["route", "status", "outcome"]
-        )
-        for (route, status, outcome), n in sorted(self.requests.items()):
-            req.add_metric([route, str(status), outcome], n)
-        yield req
-        preq = CounterMetricFamily(
-            "llmproxy_project_requests",
-            "Requests made with a proxy token, by its project (the first N projects; the rest "
-            "as other)",
-            labels=["project", "outcome"],
-        )
-        for (project, outcome), n in sorted(self.project_requests.items()):
-            preq.add_metric([project, outcome], n)
-        yield preq
-        ptok = CounterMetricFamily(
-            "llmproxy_project_tokens",
-            "Tokens the answers to a project's requests used, by kind (from the response "
-            "usage; counted when events are on)",
-            labels=["project", "kind"],
-        )
-        for (project, kind), n in sorted(self.project_tokens.items()):
-            ptok.add_metric([project, kind], n)
-        yield ptok
+        counters: tuple[tuple[str, str, list[str], Mapping[Any, int]], ...] = (
+            ("llmproxy_requests", "Proxied requests", ["route", "status", "outcome"],
+             self.requests),
+            ("llmproxy_project_requests", "Requests made with a proxy token, by its project "
+             "(the first N projects; the rest as other)", ["project", "outcome"],
+             self.project_requests),
+            ("llmproxy_project_tokens", "Tokens the answers to a project's requests used, by "
+             "kind (from the response usage; counted when events are on)", ["project", "kind"],
+             self.project_tokens),
+        )  # fmt: skip
+        for name, doc, labels, counts in counters:
+            counter = CounterMetricFamily(name, doc, labels=labels)
+            for key, n in sorted(counts.items()):
+                counter.add_metric([str(part) for part in key], n)
+            yield counter
         for name, doc, hists in (
             ("llmproxy_request_duration_seconds", "Whole exchange duration", self.latency),
             ("llmproxy_ttfb_seconds", "Time to upstream response headers", self.ttfb),

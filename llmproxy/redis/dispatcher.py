@@ -66,6 +66,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from llmproxy.config.model import ExporterSettings, RedisSettings
+from llmproxy.deferreds import within
 from llmproxy.events.envelope import Envelope, StoredEvent
 from llmproxy.export.deadletter import DeadLetter
 from llmproxy.interfaces import RedisClient
@@ -299,9 +300,9 @@ class Dispatcher:
         loop_done = self._loop_done
         if loop_done is not None and not loop_done.called:
             budget = min(left() * 0.25, self._settings.block + 1)
-            if not await self._within(loop_done, budget):
+            if not await within(loop_done, budget, self._clock):
                 self._reader.abort()
-                await self._within(loop_done, 1.0)
+                await within(loop_done, 1.0, self._clock)
         reserve = min(2.0, left() * 0.2)  # for the last ACKs
         await self._exporter.stop(max(0.1, left() - reserve))
         await self._send_last_acks(left)
@@ -319,7 +320,7 @@ class Dispatcher:
         self._control_waiters = []
         await gatherResults([self._reader.stop(), self._control.stop()], consumeErrors=True)
         if self._cleanup is not None:
-            await self._within(self._cleanup(), max(0.1, left()))
+            await within(self._cleanup(), max(0.1, left()), self._clock)
         log.info(
             "dispatcher {consumer}: stopped (read {read}, claimed {claimed}, acked {acked})",
             consumer=self._consumer,
@@ -333,42 +334,22 @@ class Dispatcher:
         connection to come back and sending again what failed in flight."""
         while (self._to_ack or self._acking is not None) and left() > 0:
             if not self._control.usable:
-                await self._within(self._control_ready(), left())
+                await within(self._control_ready(), left(), self._clock)
                 continue
             resent = self._acks_resent
-            if not await self._within(self._flush_acks(), left()):
+            if not await within(self._flush_acks(), left(), self._clock):
                 return
             if self._acks_resent != resent:
                 # It failed and its ids are queued again.  A dropped connection
                 # still looks usable while it reports the loss: wait for the new
                 # one, or a pause for Redis to recover from a "not now" answer.
-                await self._within(self._control_ready(), min(RETRY_PAUSE, left()))
+                await within(self._control_ready(), min(RETRY_PAUSE, left()), self._clock)
 
     def _control_ready(self) -> Deferred[None]:
         """Fires the next time the control connection becomes usable."""
         ready: Deferred[None] = Deferred()
         self._control_waiters.append(ready)
         return ready
-
-    async def _within(self, d: Deferred[Any], seconds: float) -> bool:
-        """Wait for ``d`` at most ``seconds`` (without cancelling it); whether it fired."""
-        waiter: Deferred[bool] = Deferred()
-
-        def fired(result: object) -> object:
-            if not waiter.called:
-                waiter.callback(True)
-            return result
-
-        def late() -> None:
-            if not waiter.called:
-                waiter.callback(False)
-
-        timer = self._clock.callLater(seconds, late)  # type: ignore[misc, arg-type]
-        d.addBoth(fired)
-        done = await waiter
-        if timer.active():  # type: ignore[misc]
-            timer.cancel()  # type: ignore[misc]
-        return done
 
     def _cancel_timers(self) -> None:
         for call in (self._ack_soon, self._wake_timer):
@@ -451,21 +432,18 @@ class Dispatcher:
         self._group_ready = True
         self._own_cursor = "0"  # this consumer's pending entries from an earlier run
 
-    async def _read_own_pending(self) -> list[Any]:
+    def _read_command(self, count: int, cursor: str, block_ms: int | None = None) -> list[Any]:
+        """``XREADGROUP`` for this consumer: ``cursor`` ``>`` for new entries, else
+        an id among its own pending ones; ``block_ms`` to wait for new ones."""
         s = self._settings
+        block = [] if block_ms is None else ["BLOCK", block_ms]
+        return ["XREADGROUP", "GROUP", s.group, self._consumer, "COUNT", count, *block,
+                "STREAMS", s.stream, cursor]  # fmt: skip
+
+    async def _read_own_pending(self) -> list[Any]:
         cursor = self._own_cursor or "0"
         count = min(self._room(), self._read_count)
-        reply = await self._reader.execute(
-            "XREADGROUP",
-            "GROUP",
-            s.group,
-            self._consumer,
-            "COUNT",
-            count,
-            "STREAMS",
-            s.stream,
-            cursor,
-        )
+        reply = await self._reader.execute(*self._read_command(count, cursor))
         entries = _stream_entries(reply)
         self._own_cursor = _text(entries[-1][0]) if entries else None
         return entries
@@ -482,10 +460,7 @@ class Dispatcher:
             reader.execute("MULTI"),
             reader.execute("XINFO", "GROUPS", s.stream),
             reader.execute("XINFO", "STREAM", s.stream),
-            reader.execute(
-                "XREADGROUP", "GROUP", s.group, self._consumer, "COUNT", count,
-                "STREAMS", s.stream, ">",
-            ),
+            reader.execute(*self._read_command(count, ">")),
             reader.execute("EXEC"),
         ]  # fmt: skip
         try:
@@ -509,18 +484,7 @@ class Dispatcher:
         block_ms = int(s.block * 1000)
         try:
             reply = await reader.execute(
-                "XREADGROUP",
-                "GROUP",
-                s.group,
-                self._consumer,
-                "COUNT",
-                count,
-                "BLOCK",
-                block_ms,
-                "STREAMS",
-                s.stream,
-                ">",
-                timeout=s.block + s.timeout,
+                *self._read_command(count, ">", block_ms), timeout=s.block + s.timeout
             )
         except Exception:
             if is_response_error(Failure(), "NOGROUP"):

@@ -43,8 +43,8 @@ from llmproxy.events.envelope import Envelope
 from llmproxy.export.bus import MemoryBus
 from llmproxy.export.deadletter import DeadLetter
 from llmproxy.export.exporter import BatchingExporter, run_here
-from llmproxy.export.sink import Delivered, Rejected, Retry, Verdict
 from llmproxy.export.spool import Spool
+from llmproxy.export.verdict import Delivered, Rejected, Retry, Verdict
 from llmproxy.interfaces import RedisClient, RunBlocking, Subscriber
 
 __all__ = [

@@ -25,12 +25,13 @@ from twisted.python.failure import Failure
 
 from llmproxy.access.audit import AuditLog
 from llmproxy.config.model import Settings
+from llmproxy.deferreds import within
 from llmproxy.runtime.exits import ListenError, exit_cannot_listen
 from llmproxy.runtime.system import restore_sighup, sd_notify
 
 log = Logger()
 
-__all__ = ["RootService", "StopStage", "run_stages", "within"]
+__all__ = ["RootService", "StopStage", "run_stages"]
 
 
 @attrs.frozen
@@ -39,31 +40,6 @@ class StopStage:
 
     name: str
     run: Callable[[float], Deferred[Any] | Coroutine[Any, Any, None] | None]
-
-
-def within(d: Deferred[Any], seconds: float, clock: IReactorTime) -> Deferred[bool]:
-    """Fires with True when ``d`` fires within ``seconds``, else with False at
-    ``seconds`` (``d`` itself is left alone: not cancelled, its result untouched)."""
-    waiter: Deferred[bool] = Deferred()
-
-    def fired(result: object) -> object:
-        if not waiter.called:
-            waiter.callback(True)
-        return result
-
-    def late() -> None:
-        if not waiter.called:
-            waiter.callback(False)
-
-    timer = clock.callLater(max(0.0, seconds), late)  # type: ignore[misc, arg-type]
-    d.addBoth(fired)
-
-    def stop_timer(result: bool) -> bool:
-        if timer.active():  # type: ignore[misc]
-            timer.cancel()  # type: ignore[misc]
-        return result
-
-    return waiter.addCallback(stop_timer)
 
 
 def _stage_failed(failure: Failure, name: str) -> None:

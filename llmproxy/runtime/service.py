@@ -420,7 +420,7 @@ class ProxyService(RootService):
         }
 
     def _bus_families(self) -> Iterator[Any]:
-        from llmproxy.export.bus_metrics import bus_families
+        from llmproxy.export.metrics import bus_families
 
         yield from bus_families(self.bus.stats())
 
@@ -459,10 +459,7 @@ class ProxyService(RootService):
         log.info("draining: {n} exchanges in flight", n=len(self.proxy.open))
 
     def _stop_listening(self, left: float) -> defer.Deferred[None] | None:
-        if self.port is None:
-            return None
-        stopped: defer.Deferred[None] | None = self.port.stopListening()
-        return stopped
+        return _stop_port(self.port)
 
     async def _finish_exchanges(self, left: float) -> None:
         """In-flight exchanges may finish until a slice of the deadline is left for
@@ -496,10 +493,7 @@ class ProxyService(RootService):
         )
 
     def _stop_admin(self, left: float) -> defer.Deferred[None] | None:
-        if self.admin_port is None:
-            return None
-        stopped: defer.Deferred[None] | None = self.admin_port.stopListening()
-        return stopped
+        return _stop_port(self.admin_port)
 
     async def _wait_for_exchanges(self, budget: float) -> None:
         if not self.proxy.open or budget <= 0:
@@ -520,3 +514,11 @@ class ProxyService(RootService):
             await done
         finally:
             poll.stop()
+
+
+def _stop_port(port: IListeningPort | None) -> defer.Deferred[None] | None:
+    """Stop listening on ``port`` if it is open (a stop stage)."""
+    if port is None:
+        return None
+    stopped: defer.Deferred[None] | None = port.stopListening()
+    return stopped

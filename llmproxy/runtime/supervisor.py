@@ -51,11 +51,12 @@ from zope.interface import implementer
 from llmproxy.access.audit import AuditLog
 from llmproxy.admin.resource import AdminResource
 from llmproxy.config.model import Settings
+from llmproxy.deferreds import within
 from llmproxy.export.http import quiet_pool
 from llmproxy.proxy.metrics import MetricsCollector, make_registry
 from llmproxy.runtime.aggregate import monotonic_families, parse_families, sum_families, sum_stats
 from llmproxy.runtime.exits import ListenError
-from llmproxy.runtime.lifecycle import RootService, StopStage, within
+from llmproxy.runtime.lifecycle import RootService, StopStage
 from llmproxy.runtime.service import refuse_reload
 from llmproxy.runtime.system import (
     CONTROL_FD,

@@ -32,9 +32,11 @@ from twisted.web.http_headers import Headers
 
 from llmproxy.config.model import ExporterSettings
 from llmproxy.export.http import INFLATE_STEP, GunzipAgent, read_answer, sink_http_client
-from llmproxy.export.sink import ANSWER_LIMIT, Delivered, HTTPClient, Rejected, Retry
+from llmproxy.export.sink import ANSWER_LIMIT
 from llmproxy.export.sinks.loki import PARTLY_REFUSED, LokiSink
 from llmproxy.export.sinks.lunary import LunarySink
+from llmproxy.export.verdict import Delivered, Rejected, Retry
+from llmproxy.interfaces import HTTPClient
 from tests.fakes.loki import (
     Endless,
     FakeLoki,

@@ -12,7 +12,7 @@ from llmproxy.config.model import ExporterSettings
 from llmproxy.events.envelope import StoredEvent
 from llmproxy.export.deadletter import DeadLetter
 from llmproxy.export.exporter import BatchingExporter
-from llmproxy.export.sink import Delivered, Retry
+from llmproxy.export.verdict import Delivered, Retry
 from llmproxy.interfaces import EventSink, Sink
 from llmproxy.testing import RecordingEventSink, ScriptedSink
 

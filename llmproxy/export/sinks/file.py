@@ -48,7 +48,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from llmproxy.export.appendfile import displaced, open_append
-from llmproxy.export.sink import Delivered, Retry, Verdict
+from llmproxy.export.verdict import Delivered, Retry, Verdict
 from llmproxy.interfaces import RunBlocking
 
 __all__ = ["FSYNC_POLICIES", "FileSink"]

@@ -95,18 +95,11 @@ from twisted.python.failure import Failure
 from llmproxy.config.model import ExporterSettings
 from llmproxy.events.facts import facts_of, response_text
 from llmproxy.events.usage import ResponseFacts
-from llmproxy.export.sink import (
-    Delivered,
-    EncodedBatch,
-    HTTPClient,
-    HTTPSink,
-    Rejected,
-    Retry,
-    Verdict,
-    checked_endpoint,
-)
+from llmproxy.export.sink import EncodedBatch, HTTPSink, checked_endpoint
 from llmproxy.export.sinks import exchange
 from llmproxy.export.sinks.exchange import exchange_ns, json_default, message_of
+from llmproxy.export.verdict import Delivered, Rejected, Retry, Verdict
+from llmproxy.interfaces import HTTPClient
 
 __all__ = ["HeliconeSink", "helicone_request_id", "log_body", "log_url", "log_urls"]
 
@@ -310,12 +303,11 @@ class HeliconeSink(HTTPSink):
         )
         if not settings.api_key:
             raise ValueError(f"{where}: api_key (a Helicone API key) is required")
-        return cls(
-            name=settings.name,
-            url=endpoint,
-            client=client,
-            clock=clock,
-            timeout=settings.timeout,
+        return cls.configured(
+            settings,
+            endpoint,
+            client,
+            clock,
             api_key=settings.api_key,
             extra_headers=tuple(settings.headers),
         )

@@ -49,16 +49,10 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 
 from llmproxy.config.model import ExporterSettings
-from llmproxy.export.sink import (
-    Delivered,
-    EncodedBatch,
-    HTTPClient,
-    HTTPSink,
-    Rejected,
-    Retry,
-    Verdict,
-)
+from llmproxy.export.sink import EncodedBatch, HTTPSink
 from llmproxy.export.sinks.exchange import json_default, parse_ns
+from llmproxy.export.verdict import Delivered, Rejected, Retry, Verdict
+from llmproxy.interfaces import HTTPClient
 
 __all__ = [
     "APP",
@@ -274,12 +268,11 @@ class LokiSink(HTTPSink):
         elif settings.bearer_token:
             authorization = "Bearer " + settings.bearer_token
         try:
-            return cls(
-                name=settings.name,
-                url=url,
-                client=client,
-                clock=clock,
-                timeout=settings.timeout,
+            return cls.configured(
+                settings,
+                url,
+                client,
+                clock,
                 tenant=settings.tenant,
                 authorization=authorization,
                 labels=tuple(settings.labels),

@@ -65,17 +65,7 @@ from twisted.logger import Logger
 
 from llmproxy.config.model import ExporterSettings
 from llmproxy.events.facts import facts_of, response_text
-from llmproxy.export.sink import (
-    ANSWER_LIMIT,
-    Delivered,
-    EncodedBatch,
-    HTTPClient,
-    HTTPSink,
-    Rejected,
-    Retry,
-    Verdict,
-    checked_endpoint,
-)
+from llmproxy.export.sink import ANSWER_LIMIT, EncodedBatch, HTTPSink, checked_endpoint
 from llmproxy.export.sinks import exchange
 from llmproxy.export.sinks.exchange import (
     PlannedBatch,
@@ -85,6 +75,8 @@ from llmproxy.export.sinks.exchange import (
     nonempty_str,
     request_json,
 )
+from llmproxy.export.verdict import Delivered, Rejected, Retry, Verdict
+from llmproxy.interfaces import HTTPClient
 
 __all__ = [
     "DEFAULT_ENDPOINT",
@@ -276,12 +268,11 @@ class LunarySink(HTTPSink):
             raise ValueError(
                 f"{where}: api_key must be the Lunary project's public key (a UUID)"
             ) from None
-        return cls(
-            name=settings.name,
-            url=endpoint,
-            client=client,
-            clock=clock,
-            timeout=settings.timeout,
+        return cls.configured(
+            settings,
+            endpoint,
+            client,
+            clock,
             api_key=settings.api_key,
             extra_headers=tuple(settings.headers),
         )

@@ -83,17 +83,7 @@ from twisted.logger import Logger
 
 from llmproxy.config.model import ExporterSettings
 from llmproxy.events.facts import facts_of
-from llmproxy.export.sink import (
-    Delivered,
-    EncodedBatch,
-    HTTPClient,
-    HTTPSink,
-    Rejected,
-    Retry,
-    Verdict,
-    checked_endpoint,
-    parse_retry_after,
-)
+from llmproxy.export.sink import EncodedBatch, HTTPSink, checked_endpoint, parse_retry_after
 from llmproxy.export.sinks import exchange
 from llmproxy.export.sinks.exchange import (
     PlannedBatch,
@@ -101,6 +91,8 @@ from llmproxy.export.sinks.exchange import (
     nonempty_str,
     request_json,
 )
+from llmproxy.export.verdict import Delivered, Rejected, Retry, Verdict
+from llmproxy.interfaces import HTTPClient
 
 __all__ = [
     "DEFAULT_ENDPOINT",
@@ -270,12 +262,11 @@ class OTLPSink(HTTPSink):
         for name, _ in settings.headers:
             if not name or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
                 raise ValueError(f"{where}: headers: {name!r} is not a valid header name")
-        return cls(
-            name=settings.name,
-            url=endpoint,
-            client=client,
-            clock=clock,
-            timeout=settings.timeout,
+        return cls.configured(
+            settings,
+            endpoint,
+            client,
+            clock,
             authorization=f"Bearer {settings.api_key}" if settings.api_key else "",
             extra_headers=tuple(settings.headers),
         )

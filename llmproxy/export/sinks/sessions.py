@@ -50,7 +50,7 @@ from twisted.logger import Logger
 
 from llmproxy.events.time import rfc3339_ns
 from llmproxy.export.appendfile import displaced, open_append
-from llmproxy.export.sink import Delivered, Retry, Verdict
+from llmproxy.export.verdict import Delivered, Retry, Verdict
 
 __all__ = [
     "MAX_STEM",

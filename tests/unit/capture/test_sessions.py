@@ -35,8 +35,8 @@ from llmproxy.capture.sessions import (
 from llmproxy.config.model import CaptureSettings, ExporterSettings
 from llmproxy.events.envelope import Envelope
 from llmproxy.events.time import epoch_ns, rfc3339_ns
-from llmproxy.export.sink import Delivered
 from llmproxy.export.sinks.loki import LokiSink
+from llmproxy.export.verdict import Delivered
 from tests.fakes.loki import FakeLoki
 
 NOW = 1_795_419_612.0  # 2026-11-23T07:40:12Z

@@ -17,8 +17,8 @@ from twisted.internet.task import Clock
 from llmproxy.config.loader import load_settings
 from llmproxy.config.model import EXPORTER_TYPES, ExporterSettings, Settings
 from llmproxy.export.registry import build_exporter, build_sink
-from llmproxy.export.sink import Delivered
 from llmproxy.export.sinks.lunary import run_id
+from llmproxy.export.verdict import Delivered
 from tests.fakes import helicone as fake_helicone
 from tests.fakes import lunary as fake_lunary
 from tests.fakes.loki import FakeLoki

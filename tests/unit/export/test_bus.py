@@ -15,7 +15,7 @@ from llmproxy.events.envelope import Envelope, StoredEvent
 from llmproxy.export.bus import MemoryBus
 from llmproxy.export.deadletter import DeadLetter
 from llmproxy.export.exporter import BatchingExporter
-from llmproxy.export.sink import Delivered
+from llmproxy.export.verdict import Delivered
 from llmproxy.interfaces import EventBus
 
 

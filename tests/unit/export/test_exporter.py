@@ -25,16 +25,9 @@ from llmproxy.config.model import ExporterSettings
 from llmproxy.events.envelope import Envelope, StoredEvent
 from llmproxy.export.deadletter import DeadLetter
 from llmproxy.export.exporter import BatchingExporter
-from llmproxy.export.sink import (
-    Delivered,
-    EncodedBatch,
-    HTTPSink,
-    Rejected,
-    Retry,
-    Sink,
-    parse_retry_after,
-)
+from llmproxy.export.sink import EncodedBatch, HTTPSink, Sink, parse_retry_after
 from llmproxy.export.spool import Spool
+from llmproxy.export.verdict import Delivered, Rejected, Retry
 
 # -- helpers ------------------------------------------------------------------------
 

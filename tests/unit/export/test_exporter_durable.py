@@ -22,8 +22,8 @@ from twisted.internet.task import Clock
 from llmproxy.config.model import ExporterSettings
 from llmproxy.export.deadletter import DeadLetter
 from llmproxy.export.exporter import BatchingExporter
-from llmproxy.export.sink import Delivered, Retry
 from llmproxy.export.spool import PendingSegment, Spool
+from llmproxy.export.verdict import Delivered, Retry
 from tests.unit.export.test_exporter import FakeSink, ev, ids
 
 _T = TypeVar("_T")

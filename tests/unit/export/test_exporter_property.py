@@ -32,8 +32,9 @@ from llmproxy.config.model import ExporterSettings
 from llmproxy.events.envelope import StoredEvent
 from llmproxy.export.deadletter import DeadLetter
 from llmproxy.export.exporter import BatchingExporter
-from llmproxy.export.sink import Delivered, EncodedBatch, HTTPSink, Verdict
+from llmproxy.export.sink import EncodedBatch, HTTPSink
 from llmproxy.export.spool import Spool
+from llmproxy.export.verdict import Delivered, Verdict
 
 ANSWERS = ("2xx", "partial", "400", "429", "503", "refused", "timeout")
 STATUS = {"2xx": 204, "partial": 200, "400": 400, "429": 429, "503": 503}

@@ -15,8 +15,8 @@ from llmproxy.config.model import ExporterSettings
 from llmproxy.events.envelope import Envelope, StoredEvent
 from llmproxy.export.deadletter import DeadLetter
 from llmproxy.export.exporter import BatchingExporter
-from llmproxy.export.sink import Delivered, Rejected, Retry
 from llmproxy.export.spool import Spool
+from llmproxy.export.verdict import Delivered, Rejected, Retry
 from tests.unit.export.test_exporter import FakeSink
 
 

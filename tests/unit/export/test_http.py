@@ -29,7 +29,8 @@ from llmproxy.export.http import (
     read_answer,
     sink_http_client,
 )
-from llmproxy.export.sink import ANSWER_LIMIT, EncodedBatch, HTTPSink, Rejected, Retry
+from llmproxy.export.sink import ANSWER_LIMIT, EncodedBatch, HTTPSink
+from llmproxy.export.verdict import Rejected, Retry
 
 URL = "http://sink.test/push"
 

@@ -21,8 +21,8 @@ from llmproxy.export import deadletter as deadletter_module
 from llmproxy.export import spool as spool_module
 from llmproxy.export.deadletter import DeadLetter
 from llmproxy.export.exporter import BatchingExporter
-from llmproxy.export.sink import Delivered, Retry, Verdict
 from llmproxy.export.spool import Spool
+from llmproxy.export.verdict import Delivered, Retry, Verdict
 
 
 def line(i: int) -> bytes:

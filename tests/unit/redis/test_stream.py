@@ -539,7 +539,7 @@ def test_bus_stats_become_prometheus_families(tmp_path: Path) -> None:
     from prometheus_client.exposition import generate_latest
 
     from llmproxy.export.bus import MemoryBus
-    from llmproxy.export.bus_metrics import bus_families
+    from llmproxy.export.metrics import bus_families
 
     bus, redis, clock, _ = make(tmp_path)
     bus.publish(event(0))

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 
-from llmproxy.runtime.lifecycle import StopStage, run_stages, within
+from llmproxy.runtime.lifecycle import StopStage, run_stages
 
 
 def test_stages_run_in_order_each_with_what_is_left() -> None:
@@ -64,16 +64,3 @@ def test_a_failing_stage_is_logged_and_the_drain_goes_on() -> None:
     stages = [StopStage("boom", boom), StopStage("next", lambda left: ran.append("next"))]
     done = ensureDeferred(run_stages(stages, 5.0, clock))
     assert done.called and ran == ["next"]
-
-
-def test_within_says_whether_it_fired_in_time_and_leaves_it_alone() -> None:
-    clock = Clock()
-    quick = within(succeed(None), 1.0, clock)
-    assert quick.result is True
-    slow: Deferred[object] = Deferred()
-    late = within(slow, 1.0, clock)
-    clock.advance(1.0)
-    assert late.result is False
-    slow.callback("still mine")
-    assert slow.result == "still mine"
-    assert clock.getDelayedCalls() == []

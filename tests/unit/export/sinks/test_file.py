@@ -24,9 +24,10 @@ from llmproxy.events.envelope import StoredEvent
 from llmproxy.export.deadletter import DeadLetter
 from llmproxy.export.exporter import BatchingExporter
 from llmproxy.export.registry import build_exporter
-from llmproxy.export.sink import Delivered, Retry, Sink
+from llmproxy.export.sink import Sink
 from llmproxy.export.sinks import file as file_module
 from llmproxy.export.sinks.file import FileSink
+from llmproxy.export.verdict import Delivered, Retry
 
 T = TypeVar("T")
 

@@ -13,7 +13,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from llmproxy.config.model import ExporterSettings
-from llmproxy.export.sink import Delivered, Rejected, Retry, Sink
+from llmproxy.export.sink import Sink
 from llmproxy.export.sinks.helicone import (
     HeliconeSink,
     SessionTree,
@@ -22,6 +22,7 @@ from llmproxy.export.sinks.helicone import (
     log_url,
     log_urls,
 )
+from llmproxy.export.verdict import Delivered, Rejected, Retry
 from tests.fakes.helicone import (
     DEFAULT_KEY,
     FakeHelicone,

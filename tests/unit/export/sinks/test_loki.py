@@ -20,8 +20,9 @@ from twisted.python.failure import Failure
 
 from llmproxy.config.loader import ConfigError
 from llmproxy.config.model import ExporterSettings
-from llmproxy.export.sink import Delivered, EncodedBatch, Rejected, Retry, Sink, Verdict
+from llmproxy.export.sink import EncodedBatch, Sink
 from llmproxy.export.sinks.loki import LokiSink, push_url, shorten_line
+from llmproxy.export.verdict import Delivered, Rejected, Retry, Verdict
 from llmproxy.runtime.checks import load_checked
 from tests.fakes.loki import FakeLoki, Hang, LokiLimits, Respond
 

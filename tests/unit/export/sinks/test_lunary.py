@@ -22,8 +22,9 @@ from twisted.python.failure import Failure
 from llmproxy.capture.events import request_event, response_event
 from llmproxy.capture.record import ExchangeRecord
 from llmproxy.config.model import CaptureSettings, ExporterSettings
-from llmproxy.export.sink import Delivered, Rejected, Retry, Sink, Verdict
+from llmproxy.export.sink import Sink
 from llmproxy.export.sinks.lunary import LunarySink, ingest_url, run_id
+from llmproxy.export.verdict import Delivered, Rejected, Retry, Verdict
 from tests.fakes.lunary import DEFAULT_KEY, FakeLunary, Hang, Respond
 
 # -- realistic exchanges (shared with test_helicone_sink and test_otlp_sink) -------------

@@ -13,8 +13,9 @@ from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 
 from llmproxy.config.model import ExporterSettings
-from llmproxy.export.sink import Delivered, Rejected, Retry, Sink
+from llmproxy.export.sink import Sink
 from llmproxy.export.sinks.otlp import OTLPSink, operation_name, signal_url, span_ids
+from llmproxy.export.verdict import Delivered, Rejected, Retry
 from tests.fakes.otlp import FakeCollector, Hang, Respond, StoredSpan
 from tests.unit.export.sinks.test_lunary import (
     CACHE_KEY,

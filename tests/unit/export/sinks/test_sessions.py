@@ -22,9 +22,10 @@ from llmproxy.config.loader import load_settings
 from llmproxy.config.model import CaptureSettings, ExporterSettings
 from llmproxy.events.envelope import Envelope
 from llmproxy.export import registry
-from llmproxy.export.sink import Delivered, Retry, Sink, Verdict
+from llmproxy.export.sink import Sink
 from llmproxy.export.sinks import sessions as sink_module
 from llmproxy.export.sinks.sessions import MAX_STEM, SessionsSink, safe_name
+from llmproxy.export.verdict import Delivered, Retry, Verdict
 
 NOW = 1_795_419_612.0  # 2026-11-23T07:40:12Z
 DAY = "2026-11-23"
