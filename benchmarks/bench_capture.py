@@ -44,7 +44,7 @@ from typing import Any
 
 import orjson
 from bench_events import _record, _request_body  # the script's folder is on sys.path
-from sse_mock import recorded_stream
+from recorded import recorded_stream
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.task import Clock
 

@@ -494,7 +494,9 @@ def _nginx_literal(text: str) -> str:
     return text
 
 
-def nginx_mock_conf(workdir: Path, port: int) -> str:
+def nginx_mock_conf(workdir: Path, port: int, sse_port: int | None = None) -> str:
+    """The nginx mock: the JSON answer on ``port``; with ``sse_port``, the recorded
+    stream there too (``nginx_sse_server``), from the same worker."""
     body_json = json.dumps(CHAT_COMPLETION, separators=(",", ":"))
     server = f"""\
     server {{
@@ -512,7 +514,31 @@ def nginx_mock_conf(workdir: Path, port: int) -> str:
             return 404 '{{"error":{{"message":"not found","type":"invalid_request_error"}}}}';
         }}
     }}"""
+    if sse_port is not None:
+        server += "\n" + nginx_sse_server(workdir, sse_port)
     return _NGINX_MAIN.format(dir=workdir, body=server)
+
+
+def nginx_sse_server(workdir: Path, port: int) -> str:
+    """A server block answering every POST with the recorded 100-chunk stream
+    (``recorded.recorded_stream()``, 17.8 KB) as ``text/event-stream``, from a
+    file in ``workdir`` (a ``return`` string is capped at 4 KB).  nginx answers a
+    POST to a file with 405; ``error_page 405 =200 $uri`` serves it as a GET."""
+    from recorded import recorded_stream  # the script's folder is on sys.path
+
+    workdir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    stream = workdir / "stream.sse"
+    stream.write_bytes(b"".join(recorded_stream()))
+    return f"""\
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location = {CHAT_PATH} {{
+            default_type text/event-stream;
+            add_header Cache-Control no-cache;
+            alias {stream};
+            error_page 405 =200 $uri;
+        }}
+    }}"""
 
 
 def nginx_proxy_conf(workdir: Path, port: int, mock_port: int, sse_port: int) -> str:
@@ -533,7 +559,7 @@ def nginx_proxy_conf(workdir: Path, port: int, mock_port: int, sse_port: int) ->
 @contextlib.contextmanager
 def run_nginx(name: str, nginx: str, workdir: Path, conf: str, port: int) -> Iterator[Server]:
     ndir = workdir / name
-    ndir.mkdir(mode=0o755)
+    ndir.mkdir(mode=0o755, exist_ok=True)  # the SSE mock may have put its file there
     conf_path = ndir / "nginx.conf"
     conf_path.write_text(conf)
     argv = [nginx, "-p", str(ndir), "-e", str(ndir / "error.log"), "-c", str(conf_path)]
@@ -650,6 +676,7 @@ class RunResult:
     c50: WrkResult | None = None
     c1: WrkResult | None = None
     sse: WrkResult | None = None
+    sse_c1: WrkResult | None = None  # streams one at a time: the latency a stream adds
     peak_rss_kib: int | None = None
     facts: dict[str, Any] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
@@ -1008,6 +1035,15 @@ def measure(target: Target, wrk: str, load: Load, mocks: Mocks) -> RunResult:
             }
     if stream_problem is None and target.sse_url is not None:
         result.sse = wrk_run(f"SSE c{conns}", target.sse_url, threads, conns, load.seconds, True)
+        c1_seconds = max(1, math.ceil(load.seconds / C1_RUNS))
+        sse_runs = [
+            wrk_run(f"SSE c1 #{n}", target.sse_url, 1, 1, c1_seconds, True)
+            for n in range(1, C1_RUNS + 1)
+        ]
+        done = sorted((r for r in sse_runs if r is not None), key=lambda r: r.latency_us["p99"])
+        if done:
+            result.sse_c1 = done[(len(done) - 1) // 2]
+            unreported.extend(r.requests for r in done if r is not result.sse_c1)
     result.peak_rss_kib = peak_rss_kib(target.measured())
     result.facts["unreported_requests"] = sum(unreported)  # warm-up, discarded attempts
     return result
@@ -1147,6 +1183,39 @@ def results_table(results: Sequence[RunResult], load: Load) -> str:
     return "\n".join(rows)
 
 
+def _added_stream(r: RunResult, direct: RunResult | None, pct: str) -> str:
+    if not (r.sse_c1 and direct and direct.sse_c1) or r.key == "direct":
+        return "-"
+    return f"{(r.sse_c1.latency_us[pct] - direct.sse_c1.latency_us[pct]) / 1000:+.3f}"
+
+
+def stream_table(results: Sequence[RunResult], load: Load) -> str:
+    """Streams: the recorded 100-chunk reply, at c50 and one at a time."""
+    direct = next((r for r in results if r.key == "direct"), None)
+    c = load.connections
+    head = (
+        f"| run | streams/s c{c} | p50 / p99 c1 (ms) | added p50 / p99 (ms) "
+        "| server CPU µs/stream (busy) |"
+    )
+    rows = [head, "|" + "---|" * 5]
+    for r in results:
+        if r.sse is None and r.sse_c1 is None:
+            continue
+        rate = f"{r.sse.ok_rps:,.0f}" if r.sse else "failed"
+        c1 = r.sse_c1
+        lat = f"{ms(c1.latency_us['p50'])} / {ms(c1.latency_us['p99'])}" if c1 else "failed"
+        added = f"{_added_stream(r, direct, 'p50')} / {_added_stream(r, direct, 'p99')}"
+        if r.key == "direct":
+            added = "(baseline)"
+        cpu = r.sse.cpu_us_per_request if r.sse else None
+        cpu_s = f"{cpu:.0f}" if cpu is not None else "-"
+        if r.sse and r.sse.server_cpu_s is not None and r.sse.duration_s:
+            cpu_s += f" ({min(1.0, r.sse.server_cpu_s / r.sse.duration_s):.0%})"
+        flag = " ⚠" if r.problems else ""
+        rows.append(f"| {r.label}{flag} | {rate} | {lat} | {added} | {cpu_s} |")
+    return "\n".join(rows)
+
+
 def compass_lines(results: Sequence[RunResult]) -> list[str]:
     """The SPEC section 10 targets, checked against this run."""
     by_key = {r.key: r for r in results}
@@ -1172,6 +1241,23 @@ def compass_lines(results: Sequence[RunResult]) -> list[str]:
                 f"- exporter on vs off ({sinks.label}): {ratio:.1%} of the throughput "
                 f"(target ≥ 95%: {'met' if ratio >= 0.95 else 'NOT met'})"
             )
+    if on and on.sse and off and off.sse and off.sse.ok_rps:
+        ratio = on.sse.ok_rps / off.sse.ok_rps
+        lines.append(
+            f"- streams, file sink on vs no sinks: {on.sse.ok_rps:,.0f} vs "
+            f"{off.sse.ok_rps:,.0f} streams/s, {ratio:.1%} (target ≥ 4,000 and ≥ 50%)"
+        )
+    if on and on.sse_c1 and direct and direct.sse_c1:
+        p50 = on.sse_c1.latency_us["p50"] - direct.sse_c1.latency_us["p50"]
+        lines.append(
+            f"- streams, added p50 at c1 (file sink on): {p50 / 1000:.3f} ms (target ≤ 0.4)"
+        )
+    twisted = by_key.get("twisted")
+    if on and on.c50 and twisted and twisted.c50 and twisted.c50.ok_rps:
+        lines.append(
+            f"- JSON, file sink on vs the Twisted reference: "
+            f"{on.c50.ok_rps / twisted.c50.ok_rps:.2f}x (target ≥ 1.5x)"
+        )
     for one_key, two_key, what in (
         ("llmproxy-off", "llmproxy-off-2w", "no sinks"),
         ("llmproxy-file", "llmproxy-file-2w", "file sink on"),
@@ -1201,7 +1287,7 @@ def events_check(r: RunResult) -> str:
     """Did the file sink get an event pair for every exchange the load completed?"""
     events: dict[str, int] = r.facts["events"]
     sent = 2 + (r.facts.get("unreported_requests") or 0)  # 2: the sanity checks
-    sent += sum(w.requests for w in (r.c50, r.c1, r.sse) if w is not None)
+    sent += sum(w.requests for w in (r.c50, r.c1, r.sse, r.sse_c1) if w is not None)
     requests, responses = events.get("request", 0), events.get("response", 0)
     # wrk counts completed responses only; what was in flight when it stopped is still
     # recorded by the proxy, so a few more events than counted requests is expected.
@@ -1361,6 +1447,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help=f"comma list of runs (default: all of {','.join(RUN_KEYS)}; "
         f"also: {','.join(EXTRA_RUN_KEYS)})",
     )
+    p.add_argument(
+        "--sse-mock",
+        choices=("nginx", "twisted"),
+        default="nginx",
+        help="what sends the recorded 100-chunk stream: nginx (static, default) or "
+        "sse_mock.py (Twisted)",
+    )
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     p.add_argument(
         "--wait-quiet",
@@ -1424,15 +1517,16 @@ def main(argv: Sequence[str]) -> int:
             mock_port, sse_port = free_port(), free_port()
             mocks = Mocks(nginx, tmp, mock_port, sse_port, placement)
             stack.enter_context(mocks.stack)  # a redis-server, if a variant starts one
-            mock = stack.enter_context(
-                run_nginx("nginx-mock", nginx, tmp, nginx_mock_conf(tmp / "nginx-mock", mock_port),
-                          mock_port)
-            )  # fmt: skip
-            sse = stack.enter_context(
-                spawn("sse-mock", [str(VENV_PYTHON), str(SSE_MOCK), "--port", str(sse_port)], tmp)
-            )
-            started(sse, port_open(sse_port))
-            mocks.servers += [mock, sse]
+            nginx_sse = sse_port if args.sse_mock == "nginx" else None
+            conf = nginx_mock_conf(tmp / "nginx-mock", mock_port, nginx_sse)
+            mock = stack.enter_context(run_nginx("nginx-mock", nginx, tmp, conf, mock_port))
+            mocks.servers.append(mock)
+            sse = mock
+            if nginx_sse is None:
+                argv = [str(VENV_PYTHON), str(SSE_MOCK), "--port", str(sse_port), "--recorded"]
+                sse = stack.enter_context(spawn("sse-mock", argv, tmp))
+                started(sse, port_open(sse_port))
+                mocks.servers.append(sse)
             makers: dict[str, Callable[[], contextlib.AbstractContextManager[Target]]] = {
                 "direct": lambda: target_direct(mocks, mock, sse),
                 "llmproxy-off": lambda: target_llmproxy(mocks, "llmproxy-off"),
@@ -1464,6 +1558,8 @@ def main(argv: Sequence[str]) -> int:
     raw_path = write_outputs(results, machine, load, command, docs)
     say("")
     say(results_table(results, load))
+    say("")
+    say(stream_table(results, load))
     say("")
     for line in compass_lines(results):
         say(line)

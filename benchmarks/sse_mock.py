@@ -23,6 +23,7 @@ import argparse
 import json
 import sys
 
+from recorded import recorded_stream  # the script's folder is on sys.path
 from twisted.internet import reactor as _reactor
 from twisted.internet.interfaces import IReactorCore, IReactorTCP, IReactorTime
 from twisted.web.http import Request as HTTPRequest
@@ -62,45 +63,6 @@ def build_events(content_chunks: int = 20) -> list[bytes]:
             "system_fingerprint": "fp_bench",
             "choices": [],
             "usage": {"prompt_tokens": 9, "completion_tokens": 18, "total_tokens": 27},
-        }
-    )
-    frames = [b"data: " + json.dumps(p, separators=(",", ":")).encode() + b"\n\n" for p in payloads]
-    frames.append(b"data: [DONE]\n\n")
-    return frames
-
-
-# The recorded stream the streaming benchmarks use (benchmarks/run.py serves it
-# from nginx; bench_capture.py feeds it to the capture pipeline): a 100-chunk
-# OpenAI chat stream as gpt-4o-mini sends it with
-# ``stream_options: {"include_usage": true}`` (the role chunk, 97 content
-# deltas, the finish chunk and the usage chunk), then ``data: [DONE]``.  17.8 KB.
-RECORDED_ID = "chatcmpl-b01"
-RECORDED_MODEL = "gpt-4o-mini"
-
-
-def recorded_stream() -> list[bytes]:
-    """The frames of the recorded 100-chunk stream (101 with ``[DONE]``)."""
-
-    def chunk(delta: dict[str, str], finish_reason: str | None) -> dict[str, object]:
-        return {
-            "id": RECORDED_ID,
-            "object": "chat.completion.chunk",
-            "created": CREATED,
-            "model": RECORDED_MODEL,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
-        }
-
-    payloads: list[object] = [chunk({"role": "assistant", "content": ""}, None)]
-    payloads += [chunk({"content": WORDS[i % len(WORDS)] + " "}, None) for i in range(97)]
-    payloads.append(chunk({}, "stop"))
-    payloads.append(
-        {
-            "id": RECORDED_ID,
-            "object": "chat.completion.chunk",
-            "created": CREATED,
-            "model": RECORDED_MODEL,
-            "choices": [],
-            "usage": {"prompt_tokens": 9, "completion_tokens": 98, "total_tokens": 107},
         }
     )
     frames = [b"data: " + json.dumps(p, separators=(",", ":")).encode() + b"\n\n" for p in payloads]
