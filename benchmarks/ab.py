@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     with tempfile.TemporaryDirectory(prefix="llmproxy-ab-") as tmp, contextlib.ExitStack() as stack:
         workdir = Path(tmp)
+        workdir.chmod(0o755)  # nginx workers may run as another user (the stream file)
         mock_port, sse_port = run.free_port(), run.free_port()
         mocks = run.Mocks(nginx, workdir, mock_port, sse_port, placement)
         stack.enter_context(mocks.stack)  # a redis-server, if a variant starts one
