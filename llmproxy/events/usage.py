@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 import attrs
 import orjson
 
-from llmproxy.events.sse import SSEEvent
+from llmproxy.events.sse import SSEEvent, block_fields, sse_blocks, sse_fields
 
 __all__ = [
     "EMPTY_FACTS",
@@ -40,12 +40,14 @@ __all__ = [
     "anthropic_usage",
     "facts_from_json",
     "facts_from_sse",
+    "facts_from_sse_bytes",
     "facts_from_sse_fields",
     "model_from_prefix",
     "openai_usage",
     "request_model",
     "summary_from_json",
     "summary_from_sse_fields",
+    "summary_from_sse_text",
     "usage_dict",
 ]
 
@@ -804,6 +806,24 @@ def facts_from_sse_fields(events: Iterable[tuple[str, str]]) -> ResponseFacts:
     return _merge(events).facts()
 
 
+@_never_raises
+def facts_from_sse_bytes(stream: bytes) -> ResponseFacts:
+    """``facts_from_sse_fields(sse_fields(stream))`` of a whole stream, for less:
+    the template (``_Merge``) is tried on each event's text in the stream."""
+    if b"\r" in stream:
+        return _merge(sse_fields(stream)).facts()
+    return _merge_text(stream.decode("utf-8", "replace")).facts()
+
+
+def summary_from_sse_text(text: str) -> tuple[str | None, Usage | None, tuple[str, ...]]:
+    """``summary_from_sse_fields(sse_fields_of_text(text))``, for less (a stream
+    decoded with "replace", without CR)."""
+    try:
+        return _merge_text(text).summary()
+    except Exception:
+        return None, None, ()  # what facts_from_sse_fields' EMPTY_FACTS says
+
+
 def summary_from_sse_fields(
     events: Iterable[tuple[str, str]],
 ) -> tuple[str | None, Usage | None, tuple[str, ...]]:
@@ -842,6 +862,14 @@ class _ContentTemplate:
     suffix: str
     choice: _ChatChoice
     padding: str | None = None
+
+    @property
+    def fixed(self) -> int:
+        """The length of a chunk with an empty content (and pad)."""
+        return len(self.prefix) + len(self.padding or "") + len(self.suffix)
+
+    def append(self, content: str) -> None:
+        self.choice.content.append(content)
 
 
 def _content_template(
@@ -902,8 +930,9 @@ def _content_template(
     return _ContentTemplate(prefix, suffix, choice, padding)
 
 
-def _merge(events: Iterable[tuple[str, str]], templates: bool = True) -> _StreamMerger:
-    """The merger of a stream's events.
+class _Merge:
+    """One stream's merge: the events that are read (parsed, or sliced through a
+    template) into a :class:`_StreamMerger`.
 
     Nearly every event of an OpenAI chat stream is a content delta whose text is
     that of the one before but for the content: with ``templates``, such a
@@ -911,67 +940,118 @@ def _merge(events: Iterable[tuple[str, str]], templates: bool = True) -> _Stream
     parsing it and reading the object, which is most of the cost of a stream.
     The result is the same either way (tests/unit/events/test_usage.py).
     """
-    merger = _StreamMerger()
-    loads = orjson.loads
-    add = merger.add
-    openai = merger._openai
-    anthropic_delta = merger._anthropic_delta
-    not_plain = _NOT_PLAIN
-    template: _ContentTemplate | None = None
-    tries = _TEMPLATE_TRIES if templates else 0
-    prefix = suffix = padding = ""
-    fixed = 0
-    append: Callable[[str], None] | None = None
-    for name, data in events:
+
+    def __init__(self, templates: bool) -> None:
+        self.merger = merger = _StreamMerger()
+        self._add = merger.add
+        self._openai = merger._openai
+        self._anthropic_delta = merger._anthropic_delta
+        self._tries = _TEMPLATE_TRIES if templates else 0
+        self.template: _ContentTemplate | None = None
+
+    def read(self, name: str, data: str) -> None:
+        """Parse and read one event (not through the template)."""
         if data[:1] != "{":
-            continue  # "[DONE]", keep-alives, and arrays, which add nothing
-        if (
-            append is not None
-            and len(data) >= fixed
-            and data.startswith(prefix)
-            and data.endswith(suffix)
-            and name == "message"
-        ):
-            end = len(data) - len(suffix)
-            if padding:
-                # Neither the body nor the pad may hold a quote, and the padding
-                # text starts with one: its last place is the only one.
-                cut = data.rfind(padding, len(prefix), end)
-                if cut >= 0 and not not_plain(data, cut + len(padding), end):
-                    body = data[len(prefix) : cut]
-                    if not not_plain(body):
-                        append(body)
-                        continue
-            else:
-                body = data[len(prefix) : end]
-                if not not_plain(body):
-                    append(body)
-                    continue
+            return  # "[DONE]", keep-alives, and arrays, which add nothing
         try:
-            obj = loads(data)
+            obj = orjson.loads(data)
         except (ValueError, RecursionError):  # orjson.JSONDecodeError is a ValueError
-            continue
+            return
         # Data starting with "{" that parses is an object: no type check needed.
         try:
             if name == "message" and "choices" in obj and "type" not in obj:
-                openai(obj)  # a chat chunk (nearly every event): where add() sends it
-                if tries and template is None:
-                    found = _content_template(data, obj, merger)
+                self._openai(obj)  # a chat chunk (nearly every event): where add() sends it
+                if self._tries and self.template is None and "\n" not in data:
+                    found = _content_template(data, obj, self.merger)
                     if found is False:
-                        tries -= 1
+                        self._tries -= 1
                     elif found is not True:
-                        template = found
-                        prefix, suffix = template.prefix, template.suffix
-                        padding = template.padding or ""
-                        fixed = len(prefix) + len(padding) + len(suffix)
-                        append = template.choice.content.append
+                        self.template = found
             elif name == "content_block_delta" and obj.get("type") == "content_block_delta":
-                anthropic_delta(obj)  # an Anthropic token: where add() sends it
+                self._anthropic_delta(obj)  # an Anthropic token: where add() sends it
             else:
-                add(obj, name)
+                self._add(obj, name)
         except Exception:
-            continue  # one odd event must not cost the others
-    return merger
+            return  # one odd event must not cost the others
+
+
+def _sliced(text: str, start: int, template: _ContentTemplate) -> str | None:
+    """The content ``text[start:]`` holds by ``template`` (whose prefix it has and
+    whose suffix it ends with), or None when it holds no plain one."""
+    end = len(text) - len(template.suffix)
+    padding = template.padding
+    if padding is None:
+        body = text[start:end]
+        return None if _NOT_PLAIN(body) else body
+    # Neither the body nor the pad may hold a quote, and the padding text starts
+    # with one: its last place is the only one.
+    cut = text.rfind(padding, start, end)
+    if cut < 0 or _NOT_PLAIN(text, cut + len(padding), end):
+        return None
+    body = text[start:cut]
+    return None if _NOT_PLAIN(body) else body
+
+
+def _merge(events: Iterable[tuple[str, str]], templates: bool = True) -> _StreamMerger:
+    """The merger of a stream's ``(event name, data)`` pairs (see ``_Merge``)."""
+    run = _Merge(templates)
+    read = run.read
+    template: _ContentTemplate | None = None
+    prefix = suffix = ""
+    fixed = 0
+    for name, data in events:
+        if (
+            template is not None
+            and data.startswith(prefix)
+            and data.endswith(suffix)
+            and len(data) >= fixed
+            and name == "message"
+        ):
+            body = _sliced(data, len(prefix), template)
+            if body is not None:
+                template.append(body)
+                continue
+        read(name, data)
+        if template is None and run.template is not None:
+            template = run.template
+            prefix, suffix, fixed = template.prefix, template.suffix, template.fixed
+    return run.merger
+
+
+def _merge_text(text: str, templates: bool = True) -> _StreamMerger:
+    """``_merge(sse_fields_of_text(text))``, with the template tried on each
+    event's text as it stands in the stream (``data: `` and the chunk, on one
+    line): no event pair for the chunks it reads."""
+    run = _Merge(templates)
+    read = run.read
+    template: _ContentTemplate | None = None
+    prefix = suffix = ""
+    fixed = 0
+    if text[:1] == "\ufeff":
+        text = text[1:]
+    for block in sse_blocks(text):
+        if (
+            template is not None
+            and block.startswith(prefix)
+            and block.endswith(suffix)
+            and len(block) >= fixed
+        ):
+            # One line (the body and pad are plain, the template has no LF): an
+            # event named "message" with the template's data.
+            body = _sliced(block, len(prefix), template)
+            if body is not None:
+                template.append(body)
+                continue
+        if block[:6] == "data: " and "\n" not in block:
+            read("message", block[6:])  # the usual event: one data line
+        elif block:
+            for name, data in block_fields(block):
+                read(name, data)
+        if template is None and run.template is not None:
+            template = run.template
+            prefix, suffix = "data: " + template.prefix, template.suffix
+            fixed = template.fixed + 6
+    return run.merger
 
 
 def usage_dict(usage: Usage | None) -> dict[str, int | None] | None:
