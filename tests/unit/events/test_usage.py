@@ -23,8 +23,10 @@ from llmproxy.events.usage import (
     anthropic_usage,
     facts_from_json,
     facts_from_sse,
+    facts_from_sse_bytes,
     openai_usage,
     request_model,
+    summary_from_sse_text,
     usage_dict,
 )
 
@@ -1073,3 +1075,31 @@ def test_a_recorded_openai_stream_is_read_through_its_template() -> None:
     }
     assert merger.facts() == _merge(events, templates=False).facts()
     assert merger.facts().finish_reasons == ("stop",)
+
+
+def _as_stream(events: list[tuple[str, str]], ending: str) -> bytes:
+    frames = []
+    for name, data in events:
+        head = "" if name == "message" else f"event: {name}{ending}"
+        lines = ending.join(f"data: {line}" for line in data.split("\n"))
+        frames.append(f"{head}{lines}{ending}{ending}")
+    return ("".join(frames) + f"data: [DONE]{ending}{ending}").encode()
+
+
+@settings(max_examples=300)
+@given(st.lists(_chat_chunk(), max_size=30), st.sampled_from(["\n", "\r\n"]))
+def test_a_whole_stream_read_through_templates_gives_the_parsers_facts(
+    events: list[tuple[str, str]], ending: str
+) -> None:
+    stream = _as_stream(events, ending)
+    expected = facts_from_sse(parse_sse(stream))
+    assert facts_from_sse_bytes(stream) == expected
+    text = stream.decode()
+    if "\r" not in text:
+        summary = (expected.model, expected.usage, expected.finish_reasons)
+        assert summary_from_sse_text(text) == summary
+
+
+@given(st.binary(max_size=300))
+def test_any_bytes_read_as_a_whole_stream_give_the_parsers_facts(stream: bytes) -> None:
+    assert facts_from_sse_bytes(stream) == facts_from_sse(parse_sse(stream))
