@@ -181,49 +181,73 @@ def _time(func: Callable[[], object], n: int) -> float:
 
 
 def split(make: Callable[[], ExchangeRecord], n: int) -> None:
-    """Each stage of one stream's capture timed alone (best of 5), µs per exchange."""
+    """Each stage of one exchange's capture timed alone (best of 5), µs per exchange."""
     from llmproxy.capture.events import _fast_stream_capture
-    from llmproxy.events.sse import sse_fields
-    from llmproxy.events.usage import _merge
+    from llmproxy.capture.sessions import reply_facts
+    from llmproxy.events.sse import sse_blocks, sse_fields
+    from llmproxy.events.usage import _merge, facts_from_sse_bytes
 
     record = make()
     chunks = record.response_chunks
     body = b"".join(c for _, c in chunks)
+    text = body.decode()
     fields = sse_fields(body)
     datas = [d for _, d in fields if d[:1] == "{"]
-    stages: dict[str, Callable[[], object]] = {
-        "SSE splitting (sse_fields)": lambda: sse_fields(body),
-        "JSON parsing of the chunks (orjson.loads each)": lambda: [orjson.loads(d) for d in datas],
-        "split + parse + merge (_merge)": lambda: _merge(fields),
-        "stream capture (chunk dicts + split)": lambda: _fast_stream_capture(
-            chunks, None, CAPTURE.response_body_bytes
-        ),
-    }
+    stages: dict[str, Callable[[], object]] = {}
+    if b"data: " in body:
+        stages.update(
+            {
+                "reading the reply (the tracker: split, templates, facts)": lambda: (
+                    facts_from_sse_bytes(body)
+                ),
+                "  of which splitting at blank lines": lambda: sse_blocks(text),
+                "  (the same, parsing every chunk: no templates)": lambda: _merge(
+                    sse_fields(body), templates=False
+                ).facts(),
+                "  (orjson.loads of every chunk alone)": lambda: [orjson.loads(d) for d in datas],
+                "the event's chunk list (offset and text per read)": lambda: _fast_stream_capture(
+                    chunks, None, CAPTURE.response_body_bytes, False
+                ),
+            }
+        )
+    read = make()  # a record the tracker has read: its summary for the events
+    reply_facts(read)
+    fresh: list[ExchangeRecord] = []  # records built before each stage's timing
+
+    def reading() -> None:
+        reply_facts(fresh.pop())
 
     def events() -> None:
-        fresh_record = make()
-        RecordEnvelope("request", fresh_record, CAPTURE).payload()
-        RecordEnvelope("response", fresh_record, CAPTURE).payload()
+        record = fresh.pop()
+        record.reply_summary = read.reply_summary
+        RecordEnvelope("request", record, CAPTURE).payload()
+        RecordEnvelope("response", record, CAPTURE).payload()
 
-    stages["both events built (dicts)"] = events
+    if b"data: " not in body:
+        stages["reading the reply (the tracker: JSON)"] = reading
+    stages["both events built (dicts, given the tracker's summary)"] = events
+    request = RecordEnvelope("request", make(), CAPTURE)
     envelope = RecordEnvelope("response", make(), CAPTURE)
-    payload = envelope.payload()
-    stages["response event encoded (orjson.dumps)"] = lambda: orjson.dumps(payload)
+    payloads = (request.payload(), envelope.payload())
+    stages["both events encoded (orjson.dumps)"] = lambda: [orjson.dumps(p) for p in payloads]
     line = envelope.json()
     with tempfile.TemporaryDirectory() as tmp:
         sink = FileSink(
-            "bench",
-            Path(tmp) / "split.jsonl",
-            fsync="never",
-            rotate_bytes=0,
+            "bench", Path(tmp) / "split.jsonl", fsync="never", rotate_bytes=0,
             run_blocking=maybeDeferred,
-        )
+        )  # fmt: skip
         lines = [line] * 100
-        stages["the write (one line, in batches of 100)"] = lambda: sink.deliver_lines([], lines)
+        stages["the response line written (in batches of 100)"] = lambda: sink.deliver_lines(
+            [], lines
+        )
         for name, func in stages.items():
             per = 100 if "batches of 100" in name else 1
-            best = min(_time(func, n // per) / per for _ in range(5))
-            print(f"  {name:50s} {best:8.2f} us")
+            times = []
+            for _ in range(5):
+                fresh[:] = [make() for _ in range(n // per)]
+                times.append(_time(func, n // per) / per)
+            best = min(times)
+            print(f"  {name:58s} {best:8.1f} us")
         sink.close()
     sizes = f"stream {len(body):,} bytes in {len(chunks)} reads"
     print(f"  (response event line: {len(line):,} bytes; {sizes})")
