@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import attrs
 import orjson
@@ -1023,35 +1023,73 @@ def _merge_text(text: str, templates: bool = True) -> _StreamMerger:
     event's text as it stands in the stream (``data: `` and the chunk, on one
     line): no event pair for the chunks it reads."""
     run = _Merge(templates)
-    read = run.read
-    template: _ContentTemplate | None = None
-    prefix = suffix = ""
-    fixed = 0
     if text[:1] == "\ufeff":
         text = text[1:]
-    for block in sse_blocks(text):
-        if (
-            template is not None
-            and block.startswith(prefix)
-            and block.endswith(suffix)
-            and len(block) >= fixed
-        ):
-            # One line (the body and pad are plain, the template has no LF): an
-            # event named "message" with the template's data.
-            body = _sliced(block, len(prefix), template)
-            if body is not None:
-                template.append(body)
-                continue
-        if block[:6] == "data: " and "\n" not in block:
-            read("message", block[6:])  # the usual event: one data line
-        elif block:
-            for name, data in block_fields(block):
-                read(name, data)
-        if template is None and run.template is not None:
-            template = run.template
-            prefix, suffix = "data: " + template.prefix, template.suffix
-            fixed = template.fixed + 6
+    blocks = sse_blocks(text)
+    for at, block in enumerate(blocks):
+        _read_block(run, block)
+        if run.template is not None:
+            _read_through(run, run.template, blocks, at + 1)
+            break
     return run.merger
+
+
+def _read_block(run: _Merge, block: str) -> None:
+    """Read one event's text (one of ``sse_blocks``) without the template."""
+    if block[:6] == "data: " and "\n" not in block:
+        run.read("message", block[6:])  # the usual event: one data line
+    elif block:
+        for name, data in block_fields(block):
+            run.read(name, data)
+
+
+def _read_through(run: _Merge, template: _ContentTemplate, blocks: list[str], at: int) -> None:
+    """Read ``blocks[at:]``, the texts the template matches by slicing them.
+
+    A matching text is one line (the body and pad are plain, the template has
+    no LF): an event named "message" with the template's data.  Without
+    padding, the bodies are sliced in one comprehension and checked in runs
+    (one search of their join): a stream is mostly such a run.
+    """
+    prefix, suffix = "data: " + template.prefix, template.suffix
+    fixed, start = template.fixed + 6, len(prefix)
+    add = template.choice.content
+    if template.padding is not None:
+        for block in blocks[at:]:
+            if block.startswith(prefix) and block.endswith(suffix) and len(block) >= fixed:
+                body = _sliced(block, start, template)
+                if body is not None:
+                    add.append(body)
+                    continue
+            _read_block(run, block)
+        return
+    cut = len(suffix)
+    rest = blocks[at:]
+    bodies = [
+        block[start : len(block) - cut]
+        if block.startswith(prefix) and block.endswith(suffix) and len(block) >= fixed
+        else None
+        for block in rest
+    ]
+    done, count = 0, len(bodies)
+    while done < count:
+        try:
+            end = bodies.index(None, done)
+        except ValueError:
+            end = count
+        if end > done:
+            sliced = cast(list[str], bodies[done:end])  # no None before ``end``
+            if _NOT_PLAIN("".join(sliced)):
+                for body, block in zip(sliced, rest[done:end], strict=True):
+                    if _NOT_PLAIN(body):
+                        _read_block(run, block)
+                    else:
+                        add.append(body)
+            else:
+                add.extend(sliced)
+        if end < count:
+            _read_block(run, rest[end])
+        done = end + 1
 
 
 def usage_dict(usage: Usage | None) -> dict[str, int | None] | None:
