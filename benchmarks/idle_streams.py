@@ -106,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         text = run.llmproxy_config(workdir, mocks, port, admin, extra, workers)
         text = text.replace(
             "drain_timeout = 30",
-            f"drain_timeout = 10\nmax_connections = {args.streams + 1000}\nidle_timeout = 600",
+            f"drain_timeout = 10\nmax_connections = {args.streams + 1000}\nidle_timeout = 600\n"
+            # Every stream comes from this one address.
+            "max_connections_per_client = 0",
         )
         config.write_text(text)
         twistd = [

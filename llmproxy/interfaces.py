@@ -97,12 +97,12 @@ class EventSink(Protocol):
     def enabled(self) -> bool: ...
 
     @property
-    def needs_whole_body(self) -> bool:
-        """Whether ``request_started`` needs a body the capture cut short (read
-        back from its temp file): only for a session tracker."""
+    def whole_body_bytes(self) -> int:
+        """Up to which size ``request_started`` needs a body the capture cut short
+        (read back from its temp file): a session tracker's bound, else 0."""
 
     def request_started(self, record: ExchangeRecord, body: bytes) -> None:
-        """``body``: the request body; whole when ``needs_whole_body``, else as captured."""
+        """``body``: the request body; whole up to ``whole_body_bytes``, else as captured."""
 
     def request_finished(self, record: ExchangeRecord) -> None: ...
 

@@ -80,7 +80,9 @@ class RecordingEventSink:
     exchanges (and the request bodies as the proxy passed them)."""
 
     enabled: bool = True
-    needs_whole_body: bool = False
+    # Up to which size the proxy reads back a body the capture cut short (a
+    # session tracker's bound); 0: never.
+    whole_body_bytes: int = 0
     started: list[ExchangeRecord] = attrs.field(factory=list)
     bodies: list[bytes] = attrs.field(factory=list)
     finished: list[ExchangeRecord] = attrs.field(factory=list)

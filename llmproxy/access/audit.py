@@ -2,7 +2,9 @@
 (tests: tests/unit/access/test_audit.py).
 
 Separate from the instrumentation events: it is for the operator's security
-review, so it is written synchronously and durably, and never carries secrets.
+review, so it is written synchronously and durably, and never carries secrets:
+every text field goes through :func:`llmproxy.capture.obfuscate.scrub_text`
+(userinfo, keys quoted in messages).
 
 The log follows its path: before each line one ``os.stat`` checks that the path
 still names the open file (a line costs an ``fsync`` anyway).  Moved aside or
@@ -23,6 +25,7 @@ from typing import Any
 import orjson
 from twisted.logger import Logger
 
+from llmproxy.capture.obfuscate import scrub_text
 from llmproxy.capture.record import ExchangeRecord
 from llmproxy.export.appendfile import displaced, open_append
 
@@ -43,7 +46,11 @@ class AuditLog:
     def write(self, action: str, **fields: Any) -> None:
         if self._path is None:
             return
-        entry = {"ts": time.time(), "action": action, **fields}
+        entry = {"ts": time.time(), "action": action}
+        for key, value in fields.items():
+            # A path, host or reason may quote what a client sent: a userinfo
+            # (/openai/user:SECRET@host/...), a key in a message.
+            entry[key] = scrub_text(value) if isinstance(value, str) else value
         line = orjson.dumps(entry) + b"\n"
         try:
             fd = self._open(self._path)

@@ -31,6 +31,8 @@ class Allow:
     # Whose request this is, for the response cache: the proxy token's project.
     # Empty: the cache hashes the client's own credentials instead.
     namespace: str = ""
+    # Values in set_headers no event may show (the injected provider key).
+    masked: tuple[str, ...] = ()
 
 
 @attrs.frozen

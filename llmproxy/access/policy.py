@@ -7,9 +7,19 @@ token (``Authorization: Bearer llmp_...`` or ``x-api-key: llmp_...``); the
 client's credential headers are dropped and the route's ``api_key`` is sent in
 the provider's header instead, so provider keys never leave the server.
 
+A route's ``allowed_paths`` / ``allowed_methods`` (whatever its ``auth``), and
+a token's own (``token create --allow-path/--allow-method``), say which upstream
+paths (after the route's prefix, percent-decoded) and methods a request may
+use; anything else is answered 403 before the upstream is contacted.  On a
+token route the client's ``OpenAI-Organization`` and ``OpenAI-Project`` are
+dropped (the route may send its own, or forward the client's with
+``forward_openai_scope``): the operator's key must not bill, or reach the files
+and batches of, whichever organization a token holder names.
+
 Answers, each in the OpenAI error shape and each written to the audit log:
-401 for a missing, unknown, revoked or expired token; 403 when the token's
-request quota is spent; 429 with ``Retry-After`` over its rate limit.
+401 for a missing, unknown, revoked or expired token; 403 outside the allowed
+paths or methods, or when the token's request quota is spent; 429 with
+``Retry-After`` over its rate limit.
 
 Tokens are found by the SHA-256 digest of what the client sent, so the lookup
 never compares secrets byte by byte: timing can at most reveal something about
@@ -22,9 +32,13 @@ The token file is re-read when it changes: a ``stat`` at most once per
 
 from __future__ import annotations
 
+import fnmatch
+import functools
 import hmac
+import re
 from collections.abc import Iterable
 from pathlib import Path
+from urllib.parse import unquote_to_bytes
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
@@ -92,6 +106,107 @@ def presented_token(request: Request) -> bytes | None:
     return None
 
 
+# What a client must not choose on a route that bills the operator's key: the
+# organization and project the request is billed to (and whose files, batches
+# and fine-tunes it reaches).
+OPENAI_SCOPE_HEADERS = frozenset({b"openai-organization", b"openai-project"})
+
+
+def _route_allow(route: RouteSettings) -> Allow:
+    """What a token route does to every request it lets through."""
+    drop = CLIENT_CREDENTIAL_HEADERS
+    if not route.forward_openai_scope:
+        drop = drop | OPENAI_SCOPE_HEADERS
+    return Allow(
+        set_headers=(upstream_auth_header(route.provider, route.api_key), *_scope_headers(route)),
+        drop_headers=drop,
+        masked=(route.api_key,),
+    )
+
+
+def _scope_headers(route: RouteSettings) -> tuple[tuple[bytes, bytes], ...]:
+    """The route's own OpenAI-Organization / OpenAI-Project, when it sets them."""
+    out = []
+    if route.openai_organization:
+        out.append((b"openai-organization", route.openai_organization.encode("latin-1")))
+    if route.openai_project:
+        out.append((b"openai-project", route.openai_project.encode("latin-1")))
+    return tuple(out)
+
+
+class PathRule:
+    """``allowed_paths``: prefixes on whole segments, or globs (``*``, ``?``,
+    ``[...]``; ``*`` crosses ``/``), matched against the percent-decoded path."""
+
+    def __init__(self, patterns: Iterable[str]) -> None:
+        self.prefixes: tuple[str, ...] = ()
+        globs = []
+        for pattern in patterns:
+            if any(c in pattern for c in "*?["):
+                globs.append(fnmatch.translate(pattern))
+            else:
+                self.prefixes += (pattern.rstrip("/") or "/",)
+        self._glob = re.compile("|".join(globs)) if globs else None
+
+    def allows(self, path: str) -> bool:
+        for prefix in self.prefixes:
+            if prefix == "/" or path == prefix or path.startswith(prefix + "/"):
+                return True
+        return self._glob is not None and self._glob.match(path) is not None
+
+
+@functools.lru_cache(maxsize=1024)
+def _decoded(rest: bytes) -> str:
+    # The path as the upstream will read it: %2F and dot segments were refused
+    # by the router, so decoding cannot change which segments there are.
+    return unquote_to_bytes(rest or b"/").decode("utf-8", "replace")
+
+
+def _methods(names: Iterable[str]) -> frozenset[bytes]:
+    return frozenset(m.strip().upper().encode("ascii", "replace") for m in names if m.strip())
+
+
+@attrs.frozen
+class RouteRules:
+    """A route's ``allowed_paths`` / ``allowed_methods``, and what it lets
+    through when it does not inject a key (its own OpenAI scope headers)."""
+
+    paths: PathRule | None
+    methods: frozenset[bytes]
+    passthrough: Allow
+
+    @classmethod
+    def of(cls, route: RouteSettings) -> RouteRules | None:
+        scope = _scope_headers(route)
+        if not (route.allowed_paths or route.allowed_methods or scope):
+            return None
+        return cls(
+            paths=PathRule(route.allowed_paths) if route.allowed_paths else None,
+            methods=_methods(route.allowed_methods),
+            passthrough=Allow(set_headers=scope) if scope else _ALLOW_AS_IS,
+        )
+
+    def refusal(self, method: bytes, rest: bytes) -> tuple[str, str] | None:
+        """None when allowed, else what was refused: ``("method", "DELETE")`` or
+        ``("path", "/v1/files")``."""
+        if self.methods and method not in self.methods:
+            return "method", method.decode("latin-1")[:20]
+        if self.paths is not None:
+            path = _decoded(rest)
+            if not self.paths.allows(path):
+                return "path", path[:200]
+        return None
+
+
+@functools.lru_cache(maxsize=256)
+def _token_rules(paths: tuple[str, ...], methods: tuple[str, ...]) -> RouteRules:
+    return RouteRules(PathRule(paths) if paths else None, _methods(methods), _ALLOW_AS_IS)
+
+
+def _token_refusal(token: Token, method: bytes, rest: bytes) -> tuple[str, str] | None:
+    return _token_rules(token.allowed_paths, token.allowed_methods).refusal(method, rest)
+
+
 def client_address(request: Request) -> str:
     peer = request.getClientAddress()
     host = getattr(peer, "host", None)
@@ -124,6 +239,8 @@ class TokenAccess:
         self._loaded = False
         self._next_stat = 0.0
         self._flusher: LoopingCall | None = None
+        routes = tuple(routes)
+        self._rules = self._route_rules(routes)
         self._inject = self._injections(routes)
         self.denied = 0
         self.reloads = 0
@@ -131,19 +248,19 @@ class TokenAccess:
 
     @staticmethod
     def _injections(routes: Iterable[RouteSettings]) -> dict[str, Allow]:
-        # Route name -> the header that carries its provider key upstream.
-        return {
-            r.name: Allow(
-                set_headers=(upstream_auth_header(r.provider, r.api_key),),
-                drop_headers=CLIENT_CREDENTIAL_HEADERS,
-            )
-            for r in routes
-            if r.auth == "token"
-        }
+        # Route name -> the headers that carry its provider key (and its own
+        # OpenAI organization and project) upstream.
+        return {r.name: _route_allow(r) for r in routes if r.auth == "token"}
+
+    @staticmethod
+    def _route_rules(routes: Iterable[RouteSettings]) -> dict[str, RouteRules]:
+        return {r.name: rules for r in routes if (rules := RouteRules.of(r)) is not None}
 
     def set_routes(self, routes: Iterable[RouteSettings]) -> None:
         """A config reload changed the routes: new keys and token routes apply now."""
+        routes = tuple(routes)
         was_active = bool(self._inject)
+        self._rules = self._route_rules(routes)
         self._inject = self._injections(routes)
         if self._inject and not was_active and self._flusher is None:
             self.start()
@@ -194,9 +311,22 @@ class TokenAccess:
         route = target.settings
         if route is None:
             return _ALLOW_AS_IS
+        rules = self._rules.get(route.name)
+        if rules is not None:
+            refused = rules.refusal(request.method, target.rest)
+            if refused is not None:
+                return self._deny(
+                    request,
+                    record,
+                    403,
+                    f"route {route.name} does not serve the {refused[0]} {refused[1]} "
+                    f"(allowed_{refused[0]}s)",
+                    action="access_denied",
+                    reason="route_" + refused[0],
+                )
         inject = self._inject.get(route.name)
         if inject is None:
-            return _ALLOW_AS_IS
+            return rules.passthrough if rules is not None else _ALLOW_AS_IS
         now = self._clock.seconds()
         if now >= self._next_stat or not self._loaded:
             self._next_stat = now + self._reload_interval
@@ -244,6 +374,18 @@ class TokenAccess:
                 token=token,
                 headers=_WWW_AUTHENTICATE,
             )
+        if token.allowed_paths or token.allowed_methods:
+            refused = _token_refusal(token, request.method, target.rest)
+            if refused is not None:
+                return self._deny(
+                    request,
+                    record,
+                    403,
+                    f"this proxy token may not use the {refused[0]} {refused[1]}",
+                    action="access_denied",
+                    reason="token_" + refused[0],
+                    token=token,
+                )
         if self._usage.exhausted(token):
             return self._deny(
                 request,

@@ -94,6 +94,10 @@ class Token:
     max_requests: int | None = None  # request quota over the token's life
     rpm: int | None = None  # requests per minute
     revoked: float | None = None  # epoch seconds when revoked
+    # Upstream paths (prefixes or globs) and methods the token may use; empty: all
+    # (within the route's own allowed_paths / allowed_methods).
+    allowed_paths: tuple[str, ...] = ()
+    allowed_methods: tuple[str, ...] = ()
 
     def state(self, now: float) -> str:
         """``active``, ``revoked`` or ``expired``."""
@@ -104,7 +108,10 @@ class Token:
         return "active"
 
     def to_json(self) -> dict[str, Any]:
-        return attrs.asdict(self)
+        data = attrs.asdict(self)
+        data["allowed_paths"] = list(self.allowed_paths)
+        data["allowed_methods"] = list(self.allowed_methods)
+        return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Token:
@@ -115,6 +122,12 @@ class Token:
             if isinstance(v, bool) or not isinstance(v, int | float):
                 raise TokenFileError(f"token field {key!r} is not a number")
             return float(v)
+
+        def strings(key: str) -> tuple[str, ...]:
+            v = data.get(key) or []
+            if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+                raise TokenFileError(f"token field {key!r} is not a list of strings")
+            return tuple(v)
 
         def count(key: str) -> int | None:
             v = data.get(key)
@@ -140,6 +153,8 @@ class Token:
             max_requests=count("max_requests"),
             rpm=count("rpm"),
             revoked=number("revoked"),
+            allowed_paths=strings("allowed_paths"),
+            allowed_methods=strings("allowed_methods"),
         )
 
 
@@ -212,6 +227,8 @@ class TokenFile:
         expires: float | None = None,
         max_requests: int | None = None,
         rpm: int | None = None,
+        allowed_paths: tuple[str, ...] = (),
+        allowed_methods: tuple[str, ...] = (),
     ) -> tuple[str, Token]:
         """A new token: returns the secret (to show once) and what is stored."""
         with self._locked():
@@ -230,6 +247,8 @@ class TokenFile:
                 expires=expires,
                 max_requests=max_requests,
                 rpm=rpm,
+                allowed_paths=allowed_paths,
+                allowed_methods=allowed_methods,
             )
             tokens.append(token)
             self._write(tokens)

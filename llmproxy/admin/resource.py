@@ -1,13 +1,14 @@
-"""The admin listener: /health, /ready, /stats, /metrics, POST /cache/purge
+"""The admin listener's resource: /health, /ready, /stats, /metrics, POST /cache/purge
 (tests: tests/integration/test_admin.py, tests/unit/admin/test_resource.py,
-tests/integration/test_cache.py).
+tests/integration/test_cache.py).  Its site and limits: llmproxy/admin/site.py.
 
 With ``server.admin_token`` set, every request needs ``Authorization: Bearer
 <token>`` (compared in constant time); each refusal is written to the audit log.
 The probes, ``GET /health`` and ``GET /ready``, are the exception while
 ``server.probes_public`` is on (the default): a load balancer or a Kubernetes
 probe carries no secret, and they tell nothing but whether the process runs and
-serves.
+serves.  The site checks the token as soon as the headers are in, before any
+body is read; the resource checks it again (for any other site it is served by).
 ``POST /cache/purge?key=K`` (or ``prefix=P``, or ``all=1``) deletes cached
 responses, answers ``{"purged": N}`` and is written to the audit log.
 """
@@ -63,22 +64,38 @@ class AdminResource(Resource):
         self._audit = audit
         self.cache = cache
 
+    @property
+    def needs_token(self) -> bool:
+        return bool(self._token)
+
+    def token_matches(self, authorization: bytes | None) -> bool:
+        """Whether an ``Authorization`` value carries the admin token (constant time)."""
+        return hmac.compare_digest(authorization or b"", b"Bearer " + self._token)
+
+    def audit_denied(self, client: str, method: bytes, path: bytes, sent: bool) -> None:
+        """Write a refusal to the audit log: whether a token was sent, never any of it."""
+        if self._audit is not None:
+            self._audit.write(
+                "admin_denied",
+                client=client,
+                method=method.decode("latin-1"),
+                path=path.decode("latin-1")[:500],
+                status=401,
+                outcome="denied",
+                reason="wrong_token" if sent else "missing",
+            )
+
     def render(self, request: Request) -> bytes | int:
         path = request.path.rstrip(b"/") or b"/"
-        if self._token and not (self._is_public(request, path) or self._authorized(request)):
-            if self._audit is not None:
-                peer = request.getClientAddress()
-                host = getattr(peer, "host", None)
-                self._audit.write(
-                    "admin_denied",
-                    client=f"{host}:{getattr(peer, 'port', '')}" if host else "-",
-                    method=request.method.decode("latin-1"),
-                    path=request.path.decode("latin-1")[:500],
-                    status=401,
-                    outcome="denied",
-                    # Whether a token was sent at all; never any of it.
-                    reason="wrong_token" if request.getHeader(b"authorization") else "missing",
-                )
+        if self._token and not (self.is_public(request.method, path) or self._authorized(request)):
+            peer = request.getClientAddress()
+            host = getattr(peer, "host", None)
+            self.audit_denied(
+                f"{host}:{getattr(peer, 'port', '')}" if host else "-",
+                request.method,
+                request.path,
+                bool(request.getHeader(b"authorization")),
+            )
             request.setHeader(b"www-authenticate", b'Bearer realm="llmproxy-admin"')
             return self._json(request, 401, error_body(401, "admin token required"))
         if path == b"/health":
@@ -143,12 +160,13 @@ class AdminResource(Resource):
         request.write(self._json(request, status, body))
         request.finish()
 
-    def _is_public(self, request: Request, path: bytes) -> bool:
-        return self._probes_public and path in _PROBES and request.method in (b"GET", b"HEAD")
+    def is_public(self, method: bytes, path: bytes) -> bool:
+        """Whether this request is a probe that needs no token (``probes_public``);
+        ``path``: without its query and trailing slash."""
+        return self._probes_public and path in _PROBES and method in (b"GET", b"HEAD")
 
     def _authorized(self, request: Request) -> bool:
-        got = request.getHeader(b"authorization") or b""
-        return hmac.compare_digest(got, b"Bearer " + self._token)
+        return self.token_matches(request.getHeader(b"authorization"))
 
     @staticmethod
     def _json(request: Request, status: int, body: bytes) -> bytes:

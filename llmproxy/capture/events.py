@@ -61,7 +61,15 @@ from llmproxy.capture.body import (
     is_binary_type,
     media_type,
 )
-from llmproxy.capture.obfuscate import HeaderObfuscator, mask_query, mask_url, scrub_text
+from llmproxy.capture.obfuscate import (
+    HeaderObfuscator,
+    mask_body_keys,
+    mask_query,
+    mask_url,
+    mask_userinfo,
+    mask_values,
+    scrub_text,
+)
 from llmproxy.capture.record import ExchangeRecord, Headers
 from llmproxy.config.model import CaptureSettings
 from llmproxy.events.machine import machine_id
@@ -258,6 +266,8 @@ def _request_side(record: ExchangeRecord, capture: CaptureSettings) -> _RequestS
         limit=capture.request_body_bytes,
     )
     model, stream = _request_model_and_stream(body)
+    if body.text is not None:
+        body = attrs.evolve(body, text=mask_body_keys(body.text, capture.mask_body_keys))
     start_ns = epoch_ns(record.started_at)
     start = rfc3339_ns(start_ns)
     fields = {
@@ -268,7 +278,7 @@ def _request_side(record: ExchangeRecord, capture: CaptureSettings) -> _RequestS
         "seq": record.seq,
         "start": start,
         "method": record.method,
-        "path": record.path,
+        "path": mask_userinfo(record.path),
         "query": mask_query(record.query),
         "route": record.route,
         "provider": record.provider,
@@ -400,6 +410,10 @@ def build_response_event(
         is_stream=is_stream,
     )
     first_byte_ns = _offset_ns(start_ns, record.first_byte_at)
+    masked = record.masked
+    response_headers = obfuscator.obfuscate(headers)
+    if masked:
+        body, stream_chunks = _mask_injected(body, stream_chunks, response_headers, masked)
     event = ResponseEvent(
         type="response",
         first_byte=None if first_byte_ns is None else rfc3339_ns(first_byte_ns),
@@ -408,20 +422,49 @@ def build_response_event(
         ttfb_ms=_ms(record.first_byte_at),
         status=record.status,
         outcome=record.outcome,
-        error=None if record.error is None else scrub_text(record.error),
-        upstream_request_id=upstream_request_id(headers),
+        error=None if record.error is None else scrub_text(mask_values(record.error, masked)),
+        upstream_request_id=_masked_id(upstream_request_id(headers), masked),
         cache_status=record.cache_status,
         cache_key=record.cache_key,
         cache_age_s=_age(record.cache_age),
         response_model=facts.model,
         usage=facts.usage,
         finish_reasons=list(facts.finish_reasons),
-        response_headers=obfuscator.obfuscate(headers),
+        response_headers=response_headers,
         response_body=body,
         response_chunks=stream_chunks,
         **fields,
     )
     return event, facts
+
+
+def _mask_injected(
+    body: CapturedBody,
+    chunks: list[dict[str, Any]] | None,
+    headers: JSONHeaders,
+    masked: tuple[str, ...],
+) -> tuple[CapturedBody, list[dict[str, Any]] | None]:
+    """The response side with the values in ``masked`` (the provider key the proxy
+    injected) masked wherever an upstream echoed them; ``headers`` in place."""
+    if body.text is not None:
+        body = attrs.evolve(body, text=mask_values(body.text, masked))
+    if chunks is not None:
+        chunks = [{**c, "data": mask_values(c["data"], masked)} for c in chunks]
+    _mask_header_values(headers, masked)
+    return body, chunks
+
+
+def _masked_id(request_id: str | None, masked: tuple[str, ...]) -> str | None:
+    """The provider's request id, with an echoed injected key masked as in its headers."""
+    return mask_values(request_id, masked) if masked and request_id else request_id
+
+
+def _mask_header_values(headers: JSONHeaders, masked: tuple[str, ...]) -> None:
+    for name, value in headers.items():
+        if isinstance(value, list):
+            headers[name] = [mask_values(v, masked) for v in value]
+        else:
+            headers[name] = mask_values(value, masked)
 
 
 # ---------------------------------------------------------------- events: the fast builder
@@ -498,6 +541,7 @@ class _SharedRequestSide:
     obfuscator: HeaderObfuscator  # the capture's, for the response headers too
     start_ns: int
     start: str
+    path: str
     query: str
     upstream_url: str
     model: str | None
@@ -537,6 +581,8 @@ def _request_side_and_json(
     if obj is not None and (content_encoding is not None or not size <= len(raw) <= limit):
         # The text is not the whole body as sent (decoded, or cut): not its object.
         obj = None
+    if text is not None:
+        body["text"] = mask_body_keys(text, capture.mask_body_keys)
     start_ns = epoch_ns(record.started_at)
     obfuscator = HeaderObfuscator.for_names(capture.redact_headers)
     side = _SharedRequestSide(
@@ -544,6 +590,7 @@ def _request_side_and_json(
         obfuscator=obfuscator,
         start_ns=start_ns,
         start=rfc3339_ns(start_ns),
+        path=mask_userinfo(record.path),
         query=mask_query(record.query),
         upstream_url=mask_url(record.upstream_url),
         model=model,
@@ -602,7 +649,7 @@ def _request_dict(
         "seq": seq,
         "start": side.start,
         "method": record.method,
-        "path": record.path,
+        "path": side.path,
         "query": side.query,
         "route": record.route,
         "provider": record.provider,
@@ -805,8 +852,9 @@ def _response_dict(
     event["ttfb_ms"] = None if first_byte_at is None else round(first_byte_at * 1000.0, 3)
     event["status"] = record.status
     event["outcome"] = record.outcome
-    event["error"] = None if error is None else scrub_text(error)
-    event["upstream_request_id"] = upstream_request_id(headers)
+    masked = record.masked
+    event["error"] = None if error is None else scrub_text(mask_values(error, masked))
+    event["upstream_request_id"] = _masked_id(upstream_request_id(headers), masked)
     event["cache_status"] = record.cache_status
     event["cache_key"] = record.cache_key
     age = record.cache_age
@@ -814,7 +862,16 @@ def _response_dict(
     event["response_model"] = response_model
     event["usage"] = usage_dict(usage)
     event["finish_reasons"] = list(finish_reasons)
-    event["response_headers"] = side.obfuscator.obfuscate(headers)
+    response_headers = side.obfuscator.obfuscate(headers)
+    if masked:
+        text = body["text"]
+        if text is not None:
+            body["text"] = mask_values(text, masked)
+        if stream_chunks is not None:
+            for chunk in stream_chunks:
+                chunk["data"] = mask_values(chunk["data"], masked)
+        _mask_header_values(response_headers, masked)
+    event["response_headers"] = response_headers
     event["response_body"] = body
     event["response_chunks"] = stream_chunks
     return event

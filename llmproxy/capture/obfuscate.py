@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Iterable
+from urllib.parse import unquote_plus
 
 import attrs
 
@@ -48,8 +49,30 @@ ALWAYS_MASKED = frozenset(
     }
 )
 # Vendor headers that carry keys under other names (x-goog-api-key,
-# x-auth-token, ...): masking a harmless header costs nothing, leaking a key does.
+# x-auth-token, X-Auth, X-Custom-Credential, ...): masking a harmless header
+# costs nothing, leaking a key does.  A name is split at "-" and "_"; any part
+# in this set makes it secret ("tokens" is not: x-ratelimit-remaining-tokens).
 _SECRET_NAME_SUFFIXES = ("api-key", "apikey", "-token", "-secret", "authorization")
+_SECRET_NAME_PARTS = frozenset(
+    {
+        "auth",
+        "authorization",
+        "credential",
+        "credentials",
+        "secret",
+        "password",
+        "passwd",
+        "pwd",
+        "token",
+        "apikey",
+        "key",
+        "signature",
+        "sig",
+        "cookie",
+        "jwt",
+    }
+)
+_NAME_PARTS_RE = re.compile(r"[-_.]")
 
 _SCHEME_RE = re.compile(r"(?i)(?:bearer|basic|token)[ \t]+")
 # Longest first: "sk-" is a prefix of the other two.
@@ -120,13 +143,15 @@ def mask_set_cookie(value: str) -> str:
 
 
 def mask_query(query: str) -> str:
-    """Mask the values of query parameters whose names say they are credentials."""
+    """Mask the values of query parameters whose names say they are credentials
+    (a name is percent-decoded first: ``k%65y`` is ``key``)."""
     if not query:
         return query
     out = []
     for pair in query.split("&"):
         name, sep, value = pair.partition("=")
-        if sep and value and _is_secret_query_name(name):
+        name_said = unquote_plus(name) if "%" in name or "+" in name else name
+        if sep and value and _is_secret_query_name(name_said):
             out.append(f"{name}={mask_secret(value)}")
         else:
             out.append(pair)
@@ -155,10 +180,65 @@ def scrub_text(text: str) -> str:
     """Mask anything in free text that looks like a credential.
 
     For error messages and upstream error bodies, which may quote the key that
-    failed (OpenAI's "Incorrect API key provided: sk-proj-...").
+    failed (OpenAI's "Incorrect API key provided: sk-proj-..."), and a URL's or
+    path's userinfo (``user:SECRET@host``).
     """
     text = _TEXT_SECRET_RE.sub(lambda m: mask_secret(m.group(0)), text)
-    return _TEXT_ASSIGNMENT_RE.sub(lambda m: m.group(1) + mask_secret(m.group(2)), text)
+    text = _TEXT_ASSIGNMENT_RE.sub(lambda m: m.group(1) + mask_secret(m.group(2)), text)
+    return mask_userinfo(text)
+
+
+# A userinfo (RFC 3986: unreserved, pct-encoded, sub-delims but the quote, ':')
+# right before '@' and a host: in a URL, in a passthrough path
+# (/openai/user:SECRET@api.openai.com/...), in a message quoting either.
+_USERINFO_RE = re.compile(r"[A-Za-z0-9._~!$&()*+,;=:%-]+@(?=[A-Za-z0-9\[])")
+
+
+def mask_userinfo(text: str) -> str:
+    """Every ``userinfo@`` in ``text`` (a path, a URL, a message) as ``****@``."""
+    if "@" not in text:
+        return text
+    return _USERINFO_RE.sub(MASK + "@", text)
+
+
+@functools.lru_cache(maxsize=16)
+def _body_keys_re(keys: tuple[str, ...]) -> re.Pattern[str] | None:
+    names = sorted({k for k in keys if k}, key=len, reverse=True)
+    if not names:
+        return None
+    alternatives = "|".join(re.escape(k) for k in names)
+    # "key": "value" in JSON (the value to its closing quote, escapes included,
+    # or to the end of a body cut short), and \"key\": \"value\" in JSON inside a
+    # JSON string (tool-call arguments; the value to its first backslash).
+    return re.compile(
+        r'"(?:' + alternatives + r')"\s*:\s*"(?P<plain>(?:[^"\\]|\\.)*)'
+        r'|\\"(?:' + alternatives + r')\\"\s*:\s*\\"(?P<nested>[^"\\]*)'
+    )
+
+
+def _mask_value(match: re.Match[str]) -> str:
+    group = "plain" if match.group("plain") is not None else "nested"
+    start, end = match.span(group)
+    whole, offset = match.group(0), match.start()
+    return whole[: start - offset] + mask_secret(match.group(group)) + whole[end - offset :]
+
+
+def mask_body_keys(text: str, keys: tuple[str, ...]) -> str:
+    """``text`` (JSON, or JSON cut short) with the string values of ``keys`` masked,
+    at any depth and inside JSON-encoded strings."""
+    pattern = _body_keys_re(keys)
+    if pattern is None or '"' not in text:
+        return text
+    return pattern.sub(_mask_value, text)
+
+
+def mask_values(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with every occurrence of each of ``secrets`` masked (the provider
+    key the proxy injected, echoed by an upstream)."""
+    for secret in secrets:
+        if secret and secret in text:
+            text = text.replace(secret, mask_secret(secret))
+    return text
 
 
 def _is_secret_query_name(name: str) -> bool:
@@ -169,7 +249,12 @@ def _is_secret_query_name(name: str) -> bool:
 def is_secret_header(name: str, extra: frozenset[str] = frozenset()) -> bool:
     """Whether header ``name`` (any case) carries a secret."""
     low = name.lower()
-    return low in ALWAYS_MASKED or low in extra or low.endswith(_SECRET_NAME_SUFFIXES)
+    return (
+        low in ALWAYS_MASKED
+        or low in extra
+        or low.endswith(_SECRET_NAME_SUFFIXES)
+        or not _SECRET_NAME_PARTS.isdisjoint(_NAME_PARTS_RE.split(low))
+    )
 
 
 # What ``HeaderObfuscator`` does with a header, decided once per raw name.

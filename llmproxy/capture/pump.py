@@ -25,10 +25,17 @@ response event just built: no second parse of the body.
 Order is kept: a request's start is handled before its end, and requests in the
 order they went upstream, so the tracker sees turns of a conversation in the
 order they happened.
+
+Bounded: one turn handles what fits in ``TURN_BUDGET`` (5 ms; the entry that
+crosses it is finished), the rest in the next turn, after the reactor has served
+whatever arrived meanwhile.  With the tracker's own bound on what it parses
+(``[sessions] max_body_bytes``), no burst of large conversations holds the
+reactor for longer than that.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -50,6 +57,9 @@ log = Logger()
 class Tracker(Protocol):
     """The session tracker's side (llmproxy.capture.sessions.SessionTracker)."""
 
+    @property
+    def max_body_bytes(self) -> int: ...
+
     def assign(self, record: ExchangeRecord, body: bytes) -> None: ...
 
     def finished(self, record: ExchangeRecord) -> None: ...
@@ -60,6 +70,9 @@ class Publisher(Protocol):
 
 
 _FINISHED = None  # the queue entry's body for an ended exchange
+# Time (perf_counter) one reactor turn spends on queued records before it lets the reactor
+# serve the requests that arrived meanwhile; the rest waits one turn.
+TURN_BUDGET = 0.005
 
 
 class CapturePump:
@@ -85,12 +98,14 @@ class CapturePump:
         self._call: IDelayedCall | None = None
         self.flushed = 0  # queue entries handled (stats)
         self.errors = 0
+        self.yielded = 0  # turns that left entries to the next one (stats)
 
     @property
-    def needs_whole_body(self) -> bool:
+    def whole_body_bytes(self) -> int:
         """Only the session tracker reads past the capture cap (to fingerprint a
-        long conversation); without it the proxy skips reading the temp file."""
-        return self.sessions is not None
+        long conversation), and only up to its bound; without it the proxy skips
+        reading the temp file."""
+        return 0 if self.sessions is None else self.sessions.max_body_bytes
 
     # -- the proxy's side (request path: O(1)) ------------------------------------
 
@@ -109,11 +124,13 @@ class CapturePump:
 
     def _turn(self) -> None:
         self._call = None
-        self.flush()
+        self.flush(TURN_BUDGET)
 
-    def flush(self) -> None:
-        """Handle everything queued now (also at the drain, before the tracker and
-        the exporters close)."""
+    def flush(self, budget: float | None = None) -> None:
+        """Handle what is queued now (also at the drain, before the tracker and the
+        exporters close): everything, or with a ``budget`` (seconds, by perf_counter)
+        what fits in it, the rest in the next reactor turn."""
+        deadline = None if budget is None else time.perf_counter() + budget
         queue = self._queue
         capture = self.capture
         sessions = self.sessions
@@ -160,6 +177,12 @@ class CapturePump:
                     if tokens is not None:
                         self.usage(record.project, tokens)
             publish(envelope)
+            if deadline is not None and queue and time.perf_counter() > deadline:
+                # The requests arriving meanwhile are served first (a burst of
+                # large conversations would otherwise stall every one of them).
+                self.yielded += 1
+                self._call = self._clock.callLater(0, self._turn)
+                return
 
     def start(self) -> None:
         """Nothing to start: records are handled in the turn after they come."""

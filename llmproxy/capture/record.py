@@ -62,6 +62,13 @@ class ExchangeRecord:
     replayed: tuple[bytes, ...] | None = None
     environment: str = ""
     machine: str = ""  # user@host
+    # Whose request this is, as the response cache's namespace has it: the proxy
+    # token's project ('' on a passthrough route, where the client's credentials
+    # say it); sessions are kept per tenant.
+    tenant: str = ""
+    # Values the proxy itself sent upstream that no event may show (the provider
+    # key a token route injects): masked wherever an upstream echoes them.
+    masked: tuple[str, ...] = ()
     # Who asked, when a proxy token was presented (set by the access policy): the
     # token's public id (tok_..., never the secret) and its project.
     token_id: str | None = None

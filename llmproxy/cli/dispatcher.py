@@ -9,7 +9,10 @@ This module is the command around it:
   environment (``LLM_PROXY_ENDPOINT``, ``LLM_PROXY_API_KEY``), then the config file
   (``[redis]``, ``[server]``, an ``[exporter:NAME]`` picked with ``--exporter``),
   then defaults (a file sink, ``--buffer 1000``, ``--batch-size 100``).  Every
-  problem is collected and printed one per line, exit code 64.
+  problem is collected and printed one per line, exit code 64.  The sink's key
+  comes from the environment or the config only: the old ``--api-key`` flag is
+  refused with a message saying so (a command line is readable by every local
+  user).
 - ``run`` starts the dispatcher on the reactor as a ``DispatcherService``
   (``READY=1`` to systemd once started), logs its stats on SIGHUP (systemd's
   ``ExecReload``; nothing is re-read) and drains on SIGTERM/SIGINT within
@@ -42,6 +45,7 @@ from llmproxy.runtime.checks import load_checked
 from llmproxy.runtime.exits import EX_CONFIG
 
 __all__ = [
+    "API_KEY_FLAG_GONE",
     "SERVICES",
     "DispatcherConfigError",
     "DispatcherPlan",
@@ -54,6 +58,12 @@ __all__ = [
 log = Logger()
 
 SERVICES = EXPORTER_TYPES  # every sink type, as the ini has them
+API_KEY_FLAG_GONE = (
+    "--api-key: deprecated and no longer read: a key on the command line is readable by "
+    "every local user (/proc/PID/cmdline, ps). Set LLM_PROXY_API_KEY in the environment "
+    "(systemd: EnvironmentFile= or LoadCredential=), or api_key = env:NAME / file:PATH in "
+    "the [exporter:NAME] section used with --exporter"
+)
 
 
 class DispatcherConfigError(Exception):
@@ -102,7 +112,10 @@ def dispatcher_plan(args: argparse.Namespace, env: Mapping[str, str]) -> Dispatc
     redis = attrs.evolve(settings.redis, **overrides)
     problems = [f"redis.{p}" for p in redis_problems(redis)]
     endpoint = args.endpoint if args.endpoint is not None else env.get("LLM_PROXY_ENDPOINT")
-    api_key = args.api_key if args.api_key is not None else env.get("LLM_PROXY_API_KEY")
+    if args.api_key is not None:
+        # Never used, never echoed: the key is in /proc/PID/cmdline already.
+        problems.append(API_KEY_FLAG_GONE)
+    api_key = env.get("LLM_PROXY_API_KEY")
     state_dir = settings.server.state_dir
     if args.exporter is not None:
         found = [e for e in settings.exporters if e.name == args.exporter]
@@ -237,7 +250,8 @@ def add_dispatcher_command(sub: Subcommands) -> None:
         default=None,
         help="sink URL, or the file path for file (default: $LLM_PROXY_ENDPOINT)",
     )
-    p.add_argument("--api-key", default=None, help="sink API key (default: $LLM_PROXY_API_KEY)")
+    # Deprecated: refused with a message saying where the key goes instead.
+    p.add_argument("--api-key", default=None, help=argparse.SUPPRESS)
     p.add_argument("--batch-size", type=positive_int, default=None, help="events per batch")
     p.add_argument("--buffer", type=positive_int, default=None, help="entries held unsettled")
     p.add_argument("--config", "-c", default=None, help="ini file: [redis], [server], exporters")

@@ -100,8 +100,20 @@ def _token_create(args: argparse.Namespace) -> int:
     except argparse.ArgumentTypeError as e:
         print(e, file=sys.stderr)
         return 2
+    paths = tuple(args.allow_path or ())
+    bad = [p for p in paths if not p.startswith("/")]
+    if bad:
+        print(f"--allow-path: {bad[0]!r} is not an absolute path (/v1/...)", file=sys.stderr)
+        return 2
+    methods = tuple(m.upper() for m in args.allow_method or ())
     secret, token = TokenFile.in_state_dir(settings.server.state_dir).create(
-        args.project, now, expires=expires, max_requests=args.max_requests, rpm=args.rpm
+        args.project,
+        now,
+        expires=expires,
+        max_requests=args.max_requests,
+        rpm=args.rpm,
+        allowed_paths=paths,
+        allowed_methods=methods,
     )
     audit = AuditLog(settings.audit_path)
     audit.write(
@@ -111,6 +123,8 @@ def _token_create(args: argparse.Namespace) -> int:
         expires=token.expires,
         max_requests=token.max_requests,
         rpm=token.rpm,
+        allowed_paths=list(token.allowed_paths),
+        allowed_methods=list(token.allowed_methods),
         actor=_actor(),
         outcome="ok",
     )
@@ -149,6 +163,8 @@ def _token_list(args: argparse.Namespace) -> int:
             "used": used.get(t.id, 0),
             "max_requests": t.max_requests,
             "rpm": t.rpm,
+            "allowed_paths": list(t.allowed_paths),
+            "allowed_methods": list(t.allowed_methods),
         }
         for t in tokens
     ]
@@ -216,6 +232,19 @@ def add_token_command(sub: Subcommands) -> None:
     p.add_argument("--expires", default=None, help="30d, 12h, 2w, an ISO date, or never")
     p.add_argument("--max-requests", type=positive_int, default=None, help="request quota")
     p.add_argument("--rpm", type=positive_int, default=None, help="requests per minute")
+    p.add_argument(
+        "--allow-path",
+        action="append",
+        metavar="PATH",
+        help="an upstream path the token may use (a prefix, or a glob with *): repeat for "
+        "more; default: every path the route serves",
+    )
+    p.add_argument(
+        "--allow-method",
+        action="append",
+        metavar="METHOD",
+        help="an HTTP method the token may use (repeat for more); default: all",
+    )
     p.set_defaults(func=_token_create)
     p = token_sub.add_parser("list", parents=[config], help="ids, projects, expiry and usage")
     p.add_argument("--json", action="store_true", help="JSON instead of a table")

@@ -295,7 +295,7 @@ def resolve_secret(value: str, env: Mapping[str, str], base: Path) -> str:
 
 
 def _resolve_secrets(settings: Settings, env: Mapping[str, str], problems: list[str]) -> Settings:
-    """Every ``Secret`` key of the routes and exporters, resolved."""
+    """Every ``Secret`` key of ``[server]``, the routes and the exporters, resolved."""
     base = settings.server.state_dir.expanduser().absolute()
 
     def resolved(item: Any, section: str) -> Any:
@@ -321,7 +321,8 @@ def _resolve_secrets(settings: Settings, env: Mapping[str, str], problems: list[
             )
         routes.append(route)
     exporters = tuple(resolved(e, f"exporter:{e.name}") for e in settings.exporters)
-    return attrs.evolve(settings, routes=tuple(routes), exporters=exporters)
+    server = resolved(settings.server, "server")
+    return attrs.evolve(settings, server=server, routes=tuple(routes), exporters=exporters)
 
 
 # -- checks across keys -------------------------------------------------------------
@@ -337,6 +338,10 @@ def _validate(settings: Settings, problems: list[str]) -> None:
     for key in ("max_body_bytes", "max_connections", "pool_size", "max_header_count"):
         if getattr(s, key) <= 0:
             problems.append(f"server.{key}: must be greater than 0")
+    if s.header_timeout <= 0:
+        problems.append("server.header_timeout: must be greater than 0")
+    if s.max_connections_per_client < 0:
+        problems.append("server.max_connections_per_client: must be 0 or more")
     if s.max_header_bytes < 1024:
         problems.append("server.max_header_bytes: must be at least 1KiB")
     if s.workers < 1:
@@ -355,6 +360,15 @@ def _validate(settings: Settings, problems: list[str]) -> None:
             prefixes[r.prefix.rstrip("/")] = r.name
         if not r.upstream:
             problems.append(f"{sec}.upstream: missing (a base URL like https://api.openai.com)")
+        for path in r.allowed_paths:
+            if not path.startswith("/"):
+                problems.append(f"{sec}.allowed_paths: {path!r} is not an absolute path (/v1/...)")
+        for method in r.allowed_methods:
+            if not re.fullmatch(r"[A-Za-z]+", method):
+                problems.append(f"{sec}.allowed_methods: {method!r} is not an HTTP method")
+        for key in ("openai_organization", "openai_project"):
+            if not all(33 <= ord(c) < 127 for c in getattr(r, key)):
+                problems.append(f"{sec}.{key}: contains spaces, control or non-ASCII characters")
         if r.auth == "token" and not r.api_key:
             problems.append(
                 f"{sec}.api_key: required with auth = token "

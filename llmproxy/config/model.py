@@ -209,10 +209,11 @@ class ServerSettings:
         doc="The admin listener (`/health`, `/ready`, `/stats`, `/metrics`); `off` disables "
         "it. Keep it on loopback or protect it with `admin_token`.",
     )
-    admin_token: str = setting(
+    admin_token: Secret = setting(
         "",
         doc="When set, admin requests need `Authorization: Bearer <token>` (compared in "
-        "constant time), but for the probes while `probes_public` is on.",
+        "constant time, before any request body is read), but for the probes while "
+        "`probes_public` is on. Accepts `env:NAME` and `file:PATH` (see Secrets).",
         repr=False,
     )
     probes_public: bool = setting(
@@ -269,6 +270,26 @@ class ServerSettings:
     max_connections: int = setting(
         10000,
         doc="Client connections past this are answered 503 and closed.",
+    )
+    max_connections_per_client: int = setting(
+        256,
+        doc="Open connections from one client address; past it the new connection is "
+        "answered 429 and closed, so one address cannot take every `max_connections` slot. "
+        "`0`: no cap (behind a load balancer or NAT every client may share one address: "
+        "raise it or turn it off there).",
+    )
+    header_timeout: Duration = setting(
+        10.0,
+        doc="The whole request head (request line and headers) must arrive within this, "
+        "counted from the connection's start or the first byte of a later request; past it "
+        "408 and the connection closes. Trickling bytes do not extend it (unlike "
+        "`idle_timeout`).",
+    )
+    min_body_rate: Size = setting(
+        1024,
+        doc="Bytes per second a request body must average once `header_timeout` has passed "
+        "since its headers; a slower body gets 408 and the connection closes. `0`: no rate "
+        "(only `idle_timeout` applies).",
     )
     max_header_count: int = setting(
         100,
@@ -332,6 +353,35 @@ class RouteSettings:
         "completions) are cached without the client's opt-in. `off`: never cached, no cache "
         'headers. See operations, "Response cache".',
     )
+    allowed_paths: tuple[str, ...] = setting(
+        (),
+        doc="Upstream paths this route serves (the path after `prefix`, percent-decoded): a "
+        "prefix on whole segments (`/v1/chat` also allows `/v1/chat/completions`), or a glob "
+        "with `*`, `?`, `[...]` (`/v1/*/completions`; `*` crosses `/`). Anything else gets "
+        "403 and never reaches the upstream. Empty: every path. Tokens can narrow it "
+        "further (`llmproxy token create --allow-path`).",
+    )
+    allowed_methods: tuple[str, ...] = setting(
+        (),
+        doc="HTTP methods this route serves (`GET, POST`); others get 403. Empty: every method.",
+    )
+    openai_organization: str = setting(
+        "",
+        doc="Sent upstream as `OpenAI-Organization` on every request of this route "
+        "(replacing the client's). On an `auth = token` route the client's own "
+        "`OpenAI-Organization` and `OpenAI-Project` are dropped unless "
+        "`forward_openai_scope = true`: a token holder must not choose which organization "
+        "is billed.",
+    )
+    openai_project: str = setting(
+        "", doc="Sent upstream as `OpenAI-Project` (see `openai_organization`)."
+    )
+    forward_openai_scope: bool = setting(
+        False,
+        doc="On an `auth = token` route: forward the client's `OpenAI-Organization` and "
+        "`OpenAI-Project` headers (dropped by default). Passthrough routes always forward "
+        "them (the client's own key decides what it may reach).",
+    )
     cache_ttl: Duration | None = setting(
         None,  # None: [cache] default_ttl
         doc="This route's default TTL for cached responses, used when neither the response "
@@ -363,7 +413,15 @@ class CaptureSettings:
     redact_headers: tuple[str, ...] = setting(
         (),
         doc="Extra header names to obfuscate in events, beside `authorization`, "
-        "`x-api-key`, `api-key`, `cookie`, `set-cookie`, `proxy-authorization`.",
+        "`x-api-key`, `api-key`, `cookie`, `set-cookie`, `proxy-authorization` and every "
+        "name with a part that says credential (`auth`, `token`, `key`, `secret`, "
+        "`password`, `credential`, `signature`, ...: `X-Auth`, `X-Custom-Credential`).",
+    )
+    mask_body_keys: tuple[str, ...] = setting(
+        ("api_key", "apiKey", "key", "secret", "password", "token", "access_token"),
+        doc="JSON keys whose string values are masked in captured request and response "
+        "bodies (at any depth, also inside JSON-encoded strings such as tool arguments), "
+        "compared exactly. Empty: no body masking.",
     )
 
 
@@ -537,6 +595,13 @@ class SessionSettings:
     flush_interval: Duration = setting(
         1.0,
         doc="How often the journal is appended to. A crash loses at most this much tracking.",
+    )
+    max_body_bytes: Size = setting(
+        2 * MiB,
+        doc="Conversation request bodies above this are not parsed or fingerprinted (the "
+        "work is on the event loop, and one huge conversation must not stall every other "
+        "request): they get a session only from an `X-Session-ID` header, else none "
+        "(counted as `too_large` in `/stats`).",
     )
 
 

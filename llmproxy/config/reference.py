@@ -134,9 +134,9 @@ environment wins over the file. An unknown variable with the
 
 ## Secrets
 
-Keys that hold a credential — `route:NAME.api_key`, and the exporters'
-`api_key`, `password` and `bearer_token` — accept two indirections, so the
-secret need not be in the ini file:
+Keys that hold a credential — `server.admin_token`, `route:NAME.api_key`, and
+the exporters' `api_key`, `password` and `bearer_token` — accept two
+indirections, so the secret need not be in the ini file:
 
 - `env:NAME`: the value of the environment variable `NAME` (an error if it is
   unset or empty);

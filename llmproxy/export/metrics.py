@@ -58,7 +58,6 @@ _BUS_GAUGES = (
 )
 
 
-
 def exporter_families(stats: Mapping[str, Mapping[str, Any]]) -> Iterator[Metric]:
     """Every exporter's stats, labelled by its name."""
     return _families("llmproxy_exporter", "exporter", stats, _COUNTERS, _GAUGES)

@@ -132,7 +132,11 @@ class Router:
 
     def _passthrough_target(self, provider: bytes, host: bytes, rest: bytes) -> Target | Refusal:
         prov = provider.decode("latin-1")
-        shown = host.decode("latin-1")[:255]
+        # A userinfo (user:SECRET@host) never reaches a message, the audit or an event.
+        shown = host.decode("latin-1")
+        if "@" in shown:
+            shown = "****@" + shown.rpartition("@")[2]
+        shown = shown[:255]
         if host in self._https_hosts:
             scheme, default_port = b"https", 443
         elif host in self._http_hosts:

@@ -281,6 +281,7 @@ class Exchange:
             self.fail(decision.status, decision.message, "rejected", decision.headers)
             return
         assert isinstance(decision, Allow)
+        record.tenant = decision.namespace
         cache = proxy.cache
         if cache is not None:
             ticket = self._cache = cache.admit(
@@ -307,6 +308,8 @@ class Exchange:
         assert record is not None
         if self._capture:
             self._request_started(record, body)
+        if decision.masked:
+            record.masked = decision.masked
         drop = decision.drop_headers
         if decision.set_headers:
             drop = drop | {n.lower() for n, _ in decision.set_headers}
@@ -332,10 +335,11 @@ class Exchange:
         if (
             record.request_body_size > len(body)
             and not isinstance(content, io.BytesIO)
-            and events.needs_whole_body
+            and record.request_body_size <= events.whole_body_bytes
         ):
             # A long conversation sits in a temp file and the capture keeps only
-            # its head: the tracker needs all of it to fingerprint the history.
+            # its head: the tracker needs all of it to fingerprint the history
+            # (up to its bound: a bigger one is never read back).
             assert content is not None
             content.seek(0)
             body = content.read()

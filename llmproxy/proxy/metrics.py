@@ -126,6 +126,11 @@ class ProxyMetrics:
         self.open_requests = 0
         self.open_streams = 0
         self.connections = 0
+        # Requests and connections refused by a client limit, by the setting's name.
+        self.limits: dict[str, int] = {}
+
+    def limit_hit(self, limit: str) -> None:
+        self.limits[limit] = self.limits.get(limit, 0) + 1
 
     def finished(
         self,
@@ -192,6 +197,11 @@ class ProxyMetrics:
             "open_requests": self.open_requests,
             "open_streams": self.open_streams,
             "connections": self.connections,
+            # Keyed by the setting's full name ("server.max_connections": a sum
+            # over workers, where a bare "max_..." key would be taken for a maximum).
+            "limit_rejections": {
+                (k if "." in k else f"server.{k}"): n for k, n in sorted(self.limits.items())
+            },
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
             "overhead_mean_ms": round(1000 * self.overhead.total / max(self.overhead.count, 1), 4),
@@ -226,6 +236,16 @@ class ProxyMetrics:
         )
         ov.add_metric([], self.overhead.cumulative(), self.overhead.total)
         yield ov
+        lim = CounterMetricFamily(
+            "llmproxy_limit_rejections",
+            "Requests and connections refused by a client limit (header_timeout, "
+            "min_body_rate, max_connections, max_connections_per_client, max_header_bytes, "
+            "max_header_count, max_body_bytes)",
+            labels=["limit"],
+        )
+        for limit, n in sorted(self.limits.items()):
+            lim.add_metric([limit], n)
+        yield lim
         b = CounterMetricFamily("llmproxy_bytes", "Body bytes", labels=["direction"])
         b.add_metric(["in"], self.bytes_in)
         b.add_metric(["out"], self.bytes_out)

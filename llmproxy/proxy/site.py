@@ -1,18 +1,27 @@
-"""The client-facing HTTP site: body, header and connection limits, no access
-log by default (tests: tests/integration/test_proxy.py, tests/integration/test_access.py)."""
+"""The client-facing HTTP site: body, header, deadline and connection limits
+(the channel's in llmproxy/http/channel.py), no access log by default
+(tests: tests/integration/test_proxy.py, tests/integration/test_access.py,
+tests/integration/test_hostile_clients.py, tests/unit/proxy/test_site.py).
+
+A refusal by a limit is counted in ``llmproxy_limit_rejections_total{limit}``
+and in the requests counter (route ``-``, outcome ``rejected``); one that cut a
+request short (408, 431) also becomes a ``response`` event with the request
+line and headers received so far."""
 
 from __future__ import annotations
 
-from twisted.internet.interfaces import IAddress
+from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
-from twisted.web.http import HTTPChannel, Request
-from twisted.web.http_headers import InvalidHeaderName, _nameEncoder
+from twisted.web.http import Request
+from twisted.web.http_headers import Headers, InvalidHeaderName, _nameEncoder
 
-from llmproxy.http.errors import error_body
-from llmproxy.http.headers import HttpDate
+from llmproxy.capture.record import ExchangeRecord
+from llmproxy.config.model import ServerSettings
+from llmproxy.http.channel import ChannelLimits, LimitedChannel, LimitedSite
+from llmproxy.http.headers import HttpDate, request_id_from
 from llmproxy.proxy.forward import ProxyResource
 
 __all__ = ["ProxyRequest", "ProxySite"]
@@ -32,6 +41,7 @@ class ProxyRequest(server.Request):
         site: ProxySite = self.channel.site  # type: ignore[union-attr,attr-defined]
         if length is not None and length > site.max_body_bytes:
             self._too_large = True
+            site.proxy.metrics.limit_hit("max_body_bytes")
             site.proxy.reject_early(
                 self,
                 413,
@@ -48,6 +58,7 @@ class ProxyRequest(server.Request):
         site: ProxySite = self.channel.site  # type: ignore[union-attr,attr-defined]
         if self._body_seen > site.max_body_bytes:
             self._too_large = True
+            site.proxy.metrics.limit_hit("max_body_bytes")
             site.proxy.reject_early(
                 self,
                 413,
@@ -82,25 +93,13 @@ class ProxyRequest(server.Request):
             self.processingFailed(Failure())  # type: ignore[no-untyped-call]
 
 
-class _LimitedChannel(HTTPChannel):
+class _LimitedChannel(LimitedChannel):
     _peer: IAddress | None = None
     _host: IAddress | None = None
 
     def connectionMade(self) -> None:
-        site: ProxySite = self.site  # type: ignore[attr-defined]
-        limits = site.proxy.limits
-        self.maxHeaders = limits.max_header_count
-        self.totalHeadersSize = limits.max_header_bytes
-        site.proxy.metrics.connections += 1
+        self.site.proxy.metrics.connections += 1  # type: ignore[attr-defined]
         super().connectionMade()
-        if site.proxy.metrics.connections > site.max_connections:
-            body = error_body(503, "too many connections (server.max_connections)")
-            self.transport.write(  # type: ignore[union-attr]
-                b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
-            )
-            site.proxy.metrics.finished("-", 503, "rejected", 0.0, None, 0, len(body))
-            self.loseConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.site.proxy.metrics.connections -= 1  # type: ignore[attr-defined]
@@ -151,38 +150,31 @@ class _LimitedChannel(HTTPChannel):
             return False
         return True
 
-    def _respondToBadRequestAndDisconnect(self) -> None:
-        # HTTPChannel answers every bad request head with a bare 400; its
-        # counters say whether a header limit was the reason (each is checked
-        # right after it is incremented), which deserves 431 and a message.
-        if self._receivedHeaderSize > self.totalHeadersSize:
-            status, code = 431, "request_header_fields_too_large"
-            message = (
-                f"request line and headers are over {self.totalHeadersSize} bytes "
-                "(server.max_header_bytes)"
-            )
-        elif self._receivedHeaderCount > self.maxHeaders:
-            status, code = 431, "request_header_fields_too_large"
-            message = f"more than {self.maxHeaders} request headers (server.max_header_count)"
-        else:
-            status, code = 400, "bad_request"
-            message = "malformed HTTP request"
-        body = error_body(status, message, code)
-        reason = _REASONS[status]
-        self.transport.write(  # type: ignore[union-attr]
-            b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-            b"Connection: close\r\n\r\n%s" % (status, reason, len(body), body)
-        )
-        self.site.proxy.metrics.finished(  # type: ignore[attr-defined]
-            "-", status, "rejected", 0.0, None, 0, len(body)
-        )
-        self.loseConnection()
+    def bad_request(self) -> None:
+        self.site.proxy.metrics.finished("-", 400, "rejected", 0.0, None, 0, 0)  # type: ignore[attr-defined]
+
+    def request_so_far(self) -> tuple[bytes, bytes, Headers] | None:
+        """Method, target and headers of the request being received, when its
+        request line was read."""
+        command = getattr(self, "_command", None)
+        if command is None or not self.requests or self._handlingRequest:
+            return None
+        return command, self._path, self.requests[-1].requestHeaders
 
 
-_REASONS = {400: b"Bad Request", 431: b"Request Header Fields Too Large"}
+def channel_limits(server_settings: ServerSettings) -> ChannelLimits:
+    """The proxy listener's limits from ``[server]``."""
+    return ChannelLimits(
+        header_timeout=server_settings.header_timeout,
+        min_body_rate=server_settings.min_body_rate,
+        max_connections=server_settings.max_connections,
+        max_connections_per_client=server_settings.max_connections_per_client,
+        max_header_bytes=server_settings.max_header_bytes,
+        max_header_count=server_settings.max_header_count,
+    )
 
 
-class ProxySite(server.Site):
+class ProxySite(LimitedSite):
     requestFactory = ProxyRequest
     protocol = _LimitedChannel  # type: ignore[assignment]
     noisy = False
@@ -191,24 +183,71 @@ class ProxySite(server.Site):
         self,
         proxy: ProxyResource,
         *,
-        max_body_bytes: int,
-        max_connections: int,
-        idle_timeout: float,
+        clock: IReactorTime,
+        server_settings: ServerSettings,
         access_log: bool = False,
     ) -> None:
         # Bodies pass through untouched: Twisted's form parsing of POST bodies
         # (Content-Type parsed with the email package on every POST, 12% of the
         # request path's CPU) is pure cost here.  Request.__init__ copies this
         # from the site, so a class attribute on the request would be overwritten.
-        super().__init__(proxy, timeout=idle_timeout, parsePOSTFormSubmission=False)
+        super().__init__(
+            proxy,
+            clock=clock,
+            limits=channel_limits(server_settings),
+            timeout=server_settings.idle_timeout,
+            parsePOSTFormSubmission=False,
+        )
         assert proxy.isLeaf  # ProxyRequest.process renders it without traversal
         self.proxy = proxy
-        self.max_body_bytes = max_body_bytes
-        self.max_connections = max_connections
+        self.max_body_bytes = server_settings.max_body_bytes
         self._access_log = access_log
+
+    def apply(self, server_settings: ServerSettings) -> None:
+        """A config reload: the limits of new connections and of the next sweep."""
+        self.max_body_bytes = server_settings.max_body_bytes
+        self.timeOut = server_settings.idle_timeout
+        self.channel_watch.set_limits(channel_limits(server_settings))
+
+    def limit_hit(self, channel: LimitedChannel, limit: str, status: int, message: str) -> None:
+        proxy = self.proxy
+        metrics = proxy.metrics
+        metrics.limit_hit(limit)
+        metrics.finished("-", status, "rejected", 0.0, None, 0, 0)
+        so_far = channel.request_so_far() if isinstance(channel, _LimitedChannel) else None
+        if so_far is None or not proxy.events.enabled:
+            return  # no request yet (a connection refused, or a silent one)
+        method, target, headers = so_far
+        path, _, query = target.partition(b"?")
+        rid = request_id_from(headers.getRawHeaders(b"x-request-id", (None,))[0])
+        record = ExchangeRecord(
+            request_id=rid,
+            started_at=proxy.clock.seconds(),
+            method=method.decode("latin-1"),
+            path=path.decode("latin-1")[:2048],
+            query=query.decode("latin-1")[:2048],
+            route="-",
+            provider="",
+            upstream_url="",
+            upstream_host="",
+            client_addr=_address(channel.getPeer()),
+            request_headers=[(n, v) for n, vs in headers.getAllRawHeaders() for v in vs],
+            environment=proxy.limits.environment,
+            machine=proxy.machine,
+        )
+        record.status = status
+        record.outcome = "rejected"
+        record.error = message
+        record.ended_at = 0.0
+        proxy.events.request_finished(record)
 
     def log(self, request: Request) -> None:
         # Site writes a formatted access line per request by default, which costs
         # more than the proxying itself; the exchange events carry it all anyway.
         if self._access_log:
             super().log(request)
+
+
+def _address(peer: IAddress) -> str:
+    host = getattr(peer, "host", None)
+    return f"{host}:{getattr(peer, 'port', '')}" if host else "-"

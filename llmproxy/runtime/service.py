@@ -24,11 +24,11 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent
-from twisted.web.server import Site
 
 from llmproxy.access.audit import AuditLog
 from llmproxy.access.policy import build_access
 from llmproxy.admin.resource import AdminResource
+from llmproxy.admin.site import AdminSite
 from llmproxy.cache import build_cache
 from llmproxy.capture.pump import CapturePump
 from llmproxy.capture.sessions import SessionTracker
@@ -159,11 +159,7 @@ class ProxyService(RootService):
             cache=self.cache,
         )
         self.site = ProxySite(
-            self.proxy,
-            max_body_bytes=server.max_body_bytes,
-            max_connections=server.max_connections,
-            idle_timeout=server.idle_timeout,
-            access_log=server.access_log,
+            self.proxy, clock=reactor, server_settings=server, access_log=server.access_log
         )
         collector = MetricsCollector(self.metrics.families, self._exporter_families)
         if self.cache is not None:
@@ -179,9 +175,12 @@ class ProxyService(RootService):
             audit=self.audit,
             cache=self.cache,
         )
-        self.admin_site = Site(admin)
-        self.admin_site.noisy = False
-        self.admin_site.log = lambda request: None  # type: ignore[method-assign]
+        self.admin_site = AdminSite(
+            admin,
+            clock=reactor,
+            header_timeout=server.header_timeout,
+            on_limit=lambda limit: self.metrics.limit_hit("admin." + limit),
+        )
         self.port: IListeningPort | None = None
         self.admin_port: IListeningPort | None = None
         self._reloading: defer.Deferred[bool] | None = None
@@ -205,6 +204,7 @@ class ProxyService(RootService):
             self.reactor,
             flush_interval=cfg.flush_interval,
             run_in_thread=self._in_thread,
+            max_body_bytes=cfg.max_body_bytes,
         )
 
     # -- start --------------------------------------------------------------
@@ -344,9 +344,7 @@ class ProxyService(RootService):
         self.access.set_routes(new.routes)
         proxy.capture = new.capture
         proxy.limits = new.server
-        self.site.max_body_bytes = new.server.max_body_bytes
-        self.site.max_connections = new.server.max_connections
-        self.site.timeOut = new.server.idle_timeout
+        self.site.apply(new.server)
         self.upstream.set_connect_timeout(new.server.connect_timeout)
         self.capture.capture = new.capture
         self.capture.enabled = _events_wanted(new)
@@ -412,6 +410,7 @@ class ProxyService(RootService):
             "capture": {
                 "queued": self.capture.pending(),
                 "handled": self.capture.flushed,
+                "turns_yielded": self.capture.yielded,
                 "errors": self.capture.errors,
             },
             "cache": self.cache.stats() if self.cache is not None else None,

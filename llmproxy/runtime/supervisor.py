@@ -45,11 +45,12 @@ from twisted.python.failure import Failure
 from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory
-from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from llmproxy.access.audit import AuditLog
 from llmproxy.admin.resource import AdminResource
+from llmproxy.admin.site import AdminSite
 from llmproxy.config.model import Settings
 from llmproxy.deferreds import within
 from llmproxy.export.http import quiet_pool
@@ -242,7 +243,7 @@ class Supervisor(RootService):
         self._auth = Headers({b"authorization": [b"Bearer " + token.encode()]} if token else {})
         collector = MetricsCollector(self._families)
         self.registry = make_registry(collector)
-        self.admin_site = Site(
+        self.admin_site = AdminSite(
             SupervisorAdmin(
                 self,
                 is_ready=self.is_ready,
@@ -252,10 +253,10 @@ class Supervisor(RootService):
                 probes_public=settings.server.probes_public,
                 audit=self.audit,
                 cache=_PurgeAll(self) if cache_wanted(settings) else None,
-            )
+            ),
+            clock=reactor,
+            header_timeout=settings.server.header_timeout,
         )
-        self.admin_site.noisy = False
-        self.admin_site.log = lambda request: None  # type: ignore[method-assign]
 
     # -- start --------------------------------------------------------------
 

@@ -293,6 +293,34 @@ async def test_tokens_created_and_revoked_with_the_cli_apply_without_restart(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_token_created_with_allowlists_by_the_cli_reaches_only_those_paths(
+    secured: Secured, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = str(secured.config_path)
+    create = ["token", "create", "--config", config, "--project", "narrow"]
+    assert cli.main([*create, "--allow-path", "v1/chat"]) == 2
+    assert "--allow-path: 'v1/chat' is not an absolute path" in capsys.readouterr().err
+    assert secured.tokens.read() == ()
+    narrow = ["--allow-path", "/v1/chat/completions", "--allow-method", "post"]
+    assert cli.main([*create, *narrow]) == 0
+    secret = capsys.readouterr().out.strip()
+    assert (await secured.chat(secret)).code == 200
+    resp = await secured.chat(secret, "/secure/v1/embeddings")
+    assert resp.code == 403 and _error(resp)["type"] == "permission_error"
+    assert len(secured.env.upstream.requests) == 1
+    assert cli.main(["token", "list", "--config", config, "--json"]) == 0
+    (listed,) = orjson.loads(capsys.readouterr().out)
+    assert (listed["allowed_paths"], listed["allowed_methods"]) == (
+        ["/v1/chat/completions"],
+        ["POST"],
+    )
+    created = [a for a in secured.audit() if a["action"] == "token_created"]
+    assert [(a["allowed_paths"], a["allowed_methods"]) for a in created] == [
+        (["/v1/chat/completions"], ["POST"])
+    ]
+
+
+@pytest_twisted.ensureDeferred
 async def test_sighup_reload_is_audited(secured: Secured) -> None:
     secured.access.reload()
     assert secured.audit()[-1]["action"] == "tokens_reloaded"

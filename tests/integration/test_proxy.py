@@ -406,16 +406,17 @@ async def test_connect_timeout_gives_504(env: Running) -> None:
     assert stats["routes"]["mock"]["by_outcome"] == {"timeout": 1}
 
 
-@pytest.mark.parametrize("whole", [False, True])
+@pytest.mark.parametrize("bound", ["none", "above", "below"])
 @pytest_twisted.ensureDeferred
-async def test_a_long_body_is_read_back_whole_only_for_the_session_tracker(
-    env: Running, whole: bool
+async def test_a_long_body_is_read_back_whole_only_for_the_session_tracker_within_its_bound(
+    env: Running, bound: str
 ) -> None:
-    events = env.service.proxy.events = RecordingEventSink(needs_whole_body=whole)  # type: ignore[assignment]
     cap = env.service.settings.capture.request_body_bytes
     body = json.dumps({"messages": [{"role": "user", "content": "x" * (3 * cap)}]}).encode()
+    whole_body_bytes = {"none": 0, "above": len(body), "below": len(body) - 1}[bound]
+    events = env.service.proxy.events = RecordingEventSink(whole_body_bytes=whole_body_bytes)  # type: ignore[assignment]
     resp = await env.client.post(env.url("/mock/v1/chat/completions"), data=body)
     assert resp.code == 200
     await resp.content()
     assert env.upstream.requests[-1]["body"] == body  # the upstream always gets it all
-    assert events.bodies == [body if whole else body[:cap]]
+    assert events.bodies == [body if bound == "above" else body[:cap]]

@@ -350,11 +350,15 @@ async def test_client_supplied_ids_name_the_session(boot_proxy: Any) -> None:
     await rewritten.say("a different task 1")
     await proxy.shutdown()
     files = session_files(proxy.state_dir)
-    claude_session = "9d8c7b6a-5f4e-3d2c-1b0a-123456789abc"
-    assert set(files) == {"support-ticket-4711", claude_session}
-    assert shape(files["support-ticket-4711"]) == [("session_start", 1), *exchanges(1, 2)]
+    # Each id is kept within its tenant (the client's credentials): tag-id.
+    chosen = {files[name][0]["client_session_id"]: name for name in files}
+    claude_id = "9d8c7b6a-5f4e-3d2c-1b0a-123456789abc"
+    assert set(chosen) == {"support-ticket-4711", claude_id}
+    ticket, claude_session = chosen["support-ticket-4711"], chosen[claude_id]
+    assert ticket.endswith("-support-ticket-4711") and claude_session.endswith("-" + claude_id)
+    assert shape(files[ticket]) == [("session_start", 1), *exchanges(1, 2)]
     assert shape(files[claude_session]) == [("session_start", 1), *exchanges(1, 2, 3)]
-    assert files["support-ticket-4711"][0]["id_source"] == "x-session-id"
+    assert files[ticket][0]["id_source"] == "x-session-id"
     assert files[claude_session][0]["id_source"] == "metadata.user_id"
 
 

@@ -58,8 +58,11 @@ class World:
     access: TokenAccess
     router: Router = attrs.Factory(lambda: Router(ROUTES, PassthroughSettings()))
 
-    def check(self, path: str = "/secure/v1/chat/completions", **headers: str) -> Allow | Deny:
+    def check(
+        self, path: str = "/secure/v1/chat/completions", *, method: bytes = b"GET", **headers: str
+    ) -> Allow | Deny:
         request = DummyRequest([b""])
+        request.method = method
         request.client = IPv4Address("TCP", "10.1.2.3", 5555)
         for name, value in headers.items():
             request.requestHeaders.addRawHeader(name.replace("_", "-"), value.encode())
@@ -384,3 +387,124 @@ def test_limiter_starts_a_new_bucket_when_rpm_changes() -> None:
 @pytest.mark.parametrize(("wait", "header"), [(0.01, 1), (1.0, 1), (1.2, 2), (29.9, 30)])
 def test_retry_after_rounds_up(wait: float, header: int) -> None:
     assert retry_after_seconds(wait) == header
+
+
+# ---------------------------------------------------------------- paths, methods, scope
+
+SCOPED_ROUTES = (
+    RouteSettings(
+        "secure",
+        "/secure",
+        "https://api.openai.com",
+        auth="token",
+        api_key=OPENAI_KEY,
+        allowed_paths=("/v1/chat/completions", "/v1/models", "/v1/*/embeddings"),
+        allowed_methods=("get", "POST"),
+        openai_project="proj_operator",
+    ),
+    RouteSettings("open", "/open", "https://api.openai.com", allowed_paths=("/v1/models",)),
+    RouteSettings(
+        "scoped", "/scoped", "https://api.openai.com", auth="token", api_key=OPENAI_KEY,
+        forward_openai_scope=True,
+    ),
+    RouteSettings("plain", "/plain", "https://api.openai.com"),
+)  # fmt: skip
+
+
+@pytest.fixture
+def scoped(tmp_path: Path) -> Iterator[World]:
+    clock = Clock()
+    clock.advance(NOW)
+    audit = FakeAudit()
+    settings = Settings(server=ServerSettings(state_dir=tmp_path), routes=SCOPED_ROUTES)
+    access = build_access(settings, audit, clock)
+    access.start()
+    w = World(
+        clock,
+        audit,
+        TokenFile.in_state_dir(tmp_path),
+        UsageFile.in_state_dir(tmp_path),
+        access,
+        Router(SCOPED_ROUTES, PassthroughSettings()),
+    )
+    yield w
+    access.stop(0)
+
+
+def check_as(world: World, method: bytes, path: str, secret: str | None) -> Allow | Deny:
+    if secret is None:
+        return world.check(path, method=method)
+    return world.check(path, method=method, authorization=f"Bearer {secret}")
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        (b"POST", "/secure/v1/chat/completions", True),
+        (b"GET", "/secure/v1/models", True),
+        (b"GET", "/secure/v1/models/gpt-4o", True),  # a prefix on whole segments
+        (b"POST", "/secure/v1/abc/embeddings", True),  # a glob
+        (b"GET", "/secure/v1/modelsx", False),
+        (b"GET", "/secure/v1/files", False),
+        (b"GET", "/secure/v1/%66iles", False),
+        (b"GET", "/secure/v1/%6dodels", True),  # judged as the upstream reads it
+        (b"DELETE", "/secure/v1/models/ft-mine", False),
+        (b"GET", "/secure", False),
+    ],
+)
+def test_a_routes_allowed_paths_and_methods_are_checked_before_the_token(
+    scoped: World, method: bytes, path: str, allowed: bool
+) -> None:
+    secret, _ = make(scoped)
+    decision = check_as(scoped, method, path, secret)
+    if allowed:
+        assert isinstance(decision, Allow)
+        return
+    deny = denied(decision, 403)
+    assert "does not serve" in deny.message
+    (line,) = scoped.audit.lines[-1:]
+    assert line["action"] == "access_denied" and line["reason"].startswith("route_")
+    # Refused before the token was even looked at: an unknown token gets the same 403.
+    assert denied(check_as(scoped, method, path, "llmp_unknown"), 403)
+
+
+def test_a_passthrough_routes_allowed_paths_hold_too(scoped: World) -> None:
+    assert isinstance(check_as(scoped, b"GET", "/open/v1/models", None), Allow)
+    denied(check_as(scoped, b"GET", "/open/v1/files", None), 403)
+
+
+def test_a_tokens_own_allowed_paths_and_methods_narrow_the_route(scoped: World) -> None:
+    secret, token = make(scoped, allowed_paths=("/v1/chat/completions",), allowed_methods=("POST",))
+    assert isinstance(check_as(scoped, b"POST", "/secure/v1/chat/completions", secret), Allow)
+    deny = denied(check_as(scoped, b"GET", "/secure/v1/models", secret), 403)
+    assert deny.message == "this proxy token may not use the method GET"
+    deny = denied(check_as(scoped, b"POST", "/secure/v1/a/embeddings", secret), 403)
+    assert deny.message == "this proxy token may not use the path /v1/a/embeddings"
+    assert [(a["reason"], a["token_id"]) for a in scoped.audit.lines[-2:]] == [
+        ("token_method", token.id),
+        ("token_path", token.id),
+    ]
+
+
+def test_client_openai_scope_headers_are_dropped_on_token_routes(scoped: World) -> None:
+    secret, _ = make(scoped)
+    allow = check_as(scoped, b"POST", "/secure/v1/chat/completions", secret)
+    assert isinstance(allow, Allow)
+    assert {b"openai-organization", b"openai-project"} <= allow.drop_headers
+    assert (b"openai-project", b"proj_operator") in allow.set_headers
+    assert allow.masked == (OPENAI_KEY,)
+    forwarding = check_as(scoped, b"POST", "/scoped/v1/chat/completions", secret)
+    assert isinstance(forwarding, Allow)
+    assert b"openai-organization" not in forwarding.drop_headers
+    plain = check_as(scoped, b"POST", "/plain/v1/chat/completions", None)
+    assert plain == Allow()  # a passthrough route forwards the client's own
+
+
+def test_token_allowlists_survive_the_token_file(tmp_path: Path) -> None:
+    tokens = TokenFile.in_state_dir(tmp_path)
+    _, token = tokens.create(
+        "p", NOW, allowed_paths=("/v1/chat/completions", "/v1/*"), allowed_methods=("POST",)
+    )
+    (read,) = tokens.read()
+    assert read == token
+    assert read.allowed_paths == ("/v1/chat/completions", "/v1/*")

@@ -304,6 +304,8 @@ def test_cli_list_shows_ids_projects_expiry_and_usage_never_secrets(
         "used": 4,
         "max_requests": 9,
         "rpm": None,
+        "allowed_paths": [],
+        "allowed_methods": [],
     }
 
 

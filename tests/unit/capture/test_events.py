@@ -535,3 +535,60 @@ def test_events_without_a_cache_carry_no_cache_fields() -> None:
     record.cache_status = None
     event = response_event(record, CAPTURE)
     assert (event["cache_status"], event["cache_key"], event["cache_age_s"]) == (None, None, None)
+
+
+ROUTE_KEY = "sk-proj-Q7vT9xKp2LmZ4rWb8NcY6hJd3FgS5aEu"
+
+
+def _both_builders(record: ExchangeRecord) -> list[dict[str, Any]]:
+    from llmproxy.capture.events import build_response_event, converter
+
+    capture = CaptureSettings()
+    reference = converter.unstructure(build_response_event(record, capture)[0])
+    return [response_event(record, capture), reference]
+
+
+def test_body_keys_userinfo_and_the_injected_key_are_masked_in_both_builders() -> None:
+    body = json.dumps(
+        {"model": "gpt-4o", "api_key": "QkF9sT2vLw8xRz4nYp6m-body", "messages": []}
+    ).encode()
+    record = make_record(
+        path="/openai/user:S3cr3tPa55w0rd@api.openai.com/v1/chat/completions",
+        request_body=body,
+        request_body_size=len(body),
+        masked=(ROUTE_KEY,),
+        error=f"upstream said: your key {ROUTE_KEY} is wrong",
+    )
+    echo = json.dumps({"authorization": f"Bearer {ROUTE_KEY}"}).encode()
+    finish_json(record, echo)
+    record.response_headers.append((b"X-Echo", ROUTE_KEY.encode()))
+    for event in _both_builders(record):
+        text = json.dumps(event)
+        assert "QkF9sT2vLw8xRz4n" not in text and "S3cr3tPa55w0rd" not in text
+        assert ROUTE_KEY[:16] not in text and ROUTE_KEY[8:30] not in text
+        assert event["path"] == "/openai/****@api.openai.com/v1/chat/completions"
+        assert json.loads(event["request_body"]["text"])["api_key"] == "****body"
+        assert json.loads(event["response_body"]["text"]) == {
+            "authorization": "Bearer sk-proj-****5aEu"
+        }
+        assert event["response_headers"]["x-echo"] == "sk-proj-****5aEu"
+        assert event["model"] == "gpt-4o"
+
+
+def test_an_injected_key_echoed_as_the_provider_request_id_is_masked() -> None:
+    record = finish_json(make_record(masked=(ROUTE_KEY,)))
+    record.response_headers.append((b"X-Request-ID", f"req-{ROUTE_KEY}".encode()))
+    for event in _both_builders(record):
+        assert ROUTE_KEY[8:30] not in json.dumps(event)
+        assert event["upstream_request_id"] == "req-sk-proj-****5aEu"
+    plain = finish_json(make_record())
+    plain.response_headers.append((b"X-Request-ID", b"req_abc123"))
+    assert [e["upstream_request_id"] for e in _both_builders(plain)] == ["req_abc123"] * 2
+
+
+def test_an_injected_key_echoed_in_a_stream_is_masked_in_every_chunk() -> None:
+    chunks = [b'data: {"k": "' + ROUTE_KEY.encode() + b'"}\n\n', b"data: [DONE]\n\n"]
+    record = finish_stream(make_record(masked=(ROUTE_KEY,)), chunks)
+    for event in _both_builders(record):
+        assert ROUTE_KEY[8:30] not in json.dumps(event)
+        assert "sk-proj-****5aEu" in event["response_chunks"][0]["data"]

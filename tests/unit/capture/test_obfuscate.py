@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import re
 
 from hypothesis import assume, given
@@ -11,11 +12,14 @@ from hypothesis import strategies as st
 from llmproxy.capture.obfuscate import (
     HeaderObfuscator,
     is_secret_header,
+    mask_body_keys,
     mask_cookie,
     mask_query,
     mask_secret,
     mask_set_cookie,
     mask_url,
+    mask_userinfo,
+    mask_values,
     obfuscate_headers,
     scrub_text,
 )
@@ -165,6 +169,7 @@ def test_obfuscated_headers_are_lowercased_masked_and_joined() -> None:
         (b"Set-Cookie", b"a=0123456789abcdefghij; Path=/"),
         (b"Set-Cookie", b"b=1; Secure"),
         (b"X-Org-Token-Value", b"plain"),
+        (b"X-Org-Tokens-Used", b"plain"),
         (b"X-Internal", b"topsecretvalue-0123456789"),
     ]
     result = obfuscate_headers(headers, ("X-Internal",))
@@ -174,7 +179,8 @@ def test_obfuscated_headers_are_lowercased_masked_and_joined() -> None:
         "x-api-key": "sk-ant-****ijkl",
         "accept": "text/html, application/json",
         "set-cookie": ["a=****ghij; Path=/", "b=****; Secure"],
-        "x-org-token-value": "plain",
+        "x-org-token-value": "****",  # a "token" part: a credential, until shown otherwise
+        "x-org-tokens-used": "plain",  # "tokens" counts them
         "x-internal": "****6789",
     }
 
@@ -228,3 +234,74 @@ def test_free_text_bearer_jwt_and_assignments_are_masked() -> None:
     assert "hunter22" not in scrubbed
     plain = "maximum context length is 8192 tokens"
     assert scrub_text(plain) == plain
+
+
+def test_a_query_name_is_decoded_before_it_is_judged() -> None:
+    secret = "QkF9sT2vLw8xRz4nYp6m"
+    assert mask_query(f"k%65y={secret}&x=1") == "k%65y=****Yp6m&x=1"
+    assert mask_query(f"api%5Fkey={secret}") == "api%5Fkey=****Yp6m"
+    assert mask_query(f"access+token={secret}") == "access+token=****Yp6m"
+    assert mask_query("m%6Fdel=gpt-4o") == "m%6Fdel=gpt-4o"
+
+
+def test_header_names_with_a_credential_part_are_secret() -> None:
+    for name in ("X-Auth", "X-Custom-Credential", "x_session_token", "X-Signature", "X-Jwt"):
+        assert is_secret_header(name), name
+    for name in ("x-ratelimit-remaining-tokens", "anthropic-ratelimit-input-tokens-limit"):
+        assert not is_secret_header(name), name
+    assert obfuscate_headers([(b"X-Auth", b"QkF9sT2vLw8xRz4nYp6m")]) == {"x-auth": "****Yp6m"}
+
+
+KEYS = ("api_key", "apiKey", "key", "secret", "password", "token", "access_token")
+
+
+def test_body_keys_are_masked_at_any_depth_and_inside_encoded_json() -> None:
+    arguments = json.dumps({"password": "hunter2-hunter2-hunter2", "city": "Oslo"})
+    body = json.dumps(
+        {
+            "model": "gpt-4o",
+            "api_key": "sk-live-QkF9sT2vLw8xRz4nYp6m",
+            "metadata": {"apiKey": "short", "keyboard": "qwerty", "tokens": 12},
+            "tool": {"arguments": arguments},
+            "n": {"token": 12345},
+        }
+    )
+    masked = mask_body_keys(body, KEYS)
+    assert "QkF9sT2vLw8xRz4n" not in masked and "hunter2-hunter2-hun" not in masked
+    assert '"short"' not in masked
+    doc = json.loads(masked)
+    assert doc["api_key"] == "sk-****Yp6m" and doc["metadata"]["apiKey"] == "****"
+    assert doc["metadata"]["keyboard"] == "qwerty" and doc["metadata"]["tokens"] == 12
+    assert json.loads(doc["tool"]["arguments"]) == {"password": "****ter2", "city": "Oslo"}
+    assert doc["n"] == {"token": 12345}  # only string values are masked
+    assert doc["model"] == "gpt-4o"
+
+
+def test_a_body_cut_inside_a_secret_masks_what_is_there() -> None:
+    cut = '{"model": "x", "secret": "QkF9sT2vLw8xRz4nYp6m-and-more'
+    assert "QkF9sT2v" not in mask_body_keys(cut, KEYS)
+    assert mask_body_keys('{"key": "a\\"b-QkF9sT2vLw8xRz4nYp6m"}', KEYS) == '{"key": "****Yp6m"}'
+
+
+def test_no_body_keys_mask_nothing() -> None:
+    body = '{"api_key": "QkF9sT2vLw8xRz4nYp6m"}'
+    assert mask_body_keys(body, ()) == body
+
+
+def test_userinfo_is_masked_in_paths_urls_and_messages() -> None:
+    assert mask_userinfo("/openai/user:S3cr3tPa55@api.openai.com/v1") == (
+        "/openai/****@api.openai.com/v1"
+    )
+    assert mask_userinfo("/openai/T0kenOnly@api.openai.com/") == "/openai/****@api.openai.com/"
+    assert mask_userinfo("/v1/chat/completions") == "/v1/chat/completions"
+    text = "upstream host 'u:S3cr3tPa55@api.openai.com' is not allowed"
+    assert scrub_text(text) == "upstream host '****@api.openai.com' is not allowed"
+
+
+def test_injected_values_are_masked_wherever_they_appear() -> None:
+    key = "sk-proj-Q7vT9xKp2LmZ4rWb8NcY6hJd3FgS5aEu"
+    text = f'{{"authorization": "Bearer {key}", "again": "{key}"}}'
+    masked = mask_values(text, (key,))
+    assert key[:20] not in masked and masked.count("sk-proj-****aEu") == 0
+    assert masked.count("sk-proj-****5aEu") == 2
+    assert mask_values("nothing here", (key,)) == "nothing here"

@@ -72,6 +72,8 @@ class Bus:
 class Calls:
     """A tracker that records the order it is called in (and may fail)."""
 
+    max_body_bytes = 1000
+
     def __init__(self, fail_for: str = "") -> None:
         self.calls: list[tuple[str, str]] = []
         self.fail_for = fail_for
@@ -220,9 +222,9 @@ def test_the_response_event_is_the_same_whether_the_tracker_read_the_reply_or_no
     assert bus.envelopes[-1].payload()["model"] == "gpt-4o-mini-2024-07-18"
 
 
-def test_only_a_session_tracker_needs_the_whole_request_body() -> None:
-    assert make()[0].needs_whole_body is False
-    assert make(Calls())[0].needs_whole_body is True
+def test_only_a_session_tracker_needs_the_whole_request_body_up_to_its_bound() -> None:
+    assert make()[0].whole_body_bytes == 0
+    assert make(Calls())[0].whole_body_bytes == Calls.max_body_bytes
 
 
 def finish_streamed(rec: ExchangeRecord) -> None:
@@ -423,6 +425,19 @@ def test_a_conversation_served_partly_from_the_cache_stays_one_session() -> None
     # The tracker read the cached reply: turn 2 continues the run it belongs to
     # (had the hit gone unseen, it would continue the first run's session).
     assert (second.session_id, second.seq) == (again.session_id, 2)
+
+
+def test_a_turn_over_its_budget_leaves_the_rest_to_the_next_turn_in_order() -> None:
+    calls = Calls()
+    pump, bus, clock = make(calls)
+    records = [record(f"r{i}") for i in range(3)]
+    for rec in records:
+        pump.request_started(rec, rec.request_body)
+    pump.flush(budget=0.0)  # each entry is over a budget of nothing: one per turn
+    assert calls.calls == [("assign", "r0")] and pump.pending() == 2 and pump.yielded == 1
+    clock.advance(0)  # the next turn, at the default budget, handles the rest
+    assert calls.calls == [("assign", "r0"), ("assign", "r1"), ("assign", "r2")]
+    assert pump.pending() == 0 and len(bus.envelopes) == 3
 
 
 def test_the_tokens_of_an_answer_are_counted_for_its_project_from_the_built_event() -> None:

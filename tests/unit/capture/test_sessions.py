@@ -31,6 +31,9 @@ from llmproxy.capture.sessions import (
     conversation_kind,
     fingerprint,
     reduce_message,
+    scoped_id,
+    tenant_namespace,
+    tenant_tag,
 )
 from llmproxy.config.model import CaptureSettings, ExporterSettings
 from llmproxy.events.envelope import Envelope
@@ -41,6 +44,14 @@ from tests.fakes.loki import FakeLoki
 
 NOW = 1_795_419_612.0  # 2026-11-23T07:40:12Z
 KEY = "sk-proj-AbCdEfGhIjKlMnOpQrStUvWxYz0123456789"
+# Every harness request carries KEY: a client's session ids are kept within its tenant.
+TENANT = tenant_tag(tenant_namespace("", [(b"Authorization", f"Bearer {KEY}".encode())]))
+
+
+def scoped(session: str) -> str:
+    return scoped_id(TENANT, session)
+
+
 CANONICAL_FIELDS = {
     "schema",
     "type",
@@ -762,9 +773,10 @@ def test_a_client_supplied_id_wins(
         h.exchange(path or "/v1/chat/completions", request, openai_json("Hello"), headers=headers)
         for _ in range(3)
     ]
-    assert ids(records) == [(session, 1), (session, 2), (session, 3)]
+    assert ids(records) == [(scoped(session), 1), (scoped(session), 2), (scoped(session), 3)]
     (start,) = h.events("session_start")
-    assert (start["session_id"], start["id_source"], start["seq"]) == (session, source, 1)
+    assert (start["session_id"], start["id_source"], start["seq"]) == (scoped(session), source, 1)
+    assert start["client_session_id"] == session
 
 
 def test_an_id_longer_than_255_characters_is_ignored(h: Harness) -> None:
@@ -782,7 +794,7 @@ def test_claude_code_session_ids_keep_one_session_across_edits(h: Harness) -> No
     ]
     claude.messages = claude.messages[:2]
     records.append(claude.turn("Actually, add docs", [{"type": "text", "text": "Docs added."}]))
-    session = "2b9e4c1a-7f3d-4e8b-9a6c-5d1f0e2b3a47"
+    session = scoped("2b9e4c1a-7f3d-4e8b-9a6c-5d1f0e2b3a47")
     assert ids(records) == [(session, 1), (session, 2), (session, 3)]
     assert h.events("fork") == []
 
@@ -935,7 +947,7 @@ def test_a_client_id_session_counts_on_after_a_restart(tmp_path: Path) -> None:
     first.tracker.stop(0)
     second = harness(store)
     record = second.exchange("/v1/chat/completions", body, openai_json("Hello"))
-    assert (record.session_id, record.seq) == ("s-1", 3)
+    assert (record.session_id, record.seq) == (scoped("s-1"), 3)
     second.tracker.stop(0)
 
 
@@ -1331,3 +1343,87 @@ def test_the_tracker_adds_no_objects_for_the_garbage_collector_to_scan() -> None
     heads = list(tracker._sessions.values())
     assert len(heads) == 2000
     assert not any(gc.is_tracked(h) for h in heads)
+
+
+# ---------------------------------------------------------------- tenants and bounds
+
+OTHER_TENANT = [(b"Authorization", b"Bearer sk-proj-SomeoneElseEntirely0123456789")]
+
+
+def test_the_same_client_session_id_from_two_tenants_is_two_sessions(h: Harness) -> None:
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi"}]}
+    header = [(b"X-Session-ID", b"shared-id")]
+    first = h.exchange("/v1/chat/completions", body, openai_json("A"), headers=header)
+    second = h.exchange(
+        "/v1/chat/completions", body, openai_json("B"), headers=[*header, *OTHER_TENANT]
+    )
+    again = h.exchange("/v1/chat/completions", body, openai_json("C"), headers=header)
+    assert first.session_id != second.session_id
+    assert ids([first, second, again]) == [
+        (scoped("shared-id"), 1),
+        (second.session_id, 1),
+        (scoped("shared-id"), 2),
+    ]
+    starts = h.events("session_start")
+    assert [s["client_session_id"] for s in starts] == ["shared-id", "shared-id"]
+
+
+def test_the_same_conversation_from_two_tenants_does_not_continue_across_them(
+    h: Harness,
+) -> None:
+    mine, theirs = ChatClient(h), ChatClient(h)
+    mine.say("Hi", "Hello!")
+    theirs.say("Hi", "Hello!", headers=OTHER_TENANT)
+    follow_mine = mine.say("Next", "Sure.")
+    follow_theirs = theirs.say("Next", "Sure.", headers=OTHER_TENANT)
+    assert follow_mine.seq == follow_theirs.seq == 2
+    assert follow_mine.session_id != follow_theirs.session_id
+
+
+def test_the_tenant_is_the_response_caches_namespace() -> None:
+    from twisted.web.http_headers import Headers
+
+    from llmproxy.cache.policy import namespace_for
+
+    cases: list[tuple[str, list[tuple[bytes, bytes]]]] = [
+        ("", [(b"Authorization", b"Bearer a"), (b"X-Api-Key", b"k"), (b"Authorization", b"b")]),
+        ("", [(b"Cookie", b"c=1"), (b"Content-Type", b"application/json")]),
+        ("", [(b"Cookie", b"c=1"), (b"Api-Key", b"z")]),
+        ("", []),
+        ("team-a", [(b"Authorization", b"Bearer llmp_x")]),
+    ]
+    for project, pairs in cases:
+        headers = Headers()
+        for name, value in pairs:
+            headers.addRawHeader(name, value)
+        assert tenant_namespace(project, pairs) == namespace_for(project, headers).full
+    assert tenant_tag(b"anon") == ""
+    assert len(tenant_tag(b"p:team-a")) == 12 and tenant_tag(b"p:team-a") != tenant_tag(b"p:b")
+
+
+def test_a_body_over_max_body_bytes_is_not_parsed_and_only_a_header_names_its_session() -> None:
+    h = harness(max_body_bytes=1000)
+    big = {"model": "gpt-4o", "messages": [{"role": "user", "content": "x" * 2000}]}
+    unnamed = h.exchange("/v1/chat/completions", big, openai_json("A"))
+    named = h.exchange(
+        "/v1/chat/completions", big, openai_json("B"), headers=[(b"X-Session-ID", b"s-big")]
+    )
+    assert (unnamed.session_id, unnamed.seq) == (None, None)
+    assert (named.session_id, named.seq) == (scoped("s-big"), 1)
+    stats = h.tracker.stats()
+    assert stats["too_large"] == 2 and stats["states_recorded"] == 0
+    small = {"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]}
+    assert h.exchange("/v1/chat/completions", small, openai_json("C")).seq == 1
+
+
+def test_a_namespaced_client_id_survives_a_restart_at_its_longest(tmp_path: Path) -> None:
+    store = tmp_path / "session-state.jsonl"
+    longest = "z" * 255
+    body = {"messages": [{"role": "user", "content": "Hi"}], "metadata": {"session_id": longest}}
+    first = harness(store)
+    first.exchange("/v1/chat/completions", body, openai_json("Hello"))
+    first.tracker.stop(0)
+    second = harness(store)
+    record = second.exchange("/v1/chat/completions", body, openai_json("Hello"))
+    assert (record.session_id, record.seq) == (scoped(longest), 2)
+    second.tracker.stop(0)

@@ -172,8 +172,17 @@ def test_flags_override_the_config_and_the_environment_fills_gaps(tmp_path: Path
     assert (plan.exporter.batch_size, plan.exporter.buffer) == (7, 70)
     assert (plan.redis.group, plan.redis.consumer, plan.redis.claim_idle) == ("other", "c1", 2.0)
     assert plan.drain_timeout == 3
-    flagged = dispatcher_plan(parse([*argv, "--api-key", "k-flag"]), env)
-    assert flagged.exporter.api_key == "k-flag"
+
+
+def test_the_api_key_flag_is_refused_without_echoing_the_key(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    argv = ["--config", str(config), "--service", "lunary", "--api-key", "k-flag-canary"]
+    with pytest.raises(DispatcherConfigError) as raised:
+        dispatcher_plan(parse(argv), {"LLM_PROXY_API_KEY": "k-env"})
+    (problem,) = raised.value.problems
+    assert problem.startswith("--api-key: deprecated and no longer read")
+    assert "LLM_PROXY_API_KEY" in problem and "file:PATH" in problem
+    assert "k-flag-canary" not in problem
 
 
 def test_an_exporter_section_is_the_sink(tmp_path: Path) -> None:
@@ -182,7 +191,7 @@ def test_an_exporter_section_is_the_sink(tmp_path: Path) -> None:
     assert plan.exporter.name == "loki" and plan.exporter.batch_size == 250
     assert plan.exporter.url.endswith("/loki/api/v1/push")
     keyed = dispatcher_plan(
-        parse(["--config", str(config), "--exporter", "loki", "--api-key", "tok"]), {}
+        parse(["--config", str(config), "--exporter", "loki"]), {"LLM_PROXY_API_KEY": "tok"}
     )
     assert keyed.exporter.bearer_token == "tok"
 

@@ -100,3 +100,46 @@ def test_header_limits_are_typed_and_checked(tmp_path: Path) -> None:
         "server.max_header_count: must be greater than 0 (<text>)",
         "server.max_header_bytes: must be at least 1KiB (<text>)",
     ]
+
+
+def test_admin_token_accepts_env_and_file(tmp_path: Path) -> None:
+    s = load_settings(text=ini(tmp_path, "", "admin_token = env:ADMIN_T"), env={"ADMIN_T": "a1"})
+    assert s.server.admin_token == "a1"
+    (tmp_path / "admin.token").write_text("from-file\n")
+    s = load_settings(text=ini(tmp_path, "", "admin_token = file:admin.token"), env={})
+    assert s.server.admin_token == "from-file"
+    assert problems(ini(tmp_path, "", "admin_token = env:NOPE")) == [
+        "server.admin_token: environment variable NOPE is not set or empty (<text>)"
+    ]
+
+
+def test_client_limits_and_route_allowlists_are_typed_and_checked(tmp_path: Path) -> None:
+    s = load_settings(
+        text=ini(
+            tmp_path,
+            "allowed_paths = /v1/chat/completions, /v1/*/files\nallowed_methods = GET, POST\n"
+            "openai_organization = org-op\nforward_openai_scope = true",
+            "header_timeout = 5s\nmin_body_rate = 2KiB\nmax_connections_per_client = 0",
+        ),
+        env={},
+    )
+    route = s.routes[0]
+    assert route.allowed_paths == ("/v1/chat/completions", "/v1/*/files")
+    assert route.allowed_methods == ("GET", "POST")
+    assert (route.openai_organization, route.forward_openai_scope) == ("org-op", True)
+    server = s.server
+    assert (server.header_timeout, server.min_body_rate) == (5.0, 2048)
+    assert server.max_connections_per_client == 0
+    assert problems(
+        ini(
+            tmp_path,
+            "allowed_paths = v1/chat\nallowed_methods = GET POST\nopenai_project = a b",
+            "header_timeout = 0\nmin_body_rate = 0\nmax_connections_per_client = -2",
+        )
+    ) == [
+        "server.header_timeout: must be greater than 0 (<text>)",
+        "server.max_connections_per_client: must be 0 or more (<text>)",
+        "route:secure.allowed_paths: 'v1/chat' is not an absolute path (/v1/...) (<text>)",
+        "route:secure.allowed_methods: 'GET POST' is not an HTTP method (<text>)",
+        "route:secure.openai_project: contains spaces, control or non-ASCII characters (<text>)",
+    ]
