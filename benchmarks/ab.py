@@ -19,8 +19,13 @@ A side is ``NAME=VARIANT`` (a key of ``run.LLMPROXY_VARIANTS``), optionally
 ``:KEY=VALUE,KEY=VALUE`` for environment variables of that daemon only (an
 experiment's hook, a different ``PYTHONPATH``).  Nothing is written anywhere.
 For one-process variants: every process of a side is pinned to the server's CPU.
+A side of several workers (``run.WORKERS``) is measured as ``run.py`` measures it:
+its c50 runs spread every process (workers, wrk, mocks) over every CPU.
 ``--stream`` measures streams instead of JSON exchanges: the recorded 100-chunk
 reply (17.8 KB) that ``run.py``'s nginx SSE mock sends.
+
+    .venv/bin/python benchmarks/ab.py --rounds 8 local=llmproxy-file-tokens \
+        redis=llmproxy-file-tokens-redis redis2w=llmproxy-file-tokens-redis-2w
 """
 
 from __future__ import annotations
@@ -85,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             stack.enter_context(run.run_nginx("mock", nginx, workdir, conf, mock_port))
         )
         servers: dict[str, tuple[run.Server, str]] = {}
+        spread = {name: run.WORKERS.get(variant, 1) > 1 for name, variant, _ in args.sides}
         for name, variant, env in args.sides:
             twistd, port, admin = run.llmproxy_daemon(mocks, variant, workdir / name)
             server = stack.enter_context(
@@ -98,9 +104,15 @@ def main(argv: list[str] | None = None) -> int:
             for name, (server, url) in servers.items():
                 run.set_affinity([*mocks.pids(), *server.pids()], cpu0)
                 c1 = run.run_wrk(wrk, url, 1, 1, args.seconds, args.stream, cpus=cpu0)
-                run.set_affinity(mocks.pids(), cpu1)
+                if spread[name]:
+                    run.set_affinity([*mocks.pids(), *server.pids()], run.ALL_CPUS)
+                    wrk_cpus = run.ALL_CPUS
+                else:
+                    run.set_affinity(mocks.pids(), cpu1)
+                    run.set_affinity(server.pids(), cpu0)
+                    wrk_cpus = cpu1
                 before = run.cpu_seconds(server.pids())
-                c50 = run.run_wrk(wrk, url, 2, 50, args.seconds, args.stream, cpus=cpu1)
+                c50 = run.run_wrk(wrk, url, 2, 50, args.seconds, args.stream, cpus=wrk_cpus)
                 cpu_us = (run.cpu_seconds(server.pids()) - before) / max(c50.requests, 1) * 1e6
                 f = figures[name]
                 f["p50"].append(c1.latency_us["p50"])

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import hashlib
 import http.client
 import json
 import math
@@ -385,7 +386,12 @@ def http_call(
 ) -> tuple[int, bytes]:
     """One request to a 127.0.0.1 URL, ignoring any proxy settings of the environment."""
     assert url.startswith("http://127.0.0.1:"), url
-    headers = {"Content-Type": "application/json"} if body is not None else {}
+    # As post.lua: the key a passthrough route forwards, the token of a token route.
+    headers = (
+        {"Content-Type": "application/json", "Authorization": f"Bearer {BENCH_TOKEN}"}
+        if body is not None
+        else {}
+    )
     req = urllib.request.Request(url, data=body, method=method, headers=headers)
     try:
         with _NO_PROXY_OPENER.open(req, timeout=timeout) as resp:
@@ -408,7 +414,13 @@ def overhead_header_sample(url: str, count: int) -> list[float]:
     try:
         for _ in range(count):
             conn.request(
-                "POST", parts.path, body=REQUEST_BODY, headers={"Content-Type": "application/json"}
+                "POST",
+                parts.path,
+                body=REQUEST_BODY,
+                headers={
+                    "Content-Type": "application/json",
+                    "Authorization": f"Bearer {BENCH_TOKEN}",
+                },
             )
             resp = conn.getresponse()
             resp.read()
@@ -715,7 +727,13 @@ class Mocks:
 
 
 def llmproxy_config(
-    workdir: Path, mocks: Mocks, port: int, admin: int, extra: Sequence[str], workers: int = 1
+    workdir: Path,
+    mocks: Mocks,
+    port: int,
+    admin: int,
+    extra: Sequence[str],
+    workers: int = 1,
+    tokens: bool = False,
 ) -> str:
     lines = [
         "[server]",
@@ -735,6 +753,10 @@ def llmproxy_config(
         f"upstream = http://127.0.0.1:{mocks.sse_port}",
         "provider = openai",
     ]
+    if tokens:
+        for route in ("[route:mock]", "[route:sse]"):
+            at = lines.index(route) + 1
+            lines[at:at] = ["auth = token", "api_key = sk-bench-upstream-key"]
     if any("{REDIS}" in line for line in extra):
         extra = [line.replace("{REDIS}", mocks.redis_url()) for line in extra]
     lines += [line.replace("{LOKI}", f"http://127.0.0.1:{mocks.mock_port}") for line in extra]
@@ -787,10 +809,15 @@ LABELS = {
     "llmproxy-off-2w": "llmproxy, 2 workers, no sinks",
     "llmproxy-file-2w": "llmproxy, 2 workers, file sink on",
     "llmproxy-redis": "llmproxy, Redis bus (XADD), no local sink",
+    "llmproxy-file-tokens": "llmproxy, file sink, token with quota and rpm",
+    "llmproxy-file-tokens-redis": "llmproxy, file sink, token, [state] store = redis",
+    "llmproxy-file-tokens-redis-2w": "llmproxy, 2 workers, file sink, token, store = redis",
     "twisted": "Twisted ReverseProxyResource",
     "nginx": "nginx proxy_pass (1 worker)",
 }
 FILE_SINK = ["", "[exporter:events]", "type = file", "path = events.jsonl"]
+# [state] store = redis on the harness's redis-server (Mocks.redis_url).
+SHARED_STATE = ["", "[state]", "store = redis", "", "[redis]", "url = {REDIS}"]
 LLMPROXY_VARIANTS: dict[str, list[str]] = {
     # key: ini lines added to the common config (server and the two routes)
     "llmproxy-off": [],
@@ -801,8 +828,33 @@ LLMPROXY_VARIANTS: dict[str, list[str]] = {
     "llmproxy-off-2w": [],
     "llmproxy-file-2w": FILE_SINK,
     "llmproxy-redis": ["", "[events]", "bus = redis", "", "[redis]", "url = {REDIS}"],
+    "llmproxy-file-tokens": FILE_SINK,
+    "llmproxy-file-tokens-redis": [*FILE_SINK, *SHARED_STATE],
+    "llmproxy-file-tokens-redis-2w": [*FILE_SINK, *SHARED_STATE],
 }
-WORKERS = {"llmproxy-off-2w": 2, "llmproxy-file-2w": 2}  # [server] workers; others: 1
+WORKERS = {  # [server] workers; others: 1
+    "llmproxy-off-2w": 2,
+    "llmproxy-file-2w": 2,
+    "llmproxy-file-tokens-redis-2w": 2,
+}
+# Variants whose routes want a proxy token (auth = token): the state directory
+# holds one for the key post.lua sends, with a quota and a rate limit so every
+# request is counted and takes from a bucket (with store = redis: the admission
+# script), both far above what a run sends.
+TOKEN_VARIANTS = frozenset(
+    {"llmproxy-file-tokens", "llmproxy-file-tokens-redis", "llmproxy-file-tokens-redis-2w"}
+)
+BENCH_TOKEN = "sk-bench-not-a-real-key"  # benchmarks/post.lua's Authorization
+BENCH_TOKEN_LIMITS = {"max_requests": 10**12, "rpm": 10**9}
+
+
+def write_bench_token(state_dir: Path) -> None:
+    """``tokens.json`` with the token post.lua sends (as ``llmproxy token create``
+    would store it: its digest only)."""
+    digest = hashlib.sha256(BENCH_TOKEN.encode()).hexdigest()
+    token = {"sha256": digest, "project": "bench", "created": time.time(), **BENCH_TOKEN_LIMITS}
+    state_dir.mkdir(parents=True, exist_ok=True)
+    (state_dir / "tokens.json").write_text(json.dumps({"version": 1, "tokens": [token]}))
 
 
 def llmproxy_daemon(
@@ -814,7 +866,12 @@ def llmproxy_daemon(
     port, admin = free_port(), free_port()
     config = workdir / "llmproxy.ini"
     extra = LLMPROXY_VARIANTS[key]
-    config.write_text(llmproxy_config(workdir, mocks, port, admin, extra, WORKERS.get(key, 1)))
+    tokens = key in TOKEN_VARIANTS
+    config.write_text(
+        llmproxy_config(workdir, mocks, port, admin, extra, WORKERS.get(key, 1), tokens)
+    )
+    if tokens:
+        write_bench_token(workdir / "state")
     argv = [
         str(VENV_TWISTD), "-n", "--pidfile=", "-l", "/dev/null", *twistd_options,
         "llmproxy", "--config", str(config),
@@ -911,8 +968,15 @@ RUN_KEYS = (
     "twisted",
     "nginx",
 )
-# Not run by default: diagnoses of the file sink's cost (its fsync; the session tracker).
-EXTRA_RUN_KEYS = ("llmproxy-file-nofsync", "llmproxy-file-nosessions")
+# Not run by default: diagnoses of the file sink's cost (its fsync; the session
+# tracker), and tokens counted per process or in Redis ([state] store).
+EXTRA_RUN_KEYS = (
+    "llmproxy-file-nofsync",
+    "llmproxy-file-nosessions",
+    "llmproxy-file-tokens",
+    "llmproxy-file-tokens-redis",
+    "llmproxy-file-tokens-redis-2w",
+)
 ALL_RUN_KEYS = (*RUN_KEYS[:3], *EXTRA_RUN_KEYS, *RUN_KEYS[3:])
 ALL_CPUS = frozenset(os.sched_getaffinity(0))
 
@@ -1554,6 +1618,10 @@ def main(argv: Sequence[str]) -> int:
                     mocks, "llmproxy-file-nosessions"
                 ),
                 "llmproxy-file-loki": lambda: target_llmproxy(mocks, "llmproxy-file-loki"),
+                **{
+                    key: (lambda key=key: target_llmproxy(mocks, key))
+                    for key in sorted(TOKEN_VARIANTS)
+                },
                 "llmproxy-off-2w": lambda: target_llmproxy(mocks, "llmproxy-off-2w"),
                 "llmproxy-file-2w": lambda: target_llmproxy(mocks, "llmproxy-file-2w"),
                 "twisted": lambda: target_twisted(mocks),

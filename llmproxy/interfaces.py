@@ -14,7 +14,10 @@ checker only, so this module imports none of the packages it describes.
   ``HTTPClient``; blocking work goes through a ``RunBlocking``;
 - Redis is reached through a ``RedisExecutor`` (one command) or, where the
   connection's life matters, a ``RedisClient``;
-- the response cache keeps entries in a ``CacheStore`` (memory or Redis);
+- the response cache keeps entries in a ``CacheStore`` (memory or Redis); a store
+  shared by several processes is also a ``LockingStore`` (cross-process coalescing);
+- the session tracker's decisions are taken in a ``SharedSessionState`` with
+  ``[state] store = redis``;
 - long-lived components share one ``Lifecycle``: ``start()``, ``stop(timeout)``.
 """
 
@@ -38,6 +41,7 @@ if TYPE_CHECKING:
     from llmproxy.events.envelope import Envelope
     from llmproxy.export.verdict import Verdict
     from llmproxy.http.router import Target
+    from llmproxy.state.sessions import AssignOp, RecordOp
 
 __all__ = [
     "AccessPolicy",
@@ -48,11 +52,13 @@ __all__ = [
     "HTTPClient",
     "Lifecycle",
     "LineSink",
+    "LockingStore",
     "PreparingSink",
     "RedisClient",
     "RedisExecutor",
     "ReopenableSink",
     "RunBlocking",
+    "SharedSessionState",
     "Sink",
     "Subscriber",
 ]
@@ -111,7 +117,11 @@ class EventSink(Protocol):
 class AccessPolicy(Protocol):
     """Decides, per request, whether it may go upstream (``access.policy``)."""
 
-    def check(self, request: Request, target: Target, record: ExchangeRecord) -> Allow | Deny: ...
+    def check(
+        self, request: Request, target: Target, record: ExchangeRecord
+    ) -> Allow | Deny | Deferred[Allow | Deny]:
+        """The decision now, or a Deferred of it (shared state asked); the
+        Deferred never fails."""
 
     def finished(self, record: ExchangeRecord) -> None: ...
 
@@ -279,3 +289,36 @@ class CacheStore(Protocol):
         """Connect, where there is something to connect to (at service start)."""
 
     def close(self) -> Deferred[None]: ...
+
+
+@runtime_checkable
+class LockingStore(CacheStore, Protocol):
+    """A store several processes share (Redis): the first process to miss a key
+    takes a short lock on it, the others wait for its entry
+    (``cache.redis_store.RedisStore``)."""
+
+    def lock(self, key: str, ttl: float) -> Deferred[str | None]:
+        """A token when this process got the lock on ``key`` (for ``ttl``
+        seconds), None when another holds it."""
+
+    def unlock(self, key: str, token: str) -> Deferred[None]:
+        """Release the lock if it is still ours."""
+
+    def peek(self, key: str) -> Deferred[tuple[CachedResponse | None, bool]]:
+        """The fresh entry under ``key`` (or None), and whether a lock is held on it."""
+
+
+# -- shared state ---------------------------------------------------------------------
+
+
+@runtime_checkable
+class SharedSessionState(Protocol):
+    """Where the session tracker's operations run with ``[state] store = redis``
+    (``state.sessions.RedisSessionState`` over a connection)."""
+
+    @property
+    def usable(self) -> bool: ...
+
+    def apply(self, ops: Sequence[AssignOp | RecordOp]) -> Deferred[None]:
+        """Run ``ops`` in order, atomically; fills in each assignment's result.
+        Fails as a Redis command does (``RedisUnavailable``)."""

@@ -28,6 +28,13 @@ with :func:`hmac.compare_digest`.
 
 The token file is re-read when it changes: a ``stat`` at most once per
 ``reload_interval`` on the request path, and at once on :meth:`reload` (SIGHUP).
+
+With ``[state] store = redis`` the token set, the quota counts and the rate
+buckets are shared by every process through Redis (llmproxy/access/shared.py):
+the answers are the same, a token with limits costs one round trip (shared by
+the requests of one reactor turn) and :meth:`TokenAccess.check` answers with a
+Deferred for it; while Redis does not answer, ``[state] on_unavailable`` says
+503 (``fail_closed``) or pass (``fail_open``).
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ from twisted.web.server import Request
 
 from llmproxy.access.decision import Allow, Deny
 from llmproxy.access.limits import RateLimiter, retry_after_seconds
+from llmproxy.access.shared import SharedTokens
 from llmproxy.access.tokens import (
     MAX_TOKEN_LENGTH,
     Stamp,
@@ -63,8 +71,11 @@ from llmproxy.access.tokens import (
 )
 from llmproxy.capture.record import ExchangeRecord
 from llmproxy.config.model import RouteSettings, Settings
+from llmproxy.events.machine import machine_id
 from llmproxy.http.router import Target
 from llmproxy.interfaces import Auditor
+from llmproxy.state import SharedState
+from llmproxy.state.counters import Admission
 
 __all__ = [
     "CLIENT_CREDENTIAL_HEADERS",
@@ -83,6 +94,11 @@ CLIENT_CREDENTIAL_HEADERS = frozenset(
 )
 _ALLOW_AS_IS = Allow()
 _WWW_AUTHENTICATE = ((b"www-authenticate", b'Bearer realm="llmproxy"'),)
+_STATE_UNAVAILABLE = (
+    "the proxy's shared state (Redis) does not answer: requests with proxy tokens are "
+    "refused until it does"
+)
+_RETRY_SOON = ((b"retry-after", b"1"),)
 
 
 def upstream_auth_header(provider: str, api_key: str) -> tuple[bytes, bytes]:
@@ -226,6 +242,10 @@ class TokenAccess:
         clock: IReactorTime,
         reload_interval: float = 1.0,
         flush_interval: float = 5.0,
+        shared: SharedState | None = None,
+        usage_file: UsageFile | None = None,
+        fail_open: bool = False,
+        machine: str = "",
     ) -> None:
         self._tokens = tokens
         self._usage = usage
@@ -239,12 +259,25 @@ class TokenAccess:
         self._loaded = False
         self._next_stat = 0.0
         self._flusher: LoopingCall | None = None
+        self._started = False
         routes = tuple(routes)
         self._rules = self._route_rules(routes)
         self._inject = self._injections(routes)
         self.denied = 0
         self.reloads = 0
+        self.unavailable = 0
         self._by_project: dict[tuple[str, str], Allow] = {}
+        self._shared: SharedTokens | None = None
+        if shared is not None:
+            self._shared = SharedTokens(
+                shared,
+                clock,
+                token_file=tokens,
+                usage_file=usage_file or UsageFile(tokens.path.with_name("token-usage.json")),
+                on_tokens=self._take_tokens,
+                fail_open=fail_open,
+                machine=machine,
+            )
 
     @staticmethod
     def _injections(routes: Iterable[RouteSettings]) -> dict[str, Allow]:
@@ -262,16 +295,20 @@ class TokenAccess:
         was_active = bool(self._inject)
         self._rules = self._route_rules(routes)
         self._inject = self._injections(routes)
-        if self._inject and not was_active and self._flusher is None:
+        if self._inject and not was_active and not self._started:
             self.start()
         elif self._inject:
-            self._load("config_reload")
+            self.reload("config_reload")
 
     # -- lifecycle ------------------------------------------------------------
 
     def start(self) -> None:
         """Load tokens and counts; flush counts every ``flush_interval`` while running."""
         if not self._inject:
+            return
+        self._started = True
+        if self._shared is not None:
+            self._shared.start()
             return
         self._load("start")
         flusher = self._flusher = LoopingCall(self._usage.flush)
@@ -280,6 +317,9 @@ class TokenAccess:
 
     def stop(self, timeout: float) -> Deferred[None]:
         """Stop flushing and write the exact counts (call it after the last exchange)."""
+        self._started = False
+        if self._shared is not None:
+            return self._shared.stop(timeout)
         if self._flusher is not None:
             if self._flusher.running:
                 self._flusher.stop()
@@ -288,26 +328,40 @@ class TokenAccess:
             self._usage.close()
         return succeed(None)
 
-    def reload(self) -> None:
-        """Re-read the token file now (SIGHUP)."""
-        if self._inject:
-            self._load("sighup")
+    def reload(self, trigger: str = "sighup") -> Deferred[None]:
+        """Re-read the token file (or ask the shared state) now (SIGHUP); fires
+        once the tokens are read."""
+        if not self._inject:
+            return succeed(None)
+        if self._shared is not None:
+            return self._shared.poll()
+        self._load(trigger)
+        return succeed(None)
 
     def stats(self) -> dict[str, int]:
-        """For ``/stats``: tokens known, denials and reloads since start."""
-        return {
+        """For ``/stats``: tokens known, denials and reloads since start (and,
+        with shared state, requests refused or let through while Redis did not
+        answer, and counts not yet added to Redis)."""
+        stats = {
             "tokens": len(self._by_digest),
             "denied": self.denied,
             "reloads": self.reloads,
             "usage_write_errors": self._usage.write_errors,
         }
+        if self._shared is not None:
+            stats["unavailable"] = self.unavailable
+            stats.update(self._shared.stats())
+        return stats
 
     def _flush_failed(self, failure: Failure) -> None:
         log.failure("token usage flushing stopped", failure)
 
     # -- the request path -------------------------------------------------------
 
-    def check(self, request: Request, target: Target, record: ExchangeRecord) -> Allow | Deny:
+    def check(
+        self, request: Request, target: Target, record: ExchangeRecord, refreshed: bool = False
+    ) -> Allow | Deny | Deferred[Allow | Deny]:
+        """``refreshed``: the shared token set was read again for this request."""
         route = target.settings
         if route is None:
             return _ALLOW_AS_IS
@@ -328,7 +382,8 @@ class TokenAccess:
         if inject is None:
             return rules.passthrough if rules is not None else _ALLOW_AS_IS
         now = self._clock.seconds()
-        if now >= self._next_stat or not self._loaded:
+        shared = self._shared
+        if shared is None and (now >= self._next_stat or not self._loaded):
             self._next_stat = now + self._reload_interval
             if self._tokens.stamp() != self._stamp or not self._loaded:
                 self._load("file_change")
@@ -344,9 +399,24 @@ class TokenAccess:
                 reason="missing",
                 headers=_WWW_AUTHENTICATE,
             )
+        offline = shared is not None and not shared.current()
+        if shared is not None and offline:
+            if not shared.loaded and shared.starting():
+                # The first read of the shared token set is under way: wait for it.
+                return shared.first_load().addCallback(
+                    lambda _: self.check(request, target, record)
+                )
+            if not shared.fail_open or (not shared.loaded and not self._file_fallback()):
+                return self._unavailable(shared, "no current token set")
         digest = digest_of(secret) if len(secret) <= MAX_TOKEN_LENGTH else ""
         token = self._by_digest.get(digest)
         if token is None or not hmac.compare_digest(token.sha256, digest):
+            if shared is not None and digest and not refreshed:
+                # Perhaps created a moment ago: read the shared set (one short
+                # round trip, shared by every request waiting for it) and look again.
+                return shared.poll().addCallback(
+                    lambda _: self.check(request, target, record, refreshed=True)
+                )
             return self._deny(
                 request,
                 record,
@@ -386,38 +456,102 @@ class TokenAccess:
                     reason="token_" + refused[0],
                     token=token,
                 )
+        if shared is not None:
+            if offline:  # fail_open: pass on the token set last read, count later
+                shared.state.health.failed("access", "admitted", "no current token set")
+                shared.count_later(token.id)
+                return self._allowed(route.name, inject, token)
+            return self._shared_admit(shared, request, record, token, route.name, inject, now)
         if self._usage.exhausted(token):
-            return self._deny(
-                request,
-                record,
-                403,
-                f"the request quota of this proxy token is spent ({token.max_requests} requests)",
-                action="quota_exceeded",
-                reason="quota",
-                token=token,
-            )
+            return self._quota_spent(request, record, token)
         if token.rpm is not None:
             wait = self._limiter.take(token.id, token.rpm, now)
             if wait > 0:
-                after = retry_after_seconds(wait)
-                return self._deny(
-                    request,
-                    record,
-                    429,
-                    f"rate limit of this proxy token exceeded ({token.rpm} requests per "
-                    f"minute); retry after {after}s",
-                    action="rate_limited",
-                    reason="rpm",
-                    token=token,
-                    headers=((b"retry-after", b"%d" % after),),
-                )
+                return self._rate_limited(request, record, token, wait)
         self._usage.consume(token)
+        return self._allowed(route.name, inject, token)
+
+    def _allowed(self, route: str, inject: Allow, token: Token) -> Allow:
         # The project is the response cache's namespace: one Allow per route and project.
-        key = (route.name, token.project)
+        key = (route, token.project)
         allow = self._by_project.get(key)
         if allow is None or allow.set_headers != inject.set_headers:
             allow = self._by_project[key] = attrs.evolve(inject, namespace=token.project)
         return allow
+
+    def _quota_spent(self, request: Request, record: ExchangeRecord, token: Token) -> Deny:
+        return self._deny(
+            request,
+            record,
+            403,
+            f"the request quota of this proxy token is spent ({token.max_requests} requests)",
+            action="quota_exceeded",
+            reason="quota",
+            token=token,
+        )
+
+    def _rate_limited(
+        self, request: Request, record: ExchangeRecord, token: Token, wait: float
+    ) -> Deny:
+        after = retry_after_seconds(wait)
+        return self._deny(
+            request,
+            record,
+            429,
+            f"rate limit of this proxy token exceeded ({token.rpm} requests per "
+            f"minute); retry after {after}s",
+            action="rate_limited",
+            reason="rpm",
+            token=token,
+            headers=((b"retry-after", b"%d" % after),),
+        )
+
+    def _shared_admit(
+        self,
+        shared: SharedTokens,
+        request: Request,
+        record: ExchangeRecord,
+        token: Token,
+        route: str,
+        inject: Allow,
+        now: float,
+    ) -> Allow | Deny | Deferred[Allow | Deny]:
+        """The shared quota and rate bucket decide (one round trip, or none for a
+        token without limits)."""
+        asked = shared.admit(token, now)
+        if asked is None:
+            return self._allowed(route, inject, token)
+
+        def answered(admission: Admission) -> Allow | Deny:
+            shared.state.health.succeeded("access")
+            if admission.admitted:
+                return self._allowed(route, inject, token)
+            if admission.refused_by is not None:
+                return self._quota_spent(request, record, token)
+            return self._rate_limited(request, record, token, admission.retry_after)
+
+        def unanswered(failure: Failure) -> Allow | Deny:
+            why = failure.getErrorMessage()
+            if shared.fail_open:
+                shared.state.health.failed("access", "admitted", why)
+                shared.count_later(token.id)
+                return self._allowed(route, inject, token)
+            return self._unavailable(shared, why)
+
+        return asked.addCallbacks(answered, unanswered)
+
+    def _unavailable(self, shared: SharedTokens, why: str) -> Deny:
+        # Not audited: a line per request of an outage would flood the audit log;
+        # the outage is logged once and counted.
+        self.unavailable += 1
+        shared.state.health.failed("access", "refused", why)
+        return Deny(503, _STATE_UNAVAILABLE, _RETRY_SOON)
+
+    def _file_fallback(self) -> bool:
+        """``fail_open`` before Redis ever answered: the token file's set."""
+        if not self._loaded:
+            self._load("file_fallback")
+        return bool(self._by_digest)
 
     def finished(self, record: ExchangeRecord) -> None:
         # Counting happens when a request is let through, whatever the upstream did.
@@ -486,6 +620,22 @@ class TokenAccess:
             n=len(tokens),
         )
 
+    def _take_tokens(self, tokens: tuple[Token, ...], trigger: str) -> None:
+        """The shared token set changed (or was read for the first time)."""
+        self._by_digest = {t.sha256: t for t in tokens}
+        self._loaded = True
+        self.reloads += 1
+        now = self._clock.seconds()
+        active = sum(1 for t in tokens if t.state(now) == "active")
+        if trigger != "start":
+            self._audit.write("tokens_reloaded", trigger=trigger, tokens=len(tokens), active=active)
+        log.info(
+            "proxy tokens loaded ({trigger}): {active} active of {n}",
+            trigger=trigger,
+            active=active,
+            n=len(tokens),
+        )
+
 
 def build_access(
     settings: Settings,
@@ -495,18 +645,25 @@ def build_access(
     reload_interval: float = 1.0,
     flush_interval: float = 5.0,
     tokens_dir: Path | None = None,
+    shared: SharedState | None = None,
 ) -> TokenAccess:
     """The access policy for ``settings``: call ``start()`` when the service
     starts and ``stop(timeout)`` after the last exchange of the drain.  The tokens
     are read from ``tokens_dir`` (default ``state_dir``: a worker reads the
-    master's), the usage counts kept under ``state_dir``."""
+    master's), the usage counts kept under ``state_dir``; with ``shared`` (``[state]
+    store = redis``) both live in Redis, the files are only imported."""
     state_dir: Path = settings.server.state_dir
+    usage_file = UsageFile.in_state_dir(state_dir)
     return TokenAccess(
         routes=settings.routes,
         tokens=TokenFile.in_state_dir(tokens_dir or state_dir),
-        usage=UsageLedger(UsageFile.in_state_dir(state_dir)),
+        usage=UsageLedger(usage_file),
         audit=audit,
         clock=clock,
         reload_interval=reload_interval,
         flush_interval=flush_interval,
+        shared=shared,
+        usage_file=usage_file,
+        fail_open=settings.state.on_unavailable == "fail_open",
+        machine=machine_id(),
     )

@@ -158,6 +158,33 @@ class Token:
         )
 
 
+def new_token(
+    project: str,
+    now: float,
+    *,
+    expires: float | None = None,
+    max_requests: int | None = None,
+    rpm: int | None = None,
+    allowed_paths: tuple[str, ...] = (),
+    allowed_methods: tuple[str, ...] = (),
+) -> tuple[str, Token]:
+    """A new secret and the token stored for it."""
+    secret = new_secret()
+    digest = digest_of(secret)
+    token = Token(
+        id=id_for(digest),
+        sha256=digest,
+        project=project,
+        created=now,
+        expires=expires,
+        max_requests=max_requests,
+        rpm=rpm,
+        allowed_paths=allowed_paths,
+        allowed_methods=allowed_methods,
+    )
+    return secret, token
+
+
 def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Replace ``path`` with ``data`` so a reader sees the old or the new file, whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -235,21 +262,17 @@ class TokenFile:
             tokens = list(self.read())
             taken = {t.id for t in tokens}
             while True:
-                secret = new_secret()
-                digest = digest_of(secret)
-                if id_for(digest) not in taken:
+                secret, token = new_token(
+                    project,
+                    now,
+                    expires=expires,
+                    max_requests=max_requests,
+                    rpm=rpm,
+                    allowed_paths=allowed_paths,
+                    allowed_methods=allowed_methods,
+                )
+                if token.id not in taken:
                     break
-            token = Token(
-                id=id_for(digest),
-                sha256=digest,
-                project=project,
-                created=now,
-                expires=expires,
-                max_requests=max_requests,
-                rpm=rpm,
-                allowed_paths=allowed_paths,
-                allowed_methods=allowed_methods,
-            )
             tokens.append(token)
             self._write(tokens)
         return secret, token

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
 
     from llmproxy.cache.cache import ResponseCache
+    from llmproxy.state.health import StateHealth
 
 STORES = ("memory", "redis")
 
@@ -27,11 +28,16 @@ def cache_wanted(settings: Settings) -> bool:
 
 
 def build_cache(
-    settings: Settings, reactor: Any, *, clock: IReactorTime | None = None
+    settings: Settings,
+    reactor: Any,
+    *,
+    clock: IReactorTime | None = None,
+    health: StateHealth | None = None,
 ) -> ResponseCache | None:
     """The process's cache, or None when no route is cached.  Call ``start()``
     when the service starts and ``close()`` when it has drained.  ``clock``
-    (default: the reactor) judges freshness; tests pass a ``Clock``."""
+    (default: the reactor) judges freshness; tests pass a ``Clock``.  ``health``
+    hears whether the Redis store answers its coalescing locks."""
     if not cache_wanted(settings):
         return None
     from llmproxy.cache.cache import ResponseCache
@@ -50,7 +56,7 @@ def build_cache(
         store = RedisStore(redis=connection, clock=clock, prefix=c.redis_prefix)
     else:
         store = MemoryStore(clock=clock, max_bytes=c.max_bytes)
-    return ResponseCache(settings=c, store=store, clock=clock)
+    return ResponseCache(settings=c, store=store, clock=clock, health=health, timer=reactor)
 
 
 def cache_problems(settings: Settings) -> list[str]:

@@ -14,6 +14,15 @@ Every response on a cached route carries ``X-PROXY-CACHE`` (``hit``, ``miss``,
 was derived, and an RFC 9211 ``Cache-Status``.  ``stored`` is said when the
 headers allow storing; the entry is kept only if the body then completes within
 ``max_object_bytes`` (the record's ``cache_status`` says what really happened).
+
+Identical concurrent misses make one upstream call: within the process through
+the in-flight table (:mod:`llmproxy.cache.coalesce`), and, with a store shared by
+several processes (a ``LockingStore``: Redis), across them: the process whose
+request leads takes the store's lock on the key, a process that finds it taken
+waits for the entry its holder stores (looking every few ms, up to
+``lock_timeout``) and answers its own followers with it.  When the store does
+not answer, a process leads on its own (fail open, counted as ``coalescing`` in
+the shared-state metrics).
 """
 
 from __future__ import annotations
@@ -46,7 +55,8 @@ from llmproxy.cache.policy import (
 from llmproxy.config.model import CacheSettings
 from llmproxy.http.headers import PROXY_REQUEST_ID, filter_headers
 from llmproxy.http.router import Target
-from llmproxy.interfaces import CacheStore
+from llmproxy.interfaces import CacheStore, LockingStore
+from llmproxy.state.health import StateHealth
 
 __all__ = [
     "CACHE_STATUS",
@@ -66,15 +76,33 @@ _NOT_STORED = frozenset({b"set-cookie", b"set-cookie2", b"age"})
 _NOT_MODIFIED_HEADERS = (b"cache-control", b"content-location", b"etag", b"expires", b"vary")
 
 LEADER, FOLLOWER, SOLO = "leader", "follower", "solo"
+# Looking for another process's entry: first after this long, then doubling up to the cap.
+REMOTE_POLL_FIRST = 0.005
+REMOTE_POLL_MAX = 0.1
 
 
 class ResponseCache:
     """The cache of one proxy process: store, in-flight table, counters."""
 
-    def __init__(self, *, settings: CacheSettings, store: CacheStore, clock: IReactorTime) -> None:
+    def __init__(
+        self,
+        *,
+        settings: CacheSettings,
+        store: CacheStore,
+        clock: IReactorTime,
+        health: StateHealth | None = None,
+        timer: IReactorTime | None = None,
+    ) -> None:
         self.settings = settings
         self.store = store
         self.clock = clock
+        # Paces the look for another process's entry (default: the clock).
+        self.timer = timer or clock
+        # A store shared with other processes: misses coalesce across them.
+        self.locking = store if isinstance(store, LockingStore) else None
+        self.health = health
+        if self.locking is not None and health is not None:
+            health.watch("coalescing")
         self.inflight: InFlight[CachedResponse] = InFlight(
             clock=clock, lock_timeout=settings.lock_timeout
         )
@@ -86,6 +114,9 @@ class ResponseCache:
         self.store_refused = 0
         self.errors = 0
         self.purged = 0
+        self.remote_waits = 0  # misses that waited for another process's entry
+        self.remote_hits = 0  # ... and were answered with it
+        self.lock_errors = 0
         self._warned_at = -1e18
 
     # -- the request path ----------------------------------------------------------
@@ -164,6 +195,9 @@ class ResponseCache:
             "stores": self.stores,
             "store_refused": self.store_refused,
             "coalesced": self.inflight.followers,
+            "remote_waits": self.remote_waits,
+            "remote_hits": self.remote_hits,
+            "lock_errors": self.lock_errors,
             "released": self.inflight.released,
             "in_flight": len(self.inflight),
             "waiting": self.inflight.waiting,
@@ -192,6 +226,11 @@ class ResponseCache:
                 "llmproxy_cache_coalesced",
                 "Requests answered by another's upstream call",
                 "coalesced",
+            ),
+            (
+                "llmproxy_cache_coalesced_remote",
+                "Misses answered by another process's upstream call (shared store)",
+                "remote_hits",
             ),
             ("llmproxy_cache_evictions", "Entries evicted to stay under max_bytes", "evictions"),
             ("llmproxy_cache_purged", "Entries purged", "purged"),
@@ -236,6 +275,7 @@ class CacheTicket:
         "_cache",
         "_code",
         "_headers",
+        "_lock",
         "_method",
         "_stored_headers",
         "_total",
@@ -271,6 +311,7 @@ class CacheTicket:
         self.fwd = plan.fwd or "miss"
         self.detail = plan.detail
         self._writing = False
+        self._lock: str | None = None  # our token on the store's lock of the key
         self._waiter: defer.Deferred[CachedResponse | None] | None = None
         self._code = 0
         self._total = 0
@@ -316,10 +357,62 @@ class CacheTicket:
         waiter = self._cache.inflight.join(self.key)
         if waiter is None:
             self.role = LEADER
+            if self._cache.locking is not None:
+                return self._lead_across()
             return None
         self.role = FOLLOWER
         self._waiter = waiter
         return waiter.addCallback(self._followed)
+
+    # -- across processes (a LockingStore) ---------------------------------------
+
+    def _lead_across(self) -> defer.Deferred[CachedResponse | None]:
+        """This process leads for the key: take the store's lock, or wait for the
+        entry of the process holding it."""
+        cache = self._cache
+        store = cache.locking
+        assert store is not None
+        d = store.lock(self.key, cache.settings.lock_timeout)
+
+        def locked(token: str | None) -> defer.Deferred[CachedResponse | None] | None:
+            if cache.health is not None:
+                cache.health.succeeded("coalescing")
+            if token is not None:
+                self._lock = token
+                return None
+            cache.remote_waits += 1
+            waiting = self._waiter = _RemoteWait(self, store).result
+            return waiting.addCallback(self._remote_answer)
+
+        def failed(failure: Failure) -> None:
+            if failure.check(defer.CancelledError):
+                return None
+            cache.lock_errors += 1
+            if cache.health is not None:
+                cache.health.failed("coalescing", "local", failure.getErrorMessage())
+            return None  # lead on our own
+
+        return d.addCallbacks(locked, failed)
+
+    def _remote_answer(self, entry: CachedResponse | None) -> CachedResponse | None:
+        self._waiter = None
+        cache = self._cache
+        if entry is None or not vary_matches(entry.vary, self._headers):
+            return None  # the other process stored nothing usable: lead upstream
+        # Our own followers get it too; the store has it already.
+        cache.inflight.complete(self.key, entry)
+        cache.inflight.settle(self.key)
+        self.role = SOLO
+        cache.misses -= 1
+        cache.remote_hits += 1
+        self.fwd = "collapsed"
+        return entry
+
+    def _unlock(self) -> None:
+        token, self._lock = self._lock, None
+        store = self._cache.locking
+        if token is not None and store is not None:
+            store.unlock(self.key, token).addErrback(lambda _: None)  # it expires anyway
 
     def _unusable(self, entry: CachedResponse) -> str | None:
         if not vary_matches(entry.vary, self._headers):
@@ -499,10 +592,12 @@ class CacheTicket:
             else:
                 cache.store_refused += 1
             cache.inflight.settle(key)
+            self._unlock()
 
         def failed(failure: Failure) -> None:
             cache.store_failed(failure, "store")
             cache.inflight.settle(key)
+            self._unlock()
 
         d.addCallbacks(stored, failed)
 
@@ -517,6 +612,8 @@ class CacheTicket:
         if self.role == LEADER:
             self.role = SOLO
             self._cache.inflight.complete(self.key, None)
+        if self._lock is not None and not self._writing:
+            self._unlock()
 
     def abandon(self) -> None:
         """The exchange ended, however: never leave followers waiting."""
@@ -528,3 +625,58 @@ class CacheTicket:
 
 def _maybe_date(value: bytes | None) -> float | None:
     return None if value is None else http_date(value)
+
+
+class _RemoteWait:
+    """Looks for the entry another process is fetching: fires with it, or with
+    None once its lock is gone without one or ``lock_timeout`` has passed.
+    Cancelling it stops looking."""
+
+    def __init__(self, ticket: CacheTicket, store: LockingStore) -> None:
+        cache = ticket._cache
+        self._store = store
+        self._key = ticket.key
+        self._clock = cache.timer
+        self._deadline = cache.clock.seconds() + cache.settings.lock_timeout
+        self._delay = REMOTE_POLL_FIRST
+        self._timer: Any = None
+        self._asking: defer.Deferred[Any] | None = None
+        self.result: defer.Deferred[CachedResponse | None] = defer.Deferred(self._cancel)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        left = self._deadline - self._clock.seconds()
+        if left <= 0:
+            self._done(None)
+            return
+        self._timer = self._clock.callLater(min(self._delay, left), self._look)
+        self._delay = min(self._delay * 2, REMOTE_POLL_MAX)
+
+    def _look(self) -> None:
+        self._timer = None
+        d = self._asking = self._store.peek(self._key)
+        d.addCallbacks(self._seen, self._unseen)
+
+    def _seen(self, found: tuple[CachedResponse | None, bool]) -> None:
+        self._asking = None
+        entry, locked = found
+        if entry is not None or not locked:
+            self._done(entry)
+        else:
+            self._schedule()
+
+    def _unseen(self, failure: Failure) -> None:
+        self._asking = None
+        if not failure.check(defer.CancelledError):
+            self._done(None)  # the store does not answer: go on our own
+
+    def _done(self, entry: CachedResponse | None) -> None:
+        if not self.result.called:
+            self.result.callback(entry)
+
+    def _cancel(self, _: defer.Deferred[CachedResponse | None]) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self._asking is not None:
+            self._asking.cancel()

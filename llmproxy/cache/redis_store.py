@@ -12,11 +12,19 @@ Commands go through :class:`llmproxy.redis.connection.RedisConnection`, which
 fails at once while Redis is unreachable and puts a deadline on every reply:
 the cache then turns into a bypass, never into a request that waits.  Purging
 by prefix walks ``SCAN MATCH`` (never ``KEYS``) and deletes in batches.
+
+Misses are coalesced across processes too (it is a ``LockingStore``): the first
+process to miss a key sets a lock key next to it (``SET NX PX``, under
+``<prefix without its last ":">-lock:``, so purging never counts it) for as long
+as followers would wait; the others look for the entry (one ``MGET`` of entry
+and lock) until it is there, the lock is gone, or they stop waiting.  The lock
+holds a random token and is deleted only by its holder (a script comparing it).
 """
 
 from __future__ import annotations
 
 import re
+import secrets
 from typing import Any
 
 from twisted.internet import defer
@@ -24,10 +32,20 @@ from twisted.internet.interfaces import IReactorTime
 
 from llmproxy.cache.entry import CachedResponse
 from llmproxy.interfaces import RedisExecutor
+from llmproxy.state.scripts import Script
 
 __all__ = ["RedisStore"]
 
 _GLOB_SPECIAL = re.compile(rb"([*?\[\]\\])")
+
+# KEYS[1]: the lock; ARGV[1]: the holder's token.  Deletes it only if it is still theirs.
+_UNLOCK = Script(
+    "cache_unlock",
+    b"""
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+""",
+)
 
 
 class RedisStore:
@@ -39,6 +57,7 @@ class RedisStore:
         self._redis = redis
         self._clock = clock
         self._prefix = prefix.encode()
+        self._lock_prefix = (prefix[:-1] if prefix.endswith(":") else prefix).encode() + b"-lock:"
         self.bytes_written = 0
         self.expired = 0
         self.decode_errors = 0
@@ -94,6 +113,29 @@ class RedisStore:
                 deleted += int(await self._redis.execute(b"DEL", *keys))
             if cursor == b"0":
                 return deleted
+
+    # -- coalescing across processes (LockingStore) ----------------------------
+
+    def lock(self, key: str, ttl: float) -> defer.Deferred[str | None]:
+        token = secrets.token_hex(8)
+        d = self._redis.execute(
+            b"SET", self._lock_prefix + key.encode(), token, b"NX", b"PX", max(1, int(ttl * 1000))
+        )
+        return d.addCallback(lambda reply: token if reply is not None else None)
+
+    def unlock(self, key: str, token: str) -> defer.Deferred[None]:
+        d = _UNLOCK.run(self._redis, [self._lock_prefix + key.encode()], [token])
+        return d.addCallback(lambda _: None)
+
+    def peek(self, key: str) -> defer.Deferred[tuple[CachedResponse | None, bool]]:
+        full = self._prefix + key.encode()
+        d = self._redis.execute(b"MGET", full, self._lock_prefix + key.encode())
+
+        def read(reply: Any) -> tuple[CachedResponse | None, bool]:
+            data, lock = reply
+            return self._got(data, full), lock is not None
+
+        return d.addCallback(read)
 
     def stats(self) -> dict[str, int]:
         # Redis holds the entries of every process: counting them would walk the keyspace.

@@ -26,6 +26,12 @@ Order is kept: a request's start is handled before its end, and requests in the
 order they went upstream, so the tracker sees turns of a conversation in the
 order they happened.
 
+With ``[state] store = redis`` the tracker decides a request's session in Redis
+(its ``assign`` answers with a Deferred): the request's event, and every event
+queued after it, wait in order until it is decided (a round trip, shared by the
+requests of a turn); the tracker meanwhile goes on with the next entries, so
+its operations reach Redis in the order of the queue.
+
 Bounded: one turn handles what fits in ``TURN_BUDGET`` (5 ms; the entry that
 crosses it is finished), the rest in the next turn, after the reactor has served
 whatever arrived meanwhile.  With the tracker's own bound on what it parses
@@ -60,7 +66,8 @@ class Tracker(Protocol):
     @property
     def max_body_bytes(self) -> int: ...
 
-    def assign(self, record: ExchangeRecord, body: bytes) -> None: ...
+    def assign(self, record: ExchangeRecord, body: bytes) -> Deferred[None] | None:
+        """None: decided now; else a Deferred (never failing) for when it is."""
 
     def finished(self, record: ExchangeRecord) -> None: ...
 
@@ -95,6 +102,8 @@ class CapturePump:
         self.enabled = enabled
         self._clock = clock
         self._queue: deque[tuple[ExchangeRecord, bytes | None]] = deque()
+        # Events waiting for a session decision ahead of them: (decided, record, kind).
+        self._outbox: deque[tuple[Deferred[None] | None, ExchangeRecord, str]] = deque()
         self._call: IDelayedCall | None = None
         self.flushed = 0  # queue entries handled (stats)
         self.errors = 0
@@ -136,11 +145,12 @@ class CapturePump:
         sessions = self.sessions
         # Our own tracker also takes the request body's JSON object (see below).
         tracker = sessions if isinstance(sessions, SessionTracker) else None
-        publish = self.bus.publish
+        outbox = self._outbox
         popleft = queue.popleft
         while queue:
             record, body = popleft()
             self.flushed += 1
+            deciding: Deferred[None] | None = None
             try:
                 if body is _FINISHED:
                     if record.replayed is not None:
@@ -148,7 +158,7 @@ class CapturePump:
                         record.capture_replayed(capture.response_body_bytes)
                     if sessions is not None:
                         sessions.finished(record)
-                    envelope = RecordEnvelope("response", record, capture)
+                    kind = "response"
                 else:
                     if tracker is not None:
                         # The request side first: it parses the body as JSON, and
@@ -157,26 +167,20 @@ class CapturePump:
                             parsed = prepare_request(record, capture)
                         except Exception:
                             parsed = None  # the envelope's json() meets it again
-                        tracker.assign(record, body, parsed)
+                        deciding = tracker.assign(record, body, parsed)
                     elif sessions is not None:
-                        sessions.assign(record, body)
-                    envelope = RecordEnvelope("request", record, capture)
+                        deciding = sessions.assign(record, body)
+                    kind = "request"
             except Exception:
                 self.errors += 1
                 log.failure("capture: no event for request {rid}", rid=record.request_id)
                 continue
-            # Encoded once, here, for every exporter; one that fails is counted by
-            # each exporter (encode_failed) when it takes the event.
-            try:
-                envelope.json()
-            except Exception:
-                pass
+            if deciding is None and not outbox:
+                self._publish(kind, record)
             else:
-                if body is _FINISHED and record.project is not None and self.usage is not None:
-                    tokens = envelope.payload()["usage"]
-                    if tokens is not None:
-                        self.usage(record.project, tokens)
-            publish(envelope)
+                outbox.append((deciding, record, kind))
+                if deciding is not None:
+                    deciding.addBoth(self._decided)
             if deadline is not None and queue and time.perf_counter() > deadline:
                 # The requests arriving meanwhile are served first (a burst of
                 # large conversations would otherwise stall every one of them).
@@ -184,16 +188,60 @@ class CapturePump:
                 self._call = self._clock.callLater(0, self._turn)
                 return
 
+    def _decided(self, _: object) -> None:
+        """A session was decided: publish what waited for it, in order."""
+        outbox = self._outbox
+        while outbox:
+            deciding, record, kind = outbox[0]
+            if deciding is not None and not deciding.called:
+                return
+            outbox.popleft()
+            self._publish(kind, record)
+
+    def _publish(self, kind: str, record: ExchangeRecord) -> None:
+        try:
+            envelope = RecordEnvelope(kind, record, self.capture)
+        except Exception:
+            self.errors += 1
+            log.failure("capture: no event for request {rid}", rid=record.request_id)
+            return
+        # Encoded once, here, for every exporter; one that fails is counted by
+        # each exporter (encode_failed) when it takes the event.
+        try:
+            envelope.json()
+        except Exception:
+            pass
+        else:
+            if kind == "response" and record.project is not None and self.usage is not None:
+                tokens = envelope.payload()["usage"]
+                if tokens is not None:
+                    self.usage(record.project, tokens)
+        self.bus.publish(envelope)
+
     def start(self) -> None:
         """Nothing to start: records are handled in the turn after they come."""
 
     def stop(self, timeout: float) -> Deferred[None]:
-        """Stop the timer and handle what is queued: nothing is left behind."""
+        """Stop the timer and handle what is queued: nothing is left behind (what
+        waits for a session decision is published once it is decided, which the
+        tracker bounds by its connection's deadline)."""
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
         self.flush()
-        return succeed(None)
+        if not self._outbox:
+            return succeed(None)
+        # Decisions come in order: once the last one is in, everything is out.
+        last = next(d for d, _, _ in reversed(self._outbox) if d is not None)
+        done: Deferred[None] = Deferred()
+
+        def published(result: object) -> object:
+            self._decided(None)
+            done.callback(None)
+            return result
+
+        last.addBoth(published)
+        return done
 
     def pending(self) -> int:
-        return len(self._queue)
+        return len(self._queue) + len(self._outbox)

@@ -65,14 +65,14 @@ import hashlib
 import os
 import re
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeAlias
 
 import attrs
 import orjson
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -90,6 +90,9 @@ from llmproxy.events.usage import (
     facts_from_sse_bytes,
 )
 from llmproxy.export.appendfile import displaced, open_append
+from llmproxy.interfaces import SharedSessionState
+from llmproxy.state.health import StateHealth
+from llmproxy.state.sessions import Assigned, AssignOp, RecordOp, StateKey
 
 __all__ = [
     "COMPACT_SLACK",
@@ -124,7 +127,8 @@ MAX_PENDING = 65536
 # Compact the journal once it holds this many lines more than twice the live entries.
 COMPACT_SLACK = 1024
 
-StateKey: TypeAlias = bytes | str  # a 32-byte digest, or "r:<response id>"
+# Operations sent to the shared state in one script (one round trip) at most.
+MAX_BATCH = 512
 
 
 # ---------------------------------------------------------------- what a request is
@@ -526,6 +530,20 @@ class _Pending:
     seq: int
     fingerprints: Fingerprints | None  # None: the session's id came from the client
     responses: bool  # a Responses API request: remember its response id
+    op: AssignOp | None  # shared state: the assignment (session_id and seq once decided)
+    fresh: bool = False  # shared state: a session started here, unknown to Redis yet
+
+
+@attrs.define(slots=True, eq=False)
+class _Deciding:
+    """A request whose session Redis is deciding: what its result needs."""
+
+    record: ExchangeRecord
+    source: str
+    prints: Fingerprints | None
+    responses: bool
+    waiting: Deferred[None]  # the capture pump's: the request event waits for it
+    chosen: str | None = None  # the session id the client sent (before its tenant's tag)
 
 
 class _RandomHex:
@@ -588,6 +606,10 @@ class SessionTracker:
     # thread, e.g. ``lambda f: deferToThreadPool(reactor, reactor.getThreadPool(), f)``;
     # None: in the reactor thread (tests; ~0.1 s per 100k states).
     _run_in_thread: Callable[[Callable[[], int]], Deferred[int]] | None = None
+    # [state] store = redis: the decisions are taken there (llmproxy/state/sessions.py),
+    # this process's maps and journal mirror them and decide while Redis does not answer.
+    _shared: SharedSessionState | None = None
+    _health: StateHealth | None = None
     # Conversation bodies above this are not parsed or fingerprinted (see
     # [sessions] max_body_bytes): the work per request on the reactor is bounded
     # (parse, reduce and hash: ~4 ms at 1 MiB, ~8 ms at 2 MiB on the 2-core CI VM).
@@ -605,6 +627,10 @@ class SessionTracker:
     _closing: Deferred[None] | None = attrs.field(init=False, default=None)
     _compacting: Deferred[None] | None = attrs.field(init=False, default=None)
     _warned: set[str] = attrs.field(init=False, factory=set)
+    _ops: list[AssignOp | RecordOp] = attrs.field(init=False, factory=list)
+    _sending: Deferred[None] | None = attrs.field(init=False, default=None)
+    _send_call: IDelayedCall | None = attrs.field(init=False, default=None)
+    _deciding: dict[AssignOp, _Deciding] = attrs.field(init=False, factory=dict)
     _counts: dict[str, int] = attrs.field(
         init=False,
         factory=lambda: dict.fromkeys(
@@ -616,10 +642,16 @@ class SessionTracker:
                 "states_recorded",
                 "too_large",
                 "errors",
+                "shared_batches",
+                "local_fallbacks",
             ),
             0,
         ),
     )
+
+    def __attrs_post_init__(self) -> None:
+        if self._health is not None and self._shared is not None:
+            self._health.watch("sessions")
 
     # -- life cycle ---------------------------------------------------------
 
@@ -633,21 +665,34 @@ class SessionTracker:
             self._loop.start(self._flush_interval, now=False)
 
     def stop(self, timeout: float) -> Deferred[None]:
-        """Stop flushing, let a running compaction end, write what is buffered and
-        close the journal (in the reactor thread).  Idempotent; never fails."""
+        """Stop flushing, send what waits for the shared state (each batch bounded
+        by the connection's deadline, then decided here), let a running compaction
+        end, write what is buffered and close the journal (in the reactor thread).
+        Idempotent; never fails."""
         if self._closing is not None:
             return self._closing
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
-        waiting: Deferred[None] = self._compacting or succeed(None)
-
-        def final(_: object) -> None:
-            self._flush(in_thread=False)
-            self._close_fd()
-
-        self._closing = waiting.addBoth(final)
+        self._closing = ensureDeferred(self._close())
         return self._closing
+
+    async def _close(self) -> None:
+        await self._settled()
+        if self._compacting is not None:
+            await _when_done(self._compacting)
+        self._flush(in_thread=False)
+        self._close_fd()
+
+    async def _settled(self) -> None:
+        """Until no operation waits for the shared state."""
+        while self._shared is not None and (self._ops or self._sending is not None):
+            if self._sending is None:
+                if self._send_call is not None and self._send_call.active():
+                    self._send_call.cancel()
+                self._send()
+                continue
+            await _when_done(self._sending)
 
     def stats(self) -> dict[str, int]:
         return {
@@ -662,14 +707,17 @@ class SessionTracker:
 
     def assign(
         self, record: ExchangeRecord, body: bytes, parsed: dict[str, Any] | None = None
-    ) -> None:
+    ) -> Deferred[None] | None:
         """``parsed``: ``orjson.loads(record.request_body)`` when the caller parsed it
-        already (used only when ``body`` is that same whole body)."""
+        already (used only when ``body`` is that same whole body).  None when the
+        record has its session (or none) now; with shared state, a Deferred that
+        fires once it has (it never fails)."""
         try:
-            self._assign(record, body, parsed)
+            return self._assign(record, body, parsed)
         except Exception:
             self._counts["errors"] += 1
             log.failure("session tracker: no session for request {rid}", rid=record.request_id)
+            return None
 
     def finished(self, record: ExchangeRecord) -> None:
         try:
@@ -678,23 +726,27 @@ class SessionTracker:
             self._counts["errors"] += 1
             log.failure("session tracker: reply of {rid} not recorded", rid=record.request_id)
 
-    def _assign(self, record: ExchangeRecord, body: bytes, parsed: dict[str, Any] | None) -> None:
+    def _assign(
+        self, record: ExchangeRecord, body: bytes, parsed: dict[str, Any] | None
+    ) -> Deferred[None] | None:
         kind = _conversation_kind(record.method, record.path)
         if kind is None:
-            return
+            return None
         tenant = tenant_tag(tenant_namespace(record.tenant, record.request_headers))
         if record.request_body_size > self.max_body_bytes:
             # Too big to parse on the reactor: only a header can name its session.
             self._counts["too_large"] += 1
             found_header = _valid_id(_session_header(record.request_headers))
-            if found_header is not None:
-                session_id = scoped_id(tenant, found_header)
-                self._client_session(record, session_id, "x-session-id", False, found_header)
-            return
+            if found_header is None:
+                return None
+            session_id = scoped_id(tenant, found_header)
+            return self._decide(
+                record, (), session_id, "x-session-id", None, False, chosen=found_header
+            )
         # body[:1] first: lstrip() copies the whole body, and a JSON body starts
         # with "{" as good as always.
         if body[:1] != b"{" and body.lstrip()[:1] != b"{":
-            return
+            return None
         obj: Any
         raw = record.request_body
         if parsed is not None and (body is raw or body == raw):
@@ -703,128 +755,237 @@ class SessionTracker:
             try:
                 obj = orjson.loads(body)
             except orjson.JSONDecodeError:
-                return  # cut at the capture cap, or not JSON: no session
+                return None  # cut at the capture cap, or not JSON: no session
             if not isinstance(obj, dict):
-                return
+                return None
         responses = kind == "responses"
         found = client_id(obj, record.request_headers)
         if found is not None:
             source, chosen = found
+            # The client's id within its tenant: two tenants sending the same id
+            # get two sessions.
             session_id = scoped_id(tenant, chosen)
-            if source == "previous_response_id":
-                key = "r:" + session_id
-                hit = self._states.get(key)
-                if hit is not None:
-                    self._states.move_to_end(key)
-                    self._follow(record, hit, None, source, responses)
-                    return
-            self._client_session(record, session_id, source, responses, chosen)
-            return
+            # A response id the tracker saw leads to that response's session.
+            followed: Sequence[StateKey] = (
+                ("r:" + session_id,) if source == "previous_response_id" else ()
+            )
+            return self._decide(
+                record, followed, session_id, source, None, responses, chosen=chosen
+            )
         messages = conversation_messages(kind, obj)
         if messages is None:
-            return
+            return None
         prints = Fingerprints.of(messages, tenant)
         history = prints.history
-        if history:
-            states = self._states
-            for digest in reversed(history):
-                hit = states.get(digest)
-                if hit is not None:
-                    states.move_to_end(digest)
-                    self._follow(record, hit, prints, "fingerprint", responses)
-                    return
-        self._start_session(record, self._new_id(), "fingerprint", prints, responses)
+        # The longest matching history wins: newest prefix first.
+        lookups = history[::-1] if len(history) > 1 else history
+        return self._decide(record, lookups, None, "fingerprint", prints, responses)
 
-    def _client_session(
+    def _decide(
         self,
         record: ExchangeRecord,
-        session_id: str,
+        lookups: Sequence[StateKey],
+        client: str | None,
         source: str,
+        prints: Fingerprints | None,
         responses: bool,
-        chosen: str,
-    ) -> None:
-        """``session_id``: ``chosen`` (the id the client sent) within its tenant."""
-        self._counts["client_ids"] += 1
-        head = self._sessions.get(session_id)
-        if head is None:
-            self._start_session(record, session_id, source, None, responses, chosen)
-            return
-        self._continue(record, session_id, head, None, responses)
+        chosen: str | None = None,
+    ) -> Deferred[None] | None:
+        """Here, or (shared state) in Redis and a Deferred for when it is decided.
+        ``client``: the client's session id within its tenant, ``chosen`` as sent."""
+        if self._shared is None:
+            result = self._decide_locally(lookups, client, "")
+            self._assigned(record, result, client, source, prints, responses, chosen)
+            return None
+        if not lookups and client is None:
+            # A first turn (no history, no client id) starts a new session
+            # whatever any process knows: decided here, nothing to wait for.  Redis
+            # learns of the session with its first recorded state, whose record
+            # makes the session's head there.
+            result = self._decide_locally((), None, "")
+            self._assigned(record, result, None, source, prints, responses)
+            if prints is not None or responses:
+                entry = _Pending(result[0], result[1], prints, responses, None, fresh=True)
+                self._add_pending(record, entry)
+            return None
+        op = AssignOp(lookups, client, self._new_id())
+        waiting: Deferred[None] = Deferred()
+        self._deciding[op] = _Deciding(record, source, prints, responses, waiting, chosen)
+        if prints is not None or responses:
+            # Its reply is recorded at this op's session, decided by then or not.
+            self._add_pending(record, _Pending("", 0, prints, responses, op))
+        self._queue(op)
+        return waiting
 
-    def _start_session(
+    def apply_locally(self, ops: Sequence[AssignOp | RecordOp]) -> None:
+        """Run ``ops`` on this process's maps, as Redis runs them in its script
+        (each assignment gets its ``result``); the maps are journaled as usual."""
+        for op in ops:
+            if isinstance(op, AssignOp):
+                op.result = self._decide_locally(op.lookups, op.client, op.new_id)
+            else:
+                target = op.target()
+                if target is not None:
+                    self._record_locally(op.keys, *target, fresh=op.fresh)
+
+    def _decide_locally(
+        self, lookups: Sequence[StateKey], client: str | None, new_id: str
+    ) -> Assigned:
+        """An :class:`AssignOp` on this process's maps (llmproxy/state/sessions.py
+        says what it decides; Redis decides the same in its script)."""
+        states = self._states
+        sessions = self._sessions
+        for key in lookups:
+            hit = states.get(key)
+            if hit is None:
+                continue
+            states.move_to_end(key)
+            parent, from_seq = hit
+            head = sessions.get(parent)
+            if head is not None and from_seq >= head[_STATE]:
+                seq = head[_LAST] + 1
+                self._set_head(parent, (seq, head[_STATE]))
+                return (parent, seq, "continue", 0, "", head[_STATE])
+            # The fork shares the parent's turns up to from_seq; its own start there.
+            session_id = new_id or self._new_id()
+            seq = from_seq + 1
+            self._set_head(session_id, (seq, from_seq))
+            return (session_id, seq, "fork", from_seq, parent, from_seq)
+        if client is not None:
+            head = sessions.get(client)
+            if head is not None:
+                seq = head[_LAST] + 1
+                self._set_head(client, (seq, head[_STATE]))
+                return (client, seq, "continue", 0, "", head[_STATE])
+            session_id = client
+        else:
+            session_id = new_id or self._new_id()
+        self._set_head(session_id, (1, 0))
+        return (session_id, 1, "start", 0, "", 0)
+
+    def _assigned(
         self,
         record: ExchangeRecord,
-        session_id: str,
+        result: Assigned,
+        client: str | None,
         source: str,
         prints: Fingerprints | None,
         responses: bool,
         chosen: str | None = None,
     ) -> None:
-        self._counts["started"] += 1
-        self._set_head(session_id, (1, 0))
-        self._assigned(record, session_id, 1, prints, responses)
-        event = self._event("session_start", record, session_id, 1)
-        event["id_source"] = source
-        if chosen is not None:
-            event["client_session_id"] = chosen
-        self._publish(StoredEvent(event))
-
-    def _follow(
-        self,
-        record: ExchangeRecord,
-        state: tuple[str, int],
-        prints: Fingerprints | None,
-        source: str,
-        responses: bool,
-    ) -> None:
-        """The request's history is a recorded state: continue its session or fork it."""
-        parent, from_seq = state
-        head = self._sessions.get(parent)
-        if head is not None and from_seq >= head[_STATE]:
-            self._continue(record, parent, head, prints, responses)
-            return
-        self._counts["forked"] += 1
-        session_id = self._new_id()
-        seq = from_seq + 1
-        # The fork shares the parent's turns up to from_seq; its own start there.
-        self._set_head(session_id, (seq, from_seq))
-        self._assigned(record, session_id, seq, prints, responses)
-        event = self._event("fork", record, session_id, seq)
-        event["from_seq"] = from_seq
-        event["parent_session"] = parent
-        event["reason"] = FORK_REASON
-        event["id_source"] = source
-        self._publish(StoredEvent(event))
-
-    def _continue(
-        self,
-        record: ExchangeRecord,
-        session_id: str,
-        head: _Head,
-        prints: Fingerprints | None,
-        responses: bool,
-    ) -> None:
-        self._counts["continued"] += 1
-        seq = head[_LAST] + 1
-        self._set_head(session_id, (seq, head[_STATE]))
-        self._assigned(record, session_id, seq, prints, responses)
-
-    def _assigned(
-        self,
-        record: ExchangeRecord,
-        session_id: str,
-        seq: int,
-        prints: Fingerprints | None,
-        responses: bool,
-    ) -> None:
+        """The request's session is decided: on the record, and its event."""
+        session_id, seq, kind, from_seq, parent, _ = result
+        counts = self._counts
+        if client is not None and kind != "fork" and session_id == client:
+            counts["client_ids"] += 1
         record.session_id = session_id
         record.seq = seq
-        if prints is None and not responses:
+        if self._shared is None and (prints is not None or responses):
+            self._add_pending(record, _Pending(session_id, seq, prints, responses, None))
+        if kind == "continue":
+            counts["continued"] += 1
             return
+        if kind == "start":
+            counts["started"] += 1
+            event = self._event("session_start", record, session_id, 1)
+            if chosen is not None and session_id == client:
+                event["client_session_id"] = chosen
+        else:
+            counts["forked"] += 1
+            event = self._event("fork", record, session_id, seq)
+            event["from_seq"] = from_seq
+            event["parent_session"] = parent
+            event["reason"] = FORK_REASON
+        event["id_source"] = source
+        self._publish(StoredEvent(event))
+
+    def _add_pending(self, record: ExchangeRecord, entry: _Pending) -> None:
         pending = self._pending
-        pending[record] = _Pending(session_id, seq, prints, responses)
+        pending[record] = entry
         if len(pending) > MAX_PENDING:
             del pending[next(iter(pending))]
+
+    # -- the shared state ([state] store = redis) -----------------------------
+
+    def _queue(self, op: AssignOp | RecordOp) -> None:
+        self._ops.append(op)
+        if self._sending is None and self._send_call is None:
+            self._send_call = self._clock.callLater(0, self._send)
+
+    def _send(self) -> None:
+        """Send the operations queued (a batch at most), one batch at a time: a
+        record may name an assignment, whose result is then known or decided in
+        the same batch."""
+        self._send_call = None
+        shared = self._shared
+        while self._sending is None and self._ops and shared is not None:
+            ops = self._ops[:MAX_BATCH]
+            del self._ops[:MAX_BATCH]
+            if not shared.usable:
+                self._settle(ops, "not connected")
+                continue
+            self._counts["shared_batches"] += 1
+            d = self._sending = shared.apply(ops)
+            d.addCallbacks(
+                self._applied, self._not_applied, callbackArgs=(ops,), errbackArgs=(ops,)
+            )
+
+    def _applied(self, _: object, ops: list[AssignOp | RecordOp]) -> None:
+        self._sending = None
+        if self._health is not None:
+            self._health.succeeded("sessions")
+        self._settle(ops, None)
+        self._send()
+
+    def _not_applied(self, failure: Failure, ops: list[AssignOp | RecordOp]) -> None:
+        self._sending = None
+        self._settle(ops, failure.getErrorMessage())
+        self._send()
+
+    def _settle(self, ops: list[AssignOp | RecordOp], failed: str | None) -> None:
+        """Apply a batch here: what Redis decided (``failed`` None), or, when it
+        did not answer, decide here (fail open: this process's own state)."""
+        if failed is not None:
+            self._counts["local_fallbacks"] += len(ops)
+            if self._health is not None:
+                self._health.failed("sessions", "local", failed)
+        for op in ops:
+            try:
+                if isinstance(op, AssignOp):
+                    self._settle_assignment(op, failed is not None)
+                else:
+                    target = op.target()
+                    if target is not None:
+                        self._record_locally(op.keys, *target)
+            except Exception:
+                self._counts["errors"] += 1
+                log.failure("session tracker: a shared-state operation failed")
+
+    def _settle_assignment(self, op: AssignOp, here: bool) -> None:
+        if here or op.result is None:
+            op.result = self._decide_locally(op.lookups, op.client, op.new_id)
+        else:
+            result = op.result
+            self._set_head(result[0], (result[1], result[5]))
+        deciding = self._deciding.pop(op, None)
+        if deciding is None:
+            return
+        record = deciding.record
+        pending = self._pending.get(record)
+        if pending is not None and pending.op is op:
+            pending.session_id, pending.seq = op.result[0], op.result[1]
+        try:
+            self._assigned(
+                record,
+                op.result,
+                op.client,
+                deciding.source,
+                deciding.prints,
+                deciding.responses,
+                deciding.chosen,
+            )
+        finally:
+            deciding.waiting.callback(None)
 
     def _event(
         self, kind: str, record: ExchangeRecord, session_id: str, seq: int
@@ -852,6 +1013,8 @@ class SessionTracker:
         pending = self._pending.pop(record, None)
         if pending is None:
             return
+        if pending.fingerprints is None and not pending.responses:
+            return  # nothing to record (a client id's session)
         status = record.status
         if (
             record.outcome != "ok"
@@ -861,25 +1024,44 @@ class SessionTracker:
         ):
             return
         facts = reply_facts(record)
-        session_id, seq = pending.session_id, pending.seq
-        recorded = False
+        keys: list[StateKey] = []
         prints = pending.fingerprints
         if prints is not None:
             message = facts.assistant_message
             if message is not None:
-                self._remember(prints.state(reduce_message(message)), session_id, seq)
-                recorded = True
+                keys.append(prints.state(reduce_message(message)))
         if pending.responses and facts.merged_json is not None:
             response_id = _valid_id(facts.merged_json.get("id"))
             if response_id:
                 tenant = tenant_tag(tenant_namespace(record.tenant, record.request_headers))
-                self._remember("r:" + scoped_id(tenant, response_id), session_id, seq)
-                recorded = True
-        if recorded:
-            self._counts["states_recorded"] += 1
-            head = self._sessions.get(session_id)
-            if head is not None and seq > head[_STATE]:
+                keys.append("r:" + scoped_id(tenant, response_id))
+        if not keys:
+            return
+        op = pending.op
+        if self._shared is None or op is None:
+            if self._shared is None:
+                self._record_locally(keys, pending.session_id, pending.seq)
+            else:
+                self._queue(RecordOp(keys, pending.session_id, pending.seq, fresh=pending.fresh))
+            return
+        if op.result is not None:
+            self._queue(RecordOp(keys, op.result[0], op.result[1]))
+        else:
+            self._queue(RecordOp(keys, assign=op))
+
+    def _record_locally(
+        self, keys: Sequence[StateKey], session_id: str, seq: int, fresh: bool = False
+    ) -> None:
+        """A :class:`RecordOp` on this process's maps."""
+        for key in keys:
+            self._remember(key, session_id, seq)
+        self._counts["states_recorded"] += 1
+        head = self._sessions.get(session_id)
+        if head is not None:
+            if seq > head[_STATE]:
                 self._set_head(session_id, (head[_LAST], seq))
+        elif fresh:
+            self._set_head(session_id, (seq, seq))
 
     # -- the maps -------------------------------------------------------------
 
@@ -1084,6 +1266,18 @@ class SessionTracker:
             return
         self._warned.add(kind)
         log.warn(text, path=str(path), why=error.strerror or type(error).__name__)
+
+
+def _when_done(d: Deferred[None]) -> Deferred[None]:
+    """A Deferred firing (with None) after ``d`` fires, leaving ``d``'s result alone."""
+    done: Deferred[None] = Deferred()
+
+    def release(result: object) -> object:
+        done.callback(None)
+        return result
+
+    d.addBoth(release)
+    return done
 
 
 def _state_line(key: StateKey, session_id: str, seq: int) -> bytes:

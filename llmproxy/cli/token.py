@@ -2,7 +2,11 @@
 tests/unit/access/test_tokens.py, tests/integration/test_access.py).
 
 The tokens live in the token file of ``[server] state_dir`` (llmproxy/access/tokens.py);
-a running proxy re-reads it within a second, so no restart is needed.  ``create``
+a running proxy re-reads it within a second, so no restart is needed.  With
+``[state] store = redis`` they live in Redis instead (llmproxy/access/shared.py),
+where every proxy process of every host sees a change within a second; the
+commands then talk to ``[redis] url`` (and fail with a clear line when it does not
+answer).  ``create``
 prints the secret once, on stdout, and everything else on stderr, so
 ``TOKEN=$(llmproxy token create ...)`` captures only the token.  Creating and
 revoking write an audit line with the OS user as the actor.  The commands read the
@@ -17,15 +21,24 @@ import getpass
 import re
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
+from twisted.internet import defer
+from twisted.python.failure import Failure
 
 from llmproxy.cli.args import Subcommands, positive_int
 from llmproxy.config.loader import ConfigError, load_settings
 from llmproxy.config.model import Settings
 
+if TYPE_CHECKING:
+    from llmproxy.access.shared import SharedTokenStore
+
 __all__ = ["add_token_command", "parse_expiry", "project_name"]
+
+_T = TypeVar("_T")
 
 _SPAN_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -74,10 +87,85 @@ def _token_settings(args: argparse.Namespace) -> Settings | None:
         return None
 
 
+class SharedStateError(Exception):
+    """Redis did not answer a token command."""
+
+
+def _shared(settings: Settings, work: Callable[[SharedTokenStore], Awaitable[_T]]) -> _T:
+    """Run ``work`` against the shared token set, on a reactor of its own (the
+    token commands are short-lived processes)."""
+    from twisted.internet import reactor
+
+    from llmproxy.access.shared import SharedTokenStore
+    from llmproxy.access.tokens import TokenFile
+    from llmproxy.redis.connection import RedisConnection, parse_redis_url
+    from llmproxy.state import SharedState
+    from llmproxy.state.health import StateHealth
+
+    r: Any = reactor
+    url = parse_redis_url(settings.redis.url)
+    # A person waits for this: the bus's longer deadline, not the request path's.
+    timeout = max(settings.state.timeout, settings.redis.timeout)
+    connection = RedisConnection(r, url, timeout, "llmproxy-token")
+    state = SharedState(
+        connection,
+        r,
+        prefix=settings.state.prefix,
+        session_ttl=settings.state.session_ttl,
+        health=StateHealth(r),
+    )
+    store = SharedTokenStore(state, TokenFile.in_state_dir(settings.server.state_dir))
+    outcome: list[Any] = []
+
+    async def run() -> None:
+        ready: defer.Deferred[None] = defer.Deferred()
+
+        def connected() -> None:
+            if not ready.called:
+                ready.callback(None)
+
+        connection.when_ready(connected)
+        connection.start()
+        try:
+            await ready.addTimeout(timeout, r)
+        except defer.TimeoutError:
+            raise SharedStateError(
+                f"the shared state at {url.safe} does not answer ([state] store = redis)"
+            ) from None
+        outcome.append(await work(store))
+
+    def done(result: object) -> None:
+        if isinstance(result, Failure):
+            outcome.append(result)
+        connection.stop().addBoth(lambda _: r.stop())
+
+    defer.ensureDeferred(run()).addBoth(done)
+    r.run(installSignalHandlers=False)
+    found = outcome[0] if outcome else SharedStateError("no answer")
+    if isinstance(found, Failure):
+        found.raiseException()
+    if isinstance(found, BaseException):
+        raise found
+    result: _T = found
+    return result
+
+
 def _when(ts: float | None) -> str:
     if ts is None:
         return "-"
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%MZ")
+
+
+def _failed(error: Exception) -> str:
+    """One line for a token command that could not be done (no traceback, no secret)."""
+    from llmproxy.access.tokens import TokenFileError
+    from llmproxy.redis.connection import RedisUnavailable
+
+    if isinstance(error, (SharedStateError, TokenFileError)):
+        return str(error)
+    if isinstance(error, RedisUnavailable):
+        return f"the shared state (Redis) did not answer: {error}"
+    return f"{type(error).__name__}: {error}"
 
 
 def _actor() -> str:
@@ -106,15 +194,23 @@ def _token_create(args: argparse.Namespace) -> int:
         print(f"--allow-path: {bad[0]!r} is not an absolute path (/v1/...)", file=sys.stderr)
         return 2
     methods = tuple(m.upper() for m in args.allow_method or ())
-    secret, token = TokenFile.in_state_dir(settings.server.state_dir).create(
-        args.project,
-        now,
-        expires=expires,
-        max_requests=args.max_requests,
-        rpm=args.rpm,
-        allowed_paths=paths,
-        allowed_methods=methods,
-    )
+    kw: dict[str, Any] = {
+        "expires": expires,
+        "max_requests": args.max_requests,
+        "rpm": args.rpm,
+        "allowed_paths": paths,
+        "allowed_methods": methods,
+    }
+    if settings.state.store == "redis":
+        try:
+            secret, token = _shared(settings, lambda s: s.create(args.project, now, **kw))
+        except Exception as e:
+            print(_failed(e), file=sys.stderr)
+            return 1
+    else:
+        secret, token = TokenFile.in_state_dir(settings.server.state_dir).create(
+            args.project, now, **kw
+        )
     audit = AuditLog(settings.audit_path)
     audit.write(
         "token_created",
@@ -140,19 +236,22 @@ def _token_create(args: argparse.Namespace) -> int:
 
 
 def _token_list(args: argparse.Namespace) -> int:
-    from llmproxy.access.tokens import TokenFile, TokenFileError, UsageFile
+    from llmproxy.access.tokens import TokenFile, UsageFile
 
     settings = _token_settings(args)
     if settings is None:
         return 1
     state_dir = settings.server.state_dir
-    try:
-        tokens = TokenFile.in_state_dir(state_dir).read()
-        used = UsageFile.in_state_dir(state_dir).read()
-    except TokenFileError as e:
-        print(e, file=sys.stderr)
-        return 1
     now = time.time()
+    try:
+        if settings.state.store == "redis":
+            tokens, used = _shared(settings, lambda s: s.list(now))
+        else:
+            tokens = TokenFile.in_state_dir(state_dir).read()
+            used = UsageFile.in_state_dir(state_dir).read()
+    except Exception as e:
+        print(_failed(e), file=sys.stderr)
+        return 1
     rows = [
         {
             "id": t.id,
@@ -198,12 +297,17 @@ def _token_revoke(args: argparse.Namespace) -> int:
     settings = _token_settings(args)
     if settings is None:
         return 1
+    now = time.time()
     try:
-        token, changed = TokenFile.in_state_dir(settings.server.state_dir).revoke(
-            args.id, time.time()
-        )
+        if settings.state.store == "redis":
+            token, changed = _shared(settings, lambda s: s.revoke(args.id, now))
+        else:
+            token, changed = TokenFile.in_state_dir(settings.server.state_dir).revoke(args.id, now)
     except UnknownToken:
         print(f"no token with id {args.id} (see: llmproxy token list)", file=sys.stderr)
+        return 1
+    except Exception as e:
+        print(_failed(e), file=sys.stderr)
         return 1
     if not changed:
         print(f"{token.id} was already revoked")

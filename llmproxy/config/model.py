@@ -46,6 +46,7 @@ __all__ = [
     "HttpUrl",
     "Kind",
     "MiB",
+    "OnUnavailable",
     "OneOf",
     "PassthroughSettings",
     "Provider",
@@ -59,6 +60,8 @@ __all__ = [
     "SessionSettings",
     "Settings",
     "Size",
+    "StateSettings",
+    "StateStore",
     "SwitchableEndpoint",
     "UrlPath",
     "Workers",
@@ -118,6 +121,8 @@ RouteAuth = Annotated[str, OneOf(("passthrough", "token"))]
 RouteCache = Annotated[str, OneOf(("on", "off", "default"))]
 Bus = Annotated[str, OneOf(("memory", "redis"))]
 CacheStore = Annotated[str, OneOf(("memory", "redis"))]
+StateStore = Annotated[str, OneOf(("local", "redis"))]
+OnUnavailable = Annotated[str, OneOf(("fail_closed", "fail_open"))]
 Fsync = Annotated[str, OneOf(("never", "batch", "always"))]
 EXPORTER_TYPES = ("file", "loki", "sessions", "lunary", "helicone", "otlp")
 # A str, not a Literal: the engine also runs the Redis stream target as type "redis".
@@ -547,7 +552,8 @@ class CacheSettings:
     lock_timeout: Duration = setting(
         30.0,
         doc="Concurrent identical misses wait for the first one's response at most this "
-        "long, then go upstream themselves.",
+        "long, then go upstream themselves (with `store = redis`, across processes too: "
+        "also how long the first one's lock key lives).",
     )
     redis_url: RedisUrl = setting(
         "",
@@ -602,6 +608,39 @@ class SessionSettings:
         "work is on the event loop, and one huge conversation must not stall every other "
         "request): they get a session only from an `X-Session-ID` header, else none "
         "(counted as `too_large` in `/stats`).",
+    )
+
+
+@attrs.frozen
+class StateSettings:
+    """[state]: what the proxy processes share (llmproxy/state/)."""
+
+    store: StateStore = setting(
+        "local",
+        doc="`local`: each process counts token quotas and rate limits and tracks sessions "
+        "on its own (exact for one process). `redis`: every worker and host shares them "
+        "through `[redis] url`: quotas exact, one rate bucket per token, the token set "
+        "(creation, revocation) seen everywhere within 1 s, one session per conversation "
+        "whichever process serves a turn. See workers.md.",
+    )
+    on_unavailable: OnUnavailable = setting(
+        "fail_closed",
+        doc="With `store = redis`, while Redis does not answer: `fail_closed` answers "
+        "requests on token routes 503; `fail_open` lets them through on the token set last "
+        "read, and adds them to the shared counts once Redis is back (rate limits are not "
+        "applied meanwhile). Sessions and cache coalescing always carry on within the "
+        "process.",
+    )
+    timeout: Duration = setting(
+        0.5,
+        doc="Deadline of each shared-state command (and of connecting); a command without "
+        "a reply in time counts as Redis not answering.",
+    )
+    prefix: str = setting("llmproxy:state:", doc="Prefix of every shared-state key in Redis.")
+    session_ttl: Duration = setting(
+        7 * 86400.0,
+        doc="A conversation state or session head unused this long is dropped from Redis "
+        "(its conversation then starts a new session). About 200 bytes a state.",
     )
 
 
@@ -749,6 +788,7 @@ class Settings:
     redis: RedisSettings = RedisSettings()
     sessions: SessionSettings = SessionSettings()
     cache: CacheSettings = CacheSettings()
+    state: StateSettings = StateSettings()
     exporters: tuple[ExporterSettings, ...] = ()
     audit_path: Path | None = setting(  # [audit] path
         Path("audit.jsonl"),
@@ -771,6 +811,7 @@ SECTIONS: dict[str, type] = {
     "redis": RedisSettings,
     "sessions": SessionSettings,
     "cache": CacheSettings,
+    "state": StateSettings,
 }
 NAMED_SECTIONS: dict[str, tuple[str, type]] = {
     "route": ("routes", RouteSettings),

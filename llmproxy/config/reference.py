@@ -212,6 +212,12 @@ events (`cache_status` `hit` or `conditional-hit`, with `cache_key` and
 `cache_age_s`; see sinks.md, "Answers from the cache"). Changes take effect
 at the next restart; the routes' `cache` and `cache_ttl` apply on reload.
 """,
+    "state": """\
+What the proxy processes share: with `store = redis`, `[server] workers = N` and
+several hosts on one Redis behave as one proxy for token quotas, rate limits,
+the token set and sessions (see workers.md, "One truth across workers and
+hosts"). Changes take effect at the next restart.
+""",
     "exporter": """\
 One section per sink; several of one type may run at once. Events go to every
 enabled exporter, each with its own bounded buffer. What each sink sends, with a

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol as TwistedProtocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.client import FileBodyProducer, ResponseDone
@@ -56,6 +57,8 @@ if TYPE_CHECKING:
     from llmproxy.cache.entry import CachedResponse
 
 __all__ = ["Exchange", "ProxyResource", "answered_outcome"]
+
+log = Logger()
 
 _SSE = b"text/event-stream"
 _DONE = Failure(ResponseDone())
@@ -280,7 +283,52 @@ class Exchange:
             assert isinstance(decision, Deny)
             self.fail(decision.status, decision.message, "rejected", decision.headers)
             return
+        if isinstance(decision, defer.Deferred):
+            # Shared state asked (a quota in Redis): go on when it answers.
+            later = (target, producer, raw_headers, url, body, content, size)
+            decision.addCallback(self._access_answer, later).addErrback(self._access_failed)
+            return
         assert isinstance(decision, Allow)
+        self._admitted(decision, target, producer, raw_headers, url, body, content, size)
+
+    def _access_answer(
+        self,
+        decision: Allow | Deny,
+        later: tuple[Target, bytes | IBodyProducer | None, list[Any], bytes, bytes, Any, int],
+    ) -> None:
+        if not self.alive:
+            self.finish_record(
+                "client_disconnected", "client went away during the access check", publish=False
+            )
+            return
+        if isinstance(decision, Deny):
+            self.fail(decision.status, decision.message, "rejected", decision.headers)
+            return
+        self._admitted(decision, *later)
+
+    def _access_failed(self, failure: Failure) -> None:
+        # The policy's Deferred never fails; if it did, answer rather than hang.
+        log.failure(
+            "access check failed for {rid}", failure, rid=self.record and self.record.request_id
+        )
+        if not self._done:
+            self.fail(500, "the access check failed", "rejected")
+
+    def _admitted(
+        self,
+        decision: Allow,
+        target: Target,
+        producer: bytes | IBodyProducer | None,
+        raw_headers: list[Any],
+        url: bytes,
+        body: bytes,
+        content: Any,
+        size: int,
+    ) -> None:
+        proxy = self.proxy
+        request = self.request
+        record = self.record
+        assert record is not None
         record.tenant = decision.namespace
         cache = proxy.cache
         if cache is not None:

@@ -10,6 +10,8 @@ connection pool does not give:
   usable connection, instead of waiting for one: the proxy must spool, not wait;
 - every command has a deadline; a command that misses it aborts the connection
   (a reply that late means a hung connection, and replies must stay in order);
+  the deadline is judged after the reactor has read its sockets once more, so a
+  reply that came during a long reactor turn is not taken for a hung server;
 - replies are raw: ``bytes`` stay ``bytes`` (no decoding, no number guessing).
 
 Reconnection backs off from 0.1 s to 2 s.  An outage is logged once when it
@@ -165,6 +167,31 @@ def _make_protocol_class() -> Any:
             super().connectionLost(reason)
             self.owner._lost(self)
 
+        # txredisapi encodes a command an argument at a time through a chain of
+        # isinstance checks, and walks every reply to convert values we never
+        # want converted (no charset, no number guessing): with one script call
+        # per request batch, that was most of the CPU a Redis round trip cost
+        # (about 4 us per argument).  The same RESP, built with bytes formatting.
+        def _build_command(self, *args: Any, **kwargs: Any) -> bytes:
+            parts = [b"*%d\r\n" % len(args)]
+            for arg in args:
+                kind = arg.__class__
+                if kind is bytes:
+                    data = arg
+                elif kind is str:
+                    data = arg.encode()
+                elif kind is int:
+                    data = b"%d" % arg
+                elif kind is float:
+                    data = b"%f" % arg  # as txredisapi sends floats
+                else:
+                    data = self._encode_value(arg)
+                parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
+            return b"".join(parts)
+
+        def tryConvertData(self, data: Any) -> Any:
+            return data  # raw replies (charset=None, convertNumbers=False)
+
     return _RedisProtocol
 
 
@@ -269,8 +296,14 @@ class RedisConnection:
 
         return d.addBoth(done)
 
-    def _timed_out(self, protocol: Any, d: Deferred[Any]) -> None:
+    def _timed_out(self, protocol: Any, d: Deferred[Any], looked_again: bool = False) -> None:
         if d.called:
+            return
+        if not looked_again:
+            # Timers run before the reactor reads its sockets: after a long turn
+            # (a busy process) the reply may be waiting unread.  Look once more
+            # after the next read before calling the connection hung.
+            self._reactor.callLater(0, self._timed_out, protocol, d, True)
             return
         self.last_error = "no reply in time"
         if protocol is self._protocol:

@@ -5,7 +5,8 @@
 keys) and imports nothing else of llmproxy.  What a subsystem makes of them is
 that subsystem's to judge: the Redis URL and stream names
 (:func:`llmproxy.redis.connection.redis_problems`), the cache's bounds
-(:func:`llmproxy.cache.cache_problems`), each sink's rules (its factory raises
+(:func:`llmproxy.cache.cache_problems`), the shared state's
+(:func:`llmproxy.state.state_problems`), each sink's rules (its factory raises
 ``ValueError``: Loki label names, Lunary's project id...).  :func:`check_settings`
 runs them all; :func:`load_checked` is what start-up, reload, ``llmproxy
 check-config`` and the dispatcher call, so a bad file fails all of them with the
@@ -25,6 +26,7 @@ from llmproxy.config.loader import load_settings
 from llmproxy.config.model import ExporterSettings, Settings
 from llmproxy.export.registry import build_sink
 from llmproxy.redis.connection import redis_problems
+from llmproxy.state import state_problems
 
 __all__ = ["check_settings", "load_checked", "sink_problem"]
 
@@ -33,6 +35,7 @@ def check_settings(settings: Settings) -> list[str]:
     """The subsystems' problems with ``settings``, as ``section.key: reason`` lines."""
     problems = [f"redis.{problem}" for problem in redis_problems(settings.redis)]
     problems.extend(cache_problems(settings))
+    problems.extend(state_problems(settings))
     for exporter in settings.exporters:
         why = sink_problem(exporter, settings)
         if why:

@@ -43,6 +43,8 @@ from llmproxy.proxy.metrics import MetricsCollector, ProxyMetrics, make_registry
 from llmproxy.proxy.site import ProxySite
 from llmproxy.runtime.lifecycle import RootService, StopStage
 from llmproxy.runtime.system import install_sighup, listen_now, sd_notify
+from llmproxy.state import build_shared_state
+from llmproxy.state.health import StateHealth
 
 if TYPE_CHECKING:
     from llmproxy.export.exporter import BatchingExporter
@@ -122,7 +124,13 @@ class ProxyService(RootService):
             idle_timeout=server.pool_idle_timeout,
         )
         self.audit = AuditLog(settings.audit_path)
-        self.access = build_access(settings, self.audit, reactor, tokens_dir=tokens_dir)
+        # [state] store = redis: quotas, rate limits, tokens and sessions shared
+        # by every process and host; what happens while Redis does not answer.
+        self.state_health = StateHealth(reactor, settings.state.on_unavailable)
+        self.shared = build_shared_state(settings, reactor, self.state_health)
+        self.access = build_access(
+            settings, self.audit, reactor, tokens_dir=tokens_dir, shared=self.shared
+        )
         self.bus: MemoryBus | RedisBus
         if settings.events.bus == "redis":
             from llmproxy.redis.stream import build_redis_bus
@@ -141,7 +149,7 @@ class ProxyService(RootService):
             usage=self.metrics.usage,
         )
         # The response cache, when [cache] enabled or a route says cache = on.
-        self.cache = build_cache(settings, reactor)
+        self.cache = build_cache(settings, reactor, health=self.state_health)
         self.exporters: list[BatchingExporter] = []
         self._export_pool = quiet_pool(reactor, persistent=True)
         self._http_client: HTTPClient | None = None
@@ -165,6 +173,7 @@ class ProxyService(RootService):
         if self.cache is not None:
             collector.add(self.cache.families)
         collector.add(self._bus_families)
+        collector.add(self.state_health.families)
         self.registry = make_registry(collector)
         admin = AdminResource(
             is_ready=lambda: self.ready,
@@ -204,6 +213,8 @@ class ProxyService(RootService):
             self.reactor,
             flush_interval=cfg.flush_interval,
             run_in_thread=self._in_thread,
+            shared=self.shared.sessions if self.shared is not None else None,
+            health=self.state_health,
             max_body_bytes=cfg.max_body_bytes,
         )
 
@@ -238,7 +249,10 @@ class ProxyService(RootService):
     def _components(self) -> list[Lifecycle]:
         """What runs for the service's life, in start order (the drain stops them
         in the order of ``stop_stages``)."""
-        components: list[Lifecycle] = [self.access, self.upstream, self.capture]
+        components: list[Lifecycle] = []
+        if self.shared is not None:
+            components.append(self.shared)  # Redis: connects in the background
+        components += [self.access, self.upstream, self.capture]
         if self.cache is not None:
             components.append(self.cache)  # Redis: connects in the background
         components.append(self.bus)  # Redis: connects, replays its spool when Redis answers
@@ -328,7 +342,7 @@ class ProxyService(RootService):
             for key in ("listen", "admin_listen", "workers", "state_dir", "pool_size")
             if getattr(old.server, key) != getattr(new.server, key)
         ]
-        for section in ("events", "redis", "cache", "sessions"):
+        for section in ("events", "redis", "cache", "sessions", "state"):
             if getattr(old, section) != getattr(new, section):
                 log.warn(
                     "[{section}] changed: it takes effect at the next restart", section=section
@@ -414,6 +428,10 @@ class ProxyService(RootService):
                 "errors": self.capture.errors,
             },
             "cache": self.cache.stats() if self.cache is not None else None,
+            "state": {
+                "store": self.settings.state.store,
+                **self.state_health.stats(),
+            },
             "bus": self.bus.stats(),
             "audit": {"lines": self.audit.lines, "errors": self.audit.errors},
         }
@@ -446,6 +464,9 @@ class ProxyService(RootService):
         stages.append(StopStage("events delivered or spooled", self._stop_delivery))
         if self.cache is not None:
             stages.append(StopStage("response cache closed", self.cache.stop))
+        if self.shared is not None:
+            # Last of its users: access counts, the tracker's operations.
+            stages.append(StopStage("shared state closed", self.shared.stop))
         stages += [
             StopStage("connection pools closed", self._stop_pools),
             StopStage("admin listener closed", self._stop_admin),

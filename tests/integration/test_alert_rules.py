@@ -243,3 +243,47 @@ async def test_a_healthy_upstream_fires_no_error_alert(env: Running, tmp_path: P
         ],
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_a_part_of_the_shared_state_without_redis_for_a_minute_pages(tmp_path: Path) -> None:
+    # The family and its labels are checked against a real /metrics by
+    # test_dashboard.py; here the rule: a blip is not an alert, a minute is.
+    def series(part: str, values: str) -> dict[str, str]:
+        labels = f'part="{part}",instance="{INSTANCE}",job="llmproxy"'
+        return {"series": f"llmproxy_state_connected{{{labels}}}", "values": values}
+
+    firing = {
+        "exp_labels": {
+            "severity": "page",
+            "part": "access",
+            "instance": INSTANCE,
+            "job": "llmproxy",
+        },
+        "exp_annotations": {"summary": "shared state (access): Redis does not answer"},
+    }
+    proc = run_promtool_tests(
+        tmp_path,
+        [
+            {
+                "interval": "1m",
+                # access: up, down from minute 2 on; sessions: one minute down at 2.
+                "input_series": [
+                    series("access", "1 1 0 0 0 0"),
+                    series("sessions", "1 1 0 1 1 1"),
+                ],
+                "alert_rule_test": [
+                    {
+                        "eval_time": "2m",
+                        "alertname": "LLMProxySharedStateUnavailable",
+                        "exp_alerts": [],
+                    },
+                    {
+                        "eval_time": "4m",
+                        "alertname": "LLMProxySharedStateUnavailable",
+                        "exp_alerts": [firing],
+                    },
+                ],
+            }
+        ],
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr

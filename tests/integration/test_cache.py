@@ -148,12 +148,24 @@ async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
 
 
 def _start(
-    tmp_path: Path, store: str, max_bytes: str = "64MiB", max_object_bytes: str = "16KiB"
+    tmp_path: Path,
+    store: str,
+    max_bytes: str = "64MiB",
+    max_object_bytes: str = "16KiB",
+    *,
+    redis: RedisServer | None = None,
+    upstream: FakeUpstream | None = None,
 ) -> Cached:
+    """A proxy with a cache; ``redis`` and ``upstream`` shared with another one
+    when given (the caller stops them)."""
     state = tmp_path / "state"
     state.mkdir(parents=True, exist_ok=True)
-    upstream = FakeUpstream(reactor)
-    port = upstream.listen()
+    if upstream is None:
+        upstream = FakeUpstream(reactor)
+        port = upstream.listen()
+    else:
+        assert upstream.port is not None
+        port = upstream.port.getHost().port  # type: ignore[attr-defined]
     extra = CACHE_INI.format(port=port, max_bytes=max_bytes, max_object_bytes=max_object_bytes)
     settings = load_settings(
         text=config_text(port, str(state), extra), env={"CACHE_TEST_UPSTREAM_KEY": UPSTREAM_KEY}
@@ -175,11 +187,11 @@ def _start(
     env = Running(service, upstream, base, admin, client, pool)
     clock = task.Clock()
     clock.advance(NOW)
-    redis: RedisServer | None = None
     cache_store: CacheStore
     if store == "redis":
-        redis = RedisServer(tmp_path / "redis")
-        redis.start()
+        if redis is None:
+            redis = RedisServer(tmp_path / "redis")
+            redis.start()
         connection = RedisConnection(reactor, parse_redis_url(redis.url), 5.0, "cache-test")
         ready: defer.Deferred[None] = defer.Deferred()
         connection.when_ready(lambda: None if ready.called else ready.callback(None))
@@ -188,7 +200,9 @@ def _start(
         pytest_twisted.blockon(ready.addTimeout(10, reactor))
     else:
         cache_store = MemoryStore(clock=clock, max_bytes=settings.cache.max_bytes)
-    cache = ResponseCache(settings=settings.cache, store=cache_store, clock=clock)
+    cache = ResponseCache(
+        settings=settings.cache, store=cache_store, clock=clock, timer=reactor, health=None
+    )
     # Wired by hand, as llmproxy/runtime/service.py does from [cache] (replacing its own, if any).
     service.proxy.cache = cache
     service.admin_site.resource.cache = cache  # type: ignore[attr-defined]
@@ -592,6 +606,102 @@ async def test_a_follower_that_disconnects_does_not_disturb_the_leader(cached: C
     cached.env.upstream.release_held()
     assert (await leader).h("x-proxy-cache") == "stored"
     await until(lambda: not cached.env.service.proxy.open)
+
+
+@pytest.fixture
+def two_processes(tmp_path: Path) -> Iterator[tuple[Cached, Cached]]:
+    """Two proxies with their own cache and in-flight table (as two processes),
+    one Redis store and one upstream."""
+    redis = RedisServer(tmp_path / "redis")
+    redis.start()
+    first = _start(tmp_path / "a", "redis", redis=redis)
+    second = _start(tmp_path / "b", "redis", redis=redis, upstream=first.env.upstream)
+    try:
+        yield first, second
+    finally:
+        pytest_twisted.blockon(second.env.pool.closeCachedConnections())
+        pytest_twisted.blockon(second.env.service.stopService())
+        pytest_twisted.blockon(second.cache.stop(0))
+        _stop(first)
+
+
+@pytest_twisted.ensureDeferred
+async def test_identical_misses_on_two_processes_make_one_upstream_call(
+    two_processes: tuple[Cached, Cached],
+) -> None:
+    first, second = two_processes
+    upstream = first.env.upstream
+    path = "/mock/cacheable?cc=max-age%3D60&hold=1"
+    answers = [defer.ensureDeferred(c.send(path)) for c in (first, second) for _ in range(25)]
+
+    def waiting() -> bool:
+        # One leader upstream, one process waiting for its entry, every other
+        # request waiting in its own process for its own leader.
+        local = first.cache.inflight.waiting + second.cache.inflight.waiting
+        remote = first.cache.remote_waits + second.cache.remote_waits
+        return len(upstream.held) == 1 and local == 48 and remote == 1
+
+    await until(waiting)
+    assert upstream.release_held() == 1
+    done = await defer.gatherResults(answers)
+    assert first.calls == 1  # (one upstream for both)
+    assert {a.code for a in done} == {200} and {a.body for a in done} == {done[0].body}
+    marks = sorted(a.h("x-proxy-cache") or "" for a in done)
+    assert marks == ["hit"] * 49 + ["stored"]
+    waited = first if first.cache.remote_waits else second
+    assert waited.cache.stats()["remote_hits"] == 1
+    assert waited.cache.stats()["coalesced"] == 24
+    # The lock is gone once the entry is stored.
+    assert first.redis is not None
+    await until(
+        lambda: first.redis is not None and not first.redis.command("KEYS", "test:cache-lock:*")
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_process_waiting_on_another_goes_upstream_when_it_stores_nothing(
+    two_processes: tuple[Cached, Cached],
+) -> None:
+    first, second = two_processes
+    upstream = first.env.upstream
+    path = "/mock/cacheable?cc=no-store&hold=1"
+    leader = defer.ensureDeferred(first.send(path))
+    await until(lambda: len(upstream.held) == 1)
+    other = defer.ensureDeferred(second.send(path))
+    await until(lambda: second.cache.remote_waits == 1)
+    upstream.release_held()  # not storable: the lock goes, no entry comes
+    await until(lambda: len(upstream.held) == 1)
+    upstream.release_held()
+    answers = await defer.gatherResults([leader, other])
+    assert sorted(a.json["call"] for a in answers) == [1, 2]
+    assert second.cache.stats()["remote_hits"] == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_the_lock_each_process_coalesces_on_its_own(
+    two_processes: tuple[Cached, Cached],
+) -> None:
+    first, second = two_processes
+    upstream = first.env.upstream
+    assert first.redis is not None
+    # Redis answers the entries but refuses the lock keys (an ACL without them):
+    # what a lock that fails looks like to the processes.
+    first.redis.command("ACL", "SETUSER", "default", "resetkeys", "~test:cache:*")
+    path = "/mock/cacheable?cc=max-age%3D60&hold=1"
+    answers = [defer.ensureDeferred(c.send(path)) for c in (first, second) for _ in range(10)]
+    await until(
+        lambda: (
+            len(upstream.held) == 2
+            and first.cache.inflight.waiting + second.cache.inflight.waiting == 18
+        )
+    )
+    assert upstream.release_held() == 2
+    done = await defer.gatherResults(answers)
+    assert first.calls == 2  # one per process, never one per request
+    assert {a.code for a in done} == {200}
+    for c in (first, second):
+        stats = c.cache.stats()
+        assert (stats["lock_errors"], stats["remote_waits"], stats["coalesced"]) == (1, 0, 9)
 
 
 # -- memory bound ---------------------------------------------------------------------------

@@ -290,8 +290,8 @@ def proxy(tmp_path: Path, loki: RunningFakeLoki) -> Iterator[tuple[Running, str]
 @pytest.fixture
 def bus_proxy(tmp_path: Path, redis: RedisServer) -> Iterator[Running]:
     """With [events] bus = redis a proxy exports nothing itself, but has the Redis
-    bus families."""
-    extra = f"[events]\nbus = redis\n[redis]\nurl = {redis.url}\n"
+    bus families; with [state] store = redis the shared state's."""
+    extra = f"[events]\nbus = redis\n[state]\nstore = redis\n[redis]\nurl = {redis.url}\n"
     yield from running_fixture(tmp_path / "redis", extra=extra)
 
 
@@ -308,11 +308,13 @@ async def test_every_dashboard_query_names_what_the_service_exposes(
             and bool(fake.entries({"log_type": "response"}))
         )
     )
-    families = {**await _scrape(bus_proxy), **await _scrape(running)}
+    # Both proxies' samples: a family one of them has without samples (the
+    # shared state's, with store = local) must not hide the other's.
+    families = [*(await _scrape(bus_proxy)).values(), *(await _scrape(running)).values()]
 
     samples: dict[str, set[str]] = {}  # sample name -> its label names
     kinds: dict[str, str] = {}
-    for family in families.values():
+    for family in families:
         for sample in family.samples:
             samples.setdefault(sample.name, set()).update(sample.labels)
             kinds[sample.name] = family.type

@@ -78,3 +78,27 @@ def test_the_long_lived_components_share_one_lifecycle(tmp_path: Path) -> None:
     assert isinstance(RedisStreamSink(settings.redis, None), LineSink)  # type: ignore[arg-type]
     assert isinstance(audit, Auditor)
     assert isinstance(CapturePump(MemoryBus(), CaptureSettings(), clock, enabled=True), EventSink)
+
+
+def test_the_shared_state_parts_declare_their_seams(tmp_path: Path) -> None:
+    from llmproxy.cache.redis_store import RedisStore
+    from llmproxy.cache.store import MemoryStore
+    from llmproxy.interfaces import AccessPolicy, CacheStore, LockingStore, SharedSessionState
+    from llmproxy.state import build_shared_state
+    from llmproxy.state.health import StateHealth
+
+    clock = Clock()
+    settings = load_settings(
+        text=f"[server]\nstate_dir = {tmp_path}\n[state]\nstore = redis\n", env={}
+    )
+    shared = build_shared_state(settings, clock, StateHealth(clock))
+    assert shared is not None
+    assert isinstance(shared, Lifecycle)
+    assert isinstance(shared.sessions, SharedSessionState)
+    redis_store = RedisStore(redis=shared.redis, clock=clock)
+    assert isinstance(redis_store, LockingStore) and isinstance(redis_store, CacheStore)
+    memory = MemoryStore(clock=clock, max_bytes=1024)
+    assert isinstance(memory, CacheStore) and not isinstance(memory, LockingStore)
+    access = build_access(settings, AuditLog(None), clock, shared=shared)
+    assert isinstance(access, AccessPolicy) and isinstance(access, Lifecycle)
+    assert build_shared_state(load_settings(env={}), clock, StateHealth(clock)) is None

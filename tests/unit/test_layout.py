@@ -20,6 +20,7 @@ TIERS = {
     "deferreds": 0,
     "export": 1,
     "redis": 1,
+    "state": 1,
     "capture": 2,
     "proxy": 3,
     "access": 3,

@@ -7,6 +7,7 @@ from typing import Any
 
 import orjson
 import pytest
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from llmproxy.capture.pump import CapturePump
@@ -78,12 +79,13 @@ class Calls:
         self.calls: list[tuple[str, str]] = []
         self.fail_for = fail_for
 
-    def assign(self, record: ExchangeRecord, body: bytes) -> None:
+    def assign(self, record: ExchangeRecord, body: bytes) -> Deferred[None] | None:
         if record.request_id == self.fail_for:
             raise RuntimeError("tracker bug")
         self.calls.append(("assign", record.request_id))
         record.session_id = "s-" + record.request_id
         record.seq = 1
+        return None
 
     def finished(self, record: ExchangeRecord) -> None:
         self.calls.append(("finished", record.request_id))
@@ -425,6 +427,56 @@ def test_a_conversation_served_partly_from_the_cache_stays_one_session() -> None
     # The tracker read the cached reply: turn 2 continues the run it belongs to
     # (had the hit gone unseen, it would continue the first run's session).
     assert (second.session_id, second.seq) == (again.session_id, 2)
+
+
+class Deciding(Calls):
+    """A tracker deciding elsewhere (a shared state): each assign answers later."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting: dict[str, Deferred[None]] = {}
+
+    def assign(self, record: ExchangeRecord, body: bytes) -> Deferred[None] | None:
+        self.calls.append(("assign", record.request_id))
+        d: Deferred[None] = Deferred()
+        d.addCallback(lambda _: setattr(record, "session_id", "s-" + record.request_id))
+        self.waiting[record.request_id] = d
+        return d
+
+    def decide(self, rid: str) -> None:
+        self.waiting.pop(rid).callback(None)
+
+
+def test_events_wait_in_order_for_a_session_decided_elsewhere() -> None:
+    tracker = Deciding()
+    pump, bus, clock = make(tracker)
+    a, b = record("a"), record("b", {"model": "m"})
+    for rec in (a, b):
+        pump.request_started(rec, rec.request_body)
+        finish(rec)
+        pump.request_finished(rec)
+    clock.advance(0)
+    # The tracker saw everything in queue order; nothing is published before a's decision.
+    assert tracker.calls == [("assign", "a"), ("finished", "a"), ("assign", "b"), ("finished", "b")]
+    assert bus.envelopes == [] and pump.pending() == 4
+    tracker.decide("b")
+    assert bus.envelopes == []  # b is behind a
+    tracker.decide("a")
+    assert bus.kinds() == [("request", "a"), ("response", "a"), ("request", "b"), ("response", "b")]
+    # The request event carries the session decided after it was queued.
+    assert bus.envelopes[0].payload()["session_id"] == "s-a"
+    assert pump.pending() == 0
+
+
+def test_stop_waits_for_the_decisions_outstanding() -> None:
+    tracker = Deciding()
+    pump, bus, _ = make(tracker)
+    a = record("a")
+    pump.request_started(a, a.request_body)
+    stopped = pump.stop(5)
+    assert not stopped.called and bus.envelopes == []
+    tracker.decide("a")
+    assert stopped.called and bus.kinds() == [("request", "a")]
 
 
 def test_a_turn_over_its_budget_leaves_the_rest_to_the_next_turn_in_order() -> None:

@@ -18,7 +18,7 @@ import pytest_twisted
 from hypothesis import given
 from hypothesis import strategies as st
 from treq.testing import StubTreq
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
 from llmproxy.capture import sessions as sessions_module
@@ -40,6 +40,7 @@ from llmproxy.events.envelope import Envelope
 from llmproxy.events.time import epoch_ns, rfc3339_ns
 from llmproxy.export.sinks.loki import LokiSink
 from llmproxy.export.verdict import Delivered
+from llmproxy.state.health import StateHealth
 from tests.fakes.loki import FakeLoki
 
 NOW = 1_795_419_612.0  # 2026-11-23T07:40:12Z
@@ -245,6 +246,7 @@ class Harness:
     clock: Clock
     published: list[Envelope]
     exchanges: int = 0
+    shared: Elsewhere | None = None
 
     def exchange(
         self,
@@ -280,6 +282,7 @@ class Harness:
             machine="proxy@host1",
         )
         self.tracker.assign(record, raw)
+        self.settle()
         record.first_byte_at = 0.2
         record.status = reply.status
         record.response_headers = [(b"Content-Type", reply.content_type)]
@@ -293,34 +296,71 @@ class Harness:
         record.outcome = outcome
         record.ended_at = 1.5
         self.tracker.finished(record)
+        self.settle()
         return record
+
+    def settle(self) -> None:
+        """With a shared state: its batch goes out (next turn) and is answered."""
+        if self.shared is not None:
+            self.clock.advance(0)
 
     def events(self, kind: str | None = None) -> list[dict[str, Any]]:
         return [e.payload() for e in self.published if kind is None or e.kind == kind]
 
 
-def harness(store: Path | None = None, max_states: int = 1000, **kw: Any) -> Harness:
+@attrs.define
+class Elsewhere:
+    """A shared state (``[state] store = redis``) for the tracker: the operations
+    run on another tracker's maps (the Redis script decides as they do:
+    tests/unit/state/test_sessions.py) and are answered at once."""
+
+    maps: SessionTracker
+    usable: bool = True
+    batches: int = 0
+
+    def apply(self, ops: Any) -> Deferred[None]:
+        self.batches += 1
+        self.maps.apply_locally(ops)
+        return succeed(None)
+
+
+def harness(
+    store: Path | None = None, max_states: int = 1000, shared: bool = False, **kw: Any
+) -> Harness:
     clock = Clock()
     clock.advance(NOW)
     published: list[Envelope] = []
     counter = iter(range(1, 1_000_000))
+    elsewhere = (
+        Elsewhere(SessionTracker(lambda _: None, None, max_states, Clock())) if shared else None
+    )
     tracker = SessionTracker(
         published.append,
         store,
         max_states,
         clock,
         new_id=lambda: f"sess-{next(counter):04d}",
+        shared=elsewhere,
         **kw,
     )
     tracker.start()
-    return Harness(tracker, clock, published)
+    return Harness(tracker, clock, published, shared=elsewhere)
 
 
-@pytest.fixture
-def h() -> Iterator[Harness]:
-    running = harness()
+@pytest.fixture(params=["local", "shared"])
+def h(request: pytest.FixtureRequest) -> Iterator[Harness]:
+    """Every conversation test runs twice: decided here, and decided in a shared
+    state (as with Redis) with this tracker mirroring it."""
+    running = harness(shared=request.param == "shared")
     yield running
     running.tracker.stop(0)
+    if running.shared is not None:
+        # The tracker's own maps mirror what the shared state decided.
+        # (A session started here is known there once a state of it is recorded.)
+        mine, theirs = running.tracker.stats(), running.shared.maps.stats()
+        assert mine["states"] == theirs["states"]
+        assert mine["sessions"] >= theirs["sessions"]
+        assert running.shared.batches > 0 or not mine["states"]
 
 
 # ---------------------------------------------------------------- clients as SDKs behave
@@ -1343,6 +1383,199 @@ def test_the_tracker_adds_no_objects_for_the_garbage_collector_to_scan() -> None
     heads = list(tracker._sessions.values())
     assert len(heads) == 2000
     assert not any(gc.is_tracked(h) for h in heads)
+
+
+# ---------------------------------------------------------------- with a shared state
+
+
+@attrs.define
+class Held:
+    """A shared state whose answers the test gives (or withholds)."""
+
+    maps: SessionTracker
+    usable: bool = True
+    asked: list[tuple[list[Any], Deferred[None]]] = attrs.Factory(list)
+
+    def apply(self, ops: Any) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self.asked.append((list(ops), d))
+        return d
+
+    def answer(self, index: int = 0) -> None:
+        ops, d = self.asked.pop(index)
+        self.maps.apply_locally(ops)
+        d.callback(None)
+
+    def fail(self, index: int = 0) -> None:
+        from llmproxy.redis.connection import RedisUnavailable
+
+        _, d = self.asked.pop(index)
+        d.errback(RedisUnavailable("connection lost"))
+
+
+def held(**kw: Any) -> tuple[Harness, Held, StateHealth]:
+    clock = Clock()
+    clock.advance(NOW)
+    published: list[Envelope] = []
+    counter = iter(range(1, 1_000_000))
+    shared = Held(SessionTracker(lambda _: None, None, 1000, Clock()))
+    health = StateHealth(clock)
+    tracker = SessionTracker(
+        published.append,
+        None,
+        1000,
+        clock,
+        new_id=lambda: f"sess-{next(counter):04d}",
+        shared=shared,
+        health=health,
+        **kw,
+    )
+    tracker.start()
+    return Harness(tracker, clock, published), shared, health
+
+
+def chat_record(n: int, messages: list[dict[str, Any]]) -> tuple[ExchangeRecord, bytes]:
+    raw = orjson.dumps({"model": "gpt-4o", "messages": messages})
+    record = ExchangeRecord(
+        request_id=f"req-{n}",
+        started_at=NOW + n,
+        method="POST",
+        path="/v1/chat/completions",
+        query="",
+        route="openai",
+        provider="openai",
+        upstream_url="https://api.openai.com/v1/chat/completions",
+        upstream_host="api.openai.com",
+        client_addr="",
+        request_headers=[],
+        request_body=raw,
+        request_body_size=len(raw),
+    )
+    return record, raw
+
+
+def answered(record: ExchangeRecord, text: str) -> None:
+    reply = openai_json(text)
+    record.status = 200
+    record.outcome = "ok"
+    record.response_headers = [(b"Content-Type", reply.content_type)]
+    record.response_chunks = [(0.1, c) for c in reply.chunks]
+    record.response_body_size = sum(len(c) for c in reply.chunks)
+
+
+HISTORY = [
+    {"role": "user", "content": "hi"},
+    {"role": "assistant", "content": "hello"},
+    {"role": "user", "content": "more"},
+]
+
+
+def test_a_first_turn_is_decided_here_and_redis_hears_of_it_with_its_state() -> None:
+    h, shared, _ = held()
+    first, raw = chat_record(1, [{"role": "user", "content": "hi"}])
+    assert h.tracker.assign(first, raw) is None  # no history, no client id: a new session
+    assert (first.session_id, first.seq) == ("sess-0001", 1)
+    answered(first, "hello")
+    h.tracker.finished(first)
+    h.clock.advance(0)
+    ((ops, _),) = shared.asked
+    (record_op,) = ops
+    assert record_op.fresh and record_op.target() == ("sess-0001", 1)
+    shared.answer()
+    # The next turn, decided in the shared state, continues it there.
+    second, raw = chat_record(2, HISTORY)
+    h.tracker.assign(second, raw)
+    h.clock.advance(0)
+    shared.answer()
+    assert (second.session_id, second.seq) == ("sess-0001", 2)
+
+
+def test_a_turn_and_its_reply_go_in_one_batch() -> None:
+    h, shared, _ = held()
+    first, raw = chat_record(1, HISTORY)  # a history nobody recorded: decided in Redis
+    waiting = h.tracker.assign(first, raw)
+    assert isinstance(waiting, Deferred) and not waiting.called
+    assert first.session_id is None  # decided elsewhere: not yet
+    answered(first, "sure")
+    h.tracker.finished(first)  # its record names the assignment in the same batch
+    h.clock.advance(0)
+    ((ops, _),) = shared.asked
+    assert [type(op).__name__ for op in ops] == ["AssignOp", "RecordOp"]
+    shared.answer()
+    assert waiting.called and first.session_id is not None and first.seq == 1
+    assert [e.payload()["type"] for e in h.published] == ["session_start"]
+    second, raw = chat_record(
+        2, [*HISTORY, {"role": "assistant", "content": "sure"}, {"role": "user", "content": "ok"}]
+    )
+    h.tracker.assign(second, raw)
+    h.clock.advance(0)
+    shared.answer()
+    assert (second.session_id, second.seq) == (first.session_id, 2)
+
+
+def test_one_batch_at_a_time_so_a_record_can_name_an_earlier_batchs_decision() -> None:
+    h, shared, _ = held()
+    first, raw = chat_record(1, HISTORY)
+    h.tracker.assign(first, raw)
+    h.clock.advance(0)
+    answered(first, "sure")
+    h.tracker.finished(first)
+    h.clock.advance(0)
+    assert len(shared.asked) == 1  # the record waits for the batch under way
+    shared.answer()
+    ((ops, _),) = shared.asked
+    (record_op,) = ops
+    assert record_op.target() == (first.session_id, 1) and not record_op.fresh
+    shared.answer()
+    assert h.tracker.stats()["states_recorded"] == 1
+
+
+def test_unanswered_batches_are_decided_here_in_order() -> None:
+    h, shared, health = held()
+    first, raw = chat_record(1, HISTORY)
+    waiting = h.tracker.assign(first, raw)
+    h.clock.advance(0)
+    shared.fail()
+    assert waiting is not None and waiting.called
+    assert first.session_id is not None and first.seq == 1
+    assert h.tracker.stats()["local_fallbacks"] == 1
+    assert health.stats()["sessions"]["connected"] == 0
+    assert health.decisions == {("sessions", "local"): 1}
+    # Not connected: decided at once, nothing sent.
+    shared.usable = False
+    answered(first, "sure")
+    h.tracker.finished(first)
+    second, raw = chat_record(
+        2, [*HISTORY, {"role": "assistant", "content": "sure"}, {"role": "user", "content": "ok"}]
+    )
+    h.tracker.assign(second, raw)
+    h.clock.advance(0)
+    assert shared.asked == []
+    assert (second.session_id, second.seq) == (first.session_id, 2)
+    # Back: the next batch goes to the shared state again, and the part is up.
+    shared.usable = True
+    third, raw = chat_record(3, [*HISTORY[:2], {"role": "user", "content": "other"}])
+    h.tracker.assign(third, raw)
+    h.clock.advance(0)
+    shared.answer()
+    assert third.session_id not in (None, first.session_id)
+    assert health.stats()["sessions"]["connected"] == 1
+
+
+def test_stop_sends_what_waits_and_waits_for_the_answer() -> None:
+    h, shared, _ = held()
+    first, raw = chat_record(1, HISTORY)
+    h.tracker.assign(first, raw)
+    h.clock.advance(0)
+    second, raw = chat_record(2, [*HISTORY[:2], {"role": "user", "content": "other"}])
+    h.tracker.assign(second, raw)  # queued behind the batch under way
+    closed = h.tracker.stop(5)
+    assert not closed.called
+    shared.answer()
+    assert not closed.called and len(shared.asked) == 1  # the queued one went out
+    shared.answer()
+    assert closed.called
+    assert second.session_id is not None and first.session_id is not None
 
 
 # ---------------------------------------------------------------- tenants and bounds

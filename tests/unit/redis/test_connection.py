@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import txredisapi
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
@@ -99,3 +101,72 @@ def test_commands_fail_at_once_without_a_connection() -> None:
 )
 def test_only_a_definitive_answer_of_redis_is_a_refusal(error: Exception, refused: bool) -> None:
     assert is_refusal(Failure(error)) is refused
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.aborted = False
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+
+
+class _Protocol:
+    """Stands in for txredisapi's protocol: replies are given by the test."""
+
+    connected = 1
+
+    def __init__(self) -> None:
+        self.transport = _Transport()
+        self.pending: list[Deferred[Any]] = []
+
+    def execute_command(self, *args: Any, apply_timeout: bool = True) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.pending.append(d)
+        return d
+
+
+class _TurnClock(Clock):
+    """Runs timers as the reactor does: a call made while timers run (a
+    ``callLater(0)``) waits for the next turn, after the sockets were read."""
+
+    def advance(self, amount: float) -> None:
+        self.rightNow += amount
+        self._sortCalls()
+        due = [c for c in self.calls if c.getTime() <= self.seconds()]
+        for call in due:
+            if call in self.calls:
+                self.calls.remove(call)
+                call.called = 1
+                call.func(*call.args, **call.kw)
+
+
+def _connected(clock: Clock) -> tuple[RedisConnection, _Protocol]:
+    connection = RedisConnection(clock, parse_redis_url("redis://127.0.0.1:1/0"), 0.5)
+    protocol = _Protocol()
+    connection._ready(protocol)  # as when the connection setup is done
+    return connection, protocol
+
+
+def test_a_reply_read_in_the_turn_after_the_deadline_still_counts() -> None:
+    clock = _TurnClock()
+    connection, protocol = _connected(clock)
+    answers: list[object] = []
+    connection.execute("PING").addBoth(answers.append)
+    clock.advance(0.5)  # the deadline's timer runs first in its turn...
+    assert answers == [] and not protocol.transport.aborted
+    protocol.pending[0].callback(b"PONG")  # ...then the socket is read: the reply was there
+    clock.advance(0)
+    assert answers == [b"PONG"] and not protocol.transport.aborted and connection.usable
+
+
+def test_no_reply_by_the_deadline_aborts_the_connection() -> None:
+    clock = _TurnClock()
+    connection, protocol = _connected(clock)
+    answers: list[Failure] = []
+    connection.execute("PING").addErrback(answers.append)
+    clock.advance(0.5)
+    clock.advance(0)
+    assert protocol.transport.aborted and not connection.usable
+    assert len(answers) == 1 and answers[0].check(RedisUnavailable)
+    assert "no reply within the timeout" in answers[0].getErrorMessage()

@@ -69,6 +69,22 @@ def test_a_good_file_loads_checked() -> None:
     assert [(e.name, e.type) for e in settings.exporters] == [("l", "loki")]
 
 
+def test_the_shared_state_section_is_checked() -> None:
+    found = problems("[state]\nstore = redis\ntimeout = 0\nsession_ttl = 0\nprefix = has space\n")
+    assert found == [
+        "state.timeout: must be greater than 0 (<text>)",
+        "state.session_ttl: must be greater than 0 (<text>)",
+        "state.prefix: must be a non-empty name without spaces (<text>)",
+    ]
+    assert "state.store" in problems("[state]\nstore = etcd\n")[0]
+    assert "state.on_unavailable" in problems("[state]\non_unavailable = maybe\n")[0]
+    settings = load_checked(
+        text="[state]\nstore = redis\non_unavailable = fail_open\n[redis]\nurl = redis://r:6380/2\n",
+        env={},
+    )
+    assert (settings.state.store, settings.state.on_unavailable) == ("redis", "fail_open")
+
+
 def test_every_problem_line_says_where_it_comes_from(tmp_path: Path) -> None:
     # One problem of each kind: a value that does not parse, an unknown key and
     # section, a check across keys, a missing required key, a secret that is not

@@ -1,0 +1,418 @@
+"""Atomic counting shared by every process: counters checked against limits, and
+rate buckets (tests: tests/unit/state/test_counters.py, tests/unit/state/test_redis_state.py).
+
+The one primitive is :meth:`admit`: given some counters, each with an optional
+limit and an amount to add, and optionally one rate bucket, either *all* of it
+happens or none of it, atomically with respect to every other admission:
+
+- a :class:`CounterCheck` ``(key, limit, add, expire_at)`` passes when
+  ``used + add <= limit`` (with ``add = 0``: while ``used < limit``, i.e.
+  something is left); ``limit = None`` always passes (counting only);
+- the first check that does not pass refuses the admission (403 for a quota):
+  ``Admission.refused_by`` is its index, ``counts`` the values as found;
+- then a :class:`BucketTake` takes one request from a token bucket that holds
+  ``per_minute`` and refills ``per_minute / 60`` per second; an empty bucket
+  refuses with ``retry_after``, the seconds until one request has refilled
+  (429 with ``Retry-After``);
+- otherwise every ``add`` is added and the bucket loses one: ``counts`` are the
+  values after the add.
+
+``expire_at`` (epoch seconds) makes a counter vanish at the end of its period.
+This is the building block for budgets per period (issue 19): a counter per
+token, unit and period, keyed for example ``budget:tok_ab12:usd:2025-06`` with
+``expire_at`` a little after the month ends; a request is admitted with
+``add = 0`` while its budget is not spent, and its cost, known once the answer
+ended, is added with :meth:`add`.  Amounts are whole numbers (Redis ``INCRBY``
+is exact; count money in micro-units).
+
+Two implementations with the same answers: :class:`LocalCounters` (one process,
+in memory: the reference the tests compare against) and :class:`RedisCounters`
+(one Lua script per batch: the admissions asked for in one reactor turn go to
+Redis in one ``EVALSHA`` and are decided there one after the other).  Times
+(``now``) come from the caller's clock: hosts sharing a Redis need their clocks
+synchronised (NTP) for rate buckets to refill at the same pace everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.python.failure import Failure
+
+from llmproxy.interfaces import RedisExecutor
+from llmproxy.state.scripts import Script
+
+__all__ = [
+    "Admission",
+    "BucketTake",
+    "CounterCheck",
+    "LocalCounters",
+    "RedisCounters",
+    "bucket_take",
+]
+
+# A bucket untouched this long is full again: its key may go (60 s refill, plus slack).
+BUCKET_TTL_MS = 61_000  # (the ADMIT script's PEXPIRE)
+
+
+@attrs.frozen(cache_hash=True)
+class CounterCheck:
+    key: str
+    limit: int | None = None  # None: count only
+    add: int = 1
+    expire_at: float | None = None  # epoch seconds: the counter vanishes then
+
+
+@attrs.frozen(cache_hash=True)
+class BucketTake:
+    key: str
+    per_minute: int
+
+
+@attrs.frozen
+class Admission:
+    admitted: bool
+    counts: tuple[int, ...] = ()
+    refused_by: int | None = None  # index of the check whose limit refused
+    retry_after: float = 0.0  # the bucket was empty: seconds until one request fits
+
+
+def _passes(used: int, check: CounterCheck) -> bool:
+    limit = check.limit
+    if limit is None:
+        return True
+    if check.add == 0:
+        return used < limit
+    return used + check.add <= limit
+
+
+def bucket_take(
+    level: float, stamp: float, per_minute: int, now: float
+) -> tuple[float, float, float]:
+    """One request from a bucket found at ``level`` at time ``stamp``: the new
+    ``(level, stamp, wait)``; ``wait`` 0.0 when taken, else the seconds until one
+    request's worth has refilled (the level is then refilled, not taken from)."""
+    rate = per_minute / 60.0
+    # A clock that steps back (NTP) must not drain the bucket.
+    elapsed = now - stamp
+    if elapsed < 0.0:
+        elapsed = 0.0
+    level = min(float(per_minute), level + elapsed * rate)
+    if level >= 1.0:
+        return level - 1.0, now, 0.0
+    return level, now, (1.0 - level) / rate
+
+
+@attrs.define
+class LocalCounters:
+    """:meth:`admit` and :meth:`add` in one process's memory."""
+
+    _values: dict[str, tuple[int, float | None]] = attrs.Factory(dict)
+    _buckets: dict[str, tuple[float, float, int]] = attrs.Factory(dict)
+
+    def _get(self, key: str, now: float) -> int:
+        found = self._values.get(key)
+        if found is None:
+            return 0
+        value, expire_at = found
+        if expire_at is not None and now >= expire_at:
+            del self._values[key]
+            return 0
+        return value
+
+    def admit(
+        self, checks: Sequence[CounterCheck], bucket: BucketTake | None, now: float
+    ) -> Deferred[Admission]:
+        return succeed(self.admit_now(checks, bucket, now))
+
+    def admit_now(
+        self, checks: Sequence[CounterCheck], bucket: BucketTake | None, now: float
+    ) -> Admission:
+        found = [self._get(c.key, now) for c in checks]
+        for index, (used, check) in enumerate(zip(found, checks, strict=True)):
+            if not _passes(used, check):
+                return Admission(False, tuple(found), refused_by=index)
+        if bucket is not None:
+            level, stamp, per_minute = self._buckets.get(
+                bucket.key, (float(bucket.per_minute), now, bucket.per_minute)
+            )
+            if per_minute != bucket.per_minute:
+                level, stamp = float(bucket.per_minute), now
+            level, stamp, wait = bucket_take(level, stamp, bucket.per_minute, now)
+            if wait > 0.0:
+                return Admission(False, tuple(found), retry_after=wait)
+            self._buckets[bucket.key] = (level, stamp, bucket.per_minute)
+        counts = []
+        for used, check in zip(found, checks, strict=True):
+            value = used + check.add
+            expire_at = check.expire_at
+            if expire_at is None:
+                previous = self._values.get(check.key)
+                expire_at = previous[1] if previous is not None else None
+            self._values[check.key] = (value, expire_at)
+            counts.append(value)
+        return Admission(True, tuple(counts))
+
+    def add(
+        self, key: str, amount: int, now: float, expire_at: float | None = None
+    ) -> Deferred[int]:
+        value = self._get(key, now) + amount
+        previous = self._values.get(key)
+        if expire_at is None and previous is not None:
+            expire_at = previous[1]
+        self._values[key] = (value, expire_at)
+        return succeed(value)
+
+    def read(self, keys: Sequence[str], now: float) -> Deferred[list[int]]:
+        return succeed([self._get(k, now) for k in keys])
+
+
+# KEYS: per admission its counter keys, then its bucket key (if any).
+# ARGV: per admission one word list: now, the number of counters, per counter
+# its limit ('-': none), add and expire_at in ms ('-': none), then the bucket's
+# per_minute ('-': no bucket).  (One argument per admission: Redis' argument
+# parsing, and ours, cost per argument.)
+# Reply, per admission: {0, count...} admitted (counts after the add); {1, index,
+# count...} refused by a limit; {2, "wait seconds", count...} refused by the bucket
+# (counts as found).
+ADMIT = Script(
+    "admit",
+    b"""
+local out = {}
+local k = 1
+for i = 1, #ARGV do
+  local w = {}
+  for word in string.gmatch(ARGV[i], '%S+') do w[#w + 1] = word end
+  local now = tonumber(w[1])
+  local n = tonumber(w[2])
+  local a = 3
+  local keys, limits, adds, expires, values = {}, {}, {}, {}, {}
+  local refused = nil
+  for j = 1, n do
+    keys[j] = KEYS[k]
+    k = k + 1
+    limits[j] = tonumber(w[a])
+    adds[j] = tonumber(w[a + 1])
+    expires[j] = tonumber(w[a + 2])
+    a = a + 3
+    local used = tonumber(redis.call('GET', keys[j]) or '0') or 0
+    values[j] = used
+    if refused == nil and limits[j] ~= nil then
+      if (adds[j] > 0 and used + adds[j] > limits[j]) or (adds[j] == 0 and used >= limits[j]) then
+        refused = j
+      end
+    end
+  end
+  local per_minute = tonumber(w[a])
+  local bucket = nil
+  if per_minute ~= nil then
+    bucket = KEYS[k]
+    k = k + 1
+  end
+  if refused ~= nil then
+    local r = {1, refused - 1}
+    for j = 1, n do r[j + 2] = values[j] end
+    out[i] = r
+  else
+    local level, wait = 0, 0
+    if bucket then
+      local h = redis.call('HMGET', bucket, 'level', 'stamp', 'rpm')
+      level = tonumber(h[1])
+      local stamp = tonumber(h[2])
+      if level == nil or stamp == nil or tonumber(h[3]) ~= per_minute then
+        level = per_minute
+        stamp = now
+      end
+      local rate = per_minute / 60.0
+      local elapsed = now - stamp
+      if elapsed < 0 then elapsed = 0 end
+      level = math.min(per_minute, level + elapsed * rate)
+      if level < 1 then wait = (1 - level) / rate end
+    end
+    if wait > 0 then
+      local r = {2, string.format('%.6f', wait)}
+      for j = 1, n do r[j + 2] = values[j] end
+      out[i] = r
+    else
+      if bucket then
+        redis.call('HSET', bucket, 'level', string.format('%.9f', level - 1),
+          'stamp', string.format('%.6f', now), 'rpm', per_minute)
+        redis.call('PEXPIRE', bucket, 61000)
+      end
+      local r = {0}
+      for j = 1, n do
+        if adds[j] ~= 0 then
+          values[j] = redis.call('INCRBY', keys[j], adds[j])
+        end
+        if expires[j] ~= nil then
+          redis.call('PEXPIREAT', keys[j], expires[j])
+        end
+        r[j + 1] = values[j]
+      end
+      out[i] = r
+    end
+  end
+end
+return out
+""",
+)
+
+# KEYS[1]: the counter; ARGV: amount, expire_at in ms or ''.
+ADD = Script(
+    "add",
+    b"""
+local v = redis.call('INCRBY', KEYS[1], ARGV[1])
+local e = tonumber(ARGV[2])
+if e ~= nil then redis.call('PEXPIREAT', KEYS[1], e) end
+return v
+""",
+)
+
+
+# KEYS[1]: a marker, then counters; ARGV: an amount per counter.  Adds the amounts
+# only when the marker is new (an import done once, whoever does it first).
+ADD_ONCE = Script(
+    "add_once",
+    b"""
+if not redis.call('SET', KEYS[1], '1', 'NX') then return 0 end
+for i = 2, #KEYS do redis.call('INCRBY', KEYS[i], ARGV[i - 1]) end
+return 1
+""",
+)
+
+
+# KEYS: counters; ARGV: an amount per counter.
+ADD_ALL = Script(
+    "add_all",
+    b"""
+for i = 1, #KEYS do redis.call('INCRBY', KEYS[i], ARGV[i]) end
+return #KEYS
+""",
+)
+
+
+@attrs.define(slots=True, eq=False)
+class _Asked:
+    keys: tuple[bytes, ...]
+    spec: bytes  # the ADMIT argument
+    answer: Deferred[Admission]
+
+
+class RedisCounters:
+    """:meth:`admit` and :meth:`add` in Redis, under ``prefix``; the admissions
+    asked for in one reactor turn share one round trip."""
+
+    def __init__(self, redis: RedisExecutor, clock: IReactorTime, prefix: str) -> None:
+        self._redis = redis
+        self._clock = clock
+        self._prefix = prefix
+        self._asked: list[_Asked] = []
+        self._call: IDelayedCall | None = None
+        # (checks, bucket) -> their keys and the ADMIT words after "now": a token
+        # asks the same each time.
+        self._specs: dict[
+            tuple[tuple[CounterCheck, ...], BucketTake | None], tuple[tuple[bytes, ...], bytes]
+        ] = {}
+        self.batches = 0
+        self.admissions = 0
+
+    def key(self, name: str) -> str:
+        return self._prefix + name
+
+    def admit(
+        self, checks: Sequence[CounterCheck], bucket: BucketTake | None, now: float
+    ) -> Deferred[Admission]:
+        frozen = checks if isinstance(checks, tuple) else tuple(checks)
+        specs = self._specs
+        found = specs.get((frozen, bucket))
+        if found is None:
+            if len(specs) > 10_000:
+                specs.clear()  # tokens come and go; the live ones are made again
+            found = specs[(frozen, bucket)] = self._spec(frozen, bucket)
+        keys, tail = found
+        d: Deferred[Admission] = Deferred()
+        self._asked.append(_Asked(keys, b"%.6f%b" % (now, tail), d))
+        if self._call is None:
+            self._call = self._clock.callLater(0, self._send)
+        return d
+
+    def _spec(
+        self, checks: Sequence[CounterCheck], bucket: BucketTake | None
+    ) -> tuple[tuple[bytes, ...], bytes]:
+        prefix = self._prefix
+        keys = [(prefix + c.key).encode() for c in checks]
+        words = [b" %d" % len(checks)]
+        for c in checks:
+            limit = b"-" if c.limit is None else b"%d" % c.limit
+            expire = b"-" if c.expire_at is None else b"%d" % int(c.expire_at * 1000)
+            words.append(b" %b %d %b" % (limit, c.add, expire))
+        if bucket is None:
+            words.append(b" -")
+        else:
+            keys.append((prefix + bucket.key).encode())
+            words.append(b" %d" % bucket.per_minute)
+        return tuple(keys), b"".join(words)
+
+    def _send(self) -> None:
+        self._call = None
+        asked, self._asked = self._asked, []
+        if not asked:
+            return
+        keys: list[bytes] = []
+        for one in asked:
+            keys.extend(one.keys)
+        self.batches += 1
+        self.admissions += len(asked)
+        ADMIT.run(self._redis, keys, [one.spec for one in asked]).addCallbacks(
+            self._answered, self._failed, callbackArgs=(asked,), errbackArgs=(asked,)
+        )
+
+    def _answered(self, reply: Any, asked: list[_Asked]) -> None:
+        for one, answer in zip(asked, reply, strict=True):
+            one.answer.callback(_admission(answer))
+
+    def _failed(self, failure: Failure, asked: list[_Asked]) -> None:
+        for one in asked:
+            one.answer.errback(failure)
+
+    def add(
+        self, key: str, amount: int, now: float, expire_at: float | None = None
+    ) -> Deferred[int]:
+        expire = "" if expire_at is None else int(expire_at * 1000)
+        return ADD.run(self._redis, [self._prefix + key], [amount, expire]).addCallback(int)
+
+    def add_all(self, amounts: Mapping[str, int]) -> Deferred[None]:
+        """Add each amount to its counter, in one round trip (not atomically
+        checked against anything: counts that were admitted already)."""
+        if not amounts:
+            return succeed(None)
+        keys = [self._prefix + k for k in amounts]
+        return ADD_ALL.run(self._redis, keys, list(amounts.values())).addCallback(lambda _: None)
+
+    def add_once(self, marker: str, amounts: Mapping[str, int]) -> Deferred[bool]:
+        """Add ``amounts`` to their counters unless ``marker`` was set before
+        (by anyone); whether they were added now."""
+        keys = [self._prefix + marker, *(self._prefix + k for k in amounts)]
+        return ADD_ONCE.run(self._redis, keys, list(amounts.values())).addCallback(bool)
+
+    def read(self, keys: Sequence[str], now: float) -> Deferred[list[int]]:
+        if not keys:
+            return succeed([])
+        d = self._redis.execute(b"MGET", *(self._prefix + k for k in keys))
+        return d.addCallback(lambda values: [int(v) if v is not None else 0 for v in values])
+
+
+def _admission(answer: Sequence[Any]) -> Admission:
+    status = int(answer[0])
+    if status == 0:
+        return Admission(True, tuple(int(v) for v in answer[1:]))
+    counts = tuple(int(v) for v in answer[2:])
+    if status == 1:
+        return Admission(False, counts, refused_by=int(answer[1]))
+    wait = float(answer[1])
+    return Admission(False, counts, retry_after=wait if wait > 0 else math.ulp(1.0))

@@ -1,0 +1,202 @@
+"""The counting primitive: LocalCounters as the reference, RedisCounters against a
+real redis-server giving the same answers, atomic across concurrent callers, and
+batched per reactor turn (llmproxy/state/counters.py)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import pytest_twisted
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from twisted.internet import defer
+
+from llmproxy.redis.connection import RedisUnavailable
+from llmproxy.state import SharedState
+from llmproxy.state.counters import (
+    Admission,
+    BucketTake,
+    CounterCheck,
+    LocalCounters,
+    bucket_take,
+)
+from tests.integration.redis_server import RedisServer
+from tests.unit.state.conftest import connect, started
+
+NOW = 1_800_000_000.0
+
+
+# -- the reference ---------------------------------------------------------------------
+
+
+def test_a_limit_admits_exactly_up_to_it_then_names_the_refusing_check() -> None:
+    c = LocalCounters()
+    checks = (CounterCheck("free"), CounterCheck("quota", limit=3))
+    answers = [c.admit_now(checks, None, NOW) for _ in range(5)]
+    assert [a.admitted for a in answers] == [True, True, True, False, False]
+    assert answers[2].counts == (3, 3)
+    assert answers[3] == Admission(False, (3, 3), refused_by=1)
+
+
+def test_add_zero_passes_while_something_is_left() -> None:
+    c = LocalCounters()
+    c.add("budget", 99, NOW)
+    assert c.admit_now((CounterCheck("budget", limit=100, add=0),), None, NOW).admitted
+    c.add("budget", 1, NOW)
+    refused = c.admit_now((CounterCheck("budget", limit=100, add=0),), None, NOW)
+    assert refused == Admission(False, (100,), refused_by=0)
+
+
+def test_an_amount_that_would_pass_the_limit_is_refused_whole() -> None:
+    c = LocalCounters()
+    assert c.admit_now((CounterCheck("k", limit=10, add=7),), None, NOW).admitted
+    assert not c.admit_now((CounterCheck("k", limit=10, add=4),), None, NOW).admitted
+    assert c.admit_now((CounterCheck("k", limit=10, add=3),), None, NOW).counts == (10,)
+
+
+def test_a_counter_vanishes_at_the_end_of_its_period() -> None:
+    c = LocalCounters()
+    check = CounterCheck("month", limit=1, expire_at=NOW + 10)
+    assert c.admit_now((check,), None, NOW).admitted
+    assert not c.admit_now((check,), None, NOW + 9.9).admitted
+    assert c.admit_now((check,), None, NOW + 10).admitted
+
+
+def test_a_refused_admission_changes_nothing() -> None:
+    c = LocalCounters()
+    checks = (CounterCheck("a"), CounterCheck("b", limit=0))
+    assert not c.admit_now(checks, BucketTake("r", 1), NOW).admitted
+    # The bucket of one was not taken from, "a" was not counted.
+    assert c.admit_now((CounterCheck("a"),), BucketTake("r", 1), NOW).counts == (1,)
+
+
+def test_the_bucket_allows_a_burst_then_refills_and_says_how_long_to_wait() -> None:
+    c = LocalCounters()
+    bucket = BucketTake("r", 60)  # one per second
+    assert all(c.admit_now((), bucket, NOW).admitted for _ in range(60))
+    empty = c.admit_now((), bucket, NOW)
+    assert not empty.admitted and empty.retry_after == pytest.approx(1.0)
+    assert not c.admit_now((), bucket, NOW + 0.5).admitted
+    assert c.admit_now((), bucket, NOW + 1.0).admitted
+
+
+def test_a_changed_rate_starts_a_full_bucket() -> None:
+    c = LocalCounters()
+    assert c.admit_now((), BucketTake("r", 1), NOW).admitted
+    assert not c.admit_now((), BucketTake("r", 1), NOW).admitted
+    assert c.admit_now((), BucketTake("r", 2), NOW).admitted
+
+
+def test_bucket_take_never_drains_on_a_clock_stepping_back() -> None:
+    level, stamp, wait = bucket_take(5.0, NOW, 10, NOW - 100)
+    assert wait == 0.0 and level == 4.0 and stamp == NOW - 100
+
+
+# -- Redis gives the same answers ------------------------------------------------------
+
+CHECKS = st.lists(
+    st.builds(
+        CounterCheck,
+        key=st.sampled_from(["a", "b", "c"]),
+        limit=st.one_of(st.none(), st.integers(0, 6)),
+        add=st.integers(0, 3),
+        expire_at=st.one_of(st.none(), st.sampled_from([NOW + 5, NOW + 50])),
+    ),
+    max_size=3,
+    unique_by=lambda c: c.key,
+)
+STEPS = st.lists(
+    st.tuples(
+        CHECKS,
+        st.one_of(st.none(), st.builds(BucketTake, st.just("r"), st.sampled_from([1, 2, 120]))),
+        st.integers(0, 4000).map(lambda ms: ms / 1000),  # seconds since the start
+    ),
+    min_size=1,
+    max_size=25,
+)
+
+
+def same(local: Admission, shared: Admission) -> bool:
+    return (
+        local.admitted == shared.admitted
+        and local.counts == shared.counts
+        and local.refused_by == shared.refused_by
+        and math.isclose(local.retry_after, shared.retry_after, abs_tol=1e-5)
+    )
+
+
+# The fixtures are reset by the test itself (FLUSHALL), per example.
+@settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=STEPS)
+@pytest_twisted.ensureDeferred
+async def test_redis_answers_as_the_reference_does(
+    steps: list[tuple[list[CounterCheck], BucketTake | None, float]],
+    shared: SharedState,
+    redis: RedisServer,
+) -> None:
+    redis.command("FLUSHALL")
+    local = LocalCounters()
+    at = NOW
+    for checks, bucket, later in steps:
+        at = max(at, NOW + later)  # the clock only goes on (Redis expires on its own)
+        expected = local.admit_now(checks, bucket, at)
+        got = await shared.counters.admit(checks, bucket, at)
+        assert same(expected, got), (checks, bucket, at, expected, got)
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_admissions_never_pass_the_limit(shared: SharedState) -> None:
+    checks = (CounterCheck("quota:t", limit=50),)
+    asked = [shared.counters.admit(checks, None, NOW) for _ in range(200)]
+    answers = await defer.gatherResults(asked)
+    assert sum(a.admitted for a in answers) == 50
+    assert max(a.counts[0] for a in answers if a.admitted) == 50
+    assert (await shared.counters.read(["quota:t"], NOW)) == [50]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_admissions_of_one_turn_share_one_round_trip(shared: SharedState) -> None:
+    before = shared.counters.batches
+    asked = [shared.counters.admit((CounterCheck(f"k{i}"),), None, NOW) for i in range(100)]
+    await defer.gatherResults(asked)
+    assert shared.counters.batches == before + 1
+    assert shared.counters.admissions >= 100
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_processes_share_one_count(redis: RedisServer, shared: SharedState) -> None:
+    other = connect(redis)
+    await started(other)
+    try:
+        checks = (CounterCheck("quota:x", limit=3),)
+        await defer.gatherResults([shared.counters.admit(checks, None, NOW) for _ in range(2)])
+        got = await other.counters.admit(checks, None, NOW)
+        refused = await other.counters.admit(checks, None, NOW)
+        assert got.admitted and got.counts == (3,)
+        assert not refused.admitted and refused.refused_by == 0
+    finally:
+        await other.stop(1.0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_forgotten_script_is_sent_again(redis: RedisServer, shared: SharedState) -> None:
+    assert (await shared.counters.admit((CounterCheck("a"),), None, NOW)).admitted
+    redis.command("SCRIPT", "FLUSH")  # as after a Redis restart
+    assert (await shared.counters.admit((CounterCheck("a"),), None, NOW)).counts == (2,)
+
+
+@pytest_twisted.ensureDeferred
+async def test_add_all_and_add_once(shared: SharedState) -> None:
+    await shared.counters.add_all({"a": 2, "b": 5})
+    assert await shared.counters.add_once("marker", {"a": 10})
+    assert not await shared.counters.add_once("marker", {"a": 10})
+    assert await shared.counters.add("b", 1, NOW, expire_at=NOW + 3600) == 6
+    assert await shared.counters.read(["a", "b", "none"], NOW) == [12, 6, 0]
+
+
+@pytest_twisted.ensureDeferred
+async def test_admissions_fail_when_redis_is_not_there(redis: RedisServer) -> None:
+    state = connect(redis)  # never started: no connection
+    with pytest.raises(RedisUnavailable):
+        await state.counters.admit((CounterCheck("a"),), None, NOW)
