@@ -813,6 +813,7 @@ LABELS = {
     "llmproxy-file-tokens-redis": "llmproxy, file sink, token, [state] store = redis",
     "llmproxy-file-tokens-redis-2w": "llmproxy, 2 workers, file sink, token, store = redis",
     "twisted": "Twisted ReverseProxyResource",
+    "twisted-agent": "Twisted Agent proxy (pooled)",
     "nginx": "nginx proxy_pass (1 worker)",
 }
 FILE_SINK = ["", "[exporter:events]", "type = file", "path = events.jsonl"]
@@ -925,17 +926,19 @@ def target_llmproxy(mocks: Mocks, key: str) -> Iterator[Target]:
 
 
 @contextlib.contextmanager
-def target_twisted(mocks: Mocks) -> Iterator[Target]:
+def target_twisted(mocks: Mocks, key: str = "twisted") -> Iterator[Target]:
     port = free_port()
     argv = [
         str(VENV_PYTHON), str(TWISTED_PROXY), "--port", str(port),
         "--upstream-port", str(mocks.mock_port), "--sse-upstream-port", str(mocks.sse_port),
     ]  # fmt: skip
-    with spawn("twisted-proxy", argv, mocks.workdir) as server:
+    if key == "twisted-agent":
+        argv.append("--agent")
+    with spawn(key, argv, mocks.workdir) as server:
         started(server, port_open(port))
         yield Target(
-            key="twisted",
-            label=LABELS["twisted"],
+            key=key,
+            label=LABELS[key],
             json_url=f"http://127.0.0.1:{port}{CHAT_PATH}",
             sse_url=f"http://127.0.0.1:{port}{SSE_PREFIX}{CHAT_PATH}",
             measured=server.pids,
@@ -966,6 +969,7 @@ RUN_KEYS = (
     "llmproxy-off-2w",
     "llmproxy-file-2w",
     "twisted",
+    "twisted-agent",
     "nginx",
 )
 # Not run by default: diagnoses of the file sink's cost (its fsync; the session
@@ -1316,11 +1320,11 @@ def compass_lines(results: Sequence[RunResult]) -> list[str]:
         lines.append(
             f"- streams, added p50 at c1 (file sink on): {p50 / 1000:.3f} ms (target ≤ 0.4)"
         )
-    twisted = by_key.get("twisted")
-    if on and on.c50 and twisted and twisted.c50 and twisted.c50.ok_rps:
+    agent = by_key.get("twisted-agent")
+    if on and on.c50 and agent and agent.c50 and agent.c50.ok_rps:
         lines.append(
-            f"- JSON, file sink on vs the Twisted reference: "
-            f"{on.c50.ok_rps / twisted.c50.ok_rps:.2f}x (target ≥ 1.5x)"
+            f"- JSON, file sink on vs the Twisted Agent proxy: "
+            f"{on.c50.ok_rps / agent.c50.ok_rps:.2f}x (target ≥ 1.5x)"
         )
     for one_key, two_key, what in (
         ("llmproxy-off", "llmproxy-off-2w", "no sinks"),
@@ -1455,12 +1459,15 @@ POST the same with `"stream": true`; the nginx mock answers the recorded
    let every process (workers, wrk, mocks) use every CPU.
 6. **Twisted ReverseProxyResource**: Twisted's stock reverse proxy on the same
    reactor (`benchmarks/twisted_proxy.py`): a new upstream connection per request,
-   no capture.  The plain Python reference.
-7. **nginx proxy_pass**: nginx with one worker in front of the mock, upstream
+   no capture.  The plainest Python reference.
+7. **Twisted Agent proxy (pooled)**: `benchmarks/twisted_proxy.py --agent`:
+   Twisted's `Agent` over a persistent connection pool, the answer relayed as it
+   arrives, no capture.  The bare pooled Python reference.
+8. **nginx proxy_pass**: nginx with one worker in front of the mock, upstream
    keep-alive, `proxy_buffering off` (as an LLM proxy must stream).  The native
    reference.
 
-llmproxy and the Twisted reference are one Python process each (one core); nginx
+llmproxy and the Twisted references are one Python process each (one core); nginx
 is given one worker to match.
 """
 
@@ -1625,6 +1632,7 @@ def main(argv: Sequence[str]) -> int:
                 "llmproxy-off-2w": lambda: target_llmproxy(mocks, "llmproxy-off-2w"),
                 "llmproxy-file-2w": lambda: target_llmproxy(mocks, "llmproxy-file-2w"),
                 "twisted": lambda: target_twisted(mocks),
+                "twisted-agent": lambda: target_twisted(mocks, "twisted-agent"),
                 "nginx": lambda: target_nginx(mocks),
             }
             for key in ALL_RUN_KEYS:
