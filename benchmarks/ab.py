@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/ab.py off=llmproxy-off file=llmproxy-file
     .venv/bin/python benchmarks/ab.py --rounds 8 a=llmproxy-file b=llmproxy-file:PYTHONPATH=/tmp/x
+    .venv/bin/python benchmarks/ab.py --stream off=llmproxy-off file=llmproxy-file
 
 ``run.py`` measures each configuration once, one after the other; on a shared
 VM whose speed drifts by 20 % from minute to minute, two rows of one run can
@@ -20,6 +21,8 @@ experiment's hook, a different ``PYTHONPATH``).  Nothing is written anywhere.
 For one-process variants: every process of a side is pinned to the server's CPU.
 A side of several workers (``run.WORKERS``) is measured as ``run.py`` measures it:
 its c50 runs spread every process (workers, wrk, mocks) over every CPU.
+``--stream`` measures streams instead of JSON exchanges: the recorded 100-chunk
+reply (17.8 KB) that ``run.py``'s nginx SSE mock sends.
 
     .venv/bin/python benchmarks/ab.py --rounds 8 local=llmproxy-file-tokens \
         redis=llmproxy-file-tokens-redis redis2w=llmproxy-file-tokens-redis-2w
@@ -61,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("sides", nargs="+", type=parse_side, metavar="NAME=VARIANT[:K=V,...]")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--seconds", type=int, default=3, help="per run")
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="streams instead of JSON: the recorded 100-chunk reply from the nginx SSE mock",
+    )
     args = p.parse_args(argv)
     if len({name for name, _, _ in args.sides}) != len(args.sides):
         p.error("side names must differ")
@@ -73,12 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     with tempfile.TemporaryDirectory(prefix="llmproxy-ab-") as tmp, contextlib.ExitStack() as stack:
         workdir = Path(tmp)
+        workdir.chmod(0o755)  # nginx workers may run as another user (the stream file)
         mock_port, sse_port = run.free_port(), run.free_port()
-        mocks = run.Mocks(
-            nginx, workdir, mock_port, sse_port, placement
-        )  # (no SSE runs here: sse_port stays unused)
+        mocks = run.Mocks(nginx, workdir, mock_port, sse_port, placement)
         stack.enter_context(mocks.stack)  # a redis-server, if a variant starts one
-        conf = run.nginx_mock_conf(workdir, mock_port)
+        conf = run.nginx_mock_conf(workdir, mock_port, sse_port if args.stream else None)
         mocks.servers.append(
             stack.enter_context(run.run_nginx("mock", nginx, workdir, conf, mock_port))
         )
@@ -90,12 +97,13 @@ def main(argv: list[str] | None = None) -> int:
                 run.spawn(name, twistd, workdir, cwd=run.ROOT, extra_env=env)
             )
             run.started(server, run.answers_200(f"http://127.0.0.1:{admin}/ready"))
-            servers[name] = (server, f"http://127.0.0.1:{port}{run.CHAT_PATH}")
+            path = f"{run.SSE_PREFIX}{run.CHAT_PATH}" if args.stream else run.CHAT_PATH
+            servers[name] = (server, f"http://127.0.0.1:{port}{path}")
         for round_no in range(args.rounds):
             line = []
             for name, (server, url) in servers.items():
                 run.set_affinity([*mocks.pids(), *server.pids()], cpu0)
-                c1 = run.run_wrk(wrk, url, 1, 1, args.seconds, cpus=cpu0)
+                c1 = run.run_wrk(wrk, url, 1, 1, args.seconds, args.stream, cpus=cpu0)
                 if spread[name]:
                     run.set_affinity([*mocks.pids(), *server.pids()], run.ALL_CPUS)
                     wrk_cpus = run.ALL_CPUS
@@ -104,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                     run.set_affinity(server.pids(), cpu0)
                     wrk_cpus = cpu1
                 before = run.cpu_seconds(server.pids())
-                c50 = run.run_wrk(wrk, url, 2, 50, args.seconds, cpus=wrk_cpus)
+                c50 = run.run_wrk(wrk, url, 2, 50, args.seconds, args.stream, cpus=wrk_cpus)
                 cpu_us = (run.cpu_seconds(server.pids()) - before) / max(c50.requests, 1) * 1e6
                 f = figures[name]
                 f["p50"].append(c1.latency_us["p50"])

@@ -3,12 +3,14 @@
     .venv/bin/python benchmarks/profile_proxy.py                 # no sinks, 8 s of wrk -c50
     .venv/bin/python benchmarks/profile_proxy.py --variant llmproxy-file --seconds 10
     .venv/bin/python benchmarks/profile_proxy.py --sort cumulative --top 60
+    .venv/bin/python benchmarks/profile_proxy.py --variant llmproxy-file --stream --py-spy PATH
 
 It starts the same nginx mock as ``run.py``, runs ``twistd --profile`` with
 cProfile on one llmproxy config variant, loads it with wrk (POST, small JSON
-chat exchanges), stops it with SIGTERM and prints the top functions.  The stats
-file is kept (``--out``) for ``python -m pstats`` or snakeviz.  Profiling slows
-the proxy down by about 2x: compare shares, not absolute times.
+chat exchanges; with ``--stream``, the recorded 100-chunk reply), stops it
+with SIGTERM and prints the top functions.  The stats file is kept (``--out``)
+for ``python -m pstats`` or snakeviz.  Profiling slows the proxy down by about
+2x: compare shares, not absolute times.
 """
 
 from __future__ import annotations
@@ -92,14 +94,11 @@ def main(argv: list[str] | None = None) -> int:
         mock_port, sse_port = run.free_port(), run.free_port()
         placement = run.Placement.choose(pin=True)
         mocks = run.Mocks(nginx, workdir, mock_port, sse_port, placement)
-        conf = run.nginx_mock_conf(workdir, mock_port)
-        sse_argv = [str(run.VENV_PYTHON), str(run.SSE_MOCK), "--port", str(sse_port)]
-        with (
-            run.run_nginx("mock", nginx, workdir, conf, mock_port) as mock,
-            run.spawn("sse-mock", sse_argv, workdir) as sse,
-        ):
-            run.started(sse, run.port_open(sse_port))
-            mocks.servers += [mock, sse]
+        workdir.chmod(0o755)  # nginx workers may run as another user (the stream file)
+        # The JSON answer, and for --stream the recorded 100-chunk reply, as run.py.
+        conf = run.nginx_mock_conf(workdir, mock_port, sse_port)
+        with run.run_nginx("mock", nginx, workdir, conf, mock_port) as mock:
+            mocks.servers.append(mock)
             run.set_affinity(mocks.pids(), placement.client)
             key = args.variant
             profiling = [] if args.py_spy else [

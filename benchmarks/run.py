@@ -506,7 +506,9 @@ def _nginx_literal(text: str) -> str:
     return text
 
 
-def nginx_mock_conf(workdir: Path, port: int) -> str:
+def nginx_mock_conf(workdir: Path, port: int, sse_port: int | None = None) -> str:
+    """The nginx mock: the JSON answer on ``port``; with ``sse_port``, the recorded
+    stream there too (``nginx_sse_server``), from the same worker."""
     body_json = json.dumps(CHAT_COMPLETION, separators=(",", ":"))
     server = f"""\
     server {{
@@ -524,7 +526,31 @@ def nginx_mock_conf(workdir: Path, port: int) -> str:
             return 404 '{{"error":{{"message":"not found","type":"invalid_request_error"}}}}';
         }}
     }}"""
+    if sse_port is not None:
+        server += "\n" + nginx_sse_server(workdir, sse_port)
     return _NGINX_MAIN.format(dir=workdir, body=server)
+
+
+def nginx_sse_server(workdir: Path, port: int) -> str:
+    """A server block answering every POST with the recorded 100-chunk stream
+    (``recorded.recorded_stream()``, 17.8 KB) as ``text/event-stream``, from a
+    file in ``workdir`` (a ``return`` string is capped at 4 KB).  nginx answers a
+    POST to a file with 405; ``error_page 405 =200 $uri`` serves it as a GET."""
+    from recorded import recorded_stream  # the script's folder is on sys.path
+
+    workdir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    stream = workdir / "stream.sse"
+    stream.write_bytes(b"".join(recorded_stream()))
+    return f"""\
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location = {CHAT_PATH} {{
+            default_type text/event-stream;
+            add_header Cache-Control no-cache;
+            alias {stream};
+            error_page 405 =200 $uri;
+        }}
+    }}"""
 
 
 def nginx_proxy_conf(workdir: Path, port: int, mock_port: int, sse_port: int) -> str:
@@ -545,7 +571,7 @@ def nginx_proxy_conf(workdir: Path, port: int, mock_port: int, sse_port: int) ->
 @contextlib.contextmanager
 def run_nginx(name: str, nginx: str, workdir: Path, conf: str, port: int) -> Iterator[Server]:
     ndir = workdir / name
-    ndir.mkdir(mode=0o755)
+    ndir.mkdir(mode=0o755, exist_ok=True)  # the SSE mock may have put its file there
     conf_path = ndir / "nginx.conf"
     conf_path.write_text(conf)
     argv = [nginx, "-p", str(ndir), "-e", str(ndir / "error.log"), "-c", str(conf_path)]
@@ -662,6 +688,7 @@ class RunResult:
     c50: WrkResult | None = None
     c1: WrkResult | None = None
     sse: WrkResult | None = None
+    sse_c1: WrkResult | None = None  # streams one at a time: the latency a stream adds
     peak_rss_kib: int | None = None
     facts: dict[str, Any] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
@@ -786,6 +813,7 @@ LABELS = {
     "llmproxy-file-tokens-redis": "llmproxy, file sink, token, [state] store = redis",
     "llmproxy-file-tokens-redis-2w": "llmproxy, 2 workers, file sink, token, store = redis",
     "twisted": "Twisted ReverseProxyResource",
+    "twisted-agent": "Twisted Agent proxy (pooled)",
     "nginx": "nginx proxy_pass (1 worker)",
 }
 FILE_SINK = ["", "[exporter:events]", "type = file", "path = events.jsonl"]
@@ -898,17 +926,19 @@ def target_llmproxy(mocks: Mocks, key: str) -> Iterator[Target]:
 
 
 @contextlib.contextmanager
-def target_twisted(mocks: Mocks) -> Iterator[Target]:
+def target_twisted(mocks: Mocks, key: str = "twisted") -> Iterator[Target]:
     port = free_port()
     argv = [
         str(VENV_PYTHON), str(TWISTED_PROXY), "--port", str(port),
         "--upstream-port", str(mocks.mock_port), "--sse-upstream-port", str(mocks.sse_port),
     ]  # fmt: skip
-    with spawn("twisted-proxy", argv, mocks.workdir) as server:
+    if key == "twisted-agent":
+        argv.append("--agent")
+    with spawn(key, argv, mocks.workdir) as server:
         started(server, port_open(port))
         yield Target(
-            key="twisted",
-            label=LABELS["twisted"],
+            key=key,
+            label=LABELS[key],
             json_url=f"http://127.0.0.1:{port}{CHAT_PATH}",
             sse_url=f"http://127.0.0.1:{port}{SSE_PREFIX}{CHAT_PATH}",
             measured=server.pids,
@@ -939,6 +969,7 @@ RUN_KEYS = (
     "llmproxy-off-2w",
     "llmproxy-file-2w",
     "twisted",
+    "twisted-agent",
     "nginx",
 )
 # Not run by default: diagnoses of the file sink's cost (its fsync; the session
@@ -1072,6 +1103,15 @@ def measure(target: Target, wrk: str, load: Load, mocks: Mocks) -> RunResult:
             }
     if stream_problem is None and target.sse_url is not None:
         result.sse = wrk_run(f"SSE c{conns}", target.sse_url, threads, conns, load.seconds, True)
+        c1_seconds = max(1, math.ceil(load.seconds / C1_RUNS))
+        sse_runs = [
+            wrk_run(f"SSE c1 #{n}", target.sse_url, 1, 1, c1_seconds, True)
+            for n in range(1, C1_RUNS + 1)
+        ]
+        done = sorted((r for r in sse_runs if r is not None), key=lambda r: r.latency_us["p99"])
+        if done:
+            result.sse_c1 = done[(len(done) - 1) // 2]
+            unreported.extend(r.requests for r in done if r is not result.sse_c1)
     result.peak_rss_kib = peak_rss_kib(target.measured())
     result.facts["unreported_requests"] = sum(unreported)  # warm-up, discarded attempts
     return result
@@ -1211,6 +1251,39 @@ def results_table(results: Sequence[RunResult], load: Load) -> str:
     return "\n".join(rows)
 
 
+def _added_stream(r: RunResult, direct: RunResult | None, pct: str) -> str:
+    if not (r.sse_c1 and direct and direct.sse_c1) or r.key == "direct":
+        return "-"
+    return f"{(r.sse_c1.latency_us[pct] - direct.sse_c1.latency_us[pct]) / 1000:+.3f}"
+
+
+def stream_table(results: Sequence[RunResult], load: Load) -> str:
+    """Streams: the recorded 100-chunk reply, at c50 and one at a time."""
+    direct = next((r for r in results if r.key == "direct"), None)
+    c = load.connections
+    head = (
+        f"| run | streams/s c{c} | p50 / p99 c1 (ms) | added p50 / p99 (ms) "
+        "| server CPU µs/stream (busy) |"
+    )
+    rows = [head, "|" + "---|" * 5]
+    for r in results:
+        if r.sse is None and r.sse_c1 is None:
+            continue
+        rate = f"{r.sse.ok_rps:,.0f}" if r.sse else "failed"
+        c1 = r.sse_c1
+        lat = f"{ms(c1.latency_us['p50'])} / {ms(c1.latency_us['p99'])}" if c1 else "failed"
+        added = f"{_added_stream(r, direct, 'p50')} / {_added_stream(r, direct, 'p99')}"
+        if r.key == "direct":
+            added = "(baseline)"
+        cpu = r.sse.cpu_us_per_request if r.sse else None
+        cpu_s = f"{cpu:.0f}" if cpu is not None else "-"
+        if r.sse and r.sse.server_cpu_s is not None and r.sse.duration_s:
+            cpu_s += f" ({min(1.0, r.sse.server_cpu_s / r.sse.duration_s):.0%})"
+        flag = " ⚠" if r.problems else ""
+        rows.append(f"| {r.label}{flag} | {rate} | {lat} | {added} | {cpu_s} |")
+    return "\n".join(rows)
+
+
 def compass_lines(results: Sequence[RunResult]) -> list[str]:
     """The SPEC section 10 targets, checked against this run."""
     by_key = {r.key: r for r in results}
@@ -1236,6 +1309,23 @@ def compass_lines(results: Sequence[RunResult]) -> list[str]:
                 f"- exporter on vs off ({sinks.label}): {ratio:.1%} of the throughput "
                 f"(target ≥ 95%: {'met' if ratio >= 0.95 else 'NOT met'})"
             )
+    if on and on.sse and off and off.sse and off.sse.ok_rps:
+        ratio = on.sse.ok_rps / off.sse.ok_rps
+        lines.append(
+            f"- streams, file sink on vs no sinks: {on.sse.ok_rps:,.0f} vs "
+            f"{off.sse.ok_rps:,.0f} streams/s, {ratio:.1%} (target ≥ 4,000 and ≥ 50%)"
+        )
+    if on and on.sse_c1 and direct and direct.sse_c1:
+        p50 = on.sse_c1.latency_us["p50"] - direct.sse_c1.latency_us["p50"]
+        lines.append(
+            f"- streams, added p50 at c1 (file sink on): {p50 / 1000:.3f} ms (target ≤ 0.4)"
+        )
+    agent = by_key.get("twisted-agent")
+    if on and on.c50 and agent and agent.c50 and agent.c50.ok_rps:
+        lines.append(
+            f"- JSON, file sink on vs the Twisted Agent proxy: "
+            f"{on.c50.ok_rps / agent.c50.ok_rps:.2f}x (target ≥ 1.5x)"
+        )
     for one_key, two_key, what in (
         ("llmproxy-off", "llmproxy-off-2w", "no sinks"),
         ("llmproxy-file", "llmproxy-file-2w", "file sink on"),
@@ -1265,7 +1355,7 @@ def events_check(r: RunResult) -> str:
     """Did the file sink get an event pair for every exchange the load completed?"""
     events: dict[str, int] = r.facts["events"]
     sent = 2 + (r.facts.get("unreported_requests") or 0)  # 2: the sanity checks
-    sent += sum(w.requests for w in (r.c50, r.c1, r.sse) if w is not None)
+    sent += sum(w.requests for w in (r.c50, r.c1, r.sse, r.sse_c1) if w is not None)
     requests, responses = events.get("request", 0), events.get("response", 0)
     # wrk counts completed responses only; what was in flight when it stopped is still
     # recorded by the proxy, so a few more events than counted requests is expected.
@@ -1291,11 +1381,18 @@ def render_report(
     return f"""\
 # Performance
 
-Generated by `benchmarks/run.py` (see `benchmarks/README.md`); re-run it to
-refresh this page. Absolute figures depend on the machine; the comparisons
-between rows, measured in the same run under the same load, are what count.
+What llmproxy costs on top of the upstream it forwards to, measured side by side
+with nginx and a plain Twisted proxy under the same load on the same machine:
+throughput, the latency it adds, its CPU per exchange and its memory, for small
+JSON exchanges and for streamed replies.  Absolute figures depend on the
+machine; compare the rows of one run.
 
-## Latest run
+The part of this page down to the marker below is written by
+`benchmarks/run.py` (see `benchmarks/README.md`); everything after it (where
+the CPU goes, how to size a deployment, the delivery engine, how to reproduce
+each figure) is kept when it rewrites the page.
+
+## Side by side
 
 {when}, `{command}`
 
@@ -1303,34 +1400,43 @@ between rows, measured in the same run under the same load, are what count.
 Linux {machine["kernel"]}
 - versions: Python {machine["python"]}, Twisted {machine["twisted"]}, \
 nginx {machine["nginx"]}, wrk {machine["wrk"]}; llmproxy {machine["llmproxy_git"]}
-- load: wrk `-t{load.threads} -c{load.connections} -d{load.seconds}s` for throughput \
-and SSE; for latency {C1_RUNS} runs of `-t1 -c1 -d{max(1, math.ceil(load.seconds / C1_RUNS))}s`, \
-the median one by p99 reported; after a {load.warmup_seconds} s warm-up; \
-POST `{REQUEST_BODY.decode()}` with `Content-Type: application/json`
+- load: wrk `-t{load.threads} -c{load.connections} -d{load.seconds}s` for throughput; \
+for latency {C1_RUNS} runs of `-t1 -c1 -d{max(1, math.ceil(load.seconds / C1_RUNS))}s`, \
+the median one by p99 reported; after a {load.warmup_seconds} s warm-up
 - CPU placement: {machine["placement"]}
+
+### JSON exchanges
+
+POST `{REQUEST_BODY.decode()}`; the nginx mock answers a ~650-byte
+`chat.completion` with `usage`.
 
 {results_table(results, load)}
 
+### Streams
+
+POST the same with `"stream": true`; the nginx mock answers the recorded
+100-chunk OpenAI reply (17.8 KB, with a usage chunk: `benchmarks/recorded.py`).
+
+{stream_table(results, load)}
+
 {chr(10).join(compass) if compass else "(no llmproxy figures in this run)"}
 {chr(10) + "Problems in this run:" + chr(10) + chr(10).join(problems) + chr(10) if problems else ""}
-## What the columns mean
+### What the columns mean
 
-- **req/s c{load.connections}**: completed 2xx responses per second at
-  {load.connections} concurrent keep-alive connections, small JSON exchanges (a ~650
-  byte `chat.completion` with `usage` from the nginx mock).
+- **req/s c{load.connections}**, **streams/s c{load.connections}**: completed 2xx
+  answers per second at {load.connections} concurrent keep-alive connections.
 - **p50 / p99 c1**: latency percentiles with one connection, one request at a time
-  (wrk's own histogram, µs resolution); of {C1_RUNS} runs, the one with the median p99
-  (all three are in the raw results).
-- **added p50 / p99**: the same percentiles minus the direct run's: what the proxy
-  adds to each request.
-- **SSE streams/s**: the Twisted SSE mock sends a fixed OpenAI-style stream (20
-  `chat.completion.chunk` events, a usage chunk, `data: [DONE]`) in one write;
-  streams completed per second at {load.connections} connections. Direct is bounded
-  by the Python mock itself.
-- **server CPU µs/req (busy)**: user+system CPU of the process(es) under test during
-  the c{load.connections} run divided by the requests served (for *direct*: the nginx
-  mock), and in brackets how busy that kept them: a one-process proxy at 100% is
-  CPU-bound, one well below is waiting on something else. The steadiest column.
+  (wrk's histogram, µs resolution; for a stream, until its last byte); of
+  {C1_RUNS} runs, the one with the median p99 (all are in the raw results).
+- **added p50 / p99**: the same minus the direct run's: what the proxy adds.
+- **SSE streams/s** (JSON table): the c{load.connections} stream rate again, for
+  reading the two tables side by side.
+- **server CPU µs/req (busy)**, **µs/stream**: user+system CPU of the process(es)
+  under test during the c{load.connections} run divided by the answers served (for
+  *direct*: the nginx mock), and in brackets how busy that kept them: a
+  one-process proxy at 100% is CPU-bound.  The steadiest column, and the one
+  to size a deployment with (1,000,000 / µs per exchange = exchanges per second
+  per busy core).
 - **peak RSS**: VmHWM of the process(es) under test at the end of their runs
   (nginx: master and worker).
 - ⚠: something went wrong or the run was disturbed; see "Problems in this run".
@@ -1338,25 +1444,30 @@ POST `{REQUEST_BODY.decode()}` with `Content-Type: application/json`
   more than {NOISE_LIMIT:.0%} of a CPU is repeated (up to {load.retries} times) and the
   cleanest attempt kept.
 
-## The runs
+### The runs
 
-1. **direct**: wrk straight to the mock upstream (nginx, 1 worker, `return 200` with a
-   fixed body, access log off, keep-alive).
-2. **llmproxy, no sinks**: `twistd -n llmproxy` with a `prefix = /` route to the mock
-   and no `[exporter:*]` section. llmproxy then captures nothing (no events, no
-   session tracking): this is the bare forwarding path.
+1. **direct**: wrk straight to the mock upstream (nginx, 1 worker, a fixed JSON
+   body and a fixed stream, access log off, keep-alive).
+2. **llmproxy, no sinks**: `twistd -n llmproxy` with routes to the mock and no
+   `[exporter:*]` section: llmproxy then captures nothing; the bare forwarding path.
 3. **llmproxy, file sink on**: the same plus `[exporter:events] type = file`: capture,
-   session tracking (on by default) and every exchange written to a JSONL file
-   through the batching exporter; the difference to row 2 is the whole cost of
-   instrumentation.
-4. **Twisted ReverseProxyResource**: Twisted's stock reverse proxy on the same
+   session tracking (on by default), both events of every exchange built and
+   written to a JSONL file; the difference to row 2 is the whole cost of capture.
+4. **file + Loki sinks**: the file sink and a `loki` sink pushing gzip batches to
+   the nginx mock (answers 204, stores nothing).
+5. **2 workers**: rows 2 and 3 with `[server] workers = 2`; their throughput runs
+   let every process (workers, wrk, mocks) use every CPU.
+6. **Twisted ReverseProxyResource**: Twisted's stock reverse proxy on the same
    reactor (`benchmarks/twisted_proxy.py`): a new upstream connection per request,
-   no capture. The plain Python reference.
-5. **nginx proxy_pass**: nginx with one worker in front of the mock, upstream
-   keep-alive, `proxy_buffering off` (as an LLM proxy must stream). The native
+   no capture.  The plainest Python reference.
+7. **Twisted Agent proxy (pooled)**: `benchmarks/twisted_proxy.py --agent`:
+   Twisted's `Agent` over a persistent connection pool, the answer relayed as it
+   arrives, no capture.  The bare pooled Python reference.
+8. **nginx proxy_pass**: nginx with one worker in front of the mock, upstream
+   keep-alive, `proxy_buffering off` (as an LLM proxy must stream).  The native
    reference.
 
-llmproxy and the Twisted reference are one Python process each (one core); nginx
+llmproxy and the Twisted references are one Python process each (one core); nginx
 is given one worker to match.
 """
 
@@ -1425,6 +1536,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help=f"comma list of runs (default: all of {','.join(RUN_KEYS)}; "
         f"also: {','.join(EXTRA_RUN_KEYS)})",
     )
+    p.add_argument(
+        "--sse-mock",
+        choices=("nginx", "twisted"),
+        default="nginx",
+        help="what sends the recorded 100-chunk stream: nginx (static, default) or "
+        "sse_mock.py (Twisted)",
+    )
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     p.add_argument(
         "--wait-quiet",
@@ -1488,15 +1606,16 @@ def main(argv: Sequence[str]) -> int:
             mock_port, sse_port = free_port(), free_port()
             mocks = Mocks(nginx, tmp, mock_port, sse_port, placement)
             stack.enter_context(mocks.stack)  # a redis-server, if a variant starts one
-            mock = stack.enter_context(
-                run_nginx("nginx-mock", nginx, tmp, nginx_mock_conf(tmp / "nginx-mock", mock_port),
-                          mock_port)
-            )  # fmt: skip
-            sse = stack.enter_context(
-                spawn("sse-mock", [str(VENV_PYTHON), str(SSE_MOCK), "--port", str(sse_port)], tmp)
-            )
-            started(sse, port_open(sse_port))
-            mocks.servers += [mock, sse]
+            nginx_sse = sse_port if args.sse_mock == "nginx" else None
+            conf = nginx_mock_conf(tmp / "nginx-mock", mock_port, nginx_sse)
+            mock = stack.enter_context(run_nginx("nginx-mock", nginx, tmp, conf, mock_port))
+            mocks.servers.append(mock)
+            sse = mock
+            if nginx_sse is None:
+                argv = [str(VENV_PYTHON), str(SSE_MOCK), "--port", str(sse_port), "--recorded"]
+                sse = stack.enter_context(spawn("sse-mock", argv, tmp))
+                started(sse, port_open(sse_port))
+                mocks.servers.append(sse)
             makers: dict[str, Callable[[], contextlib.AbstractContextManager[Target]]] = {
                 "direct": lambda: target_direct(mocks, mock, sse),
                 "llmproxy-off": lambda: target_llmproxy(mocks, "llmproxy-off"),
@@ -1513,6 +1632,7 @@ def main(argv: Sequence[str]) -> int:
                 "llmproxy-off-2w": lambda: target_llmproxy(mocks, "llmproxy-off-2w"),
                 "llmproxy-file-2w": lambda: target_llmproxy(mocks, "llmproxy-file-2w"),
                 "twisted": lambda: target_twisted(mocks),
+                "twisted-agent": lambda: target_twisted(mocks, "twisted-agent"),
                 "nginx": lambda: target_nginx(mocks),
             }
             for key in ALL_RUN_KEYS:
@@ -1532,6 +1652,8 @@ def main(argv: Sequence[str]) -> int:
     raw_path = write_outputs(results, machine, load, command, docs)
     say("")
     say(results_table(results, load))
+    say("")
+    say(stream_table(results, load))
     say("")
     for line in compass_lines(results):
         say(line)

@@ -23,6 +23,7 @@ import argparse
 import json
 import sys
 
+from recorded import recorded_stream  # the script's folder is on sys.path
 from twisted.internet import reactor as _reactor
 from twisted.internet.interfaces import IReactorCore, IReactorTCP, IReactorTime
 from twisted.web.http import Request as HTTPRequest
@@ -136,6 +137,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--chunks", type=int, default=20, help="content chunks per stream")
     parser.add_argument(
+        "--recorded", action="store_true", help="send the recorded 100-chunk stream (17.8 KB)"
+    )
+    parser.add_argument(
         "--gap-ms",
         type=float,
         default=None,
@@ -150,7 +154,8 @@ def main(argv: list[str]) -> int:
     tcp: IReactorTCP = _reactor
     clock: IReactorTime = _reactor
     gap_s = None if args.gap_ms is None else args.gap_ms / 1000.0
-    site = QuietSite(CompletionStream(build_events(args.chunks), gap_s, clock, args.hold))
+    events = recorded_stream() if args.recorded else build_events(args.chunks)
+    site = QuietSite(CompletionStream(events, gap_s, clock, args.hold))
     site.timeOut = None  # held streams are idle by design
     tcp.listenTCP(args.port, site, backlog=args.backlog, interface="127.0.0.1")  # type: ignore[arg-type]
     print(f"sse_mock listening on 127.0.0.1:{args.port}", flush=True)

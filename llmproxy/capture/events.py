@@ -73,7 +73,7 @@ from llmproxy.capture.obfuscate import (
 from llmproxy.capture.record import ExchangeRecord, Headers
 from llmproxy.config.model import CaptureSettings
 from llmproxy.events.machine import machine_id
-from llmproxy.events.sse import SSEEvent, SSEParser, sse_fields, sse_fields_of_text
+from llmproxy.events.sse import SSEEvent, SSEParser, sse_fields
 from llmproxy.events.time import epoch_ns, rfc3339_ns
 from llmproxy.events.usage import (
     EMPTY_FACTS,
@@ -85,6 +85,7 @@ from llmproxy.events.usage import (
     model_from_prefix,
     summary_from_json,
     summary_from_sse_fields,
+    summary_from_sse_text,
     usage_dict,
 )
 from llmproxy.http.headers import upstream_request_id
@@ -671,10 +672,13 @@ def _request_dict(
     }
 
 
+Summary = tuple[str | None, Usage | None, tuple[str, ...]]  # model, usage, finish reasons
+
+
 @attrs.frozen
 class _FastStream:
     chunks: list[dict[str, Any]]
-    events: list[tuple[str, str]]  # (event name, data)
+    summary: Summary | None
     captured_bytes: int
     truncated: bool
     decode_error: str | None
@@ -684,22 +688,41 @@ def _fast_stream_capture(
     chunks: Sequence[tuple[float, bytes]],
     content_encoding: str | None,
     limit: int,
-    with_events: bool = True,
+    with_summary: bool = True,
 ) -> _FastStream:
     """``_stream_capture`` without per-chunk machinery when nothing is encoded (as
-    good as always: streams are rarely compressed).  ``with_events=False``: the
-    caller needs no events of an unencoded stream (``events`` is then empty)."""
+    good as always: streams are rarely compressed), and the summary of the
+    stream's facts.  ``with_summary=False``: the caller needs no summary of an
+    unencoded stream (``summary`` is then None)."""
     if content_codings(content_encoding):
         stream = _stream_capture(chunks, content_encoding, limit)
         return _FastStream(
             chunks=stream.chunks,
-            events=[(event.event, event.data) for event in stream.events],
+            summary=summary_from_sse_fields([(event.event, event.data) for event in stream.events]),
             captured_bytes=stream.captured_bytes,
             truncated=stream.truncated,
             decode_error=stream.decode_error,
         )
+    try:
+        # Every chunk valid UTF-8 on its own (nearly always: a server writes whole
+        # events): each chunk's text is its strict decoding.  In one go, as
+        # comprehensions, for a stream of a hundred chunks or more.
+        texts = [raw.decode() for _, raw in chunks]
+    except UnicodeDecodeError:
+        pass
+    else:
+        return _FastStream(
+            chunks=[
+                {"offset_ms": round(offset * 1000.0, 3), "data": text}
+                for (offset, _), text in zip(chunks, texts, strict=True)
+            ],
+            summary=_text_summary(texts, chunks) if with_summary else None,
+            captured_bytes=sum([len(raw) for _, raw in chunks]),
+            truncated=False,
+            decode_error=None,
+        )
     out: list[dict[str, Any]] = []
-    texts: list[str] = []
+    texts = []
     captured = 0
     # Strict whole-chunk decoding is exact while chunks end on character
     # boundaries; from the first chunk that does not, the incremental decoder
@@ -717,29 +740,34 @@ def _fast_stream_capture(
             data = decoder.decode(raw)
         texts.append(data)
         out.append({"offset_ms": round(offset * 1000.0, 3), "data": data})
-    events: list[tuple[str, str]] = []
+    summary: Summary | None = None
     if decoder is not None:
         tail = decoder.decode(b"", final=True)
         if tail and out:
             out[-1]["data"] += tail
-        if with_events:
-            events = sse_fields(b"".join([raw for _, raw in chunks]))
-    elif with_events:
-        # The parser is split-invariant: one parse of the whole gives the same
-        # events.  Every chunk was valid UTF-8 on its own, so their texts joined
-        # are the whole stream decoded: no second join and decode of the bytes.
-        text = "".join(texts)
-        if "\r" in text:
-            events = sse_fields(b"".join([raw for _, raw in chunks]))
-        else:
-            events = sse_fields_of_text(text)
+        if with_summary:
+            summary = summary_from_sse_fields(sse_fields(b"".join([raw for _, raw in chunks])))
+    elif with_summary:
+        summary = _text_summary(texts, chunks)
     return _FastStream(
         chunks=out,
-        events=events,
+        summary=summary,
         captured_bytes=captured,
         truncated=False,
         decode_error=None,
     )
+
+
+def _text_summary(texts: list[str], chunks: Sequence[tuple[float, bytes]]) -> Summary:
+    """The summary of a stream whose every chunk was valid UTF-8 on its own
+    (``texts``, their decodings)."""
+    # The parser is split-invariant: one parse of the whole gives the same
+    # events.  Every chunk was valid UTF-8 on its own, so their texts joined are
+    # the whole stream decoded: no second join and decode of the bytes.
+    text = "".join(texts)
+    if "\r" in text:
+        return summary_from_sse_fields(sse_fields(b"".join([raw for _, raw in chunks])))
+    return summary_from_sse_text(text)
 
 
 def _response_dict(
@@ -778,10 +806,9 @@ def _response_dict(
             "content_encoding": content_encoding.strip() if content_encoding else None,
             "decode_error": stream.decode_error,
         }
-        if summary is None:
-            response_model, usage, finish_reasons = summary_from_sse_fields(stream.events)
-        else:  # the session tracker parsed these bytes
-            response_model, usage, finish_reasons = summary
+        # Without the tracker's, the stream's own (always there when asked for).
+        summary = summary or stream.summary or (None, None, ())
+        response_model, usage, finish_reasons = summary
     else:
         if len(chunks) != 1:
             raw = b"".join([chunk for _, chunk in chunks])

@@ -82,13 +82,12 @@ from llmproxy.capture.events import SCHEMA_VERSION
 from llmproxy.capture.record import ExchangeRecord, Headers
 from llmproxy.events.envelope import Envelope, StoredEvent
 from llmproxy.events.machine import machine_id
-from llmproxy.events.sse import sse_fields
 from llmproxy.events.time import epoch_ns, rfc3339_ns
 from llmproxy.events.usage import (
     EMPTY_FACTS,
     ResponseFacts,
     facts_from_json,
-    facts_from_sse_fields,
+    facts_from_sse_bytes,
 )
 from llmproxy.export.appendfile import displaced, open_append
 from llmproxy.interfaces import SharedSessionState
@@ -498,9 +497,9 @@ def reply_facts(record: ExchangeRecord) -> ResponseFacts:
             return EMPTY_FACTS
         raw = decoded.data
     if content_type is not None and media_type(content_type) == "text/event-stream":
-        # The response event's own splitter: its summary of these very bytes is
+        # The response event's own reading: its summary of these very bytes is
         # (model, usage, finish_reasons) of these facts.
-        facts = facts_from_sse_fields(sse_fields(raw))
+        facts = facts_from_sse_bytes(raw)
     else:
         if raw[:1] != b"{" and raw.lstrip()[:1] != b"{":
             return EMPTY_FACTS

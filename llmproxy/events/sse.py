@@ -20,7 +20,9 @@ import attrs
 __all__ = [
     "SSEEvent",
     "SSEParser",
+    "block_fields",
     "parse_sse",
+    "sse_blocks",
     "sse_fields",
     "sse_fields_of_text",
 ]
@@ -151,13 +153,32 @@ def sse_fields_of_text(text: str) -> list[tuple[str, str]]:
     """``sse_fields`` of a stream already decoded (with "replace"), without CR."""
     if text[:1] == "\ufeff":
         text = text[1:]
-    # What follows the last LF is the unterminated line ``close()`` processes;
-    # when empty, processing it is a dispatch, which ``close()`` ends with anyway.
-    lines = text.split("\n")
+    events: list[tuple[str, str]] = []
+    for block in sse_blocks(text):
+        if block[:6] == "data: " and "\n" not in block:
+            events.append(("message", block[6:]))  # the usual event: one data line
+        elif block:
+            events.extend(block_fields(block))
+    return events
+
+
+def sse_blocks(text: str) -> list[str]:
+    """The texts between blank lines of a decoded stream without CR (and BOM).
+
+    A blank line ends an event, so each is one event's lines (among which more
+    blank lines, when there were several in a row); what follows the last one is
+    the unterminated rest, which ``close()`` dispatches too.
+    """
+    return text.split("\n\n")
+
+
+def block_fields(block: str) -> list[tuple[str, str]]:
+    """The events of ``block``, one of ``sse_blocks``: the line rules of
+    ``SSEParser._line``, and a dispatch at its end."""
     events: list[tuple[str, str]] = []
     event: str | None = None
     data: list[str] = []
-    for line in lines:
+    for line in block.split("\n"):
         if line[:6] == "data: ":
             # The usual line, and what the general rule below makes of it, with
             # one copy of the value instead of two.

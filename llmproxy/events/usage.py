@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import attrs
 import orjson
 
-from llmproxy.events.sse import SSEEvent
+from llmproxy.events.sse import SSEEvent, block_fields, sse_blocks, sse_fields
 
 __all__ = [
     "EMPTY_FACTS",
@@ -40,12 +40,14 @@ __all__ = [
     "anthropic_usage",
     "facts_from_json",
     "facts_from_sse",
+    "facts_from_sse_bytes",
     "facts_from_sse_fields",
     "model_from_prefix",
     "openai_usage",
     "request_model",
     "summary_from_json",
     "summary_from_sse_fields",
+    "summary_from_sse_text",
     "usage_dict",
 ]
 
@@ -804,6 +806,24 @@ def facts_from_sse_fields(events: Iterable[tuple[str, str]]) -> ResponseFacts:
     return _merge(events).facts()
 
 
+@_never_raises
+def facts_from_sse_bytes(stream: bytes) -> ResponseFacts:
+    """``facts_from_sse_fields(sse_fields(stream))`` of a whole stream, for less:
+    the template (``_Merge``) is tried on each event's text in the stream."""
+    if b"\r" in stream:
+        return _merge(sse_fields(stream)).facts()
+    return _merge_text(stream.decode("utf-8", "replace")).facts()
+
+
+def summary_from_sse_text(text: str) -> tuple[str | None, Usage | None, tuple[str, ...]]:
+    """``summary_from_sse_fields(sse_fields_of_text(text))``, for less (a stream
+    decoded with "replace", without CR)."""
+    try:
+        return _merge_text(text).summary()
+    except Exception:
+        return None, None, ()  # what facts_from_sse_fields' EMPTY_FACTS says
+
+
 def summary_from_sse_fields(
     events: Iterable[tuple[str, str]],
 ) -> tuple[str | None, Usage | None, tuple[str, ...]]:
@@ -814,30 +834,262 @@ def summary_from_sse_fields(
         return None, None, ()  # what facts_from_sse_fields' EMPTY_FACTS says
 
 
-def _merge(events: Iterable[tuple[str, str]]) -> _StreamMerger:
-    merger = _StreamMerger()
-    loads = orjson.loads
-    add = merger.add
-    openai = merger._openai
-    anthropic_delta = merger._anthropic_delta
-    for name, data in events:
+# What ends a JSON string's body or needs decoding in it: a quote, a backslash
+# escape, or a control character (which makes the JSON invalid).
+_NOT_PLAIN = re.compile(r'["\\\x00-\x1f]').search
+# Content chunks tried as a template before giving up on a stream (a template is
+# found in the first content chunk of nearly every OpenAI stream).
+_TEMPLATE_TRIES = 4
+_PROBE = "llmproxy template probe"
+
+
+# A top-level string OpenAI adds to each chunk (random padding, different in every
+# chunk; ``stream_options.include_obfuscation``), which nothing here reads.
+_PADDING_KEY = "obfuscation"
+
+
+@attrs.frozen
+class _ContentTemplate:
+    """A chat chunk's text around its content string: a chunk ``prefix + body +
+    suffix`` whose body is plain (see ``_NOT_PLAIN``) is the template chunk with
+    that content, and adds ``body`` to ``choice`` and nothing else.
+
+    With ``padding``, the suffix holds OpenAI's padding string: the chunk is
+    ``prefix + body + padding + pad + suffix`` with ``pad`` plain too.
+    """
+
+    prefix: str
+    suffix: str
+    choice: _ChatChoice
+    padding: str | None = None
+
+    @property
+    def fixed(self) -> int:
+        """The length of a chunk with an empty content (and pad)."""
+        return len(self.prefix) + len(self.padding or "") + len(self.suffix)
+
+    def append(self, content: str) -> None:
+        self.choice.content.append(content)
+
+
+def _content_template(
+    data: str, obj: dict[str, Any], merger: _StreamMerger
+) -> _ContentTemplate | bool:
+    """The template of ``data``, a chat chunk the merger has just read (``obj``),
+    when ``data`` is a plain content delta; else False when the chunk is one but
+    its text is no template (a try lost), True when it is no plain content delta.
+
+    Such a chunk changes nothing but its choice's content, which is what makes
+    the template exact: its header keys were taken (or were None) when the
+    merger read it, and the chunks it matches have the same text around the
+    content, hence the same values.  The slot is checked by parsing the template
+    with another content: a key given twice, or a second place that text
+    appears, makes it no template.
+    """
+    if merger.dialect != "chat" or obj.get("usage"):
+        return True
+    choices = obj.get("choices")
+    if type(choices) is not list or len(choices) != 1:
+        return True
+    c = choices[0]
+    if type(c) is not dict or "text" in c or c.get("finish_reason") or c.get("logprobs"):
+        return True
+    index = c.get("index")
+    delta = c.get("delta")
+    if type(index) is not int or type(delta) is not dict or len(delta) != 1:
+        return True
+    content = delta.get("content")
+    choice = merger.choices.get(index)
+    if type(content) is not str or _NOT_PLAIN(content) or choice is None:
+        return True
+    slot = '"content":"' + content + '"'
+    if data.count(slot) != 1:
+        return False
+    at = data.index(slot) + len(slot) - 1 - len(content)
+    prefix, suffix = data[:at], data[at + len(content) :]
+    expected = orjson.loads(data)
+    expected["choices"][0]["delta"]["content"] = _PROBE
+    padding: str | None = None
+    pad = obj.get(_PADDING_KEY)
+    if type(pad) is str and not _NOT_PLAIN(pad):
+        pad_slot = f'"{_PADDING_KEY}":"{pad}"'
+        if suffix.count(pad_slot) != 1:
+            return False
+        cut = suffix.index(pad_slot) + len(pad_slot) - 1 - len(pad)
+        padding, suffix = suffix[:cut], suffix[cut + len(pad) :]
+        expected[_PADDING_KEY] = _PROBE[::-1]
+        text = prefix + _PROBE + padding + _PROBE[::-1] + suffix
+    else:
+        text = prefix + _PROBE + suffix
+    try:
+        probe = orjson.loads(text)
+    except (ValueError, RecursionError):
+        return False
+    if probe != expected:
+        return False
+    return _ContentTemplate(prefix, suffix, choice, padding)
+
+
+class _Merge:
+    """One stream's merge: the events that are read (parsed, or sliced through a
+    template) into a :class:`_StreamMerger`.
+
+    Nearly every event of an OpenAI chat stream is a content delta whose text is
+    that of the one before but for the content: with ``templates``, such a
+    chunk's content is sliced from its text (``_ContentTemplate``) instead of
+    parsing it and reading the object, which is most of the cost of a stream.
+    The result is the same either way (tests/unit/events/test_usage.py).
+    """
+
+    def __init__(self, templates: bool) -> None:
+        self.merger = merger = _StreamMerger()
+        self._add = merger.add
+        self._openai = merger._openai
+        self._anthropic_delta = merger._anthropic_delta
+        self._tries = _TEMPLATE_TRIES if templates else 0
+        self.template: _ContentTemplate | None = None
+
+    def read(self, name: str, data: str) -> None:
+        """Parse and read one event (not through the template)."""
         if data[:1] != "{":
-            continue  # "[DONE]", keep-alives, and arrays, which add nothing
+            return  # "[DONE]", keep-alives, and arrays, which add nothing
         try:
-            obj = loads(data)
+            obj = orjson.loads(data)
         except (ValueError, RecursionError):  # orjson.JSONDecodeError is a ValueError
-            continue
+            return
         # Data starting with "{" that parses is an object: no type check needed.
         try:
             if name == "message" and "choices" in obj and "type" not in obj:
-                openai(obj)  # a chat chunk (nearly every event): where add() sends it
+                self._openai(obj)  # a chat chunk (nearly every event): where add() sends it
+                if self._tries and self.template is None and "\n" not in data:
+                    found = _content_template(data, obj, self.merger)
+                    if found is False:
+                        self._tries -= 1
+                    elif found is not True:
+                        self.template = found
             elif name == "content_block_delta" and obj.get("type") == "content_block_delta":
-                anthropic_delta(obj)  # an Anthropic token: where add() sends it
+                self._anthropic_delta(obj)  # an Anthropic token: where add() sends it
             else:
-                add(obj, name)
+                self._add(obj, name)
         except Exception:
-            continue  # one odd event must not cost the others
-    return merger
+            return  # one odd event must not cost the others
+
+
+def _sliced(text: str, start: int, template: _ContentTemplate) -> str | None:
+    """The content ``text[start:]`` holds by ``template`` (whose prefix it has and
+    whose suffix it ends with), or None when it holds no plain one."""
+    end = len(text) - len(template.suffix)
+    padding = template.padding
+    if padding is None:
+        body = text[start:end]
+        return None if _NOT_PLAIN(body) else body
+    # Neither the body nor the pad may hold a quote, and the padding text starts
+    # with one: its last place is the only one.
+    cut = text.rfind(padding, start, end)
+    if cut < 0 or _NOT_PLAIN(text, cut + len(padding), end):
+        return None
+    body = text[start:cut]
+    return None if _NOT_PLAIN(body) else body
+
+
+def _merge(events: Iterable[tuple[str, str]], templates: bool = True) -> _StreamMerger:
+    """The merger of a stream's ``(event name, data)`` pairs (see ``_Merge``)."""
+    run = _Merge(templates)
+    read = run.read
+    template: _ContentTemplate | None = None
+    prefix = suffix = ""
+    fixed = 0
+    for name, data in events:
+        if (
+            template is not None
+            and data.startswith(prefix)
+            and data.endswith(suffix)
+            and len(data) >= fixed
+            and name == "message"
+        ):
+            body = _sliced(data, len(prefix), template)
+            if body is not None:
+                template.append(body)
+                continue
+        read(name, data)
+        if template is None and run.template is not None:
+            template = run.template
+            prefix, suffix, fixed = template.prefix, template.suffix, template.fixed
+    return run.merger
+
+
+def _merge_text(text: str, templates: bool = True) -> _StreamMerger:
+    """``_merge(sse_fields_of_text(text))``, with the template tried on each
+    event's text as it stands in the stream (``data: `` and the chunk, on one
+    line): no event pair for the chunks it reads."""
+    run = _Merge(templates)
+    if text[:1] == "\ufeff":
+        text = text[1:]
+    blocks = sse_blocks(text)
+    for at, block in enumerate(blocks):
+        _read_block(run, block)
+        if run.template is not None:
+            _read_through(run, run.template, blocks, at + 1)
+            break
+    return run.merger
+
+
+def _read_block(run: _Merge, block: str) -> None:
+    """Read one event's text (one of ``sse_blocks``) without the template."""
+    if block[:6] == "data: " and "\n" not in block:
+        run.read("message", block[6:])  # the usual event: one data line
+    elif block:
+        for name, data in block_fields(block):
+            run.read(name, data)
+
+
+def _read_through(run: _Merge, template: _ContentTemplate, blocks: list[str], at: int) -> None:
+    """Read ``blocks[at:]``, the texts the template matches by slicing them.
+
+    A matching text is one line (the body and pad are plain, the template has
+    no LF): an event named "message" with the template's data.  Without
+    padding, the bodies are sliced in one comprehension and checked in runs
+    (one search of their join): a stream is mostly such a run.
+    """
+    prefix, suffix = "data: " + template.prefix, template.suffix
+    fixed, start = template.fixed + 6, len(prefix)
+    add = template.choice.content
+    if template.padding is not None:
+        for block in blocks[at:]:
+            if block.startswith(prefix) and block.endswith(suffix) and len(block) >= fixed:
+                body = _sliced(block, start, template)
+                if body is not None:
+                    add.append(body)
+                    continue
+            _read_block(run, block)
+        return
+    cut = len(suffix)
+    rest = blocks[at:]
+    bodies = [
+        block[start : len(block) - cut]
+        if block.startswith(prefix) and block.endswith(suffix) and len(block) >= fixed
+        else None
+        for block in rest
+    ]
+    done, count = 0, len(bodies)
+    while done < count:
+        try:
+            end = bodies.index(None, done)
+        except ValueError:
+            end = count
+        if end > done:
+            sliced = cast(list[str], bodies[done:end])  # no None before ``end``
+            if _NOT_PLAIN("".join(sliced)):
+                for body, block in zip(sliced, rest[done:end], strict=True):
+                    if _NOT_PLAIN(body):
+                        _read_block(run, block)
+                    else:
+                        add.append(body)
+            else:
+                add.extend(sliced)
+        if end < count:
+            _read_block(run, rest[end])
+        done = end + 1
 
 
 def usage_dict(usage: Usage | None) -> dict[str, int | None] | None:

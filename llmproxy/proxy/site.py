@@ -40,14 +40,7 @@ class ProxyRequest(server.Request):
     def gotLength(self, length: int | None) -> None:
         site: ProxySite = self.channel.site  # type: ignore[union-attr,attr-defined]
         if length is not None and length > site.max_body_bytes:
-            self._too_large = True
-            site.proxy.metrics.limit_hit("max_body_bytes")
-            site.proxy.reject_early(
-                self,
-                413,
-                f"request body of {length} bytes is over the limit of "
-                f"{site.max_body_bytes} bytes (server.max_body_bytes)",
-            )
+            self._refuse_too_large(site, f"request body of {length} bytes")
             return
         super().gotLength(length)
 
@@ -57,16 +50,18 @@ class ProxyRequest(server.Request):
         self._body_seen += len(data)
         site: ProxySite = self.channel.site  # type: ignore[union-attr,attr-defined]
         if self._body_seen > site.max_body_bytes:
-            self._too_large = True
-            site.proxy.metrics.limit_hit("max_body_bytes")
-            site.proxy.reject_early(
-                self,
-                413,
-                f"request body is over the limit of {site.max_body_bytes} bytes "
-                "(server.max_body_bytes)",
-            )
+            self._refuse_too_large(site, "request body")
             return
         super().handleContentChunk(data)
+
+    def _refuse_too_large(self, site: ProxySite, what: str) -> None:
+        self._too_large = True
+        site.proxy.metrics.limit_hit("max_body_bytes")
+        site.proxy.reject_early(
+            self,
+            413,
+            f"{what} is over the limit of {site.max_body_bytes} bytes (server.max_body_bytes)",
+        )
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._too_large:

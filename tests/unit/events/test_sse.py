@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmproxy.events.sse import SSEEvent, SSEParser, parse_sse
+from llmproxy.events.sse import SSEEvent, SSEParser, parse_sse, sse_fields
 
 # An OpenAI chat stream, with a multi-byte character, a comment and [DONE].
 OPENAI_STREAM = (
@@ -167,3 +167,12 @@ def test_arbitrary_bytes_never_raise(chunks: list[bytes]) -> None:
         events += parser.feed(chunk)
     events += parser.close()
     assert all(isinstance(e.data, str) and isinstance(e.event, str) for e in events)
+
+
+@settings(max_examples=500)
+@given(streams(), st.sampled_from(["", "\ufeff"]))
+def test_sse_fields_are_the_parsers_events(stream: bytes, bom: str) -> None:
+    """The splitter for whole streams, which takes an event's text between blank
+    lines at once, gives the incremental parser's events (and with CR, uses it)."""
+    stream = bom.encode() + stream
+    assert sse_fields(stream) == [(event.event, event.data) for event in parse_sse(stream)]

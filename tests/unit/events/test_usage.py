@@ -8,19 +8,25 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import orjson
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import llmproxy.events.usage as usage_module
 from llmproxy.events.sse import SSEEvent, parse_sse
 from llmproxy.events.usage import (
     EMPTY_FACTS,
     ResponseFacts,
     Usage,
+    _merge,  # the templates' on/off switch
     anthropic_usage,
     facts_from_json,
     facts_from_sse,
+    facts_from_sse_bytes,
     openai_usage,
     request_model,
+    summary_from_sse_text,
     usage_dict,
 )
 
@@ -979,3 +985,121 @@ def test_anthropic_text_deltas_build_the_blocks_a_plain_reading_does(
     merged = facts.merged_json
     assert merged is not None
     assert merged["content"] == _blocks_read_plainly(events)
+
+
+# -- content templates: chunks read by slicing their text, not parsing it --------
+
+# Content that is plain (sliced from the text) and content that is not (quotes,
+# escapes, control characters, non-ASCII), in any mix.
+_contents = st.one_of(
+    st.sampled_from(["Hello", " world", "", "é€😀", 'a"b', "back\\slash", "line\nbreak", "\t"]),
+    st.text(max_size=6),
+)
+_pads = st.one_of(
+    st.none(), st.text(alphabet="abcXYZ019", min_size=1, max_size=12), st.text(max_size=4)
+)
+
+
+@st.composite
+def _chat_chunk(draw: st.DrawFn) -> tuple[str, str]:
+    """An OpenAI chat chunk as some server may write it: key order, spacing,
+    padding, a second choice, a role, a finish reason, a usage, duplicate keys."""
+    delta: dict[str, Any] = {"content": draw(_contents)}
+    if draw(st.integers(0, 9)) == 0:
+        delta["role"] = "assistant"
+    choice: dict[str, Any] = {
+        "index": draw(st.sampled_from([0, 0, 0, 1])),
+        "delta": delta,
+        "logprobs": None,
+        "finish_reason": draw(st.sampled_from([None, None, None, None, "stop"])),
+    }
+    chunk: dict[str, Any] = {
+        "id": draw(st.sampled_from(["chatcmpl-1", "chatcmpl-2"])),
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": draw(st.sampled_from(["gpt-4o-mini", "gpt-4o", None])),
+        "choices": [choice],
+    }
+    if draw(st.booleans()):
+        chunk["usage"] = draw(st.sampled_from([None, {"prompt_tokens": 1, "completion_tokens": 2}]))
+    pad = draw(_pads)
+    if pad is not None:
+        chunk["obfuscation"] = pad
+    if draw(st.integers(0, 15)) == 0:
+        chunk = dict(reversed(list(chunk.items())))
+    text = json.dumps(chunk, separators=draw(st.sampled_from([(",", ":"), (", ", ": ")])))
+    if draw(st.integers(0, 20)) == 0:
+        text = text[:-1] + ',"choices":[]}'  # a key given twice: the last one counts
+    if draw(st.integers(0, 20)) == 0:
+        text = text[: draw(st.integers(0, len(text)))]  # cut short: not JSON
+    name = "message" if draw(st.integers(0, 20)) else "other"
+    return name, text
+
+
+@settings(max_examples=400)
+@given(st.lists(_chat_chunk(), max_size=30))
+def test_content_templates_merge_what_parsing_every_chunk_does(
+    events: list[tuple[str, str]],
+) -> None:
+    with_templates = _merge(events).facts()
+    assert with_templates == _merge(events, templates=False).facts()
+    assert _merge(events).summary() == _merge(events, templates=False).summary()
+
+
+def test_a_recorded_openai_stream_is_read_through_its_template() -> None:
+    """The usual stream: after the role chunk, every content delta has the text of
+    the first one but for its content and OpenAI's padding."""
+    head = '{"id":"c1","object":"chat.completion.chunk","created":1,"model":"m","choices":'
+    events = [("message", head + '[{"index":0,"delta":{"role":"assistant","content":""}}]}')]
+    words = ["Hel", "lo", ' \\"quoted\\"', " wor", "ld", "\\n"]
+    for n, word in enumerate(words):
+        choice = '[{"index":0,"delta":{"content":"' + word + '"},"finish_reason":null}]'
+        events.append(("message", head + choice + f',"obfuscation":"{"x" * n}"}}'))
+    events.append(("message", head + '[{"index":0,"delta":{},"finish_reason":"stop"}]}'))
+    parsed: list[str] = []
+    real_loads = orjson.loads
+
+    def loads(data: str) -> Any:
+        parsed.append(data)
+        return real_loads(data)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(usage_module.orjson, "loads", loads)
+        merger = _merge(events)
+    # The role chunk, the first content chunk (and its template's two checks), the
+    # quoted and escaped ones and the finish chunk: not the three plain ones after.
+    assert not any('"content":"lo"' in data or "wor" in data for data in parsed)
+    assert merger.facts().assistant_message == {
+        "role": "assistant",
+        "content": 'Hello "quoted" world\n',
+    }
+    assert merger.facts() == _merge(events, templates=False).facts()
+    assert merger.facts().finish_reasons == ("stop",)
+
+
+def _as_stream(events: list[tuple[str, str]], ending: str) -> bytes:
+    frames = []
+    for name, data in events:
+        head = "" if name == "message" else f"event: {name}{ending}"
+        lines = ending.join(f"data: {line}" for line in data.split("\n"))
+        frames.append(f"{head}{lines}{ending}{ending}")
+    return ("".join(frames) + f"data: [DONE]{ending}{ending}").encode()
+
+
+@settings(max_examples=300)
+@given(st.lists(_chat_chunk(), max_size=30), st.sampled_from(["\n", "\r\n"]))
+def test_a_whole_stream_read_through_templates_gives_the_parsers_facts(
+    events: list[tuple[str, str]], ending: str
+) -> None:
+    stream = _as_stream(events, ending)
+    expected = facts_from_sse(parse_sse(stream))
+    assert facts_from_sse_bytes(stream) == expected
+    text = stream.decode()
+    if "\r" not in text:
+        summary = (expected.model, expected.usage, expected.finish_reasons)
+        assert summary_from_sse_text(text) == summary
+
+
+@given(st.binary(max_size=300))
+def test_any_bytes_read_as_a_whole_stream_give_the_parsers_facts(stream: bytes) -> None:
+    assert facts_from_sse_bytes(stream) == facts_from_sse(parse_sse(stream))
