@@ -35,6 +35,7 @@ import ipaddress
 from collections.abc import Callable
 from typing import Any
 
+import attrs
 import httptools
 from twisted.internet import defer, endpoints, error
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IStreamClientEndpoint
@@ -132,25 +133,16 @@ class EndpointFactory:
         return endpoint
 
 
+@attrs.define(slots=True, eq=False)
 class UpstreamResponse:
     """What the proxy sees of the upstream's answer once its head has arrived."""
 
-    __slots__ = ("_conn", "code", "headers", "length", "phrase")
-
-    def __init__(
-        self,
-        conn: UpstreamConnection,
-        code: int,
-        phrase: bytes,
-        headers: list[tuple[bytes, list[bytes]]],
-        length: int | None,
-    ) -> None:
-        self._conn = conn
-        self.code = code
-        self.phrase = phrase
-        # Grouped by name (first spelling kept), in arrival order, Connection included.
-        self.headers = headers
-        self.length = length  # Content-Length, None when chunked or close-delimited
+    _conn: UpstreamConnection
+    code: int
+    phrase: bytes
+    # Grouped by name (first spelling kept), in arrival order, Connection included.
+    headers: list[tuple[bytes, list[bytes]]]
+    length: int | None  # Content-Length, None when chunked or close-delimited
 
     def deliverBody(self, protocol: Protocol) -> None:
         self._conn.attach(protocol)

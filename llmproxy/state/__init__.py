@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 from twisted.internet.defer import Deferred
 
 from llmproxy.config.model import Settings
@@ -38,24 +39,23 @@ __all__ = ["STORES", "SharedState", "build_shared_state", "state_problems"]
 STORES = ("local", "redis")
 
 
+@attrs.define(eq=False)
 class SharedState:
     """One process's Redis connection for the shared state, and what runs on it."""
 
-    def __init__(
-        self,
-        redis: RedisClient,
-        clock: Any,
-        *,
-        prefix: str,
-        session_ttl: float,
-        health: StateHealth,
-    ) -> None:
-        self.redis = redis
-        self.health = health
-        self.prefix = prefix
-        self.counters = RedisCounters(redis, clock, prefix)
-        self.tokens = RedisRegistry(redis, prefix, "tokens")
-        self.sessions = RedisSessionState(redis, prefix, session_ttl)
+    redis: RedisClient
+    _clock: Any
+    prefix: str = attrs.field(kw_only=True)
+    _session_ttl: float = attrs.field(kw_only=True)
+    health: StateHealth = attrs.field(kw_only=True)
+    counters: RedisCounters = attrs.field(init=False)
+    tokens: RedisRegistry = attrs.field(init=False)
+    sessions: RedisSessionState = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.counters = RedisCounters(self.redis, self._clock, self.prefix)
+        self.tokens = RedisRegistry(self.redis, self.prefix, "tokens")
+        self.sessions = RedisSessionState(self.redis, self.prefix, self._session_ttl)
 
     @property
     def usable(self) -> bool:
