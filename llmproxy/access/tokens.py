@@ -24,7 +24,7 @@ import os
 import secrets
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict, Unpack
 
 import attrs
 import orjson
@@ -39,6 +39,7 @@ __all__ = [
     "Token",
     "TokenFile",
     "TokenFileError",
+    "TokenTerms",
     "UnknownToken",
     "UsageFile",
     "UsageLedger",
@@ -168,36 +169,24 @@ class Token:
         )
 
 
-def new_token(
-    project: str,
-    now: float,
-    *,
-    expires: float | None = None,
-    max_requests: int | None = None,
-    rpm: int | None = None,
-    max_usd: float | None = None,
-    max_tokens: int | None = None,
-    period: str = "total",
-    allowed_paths: tuple[str, ...] = (),
-    allowed_methods: tuple[str, ...] = (),
-) -> tuple[str, Token]:
+class TokenTerms(TypedDict, total=False):
+    """What a new token may do, as ``Token`` spells it (every key optional)."""
+
+    expires: float | None
+    max_requests: int | None
+    rpm: int | None
+    max_usd: float | None
+    max_tokens: int | None
+    period: str
+    allowed_paths: tuple[str, ...]
+    allowed_methods: tuple[str, ...]
+
+
+def new_token(project: str, now: float, **terms: Unpack[TokenTerms]) -> tuple[str, Token]:
     """A new secret and the token stored for it."""
     secret = new_secret()
     digest = digest_of(secret)
-    token = Token(
-        id=id_for(digest),
-        sha256=digest,
-        project=project,
-        created=now,
-        expires=expires,
-        max_requests=max_requests,
-        rpm=rpm,
-        max_usd=max_usd,
-        max_tokens=max_tokens,
-        period=period,
-        allowed_paths=allowed_paths,
-        allowed_methods=allowed_methods,
-    )
+    token = Token(id=id_for(digest), sha256=digest, project=project, created=now, **terms)
     return secret, token
 
 
@@ -262,37 +251,13 @@ class TokenFile:
         except TokenFileError as e:
             raise TokenFileError(f"{self.path}: {e}") from None
 
-    def create(
-        self,
-        project: str,
-        now: float,
-        *,
-        expires: float | None = None,
-        max_requests: int | None = None,
-        rpm: int | None = None,
-        max_usd: float | None = None,
-        max_tokens: int | None = None,
-        period: str = "total",
-        allowed_paths: tuple[str, ...] = (),
-        allowed_methods: tuple[str, ...] = (),
-    ) -> tuple[str, Token]:
+    def create(self, project: str, now: float, **terms: Unpack[TokenTerms]) -> tuple[str, Token]:
         """A new token: returns the secret (to show once) and what is stored."""
         with self._locked():
             tokens = list(self.read())
             taken = {t.id for t in tokens}
             while True:
-                secret, token = new_token(
-                    project,
-                    now,
-                    expires=expires,
-                    max_requests=max_requests,
-                    rpm=rpm,
-                    max_usd=max_usd,
-                    max_tokens=max_tokens,
-                    period=period,
-                    allowed_paths=allowed_paths,
-                    allowed_methods=allowed_methods,
-                )
+                secret, token = new_token(project, now, **terms)
                 if token.id not in taken:
                     break
             tokens.append(token)

@@ -35,7 +35,7 @@ from llmproxy.config.model import Settings
 
 if TYPE_CHECKING:
     from llmproxy.access.shared import SharedTokenStore
-    from llmproxy.access.tokens import Token
+    from llmproxy.access.tokens import Token, TokenTerms
 
 __all__ = ["add_token_command", "parse_expiry", "project_name", "usd_amount"]
 
@@ -206,7 +206,7 @@ def _token_create(args: argparse.Namespace) -> int:
         print(f"--allow-path: {bad[0]!r} is not an absolute path (/v1/...)", file=sys.stderr)
         return 2
     methods = tuple(m.upper() for m in args.allow_method or ())
-    kw: dict[str, Any] = {
+    kw: TokenTerms = {
         "expires": expires,
         "max_requests": args.max_requests,
         "rpm": args.rpm,
