@@ -15,8 +15,7 @@ import time
 
 import orjson
 
-from llmproxy.cli.args import Subcommands
-from llmproxy.config.loader import ConfigError, load_settings
+from llmproxy.cli.args import Subcommands, local_settings
 
 __all__ = ["add_spend_command"]
 
@@ -25,11 +24,8 @@ def _spend(args: argparse.Namespace) -> int:
     from llmproxy.access.budgets import NANO, read_spend, summarize, window
     from llmproxy.access.tokens import TokenFileError
 
-    try:
-        settings = load_settings(args.config, resolve_secrets=False)
-    except ConfigError as e:
-        for line in e.problems:
-            print(line, file=sys.stderr)
+    settings = local_settings(args.config)
+    if settings is None:
         return 1
     now = time.time()
     try:

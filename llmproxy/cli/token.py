@@ -29,8 +29,7 @@ import orjson
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from llmproxy.cli.args import Subcommands, positive_int
-from llmproxy.config.loader import ConfigError, load_settings
+from llmproxy.cli.args import Subcommands, local_settings, positive_int
 from llmproxy.config.model import Settings
 
 if TYPE_CHECKING:
@@ -87,16 +86,6 @@ def usd_amount(text: str) -> float:
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError("--max-usd must be greater than 0")
     return value
-
-
-def _token_settings(args: argparse.Namespace) -> Settings | None:
-    try:
-        # The token commands need the state directory, not the provider keys.
-        return load_settings(args.config, resolve_secrets=False)
-    except ConfigError as e:
-        for line in e.problems:
-            print(line, file=sys.stderr)
-        return None
 
 
 class SharedStateError(Exception):
@@ -191,7 +180,7 @@ def _token_create(args: argparse.Namespace) -> int:
     from llmproxy.access.audit import AuditLog
     from llmproxy.access.tokens import TokenFile
 
-    settings = _token_settings(args)
+    settings = local_settings(args.config)
     if settings is None:
         return 1
     now = time.time()
@@ -284,7 +273,7 @@ def _token_list(args: argparse.Namespace) -> int:
     from llmproxy.access.budgets import NANO, read_spend, spent_by_token
     from llmproxy.access.tokens import TokenFile, UsageFile
 
-    settings = _token_settings(args)
+    settings = local_settings(args.config)
     if settings is None:
         return 1
     state_dir = settings.server.state_dir
@@ -365,7 +354,7 @@ def _token_revoke(args: argparse.Namespace) -> int:
     from llmproxy.access.audit import AuditLog
     from llmproxy.access.tokens import TokenFile, UnknownToken
 
-    settings = _token_settings(args)
+    settings = local_settings(args.config)
     if settings is None:
         return 1
     now = time.time()
