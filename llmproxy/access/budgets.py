@@ -47,13 +47,13 @@ from twisted.logger import Logger
 
 from llmproxy.access.tokens import Token, TokenFileError, write_atomically
 from llmproxy.interfaces import SpendCounters
+from llmproxy.state.counters import LocalCounters
 
 __all__ = [
     "NANO",
     "PERIODS",
     "SPEND_FILE",
     "BudgetRefusal",
-    "LocalSpendCounters",
     "SpendBook",
     "SpendFile",
     "SpendRow",
@@ -100,37 +100,6 @@ def budget_key(token_id: str, unit: str, window_key: str) -> str:
     """``budget:tok_ab12:usd:2026-12``: a counter of ``unit`` (``usd`` in nano-USD,
     ``tokens``) spent by a token in one window."""
     return f"budget:{token_id}:{unit}:{window_key}"
-
-
-class LocalSpendCounters:
-    """:class:`llmproxy.interfaces.SpendCounters` in this process's memory, also readable at once
-    (:meth:`value`) for the request path."""
-
-    def __init__(self) -> None:
-        self._values: dict[str, tuple[int, float | None]] = {}
-
-    def value(self, key: str, now: float) -> int:
-        found = self._values.get(key)
-        if found is None:
-            return 0
-        amount, expire_at = found
-        if expire_at is not None and now >= expire_at:
-            del self._values[key]
-            return 0
-        return amount
-
-    def add(
-        self, key: str, amount: int, now: float, expire_at: float | None = None
-    ) -> Deferred[int]:
-        return succeed(self.add_now(key, amount, now, expire_at))
-
-    def add_now(self, key: str, amount: int, now: float, expire_at: float | None = None) -> int:
-        value = self.value(key, now) + amount
-        self._values[key] = (value, expire_at)
-        return value
-
-    def read(self, keys: Sequence[str], now: float) -> Deferred[list[int]]:
-        return succeed([self.value(k, now) for k in keys])
 
 
 @attrs.define
@@ -250,7 +219,7 @@ class SpendBook:
 
     def __init__(self, file: SpendFile, shared: SpendCounters | None = None) -> None:
         self._file = file
-        self.counters = LocalSpendCounters()
+        self.counters = LocalCounters()
         # Counters every process shares ([state] store = redis): charges are added
         # there too, and :meth:`shared_refusal` / :meth:`budget_checks` read them.
         self.shared = shared
@@ -272,7 +241,7 @@ class SpendBook:
             log.warn("token spend not loaded, starting from 0: {err}", err=str(e))
             rows = []
         self._rows = {}
-        self.counters = LocalSpendCounters()
+        self.counters = LocalCounters()
         for row in rows:
             self._merge(row)
 

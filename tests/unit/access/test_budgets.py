@@ -314,9 +314,9 @@ class SharedCounters:
     interface the Redis-backed ones of the shared state have."""
 
     def __init__(self) -> None:
-        from llmproxy.access.budgets import LocalSpendCounters
+        from llmproxy.state.counters import LocalCounters
 
-        self.inner = LocalSpendCounters()
+        self.inner = LocalCounters()
         self.adds: list[tuple[str, int, float | None]] = []
 
     def add(self, key: str, amount: int, now: float, expire_at: float | None = None) -> Any:
