@@ -45,7 +45,7 @@ import orjson
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-from llmproxy.access.tokens import Token, TokenFileError, write_atomically
+from llmproxy.access.tokens import Token, TokenFileError, read_entry, write_atomically
 from llmproxy.interfaces import SpendCounters
 from llmproxy.state.counters import LocalCounters
 
@@ -162,15 +162,9 @@ class SpendFile:
         return cls(state_dir / SPEND_FILE)
 
     def read(self) -> list[SpendRow]:
-        try:
-            doc = orjson.loads(self.path.read_bytes())
-        except FileNotFoundError:
+        rows = read_entry(self.path, "rows", list, "spend rows")
+        if rows is None:
             return []
-        except (OSError, orjson.JSONDecodeError) as e:
-            raise TokenFileError(f"cannot read {self.path}: {e}") from None
-        rows = doc.get("rows") if isinstance(doc, dict) else None
-        if not isinstance(rows, list):
-            raise TokenFileError(f"{self.path} has no spend rows")
         try:
             return [SpendRow.from_json(r) for r in rows if isinstance(r, dict)]
         except TokenFileError as e:

@@ -48,6 +48,7 @@ __all__ = [
     "id_for",
     "lease_size",
     "new_secret",
+    "read_entry",
     "write_atomically",
 ]
 
@@ -190,6 +191,22 @@ def new_token(project: str, now: float, **terms: Unpack[TokenTerms]) -> tuple[st
     return secret, token
 
 
+def read_entry(path: Path, key: str, kind: type, what: str) -> Any:
+    """The ``key`` entry (a ``kind``) of the JSON document at ``path``; None when
+    there is no file yet.  ``TokenFileError`` naming the file and ``what`` was
+    wanted when it cannot be read or has no such entry."""
+    try:
+        doc = orjson.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, orjson.JSONDecodeError) as e:
+        raise TokenFileError(f"cannot read {path}: {e}") from None
+    entry = doc.get(key) if isinstance(doc, dict) else None
+    if not isinstance(entry, kind):
+        raise TokenFileError(f"{path} has no {what}")
+    return entry
+
+
 def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Replace ``path`` with ``data`` so a reader sees the old or the new file, whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -304,15 +321,9 @@ class UsageFile:
         return cls(state_dir / USAGE_FILE)
 
     def read(self) -> dict[str, int]:
-        try:
-            doc = orjson.loads(self.path.read_bytes())
-        except FileNotFoundError:
+        used = read_entry(self.path, "used", dict, "usage counts")
+        if used is None:
             return {}
-        except (OSError, orjson.JSONDecodeError) as e:
-            raise TokenFileError(f"cannot read {self.path}: {e}") from None
-        used = doc.get("used") if isinstance(doc, dict) else None
-        if not isinstance(used, dict):
-            raise TokenFileError(f"{self.path} has no usage counts")
         return {
             k: v
             for k, v in used.items()
