@@ -329,6 +329,11 @@ async def wait_until_async(ask: Any, want: object, what: str, timeout: float = 1
 # -- sessions --------------------------------------------------------------------------
 
 
+def recorded_states(setup: Setup) -> int:
+    """How many conversation states the shared session state holds."""
+    return len(setup.redis.command("KEYS", "*sessions:s:*"))
+
+
 def session_entries(daemons: list[Daemon]) -> list[dict[str, Any]]:
     entries = []
     for daemon in daemons:
@@ -345,10 +350,18 @@ async def test_a_conversation_alternating_between_daemons_is_one_session(setup: 
     for turn in range(5):
         messages.append({"role": "user", "content": f"question {turn + 1}"})
         body = {"model": "gpt-4o-mini", "messages": messages}
+        recorded = recorded_states(setup)
         code, raw, _ = await setup.post((a, b)[turn % 2], "/open/v1/chat/completions", body)
         assert code == 200
         messages.append(json.loads(raw)["choices"][0]["message"])
         history_after.append(list(messages))
+        # The promise holds for a next turn sent once the reply's record is in
+        # Redis (sent when the reply ends; docs/workers.md, "Sessions are
+        # continuous"): on a loaded machine that can take longer than this
+        # client takes to send its next turn.
+        await wait_until_async(
+            lambda: defer.succeed(recorded_states(setup) > recorded), True, "reply recorded"
+        )
     # An edit of the third question, sent to the daemon that did not serve turn 5 (a).
     edited = history_after[1] + [{"role": "user", "content": "question 3, asked differently"}]
     code, _, _ = await setup.post(
