@@ -7,7 +7,8 @@ with ``isinstance`` (they are ``runtime_checkable``), not discovered with
 checker only, so this module imports none of the packages it describes.
 
 - the request path hands exchanges to capture: ``EventSink``; it asks access
-  control: ``AccessPolicy``; refusals are audited: ``Auditor``;
+  control: ``AccessPolicy``; refusals are audited: ``Auditor``; token budgets
+  count spend in ``SpendCounters`` (in memory, or shared);
 - capture publishes events on an ``EventBus`` to ``Subscriber``s (the exporters);
 - the delivery engine delivers batches to a ``Sink`` (optionally a
   ``PreparingSink``, a ``LineSink``, a ``ReopenableSink``); HTTP sinks post with an
@@ -60,6 +61,7 @@ __all__ = [
     "RunBlocking",
     "SharedSessionState",
     "Sink",
+    "SpendCounters",
     "Subscriber",
 ]
 
@@ -133,6 +135,19 @@ class Auditor(Protocol):
     def write(self, action: str, **fields: Any) -> None: ...
 
     def refused_host(self, record: ExchangeRecord, reason: str) -> None: ...
+
+
+@runtime_checkable
+class SpendCounters(Protocol):
+    """Whole-number counters that vanish at ``expire_at`` (epoch seconds), where
+    token budgets count spend (``access.budgets``): the shape of the shared
+    state's counters, so a Redis-backed one plugs in for ``[state] store = redis``."""
+
+    def add(
+        self, key: str, amount: int, now: float, expire_at: float | None = None
+    ) -> Deferred[int]: ...
+
+    def read(self, keys: Sequence[str], now: float) -> Deferred[list[int]]: ...
 
 
 # -- events ---------------------------------------------------------------------------

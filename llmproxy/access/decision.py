@@ -42,6 +42,7 @@ class Deny:
     status: int
     message: str
     headers: tuple[tuple[bytes, bytes], ...] = ()
+    code: str | None = None  # the error's ``code``; None: the status's own
 
 
 ALLOW = Allow()

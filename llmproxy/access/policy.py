@@ -18,8 +18,9 @@ and batches of, whichever organization a token holder names.
 
 Answers, each in the OpenAI error shape and each written to the audit log:
 401 for a missing, unknown, revoked or expired token; 403 outside the allowed
-paths or methods, or when the token's request quota is spent; 429 with
-``Retry-After`` over its rate limit.
+paths or methods, or when the token's request quota is spent; 429
+``budget_exceeded`` when its USD or token budget for the period is spent
+(llmproxy/access/budgets.py); 429 with ``Retry-After`` over its rate limit.
 
 Tokens are found by the SHA-256 digest of what the client sent, so the lookup
 never compares secrets byte by byte: timing can at most reveal something about
@@ -43,18 +44,20 @@ import fnmatch
 import functools
 import hmac
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote_to_bytes
 
 import attrs
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 
+from llmproxy.access.budgets import SpendBook, SpendFile
 from llmproxy.access.decision import Allow, Deny
 from llmproxy.access.limits import RateLimiter, retry_after_seconds
 from llmproxy.access.shared import SharedTokens
@@ -242,6 +245,7 @@ class TokenAccess:
         clock: IReactorTime,
         reload_interval: float = 1.0,
         flush_interval: float = 5.0,
+        spend: SpendBook | None = None,
         shared: SharedState | None = None,
         usage_file: UsageFile | None = None,
         fail_open: bool = False,
@@ -249,6 +253,7 @@ class TokenAccess:
     ) -> None:
         self._tokens = tokens
         self._usage = usage
+        self.spend = spend
         self._audit = audit
         self._clock = clock
         self._reload_interval = reload_interval
@@ -309,24 +314,48 @@ class TokenAccess:
         self._started = True
         if self._shared is not None:
             self._shared.start()
+            if self.spend is not None:
+                # The per-model record of this process's spend (reports) is kept
+                # on disk as with local state; the budgets' counts are in Redis.
+                self.spend.load()
+                self._start_flusher(self.spend.flush)
             return
         self._load("start")
-        flusher = self._flusher = LoopingCall(self._usage.flush)
+        self._start_flusher(self._flush)
+
+    def _start_flusher(self, flush: Callable[[], None]) -> None:
+        flusher = self._flusher = LoopingCall(flush)
         flusher.clock = self._clock
         flusher.start(self._flush_interval, now=False).addErrback(self._flush_failed)
 
     def stop(self, timeout: float) -> Deferred[None]:
         """Stop flushing and write the exact counts (call it after the last exchange)."""
         self._started = False
-        if self._shared is not None:
-            return self._shared.stop(timeout)
         if self._flusher is not None:
             if self._flusher.running:
                 self._flusher.stop()
             self._flusher = None
+        if self._shared is not None:
+            if self.spend is not None:
+                self.spend.close()
+            return self._shared.stop(timeout)
         if self._loaded:
             self._usage.close()
+            if self.spend is not None:
+                self.spend.close()
         return succeed(None)
+
+    def write_spend(self, timeout: float) -> Deferred[None]:
+        """Write the spend record again: the answers the capture pump priced after
+        :meth:`stop` (the last exchanges of the drain) are charged by then."""
+        if self.spend is not None and self.spend.loaded:
+            self.spend.close()
+        return succeed(None)
+
+    def _flush(self) -> None:
+        self._usage.flush()
+        if self.spend is not None:
+            self.spend.flush()
 
     def reload(self, trigger: str = "sighup") -> Deferred[None]:
         """Re-read the token file (or ask the shared state) now (SIGHUP); fires
@@ -338,11 +367,12 @@ class TokenAccess:
         self._load(trigger)
         return succeed(None)
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
         """For ``/stats``: tokens known, denials and reloads since start (and,
         with shared state, requests refused or let through while Redis did not
-        answer, and counts not yet added to Redis)."""
-        stats = {
+        answer, and counts not yet added to Redis), and the spend of each token
+        and project in the current period of its budget."""
+        stats: dict[str, Any] = {
             "tokens": len(self._by_digest),
             "denied": self.denied,
             "reloads": self.reloads,
@@ -351,7 +381,36 @@ class TokenAccess:
         if self._shared is not None:
             stats["unavailable"] = self.unavailable
             stats.update(self._shared.stats())
+        if self.spend is not None:
+            stats["spend"] = self.spend_stats(self._clock.seconds())
         return stats
+
+    def spend_stats(self, now: float) -> dict[str, Any]:
+        """Spend per token (in the current window of its period) and per project
+        (this month, UTC)."""
+        assert self.spend is not None
+        by_token: dict[str, Any] = {}
+        by_project: dict[str, dict[str, Any]] = {}
+        for token in self._by_digest.values():
+            usd, tokens = self.spend.spent(token.id, token.period, now)
+            by_token[token.id] = {
+                "project": token.project,
+                "period": token.period,
+                "usd": round(usd, 9),
+                "tokens": tokens,
+                "max_usd": token.max_usd,
+                "max_tokens": token.max_tokens,
+            }
+            month_usd, month_tokens = self.spend.spent(token.id, "month", now)
+            p = by_project.setdefault(token.project, {"usd": 0.0, "tokens": 0})
+            p["usd"] = round(p["usd"] + month_usd, 9)
+            p["tokens"] += month_tokens
+        return {
+            "tokens": by_token,
+            "projects_this_month": by_project,
+            "charged": self.spend.charged,
+            "write_errors": self.spend.write_errors,
+        }
 
     def _flush_failed(self, failure: Failure) -> None:
         log.failure("token usage flushing stopped", failure)
@@ -461,9 +520,27 @@ class TokenAccess:
                 shared.state.health.failed("access", "admitted", "no current token set")
                 shared.count_later(token.id)
                 return self._allowed(route.name, inject, token)
+            spend = self.spend
+            if (
+                spend is not None
+                and spend.shared is not None
+                and (token.max_usd is not None or token.max_tokens is not None)
+            ):
+                # Budgets first, against the counters every process adds to.
+                return ensureDeferred(
+                    self._shared_budget(
+                        shared, spend, request, record, token, route.name, inject, now
+                    )
+                )
             return self._shared_admit(shared, request, record, token, route.name, inject, now)
         if self._usage.exhausted(token):
             return self._quota_spent(request, record, token)
+        if self.spend is not None:
+            refusal = self.spend.refusal(token, now)
+            if refusal is not None:
+                return self._budget_spent(
+                    request, record, token, refusal.message(), refusal.retry_after(now)
+                )
         if token.rpm is not None:
             wait = self._limiter.take(token.id, token.rpm, now)
             if wait > 0:
@@ -505,6 +582,38 @@ class TokenAccess:
             token=token,
             headers=((b"retry-after", b"%d" % after),),
         )
+
+    async def _shared_budget(
+        self,
+        shared: SharedTokens,
+        spend: SpendBook,
+        request: Request,
+        record: ExchangeRecord,
+        token: Token,
+        route: str,
+        inject: Allow,
+        now: float,
+    ) -> Allow | Deny:
+        """The token's budgets read from the shared counters (one round trip), then
+        the shared admission.  While Redis does not answer, ``on_unavailable``
+        decides as for quotas."""
+        try:
+            refusal = await spend.shared_refusal(token, now)
+        except Exception as e:
+            why = str(e) or type(e).__name__
+            if not shared.fail_open:
+                return self._unavailable(shared, why)
+            shared.state.health.failed("access", "admitted", why)
+            refusal = None
+        if refusal is not None:
+            shared.state.health.succeeded("access")
+            return self._budget_spent(
+                request, record, token, refusal.message(), refusal.retry_after(now)
+            )
+        decision = self._shared_admit(shared, request, record, token, route, inject, now)
+        if isinstance(decision, Deferred):
+            return await decision
+        return decision
 
     def _shared_admit(
         self,
@@ -557,6 +666,41 @@ class TokenAccess:
         # Counting happens when a request is let through, whatever the upstream did.
         pass
 
+    def charge(self, record: ExchangeRecord, event: Mapping[str, Any]) -> None:
+        """The capture pump priced an answer (``event``, the response event): count
+        it against its token's budgets."""
+        if self.spend is None or record.token_id is None:
+            return
+        self.spend.charge(
+            record.token_id,
+            record.project or "-",
+            event.get("model"),
+            event.get("usage"),
+            event.get("cost"),
+            record.started_at + (record.ended_at or 0.0),
+        )
+
+    def _budget_spent(
+        self,
+        request: Request,
+        record: ExchangeRecord,
+        token: Token,
+        message: str,
+        retry_after: int | None,
+    ) -> Deny:
+        headers = () if retry_after is None else ((b"retry-after", b"%d" % retry_after),)
+        deny = self._deny(
+            request,
+            record,
+            429,
+            message,
+            action="budget_exceeded",
+            reason="budget",
+            token=token,
+            headers=headers,
+        )
+        return attrs.evolve(deny, code="budget_exceeded")
+
     # -- helpers ----------------------------------------------------------------
 
     def _deny(
@@ -594,6 +738,8 @@ class TokenAccess:
             # Counts first, whoever loads first (start() or a request): a quota
             # must never start again from 0.
             self._usage.load()
+            if self.spend is not None:
+                self.spend.load()
         stamp = self._tokens.stamp()
         try:
             tokens = self._tokens.read()
@@ -658,6 +804,10 @@ def build_access(
         routes=settings.routes,
         tokens=TokenFile.in_state_dir(tokens_dir or state_dir),
         usage=UsageLedger(usage_file),
+        spend=SpendBook(
+            SpendFile.in_state_dir(state_dir),
+            shared=shared.counters if shared is not None else None,
+        ),
         audit=audit,
         clock=clock,
         reload_interval=reload_interval,

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import Unpack
 
 import orjson
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
@@ -44,6 +45,7 @@ from llmproxy.access.tokens import (
     Token,
     TokenFile,
     TokenFileError,
+    TokenTerms,
     UnknownToken,
     UsageFile,
     new_token,
@@ -377,27 +379,11 @@ class SharedTokenStore:
             await self.state.tokens.add([token_to_registry(t) for t in tokens])
 
     async def create(
-        self,
-        project: str,
-        now: float,
-        *,
-        expires: float | None = None,
-        max_requests: int | None = None,
-        rpm: int | None = None,
-        allowed_paths: tuple[str, ...] = (),
-        allowed_methods: tuple[str, ...] = (),
+        self, project: str, now: float, **terms: Unpack[TokenTerms]
     ) -> tuple[str, Token]:
         await self._import()
         while True:
-            secret, token = new_token(
-                project,
-                now,
-                expires=expires,
-                max_requests=max_requests,
-                rpm=rpm,
-                allowed_paths=allowed_paths,
-                allowed_methods=allowed_methods,
-            )
+            secret, token = new_token(project, now, **terms)
             # A record is never replaced: 0 means the id is taken (a 48-bit clash).
             if await self.state.tokens.add([token_to_registry(token)]):
                 return secret, token

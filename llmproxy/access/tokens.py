@@ -24,7 +24,7 @@ import os
 import secrets
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict, Unpack
 
 import attrs
 import orjson
@@ -39,6 +39,7 @@ __all__ = [
     "Token",
     "TokenFile",
     "TokenFileError",
+    "TokenTerms",
     "UnknownToken",
     "UsageFile",
     "UsageLedger",
@@ -47,6 +48,7 @@ __all__ = [
     "id_for",
     "lease_size",
     "new_secret",
+    "read_entry",
     "write_atomically",
 ]
 
@@ -94,6 +96,10 @@ class Token:
     max_requests: int | None = None  # request quota over the token's life
     rpm: int | None = None  # requests per minute
     revoked: float | None = None  # epoch seconds when revoked
+    # Budgets over ``period`` (day | month | total; llmproxy/access/budgets.py).
+    max_usd: float | None = None
+    max_tokens: int | None = None  # input + output tokens
+    period: str = "total"
     # Upstream paths (prefixes or globs) and methods the token may use; empty: all
     # (within the route's own allowed_paths / allowed_methods).
     allowed_paths: tuple[str, ...] = ()
@@ -144,6 +150,9 @@ class Token:
         if not isinstance(project, str):
             raise TokenFileError("token without a project")
         created = number("created")
+        period = data.get("period", "total")
+        if period not in ("day", "month", "total"):
+            raise TokenFileError("token field 'period' is not day, month or total")
         return cls(
             id=id_for(digest),
             sha256=digest,
@@ -153,36 +162,49 @@ class Token:
             max_requests=count("max_requests"),
             rpm=count("rpm"),
             revoked=number("revoked"),
+            max_usd=number("max_usd"),
+            max_tokens=count("max_tokens"),
+            period=period,
             allowed_paths=strings("allowed_paths"),
             allowed_methods=strings("allowed_methods"),
         )
 
 
-def new_token(
-    project: str,
-    now: float,
-    *,
-    expires: float | None = None,
-    max_requests: int | None = None,
-    rpm: int | None = None,
-    allowed_paths: tuple[str, ...] = (),
-    allowed_methods: tuple[str, ...] = (),
-) -> tuple[str, Token]:
+class TokenTerms(TypedDict, total=False):
+    """What a new token may do, as ``Token`` spells it (every key optional)."""
+
+    expires: float | None
+    max_requests: int | None
+    rpm: int | None
+    max_usd: float | None
+    max_tokens: int | None
+    period: str
+    allowed_paths: tuple[str, ...]
+    allowed_methods: tuple[str, ...]
+
+
+def new_token(project: str, now: float, **terms: Unpack[TokenTerms]) -> tuple[str, Token]:
     """A new secret and the token stored for it."""
     secret = new_secret()
     digest = digest_of(secret)
-    token = Token(
-        id=id_for(digest),
-        sha256=digest,
-        project=project,
-        created=now,
-        expires=expires,
-        max_requests=max_requests,
-        rpm=rpm,
-        allowed_paths=allowed_paths,
-        allowed_methods=allowed_methods,
-    )
+    token = Token(id=id_for(digest), sha256=digest, project=project, created=now, **terms)
     return secret, token
+
+
+def read_entry(path: Path, key: str, kind: type, what: str) -> Any:
+    """The ``key`` entry (a ``kind``) of the JSON document at ``path``; None when
+    there is no file yet.  ``TokenFileError`` naming the file and ``what`` was
+    wanted when it cannot be read or has no such entry."""
+    try:
+        doc = orjson.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, orjson.JSONDecodeError) as e:
+        raise TokenFileError(f"cannot read {path}: {e}") from None
+    entry = doc.get(key) if isinstance(doc, dict) else None
+    if not isinstance(entry, kind):
+        raise TokenFileError(f"{path} has no {what}")
+    return entry
 
 
 def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
@@ -246,31 +268,13 @@ class TokenFile:
         except TokenFileError as e:
             raise TokenFileError(f"{self.path}: {e}") from None
 
-    def create(
-        self,
-        project: str,
-        now: float,
-        *,
-        expires: float | None = None,
-        max_requests: int | None = None,
-        rpm: int | None = None,
-        allowed_paths: tuple[str, ...] = (),
-        allowed_methods: tuple[str, ...] = (),
-    ) -> tuple[str, Token]:
+    def create(self, project: str, now: float, **terms: Unpack[TokenTerms]) -> tuple[str, Token]:
         """A new token: returns the secret (to show once) and what is stored."""
         with self._locked():
             tokens = list(self.read())
             taken = {t.id for t in tokens}
             while True:
-                secret, token = new_token(
-                    project,
-                    now,
-                    expires=expires,
-                    max_requests=max_requests,
-                    rpm=rpm,
-                    allowed_paths=allowed_paths,
-                    allowed_methods=allowed_methods,
-                )
+                secret, token = new_token(project, now, **terms)
                 if token.id not in taken:
                     break
             tokens.append(token)
@@ -317,15 +321,9 @@ class UsageFile:
         return cls(state_dir / USAGE_FILE)
 
     def read(self) -> dict[str, int]:
-        try:
-            doc = orjson.loads(self.path.read_bytes())
-        except FileNotFoundError:
+        used = read_entry(self.path, "used", dict, "usage counts")
+        if used is None:
             return {}
-        except (OSError, orjson.JSONDecodeError) as e:
-            raise TokenFileError(f"cannot read {self.path}: {e}") from None
-        used = doc.get("used") if isinstance(doc, dict) else None
-        if not isinstance(used, dict):
-            raise TokenFileError(f"{self.path} has no usage counts")
         return {
             k: v
             for k, v in used.items()

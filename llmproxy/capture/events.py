@@ -161,6 +161,9 @@ class ResponseEvent(RequestEvent):
     cache_age_s: float | None  # hits: the entry's age in seconds (the Age header, to the ms)
     response_model: str | None
     usage: Usage | None
+    # What the answer cost (llmproxy/pricing/): set by the capture pump, which prices
+    # the usage; None when there is no usage or the model has no price.
+    cost: dict[str, Any] | None
     finish_reasons: list[str]
     response_headers: JSONHeaders
     response_body: CapturedBody
@@ -429,6 +432,7 @@ def build_response_event(
         cache_age_s=_age(record.cache_age),
         response_model=facts.model,
         usage=facts.usage,
+        cost=None,
         finish_reasons=list(facts.finish_reasons),
         response_headers=response_headers,
         response_body=body,
@@ -861,6 +865,7 @@ def _response_dict(
     event["cache_age_s"] = None if age is None else round(age, 3)
     event["response_model"] = response_model
     event["usage"] = usage_dict(usage)
+    event["cost"] = None
     event["finish_reasons"] = list(finish_reasons)
     response_headers = side.obfuscator.obfuscate(headers)
     if masked:

@@ -20,7 +20,10 @@ batches are only collected and written.
 
 The tokens an answer used are counted per project here too (``usage``, the
 proxy metrics' :meth:`~llmproxy.proxy.metrics.ProxyMetrics.usage`), read from the
-response event just built: no second parse of the body.
+response event just built: no second parse of the body.  The answer is priced
+here (``pricer``, llmproxy/pricing/: the event's ``cost``), and whoever counts
+spend (``spent``: the metrics by project and model, the token budgets) is told
+once the event is built, off the request path and after the exchange ended.
 
 Order is kept: a request's start is handled before its end, and requests in the
 order they went upstream, so the tracker sees turns of a conversation in the
@@ -43,7 +46,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, succeed
@@ -54,8 +57,9 @@ from llmproxy.capture.events import RecordEnvelope, prepare_request
 from llmproxy.capture.record import ExchangeRecord
 from llmproxy.capture.sessions import SessionTracker
 from llmproxy.config.model import CaptureSettings
+from llmproxy.pricing import Pricer
 
-__all__ = ["CapturePump", "Publisher", "Tracker"]
+__all__ = ["CapturePump", "Publisher", "SpendListener", "Tracker"]
 
 log = Logger()
 
@@ -76,6 +80,9 @@ class Publisher(Protocol):
     def publish(self, envelope: Any) -> None: ...
 
 
+# Told of every answer once its response event (with usage and cost) is built.
+SpendListener = Callable[[ExchangeRecord, Mapping[str, Any]], None]
+
 _FINISHED = None  # the queue entry's body for an ended exchange
 # Time (perf_counter) one reactor turn spends on queued records before it lets the reactor
 # serve the requests that arrived meanwhile; the rest waits one turn.
@@ -94,9 +101,14 @@ class CapturePump:
         enabled: bool,
         sessions: Tracker | None = None,
         usage: Callable[[str, dict[str, Any]], None] | None = None,
+        pricer: Pricer | None = None,
+        spent: Sequence[SpendListener] = (),
     ) -> None:
         self.bus = bus
         self.usage = usage
+        self.pricer = pricer
+        self.spent = tuple(spent)
+        self.pricing_errors = 0
         self.capture = capture
         self.sessions = sessions
         self.enabled = enabled
@@ -205,6 +217,8 @@ class CapturePump:
             self.errors += 1
             log.failure("capture: no event for request {rid}", rid=record.request_id)
             return
+        if kind == "response" and (self.pricer is not None or self.spent):
+            self._price(record, envelope)
         # Encoded once, here, for every exporter; one that fails is counted by
         # each exporter (encode_failed) when it takes the event.
         try:
@@ -217,6 +231,28 @@ class CapturePump:
                 if tokens is not None:
                     self.usage(record.project, tokens)
         self.bus.publish(envelope)
+
+    def _price(self, record: ExchangeRecord, envelope: RecordEnvelope) -> None:
+        """Set the response event's ``cost`` and tell the spend listeners.  A
+        failure here costs the event its cost, never the event."""
+        try:
+            event = envelope.payload()
+            pricer = self.pricer
+            if pricer is not None:
+                event["cost"] = pricer.cost(
+                    route=record.route,
+                    provider=record.provider,
+                    upstream_host=record.upstream_host,
+                    model=event["model"],
+                    usage=event["usage"],
+                    when=record.started_at,
+                    cache_hit=event["cache_status"] in ("hit", "conditional-hit"),
+                )
+            for listener in self.spent:
+                listener(record, event)
+        except Exception:
+            self.pricing_errors += 1
+            log.failure("capture: no cost for request {rid}", rid=record.request_id)
 
     def start(self) -> None:
         """Nothing to start: records are handled in the turn after they come."""

@@ -10,11 +10,20 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from typing import TypeAlias
 
 from llmproxy.config.converter import parse_duration
+from llmproxy.config.loader import ConfigError, load_settings
+from llmproxy.config.model import Settings
 
-__all__ = ["Subcommands", "positive_duration", "positive_int", "positive_seconds"]
+__all__ = [
+    "Subcommands",
+    "local_settings",
+    "positive_duration",
+    "positive_int",
+    "positive_seconds",
+]
 
 # argparse names its subparsers action privately, and it is generic only to type
 # checkers (hence a string): this is the one place we spell it.
@@ -53,3 +62,15 @@ def positive_duration(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError("must be greater than 0")
     return value
+
+
+def local_settings(path: str) -> Settings | None:
+    """The config at ``path`` for a command that works on the local state (tokens,
+    spend, the cache), not on the providers: secrets are left unresolved.  None
+    after printing every problem to stderr."""
+    try:
+        return load_settings(path, resolve_secrets=False)
+    except ConfigError as e:
+        for line in e.problems:
+            print(line, file=sys.stderr)
+        return None

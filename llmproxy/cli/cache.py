@@ -20,8 +20,7 @@ from urllib.parse import urlencode, urlsplit
 
 import orjson
 
-from llmproxy.cli.args import Subcommands, positive_seconds
-from llmproxy.config.loader import ConfigError, load_settings
+from llmproxy.cli.args import Subcommands, local_settings, positive_seconds
 
 __all__ = ["add_cache_command", "admin_url_for", "post_purge", "split_endpoint"]
 
@@ -108,11 +107,8 @@ def post_purge(
 
 
 def _purge(args: argparse.Namespace) -> int:
-    try:
-        settings = load_settings(args.config, resolve_secrets=False)
-    except ConfigError as e:
-        for line in e.problems:
-            print(line, file=sys.stderr)
+    settings = local_settings(args.config)
+    if settings is None:
         return 1
     server = settings.server
     try:

@@ -19,6 +19,7 @@ from llmproxy.cli.cache import add_cache_command
 from llmproxy.cli.check_config import add_check_config_command
 from llmproxy.cli.dispatcher import add_dispatcher_command
 from llmproxy.cli.plugin_cache import add_plugin_cache_command
+from llmproxy.cli.spend import add_spend_command
 from llmproxy.cli.token import add_token_command
 
 __all__ = ["build_parser", "main"]
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(title="commands", dest="command", required=True, metavar="COMMAND")
     add_check_config_command(sub)
     add_token_command(sub)
+    add_spend_command(sub)
     add_dispatcher_command(sub)
     add_cache_command(sub)
     add_benchmark_command(sub)

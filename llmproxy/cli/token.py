@@ -21,7 +21,7 @@ import getpass
 import re
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -29,14 +29,14 @@ import orjson
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from llmproxy.cli.args import Subcommands, positive_int
-from llmproxy.config.loader import ConfigError, load_settings
+from llmproxy.cli.args import Subcommands, local_settings, positive_int
 from llmproxy.config.model import Settings
 
 if TYPE_CHECKING:
     from llmproxy.access.shared import SharedTokenStore
+    from llmproxy.access.tokens import Token, TokenTerms
 
-__all__ = ["add_token_command", "parse_expiry", "project_name"]
+__all__ = ["add_token_command", "parse_expiry", "project_name", "usd_amount"]
 
 _T = TypeVar("_T")
 
@@ -77,14 +77,15 @@ def project_name(text: str) -> str:
     return text
 
 
-def _token_settings(args: argparse.Namespace) -> Settings | None:
+def usd_amount(text: str) -> float:
+    """argparse type for ``--max-usd``: a positive number of US dollars."""
     try:
-        # The token commands need the state directory, not the provider keys.
-        return load_settings(args.config, resolve_secrets=False)
-    except ConfigError as e:
-        for line in e.problems:
-            print(line, file=sys.stderr)
-        return None
+        value = float(text.strip().lstrip("$"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an amount of USD") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError("--max-usd must be greater than 0")
+    return value
 
 
 class SharedStateError(Exception):
@@ -179,7 +180,7 @@ def _token_create(args: argparse.Namespace) -> int:
     from llmproxy.access.audit import AuditLog
     from llmproxy.access.tokens import TokenFile
 
-    settings = _token_settings(args)
+    settings = local_settings(args.config)
     if settings is None:
         return 1
     now = time.time()
@@ -194,10 +195,13 @@ def _token_create(args: argparse.Namespace) -> int:
         print(f"--allow-path: {bad[0]!r} is not an absolute path (/v1/...)", file=sys.stderr)
         return 2
     methods = tuple(m.upper() for m in args.allow_method or ())
-    kw: dict[str, Any] = {
+    kw: TokenTerms = {
         "expires": expires,
         "max_requests": args.max_requests,
         "rpm": args.rpm,
+        "max_usd": args.max_usd,
+        "max_tokens": args.max_tokens,
+        "period": args.period,
         "allowed_paths": paths,
         "allowed_methods": methods,
     }
@@ -219,6 +223,9 @@ def _token_create(args: argparse.Namespace) -> int:
         expires=token.expires,
         max_requests=token.max_requests,
         rpm=token.rpm,
+        max_usd=token.max_usd,
+        max_tokens=token.max_tokens,
+        period=token.period,
         allowed_paths=list(token.allowed_paths),
         allowed_methods=list(token.allowed_methods),
         actor=_actor(),
@@ -228,27 +235,56 @@ def _token_create(args: argparse.Namespace) -> int:
     print(secret)
     print(
         f"created {token.id} for project {token.project} (expires {_when(token.expires)}, "
-        f"quota {token.max_requests or '-'}, rpm {token.rpm or '-'}). The token above is "
+        f"quota {token.max_requests or '-'}, rpm {token.rpm or '-'}, budget "
+        f"{_budget(token.max_usd, token.max_tokens)} per {token.period}). The token above is "
         "shown only this once: store it now.",
         file=sys.stderr,
     )
     return 0
 
 
+def _budget(max_usd: float | None, max_tokens: int | None) -> str:
+    parts = []
+    if max_usd is not None:
+        parts.append(f"${max_usd:g}")
+    if max_tokens is not None:
+        parts.append(f"{max_tokens} tokens")
+    return " + ".join(parts) or "-"
+
+
+async def _shared_list(
+    store: SharedTokenStore, now: float
+) -> tuple[Sequence[Token], Mapping[str, int], dict[tuple[str, str], tuple[int, int]]]:
+    """The shared token set, its request counts, and each token's spend in the
+    current period of its budget (the shared budget counters)."""
+    from llmproxy.access.budgets import budget_key, window
+
+    tokens, used = await store.list(now)
+    keys = []
+    for t in tokens:
+        w = window(t.period, now).key
+        keys += [budget_key(t.id, "usd", w), budget_key(t.id, "tokens", w)]
+    counts = await store.state.counters.read(keys, now)
+    spend = {(t.id, t.period): (counts[2 * i], counts[2 * i + 1]) for i, t in enumerate(tokens)}
+    return tokens, used, spend
+
+
 def _token_list(args: argparse.Namespace) -> int:
+    from llmproxy.access.budgets import NANO, read_spend, spent_by_token
     from llmproxy.access.tokens import TokenFile, UsageFile
 
-    settings = _token_settings(args)
+    settings = local_settings(args.config)
     if settings is None:
         return 1
     state_dir = settings.server.state_dir
     now = time.time()
     try:
         if settings.state.store == "redis":
-            tokens, used = _shared(settings, lambda s: s.list(now))
+            tokens, used, spend = _shared(settings, lambda s: _shared_list(s, now))
         else:
             tokens = TokenFile.in_state_dir(state_dir).read()
             used = UsageFile.in_state_dir(state_dir).read()
+            spend = spent_by_token(read_spend(state_dir), now)
     except Exception as e:
         print(_failed(e), file=sys.stderr)
         return 1
@@ -262,6 +298,11 @@ def _token_list(args: argparse.Namespace) -> int:
             "used": used.get(t.id, 0),
             "max_requests": t.max_requests,
             "rpm": t.rpm,
+            "period": t.period,
+            "spent_usd": spend.get((t.id, t.period), (0, 0))[0] / NANO,
+            "spent_tokens": spend.get((t.id, t.period), (0, 0))[1],
+            "max_usd": t.max_usd,
+            "max_tokens": t.max_tokens,
             "allowed_paths": list(t.allowed_paths),
             "allowed_methods": list(t.allowed_methods),
         }
@@ -270,7 +311,21 @@ def _token_list(args: argparse.Namespace) -> int:
     if args.json:
         print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
         return 0
-    header = ("ID", "PROJECT", "STATE", "CREATED", "EXPIRES", "USED", "QUOTA", "RPM")
+    header = (
+        "ID",
+        "PROJECT",
+        "STATE",
+        "CREATED",
+        "EXPIRES",
+        "USED",
+        "QUOTA",
+        "RPM",
+        "PERIOD",
+        "SPENT_USD",
+        "MAX_USD",
+        "SPENT_TOKENS",
+        "MAX_TOKENS",
+    )
     table = [header] + [
         (
             str(r["id"]),
@@ -281,6 +336,11 @@ def _token_list(args: argparse.Namespace) -> int:
             str(r["used"]),
             str(r["max_requests"] or "-"),
             str(r["rpm"] or "-"),
+            str(r["period"]),
+            f"{r['spent_usd']:.6f}",
+            "-" if r["max_usd"] is None else f"{r['max_usd']:g}",
+            str(r["spent_tokens"]),
+            str(r["max_tokens"] or "-"),
         )
         for r in rows
     ]
@@ -294,7 +354,7 @@ def _token_revoke(args: argparse.Namespace) -> int:
     from llmproxy.access.audit import AuditLog
     from llmproxy.access.tokens import TokenFile, UnknownToken
 
-    settings = _token_settings(args)
+    settings = local_settings(args.config)
     if settings is None:
         return 1
     now = time.time()
@@ -337,6 +397,21 @@ def add_token_command(sub: Subcommands) -> None:
     p.add_argument("--max-requests", type=positive_int, default=None, help="request quota")
     p.add_argument("--rpm", type=positive_int, default=None, help="requests per minute")
     p.add_argument(
+        "--max-usd", type=usd_amount, default=None, help="USD budget per period (see --period)"
+    )
+    p.add_argument(
+        "--max-tokens",
+        type=positive_int,
+        default=None,
+        help="token budget (input + output) per period",
+    )
+    p.add_argument(
+        "--period",
+        choices=("day", "month", "total"),
+        default="total",
+        help="the budgets' period: a UTC day, a UTC month, or the token's life (default)",
+    )
+    p.add_argument(
         "--allow-path",
         action="append",
         metavar="PATH",
@@ -350,7 +425,9 @@ def add_token_command(sub: Subcommands) -> None:
         help="an HTTP method the token may use (repeat for more); default: all",
     )
     p.set_defaults(func=_token_create)
-    p = token_sub.add_parser("list", parents=[config], help="ids, projects, expiry and usage")
+    p = token_sub.add_parser(
+        "list", parents=[config], help="ids, projects, expiry, usage and spend this period"
+    )
     p.add_argument("--json", action="store_true", help="JSON instead of a table")
     p.set_defaults(func=_token_list)
     p = token_sub.add_parser("revoke", parents=[config], help="revoke a token by id")

@@ -188,6 +188,9 @@ def _tree(sections: Sections, where: str, problems: list[tuple[tuple[int, int], 
                 del strings["name"]
             raw.setdefault(field, []).append({**strings, "name": sub})
             items[field].append(name)
+        elif kind == "prices" and not sub:
+            # Model names are the keys: no fixed set to check them against.
+            raw["prices"] = strings
         elif kind == "audit" and not sub:
             for order, key in enumerate(values):
                 if key != "path":

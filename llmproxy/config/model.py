@@ -392,6 +392,24 @@ class RouteSettings:
         doc="This route's default TTL for cached responses, used when neither the response "
         "(`s-maxage`, `max-age`) nor the client's opt-in says; empty: `[cache] default_ttl`.",
     )
+    price_input: str = setting(
+        "",
+        doc="A negotiated price for every model on this route: USD per million uncached "
+        "input tokens. With `price_output` (required with it); wins over `[prices]` and the "
+        'genai-prices table. Empty: not set. See operations, "Cost and budgets".',
+    )
+    price_output: str = setting(
+        "", doc="USD per million output tokens on this route (with `price_input`)."
+    )
+    price_cache_read: str = setting(
+        "",
+        doc="USD per million cached input tokens read on this route; empty: `price_input`.",
+    )
+    price_cache_write: str = setting(
+        "",
+        doc="USD per million input tokens written to the provider's cache on this route; "
+        "empty: `price_input`.",
+    )
 
 
 @attrs.frozen
@@ -796,6 +814,16 @@ class Settings:
         "quota and rate-limit denials, refused upstream hosts, token creation and "
         "revocation, token reloads, config reloads, cache purges, admin access denied. "
         'Empty: no audit log. See operations, "Tokens and the audit log".',
+    )
+    prices: dict[str, str] = setting(  # the [prices] section: model -> price line
+        attrs.Factory(dict),
+        doc="`MODEL = input 2.5, output 10, cache_read 1.25, cache_write 3.75`: USD per "
+        "million tokens for answers of `MODEL` (case-insensitive; a trailing `*` matches "
+        "every model whose name starts with the rest; a name with `:`, which ends an ini "
+        "key, is written as its prefix and `*`: `ft*`), on every route without `price_*` "
+        "keys. `input` and `output` are required, the cache prices default to `input`. "
+        "Overrides the genai-prices table, which prices everything else. "
+        'See operations, "Cost and budgets".',
     )
     source: str = "<defaults>"  # where the settings came from, for messages
 

@@ -50,6 +50,7 @@ __all__ = [
     "format_default",
     "format_size",
     "main",
+    "prices_rows",
     "render",
     "section_rows",
     "type_name",
@@ -352,6 +353,21 @@ def audit_rows() -> list[KeyDoc]:
     return [_row(attrs.fields(Settings).audit_path, "audit.path", "path")]
 
 
+def prices_rows() -> list[KeyDoc]:
+    """The ``[prices]`` section: its keys are model names, one row stands for them."""
+    f = attrs.fields(Settings).prices
+    return [
+        KeyDoc(
+            key="MODEL",
+            ref="prices.MODEL",
+            type="price line",
+            default="empty",
+            meaning=meaning(f),
+            computed_default=False,
+        )
+    ]
+
+
 def exporter_groups() -> list[tuple[str, str, list[KeyDoc]]]:
     """(title, group id, rows): the common keys first, then per sink type."""
     by_name = ini_keys(ExporterSettings)
@@ -369,6 +385,7 @@ def all_rows() -> list[KeyDoc]:
     for _, prefix, cls in SECTIONS:
         rows.extend(section_rows(prefix, cls))
     rows.extend(audit_rows())
+    rows.extend(prices_rows())
     for _, _, group in exporter_groups():
         rows.extend(group)
     return rows
@@ -403,6 +420,8 @@ def render() -> str:
         parts.append(_table(section_rows(prefix, cls)))
     parts.append("## [audit]\n")
     parts.append(_table(audit_rows()))
+    parts.append("## [prices]\n")
+    parts.append(_table(prices_rows()))
     parts.append("## [exporter:NAME]\n")
     for title, group, rows in exporter_groups():
         if title:

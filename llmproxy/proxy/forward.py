@@ -281,7 +281,9 @@ class Exchange:
         decision = proxy.access.check(request, target, record)
         if decision.__class__ is Deny:
             assert isinstance(decision, Deny)
-            self.fail(decision.status, decision.message, "rejected", decision.headers)
+            self.fail(
+                decision.status, decision.message, "rejected", decision.headers, decision.code
+            )
             return
         if isinstance(decision, defer.Deferred):
             # Shared state asked (a quota in Redis): go on when it answers.
@@ -625,10 +627,11 @@ class Exchange:
         message: str,
         outcome: str,
         extra_headers: tuple[tuple[bytes, bytes], ...] = (),
+        code: str | None = None,
     ) -> None:
         if self.alive:
             request = self.request
-            body = error_body(status, message)
+            body = error_body(status, message, code)
             request.setResponseCode(status)
             h = request.responseHeaders
             for name, value in extra_headers:

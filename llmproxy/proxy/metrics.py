@@ -17,8 +17,13 @@ dashboards and alerts.
 
 Requests made with a proxy token are counted by project too, and so are the
 tokens their answers used (:meth:`ProxyMetrics.usage`, from the capture pump).
+What answers cost is counted by project and model (:meth:`ProxyMetrics.spent`,
+from the capture pump, which priced them), and so are their tokens; answers
+with usage but no price (a model in no price table) are counted by model.
+Exchanges without a proxy token count under the project ``-``.
 The label set is bounded: the first ``max_projects`` projects seen keep their
-name for the life of the process, the rest are counted as ``other``.  (Not the
+name for the life of the process, the rest are counted as ``other``; models
+likewise (the first ``max_models``, by default as many as projects).  (Not the
 top N by volume: a project moving in or out of the top would make its series
 and ``other`` go backwards, which counters must never do.)
 """
@@ -27,7 +32,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -36,6 +41,9 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import CollectorRegistry
+
+if TYPE_CHECKING:
+    from llmproxy.capture.record import ExchangeRecord
 
 __all__ = [
     "LATENCY_BUCKETS",
@@ -113,9 +121,15 @@ class ProjectLabels:
 class ProxyMetrics:
     """Counters for the proxy listener; one instance per process."""
 
-    def __init__(self, max_projects: int = 50) -> None:
+    def __init__(self, max_projects: int = 50, max_models: int | None = None) -> None:
         self.requests: dict[tuple[str, int, str], int] = {}
         self.project_label = ProjectLabels(max_projects)
+        # Models are bounded as projects are (server.metrics_projects), unless told.
+        self.model_label = ProjectLabels(max_projects if max_models is None else max_models)
+        # (project, model) -> USD; (project, model, kind) -> tokens; model -> answers
+        self.cost_usd: dict[tuple[str, str], float] = {}
+        self.model_tokens: dict[tuple[str, str, str], int] = {}
+        self.cost_unknown: dict[str, int] = {}
         self.project_requests: dict[tuple[str, str], int] = {}
         self.project_tokens: dict[tuple[str, str], int] = {}
         self.latency: dict[str, Histogram] = {}
@@ -171,6 +185,27 @@ class ProxyMetrics:
                 key = (label, kind)
                 tokens[key] = tokens.get(key, 0) + n
 
+    def spent(self, record: ExchangeRecord, event: Mapping[str, Any]) -> None:
+        """Count what one answer cost and used, by project and model (a response
+        event with ``usage`` and ``cost``)."""
+        usage = event.get("usage")
+        if usage is None:
+            return
+        project = self.project_label(record.project) if record.project is not None else "-"
+        model = self.model_label(event.get("model") or "-")
+        tokens = self.model_tokens
+        for field, kind in _TOKEN_KINDS:
+            n = usage.get(field)
+            if type(n) is int and n > 0:
+                key3 = (project, model, kind)
+                tokens[key3] = tokens.get(key3, 0) + n
+        cost = event.get("cost")
+        if cost is None:
+            self.cost_unknown[model] = self.cost_unknown.get(model, 0) + 1
+            return
+        key = (project, model)
+        self.cost_usd[key] = self.cost_usd.get(key, 0.0) + cost["total"]
+
     def snapshot(self) -> dict[str, Any]:
         by_route: dict[str, dict[str, Any]] = {}
         for (route, status, outcome), n in sorted(self.requests.items()):
@@ -190,10 +225,15 @@ class ProxyMetrics:
         for (project, kind), n in sorted(self.project_tokens.items()):
             p = by_project.setdefault(project, {"requests": 0, "by_outcome": {}, "tokens": {}})
             p["tokens"][kind] = n
+        cost: dict[str, dict[str, dict[str, float]]] = {}
+        for (project, model), usd in sorted(self.cost_usd.items()):
+            cost.setdefault(project, {})[model] = {"usd": round(usd, 9)}
         return {
             "requests_total": sum(self.requests.values()),
             "routes": by_route,
             "projects": by_project,
+            "cost": cost,
+            "cost_unknown": dict(sorted(self.cost_unknown.items())),
             "open_requests": self.open_requests,
             "open_streams": self.open_streams,
             "connections": self.connections,
@@ -208,7 +248,7 @@ class ProxyMetrics:
         }
 
     def families(self) -> Iterator[Metric]:
-        counters: tuple[tuple[str, str, list[str], Mapping[Any, int]], ...] = (
+        counters: tuple[tuple[str, str, list[str], Mapping[Any, float]], ...] = (
             ("llmproxy_requests", "Proxied requests", ["route", "status", "outcome"],
              self.requests),
             ("llmproxy_project_requests", "Requests made with a proxy token, by its project "
@@ -217,12 +257,26 @@ class ProxyMetrics:
             ("llmproxy_project_tokens", "Tokens the answers to a project's requests used, by "
              "kind (from the response usage; counted when events are on)", ["project", "kind"],
              self.project_tokens),
+            ("llmproxy_model_tokens", "Tokens the answers used, by project, model and kind (the "
+             "first N of each; the rest as other; '-': no proxy token)",
+             ["project", "model", "kind"], self.model_tokens),
+            ("llmproxy_cost_usd", "What the answers cost in USD, by project and model "
+             "(genai-prices or the ini's prices; cache hits cost 0)", ["project", "model"],
+             self.cost_usd),
         )  # fmt: skip
         for name, doc, labels, counts in counters:
             counter = CounterMetricFamily(name, doc, labels=labels)
             for key, n in sorted(counts.items()):
                 counter.add_metric([str(part) for part in key], n)
             yield counter
+        unknown = CounterMetricFamily(
+            "llmproxy_cost_unknown",
+            "Answers with token usage but no price (a model in no price table), by model",
+            labels=["model"],
+        )
+        for model, n in sorted(self.cost_unknown.items()):
+            unknown.add_metric([model], n)
+        yield unknown
         for name, doc, hists in (
             ("llmproxy_request_duration_seconds", "Whole exchange duration", self.latency),
             ("llmproxy_ttfb_seconds", "Time to upstream response headers", self.ttfb),

@@ -87,7 +87,9 @@ def sum_stats(docs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             rule = combine_rule(key)
             total = _combine(rule, present)
             ints = all(isinstance(v, int) for v in present) and rule != "mean"
-            out[key] = int(total) if ints else round(total, 6)
+            # Money keeps nano-dollars: one answer can cost a few millionths.
+            digits = 9 if "usd" in key.lower().split("_") else 6
+            out[key] = int(total) if ints else round(total, digits)
         elif all(isinstance(v, Mapping) for v in present):
             out[key] = sum_stats(present)
         else:

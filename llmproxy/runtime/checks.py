@@ -25,6 +25,7 @@ from llmproxy.cache import cache_problems
 from llmproxy.config.loader import load_settings
 from llmproxy.config.model import ExporterSettings, Settings
 from llmproxy.export.registry import build_sink
+from llmproxy.pricing import price_problems
 from llmproxy.redis.connection import redis_problems
 from llmproxy.state import state_problems
 
@@ -36,6 +37,7 @@ def check_settings(settings: Settings) -> list[str]:
     problems = [f"redis.{problem}" for problem in redis_problems(settings.redis)]
     problems.extend(cache_problems(settings))
     problems.extend(state_problems(settings))
+    problems.extend(price_problems(settings))
     for exporter in settings.exporters:
         why = sink_problem(exporter, settings)
         if why:

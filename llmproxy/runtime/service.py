@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import gc
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +37,7 @@ from llmproxy.events.machine import machine_id
 from llmproxy.export.bus import MemoryBus
 from llmproxy.export.http import quiet_pool
 from llmproxy.http.router import Router
+from llmproxy.pricing import build_pricer
 from llmproxy.proxy.client import UpstreamPool
 from llmproxy.proxy.forward import ProxyResource
 from llmproxy.proxy.metrics import MetricsCollector, ProxyMetrics, make_registry
@@ -47,6 +48,7 @@ from llmproxy.state import build_shared_state
 from llmproxy.state.health import StateHealth
 
 if TYPE_CHECKING:
+    from llmproxy.capture.record import ExchangeRecord
     from llmproxy.export.exporter import BatchingExporter
     from llmproxy.interfaces import HTTPClient, Lifecycle
     from llmproxy.redis.stream import RedisBus
@@ -57,8 +59,14 @@ log = Logger()
 
 
 def _events_wanted(settings: Settings) -> bool:
-    """Capture and events cost CPU on the request path: only when someone reads them."""
-    return bool(settings.exporters) or settings.events.bus == "redis"
+    """Capture and events cost CPU on the request path: only when someone reads
+    them -- exporters, the Redis bus, or the spend of proxy tokens (budgets and
+    spend need each answer's usage)."""
+    return (
+        bool(settings.exporters)
+        or settings.events.bus == "redis"
+        or any(r.auth == "token" for r in settings.routes)
+    )
 
 
 def counted(n: int, noun: str) -> str:
@@ -147,6 +155,8 @@ class ProxyService(RootService):
             enabled=_events_wanted(settings),
             sessions=self.sessions,
             usage=self.metrics.usage,
+            pricer=build_pricer(settings),
+            spent=(self.metrics.spent, self._charge),
         )
         # The response cache, when [cache] enabled or a route says cache = on.
         self.cache = build_cache(settings, reactor, health=self.state_health)
@@ -193,6 +203,10 @@ class ProxyService(RootService):
         self.port: IListeningPort | None = None
         self.admin_port: IListeningPort | None = None
         self._reloading: defer.Deferred[bool] | None = None
+
+    def _charge(self, record: ExchangeRecord, event: Mapping[str, Any]) -> None:
+        """An answer's spend, charged to its token by the access policy in use now."""
+        self.access.charge(record, event)
 
     def _in_thread(self, work: Callable[[], Any]) -> defer.Deferred[Any]:
         """Blocking work (disk writes) off the reactor thread, in its thread pool."""
@@ -361,6 +375,7 @@ class ProxyService(RootService):
         self.site.apply(new.server)
         self.upstream.set_connect_timeout(new.server.connect_timeout)
         self.capture.capture = new.capture
+        self.capture.pricer = build_pricer(new)
         self.capture.enabled = _events_wanted(new)
         changed: list[str] = []
         if new.events.bus == "memory":
@@ -456,6 +471,8 @@ class ProxyService(RootService):
             StopStage("token usage written", self.access.stop),
             # What the last exchanges queued: through the tracker and onto the bus.
             StopStage("records handed to the bus", self.capture.stop),
+            # Their spend, charged to their tokens as they were handed over.
+            StopStage("token spend written", self.access.write_spend),
         ]
         if self.sessions is not None:
             # After the last exchange: its state is journaled; before the

@@ -110,12 +110,15 @@ def bucket_take(
 
 @attrs.define
 class LocalCounters:
-    """:meth:`admit` and :meth:`add` in one process's memory."""
+    """:meth:`admit` and :meth:`add` in one process's memory (also the budgets'
+    ``SpendCounters`` with local state: :meth:`value` reads at once, for the
+    request path)."""
 
     _values: dict[str, tuple[int, float | None]] = attrs.Factory(dict)
     _buckets: dict[str, tuple[float, float, int]] = attrs.Factory(dict)
 
-    def _get(self, key: str, now: float) -> int:
+    def value(self, key: str, now: float) -> int:
+        """The counter's value now, at once (0 when absent or expired)."""
         found = self._values.get(key)
         if found is None:
             return 0
@@ -133,7 +136,7 @@ class LocalCounters:
     def admit_now(
         self, checks: Sequence[CounterCheck], bucket: BucketTake | None, now: float
     ) -> Admission:
-        found = [self._get(c.key, now) for c in checks]
+        found = [self.value(c.key, now) for c in checks]
         for index, (used, check) in enumerate(zip(found, checks, strict=True)):
             if not _passes(used, check):
                 return Admission(False, tuple(found), refused_by=index)
@@ -161,15 +164,19 @@ class LocalCounters:
     def add(
         self, key: str, amount: int, now: float, expire_at: float | None = None
     ) -> Deferred[int]:
-        value = self._get(key, now) + amount
+        return succeed(self.add_now(key, amount, now, expire_at))
+
+    def add_now(self, key: str, amount: int, now: float, expire_at: float | None = None) -> int:
+        """:meth:`add` at once; its value after the add."""
+        value = self.value(key, now) + amount
         previous = self._values.get(key)
         if expire_at is None and previous is not None:
             expire_at = previous[1]
         self._values[key] = (value, expire_at)
-        return succeed(value)
+        return value
 
     def read(self, keys: Sequence[str], now: float) -> Deferred[list[int]]:
-        return succeed([self._get(k, now) for k in keys])
+        return succeed([self.value(k, now) for k in keys])
 
 
 # KEYS: per admission its counter keys, then its bucket key (if any).

@@ -17,6 +17,7 @@ TIERS = {
     "http": 0,
     "config": 0,
     "interfaces": 0,
+    "pricing": 0,
     "deferreds": 0,
     "export": 1,
     "redis": 1,

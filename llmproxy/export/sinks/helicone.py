@@ -33,7 +33,9 @@ sessions).  Each exchange maps as follows:
   (OpenAI ``user`` / Anthropic ``metadata.user_id``), the session headers, and
   ``Helicone-Property-*`` (request id and the provider's, session, seq, route,
   the proxy token's id and project, environment, machine, outcome, cache status,
-  key and age, upstream host, and the request's own string ``metadata``).
+  key and age, upstream host, the proxy's cost of the answer (``Cost-Usd``,
+  ``Cost-Source``; Helicone computes its own cost besides), and the request's
+  own string ``metadata``).
   Helicone has no field for an answer from our cache (its cache reference names
   one of its own requests, set by its gateway only).
 - Sessions: Helicone's Sessions view reads ``Helicone-Session-Id``,
@@ -456,6 +458,12 @@ def log_body(event: dict[str, Any], sessions: SessionTree | None = None) -> dict
             meta[f"Helicone-Property-{name}"] = str(value)
     if estimated is not None:
         meta["Helicone-Property-Usage"] = "estimated" if estimated else "upstream"
+    # Helicone prices the log itself; ours (the ini's negotiated prices included)
+    # goes along as a property, to compare and to filter on.
+    cost = event.get("cost")
+    if isinstance(cost, dict) and isinstance(cost.get("total"), int | float):
+        meta["Helicone-Property-Cost-Usd"] = f"{cost['total']:.9f}".rstrip("0").rstrip(".")
+        meta["Helicone-Property-Cost-Source"] = str(cost.get("source"))
     body = event.get("response_body")
     if isinstance(body, dict) and body.get("truncated"):
         meta["Helicone-Property-Truncated"] = "true"

@@ -8,7 +8,8 @@ default)::
 Labels are low-cardinality only — ``app``, ``provider``, ``environment``,
 ``machine``, ``log_type`` and the configured static ones — because every distinct
 label set is a separate stream in Loki's index; request and session ids go into
-the line, and optionally into structured metadata, never into labels.  The log
+the line, and optionally into structured metadata (with the answer's cost,
+``cost_usd``), never into labels.  The log
 line is the canonical event as JSON.  A line over ``max_line_bytes`` (Loki's
 ``max_line_size``, 256 KiB by default) would be refused, so it is shortened by
 truncating its bulky fields (bodies, then stream chunks, then headers) and
@@ -315,6 +316,9 @@ class LokiSink(HTTPSink):
                 for f in METADATA_FIELDS
                 if (v := get(f)) is not None and v != ""
             }
+            cost = get("cost")
+            if isinstance(cost, dict) and isinstance(cost.get("total"), int | float):
+                meta["cost_usd"] = f"{cost['total']:.9f}".rstrip("0").rstrip(".")
             if meta:
                 entry.append(meta)
         return key, ts, orjson.dumps(entry)

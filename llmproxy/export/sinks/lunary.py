@@ -6,7 +6,9 @@ One batch becomes one ``POST {endpoint}/v1/runs/ingest`` with
 
 Only ``response`` events produce output: they are self-contained, so each one
 becomes a whole run — a ``start`` event (model, input messages, params, user,
-tags, metadata) and then an ``end`` event (output message, token usage) or, when
+tags, metadata: the proxy's cost of the answer among them, ``cost_usd``,
+``cost_input_usd``, ``cost_output_usd``, ``cost_source``) and then an ``end``
+event (output message, token usage) or, when
 the exchange failed (outcome not ``ok`` or HTTP status 400 and up), an ``error``
 event.  ``request`` events (and session events) are delivered trivially: nothing
 is sent for them, and a batch of nothing else is ``Delivered`` without a request.
@@ -474,6 +476,19 @@ def _run_of(index: int, event: dict[str, Any]) -> _Run:
             k: v for k in METADATA_FIELDS if isinstance(v := event.get(k), str | int | float | bool)
         },
     }
+    cost = event.get("cost")
+    if isinstance(cost, dict):
+        # Lunary prices runs itself from its own table; ours (negotiated prices
+        # included) goes in the metadata, which keeps top-level scalars only.
+        for key, field in (
+            ("cost_usd", "total"),
+            ("cost_input_usd", "input"),
+            ("cost_output_usd", "output"),
+            ("cost_source", "source"),
+        ):
+            value = cost.get(field)
+            if isinstance(value, str | int | float) and not isinstance(value, bool):
+                start["metadata"][key] = value
     if model:
         start["name"] = model
     if request is not None:

@@ -37,6 +37,9 @@ real start and end, and:
   registry asks), ``gen_ai.usage.output_tokens``,
   ``gen_ai.usage.cache_read.input_tokens``,
   ``gen_ai.usage.cache_creation.input_tokens``;
+- ``llmproxy.cost.usd`` / ``input_usd`` / ``output_usd`` (doubles) and
+  ``llmproxy.cost.source`` / ``version``: what the answer cost (the event's
+  ``cost``; the GenAI conventions have no cost attribute yet);
 - ``gen_ai.conversation.id`` (the session);
 - ``error.type`` and status ERROR when the exchange failed (outcome not ``ok``
   or HTTP status 400 and up);
@@ -473,6 +476,24 @@ def _exchange_attributes(event: dict[str, Any], operation: str | None) -> list[d
             value = usage.get(field)
             if isinstance(value, int) and not isinstance(value, bool):
                 attributes.append(_kv(key, value))
+    cost = event.get("cost")
+    if isinstance(cost, dict):
+        # No GenAI convention for cost yet: our own namespace, USD as doubles.
+        for key, field in (
+            ("llmproxy.cost.usd", "total"),
+            ("llmproxy.cost.input_usd", "input"),
+            ("llmproxy.cost.output_usd", "output"),
+        ):
+            value = cost.get(field)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                attributes.append(_kv(key, float(value)))
+        for key, field in (
+            ("llmproxy.cost.source", "source"),
+            ("llmproxy.cost.version", "version"),
+        ):
+            text = cost.get(field)
+            if isinstance(text, str) and text:
+                attributes.append(_kv(key, text))
     reasons = event.get("finish_reasons")
     if isinstance(reasons, list) and reasons:
         attributes.append(_kv("gen_ai.response.finish_reasons", [str(r) for r in reasons]))

@@ -291,7 +291,7 @@ def test_cli_list_shows_ids_projects_expiry_and_usage_never_secrets(
     table = capsys.readouterr().out
     assert token.id in table and "alpha" in table and "active" in table
     row = next(line for line in table.splitlines() if token.id in line).split()
-    assert row[-3:] == ["4", "9", "-"]
+    assert row[5:8] == ["4", "9", "-"]  # USED, QUOTA, RPM
     assert secret not in table and token.sha256[12:] not in table
     assert cli.main(["token", "list", "--config", config, "--json"]) == 0
     (entry,) = orjson.loads(capsys.readouterr().out)
@@ -304,6 +304,11 @@ def test_cli_list_shows_ids_projects_expiry_and_usage_never_secrets(
         "used": 4,
         "max_requests": 9,
         "rpm": None,
+        "period": "total",
+        "spent_usd": 0.0,
+        "spent_tokens": 0,
+        "max_usd": None,
+        "max_tokens": None,
         "allowed_paths": [],
         "allowed_methods": [],
     }

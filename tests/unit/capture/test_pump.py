@@ -522,3 +522,121 @@ def test_the_tokens_of_an_answer_are_counted_for_its_project_from_the_built_even
             },
         )
     ]
+
+
+# -- pricing: the response event's cost, and who is told of it ----------------------
+
+
+def _responses_stream() -> bytes:
+    """An OpenAI Responses API stream whose completed event carries the usage."""
+    events = [
+        (
+            "response.created",
+            {
+                "type": "response.created",
+                "response": {"id": "resp_1", "model": "gpt-4o-2024-08-06", "status": "in_progress"},
+            },
+        ),
+        ("response.output_text.delta", {"type": "response.output_text.delta", "delta": "Hi"}),
+        (
+            "response.completed",
+            {
+                "type": "response.completed",
+                "response": {
+                    "id": "resp_1",
+                    "object": "response",
+                    "model": "gpt-4o-2024-08-06",
+                    "status": "completed",
+                    "usage": {
+                        "input_tokens": 2_400,
+                        "input_tokens_details": {"cached_tokens": 1_024},
+                        "output_tokens": 300,
+                        "output_tokens_details": {"reasoning_tokens": 0},
+                        "total_tokens": 2_700,
+                    },
+                },
+            },
+        ),
+    ]
+    return b"".join(
+        b"event: %s\ndata: %s\n\n" % (name.encode(), json.dumps(data).encode())
+        for name, data in events
+    )
+
+
+def test_a_responses_stream_is_priced_as_calc_price_prices_its_usage() -> None:
+    from datetime import UTC, datetime
+
+    from genai_prices import Usage, calc_price
+
+    from llmproxy.pricing import Pricer
+
+    clock = Clock()
+    bus = Bus()
+    told: list[tuple[str, Any]] = []
+    pump = CapturePump(
+        bus,
+        CaptureSettings(),
+        clock,
+        enabled=True,
+        pricer=Pricer(),
+        spent=[lambda rec, event: told.append((rec.request_id, event["cost"]))],
+    )
+    rec = record("r1", {"model": "gpt-4o", "input": "hi", "stream": True})
+    rec.path = "/openai/v1/responses"
+    stream = _responses_stream()
+    rec.status = 200
+    rec.first_byte_at = 0.01
+    rec.ended_at = 0.5
+    rec.response_headers = [(b"Content-Type", b"text/event-stream")]
+    rec.response_chunks = [(0.01, stream[:100]), (0.4, stream[100:])]
+    rec.response_body_size = len(stream)
+    pump.request_finished(rec)
+    clock.advance(0)
+    (event,) = [orjson.loads(e.json()) for e in bus.envelopes]
+    assert event["usage"]["cache_read_tokens"] == 1_024
+    expected = calc_price(
+        Usage(input_tokens=2_400, cache_read_tokens=1_024, output_tokens=300),
+        "gpt-4o-2024-08-06",
+        provider_id="openai",
+        genai_request_timestamp=datetime.fromtimestamp(rec.started_at, UTC),
+    )
+    cost = event["cost"]
+    assert cost["total"] == pytest.approx(float(expected.total_price), rel=1e-12)
+    assert cost["input"] == pytest.approx(float(expected.input_price), rel=1e-12)
+    assert cost["output"] == pytest.approx(float(expected.output_price), rel=1e-12)
+    # The listeners saw the same cost, once, after the event was built.
+    assert told == [("r1", cost)]
+
+
+@pytest.mark.allow_logged_errors
+def test_a_pricing_failure_costs_the_event_its_cost_never_the_event(
+    _fail_on_logged_errors: list[dict[str, Any]],
+) -> None:
+    class Broken:
+        def cost(self, **kwargs: Any) -> Any:
+            raise RuntimeError("boom")
+
+    clock = Clock()
+    bus = Bus()
+    pump = CapturePump(bus, CaptureSettings(), clock, enabled=True, pricer=Broken())  # type: ignore[arg-type]
+    rec = record("r1")
+    finish(rec)
+    pump.request_finished(rec)
+    clock.advance(0)
+    (event,) = [orjson.loads(e.json()) for e in bus.envelopes]
+    assert event["type"] == "response" and event["cost"] is None
+    assert pump.pricing_errors == 1
+    assert [e.get("rid") for e in _fail_on_logged_errors] == ["r1"]
+
+
+def test_without_a_pricer_the_event_says_cost_null() -> None:
+    clock = Clock()
+    bus = Bus()
+    pump = CapturePump(bus, CaptureSettings(), clock, enabled=True)
+    rec = record("r1")
+    finish(rec)
+    pump.request_finished(rec)
+    clock.advance(0)
+    (event,) = [orjson.loads(e.json()) for e in bus.envelopes]
+    assert "cost" in event and event["cost"] is None

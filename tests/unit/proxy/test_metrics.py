@@ -137,3 +137,51 @@ def test_usage_ignores_what_is_not_a_count() -> None:
     bad: dict[str, Any] = {"input_tokens": "9", "output_tokens": True, "cache_read_tokens": -3}
     metrics.usage("p", bad)
     assert metrics.project_tokens == {}
+
+
+def _answer(project: str | None, model: str, cost: float | None, **usage: int) -> tuple[Any, Any]:
+    from llmproxy.capture.record import ExchangeRecord
+
+    record = ExchangeRecord("r", 0.0, "POST", "/", "", "r", "openai", "", "", "", [])
+    record.project = project
+    event = {"model": model, "usage": usage, "cost": None if cost is None else {"total": cost}}
+    return record, event
+
+
+def test_cost_and_tokens_by_project_and_model_and_unpriced_answers_by_model() -> None:
+    metrics = ProxyMetrics(max_projects=5)
+    metrics.spent(*_answer("team-a", "gpt-4o", 0.25, input_tokens=100, output_tokens=10))
+    metrics.spent(*_answer("team-a", "gpt-4o", 0.5, input_tokens=1, cache_read_tokens=7))
+    metrics.spent(*_answer(None, "gpt-4o", 0.125, output_tokens=3))  # no proxy token
+    metrics.spent(*_answer("team-a", "my-finetune", None, input_tokens=5))
+    # No usage (an error answer): nothing counted.
+    metrics.spent(_answer("team-a", "gpt-4o", None)[0], {"model": "gpt-4o", "usage": None})
+    samples = scrape(metrics)
+
+    def family(name: str) -> dict[Any, float]:
+        return {labels: v for (n, labels), v in samples.items() if n == name}
+
+    assert family("llmproxy_cost_usd_total") == {
+        (("model", "gpt-4o"), ("project", "team-a")): 0.75,
+        (("model", "gpt-4o"), ("project", "-")): 0.125,
+    }
+    assert family("llmproxy_cost_unknown_total") == {(("model", "my-finetune"),): 1.0}
+    tokens = family("llmproxy_model_tokens_total")
+    assert tokens[(("kind", "input"), ("model", "gpt-4o"), ("project", "team-a"))] == 101.0
+    assert tokens[(("kind", "cache_read"), ("model", "gpt-4o"), ("project", "team-a"))] == 7.0
+    assert tokens[(("kind", "output"), ("model", "gpt-4o"), ("project", "-"))] == 3.0
+    assert metrics.snapshot()["cost"] == {
+        "-": {"gpt-4o": {"usd": 0.125}},
+        "team-a": {"gpt-4o": {"usd": 0.75}},
+    }
+
+
+def test_models_past_the_bound_are_counted_as_other() -> None:
+    metrics = ProxyMetrics(max_projects=2)
+    for i in range(6):
+        metrics.spent(*_answer("p", f"model-{i}", 1.0, input_tokens=1))
+    assert metrics.cost_usd == {
+        ("p", "model-0"): 1.0,
+        ("p", "model-1"): 1.0,
+        ("p", OTHER_PROJECTS): 4.0,
+    }

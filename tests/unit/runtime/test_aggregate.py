@@ -207,3 +207,13 @@ def test_workers_setting(tmp_path: Path) -> None:
         assert any(p.startswith("server.workers: ") and why in p for p in e.value.problems)
     env = {"LLMPROXY_SERVER_WORKERS": "auto"}
     assert load_settings(text="[server]\n", env=env).server.workers == (os.cpu_count() or 1)
+
+
+def test_money_is_summed_to_the_nano_dollar() -> None:
+    """One answer may cost a few millionths of a dollar: USD sums keep 9 digits,
+    other floats 6."""
+    one = {"cost": {"p": {"gpt-4o": {"usd": 0.0000675}}}, "mean_latency_ms": 1.0000004}
+    two = {"cost": {"p": {"gpt-4o": {"usd": 0.000000125}}}, "mean_latency_ms": 1.0000004}
+    total = sum_stats([one, two])
+    assert total["cost"]["p"]["gpt-4o"]["usd"] == 0.000067625
+    assert total["mean_latency_ms"] == 1.0
