@@ -11,11 +11,19 @@ chat exchanges; with ``--stream``, the recorded 100-chunk reply), stops it
 with SIGTERM and prints the top functions.  The stats file is kept (``--out``)
 for ``python -m pstats`` or snakeviz.  Profiling slows the proxy down by about
 2x: compare shares, not absolute times.
+
+With ``--py-spy`` the daemon is sampled from outside (no slow-down) and the
+daemon's CPU time during the load (``/proc``) over the completed answers is
+printed too: µs of CPU per answer, which the shares divide.  ``--stacks PATH``
+keeps the folded stacks, with that figure beside them (``PATH.json``), for
+``compare_stacks.py``: two variants side by side, function by function, in µs
+per answer.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pstats
 import subprocess
@@ -38,7 +46,18 @@ def _frame_name(frame: str) -> str:
     return f"{name} {short}"
 
 
-def print_samples(folded: str, top: int) -> None:
+SAMPLE_RATE = 500  # asked of py-spy; it gets fewer when the client CPU is busy
+
+
+def wrk_answers(output: str) -> int:
+    """The completed 2xx answers of a wrk run with ``post.lua`` (its WRK_RESULT line)."""
+    for line in output.splitlines():
+        if line.startswith("WRK_RESULT "):
+            return int(json.loads(line.removeprefix("WRK_RESULT "))["ok"])
+    return 0
+
+
+def print_samples(folded: str, top: int, cpu_us_per_answer: float) -> None:
     """Self and inclusive shares per function from py-spy's folded stacks."""
     own: dict[str, int] = {}
     incl: dict[str, int] = {}
@@ -57,7 +76,8 @@ def print_samples(folded: str, top: int) -> None:
         callers[frames[-1]][path] = callers[frames[-1]].get(path, 0) + count
         for frame in set(frames):
             incl[frame] = incl.get(frame, 0) + count
-    print(f"{total} samples; self %, inclusive %, function")
+    print(f"{total} samples; the daemon's CPU: {cpu_us_per_answer:.0f} us per answer")
+    print("self %, inclusive %, function")
     for name, n in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
         print(f"{100 * n / total:6.1f} {100 * incl[name] / total:6.1f}  {name}")
     print("\nwhere the top five spend their own time (callers, innermost first):")
@@ -85,6 +105,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="PATH",
         help="sample with this py-spy binary instead of cProfile (no slow-down): prints the "
         "share of samples per function, self and inclusive",
+    )
+    p.add_argument(
+        "--stacks",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="with --py-spy: keep the folded stacks at PATH and the answer count at PATH.json "
+        "(for compare_stacks.py)",
     )
     args = p.parse_args(argv)
 
@@ -116,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                 ]  # fmt: skip
                 env = dict(os.environ, WRK_STREAM="1" if args.stream else "0")
                 sampler = None
-                folded = workdir / "stacks.txt"
+                folded = args.stacks or workdir / "stacks.txt"
                 if args.py_spy:
                     sampler = subprocess.Popen(
                         [
@@ -125,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                             "-p",
                             str(server.proc.pid),
                             "-r",
-                            "500",
+                            str(SAMPLE_RATE),
                             "-d",
                             str(args.seconds),
                             "-f",
@@ -138,11 +166,18 @@ def main(argv: list[str] | None = None) -> int:
                         stdout=subprocess.DEVNULL,
                         stderr=subprocess.DEVNULL,
                     )
+                cpu_before = run.cpu_seconds(server.pids())
                 out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+                cpu = run.cpu_seconds(server.pids()) - cpu_before
                 print(out.stdout)
                 if sampler is not None:
                     sampler.wait(timeout=60)
-                    print_samples(folded.read_text(), args.top)
+                    answers = wrk_answers(out.stdout)
+                    per_answer = cpu * 1e6 / answers if answers else 0.0
+                    if args.stacks is not None:
+                        meta = {"answers": answers, "cpu_us_per_answer": per_answer, "variant": key}
+                        folded.with_name(folded.name + ".json").write_text(json.dumps(meta))
+                    print_samples(folded.read_text(), args.top, per_answer)
                 server.stop()
     if args.py_spy:
         return 0
