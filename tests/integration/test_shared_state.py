@@ -360,7 +360,9 @@ async def test_a_conversation_alternating_between_daemons_is_one_session(setup: 
         # continuous"): on a loaded machine that can take longer than this
         # client takes to send its next turn.
         await wait_until_async(
-            lambda: defer.succeed(recorded_states(setup) > recorded), True, "reply recorded"
+            lambda before=recorded: defer.succeed(recorded_states(setup) > before),
+            True,
+            "reply recorded",
         )
     # An edit of the third question, sent to the daemon that did not serve turn 5 (a).
     edited = history_after[1] + [{"role": "user", "content": "question 3, asked differently"}]
