@@ -147,6 +147,11 @@ class SpendCounters(Protocol):
         self, key: str, amount: int, now: float, expire_at: float | None = None
     ) -> Deferred[int]: ...
 
+    def add_many(
+        self, amounts: Sequence[tuple[str, int, float | None]], now: float
+    ) -> Deferred[None]:
+        """``add`` for each ``(key, amount, expire_at)``, in one round trip."""
+
     def read(self, keys: Sequence[str], now: float) -> Deferred[list[int]]: ...
 
 

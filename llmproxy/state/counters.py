@@ -175,6 +175,13 @@ class LocalCounters:
         self._values[key] = (value, expire_at)
         return value
 
+    def add_many(
+        self, amounts: Sequence[tuple[str, int, float | None]], now: float
+    ) -> Deferred[None]:
+        for key, amount, expire_at in amounts:
+            self.add_now(key, amount, now, expire_at)
+        return succeed(None)
+
     def read(self, keys: Sequence[str], now: float) -> Deferred[list[int]]:
         return succeed([self.value(k, now) for k in keys])
 
@@ -277,6 +284,20 @@ local v = redis.call('INCRBY', KEYS[1], ARGV[1])
 local e = tonumber(ARGV[2])
 if e ~= nil then redis.call('PEXPIREAT', KEYS[1], e) end
 return v
+""",
+)
+
+
+# KEYS: counters; ARGV: per counter its amount and expire_at in ms or ''.
+ADD_MANY = Script(
+    "add_many",
+    b"""
+for i = 1, #KEYS do
+  redis.call('INCRBY', KEYS[i], ARGV[2 * i - 1])
+  local e = tonumber(ARGV[2 * i])
+  if e ~= nil then redis.call('PEXPIREAT', KEYS[i], e) end
+end
+return #KEYS
 """,
 )
 
@@ -392,6 +413,18 @@ class RedisCounters:
     ) -> Deferred[int]:
         expire = "" if expire_at is None else int(expire_at * 1000)
         return ADD.run(self._redis, [self._prefix + key], [amount, expire]).addCallback(int)
+
+    def add_many(
+        self, amounts: Sequence[tuple[str, int, float | None]], now: float
+    ) -> Deferred[None]:
+        """:meth:`add` for each ``(key, amount, expire_at)`` in one script run."""
+        if not amounts:
+            return succeed(None)
+        keys = [self._prefix + key for key, _, _ in amounts]
+        args: list[int | str] = []
+        for _, amount, expire_at in amounts:
+            args += [amount, "" if expire_at is None else int(expire_at * 1000)]
+        return ADD_MANY.run(self._redis, keys, args).addCallback(lambda _: None)
 
     def add_all(self, amounts: Mapping[str, int]) -> Deferred[None]:
         """Add each amount to its counter, in one round trip (not atomically

@@ -323,6 +323,10 @@ class SharedCounters:
         self.adds.append((key, amount, expire_at))
         return self.inner.add(key, amount, now, expire_at)
 
+    def add_many(self, amounts: Any, now: float) -> Any:
+        self.adds += list(amounts)
+        return self.inner.add_many(amounts, now)
+
     def read(self, keys: Any, now: float) -> Any:
         return self.inner.read(keys, now)
 
