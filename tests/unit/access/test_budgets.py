@@ -10,7 +10,6 @@ from typing import Any
 
 import orjson
 import pytest
-from twisted.internet.task import Clock
 
 from llmproxy.access.budgets import (
     NANO,
@@ -28,7 +27,7 @@ from llmproxy.capture.record import ExchangeRecord
 from llmproxy.cli import main as cli
 from llmproxy.config.model import ServerSettings, Settings
 from llmproxy.http.errors import error_body
-from tests.unit.access.test_policy import ROUTES, FakeAudit, World
+from tests.unit.access.test_policy import ROUTES, World, open_world
 
 # 2027-03-31 23:00 UTC: an hour before a new day and a new month.
 NOW = float(calendar.timegm((2027, 3, 31, 23, 0, 0)))
@@ -37,19 +36,9 @@ COST = 0.004  # USD per answer below
 
 @pytest.fixture
 def world(tmp_path: Path) -> Iterator[World]:
-    clock = Clock()
-    clock.advance(NOW)
-    audit = FakeAudit()
-    settings = Settings(server=ServerSettings(state_dir=tmp_path), routes=ROUTES)
-    access = build_access(settings, audit, clock)
-    access.start()
-    from llmproxy.access.tokens import UsageFile
-
-    w = World(
-        clock, audit, TokenFile.in_state_dir(tmp_path), UsageFile.in_state_dir(tmp_path), access
-    )
+    w = open_world(tmp_path, NOW)
     yield w
-    access.stop(0)
+    w.access.stop(0)
 
 
 def make(world: World, **kw: Any) -> tuple[str, Token]:

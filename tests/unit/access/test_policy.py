@@ -87,19 +87,24 @@ class World:
         return self.check(path, authorization=f"Bearer {secret}")
 
 
-@pytest.fixture
-def world(tmp_path: Path) -> Iterator[World]:
+def open_world(tmp_path: Path, now: float) -> World:
+    """A started access policy over ``tmp_path`` on a Clock at ``now``."""
     clock = Clock()
-    clock.advance(NOW)
+    clock.advance(now)
     audit = FakeAudit()
     settings = Settings(server=ServerSettings(state_dir=tmp_path), routes=ROUTES)
     access = build_access(settings, audit, clock)
     access.start()
-    w = World(
+    return World(
         clock, audit, TokenFile.in_state_dir(tmp_path), UsageFile.in_state_dir(tmp_path), access
     )
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    w = open_world(tmp_path, NOW)
     yield w
-    access.stop(0)
+    w.access.stop(0)
 
 
 def make(world: World, **kw: Any) -> tuple[str, Token]:
