@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import itertools
 import pstats
 import statistics
 import tempfile
@@ -44,6 +43,7 @@ from typing import Any
 
 import orjson
 from bench_events import _record, _request_body  # the script's folder is on sys.path
+from bench_pump import fresh
 from recorded import recorded_stream
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.task import Clock
@@ -59,8 +59,6 @@ CAPTURE = CaptureSettings()
 SSE_FRAMES = recorded_stream()
 SSE_BODY = b"".join(SSE_FRAMES)
 READ_SIZE = 16384
-
-_ids = itertools.count()
 
 
 def json_record() -> ExchangeRecord:
@@ -95,18 +93,6 @@ class CollectingBus:
 
     def publish(self, envelope: Any) -> None:
         self.envelopes.append(envelope)
-
-
-def fresh(make: Callable[[], ExchangeRecord], n: int) -> list[tuple[ExchangeRecord, bytes]]:
-    """``n`` records with their own request ids and no session yet, with their bodies."""
-    records = []
-    for _ in range(n):
-        record = make()
-        record.request_id = f"bench{next(_ids):016x}"
-        record.session_id = None
-        record.seq = None
-        records.append((record, record.request_body))
-    return records
 
 
 class Pipeline:
