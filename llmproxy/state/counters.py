@@ -314,16 +314,6 @@ return 1
 )
 
 
-# KEYS: counters; ARGV: an amount per counter.
-ADD_ALL = Script(
-    "add_all",
-    b"""
-for i = 1, #KEYS do redis.call('INCRBY', KEYS[i], ARGV[i]) end
-return #KEYS
-""",
-)
-
-
 @attrs.define(slots=True, eq=False)
 class _Asked:
     keys: tuple[bytes, ...]
@@ -429,10 +419,7 @@ class RedisCounters:
     def add_all(self, amounts: Mapping[str, int]) -> Deferred[None]:
         """Add each amount to its counter, in one round trip (not atomically
         checked against anything: counts that were admitted already)."""
-        if not amounts:
-            return succeed(None)
-        keys = [self._prefix + k for k in amounts]
-        return ADD_ALL.run(self._redis, keys, list(amounts.values())).addCallback(lambda _: None)
+        return self.add_many([(key, n, None) for key, n in amounts.items()], 0.0)
 
     def add_once(self, marker: str, amounts: Mapping[str, int]) -> Deferred[bool]:
         """Add ``amounts`` to their counters unless ``marker`` was set before
