@@ -30,10 +30,16 @@ order they went upstream, so the tracker sees turns of a conversation in the
 order they happened.
 
 With ``[state] store = redis`` the tracker decides a request's session in Redis
-(its ``assign`` answers with a Deferred): the request's event, and every event
-queued after it, wait in order until it is decided (a round trip, shared by the
-requests of a turn); the tracker meanwhile goes on with the next entries, so
-its operations reach Redis in the order of the queue.
+(its ``assign`` answers with a Deferred): the request's event, and its response
+event after it, wait until it is decided (a round trip, shared by the requests
+of a turn; up to ``[state] continuation_wait`` for a turn whose history another
+process has not recorded yet).  Only they wait: the events of other exchanges
+go out meanwhile, so across exchanges events are published in the order their
+sessions are known, not always in the order of the queue (a session's own
+events stay in order: its ``session_start`` or ``fork`` comes before its
+request event, and its turns are decided one after the other).  The tracker
+goes on with the next entries, so its operations reach Redis in the order of
+the queue.
 
 Bounded: one turn handles what fits in ``TURN_BUDGET`` (5 ms; the entry that
 crosses it is finished), the rest in the next turn, after the reactor has served
@@ -114,8 +120,11 @@ class CapturePump:
         self.enabled = enabled
         self._clock = clock
         self._queue: deque[tuple[ExchangeRecord, bytes | None]] = deque()
-        # Events waiting for a session decision ahead of them: (decided, record, kind).
-        self._outbox: deque[tuple[Deferred[None] | None, ExchangeRecord, str]] = deque()
+        # Events waiting for their exchange's session decision, in order ("request",
+        # then "response" when the exchange ended meanwhile).
+        self._held: dict[ExchangeRecord, list[str]] = {}
+        self._held_events = 0
+        self._drained: Deferred[None] | None = None  # stop(): fired once nothing is held
         self._call: IDelayedCall | None = None
         self.flushed = 0  # queue entries handled (stats)
         self.errors = 0
@@ -157,7 +166,7 @@ class CapturePump:
         sessions = self.sessions
         # Our own tracker also takes the request body's JSON object (see below).
         tracker = sessions if isinstance(sessions, SessionTracker) else None
-        outbox = self._outbox
+        held = self._held
         popleft = queue.popleft
         while queue:
             record, body = popleft()
@@ -187,12 +196,15 @@ class CapturePump:
                 self.errors += 1
                 log.failure("capture: no event for request {rid}", rid=record.request_id)
                 continue
-            if deciding is None and not outbox:
-                self._publish(kind, record)
+            if deciding is not None:
+                held[record] = [kind]
+                self._held_events += 1
+                deciding.addBoth(self._decided, record)
+            elif held and record in held:
+                held[record].append(kind)  # its request event still waits
+                self._held_events += 1
             else:
-                outbox.append((deciding, record, kind))
-                if deciding is not None:
-                    deciding.addBoth(self._decided)
+                self._publish(kind, record)
             if deadline is not None and queue and time.perf_counter() > deadline:
                 # The requests arriving meanwhile are served first (a burst of
                 # large conversations would otherwise stall every one of them).
@@ -200,15 +212,15 @@ class CapturePump:
                 self._call = self._clock.callLater(0, self._turn)
                 return
 
-    def _decided(self, _: object) -> None:
-        """A session was decided: publish what waited for it, in order."""
-        outbox = self._outbox
-        while outbox:
-            deciding, record, kind = outbox[0]
-            if deciding is not None and not deciding.called:
-                return
-            outbox.popleft()
+    def _decided(self, _: object, record: ExchangeRecord) -> None:
+        """``record``'s session was decided: publish its events, in order."""
+        kinds = self._held.pop(record, ())
+        self._held_events -= len(kinds)
+        for kind in kinds:
             self._publish(kind, record)
+        if not self._held and self._drained is not None:
+            drained, self._drained = self._drained, None
+            drained.callback(None)
 
     def _publish(self, kind: str, record: ExchangeRecord) -> None:
         try:
@@ -265,19 +277,11 @@ class CapturePump:
             self._call.cancel()
         self._call = None
         self.flush()
-        if not self._outbox:
+        if not self._held:
             return succeed(None)
-        # Decisions come in order: once the last one is in, everything is out.
-        last = next(d for d, _, _ in reversed(self._outbox) if d is not None)
-        done: Deferred[None] = Deferred()
-
-        def published(result: object) -> object:
-            self._decided(None)
-            done.callback(None)
-            return result
-
-        last.addBoth(published)
-        return done
+        if self._drained is None:
+            self._drained = Deferred()
+        return self._drained
 
     def pending(self) -> int:
-        return len(self._queue) + len(self._outbox)
+        return len(self._queue) + self._held_events

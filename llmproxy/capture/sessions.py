@@ -129,6 +129,9 @@ COMPACT_SLACK = 1024
 
 # Operations sent to the shared state in one script (one round trip) at most.
 MAX_BATCH = 512
+# A continuation whose history no process has recorded yet is asked again after
+# this, then after twice as long each time, until [state] continuation_wait.
+FIRST_REASK = 0.05
 
 
 # ---------------------------------------------------------------- what a request is
@@ -546,6 +549,19 @@ class _Deciding:
     chosen: str | None = None  # the session id the client sent (before its tenant's tag)
 
 
+@attrs.define(slots=True, eq=False)
+class _Held:
+    """An assignment not decided yet whose history no process had recorded when
+    it was asked (it is asked again), or on which other operations wait."""
+
+    deadline: float | None = None  # from its first miss: asked without waiting from then
+    delay: float = FIRST_REASK  # until its next ask
+    call: IDelayedCall | None = None  # its next ask
+    # Operations that need its decision first: its reply's record, and the next
+    # turns that continue from that reply.
+    parked: list[AssignOp | RecordOp] = attrs.Factory(list)
+
+
 class _RandomHex:
     """Random hex digits from the OS, read 4 KiB (256 session ids) at a time: one
     system call per 256 new sessions rather than one each.  Not thread-safe: the
@@ -610,6 +626,9 @@ class SessionTracker:
     # this process's maps and journal mirror them and decide while Redis does not answer.
     _shared: SharedSessionState | None = None
     _health: StateHealth | None = None
+    # [state] continuation_wait: how long a continuation whose history no process
+    # has recorded yet waits for that record before it starts a new session (0: not).
+    _continuation_wait: float = 0.0
     # Conversation bodies above this are not parsed or fingerprinted (see
     # [sessions] max_body_bytes): the work per request on the reactor is bounded
     # (parse, reduce and hash: ~4 ms at 1 MiB, ~8 ms at 2 MiB on the 2-core CI VM).
@@ -631,6 +650,10 @@ class SessionTracker:
     _sending: Deferred[None] | None = attrs.field(init=False, default=None)
     _send_call: IDelayedCall | None = attrs.field(init=False, default=None)
     _deciding: dict[AssignOp, _Deciding] = attrs.field(init=False, factory=dict)
+    _held: dict[AssignOp, _Held] = attrs.field(init=False, factory=dict)
+    # The state keys of records parked on an assignment -> that assignment.
+    _parked_keys: dict[StateKey, AssignOp] = attrs.field(init=False, factory=dict)
+    _hurrying: bool = attrs.field(init=False, default=False)  # stopping: no more waits
     _counts: dict[str, int] = attrs.field(
         init=False,
         factory=lambda: dict.fromkeys(
@@ -644,6 +667,8 @@ class SessionTracker:
                 "errors",
                 "shared_batches",
                 "local_fallbacks",
+                "continuations_waited",
+                "continuations_not_found",
             ),
             0,
         ),
@@ -685,11 +710,15 @@ class SessionTracker:
         self._close_fd()
 
     async def _settled(self) -> None:
-        """Until no operation waits for the shared state."""
-        while self._shared is not None and (self._ops or self._sending is not None):
+        """Until no operation waits for the shared state.  A continuation still
+        looking for its history is asked at once, without waiting any longer."""
+        self._hurrying = True
+        while self._shared is not None and (self._ops or self._sending is not None or self._held):
             if self._sending is None:
                 if self._send_call is not None and self._send_call.active():
                     self._send_call.cancel()
+                if not self._ops and not self._hurry():
+                    break  # nothing can move (never expected): do not spin
                 self._send()
                 continue
             await _when_done(self._sending)
@@ -700,6 +729,10 @@ class SessionTracker:
             "states": len(self._states),
             "sessions": len(self._sessions),
             "pending": len(self._pending),
+            # Shared state: a batch under way (0 or 1), and the continuations
+            # still looking for their history (with what waits for them).
+            "shared_in_flight": int(self._sending is not None),
+            "continuations_waiting": len(self._held),
             "journal_lines": self._journal_lines,
         }
 
@@ -808,7 +841,11 @@ class SessionTracker:
                 entry = _Pending(result[0], result[1], prints, responses, None, fresh=True)
                 self._add_pending(record, entry)
             return None
-        op = AssignOp(lookups, client, self._new_id())
+        # A continuation may find its history recorded a little later: the
+        # previous turn's reply, served by another process, is recorded once it
+        # has ended.
+        wait = bool(lookups) and self._continuation_wait > 0 and not self._hurrying
+        op = AssignOp(lookups, client, self._new_id(), wait=wait)
         waiting: Deferred[None] = Deferred()
         self._deciding[op] = _Deciding(record, source, prints, responses, waiting, chosen)
         if prints is not None or responses:
@@ -820,8 +857,13 @@ class SessionTracker:
     def apply_locally(self, ops: Sequence[AssignOp | RecordOp]) -> None:
         """Run ``ops`` on this process's maps, as Redis runs them in its script
         (each assignment gets its ``result``); the maps are journaled as usual."""
+        states = self._states
         for op in ops:
             if isinstance(op, AssignOp):
+                if op.wait and not any(key in states for key in op.lookups):
+                    op.result, op.missed = None, True
+                    continue
+                op.missed = False
                 op.result = self._decide_locally(op.lookups, op.client, op.new_id)
             else:
                 target = op.target()
@@ -914,13 +956,14 @@ class SessionTracker:
 
     def _send(self) -> None:
         """Send the operations queued (a batch at most), one batch at a time: a
-        record may name an assignment, whose result is then known or decided in
-        the same batch."""
+        record may name an assignment, whose result is then known or decided
+        earlier in the same batch (else the record is parked on it)."""
         self._send_call = None
         shared = self._shared
         while self._sending is None and self._ops and shared is not None:
-            ops = self._ops[:MAX_BATCH]
-            del self._ops[:MAX_BATCH]
+            ops = self._batch()
+            if not ops:
+                continue
             if not shared.usable:
                 self._settle(ops, "not connected")
                 continue
@@ -929,6 +972,124 @@ class SessionTracker:
             d.addCallbacks(
                 self._applied, self._not_applied, callbackArgs=(ops,), errbackArgs=(ops,)
             )
+
+    def _batch(self) -> list[AssignOp | RecordOp]:
+        """The next batch: up to ``MAX_BATCH`` queued operations, without those
+        that need an assignment decided first (parked on it): a record of a
+        reply whose assignment is still looking for its history, and a next
+        turn continuing from such a reply (it is asked after that record)."""
+        queued = self._ops
+        batch: list[AssignOp | RecordOp] = []
+        taken: set[AssignOp] = set()
+        hurrying = self._hurrying
+        at = 0
+        while at < len(queued) and len(batch) < MAX_BATCH:
+            op = queued[at]
+            at += 1
+            if isinstance(op, RecordOp):
+                assign = op.assign
+                if assign is not None and assign.result is None and assign not in taken:
+                    self._park(op, assign)
+                    continue
+            else:
+                owner = self._owner(op)
+                if owner is not None:
+                    self._park(op, owner)
+                    continue
+                if hurrying:
+                    op.wait = False
+                taken.add(op)
+            batch.append(op)
+        del queued[:at]
+        return batch
+
+    def _owner(self, op: AssignOp) -> AssignOp | None:
+        """The undecided assignment whose reply ``op`` continues from, if any."""
+        parked = self._parked_keys
+        if parked:
+            for key in op.lookups:
+                owner = parked.get(key)
+                if owner is not None and owner is not op:
+                    return owner
+        return None
+
+    def _park(self, op: AssignOp | RecordOp, on: AssignOp) -> None:
+        held = self._held.get(on)
+        if held is None:
+            held = self._held[on] = _Held()
+        held.parked.append(op)
+        if isinstance(op, RecordOp):
+            for key in op.keys:
+                self._parked_keys[key] = on
+
+    def _missed(self, op: AssignOp) -> None:
+        """``op`` (asked with ``wait``) found no recorded history: asked again
+        later, after the reply it continues from when that is parked here, else
+        after a delay that doubles each time; once ``continuation_wait`` is over,
+        asked without waiting (a new session when there is still none)."""
+        held = self._held.get(op)
+        if held is None:
+            held = self._held[op] = _Held()
+        now = self._clock.seconds()
+        if held.deadline is None:
+            held.deadline = now + self._continuation_wait
+            self._counts["continuations_waited"] += 1
+        owner = self._owner(op)
+        if owner is not None:
+            self._park(op, owner)
+            return
+        remaining = held.deadline - now
+        if remaining <= held.delay or self._hurrying:
+            op.wait = False
+            delay = max(0.0, remaining) if not self._hurrying else 0.0
+        else:
+            delay = held.delay
+            held.delay *= 2
+        held.call = self._clock.callLater(delay, self._ask_again, op)
+
+    def _ask_again(self, op: AssignOp) -> None:
+        held = self._held.get(op)
+        if held is not None:
+            held.call = None
+        if self._hurrying:
+            op.wait = False
+        self._queue(op)
+
+    def _hurry(self) -> bool:
+        """Stopping: the continuations waiting to be asked again are asked now,
+        without waiting.  False when there was none (nothing to send)."""
+        hurried = False
+        for op, held in list(self._held.items()):
+            call = held.call
+            if call is not None and call.active():
+                call.cancel()
+                held.call = None
+                op.wait = False
+                self._ops.append(op)
+                hurried = True
+        return hurried
+
+    def _release(self, op: AssignOp) -> None:
+        """``op`` is decided: what was parked on it is queued again, in order."""
+        held = self._held.pop(op, None)
+        if held is None:
+            return
+        if held.call is not None and held.call.active():
+            held.call.cancel()
+        if held.deadline is not None and op.result is not None and op.result[2] == "start":
+            self._counts["continuations_not_found"] += 1
+        now = self._clock.seconds()
+        parked_keys = self._parked_keys
+        for parked in held.parked:
+            if isinstance(parked, RecordOp):
+                for key in parked.keys:
+                    if parked_keys.get(key) is op:
+                        del parked_keys[key]
+            else:
+                mine = self._held.get(parked)
+                if mine is not None and mine.deadline is not None and now >= mine.deadline:
+                    parked.wait = False
+            self._queue(parked)
 
     def _applied(self, _: object, ops: list[AssignOp | RecordOp]) -> None:
         self._sending = None
@@ -952,11 +1113,16 @@ class SessionTracker:
         for op in ops:
             try:
                 if isinstance(op, AssignOp):
-                    self._settle_assignment(op, failed is not None)
+                    if failed is None and op.missed:
+                        self._missed(op)
+                    else:
+                        self._settle_assignment(op, failed is not None)
                 else:
                     target = op.target()
                     if target is not None:
                         self._record_locally(op.keys, *target)
+                    elif op.assign is not None:
+                        self._park(op, op.assign)  # its assignment missed: not applied
             except Exception:
                 self._counts["errors"] += 1
                 log.failure("session tracker: a shared-state operation failed")
@@ -967,6 +1133,8 @@ class SessionTracker:
         else:
             result = op.result
             self._set_head(result[0], (result[1], result[5]))
+        if self._held:
+            self._release(op)
         deciding = self._deciding.pop(op, None)
         if deciding is None:
             return

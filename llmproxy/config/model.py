@@ -660,6 +660,14 @@ class StateSettings:
         doc="A conversation state or session head unused this long is dropped from Redis "
         "(its conversation then starts a new session). About 200 bytes a state.",
     )
+    continuation_wait: Duration = setting(
+        1.0,
+        doc="A turn whose history no process has recorded yet (the previous reply, served "
+        "by another process, is recorded once it has ended) waits up to this long for that "
+        "record before it starts a new session; asked again after 50 ms, then twice as "
+        "long each time, in the batches going to Redis anyway. Only its session event and "
+        "its own events wait, never the request. 0: a new session at once.",
+    )
 
 
 @attrs.frozen

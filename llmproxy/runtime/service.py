@@ -229,6 +229,7 @@ class ProxyService(RootService):
             run_in_thread=self._in_thread,
             shared=self.shared.sessions if self.shared is not None else None,
             health=self.state_health,
+            continuation_wait=settings.state.continuation_wait,
             max_body_bytes=cfg.max_body_bytes,
         )
 

@@ -22,6 +22,15 @@ does to them is one of two operations:
   decides it on its own and sends no assignment; its record, ``fresh``, makes
   the session's head where there is none.
 
+A continuation (an assignment with ``lookups``) may be asked with ``wait``: when
+none of its lookups is a recorded state, nothing is decided and nothing written;
+the assignment comes back *missed* (``result`` None, ``missed`` True) and the
+tracker asks again a little later.  A next turn that reaches another process
+before the previous reply's state is recorded (the record is sent once the
+reply has ended) thus finds it rather than starting a new session.  A record in
+the same batch naming a missed assignment is not applied (the tracker sends it
+again once the assignment is decided).
+
 The tracker applies them to its own maps (one process) or sends them here
 (``[state] store = redis``): :meth:`RedisSessionState.apply` runs a batch of
 operations in order in one Lua script, so the decisions are atomic across every
@@ -57,6 +66,9 @@ class AssignOp:
     client: str | None  # a client-supplied session id
     new_id: str  # the id of a session this starts (or forks)
     result: Assigned | None = None
+    # No recorded state found: decide nothing, report a miss (``missed``).
+    wait: bool = False
+    missed: bool = False
 
 
 @attrs.define(slots=True, eq=False)
@@ -134,6 +146,8 @@ for i, op in ipairs(ops) do
         set_head(op.n, seq, from_seq)
         results[i] = {op.n, seq, 'fork', from_seq, parent, from_seq}
       end
+    elseif op.w then
+      results[i] = {'', 0, 'miss', 0, '', 0}
     elseif op.c then
       local last, st = head(op.c)
       if last then
@@ -150,15 +164,17 @@ for i, op in ipairs(ops) do
       local r = results[op.i + 1]
       sid, seq = r[1], r[2]
     end
-    local value = string.format('%d ', seq) .. sid
-    for _, key in ipairs(op.r) do
-      redis.call('SET', P .. 's:' .. key, value, 'PX', ttl)
-    end
-    local last, st = head(sid)
-    if last then
-      if seq > st then set_head(sid, last, seq) end
-    elseif op.f then
-      set_head(sid, seq, seq)
+    if seq > 0 then
+      local value = string.format('%d ', seq) .. sid
+      for _, key in ipairs(op.r) do
+        redis.call('SET', P .. 's:' .. key, value, 'PX', ttl)
+      end
+      local last, st = head(sid)
+      if last then
+        if seq > st then set_head(sid, last, seq) end
+      elseif op.f then
+        set_head(sid, seq, seq)
+      end
     end
     results[i] = 0
   end
@@ -181,8 +197,10 @@ class RedisSessionState:
         return self._redis.usable
 
     def apply(self, ops: Sequence[AssignOp | RecordOp]) -> Deferred[None]:
-        """Run ``ops`` in order; fills in each assignment's ``result``.  A record
-        must name an assignment that has its result or is in ``ops``."""
+        """Run ``ops`` in order; fills in each assignment's ``result`` (or, for one
+        asked with ``wait`` that found no state, ``missed``).  A record must name
+        an assignment that has its result or comes before it in ``ops``; one
+        naming a missed assignment is not applied."""
         index = {id(op): i for i, op in enumerate(ops) if isinstance(op, AssignOp)}
         encoded: list[dict[str, Any]] = []
         for op in ops:
@@ -190,6 +208,8 @@ class RedisSessionState:
                 one: dict[str, Any] = {"a": [state_key_text(k) for k in op.lookups], "n": op.new_id}
                 if op.client is not None:
                     one["c"] = op.client
+                if op.wait:
+                    one["w"] = 1
             else:
                 one = {"r": [state_key_text(k) for k in op.keys]}
                 if op.fresh:
@@ -206,6 +226,10 @@ class RedisSessionState:
         def fill(reply: Sequence[Any]) -> None:
             for op, result in zip(ops, reply, strict=True):
                 if isinstance(op, AssignOp):
+                    if int(result[1]) == 0:  # a miss: nothing decided
+                        op.result, op.missed = None, True
+                        continue
+                    op.missed = False
                     op.result = (
                         bytes(result[0]).decode(),
                         int(result[1]),

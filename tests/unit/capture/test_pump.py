@@ -447,7 +447,7 @@ class Deciding(Calls):
         self.waiting.pop(rid).callback(None)
 
 
-def test_events_wait_in_order_for_a_session_decided_elsewhere() -> None:
+def test_events_wait_only_for_their_own_exchanges_session_decision() -> None:
     tracker = Deciding()
     pump, bus, clock = make(tracker)
     a, b = record("a"), record("b", {"model": "m"})
@@ -456,16 +456,35 @@ def test_events_wait_in_order_for_a_session_decided_elsewhere() -> None:
         finish(rec)
         pump.request_finished(rec)
     clock.advance(0)
-    # The tracker saw everything in queue order; nothing is published before a's decision.
+    # The tracker saw everything in queue order; nothing is published before a decision.
     assert tracker.calls == [("assign", "a"), ("finished", "a"), ("assign", "b"), ("finished", "b")]
     assert bus.envelopes == [] and pump.pending() == 4
+    # b's session is known first (a's may wait for its history to be recorded):
+    # b's events go out, in their order, without waiting for a's.
     tracker.decide("b")
-    assert bus.envelopes == []  # b is behind a
+    assert bus.kinds() == [("request", "b"), ("response", "b")]
+    assert pump.pending() == 2
     tracker.decide("a")
-    assert bus.kinds() == [("request", "a"), ("response", "a"), ("request", "b"), ("response", "b")]
+    assert bus.kinds() == [("request", "b"), ("response", "b"), ("request", "a"), ("response", "a")]
     # The request event carries the session decided after it was queued.
-    assert bus.envelopes[0].payload()["session_id"] == "s-a"
+    assert bus.envelopes[2].payload()["session_id"] == "s-a"
     assert pump.pending() == 0
+
+
+def test_a_response_ending_after_its_undecided_request_waits_behind_it() -> None:
+    tracker = Deciding()
+    pump, bus, clock = make(tracker)
+    a, other = record("a"), record("other")
+    pump.request_started(a, a.request_body)
+    clock.advance(0)
+    finish(a)
+    pump.request_finished(a)  # a later turn: its request event still waits
+    pump.request_started(other, other.request_body)
+    clock.advance(0)
+    tracker.decide("other")
+    assert bus.kinds() == [("request", "other")]
+    tracker.decide("a")
+    assert bus.kinds() == [("request", "other"), ("request", "a"), ("response", "a")]
 
 
 def test_stop_waits_for_the_decisions_outstanding() -> None:
@@ -477,6 +496,19 @@ def test_stop_waits_for_the_decisions_outstanding() -> None:
     assert not stopped.called and bus.envelopes == []
     tracker.decide("a")
     assert stopped.called and bus.kinds() == [("request", "a")]
+
+
+def test_stop_waits_for_every_decision_whatever_order_they_come_in() -> None:
+    tracker = Deciding()
+    pump, bus, _ = make(tracker)
+    a, b = record("a"), record("b")
+    for rec in (a, b):
+        pump.request_started(rec, rec.request_body)
+    stopped = pump.stop(5)
+    tracker.decide("a")
+    assert not stopped.called and bus.kinds() == [("request", "a")]
+    tracker.decide("b")
+    assert stopped.called and pump.pending() == 0
 
 
 def test_a_turn_over_its_budget_leaves_the_rest_to_the_next_turn_in_order() -> None:

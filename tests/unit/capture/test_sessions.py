@@ -300,9 +300,12 @@ class Harness:
         return record
 
     def settle(self) -> None:
-        """With a shared state: its batch goes out (next turn) and is answered."""
+        """With a shared state: its batch goes out (next turn) and is answered
+        (a continuation nobody recorded is asked until its wait is over)."""
         if self.shared is not None:
             self.clock.advance(0)
+            while self.tracker.stats()["continuations_waiting"]:
+                self.clock.advance(0.05)
 
     def events(self, kind: str | None = None) -> list[dict[str, Any]]:
         return [e.payload() for e in self.published if kind is None or e.kind == kind]
@@ -347,11 +350,16 @@ def harness(
     return Harness(tracker, clock, published, shared=elsewhere)
 
 
-@pytest.fixture(params=["local", "shared"])
+@pytest.fixture(params=["local", "shared", "shared-waiting"])
 def h(request: pytest.FixtureRequest) -> Iterator[Harness]:
-    """Every conversation test runs twice: decided here, and decided in a shared
-    state (as with Redis) with this tracker mirroring it."""
-    running = harness(shared=request.param == "shared")
+    """Every conversation test runs three times: decided here, and decided in a
+    shared state (as with Redis) with this tracker mirroring it, where a
+    continuation nobody recorded starts at once, or after waiting for its
+    history (``[state] continuation_wait``): the same decisions."""
+    waiting = request.param == "shared-waiting"
+    running = harness(
+        shared=request.param != "local", **({"continuation_wait": 1.0} if waiting else {})
+    )
     yield running
     running.tracker.stop(0)
     if running.shared is not None:
@@ -1576,6 +1584,82 @@ def test_stop_sends_what_waits_and_waits_for_the_answer() -> None:
     shared.answer()
     assert closed.called
     assert second.session_id is not None and first.session_id is not None
+
+
+# ------------------------------------------- a history another process records late
+
+
+TURN_3 = [*HISTORY, {"role": "assistant", "content": "sure"}, {"role": "user", "content": "ok"}]
+
+
+def waiting_pair() -> tuple[Harness, Held, Harness, Held]:
+    """Two processes (trackers) on one shared state, this one waiting up to 1 s
+    for a history the other has not recorded yet."""
+    here, here_shared, _ = held(continuation_wait=1.0)
+    there, there_shared, _ = held()
+    there_shared.maps = here_shared.maps
+    return here, here_shared, there, there_shared
+
+
+def test_the_reply_of_a_waiting_turn_and_the_turn_after_it_wait_behind_it() -> None:
+    h, shared, other, other_shared = waiting_pair()
+    second, raw = chat_record(2, HISTORY)
+    decided = h.tracker.assign(second, raw)
+    h.clock.advance(0)
+    shared.answer()  # missed: nobody recorded turn 1 yet
+    assert decided is not None and not decided.called
+    answered(second, "sure")
+    h.tracker.finished(second)  # its record needs its session: parked
+    third, raw = chat_record(3, TURN_3)
+    later = h.tracker.assign(third, raw)  # continues from turn 2's reply: parked behind it
+    h.clock.advance(0)
+    assert shared.asked == []
+    # Turn 1, served by the other process, is recorded there now.
+    first, raw = chat_record(1, HISTORY[:1])
+    other.tracker.assign(first, raw)
+    answered(first, "hello")
+    other.tracker.finished(first)
+    other.clock.advance(0)
+    other_shared.answer()
+    h.clock.advance(0.05)  # asked again: found
+    ((ops, _),) = shared.asked
+    assert [type(op).__name__ for op in ops] == ["AssignOp"]  # its record still parked
+    shared.answer()
+    assert decided.called and (second.session_id, second.seq) == (first.session_id, 2)
+    # Then its record, and the turn after it, in one batch, in that order.
+    h.clock.advance(0)
+    ((ops, _),) = shared.asked
+    assert [type(op).__name__ for op in ops] == ["RecordOp", "AssignOp"]
+    shared.answer()
+    assert later is not None and later.called
+    assert (third.session_id, third.seq) == (first.session_id, 3)
+    assert h.events("session_start") == [] and h.events("fork") == []
+    stats = h.tracker.stats()
+    assert stats["continuations_waited"] == 1 and stats["continuations_not_found"] == 0
+
+
+def test_a_waiting_turn_is_decided_here_when_redis_goes_away_meanwhile() -> None:
+    h, shared, _, _ = waiting_pair()
+    second, raw = chat_record(2, HISTORY)
+    decided = h.tracker.assign(second, raw)
+    h.clock.advance(0)
+    shared.answer()
+    shared.usable = False
+    h.clock.advance(0.05)  # asked again: not connected, decided here at once
+    assert decided is not None and decided.called
+    assert second.session_id == "sess-0001" and second.seq == 1
+    assert h.tracker.stats()["local_fallbacks"] == 1
+
+
+def test_without_a_wait_a_continuation_nobody_recorded_starts_at_once() -> None:
+    h, shared, _ = held()  # continuation_wait = 0
+    second, raw = chat_record(2, HISTORY)
+    decided = h.tracker.assign(second, raw)
+    h.clock.advance(0)
+    ((ops, _),) = shared.asked
+    assert not ops[0].wait
+    shared.answer()
+    assert decided is not None and decided.called and second.seq == 1
 
 
 # ---------------------------------------------------------------- tenants and bounds

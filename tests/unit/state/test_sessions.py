@@ -4,8 +4,10 @@ for every process, and survive a forgotten script (llmproxy/state/sessions.py)."
 from __future__ import annotations
 
 import itertools
+from collections.abc import AsyncIterator
 from typing import Any
 
+import attrs
 import pytest_twisted
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -13,9 +15,12 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from llmproxy.capture.sessions import SessionTracker
+from llmproxy.events.envelope import Envelope
 from llmproxy.state import SharedState
 from llmproxy.state.sessions import AssignOp, RecordOp, StateKey
+from tests.integration.harness import wait_until
 from tests.integration.redis_server import RedisServer
+from tests.unit.capture.test_sessions import answered, chat_record
 from tests.unit.state.conftest import connect, started
 
 KEYS: list[StateKey] = [bytes([n]) * 32 for n in range(4)] + ["r:resp_a", "r:resp_b"]
@@ -38,7 +43,9 @@ def operations(draw: Any) -> list[tuple[str, Any]]:
         else:
             lookups = draw(st.lists(st.sampled_from(KEYS), max_size=3, unique=True))
             client = draw(st.one_of(st.none(), st.sampled_from(["cli-a", "cli-b"])))
-            steps.append(("assign", (lookups, client)))
+            # A continuation may be asked to wait for its history (a miss, no decision).
+            wait = bool(lookups) and draw(st.booleans())
+            steps.append(("assign", (lookups, client, wait)))
             assigned += 1
     return steps
 
@@ -51,8 +58,8 @@ def build(steps: list[tuple[str, Any]], ids: Any, shared: bool) -> list[AssignOp
     assigns: list[AssignOp] = []
     for kind, value in steps:
         if kind == "assign":
-            lookups, client = value
-            op = AssignOp(lookups, client, next(ids))
+            lookups, client, wait = value
+            op = AssignOp(lookups, client, next(ids), wait=wait)
             assigns.append(op)
             if not (shared and not lookups and client is None):
                 ops.append(op)
@@ -79,11 +86,18 @@ async def test_redis_decides_as_the_local_maps_do(
     shared_ops = build(steps, (f"s{n}" for n in itertools.count()), shared=True)
     # In two batches: a record may name an assignment of an earlier batch.
     await shared.sessions.apply(shared_ops[:split])
-    if shared_ops[split:]:
-        await shared.sessions.apply(shared_ops[split:])
-    got = [op.result for op in shared_ops if isinstance(op, AssignOp)]
+    # A record naming an assignment that missed is not sent (the tracker parks
+    # it until that assignment is decided); applied with it, it is not applied.
+    rest = [
+        op
+        for op in shared_ops[split:]
+        if not (isinstance(op, RecordOp) and op.assign is not None and op.assign.missed)
+    ]
+    if rest:
+        await shared.sessions.apply(rest)
+    got = [(op.result, op.missed) for op in shared_ops if isinstance(op, AssignOp)]
     expected = [
-        op.result
+        (op.result, op.missed)
         for op in local_ops
         if isinstance(op, AssignOp) and (op.lookups or op.client is not None)
     ]
@@ -139,3 +153,186 @@ async def test_a_forgotten_script_is_sent_again(redis: RedisServer, shared: Shar
     op = AssignOp([], "c", "n")
     await shared.sessions.apply([op])
     assert op.result == ("c", 1, "start", 0, "", 0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_continuation_asked_to_wait_finds_nothing_and_writes_nothing(
+    redis: RedisServer, shared: SharedState
+) -> None:
+    waiting = AssignOp([KEYS[0]], None, "sess-new", wait=True)
+    # Its reply's record in the same batch is not applied either.
+    await shared.sessions.apply([waiting, RecordOp([KEYS[1]], assign=waiting)])
+    assert waiting.result is None and waiting.missed
+    assert redis.command("KEYS", "t:sessions:*") == []
+    # Recorded meanwhile (by another process): asked again, it continues.
+    first = AssignOp([], None, "sess-1")
+    await shared.sessions.apply([first, RecordOp([KEYS[0]], assign=first)])
+    await shared.sessions.apply([waiting, RecordOp([KEYS[1]], assign=waiting)])
+    assert waiting.result == ("sess-1", 2, "continue", 0, "", 1) and not waiting.missed
+    assert redis.command("GET", "t:sessions:s:" + KEYS[1].hex()) == b"2 sess-1"
+
+
+# -- the tracker waiting for a history another process records late -------------------
+
+
+@attrs.define
+class Process:
+    """A tracker as one proxy process runs it, on its own connection and Clock."""
+
+    tracker: SessionTracker
+    clock: Clock
+    state: SharedState
+    published: list[Envelope]
+
+    def events(self, kind: str) -> list[dict[str, Any]]:
+        return [e.payload() for e in self.published if e.payload()["type"] == kind]
+
+    async def send(self) -> None:
+        """Its queued batch goes out (next turn) and Redis answers it."""
+        before = self.tracker.stats()["shared_batches"]
+        self.clock.advance(0)
+        assert self.tracker.stats()["shared_batches"] == before + 1
+        await self.answered()
+
+    async def answered(self) -> None:
+        await wait_until(
+            lambda: not self.tracker.stats()["shared_in_flight"], what="the batch answered"
+        )
+
+    async def ask_again_after(self, seconds: float) -> None:
+        """The clock moves ``seconds`` (the next ask) and Redis answers that ask."""
+        before = self.tracker.stats()["shared_batches"]
+        self.clock.advance(seconds)
+        assert self.tracker.stats()["shared_batches"] == before + 1
+        await self.answered()
+
+
+async def process(redis: RedisServer, name: str, wait: float = 1.0) -> Process:
+    state = connect(redis)
+    await started(state)
+    published: list[Envelope] = []
+    clock = Clock()
+    ids = (f"{name}-{n}" for n in itertools.count(1))
+    tracker = SessionTracker(
+        published.append,
+        None,
+        1000,
+        clock,
+        new_id=lambda: next(ids),
+        shared=state.sessions,
+        continuation_wait=wait,
+    )
+    tracker.start()
+    return Process(tracker, clock, state, published)
+
+
+@pytest_twisted.async_yield_fixture
+async def two(redis: RedisServer) -> AsyncIterator[tuple[Process, Process]]:
+    a, b = await process(redis, "a"), await process(redis, "b")
+    yield a, b
+    for p in (a, b):
+        await p.tracker.stop(1.0)
+        await p.state.stop(1.0)
+
+
+TURN_1 = [{"role": "user", "content": "hi"}]
+TURN_2 = [*TURN_1, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "more"}]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_continuation_whose_history_is_recorded_a_little_later_continues_it(
+    two: tuple[Process, Process],
+) -> None:
+    a, b = two
+    first, raw = chat_record(1, TURN_1)
+    assert a.tracker.assign(first, raw) is None  # a first turn: decided by a at once
+    answered(first, "hello")
+    a.tracker.finished(first)  # its record is queued on a, not sent yet
+    # The next turn reaches b first: Redis knows no history of it yet.
+    second, raw = chat_record(2, TURN_2)
+    decided = b.tracker.assign(second, raw)
+    assert decided is not None
+    await b.send()
+    assert not decided.called and b.tracker.stats()["continuations_waited"] == 1
+    await a.send()  # a's record reaches Redis
+    await b.ask_again_after(0.05)
+    assert decided.called
+    assert (second.session_id, second.seq) == (first.session_id, 2)
+    assert b.events("session_start") == [] and b.events("fork") == []
+    assert b.tracker.stats()["continuations_not_found"] == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_continuation_whose_history_never_comes_starts_a_session_after_the_wait(
+    two: tuple[Process, Process],
+) -> None:
+    _, b = two
+    second, raw = chat_record(2, TURN_2)
+    decided = b.tracker.assign(second, raw)
+    assert decided is not None
+    await b.send()
+    # Asked again 50 ms later, then after twice as long each time, and at 1 s
+    # (the wait) without waiting: 0.05, 0.15, 0.35, 0.75, 1.0.
+    for step in (0.05, 0.1, 0.2, 0.4):
+        await b.ask_again_after(step)
+        assert not decided.called
+    b.clock.advance(0.2)
+    assert not decided.called  # not before the wait is over
+    await b.ask_again_after(0.05)
+    assert decided.called
+    assert (second.session_id, second.seq) == ("b-1", 1)
+    (start,) = b.events("session_start")
+    assert start["session_id"] == "b-1"
+    assert b.tracker.stats()["continuations_not_found"] == 1
+    # Its reply is recorded at the session it started: the next turn continues it.
+    answered(second, "sure")
+    b.tracker.finished(second)
+    await b.send()
+    third, raw = chat_record(
+        3, [*TURN_2, {"role": "assistant", "content": "sure"}, {"role": "user", "content": "ok"}]
+    )
+    b.tracker.assign(third, raw)
+    await b.send()
+    assert (third.session_id, third.seq) == ("b-1", 2)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_edit_sent_to_the_other_process_is_still_a_fork(
+    two: tuple[Process, Process],
+) -> None:
+    a, b = two
+    first, raw = chat_record(1, TURN_1)
+    a.tracker.assign(first, raw)
+    answered(first, "hello")
+    a.tracker.finished(first)
+    await a.send()
+    second, raw = chat_record(2, TURN_2)
+    a.tracker.assign(second, raw)
+    answered(second, "sure")
+    a.tracker.finished(second)
+    await a.send()  # turn 2 continues turn 1, its reply recorded
+    assert (second.session_id, second.seq) == (first.session_id, 2)
+    # Turn 2 edited, on b: its history is turn 1's state, older than the head's.
+    edited, raw = chat_record(3, [*TURN_2[:2], {"role": "user", "content": "other"}])
+    decided = b.tracker.assign(edited, raw)
+    assert decided is not None
+    await b.send()
+    assert decided.called  # found at once: no wait
+    (fork,) = b.events("fork")
+    assert (fork["parent_session"], fork["from_seq"], fork["seq"]) == (first.session_id, 1, 2)
+    assert (edited.session_id, edited.seq) == ("b-1", 2)
+    assert b.tracker.stats()["continuations_waited"] == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_stopping_asks_a_waiting_continuation_at_once_without_waiting(
+    two: tuple[Process, Process],
+) -> None:
+    _, b = two
+    second, raw = chat_record(2, TURN_2)
+    decided = b.tracker.assign(second, raw)
+    assert decided is not None
+    await b.send()
+    assert not decided.called
+    await b.tracker.stop(1.0)  # no clock advanced: the wait is cut short
+    assert decided.called and (second.session_id, second.seq) == ("b-1", 1)
