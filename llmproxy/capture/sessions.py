@@ -130,8 +130,11 @@ COMPACT_SLACK = 1024
 # Operations sent to the shared state in one script (one round trip) at most.
 MAX_BATCH = 512
 # A continuation whose history no process has recorded yet is asked again after
-# this, then after twice as long each time, until [state] continuation_wait.
+# this, then after twice as long each time (at most MAX_REASK: a turn continuing
+# from a turn that waited too finds it within that of its record), until
+# [state] continuation_wait.
 FIRST_REASK = 0.05
+MAX_REASK = 0.2
 
 
 # ---------------------------------------------------------------- what a request is
@@ -860,7 +863,7 @@ class SessionTracker:
         states = self._states
         for op in ops:
             if isinstance(op, AssignOp):
-                if op.wait and not any(key in states for key in op.lookups):
+                if op.wait and op.lookups and op.lookups[0] not in states:
                     op.result, op.missed = None, True
                     continue
                 op.missed = False
@@ -1044,7 +1047,7 @@ class SessionTracker:
             delay = max(0.0, remaining) if not self._hurrying else 0.0
         else:
             delay = held.delay
-            held.delay *= 2
+            held.delay = min(2 * held.delay, MAX_REASK)
         held.call = self._clock.callLater(delay, self._ask_again, op)
 
     def _ask_again(self, op: AssignOp) -> None:

@@ -23,9 +23,11 @@ does to them is one of two operations:
   the session's head where there is none.
 
 A continuation (an assignment with ``lookups``) may be asked with ``wait``: when
-none of its lookups is a recorded state, nothing is decided and nothing written;
-the assignment comes back *missed* (``result`` None, ``missed`` True) and the
-tracker asks again a little later.  A next turn that reaches another process
+its first lookup (its whole history: the reply it answers) is not a recorded
+state, nothing is decided and nothing written, even when an older state is
+(that reply's turn may not be decided yet: continuing the older state would
+give this turn its seq); the assignment comes back *missed* (``result`` None,
+``missed`` True) and the tracker asks again a little later.  A next turn that reaches another process
 before the previous reply's state is recorded (the record is sent once the
 reply has ended) thus finds it rather than starting a new session.  A record in
 the same batch naming a missed assignment is not applied (the tracker sends it
@@ -125,7 +127,9 @@ local function start(sid)
 end
 
 for i, op in ipairs(ops) do
-  if op.a then
+  if op.w and redis.call('EXISTS', P .. 's:' .. op.a[1]) == 0 then
+    results[i] = {'', 0, 'miss', 0, '', 0}
+  elseif op.a then
     local found = nil
     for _, key in ipairs(op.a) do
       local v = redis.call('GET', P .. 's:' .. key)
@@ -146,8 +150,6 @@ for i, op in ipairs(ops) do
         set_head(op.n, seq, from_seq)
         results[i] = {op.n, seq, 'fork', from_seq, parent, from_seq}
       end
-    elseif op.w then
-      results[i] = {'', 0, 'miss', 0, '', 0}
     elseif op.c then
       local last, st = head(op.c)
       if last then
@@ -208,7 +210,7 @@ class RedisSessionState:
                 one: dict[str, Any] = {"a": [state_key_text(k) for k in op.lookups], "n": op.new_id}
                 if op.client is not None:
                     one["c"] = op.client
-                if op.wait:
+                if op.wait and op.lookups:
                     one["w"] = 1
             else:
                 one = {"r": [state_key_text(k) for k in op.keys]}

@@ -4,7 +4,9 @@ It counts TCP connections, records the requests it saw, and serves (the
 OpenAI-style answers with the provider's ``x-request-id: req_N``, the Anthropic
 ones with ``request-id: req_N``, N counting the requests):
   POST /v1/chat/completions          a JSON chat completion (with usage)
-  POST /v1/chat/completions + stream an SSE stream (``"stream": true`` in the body)
+  POST /v1/chat/completions + stream an SSE stream (``"stream": true`` in the body);
+                                     ?end_after=S sends all of it (``[DONE]`` too) at
+                                     once but ends it (the last chunk) S seconds later
   POST /v1/messages                  an Anthropic message answering the last user message
                                      (SSE events with ``"stream": true``)
   GET  /sse?n=N&gap=S                N SSE events S seconds apart (real reactor time)
@@ -275,7 +277,12 @@ class FakeUpstream(Resource):
                 request.setHeader(b"cache-control", b"no-cache")
                 for chunk in sse_chunks():
                     request.write(chunk)
-                request.finish()
+                end_after = request.args.get(b"end_after")
+                if end_after:
+                    call = self.reactor.callLater(float(end_after[0]), request.finish)
+                    self._pending.append(call)
+                else:
+                    request.finish()
                 return server.NOT_DONE_YET
             request.setHeader(b"content-type", b"application/json")
             return json.dumps(CHAT_COMPLETION).encode()

@@ -66,6 +66,10 @@ provider = openai
 
 [state]
 store = redis
+# Five turns sent back to back, each before the reply it continues from is
+# recorded, chain their waits (a turn's reply is recorded once the turn is
+# decided): more than the default 1 s on a loaded machine.
+continuation_wait = 5
 {state}
 
 [redis]
@@ -331,34 +335,76 @@ def session_entries(daemons: list[Daemon]) -> list[dict[str, Any]]:
     return sorted(entries, key=lambda e: (e["ts_ns"], e["type"] != "session_start"))
 
 
+# The upstream sends a streamed reply whole, [DONE] included, and ends the
+# stream this much later: the client has its reply and sends the next turn at
+# once, while the proxy records the reply's state only once the stream has
+# ended (docs/workers.md, "Sessions are continuous").
+END_AFTER = 0.3
+
+
+async def streamed_turn(
+    setup: Setup, daemon: Daemon, messages: list[dict[str, Any]]
+) -> tuple[str, defer.Deferred[None]]:
+    """A streamed chat turn on the open route: the reply's text as soon as its
+    ``[DONE]`` is read, and a Deferred for the end of the response."""
+    body = {"model": "gpt-4o-mini", "messages": messages, "stream": True}
+    response = await setup.client.post(
+        f"{daemon.base}/open/v1/chat/completions?end_after={END_AFTER}",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    assert response.code == 200
+    received: list[bytes] = []
+    done: defer.Deferred[bytes] = defer.Deferred()
+
+    def read(data: bytes) -> None:
+        received.append(data)
+        seen = b"".join(received)
+        if b"data: [DONE]" in seen and not done.called:
+            done.callback(seen)
+
+    ended = treq.collect(response, read)
+    seen = await done.addTimeout(30, reactor)
+    text = ""
+    for line in seen.splitlines():
+        if line.startswith(b"data: {"):
+            for choice in json.loads(line[6:])["choices"]:
+                text += choice["delta"].get("content") or ""
+    return text, ended
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_conversation_alternating_between_daemons_is_one_session(setup: Setup) -> None:
     a, b = setup.daemons
     messages: list[dict[str, Any]] = []
     history_after: list[list[dict[str, Any]]] = []
+    streams: list[defer.Deferred[None]] = []
     for turn in range(5):
         messages.append({"role": "user", "content": f"question {turn + 1}"})
-        body = {"model": "gpt-4o-mini", "messages": messages}
-        recorded = recorded_states(setup)
-        code, raw, _ = await setup.post((a, b)[turn % 2], "/open/v1/chat/completions", body)
-        assert code == 200
-        messages.append(json.loads(raw)["choices"][0]["message"])
+        # Each turn goes to the other daemon as soon as the previous reply is
+        # read, before that reply's stream has ended: its state is not in Redis
+        # yet when the turn is first looked up there.
+        text, ended = await streamed_turn(setup, (a, b)[turn % 2], list(messages))
+        streams.append(ended)
+        messages.append({"role": "assistant", "content": text})
         history_after.append(list(messages))
-        # The promise holds for a next turn sent once the reply's record is in
-        # Redis (sent when the reply ends; docs/workers.md, "Sessions are
-        # continuous"): on a loaded machine that can take longer than this
-        # client takes to send its next turn.
-        await wait_until_async(
-            lambda before=recorded: defer.succeed(recorded_states(setup) > before),
-            True,
-            "reply recorded",
-        )
+    await defer.gatherResults(streams)
+    # Every turn decided and its reply recorded (after the turn before it).
+    await wait_until(lambda: recorded_states(setup) == 5, what="five replies recorded")
     # An edit of the third question, sent to the daemon that did not serve turn 5 (a).
     edited = history_after[1] + [{"role": "user", "content": "question 3, asked differently"}]
-    code, _, _ = await setup.post(
-        b, "/open/v1/chat/completions", {"model": "m", "messages": edited}
-    )
-    assert code == 200
+    _, ended = await streamed_turn(setup, b, edited)
+    await ended
+    await wait_until(lambda: recorded_states(setup) == 6, what="the edit's reply recorded")
+    # Turns 2 to 5 each reached Redis before the turn they continue from was
+    # recorded there, and waited for it.
+    waited = 0
+    for daemon in setup.daemons:
+        stats = json.loads(await (await setup.client.get(daemon.admin + "/stats")).content())
+        for worker in stats["workers"].values():
+            waited += worker["sessions"]["continuations_waited"]
+            assert worker["sessions"]["continuations_not_found"] == 0
+    assert waited >= 4, waited
     for daemon in setup.daemons:
         await daemon.stop()  # drained: every session entry written
     entries = session_entries(setup.daemons)

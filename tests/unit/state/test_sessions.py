@@ -271,14 +271,14 @@ async def test_a_continuation_whose_history_never_comes_starts_a_session_after_t
     decided = b.tracker.assign(second, raw)
     assert decided is not None
     await b.send()
-    # Asked again 50 ms later, then after twice as long each time, and at 1 s
-    # (the wait) without waiting: 0.05, 0.15, 0.35, 0.75, 1.0.
-    for step in (0.05, 0.1, 0.2, 0.4):
+    # Asked again 50 ms later, then after twice as long each time up to 200 ms,
+    # and at 1 s (the wait) without waiting: 0.05, 0.15, 0.35, 0.55, 0.75, 0.95, 1.0.
+    for step in (0.05, 0.1, 0.2, 0.2, 0.2, 0.2):
         await b.ask_again_after(step)
         assert not decided.called
-    b.clock.advance(0.2)
+    b.clock.advance(0.04)
     assert not decided.called  # not before the wait is over
-    await b.ask_again_after(0.05)
+    await b.ask_again_after(0.01)
     assert decided.called
     assert (second.session_id, second.seq) == ("b-1", 1)
     (start,) = b.events("session_start")
