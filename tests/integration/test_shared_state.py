@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
+from collections import defaultdict
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -434,6 +436,7 @@ async def test_redis_killed_and_restarted_under_load(setup: Setup) -> None:
     a, b = setup.daemons
     codes: list[int] = []
     refusals: list[tuple[bytes, Any]] = []
+    open_codes: list[int] = []
     running = [True]
 
     async def load(daemon: Daemon) -> None:
@@ -445,7 +448,15 @@ async def test_redis_killed_and_restarted_under_load(setup: Setup) -> None:
             if code == 503:
                 refusals.append((raw, headers))
 
+    async def converse_all_along(daemon: Daemon) -> None:
+        """Conversations on the open route (no token): their sessions use the
+        shared state while Redis is down too."""
+        while running[0]:
+            code, _, _ = await setup.post(daemon, "/open/v1/chat/completions", CHAT)
+            open_codes.append(code)
+
     loaders = [defer.ensureDeferred(load(d)) for d in (a, b) for _ in range(4)]
+    loaders += [defer.ensureDeferred(converse_all_along(d)) for d in (a, b) for _ in range(2)]
     await wait_until(lambda: codes.count(200) >= 50, what="load under way")
     process = setup.redis.process
     assert process is not None
@@ -453,6 +464,8 @@ async def test_redis_killed_and_restarted_under_load(setup: Setup) -> None:
     process.wait()
     setup.redis.process = None
     await wait_until(lambda: codes.count(503) >= 20, what="503 while Redis is down")
+    at_outage = len(open_codes)
+    await wait_until(lambda: len(open_codes) >= at_outage + 20, what="conversations meanwhile")
     # An OpenAI-shaped JSON error that says why, and when to try again.
     raw, headers = refusals[-1]
     error = json.loads(raw)["error"]
@@ -462,11 +475,15 @@ async def test_redis_killed_and_restarted_under_load(setup: Setup) -> None:
     served_while_down = codes.count(200)
     setup.redis.start()  # same port, its append-only file: the counts are back
     await wait_until(lambda: codes.count(200) >= served_while_down + 50, what="recovered")
+    # A part is back with its first operation that succeeds: for sessions, the
+    # first conversation a worker serves after the outage.
+    await wait_until_async(lambda: parts_down(setup), [], "every part answered again")
     running[0] = False
     await defer.gatherResults(loaders)
     # fail_closed: refused, never let through uncounted; nothing else went wrong.
     assert set(codes) == {200, 503}, sorted(set(codes))
-    assert setup.upstream_calls(b"/v1/chat/completions") == codes.count(200)
+    assert set(open_codes) == {200}, sorted(set(open_codes))
+    assert setup.upstream_calls(b"/v1/chat/completions") == codes.count(200) + len(open_codes)
     # Counted in Redis: every request let through, plus those whose admission
     # Redis made (and wrote to its append-only file) but whose answer the kill
     # lost: refused with 503, at most one per loader. Never fewer.
@@ -475,9 +492,48 @@ async def test_redis_killed_and_restarted_under_load(setup: Setup) -> None:
     for daemon in (a, b):
         stats = json.loads(await (await setup.client.get(daemon.admin + "/stats")).content())
         assert stats["worker_restarts"] == 0 and stats["workers_up"] == 2
-        output = daemon.proc.output
-        assert b"shared state (access): Redis unavailable" in output
-        assert b"shared state (access): Redis answers again" in output
+    # One outage, one line when it began and one when it ended, in each worker
+    # process and for each part of the shared state it used: never a line per
+    # request (hundreds were refused or decided locally meanwhile).
+    sessions_seen = 0
+    for daemon in (a, b):
+        lines = transitions(daemon.proc.output)
+        for worker in ("worker-0", "worker-1"):
+            assert lines[worker, "access"] == ["unavailable", "answers again"], lines
+            # A worker whose conversations met the outage (most do, not all).
+            sessions = lines[worker, "sessions"]
+            assert sessions in ([], ["unavailable", "answers again"]), lines
+            sessions_seen += bool(sessions)
+        assert set(lines) <= {(w, p) for w in ("worker-0", "worker-1") for p in PARTS_USED}
+    assert sessions_seen >= 1
+
+
+async def parts_down(setup: Setup) -> list[tuple[str, str, str]]:
+    """(daemon's admin, worker, part) of every part of the shared state a worker
+    sees as not answering."""
+    down = []
+    for daemon in setup.daemons:
+        stats = json.loads(await (await setup.client.get(daemon.admin + "/stats")).content())
+        for worker, doc in stats["workers"].items():
+            for part in PARTS_USED:
+                if not doc["state"].get(part, {"connected": 1})["connected"]:
+                    down.append((daemon.admin, worker, part))
+    return down
+
+
+# The parts of the shared state these daemons use (no Redis cache store: no coalescing).
+PARTS_USED = ("access", "sessions")
+_TRANSITION = re.compile(
+    rb"\[(worker-\d+)#\w+\] shared state \((\w+)\): Redis (unavailable|answers again)"
+)
+
+
+def transitions(output: bytes) -> defaultdict[tuple[str, str], list[str]]:
+    """(worker, part) -> the shared state's transitions it logged, in order."""
+    found: defaultdict[tuple[str, str], list[str]] = defaultdict(list)
+    for worker, part, what in _TRANSITION.findall(output):
+        found[worker.decode(), part.decode()].append(what.decode())
+    return found
 
 
 # -- the token commands against Redis --------------------------------------------------
