@@ -665,8 +665,9 @@ class StateSettings:
         doc="A turn whose history no process has recorded yet (the previous reply, served "
         "by another process, is recorded once it has ended) waits up to this long for that "
         "record before it starts a new session; asked again after 50 ms, then twice as "
-        "long each time up to 200 ms, in the batches going to Redis anyway. Only its session event and "
-        "its own events wait, never the request. 0: a new session at once.",
+        "long each time up to 200 ms, in the batches going to Redis anyway. Only its "
+        "session event and its own events wait, never the request. 0: a new session at "
+        "once.",
     )
 
 

@@ -27,11 +27,11 @@ its first lookup (its whole history: the reply it answers) is not a recorded
 state, nothing is decided and nothing written, even when an older state is
 (that reply's turn may not be decided yet: continuing the older state would
 give this turn its seq); the assignment comes back *missed* (``result`` None,
-``missed`` True) and the tracker asks again a little later.  A next turn that reaches another process
-before the previous reply's state is recorded (the record is sent once the
-reply has ended) thus finds it rather than starting a new session.  A record in
-the same batch naming a missed assignment is not applied (the tracker sends it
-again once the assignment is decided).
+``missed`` True) and the tracker asks again a little later.  A next turn that
+reaches another process before the previous reply's state is recorded (the
+record is sent once the reply has ended) thus finds it rather than starting a
+new session.  A record in the same batch naming a missed assignment is not
+applied (the tracker sends it again once the assignment is decided).
 
 The tracker applies them to its own maps (one process) or sends them here
 (``[state] store = redis``): :meth:`RedisSessionState.apply` runs a batch of
