@@ -1651,6 +1651,31 @@ def test_a_waiting_turn_is_decided_here_when_redis_goes_away_meanwhile() -> None
     assert h.tracker.stats()["local_fallbacks"] == 1
 
 
+def test_a_previous_response_id_recorded_late_by_another_process_is_followed() -> None:
+    h, shared, other, other_shared = waiting_pair()
+    path = "/openai/v1/responses"
+    first = other.exchange(
+        path,
+        {"model": "gpt-4.1", "input": "Tell me a joke"},
+        responses_json("resp_a1", [output_message("Joke 1")]),
+    )  # its record (r:resp_a1) is queued there, not sent yet
+    second = h.exchange(
+        path,
+        {"model": "gpt-4.1", "input": "Another", "previous_response_id": "resp_a1"},
+        responses_json("resp_a2", [output_message("Joke 2")]),
+    )
+    h.clock.advance(0)
+    shared.answer()  # resp_a1 unknown yet: not taken as the session's own id
+    assert second.session_id is None
+    other.clock.advance(0)
+    other_shared.answer()
+    h.clock.advance(0.05)
+    shared.answer()
+    assert (second.session_id, second.seq) == (first.session_id, 2)
+    shared.answer()  # then its own reply's record
+    assert h.events("session_start") == []
+
+
 def test_without_a_wait_a_continuation_nobody_recorded_starts_at_once() -> None:
     h, shared, _ = held()  # continuation_wait = 0
     second, raw = chat_record(2, HISTORY)
