@@ -1,5 +1,6 @@
 """The session tracker: which conversation a request belongs to, and where a
-conversation forks (tests: tests/unit/capture/test_sessions.py).
+conversation forks (tests: tests/unit/capture/test_sessions.py; with a shared
+state: tests/unit/state/test_sessions.py, tests/integration/test_shared_state.py).
 
 The proxy calls :meth:`SessionTracker.assign` for every request right before it
 publishes the ``request`` event, and :meth:`SessionTracker.finished` when the
@@ -55,6 +56,15 @@ new sessions.  A journal moved, deleted or emptied under the running tracker (it
 directory removed with ``state_dir``) is noticed at the next append (one
 ``os.stat``) and written whole again from memory, its directory made again.
 Nothing here raises into the request path.
+
+With ``[state] store = redis`` the decisions are taken in Redis
+(llmproxy/state/sessions.py), in batches, off the request path; these maps
+mirror them.  A reply's state reaches Redis only once the reply has ended, so a
+next turn served by another process may be looked up before it: such a
+continuation is asked again (50 ms, doubling to 200 ms) for up to ``[state]
+continuation_wait`` before it starts a new session, and what needs its decision
+(its own reply's record, a turn continuing from that reply) waits parked on it,
+so turns are decided in order.
 """
 
 from __future__ import annotations

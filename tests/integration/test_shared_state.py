@@ -4,11 +4,13 @@ as one proxy: a quota is exact over all four workers (also when two of them are
 killed with requests in flight), one rate bucket per token, a token revoked with
 the CLI is refused by both (within a second: the poll's timing is proven on a
 Clock in tests/unit/access/test_shared.py), a conversation whose turns alternate
-between the daemons is one session (and an edit sent to the other one forks it),
-identical misses of every worker make one upstream call with the Redis cache
-store, and Redis killed and restarted under load leaves them answering by the
-configured policy (fail_closed: 503; fail_open: let through and counted once
-Redis is back) and recovering on their own
+between the daemons, each sent as soon as the previous reply is read (before the
+proxy has recorded it), is one session (and an edit sent to the other one forks
+it), identical misses of every worker make one upstream call with the Redis
+cache store, and Redis killed and restarted under load leaves them answering by
+the configured policy (fail_closed: 503; fail_open: let through and counted once
+Redis is back), logging one line per worker and part when it goes and one when
+it is back, and recovering on their own
 (llmproxy/state/, llmproxy/access/shared.py, llmproxy/capture/sessions.py,
 llmproxy/cache/cache.py)."""
 
