@@ -338,6 +338,13 @@ class RedisCounters:
         ] = {}
         self.batches = 0
         self.admissions = 0
+        # add_many's amounts of this reactor turn, summed per (key, expire_at in
+        # ms or b""): answers of one token charge the same few counters, so a
+        # turn's charges are one script run however many answers ended in it.
+        self._adding: dict[tuple[bytes, bytes], int] = {}
+        self._add_waiters: list[Deferred[None]] = []
+        self._add_call: IDelayedCall | None = None
+        self.add_batches = 0
 
     def key(self, name: str) -> str:
         return self._prefix + name
@@ -407,14 +414,52 @@ class RedisCounters:
     def add_many(
         self, amounts: Sequence[tuple[str, int, float | None]], now: float
     ) -> Deferred[None]:
-        """:meth:`add` for each ``(key, amount, expire_at)`` in one script run."""
+        """:meth:`add` for each ``(key, amount, expire_at)``.  The adds asked for
+        in one reactor turn are summed per counter and sent in one script run
+        (:meth:`flush` sends them at once); the result fires when that run is done."""
         if not amounts:
             return succeed(None)
-        keys = [self._prefix + key for key, _, _ in amounts]
-        args: list[int | str] = []
-        for _, amount, expire_at in amounts:
-            args += [amount, "" if expire_at is None else int(expire_at * 1000)]
-        return ADD_MANY.run(self._redis, keys, args).addCallback(lambda _: None)
+        adding = self._adding
+        prefix = self._prefix
+        for key, amount, expire_at in amounts:
+            slot = (
+                (prefix + key).encode(),
+                b"" if expire_at is None else b"%d" % int(expire_at * 1000),
+            )
+            adding[slot] = adding.get(slot, 0) + amount
+        if self._add_call is None:
+            self._add_call = self._clock.callLater(0, self.flush)
+        d: Deferred[None] = Deferred()
+        self._add_waiters.append(d)
+        return d
+
+    def flush(self) -> Deferred[None]:
+        """Send the adds :meth:`add_many` holds for this turn now (one script run);
+        fires when they are done (or failed: the adds' own Deferreds say how)."""
+        call, self._add_call = self._add_call, None
+        if call is not None and call.active():
+            call.cancel()
+        adding, self._adding = self._adding, {}
+        waiters, self._add_waiters = self._add_waiters, []
+        if not adding:
+            for d in waiters:
+                d.callback(None)
+            return succeed(None)
+        keys = [key for key, _ in adding]
+        args: list[bytes | int] = []
+        for (_, expire), amount in adding.items():
+            args += [amount, expire]
+        self.add_batches += 1
+
+        def done(_: object) -> None:
+            for d in waiters:
+                d.callback(None)
+
+        def failed(failure: Failure) -> None:
+            for d in waiters:
+                d.errback(failure)
+
+        return ADD_MANY.run(self._redis, keys, args).addCallbacks(done, failed)
 
     def add_all(self, amounts: Mapping[str, int]) -> Deferred[None]:
         """Add each amount to its counter, in one round trip (not atomically

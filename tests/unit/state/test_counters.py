@@ -165,6 +165,39 @@ async def test_the_admissions_of_one_turn_share_one_round_trip(shared: SharedSta
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_adds_of_one_turn_are_summed_into_one_script_run(
+    redis: RedisServer, shared: SharedState
+) -> None:
+    before = shared.counters.add_batches
+    expire = NOW + 3600
+    charges = [[("usd", 7, expire), ("tokens", i, expire), ("total", 1, None)] for i in range(50)]
+    added = [shared.counters.add_many(charge, NOW) for charge in charges]
+    await defer.gatherResults(added)
+    assert shared.counters.add_batches == before + 1
+    assert await shared.counters.read(["usd", "tokens", "total"], NOW) == [350, sum(range(50)), 50]
+    assert redis.command("PEXPIRETIME", "t:usd") == int(expire * 1000)
+    assert redis.command("TTL", "t:total") == -1  # no expiry asked: none set
+
+
+@pytest_twisted.ensureDeferred
+async def test_stopping_sends_the_adds_still_held_for_this_turn(redis: RedisServer) -> None:
+    state = connect(redis)
+    await started(state)
+    state.counters.add_many([("held", 5, None)], NOW).addErrback(lambda _: None)
+    await state.stop(1.0)  # in the same turn as the add
+    assert redis.command("GET", "t:held") == b"5"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_add_batch_fails_every_add_of_it(redis: RedisServer) -> None:
+    state = connect(redis)  # never started: no connection
+    added = [state.counters.add_many([("k", 1, None)], NOW) for _ in range(3)]
+    for d in added:
+        with pytest.raises(RedisUnavailable):
+            await d
+
+
+@pytest_twisted.ensureDeferred
 async def test_two_processes_share_one_count(redis: RedisServer, shared: SharedState) -> None:
     other = connect(redis)
     await started(other)
