@@ -85,6 +85,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from llmproxy.config.model import ExporterSettings
+from llmproxy.events.endpoints import endpoint_kind
 from llmproxy.events.facts import facts_of
 from llmproxy.export.sink import EncodedBatch, HTTPSink, checked_endpoint, parse_retry_after
 from llmproxy.export.sinks import exchange
@@ -185,24 +186,23 @@ def _traceparent(headers: Any) -> tuple[str, str] | None:
     return trace, parent
 
 
+# The GenAI semantic conventions' operation of each endpoint kind.
+_OPERATIONS = {
+    "chat": "chat",
+    "responses": "chat",
+    "messages": "chat",
+    "completions": "text_completion",
+    "embeddings": "embeddings",
+    "generate_content": "generate_content",
+    "embed_content": "embeddings",
+}
+
+
 def operation_name(path: str) -> str | None:
     """``gen_ai.operation.name`` from the request path: a well-known value of the
     semantic conventions, or None for an endpoint that is no GenAI operation."""
-    p = path.split("?", 1)[0].rstrip("/")
-    if p.endswith("/chat/completions"):
-        return "chat"
-    if p.endswith("/completions"):
-        return "text_completion"
-    if p.endswith("/embeddings"):
-        return "embeddings"
-    if p.endswith(("/messages", "/responses")):
-        return "chat"
-    last = p.rsplit("/", 1)[-1]
-    if last.endswith((":generateContent", ":streamGenerateContent")):
-        return "generate_content"
-    if last.endswith((":embedContent", ":batchEmbedContents")):
-        return "embeddings"
-    return None
+    kind = endpoint_kind(path)
+    return None if kind is None else _OPERATIONS[kind]
 
 
 @attrs.frozen
