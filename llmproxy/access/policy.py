@@ -270,9 +270,7 @@ class TokenAccess:
         self._rules = self._route_rules(routes)
         self._inject = self._injections(routes)
         if self._shared_state is not None:
-            usage_file = self._usage_file or UsageFile(
-                self._tokens.path.with_name("token-usage.json")
-            )
+            usage_file = self._usage_file or UsageFile.in_state_dir(self._tokens.path.parent)
             self._shared = SharedTokens(
                 state=self._shared_state,
                 clock=self._clock,
