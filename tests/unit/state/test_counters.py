@@ -145,6 +145,35 @@ async def test_redis_answers_as_the_reference_does(
         assert same(expected, got), (checks, bucket, at, expected, got)
 
 
+# The admissions of one batch are decided in order as if each ran alone, though the
+# script reads each counter and bucket once and writes it once at the batch's end.
+@settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=STEPS, later=STEPS)
+@pytest_twisted.ensureDeferred
+async def test_a_batch_answers_as_the_reference_does_one_by_one(
+    steps: list[tuple[list[CounterCheck], BucketTake | None, float]],
+    later: list[tuple[list[CounterCheck], BucketTake | None, float]],
+    shared: SharedState,
+    redis: RedisServer,
+) -> None:
+    redis.command("FLUSHALL")
+    local = LocalCounters()
+    at = NOW
+    for batch in (steps, later):  # the second batch reads what the first one wrote
+        expected, asked = [], []
+        before = shared.counters.batches
+        for checks, bucket, step_at in batch:
+            at = max(at, NOW + step_at)
+            expected.append(local.admit_now(checks, bucket, at))
+            asked.append(shared.counters.admit(checks, bucket, at))
+        got = await defer.gatherResults(asked)
+        assert shared.counters.batches == before + 1
+        for one, want in zip(got, expected, strict=True):
+            assert same(want, one), (batch, want, one)
+    keys = ["a", "b", "c"]
+    assert await shared.counters.read(keys, at) == [local.value(k, at) for k in keys]
+
+
 @pytest_twisted.ensureDeferred
 async def test_concurrent_admissions_never_pass_the_limit(shared: SharedState) -> None:
     checks = (CounterCheck("quota:t", limit=50),)
