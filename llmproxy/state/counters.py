@@ -25,6 +25,13 @@ token, unit and period, keyed for example ``budget:tok_ab12:usd:2025-06`` with
 ended, is added with :meth:`add`.  Amounts are whole numbers (Redis ``INCRBY``
 is exact; count money in micro-units).
 
+:meth:`RedisCounters.charge` adds to counters *and* to one row of tables kept
+per window (:class:`TableAdd`: a Redis hash per window, a field per row and column)
+in the same script run: how the spend per project and model that ``llmproxy
+spend`` reads is kept with ``[state] store = redis``, at no extra round trip.  A
+table that holds ``max_rows`` rows already counts a new row under ``overflow``
+(so a client or upstream naming endless models cannot grow it without bound).
+
 Two implementations with the same answers: :class:`LocalCounters` (one process,
 in memory: the reference the tests compare against) and :class:`RedisCounters`
 (one Lua script per batch: the admissions asked for in one reactor turn go to
@@ -53,7 +60,9 @@ __all__ = [
     "CounterCheck",
     "LocalCounters",
     "RedisCounters",
+    "TableAdd",
     "bucket_take",
+    "table_rows",
 ]
 
 # A bucket untouched this long is full again: its key may go (60 s refill, plus slack).
@@ -72,6 +81,30 @@ class CounterCheck:
 class BucketTake:
     key: str
     per_minute: int
+
+
+@attrs.frozen
+class TableAdd:
+    """Add ``columns`` (``(name, amount)``, names without spaces) to ``row`` of each
+    table ``(key, expire_at)``: one hash per table, a field per row and column
+    (``<row> TAB <column>``; every column written, zeros too, so a table's rows are
+    its fields over the number of columns).  A table that holds ``max_rows`` rows
+    and not ``row`` adds to ``overflow`` instead (which may make it one more)."""
+
+    row: str
+    overflow: str
+    columns: tuple[tuple[str, int], ...]
+    tables: tuple[tuple[str, float | None], ...]
+    max_rows: int
+
+
+def table_rows(fields: Mapping[str, int]) -> dict[str, dict[str, int]]:
+    """A table's hash, ``<row> TAB <column> -> amount``, as ``row -> {column: amount}``."""
+    rows: dict[str, dict[str, int]] = {}
+    for field, amount in fields.items():
+        row, _, column = field.rpartition("\t")
+        rows.setdefault(row, {})[column] = amount
+    return rows
 
 
 @attrs.frozen
@@ -302,6 +335,46 @@ return #KEYS
 )
 
 
+# KEYS: counters, then tables (hashes).  ARGV: the number of counters, per
+# counter its amount and expire_at in ms or ''; then the row, the overflow row,
+# max_rows, the columns as one word list "name amount name amount ...", and per
+# table its expire_at in ms or ''.  The first column's field tells whether a
+# table holds the row already.
+CHARGE = Script(
+    "charge",
+    b"""
+local n = tonumber(ARGV[1])
+for i = 1, n do
+  redis.call('INCRBY', KEYS[i], ARGV[2 * i])
+  local e = tonumber(ARGV[2 * i + 1])
+  if e ~= nil then redis.call('PEXPIREAT', KEYS[i], e) end
+end
+local a = 2 * n + 2
+local row, overflow, max_rows = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
+local names, amounts = {}, {}
+local w = 0
+for word in string.gmatch(ARGV[a + 3], '%S+') do
+  w = w + 1
+  if w % 2 == 1 then names[#names + 1] = word else amounts[#amounts + 1] = word end
+end
+for j = n + 1, #KEYS do
+  local h = KEYS[j]
+  local r = row
+  if redis.call('HEXISTS', h, r .. '\t' .. names[1]) == 0
+      and redis.call('HLEN', h) >= max_rows * #names then
+    r = overflow
+  end
+  for c = 1, #names do
+    redis.call('HINCRBY', h, r .. '\t' .. names[c], amounts[c])
+  end
+  local e = tonumber(ARGV[a + 4 + j - n - 1])
+  if e ~= nil then redis.call('PEXPIREAT', h, e) end
+end
+return #KEYS
+""",
+)
+
+
 # KEYS[1]: a marker, then counters; ARGV: an amount per counter.  Adds the amounts
 # only when the marker is new (an import done once, whoever does it first).
 ADD_ONCE = Script(
@@ -415,6 +488,40 @@ class RedisCounters:
         for _, amount, expire_at in amounts:
             args += [amount, "" if expire_at is None else int(expire_at * 1000)]
         return ADD_MANY.run(self._redis, keys, args).addCallback(lambda _: None)
+
+    def charge(
+        self,
+        amounts: Sequence[tuple[str, int, float | None]],
+        table: TableAdd,
+        now: float,
+    ) -> Deferred[None]:
+        """:meth:`add_many`, and ``table``'s row added to, in one script run."""
+        prefix = self._prefix
+        keys = [prefix + key for key, _, _ in amounts]
+        keys += [prefix + key for key, _ in table.tables]
+        args: list[int | str] = [len(amounts)]
+        for _, amount, expire_at in amounts:
+            args += [amount, "" if expire_at is None else int(expire_at * 1000)]
+        args += [
+            table.row,
+            table.overflow,
+            table.max_rows,
+            " ".join(f"{name} {amount}" for name, amount in table.columns),
+        ]
+        args += ["" if e is None else int(e * 1000) for _, e in table.tables]
+        return CHARGE.run(self._redis, keys, args).addCallback(lambda _: None)
+
+    def read_table(self, key: str) -> Deferred[dict[str, dict[str, int]]]:
+        """A table of :meth:`charge`: ``row -> {column: amount}`` (empty when absent)."""
+
+        def parsed(reply: Sequence[bytes]) -> dict[str, dict[str, int]]:
+            fields = {
+                reply[i].decode("utf-8", "replace"): int(reply[i + 1])
+                for i in range(0, len(reply), 2)
+            }
+            return table_rows(fields)
+
+        return self._redis.execute(b"HGETALL", self._prefix + key).addCallback(parsed)
 
     def add_all(self, amounts: Mapping[str, int]) -> Deferred[None]:
         """Add each amount to its counter, in one round trip (not atomically
