@@ -395,12 +395,8 @@ class SpendBook:
             table = TableAdd(
                 f"{project}\t{name}",
                 f"{project}\t{OTHER_MODEL}",
-                (
-                    ("usd_nanos", usd_nanos),
-                    ("tokens", tokens),
-                    ("requests", 1),
-                    ("unpriced", unpriced),
-                ),
+                SPEND_COLUMNS,
+                (usd_nanos, tokens, 1, unpriced),
                 self._tables,
                 self.max_rows,
             )

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
@@ -83,17 +83,18 @@ class BucketTake:
     per_minute: int
 
 
-@attrs.frozen
-class TableAdd:
-    """Add ``columns`` (``(name, amount)``, names without spaces) to ``row`` of each
+class TableAdd(NamedTuple):
+    """Add ``amounts`` to the ``columns`` (names without spaces) of ``row`` in each
     table ``(key, expire_at)``: one hash per table, a field per row and column
     (``<row> TAB <column>``; every column written, zeros too, so a table's rows are
     its fields over the number of columns).  A table that holds ``max_rows`` rows
-    and not ``row`` adds to ``overflow`` instead (which may make it one more)."""
+    and not ``row`` adds to ``overflow`` instead (which may make it one more).
+    (A named tuple: one is made per answer.)"""
 
     row: str
     overflow: str
-    columns: tuple[tuple[str, int], ...]
+    columns: tuple[str, ...]
+    amounts: tuple[int, ...]
     tables: tuple[tuple[str, float | None], ...]
     max_rows: int
 
@@ -409,6 +410,12 @@ class RedisCounters:
         self._specs: dict[
             tuple[tuple[CounterCheck, ...], BucketTake | None], tuple[tuple[bytes, ...], bytes]
         ] = {}
+        # The last charge's tables and columns, and their keys and arguments.
+        self._table_args: tuple[object, object, tuple[list[str], list[int | str], str]] = (
+            None,
+            None,
+            ([], [], ""),
+        )
         self.batches = 0
         self.admissions = 0
 
@@ -497,19 +504,25 @@ class RedisCounters:
     ) -> Deferred[None]:
         """:meth:`add_many`, and ``table``'s row added to, in one script run."""
         prefix = self._prefix
-        keys = [prefix + key for key, _, _ in amounts]
-        keys += [prefix + key for key, _ in table.tables]
+        keys: list[str] = []
         args: list[int | str] = [len(amounts)]
-        for _, amount, expire_at in amounts:
+        for key, amount, expire_at in amounts:
+            keys.append(prefix + key)
             args += [amount, "" if expire_at is None else int(expire_at * 1000)]
-        args += [
-            table.row,
-            table.overflow,
-            table.max_rows,
-            " ".join(f"{name} {amount}" for name, amount in table.columns),
-        ]
-        args += ["" if e is None else int(e * 1000) for _, e in table.tables]
-        return CHARGE.run(self._redis, keys, args).addCallback(lambda _: None)
+        # The tables and columns are the same objects for every answer of a day.
+        last_tables, last_columns, found = self._table_args
+        if table.tables is not last_tables or table.columns is not last_columns:
+            found = (
+                [prefix + key for key, _ in table.tables],
+                ["" if e is None else int(e * 1000) for _, e in table.tables],
+                " ".join(f"{name} %d" for name in table.columns),
+            )
+            self._table_args = (table.tables, table.columns, found)
+        table_keys, expires, columns = found
+        keys += table_keys
+        args += [table.row, table.overflow, table.max_rows, columns % table.amounts]
+        args += expires
+        return CHARGE.run(self._redis, keys, args).addCallback(_nothing)
 
     def read_table(self, key: str) -> Deferred[dict[str, dict[str, int]]]:
         """A table of :meth:`charge`: ``row -> {column: amount}`` (empty when absent)."""
@@ -539,6 +552,10 @@ class RedisCounters:
             return succeed([])
         d = self._redis.execute(b"MGET", *(self._prefix + k for k in keys))
         return d.addCallback(lambda values: [int(v) if v is not None else 0 for v in values])
+
+
+def _nothing(_: object) -> None:
+    return None
 
 
 def _admission(answer: Sequence[Any]) -> Admission:
