@@ -10,7 +10,9 @@ differ by more than the change being judged.  This script starts every side at
 once (same nginx mock, same CPU placement as ``run.py``) and measures them in
 turns, ``--rounds`` times: per round and side one c1 latency run (everything on
 the server's CPU, as ``run.py``) and one c50 throughput run (the server on its
-CPU, wrk and the mock on the others), with the server's CPU time per request.  It prints, per
+CPU, wrk and the mock on the others), with the server's CPU time per request,
+how busy the whole machine was during the c50 run (in CPUs: is it saturated?)
+and what everything else (wrk, the mocks, redis-server) spent per request.  It prints, per
 side, the median and the best (minimum) of each figure: a drift that slows one
 round slows every side of it, and the best round of each side is the one the
 machine disturbed least.
@@ -32,9 +34,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -59,6 +63,13 @@ def parse_side(text: str) -> tuple[str, str, dict[str, str]]:
     return name, variant, env
 
 
+def machine_busy_seconds() -> float:
+    """CPU-seconds every CPU of the machine has spent busy since boot (/proc/stat)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("sides", nargs="+", type=parse_side, metavar="NAME=VARIANT[:K=V,...]")
@@ -77,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     placement = run.Placement.choose(pin=True)
     cpu0, cpu1 = placement.server, placement.client  # as run.py places them
     figures: dict[str, dict[str, list[float]]] = {
-        name: {"p50": [], "p99": [], "cpu": [], "rps": []} for name, _, _ in args.sides
+        name: {"p50": [], "p99": [], "cpu": [], "rps": [], "busy": [], "others": []}
+        for name, _, _ in args.sides
     }
     with tempfile.TemporaryDirectory(prefix="llmproxy-ab-") as tmp, contextlib.ExitStack() as stack:
         workdir = Path(tmp)
@@ -111,18 +123,27 @@ def main(argv: list[str] | None = None) -> int:
                     run.set_affinity(mocks.pids(), cpu1)
                     run.set_affinity(server.pids(), cpu0)
                     wrk_cpus = cpu1
-                before = run.cpu_seconds(server.pids())
+                before, busy_before = run.cpu_seconds(server.pids()), machine_busy_seconds()
+                started = time.monotonic()
                 c50 = run.run_wrk(wrk, url, 2, 50, args.seconds, args.stream, cpus=wrk_cpus)
-                cpu_us = (run.cpu_seconds(server.pids()) - before) / max(c50.requests, 1) * 1e6
+                server_s = run.cpu_seconds(server.pids()) - before
+                busy_s = machine_busy_seconds() - busy_before
+                wall_s = time.monotonic() - started
+                cpu_us = server_s / max(c50.requests, 1) * 1e6
                 f = figures[name]
                 f["p50"].append(c1.latency_us["p50"])
                 f["p99"].append(c1.latency_us["p99"])
                 f["cpu"].append(cpu_us)
                 f["rps"].append(c50.ok_rps)
+                f["busy"].append(busy_s / wall_s)
+                f["others"].append((busy_s - server_s) / max(c50.requests, 1) * 1e6)
                 line.append(f"{name} {c50.ok_rps:,.0f} req/s {cpu_us:.0f} us/req")
             print(f"round {round_no + 1}: " + ", ".join(line), flush=True)
     print()
-    print("side: c50 req/s median (best) | c50 CPU us/req median (best) | c1 p50, p99 us median")
+    print(
+        "side: c50 req/s median (best) | c50 CPU us/req median (best) | c1 p50, p99 us median"
+        " | c50 machine busy (CPUs), everything else's CPU us/req (wrk, mocks, redis) median"
+    )
     for name, variant, env in args.sides:
         f = figures[name]
         extra = f" {env}" if env else ""
@@ -130,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{name} ({variant}{extra}): "
             f"{statistics.median(f['rps']):,.0f} ({max(f['rps']):,.0f}) | "
             f"{statistics.median(f['cpu']):.0f} ({min(f['cpu']):.0f}) | "
-            f"{statistics.median(f['p50']):.0f}, {statistics.median(f['p99']):.0f}"
+            f"{statistics.median(f['p50']):.0f}, {statistics.median(f['p99']):.0f} | "
+            f"{statistics.median(f['busy']):.2f} of {os.cpu_count()}, "
+            f"{statistics.median(f['others']):.0f}"
         )
     return 0
 

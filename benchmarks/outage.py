@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/outage.py                   # 60 s healthy, 60 s outage
     .venv/bin/python benchmarks/outage.py --seconds 20 --delay-ms 10 --connections 5
+    .venv/bin/python benchmarks/outage.py --seconds 20 --py-spy PATH --stacks /tmp/outage
+    .venv/bin/python benchmarks/compare_stacks.py /tmp/outage/outage.txt /tmp/outage/healthy.txt
 
 Starts the nginx mock upstream, a Loki stand-in that can be switched into an
 outage (benchmarks/loki_switch.py), and llmproxy with one Loki exporter (all
@@ -61,6 +63,15 @@ def wrk_steady(wrk: str, url: str, seconds: int, connections: int, delay_ms: int
     return result
 
 
+def py_spy(binary: str, pid: int, seconds: int, stem: Path) -> subprocess.Popen[bytes]:
+    """py-spy sampling ``pid`` for ``seconds`` into ``stem``.txt (folded stacks)."""
+    argv = [
+        binary, "record", "-p", str(pid), "-r", "200", "-d", str(seconds), "-f", "raw",
+        "-o", str(stem.with_suffix(".txt")), "--nonblocking", "--full-filenames",
+    ]  # fmt: skip
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 class Sampler:
     """The daemon's RSS and its exporter's state every second, in a thread."""
 
@@ -94,7 +105,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connections", type=int, default=5)
     p.add_argument("--delay-ms", type=int, default=10, help="pause per connection per request")
     p.add_argument("--drain", type=int, default=300, help="seconds to wait for the replay")
+    p.add_argument(
+        "--py-spy",
+        default=None,
+        metavar="PATH",
+        help="sample the daemon with this py-spy binary during each phase; with --stacks",
+    )
+    p.add_argument(
+        "--stacks",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="with --py-spy: write DIR/healthy.txt and DIR/outage.txt (folded stacks, with "
+        "the CPU per answer beside them) for compare_stacks.py",
+    )
     args = p.parse_args(argv)
+    if (args.py_spy is None) != (args.stacks is None):
+        p.error("--py-spy and --stacks go together")
 
     nginx, wrk = run.ensure_tools(allow_install=True)
     with tempfile.TemporaryDirectory(prefix="llmproxy-outage-") as tmp:
@@ -130,7 +157,18 @@ def main(argv: list[str] | None = None) -> int:
             ok = 0
             for name, outage in (("healthy", "0"), ("outage", "1")):
                 get_json(f"{control}?outage={outage}", data=b"")
+                spy = None
+                if args.py_spy is not None:
+                    args.stacks.mkdir(parents=True, exist_ok=True)
+                    spy = py_spy(args.py_spy, proxy.proc.pid, args.seconds, args.stacks / name)
+                cpu_before = run.cpu_seconds(proxy.pids())
                 result = wrk_steady(wrk, url, args.seconds, args.connections, args.delay_ms)
+                cpu = run.cpu_seconds(proxy.pids()) - cpu_before
+                if spy is not None:
+                    spy.wait(timeout=60)
+                    per_answer = cpu * 1e6 / max(1, int(result["ok"]))
+                    meta = {"answers": result["ok"], "cpu_us_per_answer": per_answer}
+                    (args.stacks / f"{name}.txt.json").write_text(json.dumps(meta))
                 rss, stats = sampler.phase()
                 ok += int(result["ok"])
                 exporter = [s["exporters"]["loki"] for s in stats if "exporters" in s]

@@ -362,4 +362,7 @@ def build_pricer(settings: Settings) -> Pricer:
         overrides.append(Override(pattern.rstrip("*"), prefix, rates))
     # Exact names before prefixes, longer prefixes before shorter.
     overrides.sort(key=lambda o: (o.prefix, -len(o.model)))
+    # The table's first read imports and builds it (~30 ms here): at start, not
+    # on the reactor while the first answers are priced.
+    data_snapshot.get_snapshot()
     return Pricer(routes=routes, overrides=overrides)

@@ -28,6 +28,7 @@ import attrs
 from twisted.internet.defer import Deferred
 
 from llmproxy.config.model import Settings
+from llmproxy.deferreds import within
 from llmproxy.interfaces import RedisClient
 from llmproxy.state.counters import RedisCounters
 from llmproxy.state.health import StateHealth
@@ -65,7 +66,10 @@ class SharedState:
         self.redis.start()
 
     def stop(self, timeout: float) -> Deferred[None]:
-        return self.redis.stop()
+        # The charges still held for this turn go out, and are answered (within
+        # the timeout), before the connection closes.
+        charged = within(self.counters.flush(), timeout, self._clock)
+        return charged.addCallback(lambda _: self.redis.stop())
 
 
 def build_shared_state(settings: Settings, reactor: Any, health: StateHealth) -> SharedState | None:

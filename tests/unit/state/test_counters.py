@@ -145,6 +145,35 @@ async def test_redis_answers_as_the_reference_does(
         assert same(expected, got), (checks, bucket, at, expected, got)
 
 
+# The admissions of one batch are decided in order as if each ran alone, though the
+# script reads each counter and bucket once and writes it once at the batch's end.
+@settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=STEPS, later=STEPS)
+@pytest_twisted.ensureDeferred
+async def test_a_batch_answers_as_the_reference_does_one_by_one(
+    steps: list[tuple[list[CounterCheck], BucketTake | None, float]],
+    later: list[tuple[list[CounterCheck], BucketTake | None, float]],
+    shared: SharedState,
+    redis: RedisServer,
+) -> None:
+    redis.command("FLUSHALL")
+    local = LocalCounters()
+    at = NOW
+    for batch in (steps, later):  # the second batch reads what the first one wrote
+        expected, asked = [], []
+        before = shared.counters.batches
+        for checks, bucket, step_at in batch:
+            at = max(at, NOW + step_at)
+            expected.append(local.admit_now(checks, bucket, at))
+            asked.append(shared.counters.admit(checks, bucket, at))
+        got = await defer.gatherResults(asked)
+        assert shared.counters.batches == before + 1
+        for one, want in zip(got, expected, strict=True):
+            assert same(want, one), (batch, want, one)
+    keys = ["a", "b", "c"]
+    assert await shared.counters.read(keys, at) == [local.value(k, at) for k in keys]
+
+
 @pytest_twisted.ensureDeferred
 async def test_concurrent_admissions_never_pass_the_limit(shared: SharedState) -> None:
     checks = (CounterCheck("quota:t", limit=50),)
@@ -162,6 +191,39 @@ async def test_the_admissions_of_one_turn_share_one_round_trip(shared: SharedSta
     await defer.gatherResults(asked)
     assert shared.counters.batches == before + 1
     assert shared.counters.admissions >= 100
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_adds_of_one_turn_are_summed_into_one_script_run(
+    redis: RedisServer, shared: SharedState
+) -> None:
+    before = shared.counters.add_batches
+    expire = NOW + 3600
+    charges = [[("usd", 7, expire), ("tokens", i, expire), ("total", 1, None)] for i in range(50)]
+    added = [shared.counters.add_many(charge, NOW) for charge in charges]
+    await defer.gatherResults(added)
+    assert shared.counters.add_batches == before + 1
+    assert await shared.counters.read(["usd", "tokens", "total"], NOW) == [350, sum(range(50)), 50]
+    assert redis.command("PEXPIRETIME", "t:usd") == int(expire * 1000)
+    assert redis.command("TTL", "t:total") == -1  # no expiry asked: none set
+
+
+@pytest_twisted.ensureDeferred
+async def test_stopping_sends_the_adds_still_held_for_this_turn(redis: RedisServer) -> None:
+    state = connect(redis)
+    await started(state)
+    state.counters.add_many([("held", 5, None)], NOW).addErrback(lambda _: None)
+    await state.stop(1.0)  # in the same turn as the add
+    assert redis.command("GET", "t:held") == b"5"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_add_batch_fails_every_add_of_it(redis: RedisServer) -> None:
+    state = connect(redis)  # never started: no connection
+    added = [state.counters.add_many([("k", 1, None)], NOW) for _ in range(3)]
+    for d in added:
+        with pytest.raises(RedisUnavailable):
+            await d
 
 
 @pytest_twisted.ensureDeferred
