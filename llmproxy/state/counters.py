@@ -27,8 +27,10 @@ is exact; count money in micro-units).
 
 :meth:`RedisCounters.charge` adds to counters *and* to one row of tables kept
 per window (:class:`TableAdd`: a Redis hash per window, a field per row and column)
-in the same script run: how the spend per project and model that ``llmproxy
-spend`` reads is kept with ``[state] store = redis``, at no extra round trip.  A
+in the same script run (the charges of one reactor turn summed per counter and
+per row, as :meth:`RedisCounters.add_many`'s are): how the spend per project and
+model that ``llmproxy spend`` reads is kept with ``[state] store = redis``, at no
+extra round trip.  A
 table that holds ``max_rows`` rows already counts a new row under ``overflow``
 (so a client or upstream naming endless models cannot grow it without bound).
 
@@ -382,11 +384,12 @@ return #KEYS
 )
 
 
-# KEYS: counters, then tables (hashes).  ARGV: the number of counters, per
-# counter its amount and expire_at in ms or ''; then the row, the overflow row,
-# max_rows, the columns as one word list "name amount name amount ...", and per
-# table its expire_at in ms or ''.  The first column's field tells whether a
-# table holds the row already.
+# KEYS: counters, then per group of tables its tables (hashes).  ARGV: the number
+# of counters, per counter its amount and expire_at in ms or ''; then the number
+# of groups, and per group: its number of tables, per table its expire_at in ms or
+# '', its column names as one word list, its number of rows, and per row: the
+# row, the overflow row, max_rows and the amounts as one word list.  The first
+# column's field tells whether a table holds the row already.
 CHARGE = Script(
     "charge",
     b"""
@@ -397,25 +400,42 @@ for i = 1, n do
   if e ~= nil then redis.call('PEXPIREAT', KEYS[i], e) end
 end
 local a = 2 * n + 2
-local row, overflow, max_rows = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
-local names, amounts = {}, {}
-local w = 0
-for word in string.gmatch(ARGV[a + 3], '%S+') do
-  w = w + 1
-  if w % 2 == 1 then names[#names + 1] = word else amounts[#amounts + 1] = word end
-end
-for j = n + 1, #KEYS do
-  local h = KEYS[j]
-  local r = row
-  if redis.call('HEXISTS', h, r .. '\t' .. names[1]) == 0
-      and redis.call('HLEN', h) >= max_rows * #names then
-    r = overflow
+local k = n + 1
+local groups = tonumber(ARGV[a])
+a = a + 1
+for g = 1, groups do
+  local t = tonumber(ARGV[a])
+  a = a + 1
+  local expires = {}
+  for j = 1, t do
+    expires[j] = tonumber(ARGV[a])
+    a = a + 1
   end
-  for c = 1, #names do
-    redis.call('HINCRBY', h, r .. '\t' .. names[c], amounts[c])
+  local names = {}
+  for word in string.gmatch(ARGV[a], '%S+') do names[#names + 1] = word end
+  local rows = tonumber(ARGV[a + 1])
+  a = a + 2
+  for r = 1, rows do
+    local row, overflow, max_rows = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
+    local amounts = {}
+    for word in string.gmatch(ARGV[a + 3], '%S+') do amounts[#amounts + 1] = word end
+    a = a + 4
+    for j = 0, t - 1 do
+      local h = KEYS[k + j]
+      local into = row
+      if redis.call('HEXISTS', h, into .. '\t' .. names[1]) == 0
+          and redis.call('HLEN', h) >= max_rows * #names then
+        into = overflow
+      end
+      for c = 1, #names do
+        redis.call('HINCRBY', h, into .. '\t' .. names[c], amounts[c])
+      end
+    end
   end
-  local e = tonumber(ARGV[a + 4 + j - n - 1])
-  if e ~= nil then redis.call('PEXPIREAT', h, e) end
+  for j = 1, t do
+    if expires[j] ~= nil then redis.call('PEXPIREAT', KEYS[k + j - 1], expires[j]) end
+  end
+  k = k + t
 end
 return #KEYS
 """,
@@ -456,12 +476,6 @@ class RedisCounters:
         self._specs: dict[
             tuple[tuple[CounterCheck, ...], BucketTake | None], tuple[tuple[bytes, ...], bytes]
         ] = {}
-        # The last charge's tables and columns, and their keys and arguments.
-        self._table_args: tuple[object, object, tuple[list[str], list[int | str], str]] = (
-            None,
-            None,
-            ([], [], ""),
-        )
         self.batches = 0
         self.admissions = 0
         # add_many's amounts of this reactor turn, summed per (key, expire_at in
@@ -469,6 +483,12 @@ class RedisCounters:
         # turn's charges are one script run however many answers ended in it.
         self._adding: dict[tuple[bytes, bytes], int] = {}
         self._add_waiters: list[Deferred[None]] = []
+        # charge's table rows of this turn, summed: per (tables, columns), per
+        # (row, overflow, max_rows) the amounts.
+        self._rows: dict[
+            tuple[tuple[tuple[str, float | None], ...], tuple[str, ...]],
+            dict[tuple[str, str, int], list[int]],
+        ] = {}
         self._add_call: IDelayedCall | None = None
         self.add_batches = 0
 
@@ -545,6 +565,31 @@ class RedisCounters:
         (:meth:`flush` sends them at once); the result fires when that run is done."""
         if not amounts:
             return succeed(None)
+        self._hold(amounts)
+        return self._held()
+
+    def charge(
+        self,
+        amounts: Sequence[tuple[str, int, float | None]],
+        table: TableAdd,
+        now: float,
+    ) -> Deferred[None]:
+        """:meth:`add_many`, and ``table``'s row added to: summed with the other
+        charges of this reactor turn and sent in the same script run."""
+        self._hold(amounts)
+        group = self._rows.get((table.tables, table.columns))
+        if group is None:
+            group = self._rows[(table.tables, table.columns)] = {}
+        slot = (table.row, table.overflow, table.max_rows)
+        sums = group.get(slot)
+        if sums is None:
+            group[slot] = list(table.amounts)
+        else:
+            for i, amount in enumerate(table.amounts):
+                sums[i] += amount
+        return self._held()
+
+    def _hold(self, amounts: Sequence[tuple[str, int, float | None]]) -> None:
         adding = self._adding
         prefix = self._prefix
         for key, amount, expire_at in amounts:
@@ -553,6 +598,8 @@ class RedisCounters:
                 b"" if expire_at is None else b"%d" % int(expire_at * 1000),
             )
             adding[slot] = adding.get(slot, 0) + amount
+
+    def _held(self) -> Deferred[None]:
         if self._add_call is None:
             self._add_call = self._clock.callLater(0, self.flush)
         d: Deferred[None] = Deferred()
@@ -560,19 +607,20 @@ class RedisCounters:
         return d
 
     def flush(self) -> Deferred[None]:
-        """Send the adds :meth:`add_many` holds for this turn now (one script run);
+        """Send the adds and table rows held for this turn now (one script run);
         fires when they are done (or failed: the adds' own Deferreds say how)."""
         call, self._add_call = self._add_call, None
         if call is not None and call.active():
             call.cancel()
         adding, self._adding = self._adding, {}
+        rows, self._rows = self._rows, {}
         waiters, self._add_waiters = self._add_waiters, []
-        if not adding:
+        if not adding and not rows:
             for d in waiters:
                 d.callback(None)
             return succeed(None)
-        keys = [key for key, _ in adding]
-        args: list[bytes | int] = []
+        keys: list[bytes | str] = [key for key, _ in adding]
+        args: list[bytes | int | str] = []
         for (_, expire), amount in adding.items():
             args += [amount, expire]
         self.add_batches += 1
@@ -585,35 +633,19 @@ class RedisCounters:
             for d in waiters:
                 d.errback(failure)
 
-        return ADD_MANY.run(self._redis, keys, args).addCallbacks(done, failed)
-
-    def charge(
-        self,
-        amounts: Sequence[tuple[str, int, float | None]],
-        table: TableAdd,
-        now: float,
-    ) -> Deferred[None]:
-        """:meth:`add_many`, and ``table``'s row added to, in one script run."""
+        if not rows:
+            return ADD_MANY.run(self._redis, keys, args).addCallbacks(done, failed)
+        args.insert(0, len(adding))
+        args.append(len(rows))
         prefix = self._prefix
-        keys: list[str] = []
-        args: list[int | str] = [len(amounts)]
-        for key, amount, expire_at in amounts:
-            keys.append(prefix + key)
-            args += [amount, "" if expire_at is None else int(expire_at * 1000)]
-        # The tables and columns are the same objects for every answer of a day.
-        last_tables, last_columns, found = self._table_args
-        if table.tables is not last_tables or table.columns is not last_columns:
-            found = (
-                [prefix + key for key, _ in table.tables],
-                ["" if e is None else int(e * 1000) for _, e in table.tables],
-                " ".join(f"{name} %d" for name in table.columns),
-            )
-            self._table_args = (table.tables, table.columns, found)
-        table_keys, expires, columns = found
-        keys += table_keys
-        args += [table.row, table.overflow, table.max_rows, columns % table.amounts]
-        args += expires
-        return CHARGE.run(self._redis, keys, args).addCallback(_nothing)
+        for (tables, columns), group in rows.items():
+            keys += [prefix + key for key, _ in tables]
+            args.append(len(tables))
+            args += [b"" if e is None else int(e * 1000) for _, e in tables]
+            args += [" ".join(columns), len(group)]
+            for (row, overflow, max_rows), sums in group.items():
+                args += [row, overflow, max_rows, " ".join(map(str, sums))]
+        return CHARGE.run(self._redis, keys, args).addCallbacks(done, failed)
 
     def read_table(self, key: str) -> Deferred[dict[str, dict[str, int]]]:
         """A table of :meth:`charge`: ``row -> {column: amount}`` (empty when absent)."""
@@ -643,10 +675,6 @@ class RedisCounters:
             return succeed([])
         d = self._redis.execute(b"MGET", *(self._prefix + k for k in keys))
         return d.addCallback(lambda values: [int(v) if v is not None else 0 for v in values])
-
-
-def _nothing(_: object) -> None:
-    return None
 
 
 def _admission(answer: Sequence[Any]) -> Admission:
