@@ -489,6 +489,7 @@ class RedisCounters:
             tuple[tuple[tuple[str, float | None], ...], tuple[str, ...]],
             dict[tuple[str, str, int], list[int]],
         ] = {}
+        self._last_group: tuple[object, object, dict[tuple[str, str, int], list[int]]] | None = None
         self._add_call: IDelayedCall | None = None
         self.add_batches = 0
 
@@ -577,9 +578,17 @@ class RedisCounters:
         """:meth:`add_many`, and ``table``'s row added to: summed with the other
         charges of this reactor turn and sent in the same script run."""
         self._hold(amounts)
-        group = self._rows.get((table.tables, table.columns))
-        if group is None:
-            group = self._rows[(table.tables, table.columns)] = {}
+        tables, columns = table.tables, table.columns
+        last = self._last_group
+        # The same tables and columns objects come with every answer of a day.
+        if last is not None and last[0] is tables and last[1] is columns:
+            group = last[2]
+        else:
+            found = self._rows.get((tables, columns))
+            if found is None:
+                found = self._rows[(tables, columns)] = {}
+            group = found
+            self._last_group = (tables, columns, group)
         slot = (table.row, table.overflow, table.max_rows)
         sums = group.get(slot)
         if sums is None:
@@ -614,6 +623,7 @@ class RedisCounters:
             call.cancel()
         adding, self._adding = self._adding, {}
         rows, self._rows = self._rows, {}
+        self._last_group = None
         waiters, self._add_waiters = self._add_waiters, []
         if not adding and not rows:
             for d in waiters:
