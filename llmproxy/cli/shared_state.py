@@ -1,5 +1,5 @@
 """Short-lived commands against the shared state (``[state] store = redis``):
-``llmproxy token`` and ``llmproxy spend`` (tests: tests/unit/access/test_shared.py,
+``llmproxy token`` and ``llmproxy spend`` (tests: tests/integration/test_shared_state.py,
 tests/unit/access/test_shared_spend.py).
 
 :func:`run_on_shared_state` connects to ``[redis] url`` on a reactor of its own,
