@@ -56,7 +56,13 @@ import orjson
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-from llmproxy.access.tokens import Token, TokenFileError, read_entry, write_atomically
+from llmproxy.access.tokens import (
+    StateFile,
+    Token,
+    TokenFileError,
+    read_entry,
+    write_atomically,
+)
 from llmproxy.interfaces import SpendCounters
 from llmproxy.state.counters import LocalCounters, TableAdd
 
@@ -187,15 +193,10 @@ class SpendRow:
         return self.day == window_key
 
 
-class SpendFile:
+class SpendFile(StateFile):
     """``<state_dir>/token-spend.json``: ``{"version": 1, "rows": [SpendRow...]}``."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    @classmethod
-    def in_state_dir(cls, state_dir: Path) -> SpendFile:
-        return cls(state_dir / SPEND_FILE)
+    NAME = SPEND_FILE
 
     def read(self) -> list[SpendRow]:
         rows = read_entry(self.path, "rows", list, "spend rows")

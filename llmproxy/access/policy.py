@@ -232,56 +232,53 @@ def client_address(request: Request) -> str:
     return f"{host}:{getattr(peer, 'port', '')}" if host else "-"
 
 
+@attrs.define(eq=False, kw_only=True)
 class TokenAccess:
     """The access policy of :class:`llmproxy.proxy.forward.ProxyResource`."""
 
-    def __init__(
-        self,
-        *,
-        routes: Iterable[RouteSettings],
-        tokens: TokenFile,
-        usage: UsageLedger,
-        audit: Auditor,
-        clock: IReactorTime,
-        reload_interval: float = 1.0,
-        flush_interval: float = 5.0,
-        spend: SpendBook | None = None,
-        shared: SharedState | None = None,
-        usage_file: UsageFile | None = None,
-        fail_open: bool = False,
-        machine: str = "",
-    ) -> None:
-        self._tokens = tokens
-        self._usage = usage
-        self.spend = spend
-        self._audit = audit
-        self._clock = clock
-        self._reload_interval = reload_interval
-        self._flush_interval = flush_interval
-        self._limiter = RateLimiter()
-        self._by_digest: dict[str, Token] = {}
-        self._stamp: Stamp | None = None
-        self._loaded = False
-        self._next_stat = 0.0
-        self._flusher: LoopingCall | None = None
-        self._started = False
-        routes = tuple(routes)
+    _routes: Iterable[RouteSettings]
+    _tokens: TokenFile
+    _usage: UsageLedger
+    _audit: Auditor
+    _clock: IReactorTime
+    _reload_interval: float = 1.0
+    _flush_interval: float = 5.0
+    spend: SpendBook | None = None
+    # With ``shared`` (``[state] store = redis``) the token set and the counts
+    # live there (:class:`SharedTokens`), ``usage_file`` only imported.
+    _shared_state: SharedState | None = attrs.field(default=None, alias="shared")
+    _usage_file: UsageFile | None = None
+    _fail_open: bool = False
+    _machine: str = ""
+    _limiter: RateLimiter = attrs.field(init=False, factory=RateLimiter)
+    _by_digest: dict[str, Token] = attrs.field(init=False, factory=dict)
+    _stamp: Stamp | None = attrs.field(init=False, default=None)
+    _loaded: bool = attrs.field(init=False, default=False)
+    _next_stat: float = attrs.field(init=False, default=0.0)
+    _flusher: LoopingCall | None = attrs.field(init=False, default=None)
+    _started: bool = attrs.field(init=False, default=False)
+    _rules: dict[str, RouteRules] = attrs.field(init=False)
+    _inject: dict[str, Allow] = attrs.field(init=False)
+    denied: int = attrs.field(init=False, default=0)
+    reloads: int = attrs.field(init=False, default=0)
+    unavailable: int = attrs.field(init=False, default=0)
+    _by_project: dict[tuple[str, str], Allow] = attrs.field(init=False, factory=dict)
+    _shared: SharedTokens | None = attrs.field(init=False, default=None)
+
+    def __attrs_post_init__(self) -> None:
+        self._routes = routes = tuple(self._routes)
         self._rules = self._route_rules(routes)
         self._inject = self._injections(routes)
-        self.denied = 0
-        self.reloads = 0
-        self.unavailable = 0
-        self._by_project: dict[tuple[str, str], Allow] = {}
-        self._shared: SharedTokens | None = None
-        if shared is not None:
+        if self._shared_state is not None:
+            usage_file = self._usage_file or UsageFile.in_state_dir(self._tokens.path.parent)
             self._shared = SharedTokens(
-                shared,
-                clock,
-                token_file=tokens,
-                usage_file=usage_file or UsageFile(tokens.path.with_name("token-usage.json")),
+                state=self._shared_state,
+                clock=self._clock,
+                token_file=self._tokens,
+                usage_file=usage_file,
                 on_tokens=self._take_tokens,
-                fail_open=fail_open,
-                machine=machine,
+                fail_open=self._fail_open,
+                machine=self._machine,
             )
 
     @staticmethod
@@ -296,7 +293,7 @@ class TokenAccess:
 
     def set_routes(self, routes: Iterable[RouteSettings]) -> None:
         """A config reload changed the routes: new keys and token routes apply now."""
-        routes = tuple(routes)
+        self._routes = routes = tuple(routes)
         was_active = bool(self._inject)
         self._rules = self._route_rules(routes)
         self._inject = self._injections(routes)

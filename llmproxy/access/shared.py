@@ -34,6 +34,7 @@ import os
 from collections.abc import Callable
 from typing import Unpack
 
+import attrs
 import orjson
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -123,48 +124,42 @@ def tokens_of(snapshot: Snapshot) -> tuple[tuple[Token, ...], int]:
     return tuple(tokens), bad
 
 
+@attrs.define(eq=False, kw_only=True)
 class SharedTokens:
     """The shared side of :class:`llmproxy.access.policy.TokenAccess`."""
 
-    def __init__(
-        self,
-        state: SharedState,
-        clock: IReactorTime,
-        *,
-        token_file: TokenFile,
-        usage_file: UsageFile,
-        on_tokens: Callable[[tuple[Token, ...], str], None],
-        fail_open: bool,
-        machine: str,
-    ) -> None:
-        self.state = state
-        self._clock = clock
-        self._token_file = token_file
-        self._usage_file = usage_file
-        self._on_tokens = on_tokens
-        self.fail_open = fail_open
-        self._machine = machine
-        self._version: bytes | None = None
-        self._polling: Deferred[None] | None = None
-        self._poll_waiters: list[Deferred[None]] = []
-        self._hooked = False
-        # token id -> (the token, its counter checks, its bucket): the same each time.
-        self._asks: dict[str, tuple[Token, tuple[CounterCheck, ...], BucketTake | None]] = {}
-        self._imported = False
-        self._poll_failing = False
-        self.loaded = False
-        self._poller: LoopingCall | None = None
-        self._flusher: LoopingCall | None = None
-        # Requests admitted but not yet added to their Redis counts (tokens
-        # without limits, and any admitted while Redis did not answer).
-        self._uncounted: dict[str, int] = {}
-        self._flushing: Deferred[None] | None = None
-        self._started_at: float | None = None
-        self._waiting: list[Deferred[None]] = []
-        self._grace_timer: IDelayedCall | None = None
-        self.polls_failed = 0
-        self.bad_records = 0
-        state.health.watch("access")
+    state: SharedState
+    _clock: IReactorTime
+    _token_file: TokenFile
+    _usage_file: UsageFile
+    _on_tokens: Callable[[tuple[Token, ...], str], None]
+    fail_open: bool
+    _machine: str
+    _version: bytes | None = attrs.field(init=False, default=None)
+    _polling: Deferred[None] | None = attrs.field(init=False, default=None)
+    _poll_waiters: list[Deferred[None]] = attrs.field(init=False, factory=list)
+    _hooked: bool = attrs.field(init=False, default=False)
+    # token id -> (the token, its counter checks, its bucket): the same each time.
+    _asks: dict[str, tuple[Token, tuple[CounterCheck, ...], BucketTake | None]] = attrs.field(
+        init=False, factory=dict
+    )
+    _imported: bool = attrs.field(init=False, default=False)
+    _poll_failing: bool = attrs.field(init=False, default=False)
+    loaded: bool = attrs.field(init=False, default=False)
+    _poller: LoopingCall | None = attrs.field(init=False, default=None)
+    _flusher: LoopingCall | None = attrs.field(init=False, default=None)
+    # Requests admitted but not yet added to their Redis counts (tokens
+    # without limits, and any admitted while Redis did not answer).
+    _uncounted: dict[str, int] = attrs.field(init=False, factory=dict)
+    _flushing: Deferred[None] | None = attrs.field(init=False, default=None)
+    _started_at: float | None = attrs.field(init=False, default=None)
+    _waiting: list[Deferred[None]] = attrs.field(init=False, factory=list)
+    _grace_timer: IDelayedCall | None = attrs.field(init=False, default=None)
+    polls_failed: int = attrs.field(init=False, default=0)
+    bad_records: int = attrs.field(init=False, default=0)
+
+    def __attrs_post_init__(self) -> None:
+        self.state.health.watch("access")
 
     # -- life cycle --------------------------------------------------------------
 

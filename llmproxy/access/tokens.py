@@ -24,7 +24,7 @@ import os
 import secrets
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Protocol, TypedDict, Unpack
+from typing import Any, ClassVar, Protocol, Self, TypedDict, Unpack, cast
 
 import attrs
 import orjson
@@ -36,6 +36,7 @@ __all__ = [
     "TOKEN_PREFIX",
     "USAGE_FILE",
     "Stamp",
+    "StateFile",
     "Token",
     "TokenFile",
     "TokenFileError",
@@ -112,6 +113,10 @@ class Token:
         if self.expires is not None and now >= self.expires:
             return "expired"
         return "active"
+
+    def terms(self) -> TokenTerms:
+        """What the token may do, as it was created with."""
+        return cast(TokenTerms, {key: getattr(self, key) for key in TokenTerms.__annotations__})
 
     def to_json(self) -> dict[str, Any]:
         data = attrs.asdict(self)
@@ -230,15 +235,22 @@ def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
 Stamp = tuple[int, int, int]  # (inode, mtime ns, size): changes on every atomic replace
 
 
-class TokenFile:
-    """``<state_dir>/tokens.json``: read by the proxy, changed by the CLI."""
+@attrs.define(eq=False)
+class StateFile:
+    """A JSON file of the proxy's state: ``<state_dir>/<NAME>`` by default."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    NAME: ClassVar[str]
+    path: Path
 
     @classmethod
-    def in_state_dir(cls, state_dir: Path) -> TokenFile:
-        return cls(state_dir / TOKENS_FILE)
+    def in_state_dir(cls, state_dir: Path) -> Self:
+        return cls(state_dir / cls.NAME)
+
+
+class TokenFile(StateFile):
+    """``<state_dir>/tokens.json``: read by the proxy, changed by the CLI."""
+
+    NAME = TOKENS_FILE
 
     def stamp(self) -> Stamp | None:
         try:
@@ -310,15 +322,10 @@ class TokenFile:
             os.close(fd)
 
 
-class UsageFile:
+class UsageFile(StateFile):
     """``<state_dir>/token-usage.json``: ``{"version": 1, "used": {token id: count}}``."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    @classmethod
-    def in_state_dir(cls, state_dir: Path) -> UsageFile:
-        return cls(state_dir / USAGE_FILE)
+    NAME = USAGE_FILE
 
     def read(self) -> dict[str, int]:
         used = read_entry(self.path, "used", dict, "usage counts")

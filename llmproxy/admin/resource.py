@@ -19,6 +19,7 @@ import hmac
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import attrs
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
@@ -41,28 +42,20 @@ class CachePurger(Protocol):
     ) -> defer.Deferred[int]: ...
 
 
+@attrs.define(eq=False, slots=False, kw_only=True)
 class AdminResource(Resource):
     isLeaf = True
 
-    def __init__(
-        self,
-        *,
-        is_ready: Callable[[], bool],
-        stats: Callable[[], dict[str, Any]],
-        registry: CollectorRegistry,
-        token: str = "",
-        probes_public: bool = True,
-        audit: Auditor | None = None,
-        cache: CachePurger | None = None,
-    ) -> None:
+    _is_ready: Callable[[], bool]
+    _stats: Callable[[], dict[str, Any]]
+    _registry: CollectorRegistry
+    _token: str = ""
+    _probes_public: bool = True
+    _audit: Auditor | None = None
+    cache: CachePurger | None = None
+
+    def __attrs_pre_init__(self) -> None:
         super().__init__()
-        self._is_ready = is_ready
-        self._stats = stats
-        self._registry = registry
-        self._token = token.encode()
-        self._probes_public = probes_public
-        self._audit = audit
-        self.cache = cache
 
     @property
     def needs_token(self) -> bool:
@@ -70,7 +63,7 @@ class AdminResource(Resource):
 
     def token_matches(self, authorization: bytes | None) -> bool:
         """Whether an ``Authorization`` value carries the admin token (constant time)."""
-        return hmac.compare_digest(authorization or b"", b"Bearer " + self._token)
+        return hmac.compare_digest(authorization or b"", b"Bearer " + self._token.encode())
 
     def audit_denied(self, client: str, method: bytes, path: bytes, sent: bool) -> None:
         """Write a refusal to the audit log: whether a token was sent, never any of it."""

@@ -25,10 +25,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from twisted.internet.interfaces import IReactorTime
-from twisted.web import http, server
+from twisted.web import http
 
 from llmproxy.admin.resource import AdminResource
-from llmproxy.http.channel import ChannelLimits, LimitedChannel, LimitedSite
+from llmproxy.http.channel import CappedRequest, ChannelLimits, LimitedChannel, LimitedSite
 
 __all__ = [
     "ADMIN_IDLE_TIMEOUT",
@@ -49,10 +49,7 @@ ADMIN_MIN_BODY_RATE = 256  # bytes/s once header_timeout has passed
 _WWW_AUTHENTICATE = b'WWW-Authenticate: Bearer realm="llmproxy-admin"\r\n'
 
 
-class _AdminRequest(server.Request):
-    _refused = False
-    _body_seen = 0
-
+class _AdminRequest(CappedRequest):
     def gotLength(self, length: int | None) -> None:
         channel = self.channel
         assert isinstance(channel, LimitedChannel)
@@ -74,31 +71,18 @@ class _AdminRequest(server.Request):
                     path,
                     bool(sent),
                 )
-                self._refuse("admin_token", 401, "admin token required", _WWW_AUTHENTICATE)
+                self.refused = True
+                channel.refuse(
+                    "admin_token", 401, "admin token required", _WWW_AUTHENTICATE, named=False
+                )
                 return
-        if length is not None and length > ADMIN_MAX_BODY_BYTES:
-            self._refuse("max_body_bytes", 413, f"request body over {ADMIN_MAX_BODY_BYTES} bytes")
-            return
         super().gotLength(length)
 
-    def handleContentChunk(self, data: bytes) -> None:
-        if self._refused:
-            return
-        self._body_seen += len(data)
-        if self._body_seen > ADMIN_MAX_BODY_BYTES:
-            self._refuse("max_body_bytes", 413, f"request body over {ADMIN_MAX_BODY_BYTES} bytes")
-            return
-        super().handleContentChunk(data)
-
-    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        if not self._refused:
-            super().requestReceived(command, path, version)
-
-    def _refuse(self, limit: str, status: int, message: str, extra: bytes = b"") -> None:
-        self._refused = True
+    def refuse_body(self, site: LimitedSite, what: str) -> None:
         channel = self.channel
         assert isinstance(channel, LimitedChannel)
-        channel.refuse(limit, status, message, extra, named=status != 401)
+        message = f"request body over {ADMIN_MAX_BODY_BYTES} bytes"
+        channel.refuse("max_body_bytes", 413, message, b"", named=True)
 
 
 class _AdminChannel(LimitedChannel):
@@ -110,6 +94,7 @@ class AdminSite(LimitedSite):
 
     requestFactory = _AdminRequest
     protocol = _AdminChannel  # type: ignore[assignment]
+    max_body_bytes = ADMIN_MAX_BODY_BYTES
 
     def __init__(
         self,

@@ -31,6 +31,7 @@ import io
 from collections.abc import Iterator
 from typing import IO, Any
 
+import attrs
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -81,43 +82,40 @@ REMOTE_POLL_FIRST = 0.005
 REMOTE_POLL_MAX = 0.1
 
 
+@attrs.define(eq=False, kw_only=True)
 class ResponseCache:
     """The cache of one proxy process: store, in-flight table, counters."""
 
-    def __init__(
-        self,
-        *,
-        settings: CacheSettings,
-        store: CacheStore,
-        clock: IReactorTime,
-        health: StateHealth | None = None,
-        timer: IReactorTime | None = None,
-    ) -> None:
-        self.settings = settings
-        self.store = store
-        self.clock = clock
-        # Paces the look for another process's entry (default: the clock).
-        self.timer = timer or clock
-        # A store shared with other processes: misses coalesce across them.
-        self.locking = store if isinstance(store, LockingStore) else None
-        self.health = health
-        if self.locking is not None and health is not None:
-            health.watch("coalescing")
-        self.inflight: InFlight[CachedResponse] = InFlight(
-            clock=clock, lock_timeout=settings.lock_timeout
-        )
-        self.hits = 0
-        self.conditional_hits = 0
-        self.misses = 0
-        self.bypasses = 0
-        self.stores = 0
-        self.store_refused = 0
-        self.errors = 0
-        self.purged = 0
-        self.remote_waits = 0  # misses that waited for another process's entry
-        self.remote_hits = 0  # ... and were answered with it
-        self.lock_errors = 0
-        self._warned_at = -1e18
+    settings: CacheSettings
+    store: CacheStore
+    clock: IReactorTime
+    health: StateHealth | None = None
+    # Paces the look for another process's entry (default: the clock).
+    timer: IReactorTime = attrs.field(
+        default=attrs.Factory(lambda self: self.clock, takes_self=True)
+    )
+    # A store shared with other processes: misses coalesce across them.
+    locking: LockingStore | None = attrs.field(init=False)
+    inflight: InFlight[CachedResponse] = attrs.field(init=False)
+    hits: int = attrs.field(init=False, default=0)
+    conditional_hits: int = attrs.field(init=False, default=0)
+    misses: int = attrs.field(init=False, default=0)
+    bypasses: int = attrs.field(init=False, default=0)
+    stores: int = attrs.field(init=False, default=0)
+    store_refused: int = attrs.field(init=False, default=0)
+    errors: int = attrs.field(init=False, default=0)
+    purged: int = attrs.field(init=False, default=0)
+    # Misses that waited for another process's entry, and those answered with it.
+    remote_waits: int = attrs.field(init=False, default=0)
+    remote_hits: int = attrs.field(init=False, default=0)
+    lock_errors: int = attrs.field(init=False, default=0)
+    _warned_at: float = attrs.field(init=False, default=-1e18)
+
+    def __attrs_post_init__(self) -> None:
+        self.locking = self.store if isinstance(self.store, LockingStore) else None
+        if self.locking is not None and self.health is not None:
+            self.health.watch("coalescing")
+        self.inflight = InFlight(clock=self.clock, lock_timeout=self.settings.lock_timeout)
 
     # -- the request path ----------------------------------------------------------
 

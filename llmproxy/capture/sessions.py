@@ -80,6 +80,7 @@ from twisted.python.failure import Failure
 from llmproxy.capture.body import content_codings, content_headers, decode_content, media_type
 from llmproxy.capture.events import SCHEMA_VERSION
 from llmproxy.capture.record import ExchangeRecord, Headers
+from llmproxy.events.endpoints import CONVERSATIONS, endpoint_kind
 from llmproxy.events.envelope import Envelope, StoredEvent
 from llmproxy.events.machine import machine_id
 from llmproxy.events.time import epoch_ns, rfc3339_ns
@@ -138,14 +139,8 @@ def conversation_kind(method: str, path: str) -> str | None:
     """``"chat"``, ``"responses"`` or ``"messages"`` for a conversation request, else None."""
     if method != "POST":
         return None
-    path = path.rstrip("/")
-    if path.endswith("/chat/completions"):
-        return "chat"
-    if path.endswith("/responses"):
-        return "responses"
-    if path.endswith("/messages"):
-        return "messages"
-    return None
+    kind = endpoint_kind(path)
+    return kind if kind in CONVERSATIONS else None
 
 
 # A proxy sees few distinct paths; a client inventing many costs only cache misses.

@@ -3,14 +3,18 @@
 Each is an argparse ``type=``: it turns one command-line word into a value or
 raises ``argparse.ArgumentTypeError``, which argparse prints as
 ``llmproxy SUBCOMMAND: error: argument --flag: <reason>`` with exit code 2.
-``Subcommands`` is what a subcommand module's ``add_*_command`` registers on.
+``Subcommands`` is what a subcommand module's ``add_*_command`` registers on;
+``config_option`` and ``on_local_settings`` are the ``--config`` of the
+commands that work on the local state.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
+from collections.abc import Callable
 from typing import TypeAlias
 
 from llmproxy.config.converter import parse_duration
@@ -19,7 +23,9 @@ from llmproxy.config.model import Settings
 
 __all__ = [
     "Subcommands",
+    "config_option",
     "local_settings",
+    "on_local_settings",
     "positive_duration",
     "positive_int",
     "positive_seconds",
@@ -74,3 +80,30 @@ def local_settings(path: str) -> Settings | None:
         for line in e.problems:
             print(line, file=sys.stderr)
         return None
+
+
+def config_option(parser: argparse.ArgumentParser, wanted_for: str) -> None:
+    """``--config/-c``: the ini file, read for ``wanted_for`` only."""
+    parser.add_argument(
+        "--config",
+        "-c",
+        default=None,
+        help=f"ini file (for {wanted_for}; default: the embedded one)",
+    )
+
+
+def on_local_settings(
+    command: Callable[[argparse.Namespace, Settings], int],
+) -> Callable[[argparse.Namespace], int]:
+    """``command`` as a subcommand's ``func``: it is given the ``--config`` file
+    loaded by :func:`local_settings`, and is not run (exit code 1, the problems
+    printed) when that file does not load."""
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        settings = local_settings(args.config)
+        if settings is None:
+            return 1
+        return command(args, settings)
+
+    return run

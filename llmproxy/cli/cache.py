@@ -20,7 +20,8 @@ from urllib.parse import urlencode, urlsplit
 
 import orjson
 
-from llmproxy.cli.args import Subcommands, local_settings, positive_seconds
+from llmproxy.cli.args import Subcommands, config_option, on_local_settings, positive_seconds
+from llmproxy.config.model import Settings
 
 __all__ = ["add_cache_command", "admin_url_for", "post_purge", "split_endpoint"]
 
@@ -106,10 +107,8 @@ def post_purge(
     return resp.status, answer if isinstance(answer, dict) else {}
 
 
-def _purge(args: argparse.Namespace) -> int:
-    settings = local_settings(args.config)
-    if settings is None:
-        return 1
+@on_local_settings
+def _purge(args: argparse.Namespace, settings: Settings) -> int:
     server = settings.server
     try:
         base = args.admin_url or admin_url_for(server.admin_listen)
@@ -148,12 +147,7 @@ def add_cache_command(sub: Subcommands) -> None:
         "--prefix", help="every key starting with this, e.g. ROUTE/ or ROUTE/NAMESPACE/"
     )
     which.add_argument("--all", action="store_true", help="every cached response")
-    p.add_argument(
-        "--config",
-        "-c",
-        default=None,
-        help="ini file (admin_listen, admin_token; default: embedded)",
-    )
+    config_option(p, "admin_listen, admin_token")
     p.add_argument("--admin-url", default=None, help="http://HOST:PORT or unix:PATH of the admin")
     p.add_argument(
         "--timeout", type=positive_seconds, default=30.0, help="seconds to wait for the proxy"

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import orjson
 
-from llmproxy.cli.args import Subcommands, local_settings, positive_int
+from llmproxy.cli.args import Subcommands, config_option, on_local_settings, positive_int
 from llmproxy.cli.shared_state import failed, run_on_shared_state
 from llmproxy.config.model import Settings
 
@@ -109,13 +109,11 @@ def _actor() -> str:
         return "-"
 
 
-def _token_create(args: argparse.Namespace) -> int:
+@on_local_settings
+def _token_create(args: argparse.Namespace, settings: Settings) -> int:
     from llmproxy.access.audit import AuditLog
     from llmproxy.access.tokens import TokenFile
 
-    settings = local_settings(args.config)
-    if settings is None:
-        return 1
     now = time.time()
     try:
         expires = parse_expiry(args.expires, now) if args.expires else None
@@ -153,14 +151,7 @@ def _token_create(args: argparse.Namespace) -> int:
         "token_created",
         token_id=token.id,
         project=token.project,
-        expires=token.expires,
-        max_requests=token.max_requests,
-        rpm=token.rpm,
-        max_usd=token.max_usd,
-        max_tokens=token.max_tokens,
-        period=token.period,
-        allowed_paths=list(token.allowed_paths),
-        allowed_methods=list(token.allowed_methods),
+        **token.terms(),
         actor=_actor(),
         outcome="ok",
     )
@@ -202,13 +193,11 @@ async def _shared_list(
     return tokens, used, spend
 
 
-def _token_list(args: argparse.Namespace) -> int:
+@on_local_settings
+def _token_list(args: argparse.Namespace, settings: Settings) -> int:
     from llmproxy.access.budgets import NANO, read_spend, spent_by_token
     from llmproxy.access.tokens import TokenFile, UsageFile
 
-    settings = local_settings(args.config)
-    if settings is None:
-        return 1
     state_dir = settings.server.state_dir
     now = time.time()
     try:
@@ -283,13 +272,11 @@ def _token_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _token_revoke(args: argparse.Namespace) -> int:
+@on_local_settings
+def _token_revoke(args: argparse.Namespace, settings: Settings) -> int:
     from llmproxy.access.audit import AuditLog
     from llmproxy.access.tokens import TokenFile, UnknownToken
 
-    settings = local_settings(args.config)
-    if settings is None:
-        return 1
     now = time.time()
     try:
         if settings.state.store == "redis":
@@ -319,9 +306,7 @@ def add_token_command(sub: Subcommands) -> None:
     token = sub.add_parser("token", help="create, list and revoke proxy tokens")
     token_sub = token.add_subparsers(dest="token_command", required=True)
     config = argparse.ArgumentParser(add_help=False)
-    config.add_argument(
-        "--config", "-c", default=None, help="ini file (for state_dir; default: the embedded one)"
-    )
+    config_option(config, "state_dir")
     p = token_sub.add_parser(
         "create", parents=[config], help="create a token and print it (only this once)"
     )

@@ -35,7 +35,7 @@ from twisted.web.http import HTTPChannel
 
 from llmproxy.http.errors import error_body
 
-__all__ = ["ChannelLimits", "ChannelWatch", "LimitedChannel", "LimitedSite"]
+__all__ = ["CappedRequest", "ChannelLimits", "ChannelWatch", "LimitedChannel", "LimitedSite"]
 
 _HEAD, _BODY = 1, 2
 _REASONS = {
@@ -133,6 +133,8 @@ class LimitedSite(server.Site):
 
     protocol = None  # type: ignore[assignment]  # subclasses: a LimitedChannel subclass
     noisy = False
+    # The largest request body a CappedRequest takes (subclasses set it).
+    max_body_bytes: int
 
     def __init__(
         self, resource: object, *, clock: IReactorTime, limits: ChannelLimits, **kw: object
@@ -341,3 +343,42 @@ class LimitedChannel(HTTPChannel):
     def timeoutConnection(self) -> None:
         self._unwatch()
         super().timeoutConnection()
+
+
+class CappedRequest(server.Request):
+    """A request whose body is refused as soon as it is known to be over its
+    site's ``max_body_bytes``: from ``Content-Length`` before a byte of it is
+    read, or while a chunked body arrives; once refused (:attr:`refused`),
+    nothing more of it is read or processed.  A subclass answers in
+    :meth:`refuse_body`."""
+
+    refused = False
+    _body_seen = 0
+
+    def gotLength(self, length: int | None) -> None:
+        site: LimitedSite = self.channel.site  # type: ignore[union-attr,attr-defined]
+        if length is not None and length > site.max_body_bytes:
+            self.refused = True
+            self.refuse_body(site, f"request body of {length} bytes")
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.refused:
+            return
+        self._body_seen += len(data)
+        site: LimitedSite = self.channel.site  # type: ignore[union-attr,attr-defined]
+        if self._body_seen > site.max_body_bytes:
+            self.refused = True
+            self.refuse_body(site, "request body")
+            return
+        super().handleContentChunk(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if not self.refused:
+            super().requestReceived(command, path, version)
+
+    def refuse_body(self, site: LimitedSite, what: str) -> None:
+        """Answer that ``what`` (the body, or its announced size) is over
+        ``site.max_body_bytes``."""
+        raise NotImplementedError

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import attrs
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol as TwistedProtocol
@@ -64,39 +65,28 @@ _SSE = b"text/event-stream"
 _DONE = Failure(ResponseDone())
 
 
+@attrs.define(eq=False, slots=False, kw_only=True)
 class ProxyResource(Resource):
     isLeaf = True
 
-    def __init__(
-        self,
-        *,
-        router: Router,
-        upstream: UpstreamPool,
-        clock: IReactorTime,
-        server: ServerSettings,
-        capture: CaptureSettings,
-        events: EventSink,
-        metrics: ProxyMetrics,
-        auditor: Auditor,
-        machine: str,
-        access: AccessPolicy | None = None,
-        cooperator_body: Callable[[Any], IBodyProducer] | None = None,
-        cache: ResponseCache | None = None,
-    ) -> None:
+    router: Router
+    upstream: UpstreamPool
+    clock: IReactorTime
+    limits: ServerSettings = attrs.field(alias="server")
+    capture: CaptureSettings
+    events: EventSink
+    metrics: ProxyMetrics
+    auditor: Auditor
+    machine: str
+    access: AccessPolicy = attrs.field(factory=PassthroughAccess)
+    _file_body: Callable[[Any], IBodyProducer] = attrs.field(
+        default=FileBodyProducer, alias="cooperator_body"
+    )
+    cache: ResponseCache | None = None
+    open: set[Exchange] = attrs.field(init=False, factory=set)
+
+    def __attrs_pre_init__(self) -> None:
         super().__init__()
-        self.router = router
-        self.upstream = upstream
-        self.clock = clock
-        self.limits = server
-        self.capture = capture
-        self.events = events
-        self.metrics = metrics
-        self.auditor = auditor
-        self.machine = machine
-        self.access: AccessPolicy = access or PassthroughAccess()
-        self._file_body = cooperator_body or FileBodyProducer
-        self.cache = cache
-        self.open: set[Exchange] = set()
 
     def render(self, request: Request) -> int | bytes:
         Exchange(self, request).start()

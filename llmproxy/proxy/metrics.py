@@ -263,20 +263,18 @@ class ProxyMetrics:
             ("llmproxy_cost_usd", "What the answers cost in USD, by project and model "
              "(genai-prices or the ini's prices; cache hits cost 0)", ["project", "model"],
              self.cost_usd),
+            ("llmproxy_cost_unknown", "Answers with token usage but no price (a model in no "
+             "price table), by model", ["model"], self.cost_unknown),
+            ("llmproxy_limit_rejections", "Requests and connections refused by a client limit "
+             "(header_timeout, min_body_rate, max_connections, max_connections_per_client, "
+             "max_header_bytes, max_header_count, max_body_bytes)", ["limit"], self.limits),
         )  # fmt: skip
         for name, doc, labels, counts in counters:
             counter = CounterMetricFamily(name, doc, labels=labels)
             for key, n in sorted(counts.items()):
-                counter.add_metric([str(part) for part in key], n)
+                parts = key if isinstance(key, tuple) else (key,)
+                counter.add_metric([str(part) for part in parts], n)
             yield counter
-        unknown = CounterMetricFamily(
-            "llmproxy_cost_unknown",
-            "Answers with token usage but no price (a model in no price table), by model",
-            labels=["model"],
-        )
-        for model, n in sorted(self.cost_unknown.items()):
-            unknown.add_metric([model], n)
-        yield unknown
         for name, doc, hists in (
             ("llmproxy_request_duration_seconds", "Whole exchange duration", self.latency),
             ("llmproxy_ttfb_seconds", "Time to upstream response headers", self.ttfb),
@@ -290,16 +288,6 @@ class ProxyMetrics:
         )
         ov.add_metric([], self.overhead.cumulative(), self.overhead.total)
         yield ov
-        lim = CounterMetricFamily(
-            "llmproxy_limit_rejections",
-            "Requests and connections refused by a client limit (header_timeout, "
-            "min_body_rate, max_connections, max_connections_per_client, max_header_bytes, "
-            "max_header_count, max_body_bytes)",
-            labels=["limit"],
-        )
-        for limit, n in sorted(self.limits.items()):
-            lim.add_metric([limit], n)
-        yield lim
         b = CounterMetricFamily("llmproxy_bytes", "Body bytes", labels=["direction"])
         b.add_metric(["in"], self.bytes_in)
         b.add_metric(["out"], self.bytes_out)

@@ -20,7 +20,7 @@ from twisted.web.http_headers import Headers, InvalidHeaderName, _nameEncoder
 
 from llmproxy.capture.record import ExchangeRecord
 from llmproxy.config.model import ServerSettings
-from llmproxy.http.channel import ChannelLimits, LimitedChannel, LimitedSite
+from llmproxy.http.channel import CappedRequest, ChannelLimits, LimitedChannel, LimitedSite
 from llmproxy.http.headers import HttpDate, request_id_from
 from llmproxy.proxy.forward import ProxyResource
 
@@ -31,42 +31,17 @@ _SERVER = [server.version]
 _date = HttpDate()
 
 
-class ProxyRequest(server.Request):
+class ProxyRequest(CappedRequest):
     """Enforces ``max_body_bytes`` while the body arrives, not after."""
 
-    _too_large = False
-    _body_seen = 0
-
-    def gotLength(self, length: int | None) -> None:
-        site: ProxySite = self.channel.site  # type: ignore[union-attr,attr-defined]
-        if length is not None and length > site.max_body_bytes:
-            self._refuse_too_large(site, f"request body of {length} bytes")
-            return
-        super().gotLength(length)
-
-    def handleContentChunk(self, data: bytes) -> None:
-        if self._too_large:
-            return
-        self._body_seen += len(data)
-        site: ProxySite = self.channel.site  # type: ignore[union-attr,attr-defined]
-        if self._body_seen > site.max_body_bytes:
-            self._refuse_too_large(site, "request body")
-            return
-        super().handleContentChunk(data)
-
-    def _refuse_too_large(self, site: ProxySite, what: str) -> None:
-        self._too_large = True
-        site.proxy.metrics.limit_hit("max_body_bytes")
-        site.proxy.reject_early(
+    def refuse_body(self, site: LimitedSite, what: str) -> None:
+        proxy: ProxyResource = site.proxy  # type: ignore[attr-defined]
+        proxy.metrics.limit_hit("max_body_bytes")
+        proxy.reject_early(
             self,
             413,
             f"{what} is over the limit of {site.max_body_bytes} bytes (server.max_body_bytes)",
         )
-
-    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        if self._too_large:
-            return
-        super().requestReceived(command, path, version)
 
     def process(self) -> None:
         # server.Request.process, less what a site whose root is one leaf

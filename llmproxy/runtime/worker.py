@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import attrs
 from twisted.application.service import Service
 from twisted.internet.interfaces import IReadDescriptor
 from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogBeginner
@@ -39,6 +40,7 @@ from llmproxy.runtime.system import CONTROL_FD, FAMILIES, LISTEN_FD, admin_socke
 __all__ = [
     "Lifeline",
     "LineLog",
+    "WorkerSeat",
     "WorkerService",
     "main",
     "worker_settings",
@@ -72,39 +74,42 @@ def worker_settings(settings: Settings, index: int) -> Settings:
     return map_paths(settings, state_dir=own, file=file, directory=directory)
 
 
+@attrs.frozen
+class WorkerSeat:
+    """Where one worker sits: its number, the master's state directory (its
+    tokens live there), the config snapshot the master validated, and the
+    listening socket it inherits."""
+
+    index: int
+    shared_state_dir: Path
+    snapshot: str
+    listen_fd: int
+    family: int
+
+
 class WorkerService(ProxyService):
     """A ProxyService on an inherited socket, with its admin on a unix socket."""
 
     def __init__(
-        self,
-        settings: Settings,
-        reactor: Any,
-        *,
-        index: int,
-        shared_state_dir: Path,
-        snapshot: str,
-        listen_fd: int,
-        family: int,
-        config_path: str | None,
+        self, settings: Settings, reactor: Any, seat: WorkerSeat, *, config_path: str | None
     ) -> None:
-        self.index = index
-        self.shared_state_dir = shared_state_dir
-        self._snapshot = snapshot
-        self._listen_fd = listen_fd
-        self._family = family
+        self.seat = seat
         # The tokens are the master's (``llmproxy token`` writes them there);
         # the usage counts are this worker's own.
-        super().__init__(settings, reactor, config_path=config_path, tokens_dir=shared_state_dir)
+        super().__init__(
+            settings, reactor, config_path=config_path, tokens_dir=seat.shared_state_dir
+        )
 
     def load_settings(self) -> Settings:
         from llmproxy.runtime.checks import load_checked
 
-        return worker_settings(load_checked(self._snapshot), self.index)
+        return worker_settings(load_checked(self.seat.snapshot), self.seat.index)
 
     def privilegedStartService(self) -> None:
-        self.port = self.reactor.adoptStreamPort(self._listen_fd, self._family, self.site)
-        os.close(self._listen_fd)  # adoptStreamPort took a copy
-        path = admin_socket_path(self.shared_state_dir, self.index)
+        seat = self.seat
+        self.port = self.reactor.adoptStreamPort(seat.listen_fd, seat.family, self.site)
+        os.close(seat.listen_fd)  # adoptStreamPort took a copy
+        path = admin_socket_path(seat.shared_state_dir, seat.index)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         if path.is_socket():
             path.unlink()  # left by this worker's previous run
@@ -202,16 +207,14 @@ def main(argv: list[str] | None = None) -> int:
     from twisted.internet import reactor
 
     r: Any = reactor
-    service = WorkerService(
-        settings,
-        r,
+    seat = WorkerSeat(
         index=args.index,
         shared_state_dir=base.server.state_dir,
         snapshot=args.config,
         listen_fd=LISTEN_FD,
         family=FAMILIES[args.family],
-        config_path=args.source or None,
     )
+    service = WorkerService(settings, r, seat, config_path=args.source or None)
     try:
         service.privilegedStartService()
     except Exception:

@@ -1,4 +1,5 @@
-"""Helpers shared by the HTTP sinks (tests: tests/unit/export/sinks/test_lunary.py,
+"""Helpers shared by the HTTP sinks, and :class:`BearerSink`, the base of those
+that send an API key as a bearer token (tests: tests/unit/export/sinks/test_lunary.py,
 tests/unit/export/sinks/test_helicone.py, tests/unit/export/sinks/test_otlp.py)."""
 
 from __future__ import annotations
@@ -6,11 +7,18 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
-from typing import Any, Generic, Protocol, TypeVar, overload
+from typing import Any, Generic, Protocol, Self, TypeVar, overload
 
+import attrs
 import orjson
+from twisted.internet.interfaces import IReactorTime
+
+from llmproxy.config.model import ExporterSettings
+from llmproxy.export.sink import HTTPSink
+from llmproxy.interfaces import HTTPClient
 
 __all__ = [
+    "BearerSink",
     "P",
     "PlannedBatch",
     "bearer_headers",
@@ -171,3 +179,33 @@ def secrets_to_mask(
     worth masking and would garble reasons."""
     found = {*credentials, *(v for _, v in extra if len(v) >= 8)}
     return tuple(sorted((s for s in found if len(s) >= 4), key=len, reverse=True))
+
+
+@attrs.define(kw_only=True)
+class BearerSink(HTTPSink):
+    """An HTTP sink that sends its ``api_key`` as a bearer token, with the
+    section's extra ``headers``, and masks both in its verdict reasons."""
+
+    _api_key: str = attrs.field(repr=False)
+    _extra_headers: tuple[tuple[str, str], ...] = attrs.field(default=(), repr=False)
+    _headers: dict[str, str] = attrs.field(factory=dict, init=False, repr=False)
+    _secrets: tuple[str, ...] = attrs.field(default=(), init=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._headers = bearer_headers(self._api_key, self._extra_headers)
+        self._secrets = secrets_to_mask((self._api_key,), self._extra_headers)
+
+    @classmethod
+    def keyed(
+        cls, settings: ExporterSettings, url: str, client: HTTPClient, clock: IReactorTime
+    ) -> Self:
+        """The sink of ``[exporter:NAME]`` posting to ``url`` (checked) with the
+        section's ``api_key`` (checked) and ``headers``."""
+        return cls.configured(
+            settings,
+            url,
+            client,
+            clock,
+            api_key=settings.api_key,
+            extra_headers=tuple(settings.headers),
+        )

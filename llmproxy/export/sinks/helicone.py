@@ -259,18 +259,14 @@ class SessionTree:
 
 
 @attrs.define(kw_only=True)
-class HeliconeSink(HTTPSink):
+class HeliconeSink(exchange.BearerSink):
     """Logs exchanges to Helicone, one POST each.  Build it with :meth:`from_settings`."""
 
-    _api_key: str = attrs.field(repr=False)
-    _extra_headers: tuple[tuple[str, str], ...] = attrs.field(default=(), repr=False)
     # POSTs of one batch in flight at once.
     _concurrency: int = 4
     # How many settled events (and forked sessions) are remembered.
     _remember: int = 65536
     _urls_by_provider: dict[str, str] = attrs.field(factory=dict, init=False, repr=False)
-    _headers: dict[str, str] = attrs.field(factory=dict, init=False, repr=False)
-    _secrets: tuple[str, ...] = attrs.field(default=(), init=False, repr=False)
     _settled: OrderedDict[tuple[Any, ...], _Settled] = attrs.field(
         factory=OrderedDict, init=False, repr=False
     )
@@ -281,8 +277,7 @@ class HeliconeSink(HTTPSink):
             raise ValueError("helicone concurrency must be at least 1")
         self._urls_by_provider = log_urls(self.url)
         self.url = self._urls_by_provider["CUSTOM"]
-        self._headers = exchange.bearer_headers(self._api_key, self._extra_headers)
-        self._secrets = exchange.secrets_to_mask((self._api_key,), self._extra_headers)
+        super().__attrs_post_init__()
         self._sessions = SessionTree(self._remember)
 
     @property
@@ -305,14 +300,7 @@ class HeliconeSink(HTTPSink):
         )
         if not settings.api_key:
             raise ValueError(f"{where}: api_key (a Helicone API key) is required")
-        return cls.configured(
-            settings,
-            endpoint,
-            client,
-            clock,
-            api_key=settings.api_key,
-            extra_headers=tuple(settings.headers),
-        )
+        return cls.keyed(settings, endpoint, client, clock)
 
     # -- deliver -----------------------------------------------------------------
 

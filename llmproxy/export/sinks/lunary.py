@@ -67,7 +67,7 @@ from twisted.logger import Logger
 
 from llmproxy.config.model import ExporterSettings
 from llmproxy.events.facts import facts_of, response_text
-from llmproxy.export.sink import ANSWER_LIMIT, EncodedBatch, HTTPSink, checked_endpoint
+from llmproxy.export.sink import ANSWER_LIMIT, EncodedBatch, checked_endpoint
 from llmproxy.export.sinks import exchange
 from llmproxy.export.sinks.exchange import (
     PlannedBatch,
@@ -229,21 +229,16 @@ class _AnsweredRetry(Retry):
 
 
 @attrs.define(kw_only=True)
-class LunarySink(HTTPSink):
+class LunarySink(exchange.BearerSink):
     """Sends exchanges to Lunary as ``llm`` runs.  Build it with :meth:`from_settings`."""
 
-    _api_key: str = attrs.field(repr=False)
-    _extra_headers: tuple[tuple[str, str], ...] = attrs.field(default=(), repr=False)
-    _headers: dict[str, str] = attrs.field(factory=dict, init=False, repr=False)
-    _secrets: tuple[str, ...] = attrs.field(default=(), init=False, repr=False)
     # Run ids whose batch got no answer: sent again in two steps (module docstring).
     _split: OrderedDict[str, None] = attrs.field(factory=OrderedDict, init=False, repr=False)
     _nul_replaced: int = attrs.field(default=0, init=False)
 
     def __attrs_post_init__(self) -> None:
         self.url = ingest_url(self.url)
-        self._headers = exchange.bearer_headers(self._api_key, self._extra_headers)
-        self._secrets = exchange.secrets_to_mask((self._api_key,), self._extra_headers)
+        super().__attrs_post_init__()
 
     @classmethod
     def from_settings(
@@ -270,14 +265,7 @@ class LunarySink(HTTPSink):
             raise ValueError(
                 f"{where}: api_key must be the Lunary project's public key (a UUID)"
             ) from None
-        return cls.configured(
-            settings,
-            endpoint,
-            client,
-            clock,
-            api_key=settings.api_key,
-            extra_headers=tuple(settings.headers),
-        )
+        return cls.keyed(settings, endpoint, client, clock)
 
     @property
     def nul_replaced(self) -> int:

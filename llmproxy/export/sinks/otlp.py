@@ -73,7 +73,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from importlib import metadata
 from typing import Any
 from urllib.parse import urlsplit
@@ -85,6 +85,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from llmproxy.config.model import ExporterSettings
+from llmproxy.events.endpoints import endpoint_kind
 from llmproxy.events.facts import facts_of
 from llmproxy.export.sink import EncodedBatch, HTTPSink, checked_endpoint, parse_retry_after
 from llmproxy.export.sinks import exchange
@@ -185,24 +186,23 @@ def _traceparent(headers: Any) -> tuple[str, str] | None:
     return trace, parent
 
 
+# The GenAI semantic conventions' operation of each endpoint kind.
+_OPERATIONS = {
+    "chat": "chat",
+    "responses": "chat",
+    "messages": "chat",
+    "completions": "text_completion",
+    "embeddings": "embeddings",
+    "generate_content": "generate_content",
+    "embed_content": "embeddings",
+}
+
+
 def operation_name(path: str) -> str | None:
     """``gen_ai.operation.name`` from the request path: a well-known value of the
     semantic conventions, or None for an endpoint that is no GenAI operation."""
-    p = path.split("?", 1)[0].rstrip("/")
-    if p.endswith("/chat/completions"):
-        return "chat"
-    if p.endswith("/completions"):
-        return "text_completion"
-    if p.endswith("/embeddings"):
-        return "embeddings"
-    if p.endswith(("/messages", "/responses")):
-        return "chat"
-    last = p.rsplit("/", 1)[-1]
-    if last.endswith((":generateContent", ":streamGenerateContent")):
-        return "generate_content"
-    if last.endswith((":embedContent", ":batchEmbedContents")):
-        return "embeddings"
-    return None
+    kind = endpoint_kind(path)
+    return None if kind is None else _OPERATIONS[kind]
 
 
 @attrs.frozen
@@ -449,6 +449,44 @@ def _log_record(event: dict[str, Any], now_ns: int) -> dict[str, Any]:
     }
 
 
+_USAGE_ATTRIBUTES = (
+    ("gen_ai.usage.input_tokens", "input_tokens"),
+    ("gen_ai.usage.output_tokens", "output_tokens"),
+    ("gen_ai.usage.cache_read.input_tokens", "cache_read_tokens"),
+    ("gen_ai.usage.cache_creation.input_tokens", "cache_creation_tokens"),
+)
+# No GenAI convention for cost yet: our own namespace, USD as doubles.
+_COST_ATTRIBUTES = (
+    ("llmproxy.cost.usd", "total"),
+    ("llmproxy.cost.input_usd", "input"),
+    ("llmproxy.cost.output_usd", "output"),
+)
+_COST_TEXT_ATTRIBUTES = (
+    ("llmproxy.cost.source", "source"),
+    ("llmproxy.cost.version", "version"),
+)
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _usd(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _fields(
+    source: dict[str, Any],
+    attributes: Sequence[tuple[str, str]],
+    kept: Callable[[Any], Any | None],
+) -> Iterator[dict[str, Any]]:
+    """The attribute of each ``(key, field)`` whose value ``kept`` takes (not None)."""
+    for key, field in attributes:
+        value = kept(source.get(field))
+        if value is not None:
+            yield _kv(key, value)
+
+
 def _exchange_attributes(event: dict[str, Any], operation: str | None) -> list[dict[str, Any]]:
     attributes = [] if operation is None else [_kv("gen_ai.operation.name", operation)]
     provider = nonempty_str(event.get("provider"))
@@ -467,33 +505,11 @@ def _exchange_attributes(event: dict[str, Any], operation: str | None) -> list[d
         attributes.append(_kv("gen_ai.response.model", model))
     usage = event.get("usage")
     if isinstance(usage, dict):
-        for key, field in (
-            ("gen_ai.usage.input_tokens", "input_tokens"),
-            ("gen_ai.usage.output_tokens", "output_tokens"),
-            ("gen_ai.usage.cache_read.input_tokens", "cache_read_tokens"),
-            ("gen_ai.usage.cache_creation.input_tokens", "cache_creation_tokens"),
-        ):
-            value = usage.get(field)
-            if isinstance(value, int) and not isinstance(value, bool):
-                attributes.append(_kv(key, value))
+        attributes.extend(_fields(usage, _USAGE_ATTRIBUTES, _count))
     cost = event.get("cost")
     if isinstance(cost, dict):
-        # No GenAI convention for cost yet: our own namespace, USD as doubles.
-        for key, field in (
-            ("llmproxy.cost.usd", "total"),
-            ("llmproxy.cost.input_usd", "input"),
-            ("llmproxy.cost.output_usd", "output"),
-        ):
-            value = cost.get(field)
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                attributes.append(_kv(key, float(value)))
-        for key, field in (
-            ("llmproxy.cost.source", "source"),
-            ("llmproxy.cost.version", "version"),
-        ):
-            text = cost.get(field)
-            if isinstance(text, str) and text:
-                attributes.append(_kv(key, text))
+        attributes.extend(_fields(cost, _COST_ATTRIBUTES, _usd))
+        attributes.extend(_fields(cost, _COST_TEXT_ATTRIBUTES, nonempty_str))
     reasons = event.get("finish_reasons")
     if isinstance(reasons, list) and reasons:
         attributes.append(_kv("gen_ai.response.finish_reasons", [str(r) for r in reasons]))

@@ -17,12 +17,14 @@ from llmproxy.access.tokens import (
     Token,
     TokenFile,
     TokenFileError,
+    TokenTerms,
     UnknownToken,
     UsageFile,
     UsageLedger,
     digest_of,
     id_for,
     lease_size,
+    new_token,
 )
 from llmproxy.cli import main as cli
 from llmproxy.cli.token import parse_expiry
@@ -277,6 +279,38 @@ def test_cli_create_prints_the_token_once_and_audits_without_it(
     assert line["max_requests"] == 500 and line["rpm"] == 60
     audit_text = (tmp_path / "state" / "audit.jsonl").read_text()
     assert secret not in audit_text and token.sha256 not in audit_text
+
+
+def test_a_tokens_terms_are_the_terms_it_was_created_with() -> None:
+    terms: TokenTerms = {
+        "expires": NOW + 60,
+        "max_requests": 5,
+        "rpm": 7,
+        "max_usd": 1.5,
+        "max_tokens": 900,
+        "period": "day",
+        "allowed_paths": ("/v1/chat/completions",),
+        "allowed_methods": ("POST",),
+    }
+    _, token = new_token("team-a", NOW, **terms)
+    assert token.terms() == terms
+    assert new_token("team-a", NOW, **token.terms())[1].terms() == terms
+
+
+def test_cli_create_audits_every_term_of_the_token(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = _ini(tmp_path)
+    args = ["token", "create", "--config", config, "--project", "p", "--max-usd", "2"]
+    args += ["--period", "month", "--allow-path", "/v1/embeddings", "--allow-method", "post"]
+    assert cli.main(args) == 0
+    capsys.readouterr()
+    (token,) = TokenFile.in_state_dir(tmp_path / "state").read()
+    (line,) = _audit(tmp_path)
+    terms = {k: list(v) if isinstance(v, tuple) else v for k, v in token.terms().items()}
+    assert {k: line[k] for k in terms} == terms
+    assert line["allowed_paths"] == ["/v1/embeddings"] and line["allowed_methods"] == ["POST"]
+    assert line["max_usd"] == 2 and line["period"] == "month" and line["expires"] is None
 
 
 def test_cli_list_shows_ids_projects_expiry_and_usage_never_secrets(

@@ -150,6 +150,27 @@ def test_cache_purge_refuses_a_timeout_it_cannot_wait(
     assert "Traceback" not in err and "cannot reach" not in err
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["token", "create", "--project", "p"],
+        ["token", "list"],
+        ["token", "revoke", "tok_000000000000"],
+        ["spend"],
+        ["cache", "purge", "--all"],
+    ],
+)
+def test_a_local_command_with_a_config_that_does_not_load_names_the_problem_and_does_nothing(
+    argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "bad.ini"
+    config.write_text(f"[server]\nstate_dir = {tmp_path / 'state'}\nlisten_backlog = many\n")
+    code, out, err = run_main([*argv, "--config", str(config)], capsys)
+    assert (code, out) == (1, "")
+    assert "server.listen_backlog" in err and "Traceback" not in err
+    assert not (tmp_path / "state").exists()
+
+
 # -- the import graph --------------------------------------------------------------------
 
 

@@ -15,7 +15,7 @@ from twisted.internet.testing import StringTransport
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from llmproxy.http.channel import ChannelLimits, LimitedChannel, LimitedSite
+from llmproxy.http.channel import CappedRequest, ChannelLimits, LimitedChannel, LimitedSite
 
 LIMITS = ChannelLimits(
     header_timeout=10.0,
@@ -221,3 +221,60 @@ def test_the_sweep_runs_while_listening_only() -> None:
     assert clock.getDelayedCalls()
     site.stopFactory()
     assert not clock.getDelayedCalls()
+
+
+# -- the body cap (CappedRequest) ----------------------------------------------------------
+
+
+class _CappedRequest(CappedRequest):
+    def refuse_body(self, site: LimitedSite, what: str) -> None:
+        assert isinstance(site, _CappedSite)
+        site.refusals.append(what)
+        channel = self.channel
+        assert isinstance(channel, LimitedChannel)
+        channel.refuse("max_body_bytes", 413, f"{what} over {site.max_body_bytes}", b"")
+
+
+class _CappedSite(_Site):
+    requestFactory = _CappedRequest
+    max_body_bytes = 10
+
+    def __init__(self, clock: Clock, limits: ChannelLimits) -> None:
+        super().__init__(clock, limits)
+        self.refusals: list[str] = []
+
+
+def capped() -> _CappedSite:
+    site = _CappedSite(Clock(), LIMITS)
+    site.startFactory()
+    return site
+
+
+def test_a_body_within_the_cap_is_served() -> None:
+    site = capped()
+    conn = connect(site)
+    conn.send(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n0123456789")
+    assert conn.status == 200 and conn.written.endswith(b"hello 10")
+    assert site.refusals == []
+
+
+def test_an_announced_length_over_the_cap_is_refused_before_the_body() -> None:
+    site = capped()
+    conn = connect(site)
+    conn.send(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\n")
+    assert conn.status == 413 and conn.closing
+    assert site.refusals == ["request body of 11 bytes"]
+    assert b"hello" not in conn.written
+
+
+def test_a_chunked_body_is_refused_once_it_passes_the_cap_and_never_served() -> None:
+    site = capped()
+    conn = connect(site)
+    conn.send(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+    conn.send(b"6\r\n012345\r\n")
+    assert site.refusals == [] and conn.status is None
+    conn.send(b"5\r\n67890\r\n")
+    assert site.refusals == ["request body"] and conn.status == 413
+    conn.send(b"3\r\nabc\r\n0\r\n\r\n")
+    assert site.refusals == ["request body"]
+    assert b"hello" not in conn.written

@@ -248,6 +248,19 @@ def test_cache_writes_and_the_upstream_port_are_attributes() -> None:
     assert (attributes["server.address"], attributes["server.port"]) == ("10.1.2.3", 8080)
 
 
+def test_usage_and_cost_values_of_the_wrong_type_are_left_out() -> None:
+    event = anthropic_json()
+    event["usage"] = {"input_tokens": True, "output_tokens": "2", "cache_read_tokens": 3}
+    event["cost"] = {"total": False, "input": "0.1", "output": 2, "source": "", "version": 7}
+    sink, fake, _ = against_fake()
+    verdict_of(sink.deliver([event]))
+    attributes = only_span(fake).attributes
+    usage = {k: v for k, v in attributes.items() if k.startswith("gen_ai.usage.")}
+    assert usage == {"gen_ai.usage.cache_read.input_tokens": 3}
+    cost = {k: v for k, v in attributes.items() if k.startswith("llmproxy.cost.")}
+    assert cost == {"llmproxy.cost.output_usd": 2.0}
+
+
 def test_request_parameters_of_each_api_are_read() -> None:
     responses = openai_json(
         "req-resp",
