@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from llmproxy.events.envelope import Envelope
     from llmproxy.export.verdict import Verdict
     from llmproxy.http.router import Target
+    from llmproxy.state.counters import TableAdd
     from llmproxy.state.sessions import AssignOp, RecordOp
 
 __all__ = [
@@ -151,6 +152,11 @@ class SpendCounters(Protocol):
         self, amounts: Sequence[tuple[str, int, float | None]], now: float
     ) -> Deferred[None]:
         """``add`` for each ``(key, amount, expire_at)``, in one round trip."""
+
+    def charge(
+        self, amounts: Sequence[tuple[str, int, float | None]], table: TableAdd, now: float
+    ) -> Deferred[None]:
+        """``add_many``, and ``table``'s row added to its tables, in one round trip."""
 
     def read(self, keys: Sequence[str], now: float) -> Deferred[list[int]]: ...
 

@@ -28,7 +28,18 @@ quotas are.
 Spend is also kept per token, project, model and day in ``<state_dir>/
 token-spend.json`` for ``llmproxy spend`` and ``llmproxy token list``: written
 every few seconds and at a clean stop (a crash loses at most the last few
-seconds of spend), read back at start.
+seconds of spend), read back at start.  With ``[state] store = redis`` each
+charge also adds the answer's cost, tokens, request and unpriced count to its
+(project, model) row of a table per window in Redis (``spend:<window>``, a hash
+that vanishes with its day or month), in the same script run as the budget
+counters (:meth:`llmproxy.state.counters.RedisCounters.charge`): that table is
+what ``llmproxy spend`` reads then, for every worker of every host.
+
+Model names come from answers (and so, through the upstream, from clients): a
+name longer than :data:`MODEL_NAME_MAX` characters or with a non-printable
+character counts as model ``other``, and so does any (project, model) beyond the
+first ``[state] spend_rows`` of a day in this process's file, or of a window in
+Redis (there exactly, across every process).
 """
 
 from __future__ import annotations
@@ -53,10 +64,12 @@ from llmproxy.access.tokens import (
     write_atomically,
 )
 from llmproxy.interfaces import SpendCounters
-from llmproxy.state.counters import LocalCounters
+from llmproxy.state.counters import LocalCounters, TableAdd
 
 __all__ = [
+    "MODEL_NAME_MAX",
     "NANO",
+    "OTHER_MODEL",
     "PERIODS",
     "SPEND_FILE",
     "BudgetRefusal",
@@ -66,8 +79,11 @@ __all__ = [
     "Window",
     "budget_key",
     "read_spend",
+    "spend_model",
+    "spend_table_key",
     "spent_by_token",
     "summarize",
+    "summarize_table",
     "window",
 ]
 
@@ -76,6 +92,11 @@ log = Logger()
 PERIODS = ("day", "month", "total")
 SPEND_FILE = "token-spend.json"
 NANO = 1_000_000_000  # nano-USD per USD: counters are whole numbers
+MODEL_NAME_MAX = 128
+OTHER_MODEL = "other"
+SPEND_ROWS = 1000  # [state] spend_rows' default
+# The columns of a spend row, as SpendRow and the shared table name them.
+SPEND_COLUMNS = ("usd_nanos", "tokens", "requests", "unpriced")
 
 
 @attrs.frozen
@@ -106,6 +127,21 @@ def budget_key(token_id: str, unit: str, window_key: str) -> str:
     """``budget:tok_ab12:usd:2026-12``: a counter of ``unit`` (``usd`` in nano-USD,
     ``tokens``) spent by a token in one window."""
     return f"budget:{token_id}:{unit}:{window_key}"
+
+
+def spend_table_key(window_key: str) -> str:
+    """``spend:2026-12``: the shared table of spend per (project, model) in one window."""
+    return f"spend:{window_key}"
+
+
+def spend_model(model: str | None) -> str:
+    """The name ``model`` is counted under: ``-`` when absent, :data:`OTHER_MODEL`
+    when too long or not printable (it is a column of a table a person reads)."""
+    if not model:
+        return "-"
+    if len(model) > MODEL_NAME_MAX or not model.isprintable():
+        return OTHER_MODEL
+    return model
 
 
 @attrs.define
@@ -212,8 +248,14 @@ class SpendBook:
     """Spend per token: the budget counters (request path) and the per-model
     rows (reports), persisted in a :class:`SpendFile`."""
 
-    def __init__(self, file: SpendFile, shared: SpendCounters | None = None) -> None:
+    def __init__(
+        self, file: SpendFile, shared: SpendCounters | None = None, max_rows: int = SPEND_ROWS
+    ) -> None:
         self._file = file
+        # (project, model) rows a day may hold; later ones count as model "other".
+        self.max_rows = max_rows
+        self._seen: dict[str, set[tuple[str, str]]] = {}  # day -> (project, model)s
+        self._tables: tuple[tuple[str, float | None], ...] = ()
         self.counters = LocalCounters()
         # Counters every process shares ([state] store = redis): charges are added
         # there too, and :meth:`shared_refusal` / :meth:`budget_checks` read them.
@@ -241,6 +283,7 @@ class SpendBook:
             self._merge(row)
 
     def _merge(self, row: SpendRow) -> None:
+        self._seen.setdefault(row.day, set()).add((row.project, row.model))
         key = (row.token_id, row.project, row.model, row.day)
         mine = self._rows.get(key)
         if mine is None:
@@ -262,6 +305,7 @@ class SpendBook:
             self._day = day
             self._day_keys = {}
             self._windows = [window(period, now) for period in PERIODS]
+            self._tables = tuple((spend_table_key(w.key), w.resets_at) for w in self._windows)
         found = self._day_keys.get(token_id)
         if found is None:
             found = self._day_keys[token_id] = (
@@ -317,30 +361,47 @@ class SpendBook:
         total = cost.get("total") if cost is not None else None
         usd_nanos = round(total * NANO) if isinstance(total, float | int) and total > 0 else 0
         day, windows = self._keys(token_id, now)
-        key = (token_id, project, model or "-", day)
+        name = spend_model(model)
+        seen = self._seen.get(day)
+        if seen is None:
+            # A new day: the days before it are bounded no more.
+            self._seen = {d: rows for d, rows in self._seen.items() if d > day}
+            seen = self._seen[day] = set()
+        if (project, name) not in seen:
+            if len(seen) >= self.max_rows:
+                name = OTHER_MODEL
+            seen.add((project, name))
+        key = (token_id, project, name, day)
         row = self._rows.get(key)
         if row is None:
-            row = self._rows[key] = SpendRow(token_id, project, model or "-", day)
+            row = self._rows[key] = SpendRow(token_id, project, name, day)
         row.requests += 1
         row.usd_nanos += usd_nanos
         row.tokens += tokens
-        if usage is not None and cost is None:
-            row.unpriced += 1
+        unpriced = 1 if usage is not None and cost is None else 0
+        row.unpriced += unpriced
         self._count(token_id, usd_nanos, tokens, now)
         self._dirty = True
         self.charged += 1
         shared = self.shared
         if shared is not None:
-            # Every window's counters in one round trip (a script run costs the
-            # proxy far more CPU than its counters do).
+            # Every window's counters and spend table row in one round trip (a
+            # script run costs the proxy far more CPU than its counters do).
             amounts = [
                 (counter, amount, expire_at)
                 for usd_key, tokens_key, expire_at in windows
                 for counter, amount in ((usd_key, usd_nanos), (tokens_key, tokens))
                 if amount
             ]
-            if amounts:
-                shared.add_many(amounts, now).addErrback(self._shared_failed)
+            table = TableAdd(
+                f"{project}\t{name}",
+                f"{project}\t{OTHER_MODEL}",
+                SPEND_COLUMNS,
+                (usd_nanos, tokens, 1, unpriced),
+                self._tables,
+                self.max_rows,
+            )
+            shared.charge(amounts, table, now).addErrback(self._shared_failed)
 
     def _shared_failed(self, failure: Any) -> None:
         self.shared_errors += 1
@@ -435,6 +496,18 @@ def summarize(
         sums["tokens"] += row.tokens
         sums["requests"] += row.requests
         sums["unpriced"] += row.unpriced
+    return out
+
+
+def summarize_table(
+    table: Mapping[str, Mapping[str, int]],
+) -> dict[tuple[str, str], dict[str, int]]:
+    """A shared spend table (``project TAB model -> {column: amount}``, one window) as
+    :func:`summarize` gives the local rows."""
+    out: dict[tuple[str, str], dict[str, int]] = {}
+    for row, columns in table.items():
+        project, _, model = row.partition("\t")
+        out[(project, model)] = {column: columns.get(column, 0) for column in SPEND_COLUMNS}
     return out
 
 

@@ -804,6 +804,7 @@ def build_access(
         spend=SpendBook(
             SpendFile.in_state_dir(state_dir),
             shared=shared.counters if shared is not None else None,
+            max_rows=settings.state.spend_rows,
         ),
         audit=audit,
         clock=clock,

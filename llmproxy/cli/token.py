@@ -23,13 +23,12 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import orjson
-from twisted.internet import defer
-from twisted.python.failure import Failure
 
 from llmproxy.cli.args import Subcommands, config_option, on_local_settings, positive_int
+from llmproxy.cli.shared_state import failed, run_on_shared_state
 from llmproxy.config.model import Settings
 
 if TYPE_CHECKING:
@@ -88,85 +87,19 @@ def usd_amount(text: str) -> float:
     return value
 
 
-class SharedStateError(Exception):
-    """Redis did not answer a token command."""
-
-
 def _shared(settings: Settings, work: Callable[[SharedTokenStore], Awaitable[_T]]) -> _T:
-    """Run ``work`` against the shared token set, on a reactor of its own (the
-    token commands are short-lived processes)."""
-    from twisted.internet import reactor
-
+    """Run ``work`` against the shared token set (see llmproxy/cli/shared_state.py)."""
     from llmproxy.access.shared import SharedTokenStore
     from llmproxy.access.tokens import TokenFile
-    from llmproxy.redis.connection import RedisConnection, parse_redis_url
-    from llmproxy.state import SharedState
-    from llmproxy.state.health import StateHealth
 
-    r: Any = reactor
-    url = parse_redis_url(settings.redis.url)
-    # A person waits for this: the bus's longer deadline, not the request path's.
-    timeout = max(settings.state.timeout, settings.redis.timeout)
-    connection = RedisConnection(r, url, timeout, "llmproxy-token")
-    state = SharedState(
-        connection,
-        r,
-        prefix=settings.state.prefix,
-        session_ttl=settings.state.session_ttl,
-        health=StateHealth(r),
-    )
-    store = SharedTokenStore(state, TokenFile.in_state_dir(settings.server.state_dir))
-    outcome: list[Any] = []
-
-    async def run() -> None:
-        ready: defer.Deferred[None] = defer.Deferred()
-
-        def connected() -> None:
-            if not ready.called:
-                ready.callback(None)
-
-        connection.when_ready(connected)
-        connection.start()
-        try:
-            await ready.addTimeout(timeout, r)
-        except defer.TimeoutError:
-            raise SharedStateError(
-                f"the shared state at {url.safe} does not answer ([state] store = redis)"
-            ) from None
-        outcome.append(await work(store))
-
-    def done(result: object) -> None:
-        if isinstance(result, Failure):
-            outcome.append(result)
-        connection.stop().addBoth(lambda _: r.stop())
-
-    defer.ensureDeferred(run()).addBoth(done)
-    r.run(installSignalHandlers=False)
-    found = outcome[0] if outcome else SharedStateError("no answer")
-    if isinstance(found, Failure):
-        found.raiseException()
-    if isinstance(found, BaseException):
-        raise found
-    result: _T = found
-    return result
+    token_file = TokenFile.in_state_dir(settings.server.state_dir)
+    return run_on_shared_state(settings, lambda state: work(SharedTokenStore(state, token_file)))
 
 
 def _when(ts: float | None) -> str:
     if ts is None:
         return "-"
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%MZ")
-
-
-def _failed(error: Exception) -> str:
-    """One line for a token command that could not be done (no traceback, no secret)."""
-    from llmproxy.access.tokens import TokenFileError
-    from llmproxy.redis.connection import RedisUnavailable
-
-    if isinstance(error, (SharedStateError, TokenFileError)):
-        return str(error)
-    if isinstance(error, RedisUnavailable):
-        return f"the shared state (Redis) did not answer: {error}"
-    return f"{type(error).__name__}: {error}"
 
 
 def _actor() -> str:
@@ -207,7 +140,7 @@ def _token_create(args: argparse.Namespace, settings: Settings) -> int:
         try:
             secret, token = _shared(settings, lambda s: s.create(args.project, now, **kw))
         except Exception as e:
-            print(_failed(e), file=sys.stderr)
+            print(failed(e), file=sys.stderr)
             return 1
     else:
         secret, token = TokenFile.in_state_dir(settings.server.state_dir).create(
@@ -275,7 +208,7 @@ def _token_list(args: argparse.Namespace, settings: Settings) -> int:
             used = UsageFile.in_state_dir(state_dir).read()
             spend = spent_by_token(read_spend(state_dir), now)
     except Exception as e:
-        print(_failed(e), file=sys.stderr)
+        print(failed(e), file=sys.stderr)
         return 1
     rows = [
         {
@@ -354,7 +287,7 @@ def _token_revoke(args: argparse.Namespace, settings: Settings) -> int:
         print(f"no token with id {args.id} (see: llmproxy token list)", file=sys.stderr)
         return 1
     except Exception as e:
-        print(_failed(e), file=sys.stderr)
+        print(failed(e), file=sys.stderr)
         return 1
     if not changed:
         print(f"{token.id} was already revoked")

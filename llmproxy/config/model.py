@@ -669,6 +669,15 @@ class StateSettings:
         "session event and its own events wait, never the request. 0: a new session at "
         "once.",
     )
+    spend_rows: int = setting(
+        1000,
+        doc="How many (project, model) rows the spend that `llmproxy spend` reads keeps per "
+        "window: per UTC day in each process's `token-spend.json`, and with `store = redis` "
+        "per day, month and in total in Redis (exactly, across every process). A model first "
+        "seen after that, or whose name is over 128 characters or not printable, counts "
+        "as model `other` of its project. Bounds what a client or upstream naming endless "
+        "models can make the proxy keep.",
+    )
 
 
 @attrs.frozen

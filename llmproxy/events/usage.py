@@ -59,6 +59,9 @@ class Usage:
     total_tokens: int | None = None
     cache_read_tokens: int | None = None
     cache_creation_tokens: int | None = None
+    # OpenAI's answer-level "service_tier" (default, flex, priority...): it sets the
+    # price of the tokens (llmproxy/pricing/pricer.py).
+    service_tier: str | None = None
 
 
 @attrs.frozen
@@ -345,7 +348,7 @@ def _summary(
         reason = _str(obj.get("stop_reason"))
         return model, anthropic_usage(obj.get("usage")), (reason,) if reason else ()
     if shape == _RESPONSES:
-        return model, openai_usage(obj.get("usage")), _responses_finish(obj)
+        return model, _tiered(openai_usage(obj.get("usage")), obj), _responses_finish(obj)
     reasons: tuple[str, ...]
     if len(choices) == 1:  # the usual case: no list to build
         reason = choices[0].get("finish_reason")
@@ -356,7 +359,16 @@ def _summary(
             for choice in choices
             if (reason := choice.get("finish_reason")) and isinstance(reason, str)
         )
-    return model, openai_usage(obj.get("usage")), reasons
+    return model, _tiered(openai_usage(obj.get("usage")), obj), reasons
+
+
+def _tiered(usage: Usage | None, obj: Mapping[str, Any]) -> Usage | None:
+    """``usage`` with the service tier an OpenAI answer (``obj``, or a stream's
+    chunk header) names, when it names one (a short word)."""
+    tier = obj.get("service_tier")
+    if usage is None or type(tier) is not str or not 0 < len(tier) <= 32:
+        return usage
+    return attrs.evolve(usage, service_tier=tier)
 
 
 def facts_from_json(body: bytes | str | Mapping[str, Any]) -> ResponseFacts:
@@ -755,7 +767,8 @@ class _StreamMerger:
             reasons = tuple(
                 reason for index in sorted(choices) if (reason := choices[index].finish_reason)
             )
-            return _str(self.header.get("model")), openai_usage(self.usage_raw), reasons
+            usage = _tiered(openai_usage(self.usage_raw), self.header)
+            return _str(self.header.get("model")), usage, reasons
         facts = self.facts()
         return facts.model, facts.usage, facts.finish_reasons
 
@@ -1092,7 +1105,7 @@ def _read_through(run: _Merge, template: _ContentTemplate, blocks: list[str], at
         done = end + 1
 
 
-def usage_dict(usage: Usage | None) -> dict[str, int | None] | None:
+def usage_dict(usage: Usage | None) -> dict[str, int | str | None] | None:
     if usage is None:
         return None
     return {
@@ -1101,4 +1114,5 @@ def usage_dict(usage: Usage | None) -> dict[str, int | None] | None:
         "total_tokens": usage.total_tokens,
         "cache_read_tokens": usage.cache_read_tokens,
         "cache_creation_tokens": usage.cache_creation_tokens,
+        "service_tier": usage.service_tier,
     }

@@ -11,6 +11,11 @@ Prices come, first match wins, from:
 3. the installed genai-prices table, provider found from the upstream host
    (``api.openai.com``...), else the route's provider, else the model's name.
 
+An OpenAI answer's ``service_tier`` (``flex``, ``priority``...; kept in its
+usage, llmproxy/events/usage.py) selects the table's prices for that tier, as
+genai-prices' ``price_context`` does; a tier the table does not name, and
+prices from the ini, are the standard ones.
+
 A model in none of them has no cost: ``cost`` is null in its event and the
 exchange is counted in ``llmproxy_cost_unknown_total``; nothing fails.
 
@@ -56,6 +61,22 @@ PRICE_KEYS = ("input", "output", "cache_read", "cache_write")
 _LINE_ITEM = re.compile(r"\s*([a-z_]+)\s*[ =:]\s*([^,\s]+)\s*")
 # Keys of the lookup cache kept at most: models are few, but a client names them.
 _MAX_LOOKUPS = 4096
+
+
+def _table_tiers() -> frozenset[str]:
+    """The service tiers some price of the installed table depends on: any other
+    tier an answer names is priced as the standard one (and cannot grow the
+    lookup cache)."""
+    return frozenset(
+        variant.when["service_tier"]
+        for provider in data_snapshot.get_snapshot().providers
+        for model in provider.models
+        for variant in model.price_variants or ()
+        if "service_tier" in variant.when
+    )
+
+
+TABLE_TIERS = _table_tiers()
 
 
 def parse_rates(text: str) -> Rates:
@@ -152,16 +173,21 @@ _Priced = tuple[Rates | TieredRates, str, str | None, str]  # rates, source, ver
 class _Dated:
     """A table model whose price changes on given dates."""
 
-    __slots__ = ("model", "prices", "provider", "rates", "starts")
+    __slots__ = ("context", "model", "priced_as", "prices", "provider", "rates", "starts")
 
     def __init__(
         self,
         provider: gp.Provider,
         model: gp.ModelInfo,
-        dated: tuple[Sequence[float], Sequence[gp.ModelPrice]] | None,
+        context: Mapping[str, str] | None = None,
     ) -> None:
         self.provider = provider
         self.model = model
+        self.context = context
+        self.priced_as = f"{provider.id}:{model.id}"
+        if context is not None:
+            self.priced_as += f"@{context['service_tier']}"
+        dated = dated_prices(model, context)
         if dated is None:
             self.starts: Sequence[float] = ()
             self.rates: list[Rates | TieredRates] = []
@@ -174,7 +200,7 @@ class _Dated:
             return self.rates[bisect.bisect_right(self.starts, when) - 1]
         # Prices by time of day: genai-prices decides, per answer (rare: not
         # OpenAI or Anthropic models).
-        prices = self.model.get_prices(datetime.fromtimestamp(when, UTC))
+        prices = self.model.get_prices(datetime.fromtimestamp(when, UTC), self.context)
         return tiered_rates_of(prices)
 
 
@@ -191,7 +217,7 @@ class Pricer:
         self._routes = dict(routes or {})
         self._overrides = tuple(overrides)
         self._table = table
-        self._found: dict[tuple[str, str, str, str], _Dated | _Priced | None] = {}
+        self._found: dict[tuple[str, str, str, str, str | None], _Dated | _Priced | None] = {}
 
     def cost(
         self,
@@ -221,14 +247,17 @@ class Pricer:
             }
         if not model:
             return None
-        found = self._lookup(route, provider, upstream_host, model)
+        tier = usage.get("service_tier")
+        if type(tier) is not str or tier not in TABLE_TIERS:
+            tier = None
+        found = self._lookup(route, provider, upstream_host, model, tier)
         if found is None:
             return None
         table_version: str | None
         if isinstance(found, _Dated):
             rates: Rates | TieredRates = found.at(when)
             source, table_version = TABLE_SOURCE, TABLE_VERSION
-            priced_as = f"{found.provider.id}:{found.model.id}"
+            priced_as = found.priced_as
         else:
             rates, source, table_version, priced_as = found
         n_in = _count(usage.get("input_tokens"))
@@ -251,20 +280,20 @@ class Pricer:
         }
 
     def _lookup(
-        self, route: str, provider: str, upstream_host: str, model: str
+        self, route: str, provider: str, upstream_host: str, model: str, tier: str | None
     ) -> _Dated | _Priced | None:
-        key = (route, provider, upstream_host, model)
+        key = (route, provider, upstream_host, model, tier)
         try:
             return self._found[key]
         except KeyError:
             pass
-        found = self._find(route, provider, upstream_host, model)
+        found = self._find(route, provider, upstream_host, model, tier)
         if len(self._found) < _MAX_LOOKUPS:
             self._found[key] = found
         return found
 
     def _find(
-        self, route: str, provider: str, upstream_host: str, model: str
+        self, route: str, provider: str, upstream_host: str, model: str, tier: str | None
     ) -> _Dated | _Priced | None:
         rates = self._routes.get(route)
         if rates is not None:
@@ -290,7 +319,20 @@ class Pricer:
                 )
             except LookupError:
                 continue
-            return _Dated(found_provider, found_model, dated_prices(found_model))
+            # genai-prices applies a context to a model of the provider it found
+            # only; a tier without prices of its own ("default") is the standard.
+            context = None
+            if (
+                tier is not None
+                and any(found_model is m for m in found_provider.models)
+                and any(
+                    v.when.get("service_tier") == tier
+                    and any(p is not None for p in vars(v.prices).values())
+                    for v in found_model.price_variants or ()
+                )
+            ):
+                context = {"service_tier": tier}
+            return _Dated(found_provider, found_model, context)
         return None
 
 

@@ -21,7 +21,7 @@ updater (``genai_prices.UpdatePrices``) is never started.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
@@ -138,13 +138,18 @@ def tiered_rates_of(model_price: gp.ModelPrice) -> Rates | TieredRates:
     return TieredRates(tuple(starts), tuple(bands))
 
 
-def dated_prices(model: gp.ModelInfo) -> tuple[Sequence[float], Sequence[gp.ModelPrice]] | None:
+def dated_prices(
+    model: gp.ModelInfo, context: Mapping[str, str] | None = None
+) -> tuple[Sequence[float], Sequence[gp.ModelPrice]] | None:
     """A model's prices by start date (epoch seconds, ascending), when they change
-    only on dates; None when some price depends on the time of day."""
-    if isinstance(model.prices, gp.ModelPrice):
+    only on dates; None when some price depends on the time of day.  With
+    ``context`` (``{"service_tier": "flex"}``), the prices of the variants that
+    match it (genai-prices' ``price_context``), which start on dates of their own."""
+    if context is None and isinstance(model.prices, gp.ModelPrice):
         return (float("-inf"),), (model.prices,)
     listed: list[tuple[float, gp.ModelPrice]] = []
-    for conditional in model.prices:
+    conditionals = [] if isinstance(model.prices, gp.ModelPrice) else model.prices
+    for conditional in conditionals:
         constraint = conditional.constraint
         if constraint is None:
             listed.append((float("-inf"), conditional.prices))
@@ -152,18 +157,38 @@ def dated_prices(model: gp.ModelInfo) -> tuple[Sequence[float], Sequence[gp.Mode
             listed.append((_epoch(constraint.start_date), conditional.prices))
         else:
             return None
+    starts_at = {s for s, _ in listed if s != float("-inf")}
+    if context is not None:
+        for variant in model.price_variants or ():
+            if not all(context.get(k) == v for k, v in variant.when.items()):
+                continue
+            constraint = variant.constraint
+            if isinstance(constraint, gp.StartDateConstraint):
+                starts_at.add(_epoch(constraint.start_date))
+            elif constraint is not None:
+                return None
     # genai-prices' rule: the last listed entry whose start has come, else the
-    # first entry.  It changes only at the start dates: evaluate it once per span.
-    starts = [float("-inf"), *sorted({s for s, _ in listed if s != float("-inf")})]
+    # first entry (then the variants' overrides).  It changes only at the start
+    # dates: evaluate it once per span.
+    starts = [float("-inf"), *sorted(starts_at)]
+    if context is not None:
+        return starts, [model.get_prices(_moment(span), context) for span in starts]
     chosen = []
     for span in starts:
-        price = model.prices[0].prices
+        price = conditionals[0].prices
         for since, candidate in reversed(listed):
             if since <= span:
                 price = candidate
                 break
         chosen.append(price)
     return starts, chosen
+
+
+def _moment(epoch: float) -> datetime:
+    """``epoch`` as genai-prices' request timestamp (-inf: before every start date)."""
+    if epoch == float("-inf"):
+        return datetime(1970, 1, 1, tzinfo=UTC)
+    return datetime.fromtimestamp(epoch, UTC)
 
 
 def _epoch(day: date) -> float:

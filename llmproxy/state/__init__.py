@@ -95,6 +95,8 @@ def state_problems(settings: Settings) -> list[str]:
     for key in ("timeout", "session_ttl"):
         if getattr(state, key) <= 0:
             problems.append(f"state.{key}: must be greater than 0")
+    if state.spend_rows < 1:
+        problems.append("state.spend_rows: must be 1 or more")
     if not state.prefix or any(c.isspace() for c in state.prefix):
         problems.append("state.prefix: must be a non-empty name without spaces")
     return problems

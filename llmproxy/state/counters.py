@@ -25,6 +25,15 @@ token, unit and period, keyed for example ``budget:tok_ab12:usd:2025-06`` with
 ended, is added with :meth:`add`.  Amounts are whole numbers (Redis ``INCRBY``
 is exact; count money in micro-units).
 
+:meth:`RedisCounters.charge` adds to counters *and* to one row of tables kept
+per window (:class:`TableAdd`: a Redis hash per window, a field per row and column)
+in the same script run (the charges of one reactor turn summed per counter and
+per row, as :meth:`RedisCounters.add_many`'s are): how the spend per project and
+model that ``llmproxy spend`` reads is kept with ``[state] store = redis``, at no
+extra round trip.  A
+table that holds ``max_rows`` rows already counts a new row under ``overflow``
+(so a client or upstream naming endless models cannot grow it without bound).
+
 Two implementations with the same answers: :class:`LocalCounters` (one process,
 in memory: the reference the tests compare against) and :class:`RedisCounters`
 (one Lua script per batch: the admissions asked for in one reactor turn go to
@@ -37,7 +46,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
@@ -53,7 +62,9 @@ __all__ = [
     "CounterCheck",
     "LocalCounters",
     "RedisCounters",
+    "TableAdd",
     "bucket_take",
+    "table_rows",
 ]
 
 # A bucket untouched this long is full again: its key may go (60 s refill, plus slack).
@@ -72,6 +83,31 @@ class CounterCheck:
 class BucketTake:
     key: str
     per_minute: int
+
+
+class TableAdd(NamedTuple):
+    """Add ``amounts`` to the ``columns`` (names without spaces) of ``row`` in each
+    table ``(key, expire_at)``: one hash per table, a field per row and column
+    (``<row> TAB <column>``; every column written, zeros too, so a table's rows are
+    its fields over the number of columns).  A table that holds ``max_rows`` rows
+    and not ``row`` adds to ``overflow`` instead (which may make it one more).
+    (A named tuple: one is made per answer.)"""
+
+    row: str
+    overflow: str
+    columns: tuple[str, ...]
+    amounts: tuple[int, ...]
+    tables: tuple[tuple[str, float | None], ...]
+    max_rows: int
+
+
+def table_rows(fields: Mapping[str, int]) -> dict[str, dict[str, int]]:
+    """A table's hash, ``<row> TAB <column> -> amount``, as ``row -> {column: amount}``."""
+    rows: dict[str, dict[str, int]] = {}
+    for field, amount in fields.items():
+        row, _, column = field.rpartition("\t")
+        rows.setdefault(row, {})[column] = amount
+    return rows
 
 
 @attrs.frozen
@@ -348,6 +384,64 @@ return #KEYS
 )
 
 
+# KEYS: counters, then per group of tables its tables (hashes).  ARGV: the number
+# of counters, per counter its amount and expire_at in ms or ''; then the number
+# of groups, and per group: its number of tables, per table its expire_at in ms or
+# '', its column names as one word list, its number of rows, and per row: the
+# row, the overflow row, max_rows and the amounts as one word list.  The first
+# column's field tells whether a table holds the row already.
+CHARGE = Script(
+    "charge",
+    b"""
+local n = tonumber(ARGV[1])
+for i = 1, n do
+  redis.call('INCRBY', KEYS[i], ARGV[2 * i])
+  local e = tonumber(ARGV[2 * i + 1])
+  if e ~= nil then redis.call('PEXPIREAT', KEYS[i], e) end
+end
+local a = 2 * n + 2
+local k = n + 1
+local groups = tonumber(ARGV[a])
+a = a + 1
+for g = 1, groups do
+  local t = tonumber(ARGV[a])
+  a = a + 1
+  local expires = {}
+  for j = 1, t do
+    expires[j] = tonumber(ARGV[a])
+    a = a + 1
+  end
+  local names = {}
+  for word in string.gmatch(ARGV[a], '%S+') do names[#names + 1] = word end
+  local rows = tonumber(ARGV[a + 1])
+  a = a + 2
+  for r = 1, rows do
+    local row, overflow, max_rows = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
+    local amounts = {}
+    for word in string.gmatch(ARGV[a + 3], '%S+') do amounts[#amounts + 1] = word end
+    a = a + 4
+    for j = 0, t - 1 do
+      local h = KEYS[k + j]
+      local into = row
+      if redis.call('HEXISTS', h, into .. '\t' .. names[1]) == 0
+          and redis.call('HLEN', h) >= max_rows * #names then
+        into = overflow
+      end
+      for c = 1, #names do
+        redis.call('HINCRBY', h, into .. '\t' .. names[c], amounts[c])
+      end
+    end
+  end
+  for j = 1, t do
+    if expires[j] ~= nil then redis.call('PEXPIREAT', KEYS[k + j - 1], expires[j]) end
+  end
+  k = k + t
+end
+return #KEYS
+""",
+)
+
+
 # KEYS[1]: a marker, then counters; ARGV: an amount per counter.  Adds the amounts
 # only when the marker is new (an import done once, whoever does it first).
 ADD_ONCE = Script(
@@ -389,6 +483,13 @@ class RedisCounters:
         # turn's charges are one script run however many answers ended in it.
         self._adding: dict[tuple[bytes, bytes], int] = {}
         self._add_waiters: list[Deferred[None]] = []
+        # charge's table rows of this turn, summed: per (tables, columns), per
+        # (row, overflow, max_rows) the amounts.
+        self._rows: dict[
+            tuple[tuple[tuple[str, float | None], ...], tuple[str, ...]],
+            dict[tuple[str, str, int], list[int]],
+        ] = {}
+        self._last_group: tuple[object, object, dict[tuple[str, str, int], list[int]]] | None = None
         self._add_call: IDelayedCall | None = None
         self.add_batches = 0
 
@@ -465,6 +566,39 @@ class RedisCounters:
         (:meth:`flush` sends them at once); the result fires when that run is done."""
         if not amounts:
             return succeed(None)
+        self._hold(amounts)
+        return self._held()
+
+    def charge(
+        self,
+        amounts: Sequence[tuple[str, int, float | None]],
+        table: TableAdd,
+        now: float,
+    ) -> Deferred[None]:
+        """:meth:`add_many`, and ``table``'s row added to: summed with the other
+        charges of this reactor turn and sent in the same script run."""
+        self._hold(amounts)
+        tables, columns = table.tables, table.columns
+        last = self._last_group
+        # The same tables and columns objects come with every answer of a day.
+        if last is not None and last[0] is tables and last[1] is columns:
+            group = last[2]
+        else:
+            found = self._rows.get((tables, columns))
+            if found is None:
+                found = self._rows[(tables, columns)] = {}
+            group = found
+            self._last_group = (tables, columns, group)
+        slot = (table.row, table.overflow, table.max_rows)
+        sums = group.get(slot)
+        if sums is None:
+            group[slot] = list(table.amounts)
+        else:
+            for i, amount in enumerate(table.amounts):
+                sums[i] += amount
+        return self._held()
+
+    def _hold(self, amounts: Sequence[tuple[str, int, float | None]]) -> None:
         adding = self._adding
         prefix = self._prefix
         for key, amount, expire_at in amounts:
@@ -473,6 +607,8 @@ class RedisCounters:
                 b"" if expire_at is None else b"%d" % int(expire_at * 1000),
             )
             adding[slot] = adding.get(slot, 0) + amount
+
+    def _held(self) -> Deferred[None]:
         if self._add_call is None:
             self._add_call = self._clock.callLater(0, self.flush)
         d: Deferred[None] = Deferred()
@@ -480,19 +616,21 @@ class RedisCounters:
         return d
 
     def flush(self) -> Deferred[None]:
-        """Send the adds :meth:`add_many` holds for this turn now (one script run);
+        """Send the adds and table rows held for this turn now (one script run);
         fires when they are done (or failed: the adds' own Deferreds say how)."""
         call, self._add_call = self._add_call, None
         if call is not None and call.active():
             call.cancel()
         adding, self._adding = self._adding, {}
+        rows, self._rows = self._rows, {}
+        self._last_group = None
         waiters, self._add_waiters = self._add_waiters, []
-        if not adding:
+        if not adding and not rows:
             for d in waiters:
                 d.callback(None)
             return succeed(None)
-        keys = [key for key, _ in adding]
-        args: list[bytes | int] = []
+        keys: list[bytes | str] = [key for key, _ in adding]
+        args: list[bytes | int | str] = []
         for (_, expire), amount in adding.items():
             args += [amount, expire]
         self.add_batches += 1
@@ -505,7 +643,31 @@ class RedisCounters:
             for d in waiters:
                 d.errback(failure)
 
-        return ADD_MANY.run(self._redis, keys, args).addCallbacks(done, failed)
+        if not rows:
+            return ADD_MANY.run(self._redis, keys, args).addCallbacks(done, failed)
+        args.insert(0, len(adding))
+        args.append(len(rows))
+        prefix = self._prefix
+        for (tables, columns), group in rows.items():
+            keys += [prefix + key for key, _ in tables]
+            args.append(len(tables))
+            args += [b"" if e is None else int(e * 1000) for _, e in tables]
+            args += [" ".join(columns), len(group)]
+            for (row, overflow, max_rows), sums in group.items():
+                args += [row, overflow, max_rows, " ".join(map(str, sums))]
+        return CHARGE.run(self._redis, keys, args).addCallbacks(done, failed)
+
+    def read_table(self, key: str) -> Deferred[dict[str, dict[str, int]]]:
+        """A table of :meth:`charge`: ``row -> {column: amount}`` (empty when absent)."""
+
+        def parsed(reply: Sequence[bytes]) -> dict[str, dict[str, int]]:
+            fields = {
+                reply[i].decode("utf-8", "replace"): int(reply[i + 1])
+                for i in range(0, len(reply), 2)
+            }
+            return table_rows(fields)
+
+        return self._redis.execute(b"HGETALL", self._prefix + key).addCallback(parsed)
 
     def add_all(self, amounts: Mapping[str, int]) -> Deferred[None]:
         """Add each amount to its counter, in one round trip (not atomically

@@ -307,6 +307,7 @@ class SharedCounters:
 
         self.inner = LocalCounters()
         self.adds: list[tuple[str, int, float | None]] = []
+        self.tables: list[Any] = []
 
     def add(self, key: str, amount: int, now: float, expire_at: float | None = None) -> Any:
         self.adds.append((key, amount, expire_at))
@@ -315,6 +316,10 @@ class SharedCounters:
     def add_many(self, amounts: Any, now: float) -> Any:
         self.adds += list(amounts)
         return self.inner.add_many(amounts, now)
+
+    def charge(self, amounts: Any, table: Any, now: float) -> Any:
+        self.tables.append(table)
+        return self.add_many(amounts, now)
 
     def read(self, keys: Any, now: float) -> Any:
         return self.inner.read(keys, now)

@@ -292,6 +292,7 @@ def test_response_event_json_body_usage_and_model() -> None:
         "total_tokens": 11,
         "cache_read_tokens": None,
         "cache_creation_tokens": None,
+        "service_tier": None,
     }
     assert event["finish_reasons"] == ["stop"]
     assert event["response_headers"] == {

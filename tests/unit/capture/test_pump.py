@@ -551,6 +551,7 @@ def test_the_tokens_of_an_answer_are_counted_for_its_project_from_the_built_even
                 "total_tokens": 4,
                 "cache_read_tokens": None,
                 "cache_creation_tokens": None,
+                "service_tier": None,
             },
         )
     ]

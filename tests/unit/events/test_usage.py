@@ -150,7 +150,11 @@ CHAT_TOOL_STREAM = sse(
 def test_openai_chat_json_usage_with_cached_tokens() -> None:
     facts = facts_from_json(json.dumps(CHAT_JSON).encode())
     assert facts.usage == Usage(
-        input_tokens=1117, output_tokens=46, total_tokens=1163, cache_read_tokens=1024
+        input_tokens=1117,
+        output_tokens=46,
+        total_tokens=1163,
+        cache_read_tokens=1024,
+        service_tier="default",  # the answer's, for the price
     )
     assert facts.model == "gpt-4o-2024-08-06"
     assert facts.finish_reasons == ("stop",)
@@ -770,6 +774,7 @@ def test_usage_dict_has_the_event_field_names() -> None:
         "total_tokens": 3,
         "cache_read_tokens": None,
         "cache_creation_tokens": None,
+        "service_tier": None,
     }
     assert usage_dict(None) is None
 

@@ -34,7 +34,11 @@ def usage(
 
 
 def reference(
-    model: str, provider: str, u: dict[str, Any], when: float = NOW
+    model: str,
+    provider: str,
+    u: dict[str, Any],
+    when: float = NOW,
+    context: dict[str, str] | None = None,
 ) -> tuple[float, float, float]:
     calc = calc_price(
         Usage(
@@ -46,6 +50,7 @@ def reference(
         model,
         provider_id=provider,
         genai_request_timestamp=datetime.fromtimestamp(when, UTC),
+        price_context=context,
     )
     return float(calc.input_price), float(calc.output_price), float(calc.total_price)
 
@@ -124,6 +129,75 @@ def test_a_model_whose_price_changes_on_a_date_is_priced_by_the_request_date() -
         assert cost["total"] == pytest.approx(
             reference("claude-sonnet-4-6", "anthropic", u, when)[2], rel=1e-12
         )
+
+
+# The table's OpenAI tier prices start on this date (genai-prices 0.2.5).
+TIERS_PRICED = datetime(2026, 11, 1, 12, tzinfo=UTC).timestamp()
+
+
+@pytest.mark.parametrize(
+    ("model", "tier", "input_tokens"),
+    [
+        ("gpt-5-mini", "flex", 20_000),
+        ("gpt-5-mini", "priority", 20_000),
+        ("gpt-4o", "priority", 20_000),
+        ("gpt-5.4", "flex", 300_000),  # a tiered flex price, above its tier
+    ],
+)
+def test_an_openai_service_tier_is_priced_as_calc_price_prices_it(
+    model: str, tier: str, input_tokens: int
+) -> None:
+    u = usage(input_tokens, 900, cache_read=4_000) | {"service_tier": tier}
+    pricer = Pricer()
+    cost = priced(pricer, model, u, host="api.openai.com", when=TIERS_PRICED)
+    assert cost is not None and cost["priced_as"] == f"openai:{model}@{tier}"
+    want = reference(model, "openai", u, TIERS_PRICED, {"service_tier": tier})
+    assert (cost["input"], cost["output"], cost["total"]) == pytest.approx(want, rel=1e-12)
+    standard = reference(model, "openai", u, TIERS_PRICED)
+    assert cost["total"] != pytest.approx(standard[2])  # the tier changed the price
+    # Before the table prices the tier, the standard price, as calc_price says.
+    before = TIERS_PRICED - 60 * 86400
+    early = priced(pricer, model, u, host="api.openai.com", when=before)
+    assert early is not None
+    assert early["total"] == pytest.approx(
+        reference(model, "openai", u, before, {"service_tier": tier})[2], rel=1e-12
+    )
+
+
+@pytest.mark.parametrize("tier", ["default", "auto", "scale", "x" * 40, None, ["flex"]])
+def test_a_tier_without_prices_of_its_own_is_the_standard_price(tier: Any) -> None:
+    u = usage(20_000, 900) | {"service_tier": tier}
+    cost = priced(Pricer(), "gpt-5-mini", u, host="api.openai.com", when=TIERS_PRICED)
+    assert cost is not None and cost["priced_as"] == "openai:gpt-5-mini"
+    assert cost["total"] == pytest.approx(
+        reference("gpt-5-mini", "openai", u, TIERS_PRICED)[2], rel=1e-12
+    )
+
+
+def test_a_flex_answer_end_to_end_is_priced_at_flex() -> None:
+    """From the answer's bytes (JSON and a stream) through the usage to the cost."""
+    from llmproxy.events.usage import summary_from_json, summary_from_sse_text, usage_dict
+
+    body = (
+        b'{"id": "c", "object": "chat.completion", "model": "gpt-5-mini", "service_tier": '
+        b'"flex", "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, '
+        b'"finish_reason": "stop"}], "usage": {"prompt_tokens": 1000, "completion_tokens": 50, '
+        b'"total_tokens": 1050}}'
+    )
+    stream = (
+        'data: {"id": "c", "object": "chat.completion.chunk", "model": "gpt-5-mini", '
+        '"service_tier": "flex", "choices": [{"index": 0, "delta": {"content": "hi"}, '
+        '"finish_reason": "stop"}]}\n\n'
+        'data: {"id": "c", "object": "chat.completion.chunk", "model": "gpt-5-mini", '
+        '"service_tier": "flex", "choices": [], "usage": {"prompt_tokens": 1000, '
+        '"completion_tokens": 50, "total_tokens": 1050}}\n\n'
+        "data: [DONE]\n\n"
+    )
+    for model, found, _ in (summary_from_json(body), summary_from_sse_text(stream)):
+        u = usage_dict(found)
+        assert u is not None and u["service_tier"] == "flex"
+        cost = priced(Pricer(), str(model), u, host="api.openai.com", when=TIERS_PRICED)
+        assert cost is not None and cost["priced_as"] == "openai:gpt-5-mini@flex"
 
 
 def test_rates_are_exact_decimals_of_the_table() -> None:

@@ -19,6 +19,7 @@ from llmproxy.state.counters import (
     BucketTake,
     CounterCheck,
     LocalCounters,
+    TableAdd,
     bucket_take,
 )
 from tests.integration.redis_server import RedisServer
@@ -206,6 +207,36 @@ async def test_the_adds_of_one_turn_are_summed_into_one_script_run(
     assert await shared.counters.read(["usd", "tokens", "total"], NOW) == [350, sum(range(50)), 50]
     assert redis.command("PEXPIRETIME", "t:usd") == int(expire * 1000)
     assert redis.command("TTL", "t:total") == -1  # no expiry asked: none set
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_charges_of_one_turn_add_their_table_rows_in_the_same_script_run(
+    redis: RedisServer, shared: SharedState
+) -> None:
+    day_end, month_end = NOW + 3600, NOW + 86400
+    tables = (("day", day_end), ("month", month_end), ("all", None))
+    later = (("day2", day_end + 86400), ("all", None))  # a new day began in the turn
+    columns = ("usd", "n")
+    before = shared.counters.add_batches
+    charged = []
+    for i in range(30):
+        row = f"p\tm{i % 4}"
+        table = TableAdd(row, "p\tother", columns, (i, 1), tables if i < 20 else later, 3)
+        charged.append(shared.counters.charge([("usd", i, day_end)], table, NOW))
+    await defer.gatherResults(charged)
+    assert shared.counters.add_batches == before + 1
+    assert await shared.counters.read(["usd"], NOW) == [sum(range(30))]
+    day = await shared.counters.read_table("day")
+    # Three rows fit; the fourth model's answers went to "other", nothing lost.
+    assert set(day) == {"p\tm0", "p\tm1", "p\tm2", "p\tother"}
+    assert sum(r["usd"] for r in day.values()) == sum(range(20))
+    assert day["p\tother"]["n"] == sum(1 for i in range(20) if i % 4 == 3)
+    assert sum(r["n"] for r in (await shared.counters.read_table("all")).values()) == 30
+    assert sum(r["n"] for r in (await shared.counters.read_table("day2")).values()) == 10
+    assert redis.command("PEXPIRETIME", "t:day") == int(day_end * 1000)
+    assert redis.command("PEXPIRETIME", "t:month") == int(month_end * 1000)
+    assert redis.command("TTL", "t:all") == -1
+    assert await shared.counters.read_table("absent") == {}
 
 
 @pytest_twisted.ensureDeferred
