@@ -127,33 +127,17 @@ def same(local: Admission, shared: Admission) -> bool:
     )
 
 
+# Redis answers as the reference does, admission after admission: asked one at a
+# time, or as whole batches (the script reads each counter and bucket of a batch
+# once and writes it once at the batch's end, deciding each admission as if alone).
 # The fixtures are reset by the test itself (FLUSHALL), per example.
-@settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(steps=STEPS)
+@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=STEPS, later=STEPS, batched=st.booleans())
 @pytest_twisted.ensureDeferred
 async def test_redis_answers_as_the_reference_does(
     steps: list[tuple[list[CounterCheck], BucketTake | None, float]],
-    shared: SharedState,
-    redis: RedisServer,
-) -> None:
-    redis.command("FLUSHALL")
-    local = LocalCounters()
-    at = NOW
-    for checks, bucket, later in steps:
-        at = max(at, NOW + later)  # the clock only goes on (Redis expires on its own)
-        expected = local.admit_now(checks, bucket, at)
-        got = await shared.counters.admit(checks, bucket, at)
-        assert same(expected, got), (checks, bucket, at, expected, got)
-
-
-# The admissions of one batch are decided in order as if each ran alone, though the
-# script reads each counter and bucket once and writes it once at the batch's end.
-@settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(steps=STEPS, later=STEPS)
-@pytest_twisted.ensureDeferred
-async def test_a_batch_answers_as_the_reference_does_one_by_one(
-    steps: list[tuple[list[CounterCheck], BucketTake | None, float]],
     later: list[tuple[list[CounterCheck], BucketTake | None, float]],
+    batched: bool,
     shared: SharedState,
     redis: RedisServer,
 ) -> None:
@@ -161,14 +145,17 @@ async def test_a_batch_answers_as_the_reference_does_one_by_one(
     local = LocalCounters()
     at = NOW
     for batch in (steps, later):  # the second batch reads what the first one wrote
-        expected, asked = [], []
+        expected, asked, got = [], [], []
         before = shared.counters.batches
         for checks, bucket, step_at in batch:
-            at = max(at, NOW + step_at)
+            at = max(at, NOW + step_at)  # the clock only goes on (Redis expires on its own)
             expected.append(local.admit_now(checks, bucket, at))
-            asked.append(shared.counters.admit(checks, bucket, at))
-        got = await defer.gatherResults(asked)
-        assert shared.counters.batches == before + 1
+            if batched:
+                asked.append(shared.counters.admit(checks, bucket, at))
+            else:
+                got.append(await shared.counters.admit(checks, bucket, at))
+        got += await defer.gatherResults(asked)
+        assert shared.counters.batches == before + (1 if batched else len(batch))
         for one, want in zip(got, expected, strict=True):
             assert same(want, one), (batch, want, one)
     keys = ["a", "b", "c"]

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
+from llmproxy.capture.record import ExchangeRecord
 from llmproxy.capture.sessions import SessionTracker
 from llmproxy.events.envelope import Envelope
 from llmproxy.state import SharedState
@@ -199,6 +200,14 @@ class Process:
             lambda: not self.tracker.stats()["shared_in_flight"], what="the batch answered"
         )
 
+    async def second_turn_sent(self) -> tuple[ExchangeRecord, defer.Deferred[None]]:
+        """Turn 2 (``TURN_2``) asked here and sent to Redis: its record and decision."""
+        second, raw = chat_record(2, TURN_2)
+        decided = self.tracker.assign(second, raw)
+        assert decided is not None
+        await self.send()
+        return second, decided
+
     async def ask_again_after(self, seconds: float) -> None:
         """The clock moves ``seconds`` (the next ask) and Redis answers that ask."""
         before = self.tracker.stats()["shared_batches"]
@@ -249,10 +258,7 @@ async def test_a_continuation_whose_history_is_recorded_a_little_later_continues
     answered(first, "hello")
     a.tracker.finished(first)  # its record is queued on a, not sent yet
     # The next turn reaches b first: Redis knows no history of it yet.
-    second, raw = chat_record(2, TURN_2)
-    decided = b.tracker.assign(second, raw)
-    assert decided is not None
-    await b.send()
+    second, decided = await b.second_turn_sent()
     assert not decided.called and b.tracker.stats()["continuations_waited"] == 1
     await a.send()  # a's record reaches Redis
     await b.ask_again_after(0.05)
@@ -267,10 +273,7 @@ async def test_a_continuation_whose_history_never_comes_starts_a_session_after_t
     two: tuple[Process, Process],
 ) -> None:
     _, b = two
-    second, raw = chat_record(2, TURN_2)
-    decided = b.tracker.assign(second, raw)
-    assert decided is not None
-    await b.send()
+    second, decided = await b.second_turn_sent()
     # Asked again 50 ms later, then after twice as long each time up to 200 ms,
     # and at 1 s (the wait) without waiting: 0.05, 0.15, 0.35, 0.55, 0.75, 0.95, 1.0.
     for step in (0.05, 0.1, 0.2, 0.2, 0.2, 0.2):
@@ -329,10 +332,7 @@ async def test_stopping_asks_a_waiting_continuation_at_once_without_waiting(
     two: tuple[Process, Process],
 ) -> None:
     _, b = two
-    second, raw = chat_record(2, TURN_2)
-    decided = b.tracker.assign(second, raw)
-    assert decided is not None
-    await b.send()
+    second, decided = await b.second_turn_sent()
     assert not decided.called
     await b.tracker.stop(1.0)  # no clock advanced: the wait is cut short
     assert decided.called and (second.session_id, second.seq) == ("b-1", 1)
