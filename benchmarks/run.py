@@ -809,6 +809,7 @@ LABELS = {
     "llmproxy-off-2w": "llmproxy, 2 workers, no sinks",
     "llmproxy-file-2w": "llmproxy, 2 workers, file sink on",
     "llmproxy-redis": "llmproxy, Redis bus (XADD), no local sink",
+    "llmproxy-redis-b20": "llmproxy, Redis bus, batches of 20",
     "llmproxy-file-tokens": "llmproxy, file sink, token with quota and rpm",
     "llmproxy-file-tokens-redis": "llmproxy, file sink, token, [state] store = redis",
     "llmproxy-file-tokens-redis-2w": "llmproxy, 2 workers, file sink, token, store = redis",
@@ -817,7 +818,9 @@ LABELS = {
     "nginx": "nginx proxy_pass (1 worker)",
 }
 FILE_SINK = ["", "[exporter:events]", "type = file", "path = events.jsonl"]
-# [state] store = redis on the harness's redis-server (Mocks.redis_url).
+# [events] bus = redis on the harness's redis-server (Mocks.redis_url).
+REDIS_BUS = ["", "[events]", "bus = redis", "", "[redis]", "url = {REDIS}"]
+# [state] store = redis on the same redis-server.
 SHARED_STATE = ["", "[state]", "store = redis", "", "[redis]", "url = {REDIS}"]
 LLMPROXY_VARIANTS: dict[str, list[str]] = {
     # key: ini lines added to the common config (server and the two routes)
@@ -828,7 +831,8 @@ LLMPROXY_VARIANTS: dict[str, list[str]] = {
     "llmproxy-file-loki": [*FILE_SINK, "", "[exporter:loki]", "type = loki", "url = {LOKI}"],
     "llmproxy-off-2w": [],
     "llmproxy-file-2w": FILE_SINK,
-    "llmproxy-redis": ["", "[events]", "bus = redis", "", "[redis]", "url = {REDIS}"],
+    "llmproxy-redis": REDIS_BUS,
+    "llmproxy-redis-b20": [*REDIS_BUS, "batch_size = 20"],
     "llmproxy-file-tokens": FILE_SINK,
     "llmproxy-file-tokens-redis": [*FILE_SINK, *SHARED_STATE],
     "llmproxy-file-tokens-redis-2w": [*FILE_SINK, *SHARED_STATE],
