@@ -515,8 +515,9 @@ class RedisSettings:
             "Proxy: events sent in one round trip (one `EVAL` of a script running their "
             "`XADD`s); small batches keep each reactor turn, and Redis' own work per batch, short "
             "(with Redis on the proxy's CPUs, 20 halves the p99 at low rates: see performance.md). "
-            "One batch is in flight at a time, so a batch per round trip bounds the rate: keep "
-            "it large where Redis is far away."
+            "One batch is in flight at a time, so a batch per round trip bounds the rate, and "
+            "while Redis is down each batch is one spool file: keep it large where Redis is far "
+            "away or the rate is high."
         ),
     )
     flush_interval: Duration = setting(
