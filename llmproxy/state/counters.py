@@ -370,26 +370,13 @@ return v
 )
 
 
-# KEYS: counters; ARGV: per counter its amount and expire_at in ms or ''.
-ADD_MANY = Script(
-    "add_many",
-    b"""
-for i = 1, #KEYS do
-  redis.call('INCRBY', KEYS[i], ARGV[2 * i - 1])
-  local e = tonumber(ARGV[2 * i])
-  if e ~= nil then redis.call('PEXPIREAT', KEYS[i], e) end
-end
-return #KEYS
-""",
-)
-
-
 # KEYS: counters, then per group of tables its tables (hashes).  ARGV: the number
 # of counters, per counter its amount and expire_at in ms or ''; then the number
 # of groups, and per group: its number of tables, per table its expire_at in ms or
 # '', its column names as one word list, its number of rows, and per row: the
-# row, the overflow row, max_rows and the amounts as one word list.  The first
-# column's field tells whether a table holds the row already.
+# row, the overflow row, max_rows and the amounts as one word list (no groups:
+# counters only).  The first column's field tells whether a table holds the row
+# already.
 CHARGE = Script(
     "charge",
     b"""
@@ -643,8 +630,6 @@ class RedisCounters:
             for d in waiters:
                 d.errback(failure)
 
-        if not rows:
-            return ADD_MANY.run(self._redis, keys, args).addCallbacks(done, failed)
         args.insert(0, len(adding))
         args.append(len(rows))
         prefix = self._prefix
