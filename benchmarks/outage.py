@@ -35,6 +35,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import run  # the harness next to this file
+from profile_proxy import py_spy_record
 
 HERE = Path(__file__).resolve().parent
 
@@ -61,15 +62,6 @@ def wrk_steady(wrk: str, url: str, seconds: int, connections: int, delay_ms: int
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("WRK_RESULT "))
     result: dict[str, Any] = json.loads(line.removeprefix("WRK_RESULT "))
     return result
-
-
-def py_spy(binary: str, pid: int, seconds: int, stem: Path) -> subprocess.Popen[bytes]:
-    """py-spy sampling ``pid`` for ``seconds`` into ``stem``.txt (folded stacks)."""
-    argv = [
-        binary, "record", "-p", str(pid), "-r", "200", "-d", str(seconds), "-f", "raw",
-        "-o", str(stem.with_suffix(".txt")), "--nonblocking", "--full-filenames",
-    ]  # fmt: skip
-    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 class Sampler:
@@ -160,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
                 spy = None
                 if args.py_spy is not None:
                     args.stacks.mkdir(parents=True, exist_ok=True)
-                    spy = py_spy(args.py_spy, proxy.proc.pid, args.seconds, args.stacks / name)
+                    out = args.stacks / f"{name}.txt"
+                    spy = py_spy_record(args.py_spy, proxy.proc.pid, args.seconds, out)
                 cpu_before = run.cpu_seconds(proxy.pids())
                 result = wrk_steady(wrk, url, args.seconds, args.connections, args.delay_ms)
                 cpu = run.cpu_seconds(proxy.pids()) - cpu_before

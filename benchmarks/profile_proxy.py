@@ -49,6 +49,16 @@ def _frame_name(frame: str) -> str:
 SAMPLE_RATE = 500  # asked of py-spy; it gets fewer when the client CPU is busy
 
 
+def py_spy_record(binary: str, pid: int, seconds: int, out: Path) -> subprocess.Popen[bytes]:
+    """py-spy sampling ``pid`` (without stopping it) for ``seconds``, its folded
+    stacks with full file names written to ``out``."""
+    argv = [
+        binary, "record", "-p", str(pid), "-r", str(SAMPLE_RATE), "-d", str(seconds),
+        "-f", "raw", "-o", str(out), "--nonblocking", "--full-filenames",
+    ]  # fmt: skip
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def wrk_answers(output: str) -> int:
     """The completed 2xx answers of a wrk run with ``post.lua`` (its WRK_RESULT line)."""
     for line in output.splitlines():
@@ -146,26 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                 sampler = None
                 folded = args.stacks or workdir / "stacks.txt"
                 if args.py_spy:
-                    sampler = subprocess.Popen(
-                        [
-                            args.py_spy,
-                            "record",
-                            "-p",
-                            str(server.proc.pid),
-                            "-r",
-                            str(SAMPLE_RATE),
-                            "-d",
-                            str(args.seconds),
-                            "-f",
-                            "raw",
-                            "-o",
-                            str(folded),
-                            "--nonblocking",
-                            "--full-filenames",
-                        ],
-                        stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL,
-                    )
+                    sampler = py_spy_record(args.py_spy, server.proc.pid, args.seconds, folded)
                 cpu_before = run.cpu_seconds(server.pids())
                 out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
                 cpu = run.cpu_seconds(server.pids()) - cpu_before
