@@ -74,7 +74,7 @@ from llmproxy.capture.record import ExchangeRecord, Headers
 from llmproxy.config.model import CaptureSettings
 from llmproxy.events.machine import machine_id
 from llmproxy.events.sse import SSEEvent, SSEParser, sse_fields
-from llmproxy.events.time import epoch_ns, rfc3339_ns
+from llmproxy.events.time import epoch_ns, ms3, rfc3339_ns, s3
 from llmproxy.events.usage import (
     EMPTY_FACTS,
     ResponseFacts,
@@ -208,11 +208,11 @@ def _offset_ns(start_ns: int, offset: float | None) -> int | None:
 
 
 def _ms(offset: float | None) -> float | None:
-    return None if offset is None else round(offset * 1000.0, 3)
+    return None if offset is None else ms3(offset)
 
 
 def _age(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds, 3)
+    return None if seconds is None else s3(seconds)
 
 
 # ---------------------------------------------------------------- pieces
@@ -333,7 +333,7 @@ def _stream_capture(
         captured += len(data)
         events.extend(parser.feed(data))
         # A character split across chunks is carried by the chunk completing it.
-        out.append({"offset_ms": round(offset * 1000.0, 3), "data": text.decode(data)})
+        out.append({"offset_ms": ms3(offset), "data": text.decode(data)})
     tail = text.decode(b"", final=True)
     if tail and out:
         out[-1]["data"] += tail
@@ -713,7 +713,7 @@ def _fast_stream_capture(
     else:
         return _FastStream(
             chunks=[
-                {"offset_ms": round(offset * 1000.0, 3), "data": text}
+                {"offset_ms": ms3(offset), "data": text}
                 for (offset, _), text in zip(chunks, texts, strict=True)
             ],
             summary=_text_summary(texts, chunks) if with_summary else None,
@@ -739,7 +739,7 @@ def _fast_stream_capture(
         else:
             data = decoder.decode(raw)
         texts.append(data)
-        out.append({"offset_ms": round(offset * 1000.0, 3), "data": data})
+        out.append({"offset_ms": ms3(offset), "data": data})
     summary: Summary | None = None
     if decoder is not None:
         tail = decoder.decode(b"", final=True)
@@ -852,8 +852,8 @@ def _response_dict(
     event["is_stream"] = is_stream
     event["first_byte"] = first_byte
     event["end"] = end
-    event["duration_ms"] = None if ended_at is None else round(ended_at * 1000.0, 3)
-    event["ttfb_ms"] = None if first_byte_at is None else round(first_byte_at * 1000.0, 3)
+    event["duration_ms"] = None if ended_at is None else ms3(ended_at)
+    event["ttfb_ms"] = None if first_byte_at is None else ms3(first_byte_at)
     event["status"] = record.status
     event["outcome"] = record.outcome
     masked = record.masked
@@ -862,7 +862,7 @@ def _response_dict(
     event["cache_status"] = record.cache_status
     event["cache_key"] = record.cache_key
     age = record.cache_age
-    event["cache_age_s"] = None if age is None else round(age, 3)
+    event["cache_age_s"] = None if age is None else s3(age)
     event["response_model"] = response_model
     event["usage"] = usage_dict(usage)
     event["cost"] = None
