@@ -9,6 +9,10 @@ users (tests: tests/unit/test_testing.py; the project's own tests use them too).
 - ``RecordingEventSink``: an ``EventSink`` for the proxy's request path that keeps
   the exchange records instead of making events of them, for tests of the proxy
   (a new route, an access policy) that look at what was recorded.
+- ``older_chunk_shape``: a ``response`` event with its stream in the shape an
+  earlier version wrote (a dict per read), which events waiting in spools,
+  dead-letter files and Redis streams still have after an upgrade: a sink reads
+  both, and a test can check that it gives the same for each.
 
 A new sink is tested against a fake of its backend (``treq.testing.StubTreq``
 over a ``twisted.web`` resource); these doubles are for the code around sinks.
@@ -28,7 +32,7 @@ from llmproxy.export.verdict import Delivered, Verdict
 if TYPE_CHECKING:
     from llmproxy.capture.record import ExchangeRecord
 
-__all__ = ["RecordingEventSink", "ScriptedSink"]
+__all__ = ["RecordingEventSink", "ScriptedSink", "older_chunk_shape"]
 
 
 @attrs.define(eq=False)
@@ -96,3 +100,20 @@ class RecordingEventSink:
 
     def statuses(self) -> Iterable[int | None]:
         return [record.status for record in self.finished]
+
+
+def older_chunk_shape(event: dict[str, Any]) -> dict[str, Any]:
+    """``event`` (a ``response`` event dict, not changed) as an earlier version
+    wrote it: ``response_chunks`` a list of ``{"offset_ms": ..., "data": ...}``,
+    one per read, and no ``response_chunk_offsets_ms``.  An event without a
+    stream comes back as a copy without the offsets key."""
+    older = {key: value for key, value in event.items() if key != "response_chunk_offsets_ms"}
+    texts = event.get("response_chunks")
+    if isinstance(texts, list):
+        offsets = event.get("response_chunk_offsets_ms")
+        if not isinstance(offsets, list):
+            offsets = [0.0] * len(texts)
+        older["response_chunks"] = [
+            {"offset_ms": offset, "data": text} for offset, text in zip(offsets, texts, strict=True)
+        ]
+    return older

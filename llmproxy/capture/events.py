@@ -27,11 +27,20 @@ arbitrary records).  Timestamps are RFC 3339 UTC strings with nanoseconds
 arrival for ``request``, the end for ``response``.
 
 Bodies are :class:`~llmproxy.capture.body.CapturedBody` dicts.  For a stream
-(``text/event-stream``) the text is carried once, in ``response_chunks``
-(``[{"offset_ms": ..., "data": ...}]``, decoded, within the cap; joined they
-are the body text) and ``response_body`` holds only sizes, flags and notes:
-repeating a long stream in two fields would double every Loki line.  Use
-:func:`response_text` to read the body of either kind.
+(``text/event-stream``) the text is carried once, in ``response_chunks``: the
+decoded text of each read, in order, within the cap (joined they are the body
+text), with ``response_chunk_offsets_ms``, each read's arrival offset from the
+exchange's start in milliseconds to the microsecond (the same length; a
+character split across two reads belongs to the read completing it).
+``response_body`` then holds only sizes, flags and notes: repeating a long
+stream in two fields would double every Loki line.  Both keys are null for a
+body that is not a stream.  Two flat lists rather than a dict per read
+(``[{"offset_ms": ..., "data": ...}]``, the shape before): the dicts were about
+40 % of building a 100-chunk event and ~10 % of its line.  Events of that
+older shape still wait in spools, dead-letter files and Redis streams after an
+upgrade; every reader takes both (:func:`llmproxy.events.facts.response_text`,
+:func:`llmproxy.events.facts.chunk_texts`).  Use ``response_text`` to read the
+body of either kind.
 
 :class:`RecordEnvelope` is what the proxy publishes: constructing it stores two
 references; all the work happens in ``payload()``, off the request path.  The
@@ -43,6 +52,7 @@ from __future__ import annotations
 
 import codecs
 import functools
+import operator
 import types
 import weakref
 from collections.abc import Sequence
@@ -74,7 +84,7 @@ from llmproxy.capture.record import ExchangeRecord, Headers
 from llmproxy.config.model import CaptureSettings
 from llmproxy.events.machine import machine_id
 from llmproxy.events.sse import SSEEvent, SSEParser, sse_fields
-from llmproxy.events.time import epoch_ns, ms3, rfc3339_ns, s3
+from llmproxy.events.time import epoch_ns, ms3, ms3_each, rfc3339_ns, s3
 from llmproxy.events.usage import (
     EMPTY_FACTS,
     ResponseFacts,
@@ -167,7 +177,11 @@ class ResponseEvent(RequestEvent):
     finish_reasons: list[str]
     response_headers: JSONHeaders
     response_body: CapturedBody
-    response_chunks: list[dict[str, Any]] | None
+    # A stream's text, one entry per read as decoded (joined: the body text), and
+    # each read's arrival offset from the exchange's start, in ms to the
+    # microsecond (the same length).  None for a body that is not a stream.
+    response_chunks: list[str] | None
+    response_chunk_offsets_ms: list[float] | None
 
 
 def _passthrough(value: Any) -> Any:
@@ -307,7 +321,8 @@ _Utf8Decoder = codecs.getincrementaldecoder("utf-8")
 
 @attrs.frozen
 class _StreamCapture:
-    chunks: list[dict[str, Any]]
+    texts: list[str]  # one per read: its decoded text
+    offsets_ms: list[float]  # one per read: its arrival offset
     events: list[SSEEvent]
     captured_bytes: int
     truncated: bool
@@ -321,10 +336,10 @@ def _stream_capture(
     decoder = ContentDecoder(content_encoding, limit) if content_codings(content_encoding) else None
     text = _Utf8Decoder("replace")
     parser = SSEParser()
-    out: list[dict[str, Any]] = []
+    texts: list[str] = []
     events: list[SSEEvent] = []
     captured = 0
-    for offset, raw in chunks:
+    for _, raw in chunks:
         data = raw if decoder is None else decoder.feed(raw)
         if decoder is not None and decoder.error is not None:
             # Undecodable: fall back to the bytes as sent, with the reason.
@@ -333,18 +348,23 @@ def _stream_capture(
         captured += len(data)
         events.extend(parser.feed(data))
         # A character split across chunks is carried by the chunk completing it.
-        out.append({"offset_ms": ms3(offset), "data": text.decode(data)})
+        texts.append(text.decode(data))
     tail = text.decode(b"", final=True)
-    if tail and out:
-        out[-1]["data"] += tail
+    if tail and texts:
+        texts[-1] += tail
     events.extend(parser.close())
     return _StreamCapture(
-        chunks=out,
+        texts=texts,
+        offsets_ms=ms3_each(map(_first, chunks)),
         events=events,
         captured_bytes=captured,
         truncated=decoder is not None and decoder.truncated,
         decode_error=None,
     )
+
+
+# A read's arrival offset, of its (offset, bytes) pair.
+_first = operator.itemgetter(0)
 
 
 def _looks_like_json(text: str, content_type: str | None) -> bool:
@@ -375,10 +395,12 @@ def build_response_event(
     size = max(record.response_body_size, captured_raw)
     truncated = record.response_truncated or size > captured_raw
     is_stream = media_type(content_type) == "text/event-stream"
-    stream_chunks: list[dict[str, Any]] | None = None
+    stream_chunks: list[str] | None = None
+    stream_offsets: list[float] | None = None
     if is_stream:
         stream = _stream_capture(chunks, content_encoding, capture.response_body_bytes)
-        stream_chunks = stream.chunks
+        stream_chunks = stream.texts
+        stream_offsets = stream.offsets_ms
         body = CapturedBody(
             size=size,
             captured_bytes=stream.captured_bytes,
@@ -437,6 +459,7 @@ def build_response_event(
         response_headers=response_headers,
         response_body=body,
         response_chunks=stream_chunks,
+        response_chunk_offsets_ms=stream_offsets,
         **fields,
     )
     return event, facts
@@ -444,16 +467,16 @@ def build_response_event(
 
 def _mask_injected(
     body: CapturedBody,
-    chunks: list[dict[str, Any]] | None,
+    chunks: list[str] | None,
     headers: JSONHeaders,
     masked: tuple[str, ...],
-) -> tuple[CapturedBody, list[dict[str, Any]] | None]:
+) -> tuple[CapturedBody, list[str] | None]:
     """The response side with the values in ``masked`` (the provider key the proxy
     injected) masked wherever an upstream echoed them; ``headers`` in place."""
     if body.text is not None:
         body = attrs.evolve(body, text=mask_values(body.text, masked))
     if chunks is not None:
-        chunks = [{**c, "data": mask_values(c["data"], masked)} for c in chunks]
+        chunks = [mask_values(text, masked) for text in chunks]
     _mask_header_values(headers, masked)
     return body, chunks
 
@@ -677,7 +700,8 @@ Summary = tuple[str | None, Usage | None, tuple[str, ...]]  # model, usage, fini
 
 @attrs.frozen
 class _FastStream:
-    chunks: list[dict[str, Any]]
+    texts: list[str]  # one per read: its decoded text
+    offsets_ms: list[float]  # one per read: its arrival offset
     summary: Summary | None
     captured_bytes: int
     truncated: bool
@@ -697,7 +721,8 @@ def _fast_stream_capture(
     if content_codings(content_encoding):
         stream = _stream_capture(chunks, content_encoding, limit)
         return _FastStream(
-            chunks=stream.chunks,
+            texts=stream.texts,
+            offsets_ms=stream.offsets_ms,
             summary=summary_from_sse_fields([(event.event, event.data) for event in stream.events]),
             captured_bytes=stream.captured_bytes,
             truncated=stream.truncated,
@@ -712,23 +737,20 @@ def _fast_stream_capture(
         pass
     else:
         return _FastStream(
-            chunks=[
-                {"offset_ms": ms3(offset), "data": text}
-                for (offset, _), text in zip(chunks, texts, strict=True)
-            ],
+            texts=texts,
+            offsets_ms=ms3_each(map(_first, chunks)),
             summary=_text_summary(texts, chunks) if with_summary else None,
             captured_bytes=sum([len(raw) for _, raw in chunks]),
             truncated=False,
             decode_error=None,
         )
-    out: list[dict[str, Any]] = []
     texts = []
     captured = 0
     # Strict whole-chunk decoding is exact while chunks end on character
     # boundaries; from the first chunk that does not, the incremental decoder
     # (empty at that point) takes over, as in ``_stream_capture``.
     decoder: codecs.IncrementalDecoder | None = None
-    for offset, raw in chunks:
+    for _, raw in chunks:
         captured += len(raw)
         if decoder is None:
             try:
@@ -739,18 +761,18 @@ def _fast_stream_capture(
         else:
             data = decoder.decode(raw)
         texts.append(data)
-        out.append({"offset_ms": ms3(offset), "data": data})
     summary: Summary | None = None
     if decoder is not None:
         tail = decoder.decode(b"", final=True)
-        if tail and out:
-            out[-1]["data"] += tail
+        if tail and texts:
+            texts[-1] += tail
         if with_summary:
             summary = summary_from_sse_fields(sse_fields(b"".join([raw for _, raw in chunks])))
     elif with_summary:
         summary = _text_summary(texts, chunks)
     return _FastStream(
-        chunks=out,
+        texts=texts,
+        offsets_ms=ms3_each(map(_first, chunks)),
         summary=summary,
         captured_bytes=captured,
         truncated=False,
@@ -788,7 +810,8 @@ def _response_dict(
     size = max(record.response_body_size, captured_raw)
     truncated = record.response_truncated or size > captured_raw
     is_stream = media_type(content_type) == "text/event-stream"
-    stream_chunks: list[dict[str, Any]] | None = None
+    stream_chunks: list[str] | None = None
+    stream_offsets: list[float] | None = None
     body: dict[str, Any]
     if is_stream:
         # The session tracker leaves the summary of an unencoded stream it read.
@@ -796,7 +819,8 @@ def _response_dict(
         stream = _fast_stream_capture(
             chunks, content_encoding, capture.response_body_bytes, summary is None
         )
-        stream_chunks = stream.chunks
+        stream_chunks = stream.texts
+        stream_offsets = stream.offsets_ms
         body = {
             "text": None,
             "base64": None,
@@ -873,12 +897,12 @@ def _response_dict(
         if text is not None:
             body["text"] = mask_values(text, masked)
         if stream_chunks is not None:
-            for chunk in stream_chunks:
-                chunk["data"] = mask_values(chunk["data"], masked)
+            stream_chunks = [mask_values(text, masked) for text in stream_chunks]
         _mask_header_values(response_headers, masked)
     event["response_headers"] = response_headers
     event["response_body"] = body
     event["response_chunks"] = stream_chunks
+    event["response_chunk_offsets_ms"] = stream_offsets
     return event
 
 
@@ -916,8 +940,10 @@ def response_event(record: ExchangeRecord, capture: CaptureSettings) -> dict[str
 
 # ---------------------------------------------------------------- the envelope
 
-# Per-chunk JSON overhead ({"offset_ms":..., "data":"..."}) and escaping, roughly.
-_CHUNK_OVERHEAD = 48
+# Per-chunk JSON overhead (a text's quotes and comma, its offset in the other list)
+# and escaping, roughly: the recorded 100-chunk reply's line has ~41 bytes a read
+# beyond its text, most of them the escaped quotes of the JSON in it.
+_CHUNK_OVERHEAD = 40
 
 
 # No on_setattr hooks: ``kind`` is validated once, in ``__init__``; the private

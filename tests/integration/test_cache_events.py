@@ -200,7 +200,8 @@ async def test_a_miss_then_a_hit_are_two_exchanges_of_one_session(
         assert (response["status"], response["outcome"], response["error"]) == (200, "ok", None)
         assert response["is_stream"] is stream
     if stream:
-        text = "".join(c["data"] for c in second["response_chunks"])
+        text = "".join(second["response_chunks"])
+        assert len(second["response_chunk_offsets_ms"]) == len(second["response_chunks"])
         assert text.encode() == body2 == b"".join(sse_chunks())
         assert second["usage"]["total_tokens"] == 8 and second["model"] == "gpt-4o-mini"
     else:

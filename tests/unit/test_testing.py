@@ -8,13 +8,21 @@ from pathlib import Path
 
 from twisted.internet.task import Clock
 
+from llmproxy.capture.events import response_event
 from llmproxy.config.model import ExporterSettings
 from llmproxy.events.envelope import StoredEvent
 from llmproxy.export.deadletter import DeadLetter
 from llmproxy.export.exporter import BatchingExporter
 from llmproxy.export.verdict import Delivered, Retry
 from llmproxy.interfaces import EventSink, Sink
-from llmproxy.testing import RecordingEventSink, ScriptedSink
+from llmproxy.testing import RecordingEventSink, ScriptedSink, older_chunk_shape
+from tests.unit.capture.test_events import (
+    CAPTURE,
+    SSE_CHUNKS,
+    finish_json,
+    finish_stream,
+    make_record,
+)
 
 
 def test_a_scripted_sink_drives_the_engine_through_a_retry(tmp_path: Path) -> None:
@@ -48,3 +56,21 @@ def test_a_scripted_sink_can_hold_its_answers() -> None:
 def test_the_doubles_satisfy_the_protocols_they_stand_for() -> None:
     assert isinstance(ScriptedSink(), Sink)
     assert isinstance(RecordingEventSink(), EventSink)
+
+
+def test_older_chunk_shape_gives_a_stream_as_an_earlier_version_wrote_it() -> None:
+    event = response_event(finish_stream(make_record()), CAPTURE)
+    before = dict(event)
+    older = older_chunk_shape(event)
+    assert event == before  # not changed
+    assert older["response_chunks"] == [
+        {"offset_ms": offset, "data": chunk.decode()}
+        for offset, chunk in zip([100.0, 200.0, 300.0], SSE_CHUNKS, strict=True)
+    ]
+    # The keys and their order of that version: the chunks last, no offsets list.
+    assert list(older) == [k for k in event if k != "response_chunk_offsets_ms"]
+    assert list(older)[-1] == "response_chunks"
+    plain = response_event(finish_json(make_record()), CAPTURE)
+    assert older_chunk_shape(plain) == {
+        k: v for k, v in plain.items() if k != "response_chunk_offsets_ms"
+    }

@@ -14,6 +14,9 @@ line is the canonical event as JSON.  A line over ``max_line_bytes`` (Loki's
 ``max_line_size``, 256 KiB by default) would be refused, so it is shortened by
 truncating its bulky fields (bodies, then stream chunks, then headers) and
 re-encoding: the line stays valid JSON, marked as truncated, never cut mid-way.
+A stream's chunk texts lose their tail together with their arrival offsets
+(``response_chunk_offsets_ms``), so the two lists of a shortened event still
+pair up.
 
 Loki answers 204.  A 400 means Loki refused some entries for good and stored
 the valid rest of the batch, so it is not retried.  Its text
@@ -68,6 +71,7 @@ __all__ = [
     "MAX_TENANT_BYTES",
     "METADATA_FIELDS",
     "MIN_LINE_BYTES",
+    "PAIRED_LISTS",
     "PARTLY_REFUSED",
     "PUSH_PATH",
     "TENANT_CHARS",
@@ -108,6 +112,11 @@ METADATA_FIELDS = ("request_id", "session_id", "route", "token_id", "project")
 # (The canonical event's names, see llmproxy/capture/events.py, plus the generic ones.)
 BODY_KEYS = frozenset({"request_body", "response_body", "body"})
 CHUNK_KEYS = frozenset({"response_chunks", "chunks"})
+# A chunk list whose entries pair up, index by index, with those of a list beside
+# it: a stream's texts and their arrival offsets.  Dropping the tail of one drops
+# the same tail of the other, so a shortened event's two lists still pair up.
+# (Events of the older shape, a dict per read, carry each offset with its text.)
+PAIRED_LISTS = {"response_chunks": "response_chunk_offsets_ms"}
 HEADER_KEYS = frozenset({"request_headers", "response_headers", "headers"})
 TRUNCATION_MARK = "loki_truncated"
 IDENTITY_FIELDS = (
@@ -612,25 +621,48 @@ def _size(item: tuple[int, Any, Any, str]) -> int:
 
 def _drop_tails(lists: list[_Place], excess: int, fields: list[str]) -> None:
     """Keep the head of the longest lists (stream chunks) and drop their tails
-    until about ``excess`` bytes are freed."""
-    sized = sorted(
-        ((len(orjson.dumps(c[k])), c, k, p) for c, k, p in lists), key=_size, reverse=True
-    )
+    until about ``excess`` bytes are freed; a list's partner (:data:`PAIRED_LISTS`)
+    loses the same tail, and its bytes count with the list's."""
+    sized = sorted(((_paired_size(c, k), c, k, p) for c, k, p in lists), key=_size, reverse=True)
     for size, container, key, path in sized:
         if excess <= 0:
             return
         items = container[key]
+        partner_key = PAIRED_LISTS.get(key)
+        partner = _partner(container, key)
         budget = size - excess
-        kept = 2  # the brackets
+        kept = 2 if partner is None else 4  # the brackets
         keep = 0
-        for item in items:
+        for i, item in enumerate(items):
             kept += len(orjson.dumps(item)) + 1
+            if partner is not None and i < len(partner):
+                kept += len(orjson.dumps(partner[i])) + 1
             if kept > budget:
                 break
             keep += 1
         container[key] = items[:keep]
         excess -= size - (kept if keep == len(items) else budget)
         _note(container, f"{path}[{keep}:]", fields)
+        if partner is not None and partner_key is not None and len(partner) > keep:
+            container[partner_key] = partner[:keep]
+            partner_path = path[: len(path) - len(key)] + partner_key
+            _note(container, f"{partner_path}[{keep}:]", fields)
+
+
+def _partner(container: Any, key: Any) -> list[Any] | None:
+    """The list paired with ``container[key]`` (:data:`PAIRED_LISTS`), if there is one."""
+    partner_key = PAIRED_LISTS.get(key) if isinstance(key, str) else None
+    if partner_key is None or not isinstance(container, dict):
+        return None
+    partner = container.get(partner_key)
+    return partner if isinstance(partner, list) else None
+
+
+def _paired_size(container: Any, key: Any) -> int:
+    """The encoded size of ``container[key]``, with its partner's when it has one."""
+    size = len(orjson.dumps(container[key]))
+    partner = _partner(container, key)
+    return size if partner is None else size + len(orjson.dumps(partner))
 
 
 def _stub(event: dict[str, Any], original: int, limit: int) -> bytes:

@@ -66,7 +66,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from llmproxy.config.model import ExporterSettings
-from llmproxy.events.facts import facts_of, response_text
+from llmproxy.events.facts import chunk_texts, facts_of, response_text
 from llmproxy.export.sink import ANSWER_LIMIT, EncodedBatch, checked_endpoint
 from llmproxy.export.sinks import exchange
 from llmproxy.export.sinks.exchange import (
@@ -518,9 +518,7 @@ def _may_hold_nul(event: dict[str, Any]) -> bool:
     for field in ("request_body", "response_body"):
         body = event.get(field)
         texts.append(body.get("text") if isinstance(body, dict) else None)
-    chunks = event.get("response_chunks")
-    if isinstance(chunks, list):
-        texts.extend(c.get("data") for c in chunks if isinstance(c, dict))
+    texts.extend(chunk_texts(event) or ())
     return any(isinstance(t, str) and ("\x00" in t or "\\u0000" in t) for t in texts)
 
 

@@ -283,6 +283,7 @@ def test_response_event_json_body_usage_and_model() -> None:
         "decode_error": None,
     }
     assert event["response_chunks"] is None
+    assert event["response_chunk_offsets_ms"] is None
     assert event["is_stream"] is False
     assert event["model"] == event["response_model"] == "gpt-4o-mini-2024-07-18"
     assert event["request_model"] == "gpt-4o-mini"
@@ -315,13 +316,26 @@ def test_gzip_json_response_is_captured_decoded() -> None:
 def test_stream_response_carries_chunks_with_offsets() -> None:
     event = response_event(finish_stream(make_record()), CAPTURE)
     assert event["is_stream"] is True
-    chunks = event["response_chunks"]
-    assert [c["offset_ms"] for c in chunks] == [100.0, 200.0, 300.0]
-    assert [c["data"] for c in chunks] == [c.decode() for c in SSE_CHUNKS]
+    assert event["response_chunks"] == [c.decode() for c in SSE_CHUNKS]
+    assert event["response_chunk_offsets_ms"] == [100.0, 200.0, 300.0]
     body = event["response_body"]
     assert body["text"] is None and body["base64"] is None
     assert body["size"] == body["captured_bytes"] == sum(len(c) for c in SSE_CHUNKS)
     assert response_text(event) == b"".join(SSE_CHUNKS).decode()
+
+
+def test_a_response_event_ends_with_its_body_then_the_chunks_and_their_offsets() -> None:
+    last = ["response_body", "response_chunks", "response_chunk_offsets_ms"]
+    for record in (finish_json(make_record()), finish_stream(make_record())):
+        for event in _both_builders(record):
+            assert list(event)[-3:] == last
+
+
+def test_offsets_are_milliseconds_to_the_microsecond_from_the_start() -> None:
+    record = finish_stream(make_record())
+    record.response_chunks = [(0.0001234, b"data: 1\n\n"), (1.0000006, b"data: 2\n\n")]
+    for event in _both_builders(record):
+        assert event["response_chunk_offsets_ms"] == [0.123, 1000.001]
 
 
 def test_stream_response_usage_reply_and_reasons() -> None:
@@ -336,23 +350,27 @@ def test_character_split_across_chunks_lands_whole_in_one_chunk() -> None:
     whole = b"".join(SSE_CHUNKS)
     cut = whole.index("👋".encode()) + 2
     event = response_event(finish_stream(make_record(), [whole[:cut], whole[cut:]]), CAPTURE)
-    data = [c["data"] for c in event["response_chunks"]]
+    data = event["response_chunks"]
+    assert data[0] == whole[: cut - 2].decode()  # the character is not in the first read
     assert "".join(data) == whole.decode()
     assert "\ufffd" not in "".join(data)
+    assert len(event["response_chunk_offsets_ms"]) == 2
 
 
 def test_gzip_stream_chunks_are_decoded_one_by_one() -> None:
     compressor = gzip.compress  # one member per chunk is valid gzip (concatenated members)
     chunks = [compressor(c) for c in SSE_CHUNKS]
     event = response_event(finish_stream(make_record(), chunks, encoding=b"gzip"), CAPTURE)
-    assert [c["data"] for c in event["response_chunks"]] == [c.decode() for c in SSE_CHUNKS]
+    assert event["response_chunks"] == [c.decode() for c in SSE_CHUNKS]
+    assert event["response_chunk_offsets_ms"] == [100.0, 200.0, 300.0]
     assert event["response_body"]["size"] == sum(len(c) for c in chunks)
     assert event["usage"]["total_tokens"] == 13
 
 
 def test_undecodable_stream_falls_back_to_raw_chunks_with_a_note() -> None:
     event = response_event(finish_stream(make_record(), SSE_CHUNKS, encoding=b"gzip"), CAPTURE)
-    assert [c["data"] for c in event["response_chunks"]] == [c.decode() for c in SSE_CHUNKS]
+    assert event["response_chunks"] == [c.decode() for c in SSE_CHUNKS]
+    assert event["response_chunk_offsets_ms"] == [100.0, 200.0, 300.0]
     assert event["response_body"]["decode_error"] is not None
 
 
@@ -592,4 +610,5 @@ def test_an_injected_key_echoed_in_a_stream_is_masked_in_every_chunk() -> None:
     record = finish_stream(make_record(masked=(ROUTE_KEY,)), chunks)
     for event in _both_builders(record):
         assert ROUTE_KEY[8:30] not in json.dumps(event)
-        assert "sk-proj-****5aEu" in event["response_chunks"][0]["data"]
+        assert "sk-proj-****5aEu" in event["response_chunks"][0]
+        assert len(event["response_chunk_offsets_ms"]) == 2

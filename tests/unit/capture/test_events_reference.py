@@ -29,6 +29,7 @@ from llmproxy.capture.events import (
 from llmproxy.capture.record import ExchangeRecord
 from llmproxy.config.model import CaptureSettings
 from llmproxy.events.sse import parse_sse, sse_fields
+from llmproxy.events.time import ms3
 from llmproxy.events.usage import (
     facts_from_json,
     facts_from_sse,
@@ -432,6 +433,24 @@ def test_envelopes_equal_the_reference_events_and_facts(
     same(response.payload(), reference_response(record, capture))
     assert orjson.loads(response.json()) == response.payload()
     assert response.facts() == build_response_event(record, capture)[1]
+
+
+@given(records(), captures)
+def test_a_streams_texts_and_offsets_pair_up_with_its_reads(
+    record: ExchangeRecord, capture: CaptureSettings
+) -> None:
+    event = response_event(record, capture)
+    texts, offsets = event["response_chunks"], event["response_chunk_offsets_ms"]
+    if not event["is_stream"]:
+        assert texts is None and offsets is None
+        return
+    # One entry in each per read kept under the cap, whatever the encoding.
+    assert len(texts) == len(offsets) == len(record.response_chunks)
+    assert offsets == [ms3(offset) for offset, _ in record.response_chunks]
+    if not event["response_body"]["content_encoding"]:
+        assert "".join(texts) == b"".join(c for _, c in record.response_chunks).decode(
+            errors="replace"
+        )
 
 
 @given(st.one_of(sse_streams(), st.binary(max_size=80)))

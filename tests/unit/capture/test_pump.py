@@ -382,8 +382,8 @@ def test_a_streamed_cache_hit_keeps_its_chunks_and_usage() -> None:
     response = bus.envelopes[-1].payload()
     assert response["is_stream"] is True and response["cache_status"] == "hit"
     # Replayed at once: every chunk went out at the first byte.
-    assert [c["offset_ms"] for c in response["response_chunks"]] == [0.3] * len(chunks)
-    assert "".join(c["data"] for c in response["response_chunks"]) == b"".join(chunks).decode()
+    assert response["response_chunk_offsets_ms"] == [0.3] * len(chunks)
+    assert "".join(response["response_chunks"]) == b"".join(chunks).decode()
     assert response["usage"]["total_tokens"] == 5
     assert response["finish_reasons"] == ["stop"]
     assert tracker.stats()["states_recorded"] == 1  # the tracker read the replayed reply

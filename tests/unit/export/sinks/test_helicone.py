@@ -23,6 +23,7 @@ from llmproxy.export.sinks.helicone import (
     log_urls,
 )
 from llmproxy.export.verdict import Delivered, Rejected, Retry
+from llmproxy.testing import older_chunk_shape
 from tests.fakes.helicone import (
     DEFAULT_KEY,
     FakeHelicone,
@@ -239,11 +240,33 @@ def test_a_stream_goes_as_its_text_so_helicone_counts_its_tokens() -> None:
     log = stored(fake, "req-oa-sse")
     assert log.is_stream and log.request_json["stream"] is True
     assert log.response_json == {}
-    assert log.response_body == "".join(c["data"] for c in event["response_chunks"])
+    assert log.response_body == "".join(event["response_chunks"])
     assert log.usage == HeliconeUsage(prompt_tokens=12, completion_tokens=3)
     assert log.cost_inputs == ("OPENAI", "gpt-4o-mini", log.usage)
     assert log.properties["usage"] == "upstream"
     assert log.time_to_first_token == 100
+
+
+@pytest.mark.parametrize(
+    "make",
+    [openai_stream, lambda: openai_stream(usage=False), anthropic_stream, openai_json],
+    ids=["openai-stream", "openai-stream-without-usage", "anthropic-stream", "json"],
+)
+def test_an_event_of_the_older_chunk_shape_is_the_same_log(make: Any) -> None:
+    """Events written before the chunk offsets had their own list still wait in
+    spools, dead-letter files and Redis streams after an upgrade."""
+    event = make()
+    older = older_chunk_shape(event)
+    sink, fake, _ = against_fake()
+    older_sink, older_fake, _ = against_fake()
+
+    assert older_sink.encode([older]).body == sink.encode([event]).body
+    assert verdict_of(sink.deliver([event])) == Delivered()
+    assert verdict_of(older_sink.deliver([older])) == Delivered()
+    assert older_fake.logs == fake.logs and len(fake.logs) == 1
+    if event["response_chunks"] is not None:
+        assert older_fake.logs[0].response_body.startswith("".join(event["response_chunks"]))
+        assert older_fake.logs[0].usage is not None
 
 
 def test_a_stream_sent_as_merged_json_would_get_no_tokens() -> None:
@@ -296,7 +319,7 @@ def test_missing_usage_in_a_stream_is_estimated_in_a_line_helicone_reads() -> No
     verdict_of(sink.deliver([event]))
 
     log = stored(fake, "req-oa-sse")
-    text = "".join(c["data"] for c in event["response_chunks"])
+    text = "".join(event["response_chunks"])
     assert log.response_body.startswith(text)
     added = log.response_body[len(text) :]
     assert added.startswith("data: {") and added.endswith("\n\n")
@@ -309,13 +332,13 @@ def test_missing_usage_in_a_stream_is_estimated_in_a_line_helicone_reads() -> No
 
 def test_without_the_added_line_helicone_would_count_minus_one() -> None:
     event = openai_stream(usage=False)
-    text = "".join(c["data"] for c in event["response_chunks"])
+    text = "".join(event["response_chunks"])
     assert read_response("OPENAI", True, text, "gpt-4o-mini")[1] == HeliconeUsage(-1, -1)
 
 
 def test_a_stream_cut_at_the_capture_cap_still_gets_a_usage_line() -> None:
     event = openai_stream(usage=False)
-    event["response_chunks"][-1]["data"] = 'data: {"id": "chatcmpl-2", "obj'  # cut
+    event["response_chunks"][-1] = 'data: {"id": "chatcmpl-2", "obj'  # cut
     body = log_body(event)["providerResponse"]["textBody"]
     assert '{"id": "chatcmpl-2", "obj\n\ndata: {' in body
     assert read_response("OPENAI", True, body, "gpt-4o-mini")[1] == HeliconeUsage(4, 3)

@@ -24,6 +24,7 @@ from llmproxy.export.sink import EncodedBatch, Sink
 from llmproxy.export.sinks.loki import LokiSink, push_url, shorten_line
 from llmproxy.export.verdict import Delivered, Rejected, Retry, Verdict
 from llmproxy.runtime.checks import load_checked
+from llmproxy.testing import older_chunk_shape
 from tests.fakes.loki import FakeLoki, Hang, LokiLimits, Respond
 
 NOW = 1_795_419_612  # 2026-11-23T07:40:12Z
@@ -62,9 +63,12 @@ def event(
     return e
 
 
-def big_event(body_chars: int, *, chunks: int = 0, header_chars: int = 10) -> dict[str, Any]:
-    """A response event shaped as llmproxy/capture/events.py makes them."""
-    return event(
+def big_event(
+    body_chars: int, *, chunks: int = 0, header_chars: int = 10, older: bool = False
+) -> dict[str, Any]:
+    """A response event shaped as llmproxy/capture/events.py makes them (``older``:
+    its stream as an earlier version wrote it, a dict per read)."""
+    e = event(
         type="response",
         status=200,
         outcome="ok",
@@ -84,10 +88,10 @@ def big_event(body_chars: int, *, chunks: int = 0, header_chars: int = 10) -> di
             "captured_bytes": body_chars,
             "truncated": False,
         },
-        response_chunks=[
-            {"offset_ms": j / 10, "data": 'data: {"delta": "hi"}\n\n'} for j in range(chunks)
-        ],
+        response_chunks=['data: {"delta": "hi"}\n\n'] * chunks,
+        response_chunk_offsets_ms=[j / 10 for j in range(chunks)],
     )
+    return older_chunk_shape(e) if older else e
 
 
 def settings(**kw: Any) -> ExporterSettings:
@@ -479,8 +483,32 @@ def test_a_short_prompt_survives_a_long_response() -> None:
     assert got["loki_truncated"]["fields"] == ["response_body.text"]
 
 
-def test_stream_chunks_lose_their_tail_while_small_bodies_stay() -> None:
+def test_stream_chunks_lose_their_tail_and_its_offsets_while_small_bodies_stay() -> None:
     e = big_event(100, chunks=5000)
+    limit = 16 * 1024
+
+    line = _only_line(make_sink(max_line_bytes=limit).encode([e]))
+
+    assert len(line) <= limit
+    got = orjson.loads(line)
+    chunks = got["response_chunks"]
+    n = len(chunks)
+    assert 0 < n < 5000
+    assert chunks == e["response_chunks"][:n]
+    # The texts and their offsets still pair up: the same tail went from both.
+    assert got["response_chunk_offsets_ms"] == e["response_chunk_offsets_ms"][:n]
+    # The small bodies were kept: only the tail of the stream went.
+    assert got["loki_truncated"]["fields"] == [
+        f"response_chunks[{n}:]",
+        f"response_chunk_offsets_ms[{n}:]",
+    ]
+    assert got["request_body"] == e["request_body"]
+    # About as many chunks kept as fit: the offsets' bytes were counted with them.
+    assert limit - len(line) < 200
+
+
+def test_stream_chunks_of_the_older_shape_lose_their_tail_as_before() -> None:
+    e = big_event(100, chunks=5000, older=True)
     limit = 16 * 1024
 
     line = _only_line(make_sink(max_line_bytes=limit).encode([e]))
@@ -490,7 +518,7 @@ def test_stream_chunks_lose_their_tail_while_small_bodies_stay() -> None:
     chunks = got["response_chunks"]
     assert 0 < len(chunks) < 5000
     assert chunks == e["response_chunks"][: len(chunks)]
-    # The small bodies were kept: only the tail of the stream went.
+    assert "response_chunk_offsets_ms" not in got
     assert got["loki_truncated"]["fields"] == [f"response_chunks[{len(chunks)}:]"]
     assert got["request_body"] == e["request_body"]
 
@@ -545,25 +573,29 @@ _text = st.text(st.characters(codec="utf-8"), max_size=3000)
 @given(
     request_body=_text,
     response_body=_text,
-    chunks=st.lists(
-        st.fixed_dictionaries({"offset_ms": st.floats(0, 1e4), "data": _text}), max_size=40
-    ),
+    chunks=st.lists(st.tuples(st.floats(0, 1e4), _text), max_size=40),
+    older=st.booleans(),
     headers=st.dictionaries(st.text(min_size=1, max_size=20), _text, max_size=5),
     limit=st.integers(1024, 8192),
 )
 def test_any_event_shortens_to_valid_json_within_the_limit(
     request_body: str,
     response_body: str,
-    chunks: list[dict[str, Any]],
+    chunks: list[tuple[float, str]],
+    older: bool,
     headers: dict[str, str],
     limit: int,
 ) -> None:
     e = event(
+        type="response",
         request_headers=headers,
         request_body={"text": request_body, "truncated": False},
         response_body={"text": response_body, "truncated": False},
-        response_chunks=chunks,
+        response_chunks=[text for _, text in chunks],
+        response_chunk_offsets_ms=[offset for offset, _ in chunks],
     )
+    if older:
+        e = older_chunk_shape(e)
     line = orjson.dumps(e)
 
     out = shorten_line(e, line, limit) if len(line) > limit else line
@@ -572,6 +604,13 @@ def test_any_event_shortens_to_valid_json_within_the_limit(
     got = orjson.loads(out)
     assert got["request_id"] == e["request_id"]
     assert got["ts_ns"] == e["ts_ns"]
+    if older or "response_chunks" not in got:  # no offsets key; or a stub of the ids
+        assert "response_chunk_offsets_ms" not in got
+    else:
+        # Each text kept (whole, or its head) still has its own offset beside it.
+        kept = got["response_chunks"]
+        assert got["response_chunk_offsets_ms"] == e["response_chunk_offsets_ms"][: len(kept)]
+        assert all(e["response_chunks"][i].startswith(text) for i, text in enumerate(kept))
 
 
 @given(
@@ -878,6 +917,10 @@ def test_a_real_canonical_stream_event_reaches_loki_shortened_and_obfuscated() -
     line = stored.json()
     assert line["request_id"] == "req-canonical"
     assert line["loki_truncated"]["fields"][0].startswith("response_chunks[")
+    n = len(line["response_chunks"])
+    assert 0 < n < 2000
+    assert line["response_chunk_offsets_ms"] == payload["response_chunk_offsets_ms"][:n]
+    assert line["response_chunks"] == payload["response_chunks"][:n]
     assert line["request_body"]["text"] == '{"model": "gpt-4o", "stream": true}'
     assert CANARY not in stored.line
     assert stored.ts_ns == payload["ts_ns"]

@@ -25,6 +25,7 @@ from llmproxy.config.model import CaptureSettings, ExporterSettings
 from llmproxy.export.sink import Sink
 from llmproxy.export.sinks.lunary import LunarySink, ingest_url, run_id
 from llmproxy.export.verdict import Delivered, Rejected, Retry, Verdict
+from llmproxy.testing import older_chunk_shape
 from tests.fakes.lunary import DEFAULT_KEY, FakeLunary, Hang, Respond
 
 # -- realistic exchanges (shared with test_helicone_sink and test_otlp_sink) -------------
@@ -783,9 +784,7 @@ def test_without_the_replacement_lunary_would_fail_the_run() -> None:
 
 def test_a_nul_in_a_stream_and_in_an_error_is_replaced_too() -> None:
     stream = openai_stream("req-nul-sse")
-    stream["response_chunks"][0]["data"] = stream["response_chunks"][0]["data"].replace(
-        "Gr", "G\\u0000r"
-    )
+    stream["response_chunks"][0] = stream["response_chunks"][0].replace("Gr", "G\\u0000r")
     failed = timed_out("req-nul-err")
     failed["error"] = "upstream said \u0000"
     sink, fake, _ = against_fake()
@@ -793,6 +792,32 @@ def test_a_nul_in_a_stream_and_in_an_error_is_replaced_too() -> None:
     assert verdict_of(sink.deliver([stream, failed])) == Delivered()
     assert fake.runs[run_id("req-nul-sse")].output["content"] == "G\ufffdrüß dich"
     assert fake.runs[run_id("req-nul-err")].error["message"].endswith("\ufffd")
+
+
+def test_a_nul_in_a_stream_of_the_older_chunk_shape_is_replaced_too() -> None:
+    stream = openai_stream("req-nul-sse")
+    stream["response_chunks"][0] = stream["response_chunks"][0].replace("Gr", "G\\u0000r")
+    older = older_chunk_shape(stream)
+    assert isinstance(older["response_chunks"][0], dict)
+    sink, fake, _ = against_fake()
+
+    assert verdict_of(sink.deliver([older])) == Delivered()
+    assert fake.runs[run_id("req-nul-sse")].output["content"] == "G\ufffdrüß dich"
+
+
+def test_events_of_the_older_chunk_shape_become_the_same_runs() -> None:
+    """Events written before the chunk offsets had their own list still wait in
+    spools, dead-letter files and Redis streams after an upgrade."""
+    events = [openai_stream(), anthropic_stream(), openai_json(), timed_out()]
+    older = [older_chunk_shape(e) for e in events]
+    sink, fake, _ = against_fake()
+    older_sink, older_fake, _ = against_fake()
+
+    assert older_sink.encode(older).body == sink.encode(events).body
+    assert verdict_of(sink.deliver(events)) == Delivered()
+    assert verdict_of(older_sink.deliver(older)) == Delivered()
+    assert older_fake.runs == fake.runs and len(fake.runs) == 4
+    assert older_fake.runs[run_id("req-oa-sse")].output["content"] == "Grüß dich"
 
 
 def test_a_batch_that_times_out_is_sent_again_in_two_steps_so_lunary_never_waits() -> None:

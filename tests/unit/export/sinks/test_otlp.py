@@ -16,6 +16,7 @@ from llmproxy.config.model import ExporterSettings
 from llmproxy.export.sink import Sink
 from llmproxy.export.sinks.otlp import OTLPSink, operation_name, signal_url, span_ids
 from llmproxy.export.verdict import Delivered, Rejected, Retry
+from llmproxy.testing import older_chunk_shape
 from tests.fakes.otlp import FakeCollector, Hang, Respond, StoredSpan
 from tests.unit.export.sinks.test_lunary import (
     CACHE_KEY,
@@ -235,6 +236,23 @@ def test_streams_and_anthropic_exchanges_carry_their_facts() -> None:
     anthropic_sse = by_id["req-an-sse"].attributes
     assert anthropic_sse["gen_ai.usage.output_tokens"] == 4
     assert anthropic_sse["gen_ai.response.id"] == "msg_2"
+
+
+def test_events_of_the_older_chunk_shape_make_the_same_spans() -> None:
+    """Events written before the chunk offsets had their own list still wait in
+    spools, dead-letter files and Redis streams after an upgrade."""
+    events = [openai_stream(), anthropic_stream(), openai_json()]
+    older = [older_chunk_shape(e) for e in events]
+    sink, fake, _ = against_fake()
+    older_sink, older_fake, _ = against_fake()
+
+    assert older_sink.encode(older).body == sink.encode(events).body
+    assert verdict_of(sink.deliver(events)) == Delivered()
+    assert verdict_of(older_sink.deliver(older)) == Delivered()
+    assert older_fake.spans == fake.spans and len(fake.spans) == 3
+    by_id = {s.attributes["llmproxy.request_id"]: s for s in older_fake.spans}
+    assert by_id["req-oa-sse"].attributes["gen_ai.response.id"] == "chatcmpl-2"
+    assert by_id["req-an-sse"].attributes["gen_ai.usage.output_tokens"] == 4
 
 
 def test_cache_writes_and_the_upstream_port_are_attributes() -> None:
