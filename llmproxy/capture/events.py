@@ -36,7 +36,8 @@ character split across two reads belongs to the read completing it).
 stream in two fields would double every Loki line.  Both keys are null for a
 body that is not a stream.  Two flat lists rather than a dict per read
 (``[{"offset_ms": ..., "data": ...}]``, the shape before): the dicts were about
-40 % of building a 100-chunk event and ~10 % of its line.  Events of that
+half the cost of a 100-chunk stream's chunk list and ~8 % of its line (docs/
+performance.md, "A stream").  Events of that
 older shape still wait in spools, dead-letter files and Redis streams after an
 upgrade; every reader takes both (:func:`llmproxy.events.facts.response_text`,
 :func:`llmproxy.events.facts.chunk_texts`).  Use ``response_text`` to read the
