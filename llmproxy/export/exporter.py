@@ -32,6 +32,15 @@ Where an accepted event can be, at every moment (``stats()``)::
   held fewer lines than its name says), ``spool_read_failed``, ``encode_failed``
   (``json()`` raised), ``bad_envelope`` (``size_hint`` raised).
 
+Batches.  A batch is sent when ``batch_size`` events (or ``batch_bytes``) wait and
+a slot is free, or at the ``flush_interval`` tick with whatever waits.  A target
+may send earlier (``send_at``, the Redis bus: 20): once that many wait and a slot
+is free, the batch takes up to ``batch_size`` of them, so a batch grows with the
+backlog that built up while the one before was in flight.  At a low rate no
+reactor turn then hands a hundred events to the target at once (each such turn
+is a stall for whichever request waits meanwhile: the c1 p99), and at a high rate
+the batches are as large as ever.  Spool segments keep ``batch_size``.
+
 Durable while failing.  Healthy, the exporter works from memory and never touches
 the disk.  Once the target is known to be failing (an attempt was answered
 ``Retry``, until one is ``Delivered``), what waits in memory is written to the
@@ -190,6 +199,11 @@ class BatchingExporter:
     # Where spool writes run: a thread in production (registry.build_exporter), at
     # once by default (unit tests drive time with a Clock).
     _run_blocking: RunBlocking = run_here
+    # A batch goes once this many events wait and a slot is free (0: ``batch_size``);
+    # it takes up to ``batch_size`` of them, so batches grow with the backlog.  For a
+    # target whose cost per batch is small (the Redis bus): no reactor turn sends a
+    # hundred events at once while the rate is low (module docstring, "Batches").
+    _send_at: int = 0
 
     _state: str = attrs.field(init=False, default=RUNNING)
     _started: bool = attrs.field(init=False, default=False)
@@ -456,7 +470,7 @@ class BatchingExporter:
 
     def _batch_ready(self) -> bool:
         return (
-            len(self._queue) >= self._settings.batch_size
+            len(self._queue) >= (self._send_at or self._settings.batch_size)
             or self._queue_bytes >= self._settings.batch_bytes
         )
 
