@@ -193,7 +193,7 @@ class Spool:
             return None, 0
         if first in self._segments or first in self._pending:
             raise ValueError(f"spool already holds a segment starting at ordinal {first}")
-        data = b"\n".join(lines) + b"\n"
+        data = b"\n".join([*lines, b""])  # one copy: "+ newline" would be a second
         discarded, fits = self._make_room(len(data), first)
         if not fits:
             return None, discarded + len(lines)
@@ -250,7 +250,7 @@ class Spool:
         if not lines:
             self.remove(segment)
             return None
-        data = b"\n".join(lines) + b"\n"
+        data = b"\n".join([*lines, b""])  # one copy: "+ newline" would be a second
         path = self._directory / f"{segment.first}-{segment.last}-{len(lines)}.jsonl"
         self._write_atomically(path, data)
         was_checked_out = segment.first in self._checked_out
