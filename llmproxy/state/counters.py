@@ -480,7 +480,7 @@ class RedisCounters:
         self._add_call: IDelayedCall | None = None
         self.add_batches = 0
         # (key, expire_at) -> its slot in ``_adding``: one token's answers charge
-        # the same few counters, encoded once (per answer they cost ~10 µs).
+        # the same few counters, encoded once (per answer: a few µs each time).
         self._slots: dict[tuple[str, float | None], tuple[bytes, bytes]] = {}
 
     def key(self, name: str) -> str:
