@@ -512,12 +512,13 @@ class RedisSettings:
     batch_size: int = setting(
         100,
         doc=(
-            "Proxy: events sent in one round trip (one `EVAL` of a script running their "
-            "`XADD`s); small batches keep each reactor turn, and Redis' own work per batch, short "
-            "(with Redis on the proxy's CPUs, 20 halves the p99 at low rates: see performance.md). "
-            "One batch is in flight at a time, so a batch per round trip bounds the rate, and "
-            "while Redis is down each batch is one spool file: keep it large where Redis is far "
-            "away or the rate is high."
+            "Proxy: the most events sent in one round trip (one `EVAL` of a script running "
+            "their `XADD`s), and the events per spool file while Redis is down. A batch goes "
+            "as soon as 20 events wait (or at `flush_interval`) and takes up to this many, so "
+            "batches grow with the backlog built while the one before was in flight (one batch "
+            "is in flight at a time, in publish order): small at low rates, which keeps every "
+            "reactor turn short (the c1 p99, see performance.md), and large at high rates or "
+            "where Redis is far away."
         ),
     )
     flush_interval: Duration = setting(

@@ -32,6 +32,7 @@ across crashes) but is neither discarded nor offered again meanwhile.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import os
 import re
@@ -99,6 +100,9 @@ class Spool:
     _directory: Path
     _max_bytes: int
     _segments: dict[int, Segment] = attrs.field(init=False, factory=dict)
+    # The segments' first ordinals, sorted: a long outage leaves thousands of
+    # segments, and sorting them for every write or replay would grow with it.
+    _order: list[int] = attrs.field(init=False, factory=list)
     _checked_out: set[int] = attrs.field(init=False, factory=set)
     _pending: dict[int, PendingSegment] = attrs.field(init=False, factory=dict)
     _bytes: int = attrs.field(init=False, default=0)
@@ -147,12 +151,15 @@ class Spool:
 
     def segments(self) -> list[Segment]:
         """Every segment, oldest first."""
-        return [self._segments[f] for f in sorted(self._segments)]
+        return [self._segments[f] for f in self._order]
 
     def oldest(self) -> Segment | None:
         """The oldest segment that is not checked out, or ``None``."""
-        available = [f for f in self._segments if f not in self._checked_out]
-        return self._segments[min(available)] if available else None
+        checked_out = self._checked_out
+        for first in self._order:
+            if first not in checked_out:
+                return self._segments[first]
+        return None
 
     def append(self, lines: Sequence[bytes], first: int, last: int) -> int:
         """Write one batch (the JSON of each event) as a segment, synchronously.
@@ -186,7 +193,7 @@ class Spool:
             return None, 0
         if first in self._segments or first in self._pending:
             raise ValueError(f"spool already holds a segment starting at ordinal {first}")
-        data = b"\n".join(lines) + b"\n"
+        data = b"\n".join([*lines, b""])  # one copy: "+ newline" would be a second
         discarded, fits = self._make_room(len(data), first)
         if not fits:
             return None, discarded + len(lines)
@@ -243,7 +250,7 @@ class Spool:
         if not lines:
             self.remove(segment)
             return None
-        data = b"\n".join(lines) + b"\n"
+        data = b"\n".join([*lines, b""])  # one copy: "+ newline" would be a second
         path = self._directory / f"{segment.first}-{segment.last}-{len(lines)}.jsonl"
         self._write_atomically(path, data)
         was_checked_out = segment.first in self._checked_out
@@ -282,13 +289,17 @@ class Spool:
             return 0, False
         reserved = sum(len(p.data) for p in self._pending.values())
         discarded = 0
-        for oldest in sorted(f for f in self._segments if f not in self._checked_out):
-            if self._bytes + reserved + size <= self._max_bytes:
-                break
+        order = self._order
+        i = 0  # the oldest not checked out: the next to go
+        while self._bytes + reserved + size > self._max_bytes and i < len(order):
+            oldest = order[i]
+            if oldest in self._checked_out:
+                i += 1
+                continue
             if first < oldest:
                 return discarded, False
             discarded += self._segments[oldest].count
-            self.remove(self._segments[oldest])
+            self.remove(self._segments[oldest])  # takes it out of ``order``
         return discarded, self._bytes + reserved + size <= self._max_bytes
 
     def _write_atomically(self, path: Path, data: bytes) -> None:
@@ -320,6 +331,12 @@ class Spool:
         return min(self._pending) if self._pending else None
 
     def _add(self, segment: Segment) -> None:
+        if segment.first not in self._segments:
+            order = self._order
+            if not order or order[-1] < segment.first:
+                order.append(segment.first)  # as good as always: ordinals grow
+            else:
+                bisect.insort(order, segment.first)
         self._segments[segment.first] = segment
         self._bytes += segment.size
         self._events += segment.count
@@ -329,5 +346,6 @@ class Spool:
         segment = self._segments.pop(first, None)
         self._checked_out.discard(first)
         if segment is not None:
+            del self._order[bisect.bisect_left(self._order, first)]
             self._bytes -= segment.size
             self._events -= segment.count

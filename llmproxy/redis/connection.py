@@ -23,6 +23,7 @@ reactor, which must not happen before twistd has installed its own.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from typing import Any
@@ -160,6 +161,11 @@ def _make_protocol_class() -> Any:
         owner: RedisConnection
 
         def connectionMade(self) -> None:
+            # Commands go out as they are asked (one script run per reactor turn):
+            # with Nagle's algorithm one sent while the one before is unacknowledged
+            # waits for Redis' reply to the first (its ACK rides on it).
+            with contextlib.suppress(AttributeError, OSError):
+                self.transport.setTcpNoDelay(True)
             super().connectionMade()
             self.owner._made(self)
 

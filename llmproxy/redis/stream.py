@@ -7,8 +7,9 @@ With ``[events] bus = redis`` the bus is the in-memory fan-out
 ``XADD <stream> MAXLEN ~ <maxlen> * event <json>`` for every event of a batch, in
 one round trip (one ``EVAL`` of a small script that runs the XADDs; where scripts
 are refused, pipelined XADDs).  ``llmproxy dispatcher`` processes read the stream
-(llmproxy/redis/dispatcher.py).  Everything else (the bounded buffer, batching every
-``flush_interval`` or ``batch_size`` events, retries with backoff, the disk spool
+(llmproxy/redis/dispatcher.py).  Everything else (the bounded buffer, batching: a
+batch goes once ``SEND_AT`` events wait, or every ``flush_interval``, and takes up to
+``batch_size``, so batches grow with the backlog; retries with backoff, the disk spool
 while Redis is away, replay in order, accounting, the drain) is the engine's, so it
 holds for the Redis bus exactly as for the sinks.
 
@@ -60,6 +61,7 @@ __all__ = [
 log = Logger()
 
 TARGET = "redis-bus"  # the engine's name for the stream target (logs, spool directory)
+SEND_AT = 20  # events: a batch goes once this many wait (up to batch_size)
 ERROR_PAUSE = 1.0  # seconds before a batch Redis refused is sent again
 
 # One round trip per batch: the XADDs run in Redis.  KEYS[1] the stream, ARGV[1]
@@ -201,6 +203,7 @@ class RedisBus:
             dead_letter,
             self._random,
             run_blocking=self._run_blocking,
+            send_at=min(SEND_AT, self._settings.batch_size),
         )
         self._fanout.subscribe(self._exporter)
         self._client.when_ready(self._exporter.retry_now)

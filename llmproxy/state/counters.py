@@ -479,6 +479,9 @@ class RedisCounters:
         self._last_group: tuple[object, object, dict[tuple[str, str, int], list[int]]] | None = None
         self._add_call: IDelayedCall | None = None
         self.add_batches = 0
+        # (key, expire_at) -> its slot in ``_adding``: one token's answers charge
+        # the same few counters, encoded once (per answer: a few µs each time).
+        self._slots: dict[tuple[str, float | None], tuple[bytes, bytes]] = {}
 
     def key(self, name: str) -> str:
         return self._prefix + name
@@ -587,12 +590,16 @@ class RedisCounters:
 
     def _hold(self, amounts: Sequence[tuple[str, int, float | None]]) -> None:
         adding = self._adding
-        prefix = self._prefix
+        slots = self._slots
         for key, amount, expire_at in amounts:
-            slot = (
-                (prefix + key).encode(),
-                b"" if expire_at is None else b"%d" % int(expire_at * 1000),
-            )
+            slot = slots.get((key, expire_at))
+            if slot is None:
+                if len(slots) > 10_000:
+                    slots.clear()  # windows end and tokens go; the live ones come back
+                slot = slots[(key, expire_at)] = (
+                    (self._prefix + key).encode(),
+                    b"" if expire_at is None else b"%d" % int(expire_at * 1000),
+                )
             adding[slot] = adding.get(slot, 0) + amount
 
     def _held(self) -> Deferred[None]:

@@ -110,6 +110,7 @@ def make(
     clock: Clock | None = None,
     start: bool = True,
     spool_max_bytes: int = 10**9,
+    send_at: int = 0,
     **settings: Any,
 ) -> Harness:
     clock = clock or Clock()
@@ -124,6 +125,7 @@ def make(
         the_spool,
         DeadLetter(tmp / "dead.jsonl", "t"),
         random,
+        send_at=send_at,
     )
     if start:
         exporter.start()
@@ -359,6 +361,46 @@ def test_full_batch_is_sent_in_the_next_reactor_turn_without_waiting(tmp_path: P
     assert h.sink.calls == []  # publish itself never encodes nor sends
     h.clock.advance(0)
     assert h.sink.batches() == [[1, 2, 3]]
+
+
+def test_send_at_sends_a_small_batch_early_and_batches_grow_with_the_backlog(
+    tmp_path: Path,
+) -> None:
+    h = make(tmp_path, batch_size=10, send_at=3)
+    h.publish(1, 2)
+    h.clock.advance(0)
+    assert h.sink.calls == []  # fewer than send_at wait: the flush timer sends them
+    h.publish(3)
+    h.clock.advance(0)
+    assert h.sink.batches() == [[1, 2, 3]]
+    # While a batch is in flight the backlog grows; the next batch takes up to
+    # batch_size of it as soon as the slot is free, the rest follows at once.
+    h.publish(*range(4, 17))
+    h.clock.advance(0)
+    assert h.sink.batches() == [[1, 2, 3]]
+    h.sink.answer(Delivered())
+    assert h.sink.batches()[1:] == [list(range(4, 14))]
+    h.sink.answer(Delivered())
+    assert h.sink.batches()[2:] == [[14, 15, 16]]
+    h.sink.answer(Delivered())
+    h.publish(17)
+    h.clock.advance(0.99)
+    assert len(h.sink.calls) == 3
+    h.clock.advance(0.01)
+    assert h.sink.batches()[3:] == [[17]]
+    assert h.stats()["sent"] == 16
+
+
+def test_the_spool_takes_batch_size_segments_whatever_send_at_is(tmp_path: Path) -> None:
+    h = make(tmp_path, batch_size=4, send_at=2, buffer=8, max_retries=0)
+    h.publish(1, 2)
+    h.clock.advance(0)
+    h.sink.answer(Retry("down"))  # failing: what waits goes to the spool every interval
+    h.publish(*range(3, 12))
+    h.clock.advance(1.0)
+    assert h.spool is not None
+    counts = sorted(seg.count for seg in h.spool.segments())
+    assert max(counts) == 4 and sum(counts) >= 9, counts
 
 
 def test_batches_are_cut_at_batch_size(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import attrs
+import orjson
 import pytest
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
@@ -174,6 +175,65 @@ def test_while_failing_the_buffer_goes_to_disk_every_spool_interval(tmp_path: Pa
     r.fail_all()
     assert r.on_disk() == [0, 1, 2, 3, 4]
     assert r.stats()["queue_depth"] == 0
+
+
+class TurnClock(Clock):
+    """A Clock that numbers the calls it runs: each is a reactor turn of its own."""
+
+    turn = 0
+
+    def callLater(self, delay: float, callable: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        def in_a_turn(*a: Any, **k: Any) -> Any:
+            self.turn += 1
+            return callable(*a, **k)
+
+        return super().callLater(delay, in_a_turn, *args, **kw)
+
+
+def test_the_buffer_goes_to_disk_one_segment_per_reactor_turn(tmp_path: Path) -> None:
+    clock = TurnClock()
+    turns: list[int] = []
+
+    def writes(work: Callable[[], _T]) -> Deferred[_T]:
+        turns.append(clock.turn)
+        return succeed(work())
+
+    sink = FakeSink()
+    exporter = BatchingExporter(
+        ExporterSettings(
+            name="t",
+            type="fake",
+            batch_size=10,
+            flush_interval=1.0,
+            spool_interval=1.0,
+            backoff_min=5.0,
+            backoff_max=5.0,
+            max_retries=1000,
+            buffer=1000,
+        ),
+        sink,
+        clock,
+        Spool(tmp_path / "spool", 10**9),
+        DeadLetter(tmp_path / "dead.jsonl", "t"),
+        lambda: 0.0,
+        run_blocking=writes,
+    )
+    exporter.start()
+    exporter.publish(ev(0))
+    clock.advance(1.0)
+    sink.answer(Retry("HTTP 503"))  # failing: [0] goes to disk now, the buffer each second
+    for i in range(1, 96):
+        exporter.publish(ev(i))
+    turns.clear()
+    clock.advance(1.0)
+    # 95 events, 10 segments: each handed to the disk in a reactor turn of its own,
+    # all of them within this tick (kill -9 bound unchanged).
+    assert len(turns) == 10 and len(set(turns)) == 10, turns
+    on_disk = Spool(tmp_path / "spool", 10**9)
+    assert sorted(i for seg in on_disk.segments() for i in ids(on_disk.read(seg).events)) == list(
+        range(96)
+    )
+    assert exporter.stats()["queue_depth"] == 0
 
 
 def test_kill_during_an_outage_loses_at_most_the_last_interval(tmp_path: Path) -> None:
@@ -376,3 +436,35 @@ def test_spool_interval_is_the_period_of_the_writes(tmp_path: Path, interval: fl
     buffer_writes = r.stats()["spool_writes"] - writes
     # one buffer write per interval at most, plus the retried batch's replays
     assert buffer_writes <= 10 / interval + 12
+
+
+def test_spooled_segments_keep_batch_bytes_and_an_unencodable_event_is_counted(
+    tmp_path: Path,
+) -> None:
+    class Unencodable:
+        kind = "request"
+        size_hint = 10
+
+        def payload(self) -> dict[str, Any]:
+            return {"bad": {1, 2}}
+
+        def json(self) -> bytes:
+            return orjson.dumps(self.payload())
+
+    size = len(ev(10).json())
+    r = rig(tmp_path, batch_bytes=2 * size + 1)
+    r.publish(10)
+    r.clock.advance(1.0)
+    r.sink.answer(Retry("HTTP 503"))  # failing: the buffer goes to disk every second
+    r.publish(11, 12, 13, 14, 15)
+    r.clock.advance(1.0)
+    assert r.on_disk() == [10, 11, 12, 13, 14, 15]
+    counts = sorted(seg.count for seg in r.spool.segments())
+    assert counts == [1, 1, 2, 2], counts  # batch_bytes holds for the spool's segments too
+    r.publish(16)
+    r.exporter.publish(Unencodable())  # type: ignore[arg-type]
+    r.publish(17)
+    r.clock.advance(1.0)
+    assert r.on_disk() == list(range(10, 18))
+    s = r.stats()
+    assert s["dropped_by_reason"] == {"encode_failed": 1} and s["queue_depth"] == 0

@@ -12,6 +12,8 @@ from typing import Any
 import attrs
 import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
@@ -122,6 +124,66 @@ def test_read_sets_lines_that_are_not_events_apart(tmp_path: Path) -> None:
     assert [e["i"] for e in contents.events] == [1, 3]
     assert contents.lines == lines(1, 3)
     assert contents.corrupt == [b"{broken", b"[1, 2]"]
+
+
+# (op, ordinal): append a one-event segment at it, check the oldest out, remove or
+# check in a segment (the ordinal picks which of those present).
+SPOOL_OPS = st.lists(
+    st.tuples(st.sampled_from(["append", "checkout", "remove", "checkin"]), st.integers(10, 99)),
+    max_size=60,
+)
+SEGMENT2 = len(line(10)) + 1  # a two-digit event's
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(ops=SPOOL_OPS, bound=st.integers(1, 12))
+def test_order_oldest_and_discards_match_a_model_that_sorts_every_time(
+    tmp_path_factory: pytest.TempPathFactory, ops: list[tuple[str, int]], bound: int
+) -> None:
+    spool = Spool(tmp_path_factory.mktemp("spool"), bound * SEGMENT2)
+    model: dict[int, int] = {}  # first -> its event, as on disk
+    out: set[int] = set()
+    for op, n in ops:
+        present = sorted(model)
+        if op == "append" and n not in model:
+            discarded = spool.append(lines(n), n, n)
+            # The reference: sort everything, discard the oldest not checked out.
+            expect = 0
+            for first in sorted(f for f in model if f not in out):
+                if len(model) + 1 <= bound:
+                    break
+                if n < first:
+                    break
+                del model[first]
+                expect += 1
+            if len(model) + 1 <= bound:
+                model[n] = n
+            else:
+                expect += 1
+            assert discarded == expect
+        elif op == "checkout" and (oldest := spool.oldest()) is not None:
+            spool.checkout(oldest)
+            out.add(oldest.first)
+        elif op in ("remove", "checkin") and present:
+            first = present[n % len(present)]
+            segment = next(s for s in spool.segments() if s.first == first)
+            if op == "remove":
+                spool.remove(segment)
+                del model[first]
+                out.discard(first)
+            else:
+                spool.checkin(segment)
+                out.discard(first)
+        assert [s.first for s in spool.segments()] == sorted(model)
+        waiting = sorted(f for f in model if f not in out)
+        oldest = spool.oldest()
+        assert (oldest.first if oldest else None) == (waiting[0] if waiting else None)
+        assert spool.event_count == len(waiting)
+    # What a restart finds on disk: the same segments, in the same order.
+    again = Spool(spool.directory, bound * SEGMENT2)
+    assert [s.first for s in again.segments()] == sorted(model)
 
 
 def test_past_the_bound_the_oldest_segments_are_discarded(tmp_path: Path) -> None:

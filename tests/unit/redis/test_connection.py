@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import socket
+from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_twisted
 import txredisapi
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
@@ -19,6 +22,7 @@ from llmproxy.redis.connection import (
     parse_redis_url,
     redis_problems,
 )
+from tests.integration.redis_server import running_redis
 
 
 @pytest.mark.parametrize(
@@ -170,3 +174,23 @@ def test_no_reply_by_the_deadline_aborts_the_connection() -> None:
     assert protocol.transport.aborted and not connection.usable
     assert len(answers) == 1 and answers[0].check(RedisUnavailable)
     assert "no reply within the timeout" in answers[0].getErrorMessage()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_connection_sends_without_nagle_delay(tmp_path: Path) -> None:
+    """A script run asked while the one before is unanswered goes out at once
+    (TCP_NODELAY), against a real redis-server."""
+    from twisted.internet import reactor
+
+    with running_redis(tmp_path) as server:
+        connection = RedisConnection(reactor, parse_redis_url(server.url), 2.0, "llmproxy-test")
+        ready: Deferred[None] = Deferred()
+        connection.when_ready(lambda: None if ready.called else ready.callback(None))
+        connection.start()
+        try:
+            await ready.addTimeout(10, reactor)
+            sock = connection._protocol.transport.getHandle()
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+            assert await connection.execute("PING") == b"PONG"
+        finally:
+            await connection.stop()

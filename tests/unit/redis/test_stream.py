@@ -168,6 +168,31 @@ def test_publish_queues_without_touching_redis_and_a_full_batch_goes_next_turn(
     assert balanced(bus)
 
 
+def test_the_bus_sends_once_20_events_wait_and_batches_grow_to_batch_size(
+    tmp_path: Path,
+) -> None:
+    bus, redis, clock, _ = make(tmp_path, batch_size=100, publish_buffer=1000)
+    redis.auto = False
+    for n in range(19):
+        bus.publish(event(n))
+    clock.advance(0)
+    assert redis.pending == []  # fewer than 20: the flush interval sends them
+    bus.publish(event(19))
+    clock.advance(0)
+    assert len(redis.pending) == 1 and bus.stats()["in_flight"] == 20
+    for n in range(20, 250):  # Redis is slow: a backlog builds up
+        bus.publish(event(n))
+    redis.answer()
+    assert bus.stats()["in_flight"] == 100  # the next batch takes batch_size of it
+    redis.answer()
+    redis.answer()
+    assert bus.stats()["in_flight"] == 30
+    redis.answer()
+    assert numbers(redis) == list(range(250))
+    assert bus.stats()["batches"] == 4
+    assert balanced(bus)
+
+
 def test_a_partial_batch_waits_for_the_flush_interval(tmp_path: Path) -> None:
     bus, redis, clock, _ = make(tmp_path)
     bus.publish(event(0))
