@@ -537,8 +537,9 @@ class RedisSettings:
     )
     spool_interval: Duration = setting(
         1.0,
-        doc="Proxy: while Redis is unreachable or refusing, what waits in memory goes to the "
-        "spool this often (a `kill -9` during the outage loses at most this long's events).",
+        doc="Proxy: while Redis is unreachable or refusing, each full batch goes to the spool "
+        "as it fills up and what else waits in memory this often (a `kill -9` during the "
+        "outage loses at most this long's events).",
     )
 
 
@@ -730,10 +731,10 @@ class ExporterSettings:
     )
     spool_interval: Duration = setting(
         1.0,
-        doc="While the sink is failing (a retry pending, or it is down), what waits in memory "
-        "is written to the spool this often, in batch-sized segments, off the reactor "
-        "thread: a `kill -9` during an outage loses at most the events of the last "
-        "interval. A healthy sink never touches the disk.",
+        doc="While the sink is failing (a retry pending, or it is down), each full batch is "
+        "written to the spool as it fills up and what else waits in memory this often, in "
+        "batch-sized segments, off the reactor thread: a `kill -9` during an outage loses at "
+        "most the events of the last interval. A healthy sink never touches the disk.",
     )
     dead_letter_path: Path | None = setting(
         None,

@@ -468,3 +468,21 @@ def test_spooled_segments_keep_batch_bytes_and_an_unencodable_event_is_counted(
     assert r.on_disk() == list(range(10, 18))
     s = r.stats()
     assert s["dropped_by_reason"] == {"encode_failed": 1} and s["queue_depth"] == 0
+
+
+def test_while_failing_a_full_batch_goes_to_disk_as_it_fills_up(tmp_path: Path) -> None:
+    r = rig(tmp_path, spool_interval=5.0)  # batch_size 10
+    r.publish(0)
+    r.clock.advance(1.0)
+    r.sink.answer(Retry("HTTP 503"))  # failing; [0] is on disk
+    r.publish(*range(1, 26))
+    assert r.on_disk() == [0]  # publish itself never writes
+    r.clock.advance(0)
+    # Two full batches went to disk in the next turns, as they would have gone to a
+    # healthy sink; memory holds less than a batch, as when the sink is healthy.
+    assert r.on_disk() == list(range(21))
+    assert r.stats()["queue_depth"] == 5
+    r.clock.advance(5.0)  # the tick takes the rest
+    r.fail_all()
+    assert r.on_disk() == list(range(26))
+    assert r.stats()["queue_depth"] == 0
