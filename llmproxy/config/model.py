@@ -514,7 +514,7 @@ class RedisSettings:
         doc=(
             "Proxy: the most events sent in one round trip (one `EVAL` of a script running "
             "their `XADD`s), and the events per spool file while Redis is down. A batch goes "
-            "as soon as 20 events wait (or at `flush_interval`) and takes up to this many, so "
+            "as soon as 10 events wait (or at `flush_interval`) and takes up to this many, so "
             "batches grow with the backlog built while the one before was in flight (one batch "
             "is in flight at a time, in publish order): small at low rates, which keeps every "
             "reactor turn short (the c1 p99, see performance.md), and large at high rates or "

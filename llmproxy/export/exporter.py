@@ -34,7 +34,7 @@ Where an accepted event can be, at every moment (``stats()``)::
 
 Batches.  A batch is sent when ``batch_size`` events (or ``batch_bytes``) wait and
 a slot is free, or at the ``flush_interval`` tick with whatever waits.  A target
-may send earlier (``send_at``, the Redis bus: 20): once that many wait and a slot
+may send earlier (``send_at``, the Redis bus: 10): once that many wait and a slot
 is free, the batch takes up to ``batch_size`` of them, so a batch grows with the
 backlog that built up while the one before was in flight.  At a low rate no
 reactor turn then hands a hundred events to the target at once (each such turn

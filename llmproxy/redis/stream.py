@@ -61,7 +61,7 @@ __all__ = [
 log = Logger()
 
 TARGET = "redis-bus"  # the engine's name for the stream target (logs, spool directory)
-SEND_AT = 20  # events: a batch goes once this many wait (up to batch_size)
+SEND_AT = 10  # events: a batch goes once this many wait (up to batch_size)
 ERROR_PAUSE = 1.0  # seconds before a batch Redis refused is sent again
 
 # One round trip per batch: the XADDs run in Redis.  KEYS[1] the stream, ARGV[1]

@@ -23,7 +23,7 @@ from llmproxy.config.model import RedisSettings
 from llmproxy.events.envelope import StoredEvent
 from llmproxy.export.spool import Spool
 from llmproxy.redis.connection import RedisUnavailable
-from llmproxy.redis.stream import XADD_SCRIPT, RedisBus, build_redis_bus
+from llmproxy.redis.stream import SEND_AT, XADD_SCRIPT, RedisBus, build_redis_bus
 
 
 class Refused(Exception):
@@ -168,19 +168,20 @@ def test_publish_queues_without_touching_redis_and_a_full_batch_goes_next_turn(
     assert balanced(bus)
 
 
-def test_the_bus_sends_once_20_events_wait_and_batches_grow_to_batch_size(
+def test_the_bus_sends_once_send_at_events_wait_and_batches_grow_to_batch_size(
     tmp_path: Path,
 ) -> None:
     bus, redis, clock, _ = make(tmp_path, batch_size=100, publish_buffer=1000)
     redis.auto = False
-    for n in range(19):
+    for n in range(SEND_AT - 1):
         bus.publish(event(n))
     clock.advance(0)
-    assert redis.pending == []  # fewer than 20: the flush interval sends them
-    bus.publish(event(19))
+    assert redis.pending == []  # fewer than SEND_AT: the flush interval sends them
+    bus.publish(event(SEND_AT - 1))
     clock.advance(0)
-    assert len(redis.pending) == 1 and bus.stats()["in_flight"] == 20
-    for n in range(20, 250):  # Redis is slow: a backlog builds up
+    assert len(redis.pending) == 1 and bus.stats()["in_flight"] == SEND_AT
+    total = SEND_AT + 230
+    for n in range(SEND_AT, total):  # Redis is slow: a backlog builds up
         bus.publish(event(n))
     redis.answer()
     assert bus.stats()["in_flight"] == 100  # the next batch takes batch_size of it
@@ -188,7 +189,7 @@ def test_the_bus_sends_once_20_events_wait_and_batches_grow_to_batch_size(
     redis.answer()
     assert bus.stats()["in_flight"] == 30
     redis.answer()
-    assert numbers(redis) == list(range(250))
+    assert numbers(redis) == list(range(total))
     assert bus.stats()["batches"] == 4
     assert balanced(bus)
 
