@@ -756,17 +756,20 @@ def test_publish_never_raises_on_a_broken_envelope(tmp_path: Path) -> None:
     assert h.stats()["dropped_by_reason"] == {"bad_envelope": 1}
 
 
+class Unencodable:
+    """An envelope whose event cannot be encoded (a set is not JSON)."""
+
+    kind = "request"
+    size_hint = 10
+
+    def payload(self) -> dict[str, Any]:
+        return {"bad": {1, 2}}
+
+    def json(self) -> bytes:
+        return orjson.dumps(self.payload())
+
+
 def test_event_that_cannot_be_encoded_is_dropped_with_a_reason(tmp_path: Path) -> None:
-    class Unencodable:
-        kind = "request"
-        size_hint = 10
-
-        def payload(self) -> dict[str, Any]:
-            return {"bad": {1, 2}}
-
-        def json(self) -> bytes:
-            return orjson.dumps(self.payload())
-
     h = make(tmp_path)
     h.exporter.publish(Unencodable())
     h.publish(2)

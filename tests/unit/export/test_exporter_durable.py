@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import attrs
-import orjson
 import pytest
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
@@ -25,7 +24,7 @@ from llmproxy.export.deadletter import DeadLetter
 from llmproxy.export.exporter import BatchingExporter
 from llmproxy.export.spool import PendingSegment, Spool
 from llmproxy.export.verdict import Delivered, Retry
-from tests.unit.export.test_exporter import FakeSink, ev, ids
+from tests.unit.export.test_exporter import FakeSink, Unencodable, ev, ids
 
 _T = TypeVar("_T")
 
@@ -441,16 +440,6 @@ def test_spool_interval_is_the_period_of_the_writes(tmp_path: Path, interval: fl
 def test_spooled_segments_keep_batch_bytes_and_an_unencodable_event_is_counted(
     tmp_path: Path,
 ) -> None:
-    class Unencodable:
-        kind = "request"
-        size_hint = 10
-
-        def payload(self) -> dict[str, Any]:
-            return {"bad": {1, 2}}
-
-        def json(self) -> bytes:
-            return orjson.dumps(self.payload())
-
     size = len(ev(10).json())
     r = rig(tmp_path, batch_bytes=2 * size + 1)
     r.publish(10)
