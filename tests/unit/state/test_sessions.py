@@ -190,10 +190,13 @@ class Process:
 
     async def send(self) -> None:
         """Its queued batch goes out (next turn) and Redis answers it."""
-        before = self.tracker.stats()["shared_batches"]
-        self.clock.advance(0)
-        assert self.tracker.stats()["shared_batches"] == before + 1
-        await self.answered()
+        await self.ask_again_after(0)
+
+    async def reply_recorded(self, record: ExchangeRecord, reply: str) -> None:
+        """``record`` answered with ``reply``, and its history sent to Redis."""
+        answered(record, reply)
+        self.tracker.finished(record)
+        await self.send()
 
     async def answered(self) -> None:
         await wait_until(
@@ -288,9 +291,7 @@ async def test_a_continuation_whose_history_never_comes_starts_a_session_after_t
     assert start["session_id"] == "b-1"
     assert b.tracker.stats()["continuations_not_found"] == 1
     # Its reply is recorded at the session it started: the next turn continues it.
-    answered(second, "sure")
-    b.tracker.finished(second)
-    await b.send()
+    await b.reply_recorded(second, "sure")
     third, raw = chat_record(
         3, [*TURN_2, {"role": "assistant", "content": "sure"}, {"role": "user", "content": "ok"}]
     )
@@ -306,14 +307,10 @@ async def test_an_edit_sent_to_the_other_process_is_still_a_fork(
     a, b = two
     first, raw = chat_record(1, TURN_1)
     a.tracker.assign(first, raw)
-    answered(first, "hello")
-    a.tracker.finished(first)
-    await a.send()
+    await a.reply_recorded(first, "hello")
     second, raw = chat_record(2, TURN_2)
     a.tracker.assign(second, raw)
-    answered(second, "sure")
-    a.tracker.finished(second)
-    await a.send()  # turn 2 continues turn 1, its reply recorded
+    await a.reply_recorded(second, "sure")  # turn 2 continues turn 1
     assert (second.session_id, second.seq) == (first.session_id, 2)
     # Turn 2 edited, on b: its history is turn 1's state, older than the head's.
     edited, raw = chat_record(3, [*TURN_2[:2], {"role": "user", "content": "other"}])
