@@ -123,7 +123,6 @@ class CapturePump:
         # Events waiting for their exchange's session decision, in order ("request",
         # then "response" when the exchange ended meanwhile).
         self._held: dict[ExchangeRecord, list[str]] = {}
-        self._held_events = 0
         self._drained: Deferred[None] | None = None  # stop(): fired once nothing is held
         self._call: IDelayedCall | None = None
         self.flushed = 0  # queue entries handled (stats)
@@ -198,11 +197,9 @@ class CapturePump:
                 continue
             if deciding is not None:
                 held[record] = [kind]
-                self._held_events += 1
                 deciding.addBoth(self._decided, record)
             elif held and record in held:
                 held[record].append(kind)  # its request event still waits
-                self._held_events += 1
             else:
                 self._publish(kind, record)
             if deadline is not None and queue and time.perf_counter() > deadline:
@@ -215,7 +212,6 @@ class CapturePump:
     def _decided(self, _: object, record: ExchangeRecord) -> None:
         """``record``'s session was decided: publish its events, in order."""
         kinds = self._held.pop(record, ())
-        self._held_events -= len(kinds)
         for kind in kinds:
             self._publish(kind, record)
         if not self._held and self._drained is not None:
@@ -284,4 +280,5 @@ class CapturePump:
         return self._drained
 
     def pending(self) -> int:
-        return len(self._queue) + self._held_events
+        # The held events are counted here (only /stats asks), not on each change.
+        return len(self._queue) + sum(len(kinds) for kinds in self._held.values())
