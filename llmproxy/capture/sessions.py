@@ -1022,10 +1022,7 @@ class SessionTracker:
         return None
 
     def _park(self, op: AssignOp | RecordOp, on: AssignOp) -> None:
-        held = self._held.get(on)
-        if held is None:
-            held = self._held[on] = _Held()
-        held.parked.append(op)
+        self._held.setdefault(on, _Held()).parked.append(op)
         if isinstance(op, RecordOp):
             for key in op.keys:
                 self._parked_keys[key] = on
@@ -1035,9 +1032,7 @@ class SessionTracker:
         later, after the reply it continues from when that is parked here, else
         after a delay that doubles each time; once ``continuation_wait`` is over,
         asked without waiting (a new session when there is still none)."""
-        held = self._held.get(op)
-        if held is None:
-            held = self._held[op] = _Held()
+        held = self._held.setdefault(op, _Held())  # rare: a continuation waiting
         now = self._clock.seconds()
         if held.deadline is None:
             held.deadline = now + self._continuation_wait
