@@ -152,6 +152,9 @@ class Server:
         if cpu is not None:
             for task in os.listdir(f"/proc/{self.process.pid}/task"):
                 os.sched_setaffinity(int(task), {cpu})
+            others = os.sched_getaffinity(0) - {cpu}
+            if others:
+                os.sched_setaffinity(0, others)  # this client out of its way
         deadline = time.monotonic() + 10
         while True:
             try:
