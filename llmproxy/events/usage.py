@@ -1034,17 +1034,82 @@ def _merge(events: Iterable[tuple[str, str]], templates: bool = True) -> _Stream
 def _merge_text(text: str, templates: bool = True) -> _StreamMerger:
     """``_merge(sse_fields_of_text(text))``, with the template tried on each
     event's text as it stands in the stream (``data: `` and the chunk, on one
-    line): no event pair for the chunks it reads."""
+    line): no event pair for the chunks it reads.
+
+    The events before the template are found one blank line at a time (the
+    template is nearly always the second event); the rest is read by
+    :func:`_read_after`, or split at every blank line when no template turned
+    up in the first ``_HEAD_BLOCKS``.
+    """
     run = _Merge(templates)
     if text[:1] == "\ufeff":
         text = text[1:]
-    blocks = sse_blocks(text)
-    for at, block in enumerate(blocks):
+    find = text.find
+    pos = 0
+    for _ in range(_HEAD_BLOCKS):
+        end = find("\n\n", pos)
+        if end < 0:
+            _read_block(run, text[pos:])
+            return run.merger
+        _read_block(run, text[pos:end])
+        pos = end + 2
+        template = run.template
+        if template is not None:
+            _read_after(run, template, text, pos)
+            return run.merger
+    for block in sse_blocks(text[pos:]):
         _read_block(run, block)
-        if run.template is not None:
-            _read_through(run, run.template, blocks, at + 1)
-            break
     return run.merger
+
+
+# Events read one by one before giving up on a template and splitting the rest.
+_HEAD_BLOCKS = 8
+
+
+def _read_after(run: _Merge, template: _ContentTemplate, text: str, pos: int) -> None:
+    """Read ``text[pos:]`` (at an event's start) once ``template`` is known.
+
+    Without padding, a run of template events is ``P body S`` events one after
+    the other, ``P`` being ``data: `` and the prefix and ``S`` the suffix.  The
+    text is split at ``S`` and the blank line after it (one C pass: every event
+    but the last ends there), and the pieces are checked all at once: they are
+    ``P body`` with a plain body each when ``P`` and the bodies, joined back with
+    the splitter and ``P`` between them, give the text again, and the bodies
+    hold nothing ``_NOT_PLAIN``.  A stream whose pieces are not all such (an
+    escape in a content, another kind of event) has its pieces checked one by
+    one; one that is not ``P`` and a plain body is its events again (``piece +
+    S``, split at blank lines), read through the template as they come.  What
+    follows the last splitter (the finish and usage chunks, ``[DONE]``) is read
+    the same way.
+    """
+    if template.padding is not None:
+        _read_through(run, template, sse_blocks(text[pos:]), 0)
+        return
+    prefix, suffix = "data: " + template.prefix, template.suffix
+    splitter = suffix + "\n\n"
+    pieces = text[pos:].split(splitter)
+    rest = pieces.pop()
+    if pieces:
+        start = len(prefix)
+        bodies = [piece[start:] for piece in pieces]
+        # The pieces are text[pos:end], splitters between them.
+        end = len(text) - len(rest) - len(splitter)
+        rebuilt = (splitter + prefix).join(bodies)
+        if (
+            start + len(rebuilt) == end - pos
+            and text.startswith(prefix, pos)
+            and text.startswith(rebuilt, pos + start)
+            and not _NOT_PLAIN("".join(bodies))
+        ):
+            template.choice.content.extend(bodies)
+        else:
+            add = template.choice.content.append
+            for piece in pieces:
+                if piece.startswith(prefix) and not _NOT_PLAIN(piece, start):
+                    add(piece[start:])
+                else:
+                    _read_through(run, template, sse_blocks(piece + suffix), 0)
+    _read_through(run, template, sse_blocks(rest), 0)
 
 
 def _read_block(run: _Merge, block: str) -> None:

@@ -1105,6 +1105,70 @@ def test_a_whole_stream_read_through_templates_gives_the_parsers_facts(
         assert summary_from_sse_text(text) == summary
 
 
+# One OpenAI stream's shape: the role chunk, then content deltas that differ only
+# in their content, among other events (the kinds a stream may hold between them).
+_HEAD = '{"id":"c9","object":"chat.completion.chunk","created":7,"model":"m","choices":'
+_ROLE = "data: " + _HEAD + '[{"index":0,"delta":{"role":"assistant","content":""}}]}'
+_ODD_EVENTS = st.sampled_from(
+    [
+        "data: " + _HEAD + '[{"index":0,"delta":{},"finish_reason":"stop"}]}',
+        "data: " + _HEAD + '[],"usage":{"prompt_tokens":3,"completion_tokens":4}}',
+        "data: " + _HEAD + '[{"index":1,"delta":{"content":"other choice"},"finish_reason":null}]}',
+        'event: ping\ndata: {"type":"ping"}',
+        ": keep-alive",
+        "",  # a second blank line
+        "data: [DONE]",
+        "data: " + _HEAD + '[{"index":0,"delta":{"content":"cut',
+    ]
+)
+
+
+def _content_event(content: str) -> str:
+    body = json.dumps(content)[1:-1]
+    return (
+        "data: " + _HEAD + '[{"index":0,"delta":{"content":"' + body + '"},"finish_reason":null}]}'
+    )
+
+
+@settings(max_examples=300)
+@given(
+    st.lists(st.one_of(_contents.map(_content_event), _ODD_EVENTS), max_size=40),
+    st.booleans(),
+)
+def test_runs_of_template_events_among_other_events_give_the_parsers_facts(
+    events: list[str], terminated: bool
+) -> None:
+    """The template's events are read from the text split at its suffix: every
+    mix of plain contents, escaped ones and other events in between, with or
+    without a blank line after the last event, gives what parsing gives."""
+    plain = [_content_event(word) for word in ("Hel", "lo", " there")]
+    # The template is found on the first content event; what follows it is drawn.
+    text = "\n\n".join([_ROLE, plain[0], *events, *plain])
+    stream = (text + ("\n\n" if terminated else "")).encode()
+    expected = facts_from_sse(parse_sse(stream))
+    assert facts_from_sse_bytes(stream) == expected
+    summary = (expected.model, expected.usage, expected.finish_reasons)
+    assert summary_from_sse_text(stream.decode()) == summary
+
+
+def test_a_run_of_plain_template_events_is_read_without_parsing_them() -> None:
+    words = [f"w{n} " for n in range(50)]
+    text = "\n\n".join([_ROLE, *map(_content_event, words)]) + "\n\n"
+    parsed: list[str] = []
+    real_loads = orjson.loads
+
+    def loads(data: str) -> Any:
+        parsed.append(data)
+        return real_loads(data)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(usage_module.orjson, "loads", loads)
+        facts = facts_from_sse_bytes(text.encode())
+    assert facts.assistant_message == {"role": "assistant", "content": "".join(words)}
+    # The role chunk, the first content chunk and its template's probe; none after.
+    assert len(parsed) <= 4
+
+
 @given(st.binary(max_size=300))
 def test_any_bytes_read_as_a_whole_stream_give_the_parsers_facts(stream: bytes) -> None:
     assert facts_from_sse_bytes(stream) == facts_from_sse(parse_sse(stream))
