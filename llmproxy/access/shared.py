@@ -80,7 +80,11 @@ def quota_key(token_id: str) -> str:
 
 
 def rate_key(token_id: str) -> str:
-    return "rate:" + token_id
+    """A token's rate bucket, a string ``"<level> <stamp> <rpm>"``.  Earlier versions
+    kept a hash under ``rate:<token id>``: a new name, so that no process meets the
+    other format (an upgrade forgets at most a minute of a bucket's history; while
+    old and new processes run side by side, each kind has its own bucket)."""
+    return "bucket:" + token_id
 
 
 def token_to_registry(token: Token) -> tuple[str, bytes, bytes | None]:

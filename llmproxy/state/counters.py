@@ -18,6 +18,10 @@ happens or none of it, atomically with respect to every other admission:
   values after the add.
 
 ``expire_at`` (epoch seconds) makes a counter vanish at the end of its period.
+It is set when the counter is made (its first add, to nothing or 0) and kept by
+later adds: a counter's key names its period, so every add to it gives the same
+``expire_at`` (one per key is the callers' part; setting it once costs Redis
+one command per period instead of one per add).
 This is the building block for budgets per period (issue 19): a counter per
 token, unit and period, keyed for example ``budget:tok_ab12:usd:2025-06`` with
 ``expire_at`` a little after the month ends; a request is admitted with
@@ -45,6 +49,7 @@ synchronised (NTP) for rate buckets to refill at the same pace everywhere.
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -67,8 +72,10 @@ __all__ = [
     "table_rows",
 ]
 
+_pack_now = struct.Struct("<d").pack  # ADMIT's first number
+
 # A bucket untouched this long is full again: its key may go (60 s refill, plus slack).
-BUCKET_TTL_MS = 61_000  # (the ADMIT script's PEXPIRE)
+BUCKET_TTL_MS = 61_000  # (the ADMIT script's SET PX)
 
 
 @attrs.frozen(cache_hash=True)
@@ -189,13 +196,18 @@ class LocalCounters:
         counts = []
         for used, check in zip(found, checks, strict=True):
             value = used + check.add
-            expire_at = check.expire_at
-            if expire_at is None:
-                previous = self._values.get(check.key)
-                expire_at = previous[1] if previous is not None else None
-            self._values[check.key] = (value, expire_at)
+            if check.add:
+                self._values[check.key] = (value, self._expiry(check.key, used, check.expire_at))
             counts.append(value)
         return Admission(True, tuple(counts))
+
+    def _expiry(self, key: str, used: int, expire_at: float | None) -> float | None:
+        """A counter's expire_at after an add: the one given when the add makes it
+        (``used`` 0), else the one it has (as RedisCounters' scripts keep it)."""
+        if used == 0 and expire_at is not None:
+            return expire_at
+        previous = self._values.get(key)
+        return previous[1] if previous is not None else None
 
     def add(
         self, key: str, amount: int, now: float, expire_at: float | None = None
@@ -204,12 +216,9 @@ class LocalCounters:
 
     def add_now(self, key: str, amount: int, now: float, expire_at: float | None = None) -> int:
         """:meth:`add` at once; its value after the add."""
-        value = self.value(key, now) + amount
-        previous = self._values.get(key)
-        if expire_at is None and previous is not None:
-            expire_at = previous[1]
-        self._values[key] = (value, expire_at)
-        return value
+        used = self.value(key, now)
+        self._values[key] = (used + amount, self._expiry(key, used, expire_at))
+        return used + amount
 
     def add_many(
         self, amounts: Sequence[tuple[str, int, float | None]], now: float
@@ -223,10 +232,16 @@ class LocalCounters:
 
 
 # KEYS: per admission its counter keys, then its bucket key (if any).
-# ARGV: per admission one word list: now, the number of counters, per counter
-# its limit ('-': none), add and expire_at in ms ('-': none), then the bucket's
-# per_minute ('-': no bucket).  (One argument per admission: Redis' argument
-# parsing, and ours, cost per argument.)
+# ARGV: per admission one binary argument, little-endian doubles (struct): now,
+# the number of counters, per counter its limit (inf: none), add and expire_at
+# in ms (0: none; no period ends at the epoch), then the bucket's per_minute (no
+# bucket: nothing).  Binary because Lua's number parsing (strtod) and pattern
+# matching were most of the script's CPU: `struct.unpack` reads three numbers
+# for less than `tonumber` parses one.  (One argument per admission: Redis'
+# argument parsing costs per argument.)
+# A bucket is stored the same way: "<level><stamp><rpm>", three doubles (24
+# bytes), exactly (as text each was a costly `string.format` and `tonumber`, and
+# rounded).  Anything else found there counts as no bucket (a full one).
 # Reply, per admission: {0, count...} admitted (counts after the add); {1, index,
 # count...} refused by a limit; {2, "wait seconds", count...} refused by the bucket
 # (counts as found).  The admissions of a batch are decided one after the other, as
@@ -236,27 +251,17 @@ class LocalCounters:
 ADMIT = Script(
     "admit",
     b"""
+local unpack = struct.unpack
 local out = {}
 local k = 1
 -- Within one batch the same counters and buckets come back again and again (one
 -- token's admissions): each is read once, kept here, and written once at the end.
 local used_of, expire_of, changed = {}, {}, {}
 local buckets, bucket_order = {}, {}
-local parsed = {}
 for i = 1, #ARGV do
   local spec = ARGV[i]
-  local sp = string.find(spec, ' ', 1, true)
-  local now = tonumber(string.sub(spec, 1, sp - 1))
-  local tail = string.sub(spec, sp + 1)
-  local w = parsed[tail]
-  if w == nil then
-    w = {}
-    for word in string.gmatch(tail, '%S+') do w[#w + 1] = tonumber(word) or false end
-    parsed[tail] = w
-  end
-  local n = w[1]
-  local a = 2
-  local keys, values = {}, {}
+  local now, n, p = unpack('<dd', spec)
+  local keys, values, adds = {}, {}, {}
   local refused = nil
   for j = 1, n do
     local key = KEYS[k]
@@ -268,17 +273,20 @@ for i = 1, #ARGV do
       used_of[key] = used
     end
     values[j] = used
-    local limit, add = w[a], w[a + 1]
-    if refused == nil and limit then
+    local limit, add, expire
+    limit, add, expire, p = unpack('<ddd', spec, p)
+    adds[j] = add
+    if expire ~= 0 then expire_of[key] = expire end
+    if refused == nil then
       if (add > 0 and used + add > limit) or (add == 0 and used >= limit) then
         refused = j
       end
     end
-    a = a + 3
   end
-  local per_minute = w[a]
+  local per_minute = nil
   local bucket = nil
-  if per_minute then
+  if p <= #spec then
+    per_minute = unpack('<d', spec, p)
     bucket = KEYS[k]
     k = k + 1
   end
@@ -292,14 +300,19 @@ for i = 1, #ARGV do
     if bucket then
       b = buckets[bucket]
       if b == nil then
-        local h = redis.call('HMGET', bucket, 'level', 'stamp', 'rpm')
-        b = {tonumber(h[1]), tonumber(h[2]), tonumber(h[3]), false}
+        local v = redis.call('GET', bucket)
+        if v and #v == 24 then
+          local l, s, m = unpack('<ddd', v)
+          b = {l, s, m, false}
+        else
+          b = {nil, nil, nil, false}
+        end
         buckets[bucket] = b
         bucket_order[#bucket_order + 1] = bucket
       end
       level = b[1]
       local stamp = b[2]
-      if level == nil or stamp == nil or b[3] ~= per_minute then
+      if level == nil or b[3] ~= per_minute then
         level = per_minute
         stamp = now
       end
@@ -315,43 +328,43 @@ for i = 1, #ARGV do
       out[i] = r
     else
       if b then
-        -- As stored (and read back) by HSET: the same rounding as one by one.
-        b[1] = tonumber(string.format('%.9f', level - 1))
-        b[2] = tonumber(string.format('%.6f', now))
+        -- Kept exactly as stored: the next admission decides as if it read it back.
+        b[1] = level - 1
+        b[2] = now
         b[3] = per_minute
         b[4] = true
       end
       local r = {0}
-      a = 2
       for j = 1, n do
-        local key = keys[j]
-        local add, expire = w[a + 1], w[a + 2]
-        a = a + 3
+        local key, add = keys[j], adds[j]
         if add ~= 0 then
           values[j] = used_of[key] + add
           used_of[key] = values[j]
-          if not changed[key] then changed[key] = 0 end
-          changed[key] = changed[key] + add
+          changed[key] = (changed[key] or 0) + add
         end
-        if expire then expire_of[key] = expire end
         r[j + 1] = values[j]
       end
       out[i] = r
     end
   end
 end
+-- A counter's expire_at is the end of its period, the same for every add to it
+-- (its key names the period): it is set when INCRBY makes the key (the result is
+-- the amount added: nothing, or 0, was there) and stays.  A key made by this or
+-- an older version always got it in the same run (a script runs whole: Redis
+-- never runs another command inside it, does not refuse a later write of a run
+-- that has written for memory, and replicas and the AOF get its writes as one
+-- MULTI/EXEC), so none is found without it.
 for key, add in pairs(changed) do
-  if add ~= 0 then redis.call('INCRBY', key, add) end
-end
-for key, expire in pairs(expire_of) do
-  redis.call('PEXPIREAT', key, expire)
+  if add ~= 0 and redis.call('INCRBY', key, add) == add then
+    local expire = expire_of[key]
+    if expire then redis.call('PEXPIREAT', key, expire) end
+  end
 end
 for _, bucket in ipairs(bucket_order) do
   local b = buckets[bucket]
   if b[4] then
-    redis.call('HSET', bucket, 'level', string.format('%.9f', b[1]),
-      'stamp', string.format('%.6f', b[2]), 'rpm', b[3])
-    redis.call('PEXPIRE', bucket, 61000)
+    redis.call('SET', bucket, struct.pack('<ddd', b[1], b[2], b[3]), 'PX', '61000')
   end
 end
 return out
@@ -363,8 +376,8 @@ ADD = Script(
     "add",
     b"""
 local v = redis.call('INCRBY', KEYS[1], ARGV[1])
-local e = tonumber(ARGV[2])
-if e ~= nil then redis.call('PEXPIREAT', KEYS[1], e) end
+-- Set when INCRBY made the key (see ADMIT: an expire_at is its key's for good).
+if v == tonumber(ARGV[1]) and ARGV[2] ~= '' then redis.call('PEXPIREAT', KEYS[1], ARGV[2]) end
 return v
 """,
 )
@@ -373,18 +386,22 @@ return v
 # KEYS: counters, then per group of tables its tables (hashes).  ARGV: the number
 # of counters, per counter its amount and expire_at in ms or ''; then the number
 # of groups, and per group: its number of tables, per table its expire_at in ms or
-# '', its column names as one word list, its number of rows, and per row: the
-# row, the overflow row, max_rows and the amounts as one word list (no groups:
-# counters only).  The first column's field tells whether a table holds the row
-# already.
+# '', its number of columns, the column names, its number of rows, and per row:
+# the row, the overflow row, max_rows and an amount per column (no groups:
+# counters only).  Every word its own argument: splitting word lists in Lua
+# (string.gmatch) cost more than Redis' parsing of the arguments.  The first
+# column's field tells whether a table holds the row already.
 CHARGE = Script(
     "charge",
     b"""
 local n = tonumber(ARGV[1])
 for i = 1, n do
-  redis.call('INCRBY', KEYS[i], ARGV[2 * i])
-  local e = tonumber(ARGV[2 * i + 1])
-  if e ~= nil then redis.call('PEXPIREAT', KEYS[i], e) end
+  -- An expire_at is set when INCRBY makes the key, and kept (see ADMIT).
+  local amount = ARGV[2 * i]
+  if redis.call('INCRBY', KEYS[i], amount) == tonumber(amount) then
+    local e = ARGV[2 * i + 1]
+    if e ~= '' then redis.call('PEXPIREAT', KEYS[i], e) end
+  end
 end
 local a = 2 * n + 2
 local k = n + 1
@@ -392,35 +409,36 @@ local groups = tonumber(ARGV[a])
 a = a + 1
 for g = 1, groups do
   local t = tonumber(ARGV[a])
-  a = a + 1
-  local expires = {}
-  for j = 1, t do
-    expires[j] = tonumber(ARGV[a])
-    a = a + 1
-  end
-  local names = {}
-  for word in string.gmatch(ARGV[a], '%S+') do names[#names + 1] = word end
-  local rows = tonumber(ARGV[a + 1])
-  a = a + 2
+  local expires = a  -- table j's expire_at: ARGV[expires + j]
+  a = a + t + 1
+  local c = tonumber(ARGV[a])
+  local names = a  -- column m: ARGV[names + m]
+  local rows = tonumber(ARGV[a + c + 1])
+  a = a + c + 2
   for r = 1, rows do
-    local row, overflow, max_rows = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
-    local amounts = {}
-    for word in string.gmatch(ARGV[a + 3], '%S+') do amounts[#amounts + 1] = word end
-    a = a + 4
-    for j = 0, t - 1 do
-      local h = KEYS[k + j]
-      local into = row
-      if redis.call('HEXISTS', h, into .. '\t' .. names[1]) == 0
-          and redis.call('HLEN', h) >= max_rows * #names then
-        into = overflow
+    local row = ARGV[a]
+    local fields = {}
+    for m = 1, c do fields[m] = row .. '\\t' .. ARGV[names + m] end
+    for j = 1, t do
+      local h = KEYS[k + j - 1]
+      local into = fields
+      local new = redis.call('HEXISTS', h, fields[1]) == 0
+      if new and redis.call('HLEN', h) >= tonumber(ARGV[a + 2]) * c then
+        into = {}
+        for m = 1, c do into[m] = ARGV[a + 1] .. '\\t' .. ARGV[names + m] end
       end
-      for c = 1, #names do
-        redis.call('HINCRBY', h, into .. '\t' .. names[c], amounts[c])
+      for m = 1, c do
+        -- A row found holds every column already (all are written when it is
+        -- made): adding 0 to one changes nothing.
+        local amount = ARGV[a + 2 + m]
+        if new or amount ~= '0' then redis.call('HINCRBY', h, into[m], amount) end
       end
+      -- A table is made with its first row and its expire_at is its window's end
+      -- for good: set then (and when a row is new, which is rare), as a counter's.
+      local e = ARGV[expires + j]
+      if new and e ~= '' then redis.call('PEXPIREAT', h, e) end
     end
-  end
-  for j = 1, t do
-    if expires[j] ~= nil then redis.call('PEXPIREAT', KEYS[k + j - 1], expires[j]) end
+    a = a + 3 + c
   end
   k = k + t
 end
@@ -498,7 +516,7 @@ class RedisCounters:
             found = specs[(frozen, bucket)] = self._spec(frozen, bucket)
         keys, tail = found
         d: Deferred[Admission] = Deferred()
-        self._asked.append(_Asked(keys, b"%.6f%b" % (now, tail), d))
+        self._asked.append(_Asked(keys, _pack_now(now) + tail, d))
         if self._call is None:
             self._call = self._clock.callLater(0, self._send)
         return d
@@ -508,17 +526,15 @@ class RedisCounters:
     ) -> tuple[tuple[bytes, ...], bytes]:
         prefix = self._prefix
         keys = [(prefix + c.key).encode() for c in checks]
-        words = [b" %d" % len(checks)]
+        numbers: list[float] = [len(checks)]
         for c in checks:
-            limit = b"-" if c.limit is None else b"%d" % c.limit
-            expire = b"-" if c.expire_at is None else b"%d" % int(c.expire_at * 1000)
-            words.append(b" %b %d %b" % (limit, c.add, expire))
-        if bucket is None:
-            words.append(b" -")
-        else:
+            numbers.append(math.inf if c.limit is None else c.limit)
+            numbers.append(c.add)
+            numbers.append(0 if c.expire_at is None else int(c.expire_at * 1000))
+        if bucket is not None:
             keys.append((prefix + bucket.key).encode())
-            words.append(b" %d" % bucket.per_minute)
-        return tuple(keys), b"".join(words)
+            numbers.append(bucket.per_minute)
+        return tuple(keys), struct.pack(f"<{len(numbers)}d", *numbers)
 
     def _send(self) -> None:
         self._call = None
@@ -644,9 +660,11 @@ class RedisCounters:
             keys += [prefix + key for key, _ in tables]
             args.append(len(tables))
             args += [b"" if e is None else int(e * 1000) for _, e in tables]
-            args += [" ".join(columns), len(group)]
+            args.append(len(columns))
+            args += columns
+            args.append(len(group))
             for (row, overflow, max_rows), sums in group.items():
-                args += [row, overflow, max_rows, " ".join(map(str, sums))]
+                args += [row, overflow, max_rows, *sums]
         return CHARGE.run(self._redis, keys, args).addCallbacks(done, failed)
 
     def read_table(self, key: str) -> Deferred[dict[str, dict[str, int]]]:

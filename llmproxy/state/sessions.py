@@ -49,7 +49,6 @@ from collections.abc import Sequence
 from typing import Any, TypeAlias
 
 import attrs
-import orjson
 from twisted.internet.defer import Deferred
 
 from llmproxy.interfaces import RedisClient
@@ -96,12 +95,20 @@ def state_key_text(key: StateKey) -> str:
     return key.hex() if isinstance(key, bytes) else key
 
 
+# ARGV: the key prefix, the TTL in ms, then the operations one after the other,
+# each a kind and its words (every word its own argument: decoding JSON was the
+# script's largest cost):
+# - an assignment: "a" ("aw": asked with ``wait``; "ac", "awc": with a client
+#   id, which comes next), the client id (for "ac", "awc"), the new session's id,
+#   the number of lookups and the lookups;
+# - a record: "r" ("rf": ``fresh``; "ri", "rfi": its session is the result of
+#   the assignment at the index, from 0, that comes next), the session and seq
+#   (for "r", "rf") or the index (for "ri", "rfi"), the number of keys and the keys.
 _APPLY = Script(
     "sessions_apply",
     b"""
-local P = ARGV[2]
-local ttl = tonumber(ARGV[3])
-local ops = cjson.decode(ARGV[1])
+local P = ARGV[1]
+local ttl = ARGV[2]
 local results = {}
 
 local function head(sid)
@@ -126,58 +133,85 @@ local function start(sid)
   return {sid, 1, 'start', 0, '', 0}
 end
 
-for i, op in ipairs(ops) do
-  if op.w and redis.call('EXISTS', P .. 's:' .. op.a[1]) == 0 then
-    results[i] = {'', 0, 'miss', 0, '', 0}
-  elseif op.a then
-    local found = nil
-    for _, key in ipairs(op.a) do
-      local v = redis.call('GET', P .. 's:' .. key)
-      if v then
-        redis.call('PEXPIRE', P .. 's:' .. key, ttl)
-        local sp = string.find(v, ' ', 1, true)
-        found = {string.sub(v, sp + 1), tonumber(string.sub(v, 1, sp - 1))}
-        break
-      end
+local a = 3
+local i = 0
+while a <= #ARGV do
+  i = i + 1
+  local kind = ARGV[a]
+  if kind == 'a' or kind == 'aw' or kind == 'ac' or kind == 'awc' then
+    local client = nil
+    if kind == 'ac' or kind == 'awc' then
+      client = ARGV[a + 1]
+      a = a + 1
     end
-    if found then
-      local parent, from_seq = found[1], found[2]
-      local last, st = head(parent)
-      if last and from_seq >= st then
-        results[i] = continue(parent, last, st)
-      else
-        local seq = from_seq + 1
-        set_head(op.n, seq, from_seq)
-        results[i] = {op.n, seq, 'fork', from_seq, parent, from_seq}
-      end
-    elseif op.c then
-      local last, st = head(op.c)
-      if last then
-        results[i] = continue(op.c, last, st)
-      else
-        results[i] = start(op.c)
-      end
+    local new_id = ARGV[a + 1]
+    local n = tonumber(ARGV[a + 2])
+    local first = a + 3  -- lookup m: ARGV[first + m - 1]
+    a = first + n
+    if (kind == 'aw' or kind == 'awc') and n > 0
+        and redis.call('EXISTS', P .. 's:' .. ARGV[first]) == 0 then
+      results[i] = {'', 0, 'miss', 0, '', 0}
     else
-      results[i] = start(op.n)
+      local found = nil
+      for m = first, first + n - 1 do
+        local key = P .. 's:' .. ARGV[m]
+        local v = redis.call('GET', key)
+        if v then
+          redis.call('PEXPIRE', key, ttl)
+          local sp = string.find(v, ' ', 1, true)
+          found = {string.sub(v, sp + 1), tonumber(string.sub(v, 1, sp - 1))}
+          break
+        end
+      end
+      if found then
+        local parent, from_seq = found[1], found[2]
+        local last, st = head(parent)
+        if last and from_seq >= st then
+          results[i] = continue(parent, last, st)
+        else
+          local seq = from_seq + 1
+          set_head(new_id, seq, from_seq)
+          results[i] = {new_id, seq, 'fork', from_seq, parent, from_seq}
+        end
+      elseif client then
+        local last, st = head(client)
+        if last then
+          results[i] = continue(client, last, st)
+        else
+          results[i] = start(client)
+        end
+      else
+        results[i] = start(new_id)
+      end
     end
   else
-    local sid, seq = op.s, op.q
-    if op.i then
-      local r = results[op.i + 1]
+    local fresh = kind == 'rf' or kind == 'rfi'
+    local sid, seq, seq_text
+    if kind == 'ri' or kind == 'rfi' then
+      local r = results[tonumber(ARGV[a + 1]) + 1]
       sid, seq = r[1], r[2]
+      seq_text = string.format('%d', seq)
+      a = a + 2
+    else
+      sid, seq_text = ARGV[a + 1], ARGV[a + 2]
+      seq = tonumber(seq_text)
+      a = a + 3
     end
+    local n = tonumber(ARGV[a])
     if seq > 0 then
-      local value = string.format('%d ', seq) .. sid
-      for _, key in ipairs(op.r) do
-        redis.call('SET', P .. 's:' .. key, value, 'PX', ttl)
+      local value = seq_text .. ' ' .. sid
+      for m = a + 1, a + n do
+        redis.call('SET', P .. 's:' .. ARGV[m], value, 'PX', ttl)
       end
-      local last, st = head(sid)
-      if last then
-        if seq > st then set_head(sid, last, seq) end
-      elseif op.f then
-        set_head(sid, seq, seq)
+      -- A fresh session has no head yet (unless this record comes again): SET NX
+      -- makes it in one call; one found is moved up as any session's is.
+      if not (fresh and redis.call('SET', P .. 'h:' .. sid, seq_text .. ' ' .. seq_text,
+          'PX', ttl, 'NX')) then
+        local last, st = head(sid)
+        if last and seq > st then set_head(sid, last, seq) end
       end
     end
+    a = a + n + 1
     results[i] = 0
   end
 end
@@ -204,26 +238,27 @@ class RedisSessionState:
         an assignment that has its result or comes before it in ``ops``; one
         naming a missed assignment is not applied."""
         index = {id(op): i for i, op in enumerate(ops) if isinstance(op, AssignOp)}
-        encoded: list[dict[str, Any]] = []
+        args: list[str | int] = [self._prefix, self._ttl_ms]
         for op in ops:
             if isinstance(op, AssignOp):
-                one: dict[str, Any] = {"a": [state_key_text(k) for k in op.lookups], "n": op.new_id}
+                kind = "aw" if op.wait and op.lookups else "a"
                 if op.client is not None:
-                    one["c"] = op.client
-                if op.wait and op.lookups:
-                    one["w"] = 1
+                    args += [kind + "c", op.client]
+                else:
+                    args.append(kind)
+                args += [op.new_id, len(op.lookups)]
+                args += [state_key_text(k) for k in op.lookups]
             else:
-                one = {"r": [state_key_text(k) for k in op.keys]}
-                if op.fresh:
-                    one["f"] = 1
+                kind = "rf" if op.fresh else "r"
                 known = op.target()
                 if known is not None:
-                    one["s"], one["q"] = known
+                    args += [kind, known[0], known[1]]
                 else:
                     assert op.assign is not None
-                    one["i"] = index[id(op.assign)]
-            encoded.append(one)
-        d = _APPLY.run(self._redis, [], [orjson.dumps(encoded), self._prefix, self._ttl_ms])
+                    args += [kind + "i", index[id(op.assign)]]
+                args.append(len(op.keys))
+                args += [state_key_text(k) for k in op.keys]
+        d = _APPLY.run(self._redis, [], args)
 
         def fill(reply: Sequence[Any]) -> None:
             for op, result in zip(ops, reply, strict=True):

@@ -24,6 +24,7 @@ from llmproxy.access.shared import (
     POLL_INTERVAL,
     START_GRACE,
     SharedTokenStore,
+    rate_key,
     token_to_registry,
 )
 from llmproxy.access.tokens import Token, TokenFile, UsageFile
@@ -308,6 +309,25 @@ async def test_one_rate_bucket_for_every_process(cluster: Cluster) -> None:
     await cluster.refresh()
     assert isinstance(await b.ask(secret), Allow)
     denied(await a.ask(secret), 429)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_earlier_versions_bucket_hash_is_not_met(
+    cluster: Cluster, redis: RedisServer
+) -> None:
+    a = await cluster.proxy()
+    secret, token = await cluster.create(rpm=2)
+    await cluster.refresh()
+    # An empty bucket as an earlier version kept it (a hash under rate:<id>).
+    old = "t:rate:" + token.id
+    stamp = f"{cluster.clock.seconds():.6f}"
+    redis.command("HSET", old, "level", "0.0", "stamp", stamp, "rpm", 2)
+    redis.command("PEXPIRE", old, 61_000)
+    assert isinstance(await a.ask(secret), Allow)  # a bucket of its own, full
+    assert isinstance(await a.ask(secret), Allow)
+    denied(await a.ask(secret), 429)
+    assert redis.command("TYPE", "t:" + rate_key(token.id)) == b"string"
+    assert redis.command("HGET", old, "level") == b"0.0"  # left to expire
 
 
 @pytest_twisted.ensureDeferred

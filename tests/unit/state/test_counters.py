@@ -227,6 +227,73 @@ async def test_the_charges_of_one_turn_add_their_table_rows_in_the_same_script_r
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_counters_expiry_is_set_when_it_is_made_and_kept_after(
+    redis: RedisServer, shared: SharedState
+) -> None:
+    end, other_end = NOW + 3600, NOW + 7200
+    counters = shared.counters
+    await counters.add_many([("charged", 5, end)], NOW)
+    await counters.add("added", 5, NOW, expire_at=end)
+    await counters.admit((CounterCheck("admitted", expire_at=end),), None, NOW)
+    # Nothing added (0) makes the counter too, with its expiry.
+    await counters.add_many([("zero", 0, end)], NOW)
+    for key in ("charged", "added", "admitted", "zero"):
+        assert redis.command("PEXPIRETIME", "t:" + key) == int(end * 1000), key
+    # Later adds keep it (a period's counter always names the same end).
+    await counters.add_many([("charged", 1, other_end)], NOW)
+    await counters.add("added", 1, NOW, expire_at=other_end)
+    await counters.admit((CounterCheck("admitted", expire_at=other_end),), None, NOW)
+    for key in ("charged", "added", "admitted"):
+        assert redis.command("PEXPIRETIME", "t:" + key) == int(end * 1000), key
+    assert await counters.read(["charged", "added", "admitted", "zero"], NOW) == [6, 6, 2, 0]
+    # A counter only checked (add 0) is not made.
+    await counters.admit((CounterCheck("checked", limit=5, add=0, expire_at=end),), None, NOW)
+    assert redis.command("EXISTS", "t:checked") == 0
+
+
+def test_the_reference_keeps_a_counters_expiry_as_redis_does() -> None:
+    c = LocalCounters()
+    c.add_now("k", 1, NOW, NOW + 10)
+    c.add_now("k", 1, NOW, NOW + 100)
+    assert c.value("k", NOW + 9) == 2 and c.value("k", NOW + 10) == 0
+    c.add_now("k", 1, NOW + 10, NOW + 100)  # made again: the new period's end
+    assert c.value("k", NOW + 99) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_table_row_is_made_whole_its_expiry_set_once_and_zeros_add_nothing(
+    redis: RedisServer, shared: SharedState
+) -> None:
+    end = NOW + 3600
+    tables = (("day", end),)
+    first = TableAdd("p\tm", "p\tother", ("usd", "n"), (0, 1), tables, 5)
+    await shared.counters.charge([], first, NOW)
+    assert redis.command("HGETALL", "t:day") == [b"p\tm\tusd", b"0", b"p\tm\tn", b"1"]
+    assert redis.command("PEXPIRETIME", "t:day") == int(end * 1000)
+    later = TableAdd("p\tm", "p\tother", ("usd", "n"), (7, 0), (("day", end + 99),), 5)
+    await shared.counters.charge([], later, NOW)
+    assert await shared.counters.read_table("day") == {"p\tm": {"usd": 7, "n": 1}}
+    assert redis.command("PEXPIRETIME", "t:day") == int(end * 1000)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_bucket_is_one_string_with_its_ttl_and_anything_else_there_is_a_full_bucket(
+    redis: RedisServer, shared: SharedState
+) -> None:
+    bucket = BucketTake("r", 2)
+    assert (await shared.counters.admit((), bucket, NOW)).admitted
+    assert redis.command("TYPE", "t:r") == b"string"
+    assert len(redis.command("GET", "t:r")) == 24
+    assert 0 < redis.command("PTTL", "t:r") <= 61_000
+    assert (await shared.counters.admit((), bucket, NOW)).admitted
+    assert not (await shared.counters.admit((), bucket, NOW)).admitted
+    redis.command("SET", "t:r", "0.0 1800000000.0 2")  # not a bucket this version wrote
+    assert (await shared.counters.admit((), bucket, NOW)).admitted
+    assert (await shared.counters.admit((), bucket, NOW)).admitted
+    assert not (await shared.counters.admit((), bucket, NOW)).admitted
+
+
+@pytest_twisted.ensureDeferred
 async def test_stopping_sends_the_adds_still_held_for_this_turn(redis: RedisServer) -> None:
     state = connect(redis)
     await started(state)

@@ -149,6 +149,39 @@ async def test_states_and_heads_expire_with_the_ttl(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_fresh_record_makes_the_head_with_the_ttl_and_sent_again_moves_nothing_back(
+    redis: RedisServer, shared: SharedState
+) -> None:
+    fresh = RecordOp([KEYS[0]], "sess-f", 1, fresh=True)
+    await shared.sessions.apply([fresh])
+    assert redis.command("GET", "t:sessions:h:sess-f") == b"1 1"
+    assert 0 < redis.command("PTTL", "t:sessions:h:sess-f") <= 3_600_000
+    second = AssignOp([KEYS[0]], None, "unused")
+    await shared.sessions.apply([second, RecordOp([KEYS[1]], assign=second)])
+    assert second.result == ("sess-f", 2, "continue", 0, "", 1)
+    # The first turn's record again (a reply lost after Redis applied it): the
+    # head that moved on stays where it is, the next turn is the third.
+    await shared.sessions.apply([RecordOp([KEYS[0]], "sess-f", 1, fresh=True)])
+    assert redis.command("GET", "t:sessions:h:sess-f") == b"2 2"
+    third = AssignOp([KEYS[1]], None, "unused")
+    await shared.sessions.apply([third])
+    assert third.result == ("sess-f", 3, "continue", 0, "", 2)
+
+
+@pytest_twisted.ensureDeferred
+async def test_ids_and_keys_with_spaces_quotes_and_tabs_are_one_word_each(
+    shared: SharedState,
+) -> None:
+    odd = 'cli "a" b\tc\n'
+    first = AssignOp([], odd, "n 1")
+    await shared.sessions.apply([first, RecordOp(["r:resp x y"], assign=first)])
+    assert first.result == (odd, 1, "start", 0, "", 0)
+    second = AssignOp(["r:resp x y"], odd, "n 2", wait=True)
+    await shared.sessions.apply([second])
+    assert second.result == (odd, 2, "continue", 0, "", 1)
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_forgotten_script_is_sent_again(redis: RedisServer, shared: SharedState) -> None:
     redis.command("SCRIPT", "FLUSH")
     op = AssignOp([], "c", "n")
