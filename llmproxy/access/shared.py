@@ -80,7 +80,8 @@ def quota_key(token_id: str) -> str:
 
 
 def rate_key(token_id: str) -> str:
-    """A token's rate bucket, a string ``"<level> <stamp> <rpm>"``.  Earlier versions
+    """A token's rate bucket: level, stamp and rpm as three little-endian doubles
+    (a 24-byte string; llmproxy.state.counters.ADMIT).  Earlier versions
     kept a hash under ``rate:<token id>``: a new name, so that no process meets the
     other format (an upgrade forgets at most a minute of a bucket's history; while
     old and new processes run side by side, each kind has its own bucket)."""
