@@ -812,6 +812,7 @@ LABELS = {
     "llmproxy-file-tokens": "llmproxy, file sink, token with quota and rpm",
     "llmproxy-file-tokens-redis": "llmproxy, file sink, token, [state] store = redis",
     "llmproxy-file-tokens-redis-2w": "llmproxy, 2 workers, file sink, token, store = redis",
+    "llmproxy-file-tokens-2w": "llmproxy, 2 workers, file sink, token, store = local",
     "twisted": "Twisted ReverseProxyResource",
     "twisted-agent": "Twisted Agent proxy (pooled)",
     "nginx": "nginx proxy_pass (1 worker)",
@@ -834,18 +835,25 @@ LLMPROXY_VARIANTS: dict[str, list[str]] = {
     "llmproxy-file-tokens": FILE_SINK,
     "llmproxy-file-tokens-redis": [*FILE_SINK, *SHARED_STATE],
     "llmproxy-file-tokens-redis-2w": [*FILE_SINK, *SHARED_STATE],
+    "llmproxy-file-tokens-2w": FILE_SINK,
 }
 WORKERS = {  # [server] workers; others: 1
     "llmproxy-off-2w": 2,
     "llmproxy-file-2w": 2,
     "llmproxy-file-tokens-redis-2w": 2,
+    "llmproxy-file-tokens-2w": 2,
 }
 # Variants whose routes want a proxy token (auth = token): the state directory
 # holds one for the key post.lua sends, with a quota and a rate limit so every
 # request is counted and takes from a bucket (with store = redis: the admission
 # script), both far above what a run sends.
 TOKEN_VARIANTS = frozenset(
-    {"llmproxy-file-tokens", "llmproxy-file-tokens-redis", "llmproxy-file-tokens-redis-2w"}
+    {
+        "llmproxy-file-tokens",
+        "llmproxy-file-tokens-2w",
+        "llmproxy-file-tokens-redis",
+        "llmproxy-file-tokens-redis-2w",
+    }
 )
 BENCH_TOKEN = "sk-bench-not-a-real-key"  # benchmarks/post.lua's Authorization
 BENCH_TOKEN_LIMITS = {"max_requests": 10**12, "rpm": 10**9}
@@ -982,6 +990,7 @@ EXTRA_RUN_KEYS = (
     "llmproxy-file-tokens",
     "llmproxy-file-tokens-redis",
     "llmproxy-file-tokens-redis-2w",
+    "llmproxy-file-tokens-2w",
 )
 ALL_RUN_KEYS = (*RUN_KEYS[:3], *EXTRA_RUN_KEYS, *RUN_KEYS[3:])
 ALL_CPUS = frozenset(os.sched_getaffinity(0))
