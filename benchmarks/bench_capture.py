@@ -186,7 +186,7 @@ def split(make: Callable[[], ExchangeRecord], n: int) -> None:
                 "reading the reply (the tracker: split, templates, facts)": lambda: (
                     facts_from_sse_bytes(body)
                 ),
-                "  of which splitting at blank lines": lambda: sse_blocks(text),
+                "  (for scale: splitting at every blank line)": lambda: sse_blocks(text),
                 "  (the same, parsing every chunk: no templates)": lambda: _merge(
                     sse_fields(body), templates=False
                 ).facts(),
