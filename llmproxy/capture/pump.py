@@ -1,14 +1,17 @@
-"""From captured exchanges to events, one reactor turn after the request path
-(tests: tests/unit/capture/test_pump.py, tests/integration/test_sessions_e2e.py).
+"""From captured exchanges to events, once the reactor has sent what the request
+path wrote (tests: tests/unit/capture/test_pump.py,
+tests/integration/test_sessions_e2e.py, tests/integration/test_capture_after_send.py).
 
 The proxy only queues: ``request_started(record, body)`` when a request goes
 upstream or is answered from the response cache, ``request_finished(record)``
-when its exchange ended.  In the next reactor turn :meth:`CapturePump.flush`
-takes everything queued, in order: the session tracker assigns the request its
-session (and later reads the reply), each event is built and encoded to JSON
-once, and the envelope goes to the bus.  A cache hit's record holds the entry's
-chunks uncaptured (``record.replayed``): they are teed into the capture here,
-before the tracker reads the reply, so a hit costs the request path no copying.
+when its exchange ended.  After the reactor's next poll, which hands the
+request to its upstream or the reply's last bytes to the client,
+:meth:`CapturePump.flush` takes everything queued, in order: the session
+tracker assigns the request its session (and later reads the reply), each event
+is built and encoded to JSON once, and the envelope goes to the bus.  A cache
+hit's record holds the entry's chunks uncaptured (``record.replayed``): they are
+teed into the capture here, before the tracker reads the reply, so a hit costs
+the request path no copying.
 
 Why not on the request path: none of this changes what the client or the
 upstream see, and it is most of what instrumentation costs.  Why every turn and
@@ -96,7 +99,8 @@ TURN_BUDGET = 0.005
 
 
 class CapturePump:
-    """The proxy's ``EventSink``: queues records, publishes their events a turn later."""
+    """The proxy's ``EventSink``: queues records, publishes their events once what the
+    request path wrote is sent."""
 
     def __init__(
         self,
@@ -142,14 +146,23 @@ class CapturePump:
         """``body``: the whole request body, for the session tracker's fingerprints."""
         self._queue.append((record, body))
         if self._call is None:
-            self._call = self._clock.callLater(0, self._turn)
+            self._call = self._clock.callLater(0, self._after_poll)
 
     def request_finished(self, record: ExchangeRecord) -> None:
         self._queue.append((record, _FINISHED))
         if self._call is None:
-            self._call = self._clock.callLater(0, self._turn)
+            self._call = self._clock.callLater(0, self._after_poll)
 
     # -- the next turn ------------------------------------------------------------
+
+    def _after_poll(self) -> None:
+        """One hop more before the turn.  The reactor runs its due calls before it
+        polls, and what the proxy wrote meanwhile (a reply's last bytes, a request
+        for its upstream) waits in the transports until that poll: a turn
+        scheduled straight from the request path would run first, and the client
+        (or the upstream) would wait for the capture.  Scheduled from here, a
+        due call, the turn comes after the poll that sends them."""
+        self._call = self._clock.callLater(0, self._turn)
 
     def _turn(self) -> None:
         self._call = None

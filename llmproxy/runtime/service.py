@@ -147,7 +147,8 @@ class ProxyService(RootService):
         else:
             self.bus = MemoryBus()
         self.sessions = self._build_sessions(settings)
-        # Records from the proxy become events one reactor turn later (capture/pump.py).
+        # Records from the proxy become events once the reactor has sent what the
+        # request path wrote (capture/pump.py).
         self.capture = CapturePump(
             self.bus,
             settings.capture,
