@@ -5,7 +5,9 @@ The fixtures follow the shapes in OpenAI's and Anthropic's API references.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -1051,6 +1053,21 @@ def test_content_templates_merge_what_parsing_every_chunk_does(
     assert _merge(events).summary() == _merge(events, templates=False).summary()
 
 
+@contextlib.contextmanager
+def _counting_loads() -> Iterator[list[str]]:
+    """The texts the stream reader parses as JSON (``orjson.loads``), meanwhile."""
+    parsed: list[str] = []
+    real_loads = orjson.loads
+
+    def loads(data: str) -> Any:
+        parsed.append(data)
+        return real_loads(data)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(usage_module.orjson, "loads", loads)
+        yield parsed
+
+
 def test_a_recorded_openai_stream_is_read_through_its_template() -> None:
     """The usual stream: after the role chunk, every content delta has the text of
     the first one but for its content and OpenAI's padding."""
@@ -1061,15 +1078,7 @@ def test_a_recorded_openai_stream_is_read_through_its_template() -> None:
         choice = '[{"index":0,"delta":{"content":"' + word + '"},"finish_reason":null}]'
         events.append(("message", head + choice + f',"obfuscation":"{"x" * n}"}}'))
     events.append(("message", head + '[{"index":0,"delta":{},"finish_reason":"stop"}]}'))
-    parsed: list[str] = []
-    real_loads = orjson.loads
-
-    def loads(data: str) -> Any:
-        parsed.append(data)
-        return real_loads(data)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(usage_module.orjson, "loads", loads)
+    with _counting_loads() as parsed:
         merger = _merge(events)
     # The role chunk, the first content chunk (and its template's two checks), the
     # quoted and escaped ones and the finish chunk: not the three plain ones after.
@@ -1154,15 +1163,7 @@ def test_runs_of_template_events_among_other_events_give_the_parsers_facts(
 def test_a_run_of_plain_template_events_is_read_without_parsing_them() -> None:
     words = [f"w{n} " for n in range(50)]
     text = "\n\n".join([_ROLE, *map(_content_event, words)]) + "\n\n"
-    parsed: list[str] = []
-    real_loads = orjson.loads
-
-    def loads(data: str) -> Any:
-        parsed.append(data)
-        return real_loads(data)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(usage_module.orjson, "loads", loads)
+    with _counting_loads() as parsed:
         facts = facts_from_sse_bytes(text.encode())
     assert facts.assistant_message == {"role": "assistant", "content": "".join(words)}
     # The role chunk, the first content chunk and its template's probe; none after.
