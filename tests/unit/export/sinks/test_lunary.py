@@ -9,7 +9,8 @@ sink tests use them too.
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import orjson
 import pytest
@@ -27,6 +28,8 @@ from llmproxy.export.sinks.lunary import LunarySink, ingest_url, run_id
 from llmproxy.export.verdict import Delivered, Rejected, Retry, Verdict
 from llmproxy.testing import older_chunk_shape
 from tests.fakes.lunary import DEFAULT_KEY, FakeLunary, Hang, Respond
+
+_F = TypeVar("_F")  # a sink's fake receiver
 
 # -- realistic exchanges (shared with test_helicone_sink and test_otlp_sink) -------------
 
@@ -805,17 +808,26 @@ def test_a_nul_in_a_stream_of_the_older_chunk_shape_is_replaced_too() -> None:
     assert fake.runs[run_id("req-nul-sse")].output["content"] == "G\ufffdrüß dich"
 
 
+def delivered_in_both_chunk_shapes(
+    against: Callable[[], tuple[Any, _F, Clock]], events: list[dict[str, Any]]
+) -> tuple[_F, _F]:
+    """``events`` through one sink and their older-shape copies
+    (``older_chunk_shape``) through another, each made by ``against``: both encode
+    the same body and are delivered.  Their two fakes, in that order."""
+    older = [older_chunk_shape(e) for e in events]
+    sink, fake, _ = against()
+    older_sink, older_fake, _ = against()
+    assert older_sink.encode(older).body == sink.encode(events).body
+    assert verdict_of(sink.deliver(events)) == Delivered()
+    assert verdict_of(older_sink.deliver(older)) == Delivered()
+    return fake, older_fake
+
+
 def test_events_of_the_older_chunk_shape_become_the_same_runs() -> None:
     """Events written before the chunk offsets had their own list still wait in
     spools, dead-letter files and Redis streams after an upgrade."""
     events = [openai_stream(), anthropic_stream(), openai_json(), timed_out()]
-    older = [older_chunk_shape(e) for e in events]
-    sink, fake, _ = against_fake()
-    older_sink, older_fake, _ = against_fake()
-
-    assert older_sink.encode(older).body == sink.encode(events).body
-    assert verdict_of(sink.deliver(events)) == Delivered()
-    assert verdict_of(older_sink.deliver(older)) == Delivered()
+    fake, older_fake = delivered_in_both_chunk_shapes(against_fake, events)
     assert older_fake.runs == fake.runs and len(fake.runs) == 4
     assert older_fake.runs[run_id("req-oa-sse")].output["content"] == "Grüß dich"
 

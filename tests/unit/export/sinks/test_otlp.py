@@ -16,7 +16,6 @@ from llmproxy.config.model import ExporterSettings
 from llmproxy.export.sink import Sink
 from llmproxy.export.sinks.otlp import OTLPSink, operation_name, signal_url, span_ids
 from llmproxy.export.verdict import Delivered, Rejected, Retry
-from llmproxy.testing import older_chunk_shape
 from tests.fakes.otlp import FakeCollector, Hang, Respond, StoredSpan
 from tests.unit.export.sinks.test_lunary import (
     CACHE_KEY,
@@ -28,6 +27,7 @@ from tests.unit.export.sinks.test_lunary import (
     at_now,
     binary_audio,
     cache_hit,
+    delivered_in_both_chunk_shapes,
     make_record,
     not_modified,
     openai_json,
@@ -242,13 +242,7 @@ def test_events_of_the_older_chunk_shape_make_the_same_spans() -> None:
     """Events written before the chunk offsets had their own list still wait in
     spools, dead-letter files and Redis streams after an upgrade."""
     events = [openai_stream(), anthropic_stream(), openai_json()]
-    older = [older_chunk_shape(e) for e in events]
-    sink, fake, _ = against_fake()
-    older_sink, older_fake, _ = against_fake()
-
-    assert older_sink.encode(older).body == sink.encode(events).body
-    assert verdict_of(sink.deliver(events)) == Delivered()
-    assert verdict_of(older_sink.deliver(older)) == Delivered()
+    fake, older_fake = delivered_in_both_chunk_shapes(against_fake, events)
     assert older_fake.spans == fake.spans and len(fake.spans) == 3
     by_id = {s.attributes["llmproxy.request_id"]: s for s in older_fake.spans}
     assert by_id["req-oa-sse"].attributes["gen_ai.response.id"] == "chatcmpl-2"
