@@ -47,6 +47,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import hiredis
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
@@ -91,11 +92,8 @@ class Recorder:
 
 
 def encode(args: Sequence[Arg]) -> bytes:
-    out = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        data = arg if isinstance(arg, bytes) else str(arg).encode()
-        out.append(b"$%d\r\n%b\r\n" % (len(data), data))
-    return b"".join(out)
+    """One command in RESP, by hiredis (the parser the proxy's connection uses)."""
+    return hiredis.pack_command(tuple(args))
 
 
 # -- the scripts' commands, as the proxy makes them ------------------------------------
@@ -164,21 +162,20 @@ class Server:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.02)
-        self.file = self.sock.makefile("rb")
+        self.replies = hiredis.Reader()
 
     def read(self) -> Any:
-        line = self.file.readline()
-        kind, rest = line[:1], line[1:-2]
-        if kind == b"-":
-            raise RuntimeError(rest.decode())
-        if kind in (b"+", b":"):
-            return rest
-        if kind == b"$":
-            n = int(rest)
-            return None if n < 0 else self.file.read(n + 2)[:-2]
-        if kind == b"*":
-            return [self.read() for _ in range(max(int(rest), 0))]
-        raise RuntimeError(f"unexpected reply {line!r}")
+        """The next reply; an error reply raises."""
+        reply = self.replies.gets()
+        while reply is False:
+            data = self.sock.recv(65536)
+            if not data:
+                raise RuntimeError("redis-server closed the connection")
+            self.replies.feed(data)
+            reply = self.replies.gets()
+        if isinstance(reply, hiredis.ReplyError):
+            raise RuntimeError(str(reply))
+        return reply
 
     def command(self, *args: Arg) -> Any:
         self.sock.sendall(encode(args))

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import hiredis
 
 
 def free_port() -> int:
@@ -94,41 +95,22 @@ class RedisServer:
     def command(self, *args: Any) -> Any:
         """Send one command, return its reply (bytes, int, list, None; errors raise)."""
         with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
-            parts = [a if isinstance(a, bytes) else str(a).encode() for a in args]
-            s.sendall(
-                b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
-            )
-            reader = s.makefile("rb")
-            return _read_reply(reader)
+            s.sendall(hiredis.pack_command(args))
+            replies = hiredis.Reader()
+            reply = replies.gets()
+            while reply is False:
+                data = s.recv(65536)
+                if not data:
+                    raise OSError("connection closed")
+                replies.feed(data)
+                reply = replies.gets()
+            if isinstance(reply, hiredis.ReplyError):
+                raise RedisReplyError(str(reply))
+            return reply
 
 
 class RedisReplyError(Exception):
     pass
-
-
-def _read_reply(reader: Any) -> Any:
-    line = reader.readline()
-    if not line:
-        raise OSError("connection closed")
-    kind, rest = line[:1], line[1:-2]
-    if kind == b"+":
-        return rest
-    if kind == b"-":
-        raise RedisReplyError(rest.decode())
-    if kind == b":":
-        return int(rest)
-    if kind == b"$":
-        n = int(rest)
-        if n < 0:
-            return None
-        data = reader.read(n + 2)
-        return data[:-2]
-    if kind == b"*":
-        n = int(rest)
-        if n < 0:
-            return None
-        return [_read_reply(reader) for _ in range(n)]
-    raise OSError(f"bad reply line {line!r}")
 
 
 @contextlib.contextmanager
