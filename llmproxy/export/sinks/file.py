@@ -6,7 +6,7 @@ rotation: before a batch would take the file past ``rotate_bytes`` it is renamed
 ``<name>.1`` (older ones shift to ``.2`` ... ``.<rotate_keep>``, the oldest deleted).
 
 The reactor thread never waits for the disk to sync.  With ``never`` and ``batch``
-the batch is one ``write`` in the reactor thread (a write to the page cache is
+the batch is one ``writev`` in the reactor thread (a write to the page cache is
 fast); the ``fsync`` of ``batch`` runs through the injected ``run_blocking``
 (``deferToThread`` by default).  With ``always``, writing line by line with an
 ``fsync`` after each is all blocking, so all of it runs there.  A batch is
@@ -65,27 +65,60 @@ def _default_run_blocking() -> RunBlocking:
     return threads.deferToThread
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
+# How many buffers one ``writev`` takes (POSIX IOV_MAX; 1024 on Linux).
+_IOV_MAX = max(2, min(os.sysconf("SC_IOV_MAX"), 1024)) if hasattr(os, "sysconf") else 16
+_NEWLINE = b"\n"
+# A batch smaller than this is joined and written at once; a larger one goes out
+# with ``writev``, never joined: a joined buffer much past this comes from
+# ``mmap``, and faulting in its pages costs more than the write (on a VM, 5x for
+# a megabyte; ``benchmarks/bench_file_sink.py``, "joined").
+_JOIN_BELOW = 96 * 1024
 
 
-def _write_lines_synced(fd: int, lines: list[bytes]) -> None:
+def _write_lines(fd: int, lines: Sequence[bytes]) -> None:
+    """Write ``lines``, each followed by a newline, carrying on after short writes."""
+    if sum(map(len, lines)) < _JOIN_BELOW:
+        pieces: list[bytes | memoryview] = [b"\n".join(lines) + _NEWLINE]
+        _write_pieces(fd, pieces)
+        return
+    per_call = _IOV_MAX // 2
+    for first in range(0, len(lines), per_call):
+        pieces = []
+        for line in lines[first : first + per_call]:
+            pieces += (line, _NEWLINE)
+        _write_pieces(fd, pieces)
+
+
+def _write_pieces(fd: int, pieces: list[bytes | memoryview]) -> None:
+    """One ``writev`` of ``pieces`` (at most ``_IOV_MAX``), then more for what a
+    short write left."""
+    while pieces:
+        written = os.writev(fd, pieces)
+        done = 0
+        for piece in pieces:  # drop what was written, cut a half-written piece
+            if written < len(piece):
+                break
+            written -= len(piece)
+            done += 1
+        del pieces[:done]
+        if pieces and written:
+            pieces[0] = memoryview(pieces[0])[written:]
+
+
+def _write_lines_synced(fd: int, lines: Sequence[bytes]) -> None:
     """``fsync = always``: each line on disk before the next is written (blocking)."""
     for line in lines:
-        _write_all(fd, line)
+        _write_lines(fd, (line,))
         os.fsync(fd)
 
 
 @attrs.define(eq=False)
 class _Job:
-    """One ``deliver`` (``lines`` set), or one ``close`` or ``reopen`` (``lines``
-    None; ``reopen`` says why), queued."""
+    """One ``deliver`` (``lines`` set: each event's JSON, without its newline), or
+    one ``close`` or ``reopen`` (``lines`` None; ``reopen`` says why), queued."""
 
     deferred: Deferred[Any]
-    lines: list[bytes] | None = None
+    lines: Sequence[bytes] | None = None
     rejected: dict[int, str] = attrs.Factory(dict)
     reopen: str | None = None
 
@@ -126,7 +159,7 @@ class FileSink:
         rejected: dict[int, str] = {}
         for index, event in enumerate(events):
             try:
-                lines.append(orjson.dumps(event) + b"\n")
+                lines.append(orjson.dumps(event))
             except TypeError as e:
                 rejected[index] = f"not JSON-serialisable: {e}"
         result: Deferred[Verdict] = Deferred(self._cancel)
@@ -140,11 +173,7 @@ class FileSink:
         """``deliver`` for an exporter that holds each event's JSON already
         (``orjson.dumps(event)``, as ``deliver`` would write it): no second encoding."""
         result: Deferred[Verdict] = Deferred(self._cancel)
-        if self._fsync == "always" or not lines:
-            chunks = [line + b"\n" for line in lines]  # synced one by one
-        else:
-            chunks = [b"\n".join(lines) + b"\n"]  # written in one go: one copy
-        self._jobs.append(_Job(result, chunks, {}))
+        self._jobs.append(_Job(result, lines, {}))
         self._run_jobs()
         return result
 
@@ -196,11 +225,11 @@ class FileSink:
         if not lines:
             _answer(job, Delivered(job.rejected))
             return
-        data = b"".join(lines)
+        length = sum(map(len, lines)) + len(lines)  # with the newlines
         try:
             self._follow_path()
             fd = self._open()
-            if self._size and 0 < self._rotate_bytes < self._size + len(data):
+            if self._size and 0 < self._rotate_bytes < self._size + length:
                 self._rotate()
                 fd = self._open()
         except OSError as e:
@@ -208,19 +237,19 @@ class FileSink:
             return
         start = self._size
         if self._fsync == "always":
-            self._in_background(job, fd, start, len(data), lambda: _write_lines_synced(fd, lines))
+            self._in_background(job, fd, start, length, lambda: _write_lines_synced(fd, lines))
             return
         try:
-            _write_all(fd, data)
+            _write_lines(fd, lines)
         except OSError as e:
             self._cut(fd, start)
             _answer(job, _write_failed(e))
             return
-        self._size = start + len(data)
+        self._size = start + length
         if self._fsync == "never":
             _answer(job, Delivered(job.rejected))
             return
-        self._in_background(job, fd, start, len(data), lambda: os.fsync(fd))
+        self._in_background(job, fd, start, length, lambda: os.fsync(fd))
 
     def _in_background(
         self, job: _Job, fd: int, start: int, length: int, work: Callable[[], None]

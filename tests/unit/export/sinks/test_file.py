@@ -105,12 +105,45 @@ def test_events_are_appended_to_an_existing_file(tmp_path: Path) -> None:
 
 def test_a_batch_is_one_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     writes: list[int] = []
-    real = os.write
-    monkeypatch.setattr(
-        file_module.os, "write", lambda fd, data: (writes.append(len(data)), real(fd, data))[1]
-    )
+    real = os.writev
+
+    def counting(fd: int, pieces: Sequence[bytes]) -> int:
+        writes.append(sum(map(len, pieces)))
+        return real(fd, pieces)
+
+    monkeypatch.setattr(file_module.os, "writev", counting)
     deliver(file_sink(tmp_path / "e.jsonl"), 1, 2, 3)
     assert writes == [3 * LINE]
+    monkeypatch.setattr(file_module, "_JOIN_BELOW", 0)  # a large batch: not joined
+    deliver(file_sink(tmp_path / "f.jsonl"), 1, 2, 3)
+    assert writes == [3 * LINE, 3 * LINE]
+
+
+@pytest.mark.parametrize("many", [True, False], ids=["lines", "joined"])
+@pytest.mark.parametrize("step", [1, 7, LINE - 1, LINE, LINE + 1, 1000])
+def test_short_writes_are_carried_on_to_the_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: int, many: bool
+) -> None:
+    """The kernel may take part of a ``writev`` (a signal, a nearly full disk): the
+    rest follows, from inside a line as from a line's end, with nothing lost or
+    written twice; a large batch goes out line by line, a batch longer than one
+    ``writev`` takes is split, a small batch is joined."""
+    real = os.writev
+    calls: list[int] = []
+
+    def short(fd: int, pieces: Sequence[bytes]) -> int:
+        calls.append(len(pieces))
+        assert len(calls) < 5000, "writev called again and again: the rest never ends"
+        assert len(pieces) <= 6  # IOV_MAX below, in buffers
+        return real(fd, [bytes(b"".join(pieces)[:step])])
+
+    monkeypatch.setattr(file_module, "_IOV_MAX", 6)
+    monkeypatch.setattr(file_module, "_JOIN_BELOW", 0 if many else 1 << 20)
+    monkeypatch.setattr(file_module.os, "writev", short)
+    sink = file_sink(tmp_path / "e.jsonl")
+    assert deliver(sink, *range(1, 11)) == Delivered()
+    assert lines_of(sink.path) == [event(n) for n in range(1, 11)]
+    assert len(calls) >= -(-10 * LINE // step)
 
 
 def test_fsync_batch_syncs_once_per_delivery(tmp_path: Path, fsyncs: list[int]) -> None:
@@ -184,10 +217,10 @@ def test_a_batch_bigger_than_rotate_bytes_goes_alone_into_a_fresh_file(tmp_path:
 def test_a_write_error_is_retried_with_its_reason(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def disk_full(fd: int, data: Any) -> int:
+    def disk_full(fd: int, pieces: Any) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(file_module.os, "write", disk_full)
+    monkeypatch.setattr(file_module.os, "writev", disk_full)
     verdict = deliver(file_sink(tmp_path / "e.jsonl"), 1)
     assert verdict == Retry("file write failed: No space left on device")
 
@@ -197,16 +230,17 @@ def test_a_failed_write_leaves_no_partial_line(
 ) -> None:
     sink = file_sink(tmp_path / "e.jsonl")
     deliver(sink, 1)
-    real = os.write
+    real = os.writev
 
-    def half_then_full(fd: int, data: Any) -> int:
+    def half_then_full(fd: int, pieces: Sequence[bytes]) -> int:
+        data = b"".join(pieces)
         if len(data) > 10:
-            return real(fd, bytes(data[: len(data) // 2]))
+            return real(fd, [data[: len(data) // 2]])
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(file_module.os, "write", half_then_full)
+    monkeypatch.setattr(file_module.os, "writev", half_then_full)
     assert isinstance(deliver(sink, 2, 3), Retry)
-    monkeypatch.setattr(file_module.os, "write", real)
+    monkeypatch.setattr(file_module.os, "writev", real)
     assert deliver(sink, 2, 3) == Delivered()
     assert lines_of(sink.path) == [event(1), event(2), event(3)]
 
@@ -361,16 +395,16 @@ def test_a_failed_always_write_is_cut_off_too(
 ) -> None:
     sink = file_sink(tmp_path / "e.jsonl", fsync="always")
     deliver(sink, 1)
-    real = os.write
+    real = os.writev
     calls: list[int] = []
 
-    def second_line_fails(fd: int, data: Any) -> int:
-        calls.append(len(data))
+    def second_line_fails(fd: int, pieces: Sequence[bytes]) -> int:
+        calls.append(len(pieces))
         if len(calls) > 1:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(fd, data)
+        return real(fd, pieces)
 
-    monkeypatch.setattr(file_module.os, "write", second_line_fails)
+    monkeypatch.setattr(file_module.os, "writev", second_line_fails)
     assert deliver(sink, 2, 3) == Retry("file write failed: No space left on device")
     monkeypatch.undo()
     assert lines_of(sink.path) == [event(1)]
