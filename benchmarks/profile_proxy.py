@@ -49,13 +49,18 @@ def _frame_name(frame: str) -> str:
 SAMPLE_RATE = 500  # asked of py-spy; it gets fewer when the client CPU is busy
 
 
-def py_spy_record(binary: str, pid: int, seconds: int, out: Path) -> subprocess.Popen[bytes]:
+def py_spy_record(
+    binary: str, pid: int, seconds: int, out: Path, children: bool = False
+) -> subprocess.Popen[bytes]:
     """py-spy sampling ``pid`` (without stopping it) for ``seconds``, its folded
-    stacks with full file names written to ``out``."""
+    stacks with full file names written to ``out``; with ``children``, its
+    worker processes too (each stack then starts with its process)."""
     argv = [
         binary, "record", "-p", str(pid), "-r", str(SAMPLE_RATE), "-d", str(seconds),
         "-f", "raw", "-o", str(out), "--nonblocking", "--full-filenames",
     ]  # fmt: skip
+    if children:
+        argv.append("--subprocesses")
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -135,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         workdir.chmod(0o755)  # nginx workers may run as another user (the stream file)
         # The JSON answer, and for --stream the recorded 100-chunk reply, as run.py.
         conf = run.nginx_mock_conf(workdir, mock_port, sse_port)
-        with run.run_nginx("mock", nginx, workdir, conf, mock_port) as mock:
+        with mocks.stack, run.run_nginx("mock", nginx, workdir, conf, mock_port) as mock:
             mocks.servers.append(mock)
             run.set_affinity(mocks.pids(), placement.client)
             key = args.variant
@@ -143,9 +148,15 @@ def main(argv: list[str] | None = None) -> int:
                 "--profile", str(args.out), "--profiler", "cprofile", "--savestats",
             ]  # fmt: skip
             twistd, port, admin = run.llmproxy_daemon(mocks, key, workdir / key, profiling)
+            # Several workers are measured as run.py and ab.py measure them: every
+            # process (workers, wrk, mocks) on every CPU.
+            spread = run.WORKERS.get(key, 1) > 1
             with run.spawn(key, twistd, workdir, cwd=run.ROOT) as server:
                 run.started(server, run.answers_200(f"http://127.0.0.1:{admin}/ready"))
-                run.set_affinity(server.pids(), placement.server)
+                if spread:
+                    run.set_affinity([*mocks.pids(), *server.pids()], run.ALL_CPUS)
+                else:
+                    run.set_affinity(server.pids(), placement.server)
                 url = f"http://127.0.0.1:{port}"
                 url += (run.SSE_PREFIX if args.stream else "") + run.CHAT_PATH
                 cmd = [
@@ -156,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
                 sampler = None
                 folded = args.stacks or workdir / "stacks.txt"
                 if args.py_spy:
-                    sampler = py_spy_record(args.py_spy, server.proc.pid, args.seconds, folded)
+                    sampler = py_spy_record(
+                        args.py_spy, server.proc.pid, args.seconds, folded, children=spread
+                    )
                 cpu_before = run.cpu_seconds(server.pids())
                 out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
                 cpu = run.cpu_seconds(server.pids()) - cpu_before
