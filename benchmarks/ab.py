@@ -26,6 +26,12 @@ its c50 runs spread every process (workers, wrk, mocks) over every CPU.
 ``--stream`` measures streams instead of JSON exchanges: the recorded 100-chunk
 reply (17.8 KB) that ``run.py``'s nginx SSE mock sends.
 
+A side of several workers (``X-2w``) measured with its one-worker variant
+(``X``) gets one more line: how far it scales, round by round too, and the
+ceiling this machine puts on that (``print_scaling``): N workers share the
+CPUs with wrk, the mocks and redis-server, so at most CPUs / (p + o)
+requests a second, p one worker's CPU per request, o everything else's.
+
     .venv/bin/python benchmarks/ab.py --rounds 8 local=llmproxy-file-tokens \
         redis=llmproxy-file-tokens-redis redis2w=llmproxy-file-tokens-redis-2w
 """
@@ -155,7 +161,42 @@ def main(argv: list[str] | None = None) -> int:
             f"{statistics.median(f['busy']):.2f} of {os.cpu_count()}, "
             f"{statistics.median(f['others']):.0f}"
         )
+    print_scaling(args.sides, figures)
     return 0
+
+
+def print_scaling(
+    sides: list[tuple[str, str, dict[str, str]]], figures: dict[str, dict[str, list[float]]]
+) -> None:
+    """For each side of several workers whose one-worker variant is a side too
+    (``X-2w`` and ``X``): how far it scales, and how far this machine lets it.
+
+    N workers share the machine's C CPUs with wrk, the mocks and redis-server, so
+    they serve at most C / (p + o) requests a second: p what a worker spends per
+    request, o what everything else spends per request.  With p that of one
+    worker alone (workers that cost no more per request than one), that is the
+    most N workers can reach here; its ratio to one worker's rate is the
+    ceiling for the scaling figure on this machine.
+    """
+    one = {variant: name for name, variant, _ in sides if run.WORKERS.get(variant, 1) == 1}
+    cpus = os.cpu_count() or 1
+    for name, variant, _ in sides:
+        workers = run.WORKERS.get(variant, 1)
+        single = one.get(variant.removesuffix(f"-{workers}w"))
+        if workers == 1 or single is None:
+            continue
+        many, alone = figures[name], figures[single]
+        ratio = statistics.median(many["rps"]) / statistics.median(alone["rps"])
+        rounds = sorted(m / a for m, a in zip(many["rps"], alone["rps"], strict=True))
+        p1, others = statistics.median(alone["cpu"]), statistics.median(many["others"])
+        ceiling = cpus / ((p1 + others) / 1e6) / statistics.median(alone["rps"])
+        print(
+            f"{name} against {single}: {ratio:.2f}x (round by round {rounds[0]:.2f}-"
+            f"{rounds[-1]:.2f}x, median {statistics.median(rounds):.2f}x); this machine's "
+            f"ceiling: {cpus} CPUs / ({p1:.0f} + {others:.0f} us) = "
+            f"{ceiling * statistics.median(alone['rps']):,.0f} req/s = {ceiling:.2f}x "
+            f"(reached: {ratio / ceiling:.0%})"
+        )
 
 
 if __name__ == "__main__":
