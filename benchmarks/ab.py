@@ -19,7 +19,9 @@ machine disturbed least.
 
 A side is ``NAME=VARIANT`` (a key of ``run.LLMPROXY_VARIANTS``), optionally
 ``:KEY=VALUE,KEY=VALUE`` for environment variables of that daemon only (an
-experiment's hook, a different ``PYTHONPATH``).  Nothing is written anywhere.
+experiment's hook, a different ``PYTHONPATH``), or one of run.py's reference
+proxies: ``twisted``, ``twisted-agent`` (``benchmarks/twisted_proxy.py``) or
+``nginx``, measured the same way.  Nothing is written anywhere.
 For one-process variants: every process of a side is pinned to the server's CPU.
 A side of several workers (``run.WORKERS``) is measured as ``run.py`` measures it:
 its c50 runs spread every process (workers, wrk, mocks) over every CPU.
@@ -45,6 +47,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -55,8 +58,8 @@ import run  # the harness next to this file
 def parse_side(text: str) -> tuple[str, str, dict[str, str]]:
     name, eq, rest = text.partition("=")
     variant, _, env_text = rest.partition(":")
-    if not eq or not name or variant not in run.LLMPROXY_VARIANTS:
-        known = ", ".join(sorted(run.LLMPROXY_VARIANTS))
+    if not eq or not name or variant not in (*run.LLMPROXY_VARIANTS, *REFERENCES):
+        known = ", ".join(sorted((*run.LLMPROXY_VARIANTS, *REFERENCES)))
         raise argparse.ArgumentTypeError(
             f"{text!r}: want NAME=VARIANT[:K=V,...]; variants: {known}"
         )
@@ -67,6 +70,10 @@ def parse_side(text: str) -> tuple[str, str, dict[str, str]]:
             raise argparse.ArgumentTypeError(f"{text!r}: {pair!r} is not KEY=VALUE")
         env[key] = value
     return name, variant, env
+
+
+# The reference proxies run.py measures, as sides too (no environment of their own).
+REFERENCES = ("twisted", "twisted-agent", "nginx")
 
 
 def machine_busy_seconds() -> float:
@@ -107,32 +114,42 @@ def main(argv: list[str] | None = None) -> int:
         mocks.servers.append(
             stack.enter_context(run.run_nginx("mock", nginx, workdir, conf, mock_port))
         )
-        servers: dict[str, tuple[run.Server, str]] = {}
+        servers: dict[str, tuple[Callable[[], list[int]], str]] = {}  # pids, URL
         spread = {name: run.WORKERS.get(variant, 1) > 1 for name, variant, _ in args.sides}
         for name, variant, env in args.sides:
+            if variant in REFERENCES:
+                target = stack.enter_context(
+                    run.target_nginx(mocks)
+                    if variant == "nginx"
+                    else run.target_twisted(mocks, variant)
+                )
+                url = target.sse_url if args.stream else target.json_url
+                assert url is not None
+                servers[name] = (target.measured, url)
+                continue
             twistd, port, admin = run.llmproxy_daemon(mocks, variant, workdir / name)
             server = stack.enter_context(
                 run.spawn(name, twistd, workdir, cwd=run.ROOT, extra_env=env)
             )
             run.started(server, run.answers_200(f"http://127.0.0.1:{admin}/ready"))
             path = f"{run.SSE_PREFIX}{run.CHAT_PATH}" if args.stream else run.CHAT_PATH
-            servers[name] = (server, f"http://127.0.0.1:{port}{path}")
+            servers[name] = (server.pids, f"http://127.0.0.1:{port}{path}")
         for round_no in range(args.rounds):
             line = []
-            for name, (server, url) in servers.items():
-                run.set_affinity([*mocks.pids(), *server.pids()], cpu0)
+            for name, (pids, url) in servers.items():
+                run.set_affinity([*mocks.pids(), *pids()], cpu0)
                 c1 = run.run_wrk(wrk, url, 1, 1, args.seconds, args.stream, cpus=cpu0)
                 if spread[name]:
-                    run.set_affinity([*mocks.pids(), *server.pids()], run.ALL_CPUS)
+                    run.set_affinity([*mocks.pids(), *pids()], run.ALL_CPUS)
                     wrk_cpus = run.ALL_CPUS
                 else:
                     run.set_affinity(mocks.pids(), cpu1)
-                    run.set_affinity(server.pids(), cpu0)
+                    run.set_affinity(pids(), cpu0)
                     wrk_cpus = cpu1
-                before, busy_before = run.cpu_seconds(server.pids()), machine_busy_seconds()
+                before, busy_before = run.cpu_seconds(pids()), machine_busy_seconds()
                 started = time.monotonic()
                 c50 = run.run_wrk(wrk, url, 2, 50, args.seconds, args.stream, cpus=wrk_cpus)
-                server_s = run.cpu_seconds(server.pids()) - before
+                server_s = run.cpu_seconds(pids()) - before
                 busy_s = machine_busy_seconds() - busy_before
                 wall_s = time.monotonic() - started
                 cpu_us = server_s / max(c50.requests, 1) * 1e6
