@@ -173,7 +173,9 @@ class FileSink:
         """``deliver`` for an exporter that holds each event's JSON already
         (``orjson.dumps(event)``, as ``deliver`` would write it): no second encoding."""
         result: Deferred[Verdict] = Deferred(self._cancel)
-        self._jobs.append(_Job(result, lines, {}))
+        # A list of its own: the job may wait for an fsync, and the lines are
+        # written as they are, never copied into one buffer.
+        self._jobs.append(_Job(result, list(lines), {}))
         self._run_jobs()
         return result
 

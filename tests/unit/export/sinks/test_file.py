@@ -410,6 +410,21 @@ def test_a_failed_always_write_is_cut_off_too(
     assert lines_of(sink.path) == [event(1)]
 
 
+def test_a_waiting_batch_writes_the_lines_it_was_given(tmp_path: Path) -> None:
+    """A batch queued behind an fsync is written as handed over, even when the
+    caller's list changes meanwhile (the lines are never copied into a buffer)."""
+    runner = ManualRunner()
+    sink = FileSink("f", tmp_path / "e.jsonl", run_blocking=runner)
+    first = sink.deliver_lines([event(1)], [orjson.dumps(event(1))])
+    lines = [orjson.dumps(event(2)), orjson.dumps(event(3))]
+    second = sink.deliver_lines([event(2), event(3)], lines)
+    lines[:] = [orjson.dumps(event(9))]
+    runner.run_one()
+    runner.run_one()
+    assert first.result == second.result == Delivered()
+    assert lines_of(sink.path) == [event(1), event(2), event(3)]
+
+
 def test_a_cancelled_batch_not_yet_started_is_never_written(tmp_path: Path) -> None:
     runner = ManualRunner()
     sink = FileSink("f", tmp_path / "e.jsonl", run_blocking=runner)
