@@ -189,11 +189,11 @@ def print_scaling(
     (``X-2w`` and ``X``): how far it scales, and how far this machine lets it.
 
     N workers share the machine's C CPUs with wrk, the mocks and redis-server, so
-    they serve at most C / (p + o) requests a second: p what a worker spends per
-    request, o what everything else spends per request.  With p that of one
-    worker alone (workers that cost no more per request than one), that is the
-    most N workers can reach here; its ratio to one worker's rate is the
-    ceiling for the scaling figure on this machine.
+    they serve at most C / (p + o) requests a second, and at most N / p: p what
+    a worker spends per request, o what everything else spends per request.
+    With p that of one worker alone (workers that cost no more per request than
+    one), that is the most N workers can reach here; its ratio to one worker's
+    rate is the ceiling for the scaling figure on this machine.
     """
     one = {variant: name for name, variant, _ in sides if run.WORKERS.get(variant, 1) == 1}
     cpus = os.cpu_count() or 1
@@ -203,16 +203,23 @@ def print_scaling(
         if workers == 1 or single is None:
             continue
         many, alone = figures[name], figures[single]
-        ratio = statistics.median(many["rps"]) / statistics.median(alone["rps"])
+        one_rps = statistics.median(alone["rps"])
+        ratio = statistics.median(many["rps"]) / one_rps
         rounds = sorted(m / a for m, a in zip(many["rps"], alone["rps"], strict=True))
         p1, others = statistics.median(alone["cpu"]), statistics.median(many["others"])
-        ceiling = cpus / ((p1 + others) / 1e6) / statistics.median(alone["rps"])
+        shared = cpus / ((p1 + others) / 1e6)  # everything on every CPU
+        own = workers / (p1 / 1e6)  # each worker a CPU of its own, saturated
+        most = min(shared, own)
+        how = (
+            f"{cpus} CPUs / ({p1:.0f} + {others:.0f} us)"
+            if shared <= own
+            else f"{workers} workers / {p1:.0f} us"
+        )
         print(
             f"{name} against {single}: {ratio:.2f}x (round by round {rounds[0]:.2f}-"
             f"{rounds[-1]:.2f}x, median {statistics.median(rounds):.2f}x); this machine's "
-            f"ceiling: {cpus} CPUs / ({p1:.0f} + {others:.0f} us) = "
-            f"{ceiling * statistics.median(alone['rps']):,.0f} req/s = {ceiling:.2f}x "
-            f"(reached: {ratio / ceiling:.0%})"
+            f"ceiling: {how} = {most:,.0f} req/s = {most / one_rps:.2f}x "
+            f"(reached: {ratio / (most / one_rps):.0%})"
         )
 
 
