@@ -11,8 +11,10 @@ once (same nginx mock, same CPU placement as ``run.py``) and measures them in
 turns, ``--rounds`` times: per round and side one c1 latency run (everything on
 the server's CPU, as ``run.py``) and one c50 throughput run (the server on its
 CPU, wrk and the mock on the others), with the server's CPU time per request,
-how busy the whole machine was during the c50 run (in CPUs: is it saturated?)
-and what everything else (wrk, the mocks, redis-server) spent per request.  It prints, per
+how busy the whole machine was during the c50 run (in CPUs: is it saturated?),
+what everything else (wrk, the mocks, redis-server) spent per request, and how often
+the server was preempted per request (a worker sharing its CPU with wrk and the
+mocks is, and comes back to cold caches each time).  It prints, per
 side, the median and the best (minimum) of each figure: a drift that slows one
 round slows every side of it, and the best round of each side is the one the
 machine disturbed least.
@@ -76,6 +78,27 @@ def parse_side(text: str) -> tuple[str, str, dict[str, str]]:
 REFERENCES = ("twisted", "twisted-agent", "nginx")
 
 
+def involuntary_switches(pids: list[int]) -> int:
+    """How often the threads of ``pids`` were preempted so far (``nonvoluntary_ctxt_switches``
+    in /proc): a process sharing its CPU with busy others is preempted by them, and
+    every time it comes back to cold caches."""
+    total = 0
+    for pid in pids:
+        try:
+            tasks = list(Path(f"/proc/{pid}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                status = (task / "status").read_text()
+            except OSError:
+                continue
+            for line in status.splitlines():
+                if line.startswith("nonvoluntary_ctxt_switches:"):
+                    total += int(line.split()[1])
+    return total
+
+
 def machine_busy_seconds() -> float:
     """CPU-seconds every CPU of the machine has spent busy since boot (/proc/stat)."""
     fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -101,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     placement = run.Placement.choose(pin=True)
     cpu0, cpu1 = placement.server, placement.client  # as run.py places them
     figures: dict[str, dict[str, list[float]]] = {
-        name: {"p50": [], "p99": [], "cpu": [], "rps": [], "busy": [], "others": []}
+        name: {key: [] for key in ("p50", "p99", "cpu", "rps", "busy", "others", "preempted")}
         for name, _, _ in args.sides
     }
     with tempfile.TemporaryDirectory(prefix="llmproxy-ab-") as tmp, contextlib.ExitStack() as stack:
@@ -147,10 +170,12 @@ def main(argv: list[str] | None = None) -> int:
                     run.set_affinity(pids(), cpu0)
                     wrk_cpus = cpu1
                 before, busy_before = run.cpu_seconds(pids()), machine_busy_seconds()
+                preempted_before = involuntary_switches(pids())
                 started = time.monotonic()
                 c50 = run.run_wrk(wrk, url, 2, 50, args.seconds, args.stream, cpus=wrk_cpus)
                 server_s = run.cpu_seconds(pids()) - before
                 busy_s = machine_busy_seconds() - busy_before
+                preempted = involuntary_switches(pids()) - preempted_before
                 wall_s = time.monotonic() - started
                 cpu_us = server_s / max(c50.requests, 1) * 1e6
                 f = figures[name]
@@ -160,12 +185,14 @@ def main(argv: list[str] | None = None) -> int:
                 f["rps"].append(c50.ok_rps)
                 f["busy"].append(busy_s / wall_s)
                 f["others"].append((busy_s - server_s) / max(c50.requests, 1) * 1e6)
+                f["preempted"].append(preempted / max(c50.requests, 1))
                 line.append(f"{name} {c50.ok_rps:,.0f} req/s {cpu_us:.0f} us/req")
             print(f"round {round_no + 1}: " + ", ".join(line), flush=True)
     print()
     print(
         "side: c50 req/s median (best) | c50 CPU us/req median (best) | c1 p50, p99 us median"
         " | c50 machine busy (CPUs), everything else's CPU us/req (wrk, mocks, redis) median"
+        " | c50 times the server was preempted per request median"
     )
     for name, variant, env in args.sides:
         f = figures[name]
@@ -176,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{statistics.median(f['cpu']):.0f} ({min(f['cpu']):.0f}) | "
             f"{statistics.median(f['p50']):.0f}, {statistics.median(f['p99']):.0f} | "
             f"{statistics.median(f['busy']):.2f} of {os.cpu_count()}, "
-            f"{statistics.median(f['others']):.0f}"
+            f"{statistics.median(f['others']):.0f} | "
+            f"{statistics.median(f['preempted']):.2f}"
         )
     print_scaling(args.sides, figures)
     return 0
