@@ -1083,7 +1083,7 @@ def _read_after(run: _Merge, template: _ContentTemplate, text: str, pos: int) ->
     the same way.
     """
     if template.padding is not None:
-        _read_through(run, template, sse_blocks(text[pos:]), 0)
+        _read_through(run, template, sse_blocks(text[pos:]))
         return
     prefix, suffix = "data: " + template.prefix, template.suffix
     splitter = suffix + "\n\n"
@@ -1108,8 +1108,8 @@ def _read_after(run: _Merge, template: _ContentTemplate, text: str, pos: int) ->
                 if piece.startswith(prefix) and not _NOT_PLAIN(piece, start):
                     add(piece[start:])
                 else:
-                    _read_through(run, template, sse_blocks(piece + suffix), 0)
-    _read_through(run, template, sse_blocks(rest), 0)
+                    _read_through(run, template, sse_blocks(piece + suffix))
+    _read_through(run, template, sse_blocks(rest))
 
 
 def _read_block(run: _Merge, block: str) -> None:
@@ -1121,8 +1121,8 @@ def _read_block(run: _Merge, block: str) -> None:
             run.read(name, data)
 
 
-def _read_through(run: _Merge, template: _ContentTemplate, blocks: list[str], at: int) -> None:
-    """Read ``blocks[at:]``, the texts the template matches by slicing them.
+def _read_through(run: _Merge, template: _ContentTemplate, blocks: list[str]) -> None:
+    """Read ``blocks``, the texts the template matches by slicing them.
 
     A matching text is one line (the body and pad are plain, the template has
     no LF): an event named "message" with the template's data.  Without
@@ -1133,7 +1133,7 @@ def _read_through(run: _Merge, template: _ContentTemplate, blocks: list[str], at
     fixed, start = template.fixed + 6, len(prefix)
     add = template.choice.content
     if template.padding is not None:
-        for block in blocks[at:]:
+        for block in blocks:
             if block.startswith(prefix) and block.endswith(suffix) and len(block) >= fixed:
                 body = _sliced(block, start, template)
                 if body is not None:
@@ -1142,12 +1142,11 @@ def _read_through(run: _Merge, template: _ContentTemplate, blocks: list[str], at
             _read_block(run, block)
         return
     cut = len(suffix)
-    rest = blocks[at:]
     bodies = [
         block[start : len(block) - cut]
         if block.startswith(prefix) and block.endswith(suffix) and len(block) >= fixed
         else None
-        for block in rest
+        for block in blocks
     ]
     done, count = 0, len(bodies)
     while done < count:
@@ -1158,7 +1157,7 @@ def _read_through(run: _Merge, template: _ContentTemplate, blocks: list[str], at
         if end > done:
             sliced = cast(list[str], bodies[done:end])  # no None before ``end``
             if _NOT_PLAIN("".join(sliced)):
-                for body, block in zip(sliced, rest[done:end], strict=True):
+                for body, block in zip(sliced, blocks[done:end], strict=True):
                     if _NOT_PLAIN(body):
                         _read_block(run, block)
                     else:
@@ -1166,7 +1165,7 @@ def _read_through(run: _Merge, template: _ContentTemplate, blocks: list[str], at
             else:
                 add.extend(sliced)
         if end < count:
-            _read_block(run, rest[end])
+            _read_block(run, blocks[end])
         done = end + 1
 
 
