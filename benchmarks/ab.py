@@ -122,7 +122,6 @@ def main(argv: list[str] | None = None) -> int:
 
     nginx, wrk = run.ensure_tools(allow_install=True)
     placement = run.Placement.choose(pin=True)
-    cpu0, cpu1 = placement.server, placement.client  # as run.py places them
     figures: dict[str, dict[str, list[float]]] = {
         name: {key: [] for key in ("p50", "p99", "cpu", "rps", "busy", "others", "preempted")}
         for name, _, _ in args.sides
@@ -160,15 +159,9 @@ def main(argv: list[str] | None = None) -> int:
         for round_no in range(args.rounds):
             line = []
             for name, (pids, url) in servers.items():
-                run.set_affinity([*mocks.pids(), *pids()], cpu0)
-                c1 = run.run_wrk(wrk, url, 1, 1, args.seconds, args.stream, cpus=cpu0)
-                if spread[name]:
-                    run.set_affinity([*mocks.pids(), *pids()], run.ALL_CPUS)
-                    wrk_cpus = run.ALL_CPUS
-                else:
-                    run.set_affinity(mocks.pids(), cpu1)
-                    run.set_affinity(pids(), cpu0)
-                    wrk_cpus = cpu1
+                cpus = mocks.place(pids(), 1, spread[name])
+                c1 = run.run_wrk(wrk, url, 1, 1, args.seconds, args.stream, cpus=cpus)
+                wrk_cpus = mocks.place(pids(), 50, spread[name])
                 before, busy_before = run.cpu_seconds(pids()), machine_busy_seconds()
                 preempted_before = involuntary_switches(pids())
                 started = time.monotonic()

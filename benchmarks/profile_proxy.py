@@ -142,7 +142,6 @@ def main(argv: list[str] | None = None) -> int:
         conf = run.nginx_mock_conf(workdir, mock_port, sse_port)
         with mocks.stack, run.run_nginx("mock", nginx, workdir, conf, mock_port) as mock:
             mocks.servers.append(mock)
-            run.set_affinity(mocks.pids(), placement.client)
             key = args.variant
             profiling = [] if args.py_spy else [
                 "--profile", str(args.out), "--profiler", "cprofile", "--savestats",
@@ -153,10 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             spread = run.WORKERS.get(key, 1) > 1
             with run.spawn(key, twistd, workdir, cwd=run.ROOT) as server:
                 run.started(server, run.answers_200(f"http://127.0.0.1:{admin}/ready"))
-                if spread:
-                    run.set_affinity([*mocks.pids(), *server.pids()], run.ALL_CPUS)
-                else:
-                    run.set_affinity(server.pids(), placement.server)
+                mocks.place(server.pids(), args.connections, spread)
                 url = f"http://127.0.0.1:{port}"
                 url += (run.SSE_PREFIX if args.stream else "") + run.CHAT_PATH
                 cmd = [

@@ -6,9 +6,8 @@ and a rate limit, ``[state] store = redis``), and for each ``--connections``
 count runs wrk against it and reads redis-server's ``INFO commandstats`` before
 and after: the calls of each command per completed request.  ``evalsha`` is a
 script run (the admission, the spend charge and the sessions script each count
-one); the others are the commands those scripts ran inside.  One worker is
-pinned as ``ab.py`` pins it (the server on its CPU, wrk and the mocks on the
-other); a variant of several workers is spread over every CPU.
+one); the others are the commands those scripts ran inside.  Each run is
+placed as ``ab.py`` and ``run.py`` place theirs (``run.Mocks.place``).
 
     .venv/bin/python benchmarks/redis_calls.py                      # c50, c10, c1
     .venv/bin/python benchmarks/redis_calls.py --variant llmproxy-file-tokens-redis-2w
@@ -21,7 +20,6 @@ with the machine's speed.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import subprocess
 import sys
@@ -33,7 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run  # the harness next to this file
 
 _CALLS = re.compile(r"cmdstat_(\w+):calls=(\d+)")
-_REQUESTS = re.compile(r"(\d+) requests in")
 
 
 def command_calls(redis_port: str) -> dict[str, int]:
@@ -70,26 +67,19 @@ def main(argv: list[str] | None = None) -> int:
             redis_port = mocks.redis_url().rstrip("/").rsplit(":", 1)[1].split("/")[0]
             with run.spawn(key, twistd, workdir, cwd=run.ROOT) as server:
                 run.started(server, run.answers_200(f"http://127.0.0.1:{admin}/ready"))
-                if run.WORKERS.get(key, 1) > 1:
-                    run.set_affinity([*mocks.pids(), *server.pids()], run.ALL_CPUS)
-                else:
-                    run.set_affinity(mocks.pids(), placement.client)
-                    run.set_affinity(server.pids(), placement.server)
+                spread = run.WORKERS.get(key, 1) > 1
                 url = f"http://127.0.0.1:{port}{run.CHAT_PATH}"
-                env = dict(os.environ, WRK_STREAM="0")
                 for connections in (int(c) for c in args.connections.split(",")):
+                    cpus = mocks.place(server.pids(), connections, spread)
                     before = command_calls(redis_port)
-                    cmd = [
-                        wrk, f"-t{min(2, connections)}", f"-c{connections}",
-                        f"-d{args.seconds}s", "-s", str(run.POST_LUA), url,
-                    ]  # fmt: skip
-                    out = subprocess.run(cmd, capture_output=True, text=True, env=env).stdout
+                    result = run.run_wrk(
+                        wrk, url, min(2, connections), connections, args.seconds, cpus=cpus
+                    )
                     after = command_calls(redis_port)
-                    found = _REQUESTS.search(out)
-                    if found is None or int(found.group(1)) == 0:
-                        print(f"c{connections}: wrk completed nothing:\n{out}")
+                    requests = result.requests
+                    if requests == 0:
+                        print(f"c{connections}: wrk completed nothing:\n{result.output}")
                         continue
-                    requests = int(found.group(1))
                     per = {
                         name: (after[name] - before.get(name, 0)) / requests
                         for name in sorted(after)

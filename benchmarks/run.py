@@ -708,6 +708,23 @@ class Mocks:
     def pids(self) -> list[int]:
         return [pid for server in self.servers for pid in server.pids()]
 
+    def place(self, subject: Sequence[int], connections: int, spread: bool) -> frozenset[int]:
+        """Pin the mocks and ``subject`` (the server under test) for one wrk run of
+        ``connections``, as every harness here measures; the CPUs wrk gets.  c1
+        latency: every process on the server's CPU; several workers (``spread``):
+        every process on every CPU; else throughput: the server alone on its CPU,
+        the mocks (and wrk) on the others."""
+        placement = self.placement
+        if connections == 1:
+            set_affinity([*self.pids(), *subject], placement.server)
+            return placement.server
+        if spread:
+            set_affinity([*self.pids(), *subject], ALL_CPUS)
+            return ALL_CPUS
+        set_affinity(self.pids(), placement.client)
+        set_affinity(subject, placement.server)
+        return placement.client
+
     def redis_url(self) -> str:
         """A redis-server for the variants with ``[events] bus = redis``, started
         the first time one asks (loopback, no persistence, placed like the mocks)."""
@@ -1037,17 +1054,7 @@ def measure(target: Target, wrk: str, load: Load, mocks: Mocks) -> RunResult:
 
     def attempt(url: str, threads: int, conns: int, seconds: int, stream: bool) -> WrkResult:
         subject = (target.measured_sse or target.measured)() if stream else target.measured()
-        cpus: frozenset[int] | None
-        if conns == 1:  # latency: every process on one CPU
-            set_affinity([*mocks.pids(), *subject], placement.server)
-            cpus = placement.server
-        elif target.spread:  # several workers: every process may use every CPU
-            set_affinity([*mocks.pids(), *subject], ALL_CPUS)
-            cpus = ALL_CPUS
-        else:  # throughput: the server under test alone on its CPU
-            set_affinity(mocks.pids(), placement.client)
-            set_affinity(subject, placement.server)
-            cpus = placement.client
+        cpus = mocks.place(subject, conns, target.spread)
         subject_before, others_before = cpu_seconds(subject), other_processes_cpu()
         r = run_wrk(wrk, url, threads, conns, seconds, stream, cpus if placement.enabled else None)
         r.server_cpu_s = cpu_seconds(subject) - subject_before
