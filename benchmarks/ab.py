@@ -33,8 +33,8 @@ reply (17.8 KB) that ``run.py``'s nginx SSE mock sends.
 A side of several workers (``X-2w``) measured with its one-worker variant
 (``X``) gets one more line: how far it scales, round by round too, and the
 ceiling this machine puts on that (``print_scaling``): N workers share the
-CPUs with wrk, the mocks and redis-server, so at most CPUs / (p + o)
-requests a second, p one worker's CPU per request, o everything else's.
+CPUs with wrk, the mocks and redis-server, so at most min(CPUs / (p + o),
+N / p) requests a second, p one worker's CPU per request, o everything else's.
 
     .venv/bin/python benchmarks/ab.py --rounds 8 local=llmproxy-file-tokens \
         redis=llmproxy-file-tokens-redis redis2w=llmproxy-file-tokens-redis-2w
