@@ -25,8 +25,9 @@ pinned to one CPU (the last one, or ``--cpu``) unless ``--no-pin``; each script
 is warmed up (its keys made), then ``--runs`` runs are sent pipelined 100 at a
 time and the server's CPU (``INFO cpu``, user + sys) before and after gives µs
 per run.  Each figure is the minimum over ``--rounds`` (a shared machine only
-adds).  Printed per script for 1 and for 3 requests per run (a c50 run batches
-about 3 per reactor turn), and the sum per request.  ``PING`` is printed for
+adds).  Printed per script for 1 and for 3 requests per run (a c1 run sends
+one per run; a c50 run batches more: ``redis_calls.py`` counts them), and the
+sum per request.  ``PING`` is printed for
 scale (the cost of a command and its reply alone).
 """
 
