@@ -16,6 +16,7 @@ from llmproxy.capture import pump
 from llmproxy.capture.pump import CapturePump
 from llmproxy.capture.record import ExchangeRecord
 from llmproxy.config.model import CaptureSettings
+from tests.unit.capture.test_pump import record
 
 ROOT = Path(__file__).resolve().parents[2]
 FLOOR = ROOT / "benchmarks" / "capture_floor" / "sitecustomize.py"
@@ -47,22 +48,9 @@ def floor_pump(monkeypatch: pytest.MonkeyPatch) -> tuple[CapturePump, list[Any]]
 
 
 def exchange(chunks: list[bytes], content_type: bytes) -> ExchangeRecord:
-    body = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}],"stream":true}'
-    rec = ExchangeRecord(
-        request_id="r1",
-        started_at=1_700_000_000.0,
-        method="POST",
-        path="/sse/v1/chat/completions",
-        query="",
-        route="sse",
-        provider="openai",
-        upstream_url="http://127.0.0.1:1/v1/chat/completions",
-        upstream_host="127.0.0.1:1",
-        client_addr="127.0.0.1:5000",
-        request_headers=[(b"Authorization", b"Bearer sk-proj-abcdefghijklmnop1234")],
-        request_body=body,
-        request_body_size=len(body),
-    )
+    """test_pump's request with a key in it, answered with ``chunks``."""
+    rec = record("r1")
+    rec.request_headers = [(b"Authorization", b"Bearer sk-proj-abcdefghijklmnop1234")]
     rec.status, rec.first_byte_at, rec.ended_at = 200, 0.004, 0.009
     rec.response_headers = [(b"Content-Type", content_type)]
     rec.response_chunks = [(0.004 + i / 1000, chunk) for i, chunk in enumerate(chunks)]
