@@ -35,23 +35,21 @@ from typing import Any
 import orjson
 
 from llmproxy.capture import pump
+from llmproxy.capture.obfuscate import ALWAYS_MASKED, mask_secret
 from llmproxy.capture.record import ExchangeRecord, Headers
 from llmproxy.events.envelope import StoredEvent
 
-_SECRET = frozenset(
-    (b"authorization", b"x-api-key", b"api-key", b"cookie", b"set-cookie", b"proxy-authorization")
-)
 _UTC = datetime.UTC
 
 
 def _headers(headers: Headers) -> dict[str, str]:
     out = {}
     for raw_name, raw_value in headers:
-        name = raw_name.lower()
+        name = raw_name.decode("latin-1").lower()
         value = raw_value.decode("latin-1")
-        if name in _SECRET:
-            value = value[:7] + "..." + value[-4:]
-        out[name.decode("latin-1")] = value
+        # The product's rule for the headers it always masks (SPEC: never more
+        # than 8 characters of a secret), cookies included as one value.
+        out[name] = mask_secret(value) if name in ALWAYS_MASKED else value
     return out
 
 
