@@ -29,17 +29,16 @@ checks only that the events it writes are whole.
 
 from __future__ import annotations
 
-import datetime
 from typing import Any
 
 import orjson
 
 from llmproxy.capture import pump
+from llmproxy.capture.body import content_headers, media_type
 from llmproxy.capture.obfuscate import ALWAYS_MASKED, mask_secret
 from llmproxy.capture.record import ExchangeRecord, Headers
 from llmproxy.events.envelope import StoredEvent
-
-_UTC = datetime.UTC
+from llmproxy.events.time import ms3_each, rfc3339
 
 
 def _headers(headers: Headers) -> dict[str, str]:
@@ -53,16 +52,12 @@ def _headers(headers: Headers) -> dict[str, str]:
     return out
 
 
-def _time(epoch: float) -> str:
-    return datetime.datetime.fromtimestamp(epoch, _UTC).isoformat()
-
-
 def _common(record: ExchangeRecord, kind: str) -> dict[str, Any]:
     return {
         "schema": 1,
         "type": kind,
         "request_id": record.request_id,
-        "start": _time(record.started_at),
+        "start": rfc3339(record.started_at),
         "method": record.method,
         "path": record.path,
         "query": record.query,
@@ -100,15 +95,13 @@ def _response(record: ExchangeRecord) -> dict[str, Any]:
     event = _common(record, "response")
     chunks = record.response_chunks
     texts = [chunk.decode("utf-8", "replace") for _, chunk in chunks]
-    stream = any(
-        name.lower() == b"content-type" and value.startswith(b"text/event-stream")
-        for name, value in record.response_headers
-    )
+    content_type, _ = content_headers(record.response_headers)
+    stream = media_type(content_type) == "text/event-stream"
     body = "".join(texts)
     model, usage = _model_and_usage(body, stream)
     event.update(
         {
-            "end": _time(record.started_at + (record.ended_at or 0.0)),
+            "end": rfc3339(record.started_at + (record.ended_at or 0.0)),
             "duration_ms": record.duration_ms,
             "ttfb_ms": record.ttfb_ms,
             "status": record.status,
@@ -119,7 +112,7 @@ def _response(record: ExchangeRecord) -> dict[str, Any]:
             "response_truncated": record.response_truncated,
             "response_chunks": texts if stream else None,
             "response_chunk_offsets_ms": (
-                [round(offset * 1000.0, 3) for offset, _ in chunks] if stream else None
+                ms3_each([offset for offset, _ in chunks]) if stream else None
             ),
             "model": model,
             "usage": usage,
