@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             mocks.servers.append(mock)
             key = args.variant
             twistd, port, admin = run.llmproxy_daemon(mocks, key, workdir / key)
-            redis_port = mocks.redis_url().rstrip("/").rsplit(":", 1)[1].split("/")[0]
+            redis_port = str(urlsplit(mocks.redis_url()).port)
             with run.spawn(key, twistd, workdir, cwd=run.ROOT) as server:
                 run.started(server, run.answers_200(f"http://127.0.0.1:{admin}/ready"))
                 spread = run.WORKERS.get(key, 1) > 1
